@@ -1,0 +1,61 @@
+use std::{io, path::PathBuf};
+
+/// Everything that can go wrong between the daemon and the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "the eBPF object was not built into this binary: run `cargo xtask build-ebpf`, then rebuild mesh-node"
+    )]
+    ObjectNotBuilt,
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {name}: link: {source}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pinning {what} at {path}: {source}")]
+    Pin {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("service {service}: {reason}")]
+    InvalidService { service: String, reason: String },
+    #[error("map {name} is full (capacity {capacity}) while writing service {service}")]
+    MapFull {
+        name: &'static str,
+        capacity: u32,
+        service: String,
+    },
+}

@@ -1,0 +1,5 @@
+//! The per-node mesh daemon as a library: the binary (`main.rs`) only parses config and calls in,
+//! and the end-to-end suites drive the same code.
+#![doc = include_str!("../README.md")]
+
+pub mod datapath;

@@ -1,0 +1,291 @@
+//! Building and tearing down a lab topology; running processes inside pods.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Child, ChildStdout, Command, Output, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use crate::{
+    clean::{self, PREFIX},
+    sys::{self, Error, ip_in},
+};
+
+/// Shape of a lab: how many pods each node has.
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    /// Short run id, part of every name (`mesh-<run>-...`); letters and digits only.
+    pub run: String,
+    /// `pods_per_node[i]` pods on node `i + 1`.
+    pub pods_per_node: Vec<u8>,
+}
+
+impl LabSpec {
+    /// A spec with a run id unique to this process.
+    pub fn for_test(pods_per_node: &[u8]) -> Self {
+        Self { run: format!("t{:x}", std::process::id()), pods_per_node: pods_per_node.to_vec() }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// 1-based index.
+    pub index: u8,
+    pub name: String,
+    pub netns: String,
+    /// Address on the underlay (`198.18.0.<index>`).
+    pub underlay_ip: Ipv4Addr,
+    /// cgroup that holds this node's pods: the attach point of the socket programs.
+    pub pods_cgroup: PathBuf,
+    /// cgroup for the node's own daemons (outside the pods' cgroup, so never captured).
+    pub system_cgroup: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub node: u8,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub cgroup: PathBuf,
+}
+
+/// A built lab. Dropping it removes everything it created.
+pub struct Lab {
+    pub spec: LabSpec,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    /// `<cgroup2>/mesh-<run>`.
+    pub cgroup: PathBuf,
+    /// `/sys/fs/bpf/mesh-<run>`: where daemons of this lab pin their objects.
+    pub bpffs: PathBuf,
+    underlay_ns: String,
+    processes: Vec<u32>,
+}
+
+/// A process running in a pod or node; killed (by PID) when dropped.
+pub struct PodProcess {
+    pub child: Child,
+    stdout: Option<BufReader<ChildStdout>>,
+}
+
+impl PodProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a line on stdout that contains `needle` (e.g. a readiness line).
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<String, Error> {
+        let mut stdout = self.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        let needle_owned = needle.to_owned();
+        thread::spawn(move || {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match stdout.read_line(&mut line) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(None);
+                        return;
+                    }
+                    Ok(_) if line.contains(&needle_owned) => {
+                        let _ = tx.send(Some(line.trim_end().to_owned()));
+                        // Keep draining so the process never blocks on a full pipe.
+                        let mut sink = String::new();
+                        while stdout.read_line(&mut sink).is_ok_and(|n| n > 0) {
+                            sink.clear();
+                        }
+                        return;
+                    }
+                    Ok(_) => {}
+                }
+            }
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(Some(line)) => Ok(line),
+            Ok(None) => Err(Error::Command {
+                command: format!("process {}", self.child.id()),
+                status: "exited".into(),
+                stderr: format!("ended before printing {needle:?}"),
+            }),
+            Err(_) => Err(Error::Timeout { what: format!("{needle:?} from pid {}", self.child.id()), secs: timeout.as_secs() }),
+        }
+    }
+}
+
+impl Drop for PodProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Lab {
+    /// Builds the topology. On any error, what was already created is removed.
+    pub fn build(spec: LabSpec) -> Result<Self, Error> {
+        assert!(
+            spec.run.chars().all(|c| c.is_ascii_alphanumeric()) && !spec.run.is_empty(),
+            "run id must be alphanumeric"
+        );
+        assert!(spec.pods_per_node.len() < 200, "at most 199 nodes");
+        let root = sys::cgroup2_root()?;
+        let run = &spec.run;
+        // A crashed earlier run with the same id leaves names we would collide with.
+        clean::clean_run(Some(run));
+        let mut lab = Self {
+            cgroup: root.join(format!("{PREFIX}{run}")),
+            bpffs: PathBuf::from(sys::BPFFS).join(format!("{PREFIX}{run}")),
+            underlay_ns: format!("{PREFIX}{run}-ul"),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            processes: Vec::new(),
+            spec: spec.clone(),
+        };
+        lab.create()?; // on error, `lab` is dropped here and tears down what exists
+        Ok(lab)
+    }
+
+    fn create(&mut self) -> Result<(), Error> {
+        let run = self.spec.run.clone();
+        sys::mkdir(&self.cgroup)?;
+        let ul = self.underlay_ns.clone();
+        sys::run("ip", &["netns", "add", &ul])?;
+        ip_in(&ul, &["link", "set", "lo", "up"])?;
+        ip_in(&ul, &["link", "add", "br0", "type", "bridge"])?;
+        ip_in(&ul, &["link", "set", "br0", "up"])?;
+
+        let node_count = u8::try_from(self.spec.pods_per_node.len()).expect("checked");
+        for index in 1..=node_count {
+            let node = Node {
+                index,
+                name: format!("n{index}"),
+                netns: format!("{PREFIX}{run}-n{index}"),
+                underlay_ip: Ipv4Addr::new(198, 18, 0, index),
+                pods_cgroup: self.cgroup.join(format!("n{index}")).join("pods"),
+                system_cgroup: self.cgroup.join(format!("n{index}")).join("system"),
+            };
+            sys::mkdir(&node.pods_cgroup)?;
+            sys::mkdir(&node.system_cgroup)?;
+            let ns = node.netns.as_str();
+            sys::run("ip", &["netns", "add", ns])?;
+            ip_in(ns, &["link", "set", "lo", "up"])?;
+            sysctl(ns, "net.ipv4.ip_forward", "1")?;
+            // Underlay link: node eth0 <-> ul bridge port n<index>.
+            let port = format!("n{index}");
+            sys::run("ip", &["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &ul])?;
+            ip_in(&ul, &["link", "set", &port, "master", "br0", "up"])?;
+            ip_in(ns, &["addr", "add", &format!("{}/24", node.underlay_ip), "dev", "eth0"])?;
+            ip_in(ns, &["link", "set", "eth0", "up"])?;
+            // Pod bridge.
+            ip_in(ns, &["link", "add", "br0", "type", "bridge"])?;
+            ip_in(ns, &["addr", "add", &format!("198.18.{index}.1/24"), "dev", "br0"])?;
+            ip_in(ns, &["link", "set", "br0", "up"])?;
+            for peer in 1..=node_count {
+                if peer != index {
+                    ip_in(ns, &["route", "add", &format!("198.18.{peer}.0/24"), "via", &format!("198.18.0.{peer}")])?;
+                }
+            }
+            for p in 1..=self.spec.pods_per_node[usize::from(index - 1)] {
+                let pod = Pod {
+                    name: format!("n{index}p{p}"),
+                    node: index,
+                    netns: format!("{PREFIX}{run}-n{index}p{p}"),
+                    ip: Ipv4Addr::new(198, 18, index, 10 + p),
+                    cgroup: node.pods_cgroup.join(format!("p{p}")),
+                };
+                sys::mkdir(&pod.cgroup)?;
+                let pns = pod.netns.as_str();
+                sys::run("ip", &["netns", "add", pns])?;
+                ip_in(pns, &["link", "set", "lo", "up"])?;
+                let vport = format!("p{p}");
+                sys::run("ip", &["link", "add", "eth0", "netns", pns, "type", "veth", "peer", "name", &vport, "netns", ns])?;
+                ip_in(ns, &["link", "set", &vport, "master", "br0", "up"])?;
+                ip_in(pns, &["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"])?;
+                ip_in(pns, &["link", "set", "eth0", "up"])?;
+                // Only the pod range is routable: no default route, no route to VIPs.
+                ip_in(pns, &["route", "add", "198.18.0.0/16", "via", &format!("198.18.{index}.1")])?;
+                self.pods.push(pod);
+            }
+            self.nodes.push(node);
+        }
+        Ok(())
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name} in the lab"))
+    }
+
+    pub fn node(&self, index: u8) -> &Node {
+        &self.nodes[usize::from(index - 1)]
+    }
+
+    /// Starts `program args...` inside a network namespace and cgroup, tracked by PID.
+    /// The process joins the cgroup before it execs, so every socket it opens is subject to the
+    /// cgroup's programs.
+    pub fn spawn(&mut self, netns: &str, cgroup: &std::path::Path, program: &str, args: &[&str]) -> Result<PodProcess, Error> {
+        let mut child = in_netns_and_cgroup(netns, cgroup, program, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|source| Error::Spawn { program: program.into(), source })?;
+        self.processes.push(child.id());
+        let stdout = child.stdout.take().map(BufReader::new);
+        Ok(PodProcess { child, stdout })
+    }
+
+    pub fn spawn_in_pod(&mut self, pod: &str, program: &str, args: &[&str]) -> Result<PodProcess, Error> {
+        let pod = self.pod(pod).clone();
+        self.spawn(&pod.netns, &pod.cgroup, program, args)
+    }
+
+    /// Runs `program args...` in a pod to completion and returns its output (whatever the exit).
+    pub fn run_in_pod(&self, pod: &str, program: &str, args: &[&str]) -> Result<Output, Error> {
+        let pod = self.pod(pod);
+        in_netns_and_cgroup(&pod.netns, &pod.cgroup, program, args)
+            .output()
+            .map_err(|source| Error::Spawn { program: program.into(), source })
+    }
+
+    /// Removes everything: processes (by PID, then whatever is left in our cgroups), pinned
+    /// objects, namespaces, cgroups. Idempotent.
+    pub fn teardown(&mut self) {
+        for pid in self.processes.drain(..) {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let _ = clean::remove_cgroup_tree(&self.cgroup);
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        for ns in clean::netns_names(Some(&self.spec.run)) {
+            let _ = sys::run("ip", &["netns", "del", &ns]);
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn sysctl(netns: &str, key: &str, value: &str) -> Result<(), Error> {
+    // /proc/sys is per network namespace for net.*; `ip netns exec` is fine for this.
+    sys::run("ip", &["netns", "exec", netns, "sysctl", "-qw", &format!("{key}={value}")]).map(drop)
+}
+
+/// `nsenter --net` keeps the host's /sys mounts (unlike `ip netns exec`, which remounts /sys and
+/// hides bpffs and cgroup2); the shell joins the cgroup and then execs, so the PID we track is
+/// the program's own.
+fn in_netns_and_cgroup(netns: &str, cgroup: &std::path::Path, program: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{netns}"))
+        .args(["--", "sh", "-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
+        .arg(cgroup)
+        .arg(program)
+        .args(args);
+    cmd
+}
