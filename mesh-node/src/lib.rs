@@ -2,4 +2,6 @@
 //! and the end-to-end suites drive the same code.
 #![doc = include_str!("../README.md")]
 
+pub mod config;
 pub mod datapath;
+pub mod services_file;

@@ -3,7 +3,7 @@
 use std::{
     io::{BufRead, BufReader},
     net::Ipv4Addr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Output, Stdio},
     sync::mpsc,
     thread,
@@ -67,10 +67,29 @@ pub struct Lab {
     processes: Vec<u32>,
 }
 
-/// A process running in a pod or node; killed (by PID) when dropped.
+/// A process running in a pod or node; killed (by PID) when dropped unless detached.
 pub struct PodProcess {
     pub child: Child,
     stdout: Option<BufReader<ChildStdout>>,
+    log: Option<PathBuf>,
+}
+
+/// What to start, where. Built with [`Spawn::new`] and its setters.
+pub struct Spawn<'a> {
+    pub netns: &'a str,
+    pub cgroup: &'a Path,
+    pub program: &'a str,
+    pub args: &'a [&'a str],
+    pub env: &'a [(&'a str, &'a str)],
+    /// Append stdout and stderr to this file instead of a pipe (for processes that must outlive
+    /// the harness, like the daemons of `cargo xtask lab up`).
+    pub log: Option<&'a Path>,
+}
+
+impl<'a> Spawn<'a> {
+    pub fn new(netns: &'a str, cgroup: &'a Path, program: &'a str, args: &'a [&'a str]) -> Self {
+        Self { netns, cgroup, program, args, env: &[], log: None }
+    }
 }
 
 impl PodProcess {
@@ -78,8 +97,17 @@ impl PodProcess {
         self.child.id()
     }
 
-    /// Waits for a line on stdout that contains `needle` (e.g. a readiness line).
+    /// Leaves the process running after this handle is gone (it stays in its lab cgroup, so
+    /// teardown and `cargo xtask clean` still remove it).
+    pub fn detach(self) {
+        std::mem::forget(self);
+    }
+
+    /// Waits for a line of output that contains `needle` (e.g. a readiness line).
     pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<String, Error> {
+        if let Some(log) = self.log.clone() {
+            return self.wait_in_log(&log, needle, timeout);
+        }
         let mut stdout = self.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel();
         let needle_owned = needle.to_owned();
@@ -107,12 +135,37 @@ impl PodProcess {
         });
         match rx.recv_timeout(timeout) {
             Ok(Some(line)) => Ok(line),
-            Ok(None) => Err(Error::Command {
-                command: format!("process {}", self.child.id()),
-                status: "exited".into(),
-                stderr: format!("ended before printing {needle:?}"),
-            }),
+            Ok(None) => Err(self.ended_before(needle)),
             Err(_) => Err(Error::Timeout { what: format!("{needle:?} from pid {}", self.child.id()), secs: timeout.as_secs() }),
+        }
+    }
+
+    fn wait_in_log(&mut self, log: &Path, needle: &str, timeout: Duration) -> Result<String, Error> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_owned());
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                let mut err = self.ended_before(needle);
+                if let Error::Command { stderr, .. } = &mut err {
+                    *stderr = format!("{stderr}; log {}:\n{text}", log.display());
+                }
+                return Err(err);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Timeout { what: format!("{needle:?} in {}", log.display()), secs: timeout.as_secs() });
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ended_before(&self, needle: &str) -> Error {
+        Error::Command {
+            command: format!("process {}", self.child.id()),
+            status: "exited".into(),
+            stderr: format!("ended before printing {needle:?}"),
         }
     }
 }
@@ -223,23 +276,40 @@ impl Lab {
         &self.nodes[usize::from(index - 1)]
     }
 
-    /// Starts `program args...` inside a network namespace and cgroup, tracked by PID.
-    /// The process joins the cgroup before it execs, so every socket it opens is subject to the
-    /// cgroup's programs.
-    pub fn spawn(&mut self, netns: &str, cgroup: &std::path::Path, program: &str, args: &[&str]) -> Result<PodProcess, Error> {
-        let mut child = in_netns_and_cgroup(netns, cgroup, program, args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|source| Error::Spawn { program: program.into(), source })?;
+    /// Starts a process inside a network namespace and cgroup, tracked by PID. The process
+    /// joins the cgroup before it execs, so every socket it opens is subject to the cgroup's
+    /// programs.
+    pub fn spawn(&mut self, spec: &Spawn<'_>) -> Result<PodProcess, Error> {
+        let mut cmd = in_netns_and_cgroup(spec.netns, spec.cgroup, spec.program, spec.args);
+        cmd.envs(spec.env.iter().copied());
+        let log = match spec.log {
+            Some(path) => {
+                let open = || std::fs::OpenOptions::new().create(true).append(true).open(path);
+                let io = |source| Error::Io { path: path.into(), source };
+                cmd.stdout(open().map_err(io)?).stderr(open().map_err(io)?);
+                Some(path.to_path_buf())
+            }
+            None => {
+                cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+                None
+            }
+        };
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn { program: spec.program.into(), source })?;
         self.processes.push(child.id());
         let stdout = child.stdout.take().map(BufReader::new);
-        Ok(PodProcess { child, stdout })
+        Ok(PodProcess { child, stdout, log })
     }
 
     pub fn spawn_in_pod(&mut self, pod: &str, program: &str, args: &[&str]) -> Result<PodProcess, Error> {
         let pod = self.pod(pod).clone();
-        self.spawn(&pod.netns, &pod.cgroup, program, args)
+        self.spawn(&Spawn::new(&pod.netns, &pod.cgroup, program, args))
+    }
+
+    /// Keeps everything running after this handle is gone (`cargo xtask lab up`); remove it
+    /// later with [`crate::clean::clean_run`].
+    pub fn persist(mut self) {
+        self.processes.clear();
+        std::mem::forget(self);
     }
 
     /// Runs `program args...` in a pod to completion and returns its output (whatever the exit).
@@ -280,7 +350,7 @@ fn sysctl(netns: &str, key: &str, value: &str) -> Result<(), Error> {
 /// `nsenter --net` keeps the host's /sys mounts (unlike `ip netns exec`, which remounts /sys and
 /// hides bpffs and cgroup2); the shell joins the cgroup and then execs, so the PID we track is
 /// the program's own.
-fn in_netns_and_cgroup(netns: &str, cgroup: &std::path::Path, program: &str, args: &[&str]) -> Command {
+fn in_netns_and_cgroup(netns: &str, cgroup: &Path, program: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{netns}"))
         .args(["--", "sh", "-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])

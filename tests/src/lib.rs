@@ -15,5 +15,5 @@ pub mod clean;
 pub mod lab;
 pub mod sys;
 
-pub use lab::{Lab, LabSpec, Node, Pod, PodProcess};
+pub use lab::{Lab, LabSpec, Node, Pod, PodProcess, Spawn};
 pub use sys::{Error, require_root};

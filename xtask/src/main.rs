@@ -1,1 +1,141 @@
-fn main() {}
+//! Project tasks. `cargo xtask --help` lists them.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod lab;
+mod test;
+
+#[derive(Parser)]
+#[command(about = "Tasks of the mesh project: setup, build-ebpf, test, lab, clean")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain and tools from the package registries (idempotent; root).
+    Setup,
+    /// Build the kernel programs (mesh-ebpf) with Debian's rustc-web + bpf-linker.
+    BuildEbpf,
+    /// Run every test: unit tests, then the privileged kernel and namespace suites (root).
+    Test {
+        /// Run only the privileged suites whose test name contains this string.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// The local mesh lab in network namespaces.
+    Lab {
+        #[command(subcommand)]
+        action: lab::Action,
+    },
+    /// Remove leftovers (namespaces, cgroups, pinned objects, processes) of crashed runs.
+    Clean,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::BuildEbpf => build_ebpf(),
+        Task::Test { filter } => test::run(filter.as_deref()),
+        Task::Lab { action } => lab::run(action),
+        Task::Clean => {
+            require_root("clean")?;
+            for what in mesh_tests::clean::clean_all() {
+                println!("removed {what}");
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is one level down").to_path_buf()
+}
+
+pub fn require_root(what: &str) -> Result<()> {
+    if !nix_is_root() {
+        bail!("`cargo xtask {what}` needs root (network namespaces, cgroups, eBPF): run it as root, e.g. with sudo -E");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY-free: read our euid from /proc instead of calling libc.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        .unwrap_or(false)
+}
+
+/// Runs a command in the project root, failing with its name when it fails.
+pub fn sh(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.current_dir_if_unset().status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+trait CurrentDir {
+    fn current_dir_if_unset(&mut self) -> &mut Self;
+}
+
+impl CurrentDir for Command {
+    fn current_dir_if_unset(&mut self) -> &mut Self {
+        if self.get_current_dir().is_none() {
+            self.current_dir(root_dir());
+        }
+        self
+    }
+}
+
+pub fn step(what: &str) {
+    println!("\x1b[1m==> {what}\x1b[0m");
+}
+
+fn setup() -> Result<()> {
+    step("setup: toolchain and tools");
+    sh(Command::new("bash").arg(root_dir().join("scripts/setup.sh")))
+}
+
+/// Path of the built kernel object, as `mesh-node/build.rs` expects it.
+pub fn ebpf_object() -> PathBuf {
+    root_dir().join("target/ebpf/bpfel-unknown-none/release/mesh-ebpf")
+}
+
+fn build_ebpf() -> Result<()> {
+    step("build-ebpf: mesh-ebpf for bpfel-unknown-none (Debian rustc-web + bpf-linker)");
+    let started = Instant::now();
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let path = format!("{home}/.cargo/bin:{}", std::env::var("PATH").unwrap_or_default());
+    // mesh-ebpf/.cargo/config.toml selects the target, /usr/bin/rustc and the BTF flags; it is
+    // read only because we run cargo from inside mesh-ebpf/.
+    sh(Command::new("cargo")
+        .args(["build", "--release", "--locked", "--target-dir", "../target/ebpf"])
+        .current_dir(root_dir().join("mesh-ebpf"))
+        .env("PATH", path)
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTFLAGS"))
+    .context("building mesh-ebpf (is the toolchain installed? run `cargo xtask setup`)")?;
+    let object = ebpf_object();
+    if !object.exists() {
+        bail!("build succeeded but {} is missing", object.display());
+    }
+    println!("    {} ({} KiB) in {:.1?}", object.display(), std::fs::metadata(&object)?.len() / 1024, started.elapsed());
+    Ok(())
+}
+
+pub fn setup_and_build() -> Result<()> {
+    setup()?;
+    build_ebpf()
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Installs everything this project needs on a fresh Debian 12 machine, from the package
+# registries only. Idempotent: skips what is present. Run as root.
+# Facts behind each step: ../shared/notes/ebpf-toolchain.md (measured on this kind of machine).
+set -euo pipefail
+
+say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
+die() { printf '\033[31msetup: error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (installs packages, mounts bpffs); try: sudo $0"
+command -v apt-get >/dev/null || die "apt-get not found: this setup supports Debian 12 (bookworm) only"
+
+# Debian packages: the BPF-capable rustc (prebuilt core for bpfel), LLVM 22 for bpf-linker,
+# kernel/network tools for the lab, load and capture tools for tests and benchmarks.
+PACKAGES=(
+  rustc-web cargo-web libstd-rust-web-dev-bpf
+  llvm-22-dev libllvm22 libzstd-dev zlib1g-dev libxml2-dev
+  bpftool iproute2 iputils-ping iptables util-linux procps
+  iperf3 tcpdump wrk nghttp2-client openssl
+)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  apt-get update -qq || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+    >/tmp/mesh-setup-apt.log 2>&1 || die "apt-get install failed (log: /tmp/mesh-setup-apt.log)"
+else
+  say "Debian packages present"
+fi
+[ -x /usr/bin/rustc ] && /usr/bin/rustc --print sysroot >/dev/null || die "Debian's /usr/bin/rustc (rustc-web) is missing"
+ls /usr/lib/rustlib/bpfel-unknown-none/lib/libcore-*.rlib >/dev/null 2>&1 \
+  || die "no prebuilt core for bpfel-unknown-none under /usr/lib/rustlib (package libstd-rust-web-dev-bpf)"
+
+# Host toolchain (rustup stable) for userspace: twice as fast as Debian's rustc.
+export PATH="$HOME/.cargo/bin:$PATH"
+command -v cargo >/dev/null || die "cargo (rustup stable) not found in PATH or ~/.cargo/bin"
+
+# bpf-linker, built against the system LLVM 22 (its LLVM major must equal rustc-web's).
+BPF_LINKER_VERSION=0.13.0
+if bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+  say "bpf-linker $BPF_LINKER_VERSION present"
+else
+  say "building bpf-linker $BPF_LINKER_VERSION against LLVM 22 (about 1-5 minutes)"
+  LLVM_PREFIX=/usr/lib/llvm-22 cargo install "bpf-linker@$BPF_LINKER_VERSION" --locked \
+    --no-default-features --features llvm-22 >/tmp/mesh-setup-bpf-linker.log 2>&1 \
+    || die "building bpf-linker failed (log: /tmp/mesh-setup-bpf-linker.log)"
+fi
+
+# bpffs for pinned maps and links.
+if ! awk '$2 == "/sys/fs/bpf" && $3 == "bpf" { found = 1 } END { exit !found }' /proc/mounts; then
+  say "mounting bpffs at /sys/fs/bpf"
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpf /sys/fs/bpf || die "cannot mount bpffs at /sys/fs/bpf"
+fi
+awk '$3 == "cgroup2" { found = 1 } END { exit !found }' /proc/mounts \
+  || die "no cgroup2 filesystem mounted: mount one (e.g. mount -t cgroup2 none /sys/fs/cgroup/unified)"
+say "ready"

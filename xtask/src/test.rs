@@ -1,0 +1,49 @@
+//! `cargo xtask test`: every test, unit and privileged, with a leftover check at the end.
+
+use std::{process::Command, time::Instant};
+
+use anyhow::{Result, bail};
+
+use crate::{require_root, setup_and_build, sh, step};
+
+pub fn run(filter: Option<&str>) -> Result<()> {
+    require_root("test")?;
+    let started = Instant::now();
+    setup_and_build()?;
+    let leftovers = mesh_tests::clean::clean_all();
+    if !leftovers.is_empty() {
+        println!("    removed leftovers of an earlier run: {}", leftovers.join(", "));
+    }
+
+    let result = run_suites(filter);
+
+    step("checking that nothing was left behind");
+    let left = mesh_tests::clean::clean_all();
+    let bpftool = Command::new("bpftool").args(["prog", "list"]).output()?;
+    let progs = String::from_utf8_lossy(&bpftool.stdout);
+    let stray: Vec<&str> = progs.lines().filter(|l| l.contains(" name mesh_")).collect();
+    result?;
+    if !left.is_empty() {
+        bail!("tests left these behind (now removed): {}", left.join(", "));
+    }
+    if !stray.is_empty() {
+        bail!("mesh programs still loaded after the tests: {stray:?}");
+    }
+    println!("all tests passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn run_suites(filter: Option<&str>) -> Result<()> {
+    if filter.is_none() {
+        step("unit and in-process tests (unprivileged): cargo test --workspace");
+        sh(Command::new("cargo").args(["test", "--workspace", "--locked"]))?;
+    }
+    step("privileged suites: kernel programs and namespaces (one at a time: they share the kernel)");
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "--locked", "-p", "mesh-tests", "--features", "privileged", "--tests", "--"])
+        .arg("--test-threads=1");
+    if let Some(f) = filter {
+        cmd.arg(f);
+    }
+    sh(&mut cmd)
+}
