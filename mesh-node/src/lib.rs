@@ -2,6 +2,10 @@
 //! and the end-to-end suites drive the same code.
 #![doc = include_str!("../README.md")]
 
+pub mod authz;
 pub mod config;
 pub mod datapath;
+pub mod identity;
 pub mod services_file;
+pub mod state;
+pub mod tls;

@@ -1,0 +1,177 @@
+//! Decision table for L4 authorization: each row is a policy set, a connection, and the expected
+//! decision, covering every matcher, its negation, scopes, DENY-over-ALLOW, dry-run and AUDIT.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use super::*;
+use crate::{
+    identity::Identity,
+    state::{Protocol, Workload},
+};
+
+const ROOT: &str = "istio-system";
+
+fn wl(ns: &str, app: &str) -> Workload {
+    Workload {
+        name: format!("{app}-0"),
+        namespace: ns.into(),
+        service_account: app.into(),
+        workload_name: None,
+        ip: "198.18.2.11".parse().expect("ip"),
+        node: "n2".into(),
+        node_ip: "198.18.0.2".parse().expect("ip"),
+        labels: BTreeMap::from([("app".into(), app.into())]),
+        protocol: Protocol::Hbone,
+    }
+}
+
+fn pol(ns: &str, name: &str, action: Action, rules: Vec<Rule>) -> Policy {
+    Policy { name: name.into(), namespace: ns.into(), selector: None, action, dry_run: false, rules }
+}
+
+fn from(s: Source) -> Rule {
+    Rule { from: vec![s], to: vec![] }
+}
+
+fn principals(p: &[&str]) -> Source {
+    Source { principals: p.iter().map(|s| (*s).to_owned()).collect(), ..Source::default() }
+}
+
+fn allow() -> Decision {
+    Decision::Allow
+}
+
+fn no_match() -> Decision {
+    Decision::Deny(DenyReason::NoAllowMatch)
+}
+
+fn denied_by(ns: &str, name: &str) -> Decision {
+    Decision::Deny(DenyReason::DenyPolicy { namespace: ns.into(), name: name.into() })
+}
+
+struct Case {
+    what: &'static str,
+    policies: Vec<Policy>,
+    src: Option<&'static str>,
+    src_ip: &'static str,
+    port: u16,
+    dst: Workload,
+    want: Decision,
+}
+
+fn case(what: &'static str, policies: Vec<Policy>, src: Option<&'static str>, want: Decision) -> Case {
+    Case { what, policies, src, src_ip: "198.18.1.11", port: 8080, dst: wl("prod", "db"), want }
+}
+
+#[expect(clippy::too_many_lines, reason = "one table, read top to bottom")]
+fn table() -> Vec<Case> {
+    let web = Some("spiffe://cluster.local/ns/prod/sa/web");
+    let evil = Some("spiffe://cluster.local/ns/dev/sa/evil");
+    let web_p = "cluster.local/ns/prod/sa/web";
+    let with_selector = |mut p: Policy, app: &str| {
+        p.selector = Some(BTreeMap::from([("app".into(), app.into())]));
+        p
+    };
+    let dry = |mut p: Policy| {
+        p.dry_run = true;
+        p
+    };
+    let port = |mut c: Case, p: u16| {
+        c.port = p;
+        c
+    };
+    let ip = |mut c: Case, s: &'static str| {
+        c.src_ip = s;
+        c
+    };
+    vec![
+        case("no policies: allow", vec![], web, allow()),
+        case("no policies, plaintext: allow", vec![], None, allow()),
+        case("allow exact principal", vec![pol("prod", "a", Action::Allow, vec![from(principals(&[web_p]))])], web, allow()),
+        case("allow exact principal with spiffe:// prefix", vec![pol("prod", "a", Action::Allow, vec![from(principals(&["spiffe://cluster.local/ns/prod/sa/web"]))])], web, allow()),
+        case("allow other principal: no match", vec![pol("prod", "a", Action::Allow, vec![from(principals(&[web_p]))])], evil, no_match()),
+        case("allow principal, plaintext: no match", vec![pol("prod", "a", Action::Allow, vec![from(principals(&[web_p]))])], None, no_match()),
+        case("allow * needs an identity: plaintext no match", vec![pol("prod", "a", Action::Allow, vec![from(principals(&["*"]))])], None, no_match()),
+        case("allow * with identity", vec![pol("prod", "a", Action::Allow, vec![from(principals(&["*"]))])], evil, allow()),
+        case("allow prefix", vec![pol("prod", "a", Action::Allow, vec![from(principals(&["cluster.local/ns/prod/*"]))])], web, allow()),
+        case("allow prefix misses", vec![pol("prod", "a", Action::Allow, vec![from(principals(&["cluster.local/ns/prod/*"]))])], evil, no_match()),
+        case("allow suffix", vec![pol("prod", "a", Action::Allow, vec![from(principals(&["*/sa/web"]))])], web, allow()),
+        case("allow suffix misses", vec![pol("prod", "a", Action::Allow, vec![from(principals(&["*/sa/web"]))])], evil, no_match()),
+        case("allow notPrincipals excludes", vec![pol("prod", "a", Action::Allow, vec![from(Source { not_principals: vec![web_p.into()], ..Source::default() })])], web, no_match()),
+        case("allow notPrincipals admits others", vec![pol("prod", "a", Action::Allow, vec![from(Source { not_principals: vec![web_p.into()], ..Source::default() })])], evil, allow()),
+        case("allow namespaces", vec![pol("prod", "a", Action::Allow, vec![from(Source { namespaces: vec!["prod".into()], ..Source::default() })])], web, allow()),
+        case("allow namespaces misses", vec![pol("prod", "a", Action::Allow, vec![from(Source { namespaces: vec!["prod".into()], ..Source::default() })])], evil, no_match()),
+        case("allow notNamespaces", vec![pol("prod", "a", Action::Allow, vec![from(Source { not_namespaces: vec!["dev".into()], ..Source::default() })])], evil, no_match()),
+        case("allow notNamespaces admits plaintext (no namespace to exclude)", vec![pol("prod", "a", Action::Allow, vec![from(Source { not_namespaces: vec!["dev".into()], ..Source::default() })])], None, allow()),
+        case("allow ipBlocks", vec![pol("prod", "a", Action::Allow, vec![from(Source { ip_blocks: vec!["198.18.1.0/24".parse().expect("net")], ..Source::default() })])], None, allow()),
+        ip(case("allow ipBlocks misses", vec![pol("prod", "a", Action::Allow, vec![from(Source { ip_blocks: vec!["198.18.1.0/24".parse().expect("net")], ..Source::default() })])], None, no_match()), "198.18.3.4"),
+        case("allow notIpBlocks excludes", vec![pol("prod", "a", Action::Allow, vec![from(Source { not_ip_blocks: vec!["198.18.1.11/32".parse().expect("net")], ..Source::default() })])], web, no_match()),
+        case("fields AND: principal ok, ip wrong", vec![pol("prod", "a", Action::Allow, vec![from(Source { principals: vec![web_p.into()], ip_blocks: vec!["10.0.0.0/8".parse().expect("net")], ..Source::default() })])], web, no_match()),
+        case("from entries OR", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![principals(&["x/ns/y/sa/z"]), principals(&[web_p])], to: vec![] }])], web, allow()),
+        case("allow ports", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![], to: vec![Destination { ports: vec![8080], not_ports: vec![] }] }])], evil, allow()),
+        port(case("allow ports misses", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![], to: vec![Destination { ports: vec![8080], not_ports: vec![] }] }])], evil, no_match()), 9090),
+        case("allow notPorts excludes", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![], to: vec![Destination { ports: vec![], not_ports: vec![8080] }] }])], web, no_match()),
+        case("from AND to", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![principals(&[web_p])], to: vec![Destination { ports: vec![9090], not_ports: vec![] }] }])], web, no_match()),
+        case("ALLOW with no rules denies everything it selects", vec![pol("prod", "allow-nothing", Action::Allow, vec![])], web, no_match()),
+        case("ALLOW with one empty rule allows everything", vec![pol("prod", "allow-all", Action::Allow, vec![Rule::default()])], None, allow()),
+        case("DENY with no rules matches nothing", vec![pol("prod", "d", Action::Deny, vec![])], evil, allow()),
+        case("DENY principal", vec![pol("prod", "d", Action::Deny, vec![from(principals(&["cluster.local/ns/dev/*"]))])], evil, denied_by("prod", "d")),
+        case("DENY principal spares others", vec![pol("prod", "d", Action::Deny, vec![from(principals(&["cluster.local/ns/dev/*"]))])], web, allow()),
+        case("DENY notPrincipals * refuses plaintext", vec![pol("prod", "d", Action::Deny, vec![from(Source { not_principals: vec!["*".into()], ..Source::default() })])], None, denied_by("prod", "d")),
+        case("DENY notPrincipals * spares mTLS", vec![pol("prod", "d", Action::Deny, vec![from(Source { not_principals: vec!["*".into()], ..Source::default() })])], web, allow()),
+        case("DENY beats a matching ALLOW", vec![pol("prod", "a", Action::Allow, vec![Rule::default()]), pol("prod", "d", Action::Deny, vec![from(principals(&[web_p]))])], web, denied_by("prod", "d")),
+        case("one of several ALLOW policies suffices", vec![pol("prod", "a1", Action::Allow, vec![from(principals(&["x/ns/y/sa/z"]))]), pol("prod", "a2", Action::Allow, vec![from(principals(&[web_p]))])], web, allow()),
+        case("other namespace's policy does not apply", vec![pol("dev", "a", Action::Allow, vec![])], web, allow()),
+        case("root namespace policy applies mesh-wide", vec![pol(ROOT, "mesh", Action::Deny, vec![from(principals(&["cluster.local/ns/dev/*"]))])], evil, denied_by(ROOT, "mesh")),
+        case("root namespace ALLOW applies mesh-wide", vec![pol(ROOT, "mesh", Action::Allow, vec![from(principals(&[web_p]))])], evil, no_match()),
+        case("selector matches workload", vec![with_selector(pol("prod", "a", Action::Allow, vec![]), "db")], web, no_match()),
+        case("selector for another workload does not apply", vec![with_selector(pol("prod", "a", Action::Allow, vec![]), "cache")], web, allow()),
+        case("dry-run DENY not enforced", vec![dry(pol("prod", "d", Action::Deny, vec![Rule::default()]))], web, allow()),
+        case("dry-run ALLOW does not make ALLOW apply", vec![dry(pol("prod", "a", Action::Allow, vec![]))], web, allow()),
+        case("AUDIT never enforced", vec![pol("prod", "audit", Action::Audit, vec![Rule::default()])], web, allow()),
+        case("dry-run next to an enforced DENY", vec![dry(pol("prod", "d1", Action::Allow, vec![Rule::default()])), pol("prod", "d2", Action::Deny, vec![Rule::default()])], web, denied_by("prod", "d2")),
+    ]
+}
+
+#[test]
+fn decision_table() {
+    let cases = table();
+    assert!(cases.len() >= 40, "the table is the spec; keep it broad");
+    for c in cases {
+        let id: Option<Identity> = c.src.map(|s| s.parse().expect("identity"));
+        let conn = Conn { src_identity: id.as_ref(), src_ip: c.src_ip.parse::<IpAddr>().expect("ip"), dst: &c.dst, dst_port: c.port };
+        let got = evaluate(&c.policies, ROOT, &conn);
+        assert_eq!(got.decision, c.want, "case {:?}", c.what);
+    }
+}
+
+#[test]
+fn dry_run_and_audit_are_reported_with_their_match() {
+    let mut d = pol("prod", "would-deny", Action::Deny, vec![Rule::default()]);
+    d.dry_run = true;
+    let audit = pol("prod", "audit", Action::Audit, vec![from(principals(&["nobody/ns/x/sa/y"]))]);
+    let dst = wl("prod", "db");
+    let conn = Conn { src_identity: None, src_ip: "198.18.1.11".parse().expect("ip"), dst: &dst, dst_port: 1 };
+    let v = evaluate(&[d, audit], ROOT, &conn);
+    assert_eq!(v.decision, Decision::Allow);
+    let shadow: Vec<(&str, bool)> = v.shadow.iter().map(|s| (s.name.as_str(), s.matched)).collect();
+    assert_eq!(shadow, vec![("would-deny", true), ("audit", false)]);
+}
+
+#[test]
+fn peer_authentication_most_specific_wins() {
+    let pa = |ns: &str, app: Option<&str>, mode| PeerAuthentication {
+        name: "pa".into(),
+        namespace: ns.into(),
+        selector: app.map(|a| BTreeMap::from([("app".to_owned(), a.to_owned())])),
+        mode,
+    };
+    let db = wl("prod", "db");
+    assert_eq!(mode_for(&[], ROOT, &db), Mode::Permissive);
+    assert_eq!(mode_for(&[pa(ROOT, None, Mode::Strict)], ROOT, &db), Mode::Strict);
+    assert_eq!(mode_for(&[pa(ROOT, None, Mode::Strict), pa("prod", None, Mode::Permissive)], ROOT, &db), Mode::Permissive);
+    let all = [pa(ROOT, None, Mode::Permissive), pa("prod", None, Mode::Permissive), pa("prod", Some("db"), Mode::Strict)];
+    assert_eq!(mode_for(&all, ROOT, &db), Mode::Strict);
+    assert_eq!(mode_for(&[pa("prod", Some("cache"), Mode::Strict)], ROOT, &db), Mode::Permissive);
+    assert_eq!(mode_for(&[pa("dev", None, Mode::Strict)], ROOT, &db), Mode::Permissive);
+}

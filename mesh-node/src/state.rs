@@ -1,0 +1,109 @@
+//! What the daemon knows about the cluster, as domain types: workloads, authorization policies and
+//! peer authentication. A snapshot is published through a `tokio::sync::watch` channel; proxies
+//! read the latest `Arc<State>` per connection. The control plane's proto types are converted
+//! into these (`TryFrom`) at the gRPC client; until then they come from a JSON file or a channel.
+
+pub mod workload;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    path::Path,
+    sync::Arc,
+};
+
+use tokio::sync::watch;
+
+pub use workload::{Protocol, Workload};
+
+use crate::{
+    authz::{PeerAuthentication, Policy},
+    identity::Identity,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {path}: {source}")]
+    Read { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: std::path::PathBuf, source: serde_json::Error },
+    #[error("two workloads have address {0}")]
+    DuplicateAddress(IpAddr),
+}
+
+/// The serialized form of a snapshot (local config file, admin config dump).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Snapshot {
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+    #[serde(default)]
+    pub peer_authentications: Vec<PeerAuthentication>,
+}
+
+/// One consistent view, indexed for the per-connection lookups.
+#[derive(Debug, Default)]
+pub struct State {
+    pub trust_domain: String,
+    /// Istio's root namespace: policies there apply mesh-wide.
+    pub root_namespace: String,
+    pub workloads: HashMap<IpAddr, Workload>,
+    pub policies: Vec<Policy>,
+    pub peer_authentications: Vec<PeerAuthentication>,
+}
+
+impl State {
+    pub fn build(trust_domain: &str, root_namespace: &str, snap: Snapshot) -> Result<Self, Error> {
+        let mut workloads = HashMap::new();
+        for w in snap.workloads {
+            if let Some(old) = workloads.insert(w.ip, w) {
+                return Err(Error::DuplicateAddress(old.ip));
+            }
+        }
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            root_namespace: root_namespace.to_owned(),
+            workloads,
+            policies: snap.policies,
+            peer_authentications: snap.peer_authentications,
+        })
+    }
+
+    pub fn workload(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workloads.get(&ip)
+    }
+
+    pub fn identity(&self, w: &Workload) -> Identity {
+        Identity::new(&self.trust_domain, &w.namespace, &w.service_account)
+    }
+
+    /// Identities of the meshed workloads on `node`: the certificates this daemon must hold.
+    pub fn local_identities(&self, node: &str) -> BTreeSet<Identity> {
+        self.workloads
+            .values()
+            .filter(|w| w.node == node && w.protocol == Protocol::Hbone)
+            .map(|w| self.identity(w))
+            .collect()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut workloads: Vec<Workload> = self.workloads.values().cloned().collect();
+        workloads.sort_by_key(|w| w.ip);
+        Snapshot {
+            workloads,
+            policies: self.policies.clone(),
+            peer_authentications: self.peer_authentications.clone(),
+        }
+    }
+}
+
+pub type StateRx = watch::Receiver<Arc<State>>;
+pub type StateTx = watch::Sender<Arc<State>>;
+
+/// Reads a snapshot from a JSON file (the local config source).
+pub fn read_file(path: &Path) -> Result<Snapshot, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
+    serde_json::from_str(&text).map_err(|source| Error::Parse { path: path.into(), source })
+}
