@@ -102,6 +102,13 @@ impl core::fmt::Debug for Addr {
     }
 }
 
+#[cfg(feature = "user")]
+mod pod {
+    #![expect(unsafe_code, reason = "aya::Pod marks types as plain old data for map access")]
+    // SAFETY: repr(C) array of bytes: no padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::Addr {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

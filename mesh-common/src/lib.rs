@@ -7,11 +7,16 @@
 #![no_std]
 
 pub mod addr;
+pub mod conn;
+pub mod decide;
 pub mod drop;
+pub mod endpoint;
 pub mod lb;
 pub mod names;
 pub mod service;
 
 pub use addr::Addr;
-pub use drop::DropReason;
+pub use conn::{AffinityKey, AffinityValue, PolicyKey, PolicyValue, RevNatKey, SockAddr, SockKey};
+pub use drop::{DropReason, Stat};
+pub use endpoint::{EndpointInfo, NodeConfig, PodInfo};
 pub use service::{Backend, BackendId, ServiceFlags, ServiceKey, ServiceValue, SlotKey};

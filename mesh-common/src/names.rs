@@ -3,8 +3,35 @@
 //! The kernel keeps 15 characters of an object name, so every name here fits in 15.
 //! A map's `_V<n>` suffix is bumped whenever its key or value layout changes.
 
-/// `cgroup/connect4`: rewrites a Service VIP:port to a backend at `connect()` time.
+// === programs (attach point in the comment) ===
+
+/// `cgroup/connect4` on the node's pods cgroup: Service LB, capture, L4 policy fast path.
 pub const PROG_CONNECT4: &str = "mesh_connect4";
+/// `cgroup/connect6`, same for IPv6 sockets.
+pub const PROG_CONNECT6: &str = "mesh_connect6";
+/// `cgroup/sendmsg4`: Service LB per datagram for unconnected UDP.
+pub const PROG_SENDMSG4: &str = "mesh_sendmsg4";
+/// `cgroup/sendmsg6`.
+pub const PROG_SENDMSG6: &str = "mesh_sendmsg6";
+/// `cgroup/recvmsg4`: replies of unconnected UDP appear to come from the VIP.
+pub const PROG_RECVMSG4: &str = "mesh_recvmsg4";
+/// `cgroup/recvmsg6`.
+pub const PROG_RECVMSG6: &str = "mesh_recvmsg6";
+/// `cgroup/getpeername4`: the application sees the VIP it dialed, not the backend.
+pub const PROG_GETPEERNAME4: &str = "mesh_getpeer4";
+/// `cgroup/getpeername6`.
+pub const PROG_GETPEERNAME6: &str = "mesh_getpeer6";
+/// `sockops` on the node cgroup (pods + daemon): records captured connections' original
+/// destination by peer address and puts established local sockets into the sockhash.
+pub const PROG_SOCKOPS: &str = "mesh_sockops";
+/// `sk_msg` on the sockhash: same-node payload goes socket to socket, skipping TCP/IP.
+pub const PROG_SK_MSG: &str = "mesh_sk_msg";
+/// `cgroup/getsockopt` on the daemon's cgroup: answers `SO_ORIGINAL_DST` for captured sockets.
+pub const PROG_GETSOCKOPT: &str = "mesh_getsockopt";
+/// tc egress on a pod's host-side interface: STRICT pods refuse plaintext from outside the mesh.
+pub const PROG_TC_TO_POD: &str = "mesh_tc_to_pod";
+
+// === maps ===
 
 /// Service VIP:port/proto → [`crate::ServiceValue`].
 pub const MAP_SERVICES: &str = "MESH_SVC_V1";
@@ -14,11 +41,59 @@ pub const MAP_SLOTS: &str = "MESH_SLOT_V1";
 pub const MAP_BACKENDS: &str = "MESH_BE_V1";
 /// Per-CPU counters indexed by [`crate::DropReason`].
 pub const MAP_DROPS: &str = "MESH_DROP_V1";
+/// Per-CPU counters indexed by [`crate::Stat`].
+pub const MAP_STATS: &str = "MESH_STAT_V1";
+/// cgroup id of a pod → [`crate::PodInfo`].
+pub const MAP_PODS: &str = "MESH_POD_V1";
+/// Endpoint address → [`crate::EndpointInfo`] (identity, meshed/strict).
+pub const MAP_ENDPOINTS: &str = "MESH_EP_V1";
+/// Node settings (one entry): [`crate::NodeConfig`].
+pub const MAP_NODE: &str = "MESH_NODE_V1";
+/// Socket cookie → [`crate::OrigDst`] while a captured connection is being set up.
+pub const MAP_ORIG_BY_COOKIE: &str = "MESH_ORIGC_V1";
+/// Client address:port → [`crate::OrigDst`] once established (what SO_ORIGINAL_DST reads).
+pub const MAP_ORIG_BY_PEER: &str = "MESH_ORIGP_V1";
+/// (socket cookie, backend) → VIP: reverse translation for getpeername and recvmsg.
+pub const MAP_REVNAT: &str = "MESH_RNAT_V1";
+/// (service, client) → backend: session affinity.
+pub const MAP_AFFINITY: &str = "MESH_AFF_V1";
+/// (source identity, destination identity, port) → verdict: the L4 policy fast path.
+pub const MAP_POLICY: &str = "MESH_POL_V1";
+/// Established same-node sockets by 4-tuple, for sk_msg redirection.
+pub const MAP_SOCKETS: &str = "MESH_SOCK_V1";
 
 /// Every map the object defines, for pinning and inspection.
-pub const ALL_MAPS: &[&str] = &[MAP_SERVICES, MAP_SLOTS, MAP_BACKENDS, MAP_DROPS];
+pub const ALL_MAPS: &[&str] = &[
+    MAP_SERVICES,
+    MAP_SLOTS,
+    MAP_BACKENDS,
+    MAP_DROPS,
+    MAP_STATS,
+    MAP_PODS,
+    MAP_ENDPOINTS,
+    MAP_NODE,
+    MAP_ORIG_BY_COOKIE,
+    MAP_ORIG_BY_PEER,
+    MAP_REVNAT,
+    MAP_AFFINITY,
+    MAP_POLICY,
+    MAP_SOCKETS,
+];
 /// Every program the object defines.
-pub const ALL_PROGRAMS: &[&str] = &[PROG_CONNECT4];
+pub const ALL_PROGRAMS: &[&str] = &[
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+    PROG_SENDMSG4,
+    PROG_SENDMSG6,
+    PROG_RECVMSG4,
+    PROG_RECVMSG6,
+    PROG_GETPEERNAME4,
+    PROG_GETPEERNAME6,
+    PROG_SOCKOPS,
+    PROG_SK_MSG,
+    PROG_GETSOCKOPT,
+    PROG_TC_TO_POD,
+];
 
 /// Capacity of the service map (VIP:port/proto entries).
 pub const MAX_SERVICES: u32 = 65_536;
@@ -26,6 +101,14 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_SLOTS: u32 = 1_048_576;
 /// Capacity of the backend map.
 pub const MAX_BACKENDS: u32 = 262_144;
+/// Capacity of the pod and endpoint maps.
+pub const MAX_ENDPOINTS: u32 = 65_536;
+/// Capacity of the LRU maps that track connections (original destination, reverse NAT, affinity).
+pub const MAX_TRACKED: u32 = 262_144;
+/// Capacity of the policy map.
+pub const MAX_POLICY: u32 = 262_144;
+/// Capacity of the sockhash.
+pub const MAX_SOCKETS: u32 = 131_072;
 
 const _: () = {
     let mut i = 0;

@@ -68,7 +68,7 @@ const _: () = assert!(size_of::<SlotKey>() == 8);
 
 /// Value of the slot map; key of the backend map.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendId {
     pub id: u32,
 }

@@ -1,15 +1,20 @@
 //! Every map of the object, in one place. BTF-defined (`#[btf_map]`) so that
-//! `bpftool map dump name MESH_SVC_V1` prints field names. Names come from `mesh_common::names`;
-//! the `name = "..."` literals below are checked against them by `cargo xtask build-ebpf`.
+//! `bpftool map dump` prints field names. The `name = "..."` literals must equal the constants
+//! in `mesh_common::names` (userspace looks maps up by those; a mismatch fails the privileged
+//! tests at load with "map ... is missing from the eBPF object").
 
 use aya_ebpf::{
-    btf_maps::{HashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use mesh_common::{
-    Backend, BackendId, DropReason, ServiceKey, ServiceValue, SlotKey,
-    names::{MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS},
+    AffinityKey, AffinityValue, Backend, BackendId, DropReason, EndpointInfo, NodeConfig, PodInfo,
+    PolicyKey, PolicyValue, RevNatKey, ServiceKey, ServiceValue, SlotKey, SockAddr, SockKey, Stat,
+    names::{MAX_BACKENDS, MAX_ENDPOINTS, MAX_POLICY, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_TRACKED},
+    Addr,
 };
+
+use crate::sockhash::SockHash64;
 
 #[btf_map(name = "MESH_SVC_V1")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
@@ -23,6 +28,38 @@ pub static BACKENDS: HashMap<BackendId, Backend, { MAX_BACKENDS as usize }> = Ha
 #[btf_map(name = "MESH_DROP_V1")]
 pub static DROPS: PerCpuArray<u64, { DropReason::COUNT as usize }> = PerCpuArray::new();
 
+#[btf_map(name = "MESH_STAT_V1")]
+pub static STATS: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();
+
+/// Keyed by cgroup id.
+#[btf_map(name = "MESH_POD_V1")]
+pub static PODS: HashMap<u64, PodInfo, { MAX_ENDPOINTS as usize }> = HashMap::new();
+
+#[btf_map(name = "MESH_EP_V1")]
+pub static ENDPOINTS: HashMap<Addr, EndpointInfo, { MAX_ENDPOINTS as usize }> = HashMap::new();
+
+#[btf_map(name = "MESH_NODE_V1")]
+pub static NODE: Array<NodeConfig, 1> = Array::new();
+
+/// Keyed by socket cookie.
+#[btf_map(name = "MESH_ORIGC_V1")]
+pub static ORIG_BY_COOKIE: LruHashMap<u64, SockAddr, { MAX_TRACKED as usize }> = LruHashMap::new();
+
+#[btf_map(name = "MESH_ORIGP_V1")]
+pub static ORIG_BY_PEER: LruHashMap<SockAddr, SockAddr, { MAX_TRACKED as usize }> = LruHashMap::new();
+
+#[btf_map(name = "MESH_RNAT_V1")]
+pub static REVNAT: LruHashMap<RevNatKey, SockAddr, { MAX_TRACKED as usize }> = LruHashMap::new();
+
+#[btf_map(name = "MESH_AFF_V1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_TRACKED as usize }> = LruHashMap::new();
+
+#[btf_map(name = "MESH_POL_V1")]
+pub static POLICY: HashMap<PolicyKey, PolicyValue, { MAX_POLICY as usize }> = HashMap::new();
+
+#[btf_map(name = "MESH_SOCK_V1")]
+pub static SOCKETS: SockHash64<SockKey, { MAX_SOCKETS as usize }> = SockHash64::new();
+
 /// Count one drop for `reason`.
 #[inline(always)]
 pub fn count_drop(reason: DropReason) {
@@ -30,4 +67,18 @@ pub fn count_drop(reason: DropReason) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *counter += 1 };
     }
+}
+
+/// Count one event.
+#[inline(always)]
+pub fn count(stat: Stat) {
+    if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn node_config() -> Option<&'static NodeConfig> {
+    NODE.get(0)
 }

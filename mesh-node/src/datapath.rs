@@ -1,15 +1,19 @@
 //! The kernel datapath: loading, attaching, pinning, and feeding the `mesh-ebpf` programs.
 //!
-//! Only this module imports aya. Everything above it speaks domain types
-//! ([`ServiceSpec`], [`BackendSpec`]); the kernel layouts come from `mesh-common`.
+//! Only this module imports aya. Everything above it speaks domain types ([`ServiceSpec`],
+//! [`PodSpec`], [`DenyRule`], ...); the kernel layouts come from `mesh-common`.
 
+mod endpoints;
 mod error;
 mod loader;
 mod services;
+mod sys;
+pub mod tables;
 
+pub use endpoints::{DatapathStats, DenyRule, EndpointSpec, NodeSpec, PodSpec};
 pub use error::Error;
 pub use loader::{Datapath, DatapathConfig};
-pub use services::{BackendSpec, Protocol, ServiceSpec};
+pub use services::{BackendSpec, LoadBalancing, Protocol, ServiceSpec};
 
 /// The kernel object, embedded at build time (empty when `cargo xtask build-ebpf` was not run).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));

@@ -1,10 +1,12 @@
 //! Static Service definitions from a JSON file: the node's input until the control plane
 //! feeds it. Format: `[{"vip": "198.19.0.10", "port": 80, "protocol": "tcp",
+//! "lb": "random", "affinity_timeout_s": 0,
 //! "backends": [{"addr": "198.18.2.11", "port": 8080, "weight": 1, "healthy": true}]}]`.
+//! `lb` is `random` (default) or `maglev`; `affinity_timeout_s` > 0 turns on client affinity.
 
-use std::{fs, net::IpAddr, path::Path};
+use std::{fs, net::IpAddr, path::Path, time::Duration};
 
-use crate::datapath::{BackendSpec, Protocol, ServiceSpec};
+use crate::datapath::{BackendSpec, LoadBalancing, Protocol, ServiceSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -30,6 +32,18 @@ struct ServiceJson {
     #[serde(default = "tcp")]
     protocol: ProtocolJson,
     backends: Vec<BackendJson>,
+    #[serde(default)]
+    lb: LbJson,
+    #[serde(default)]
+    affinity_timeout_s: u64,
+}
+
+#[derive(serde::Deserialize, Clone, Copy, Default)]
+#[serde(rename_all = "lowercase")]
+enum LbJson {
+    #[default]
+    Random,
+    Maglev,
 }
 
 #[derive(serde::Deserialize, Clone, Copy)]
@@ -78,6 +92,11 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<ServiceSpec>, Error> {
                 .into_iter()
                 .map(|b| BackendSpec { addr: b.addr, port: b.port, weight: b.weight, healthy: b.healthy })
                 .collect(),
+            lb: match s.lb {
+                LbJson::Random => LoadBalancing::Random,
+                LbJson::Maglev => LoadBalancing::Maglev,
+            },
+            affinity: (s.affinity_timeout_s > 0).then(|| Duration::from_secs(s.affinity_timeout_s)),
         })
         .collect())
 }

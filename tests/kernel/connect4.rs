@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_node::datapath::{BackendSpec, Datapath, DatapathConfig, Protocol, ServiceSpec};
+use mesh_node::datapath::{BackendSpec, Datapath, DatapathConfig, ServiceSpec};
 use mesh_tests::{Lab, LabSpec, require_root};
 
 const WHOAMI: &str = env!("CARGO_BIN_EXE_mesh-whoami");
@@ -55,12 +55,7 @@ fn vip_is_rewritten_to_backends_on_another_node_and_unreachable_without_the_prog
         healthy: true,
     };
     datapath
-        .upsert_service(&ServiceSpec {
-            vip: IpAddr::V4(VIP),
-            port: 80,
-            protocol: Protocol::Tcp,
-            backends: vec![backend("n2p1"), backend("n2p2")],
-        })
+        .upsert_service(&ServiceSpec::tcp(IpAddr::V4(VIP), 80, vec![backend("n2p1"), backend("n2p2")]))
         .expect("install service");
     assert!(prog_listed(), "bpftool prog list must show mesh_connect4 while attached");
 

@@ -50,12 +50,32 @@ pub enum Error {
         #[source]
         source: aya::pin::PinError,
     },
+    #[error("attaching {name}: {source}")]
+    Attach {
+        name: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pinned link {path}: {source}")]
+    PinnedLink {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what}: {source}")]
+    Syscall {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pod {pod}: {reason}")]
+    InvalidPod { pod: String, reason: String },
     #[error("service {service}: {reason}")]
     InvalidService { service: String, reason: String },
-    #[error("map {name} is full (capacity {capacity}) while writing service {service}")]
+    #[error("map {name} is full (capacity {capacity}) while writing {item}")]
     MapFull {
         name: &'static str,
         capacity: u32,
-        service: String,
+        item: String,
     },
 }

@@ -1,84 +1,231 @@
-//! Loading the embedded object, attaching it to a cgroup, and pinning what must outlive us.
+//! Loading the embedded object, attaching its programs, and pinning what must outlive us.
+//!
+//! With a pin directory, maps and links live in bpffs: a restarted daemon re-opens the same maps
+//! (their entries keep serving traffic while it is down) and swaps the program behind each
+//! pinned link with BPF_LINK_UPDATE, so there is never a moment without the datapath.
+//! `Datapath::uninstall` is the one explicit way to remove everything.
 
-use std::{fs, path::PathBuf};
+use std::{
+    fs,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    maps::Map,
+    programs::{Program, TcAttachType, links::FdLink, tc},
 };
 use mesh_common::names;
 
-use super::{Error, OBJECT, services::ServiceTable};
+use super::{
+    Error, OBJECT,
+    endpoints::EndpointTable,
+    services::ServiceTable,
+    sys::{self, attach_type},
+};
 
 /// Where the datapath attaches and pins.
 #[derive(Clone, Debug)]
 pub struct DatapathConfig {
-    /// cgroup v2 directory whose processes (the pods of this node) get socket load balancing.
+    /// cgroup v2 directory whose processes get the socket programs: the node's pods (and the
+    /// daemon, which is never captured because only meshed pods are).
     pub cgroup: PathBuf,
-    /// bpffs directory for pinned maps (`<dir>/<MAP>`); `None` keeps everything in this process.
+    /// bpffs directory for pinned maps (`<dir>/<MAP>`) and links (`<dir>/links/<prog>`);
+    /// `None` keeps everything in this process and detaches on drop (tests).
     pub pin_dir: Option<PathBuf>,
 }
 
-/// The loaded kernel datapath. Dropping it detaches links that are not pinned.
+/// Programs attached to the node cgroup with their attach types, in attach order (bookkeeping
+/// hooks first, so no connection is rewritten before its reverse translation is in place).
+const CGROUP_PROGRAMS: &[(&str, u32)] = &[
+    (names::PROG_SOCKOPS, attach_type::CGROUP_SOCK_OPS),
+    (names::PROG_GETSOCKOPT, attach_type::CGROUP_GETSOCKOPT),
+    (names::PROG_GETPEERNAME4, attach_type::CGROUP_INET4_GETPEERNAME),
+    (names::PROG_GETPEERNAME6, attach_type::CGROUP_INET6_GETPEERNAME),
+    (names::PROG_RECVMSG4, attach_type::CGROUP_UDP4_RECVMSG),
+    (names::PROG_RECVMSG6, attach_type::CGROUP_UDP6_RECVMSG),
+    (names::PROG_SENDMSG4, attach_type::CGROUP_UDP4_SENDMSG),
+    (names::PROG_SENDMSG6, attach_type::CGROUP_UDP6_SENDMSG),
+    (names::PROG_CONNECT4, attach_type::CGROUP_INET4_CONNECT),
+    (names::PROG_CONNECT6, attach_type::CGROUP_INET6_CONNECT),
+];
+
+/// The loaded kernel datapath. Dropping it detaches what is not pinned.
 pub struct Datapath {
-    config: DatapathConfig,
-    ebpf: Ebpf,
-    links: Vec<FdLink>,
-    services: ServiceTable,
+    pub(super) config: DatapathConfig,
+    pub(super) ebpf: Ebpf,
+    /// Unpinned links: closing them detaches.
+    links: Vec<OwnedFd>,
+    /// Unpinned tc links.
+    tc_links: Vec<FdLink>,
+    /// sk_msg attached to the sockhash by this process (detached on `detach` when unpinned).
+    sk_msg_attached: bool,
+    pub(super) services: ServiceTable,
+    pub(super) endpoints: EndpointTable,
+}
+
+fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
+    move |source| Error::Program { name, source }
+}
+
+/// Loads a program (once; the verifier runs here) and returns its fd.
+fn load_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<BorrowedFd<'a>, Error> {
+    let prog = ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?;
+    macro_rules! load {
+        ($p:expr) => {{
+            if $p.fd().is_err() {
+                $p.load().map_err(program_error(name))?;
+            }
+            $p.fd().map_err(program_error(name))?.as_fd()
+        }};
+    }
+    Ok(match prog {
+        Program::CgroupSockAddr(p) => load!(p),
+        Program::SockOps(p) => load!(p),
+        Program::CgroupSockopt(p) => load!(p),
+        Program::SkMsg(p) => load!(p),
+        Program::SchedClassifier(p) => load!(p),
+        _ => return Err(Error::MissingProgram { name }),
+    })
+}
+
+/// Points an existing pinned link at a freshly loaded program (atomic: no detached moment).
+fn update_pinned(path: &Path, prog: BorrowedFd<'_>) -> Result<(), Error> {
+    let pinned = |source| Error::PinnedLink { path: path.to_path_buf(), source };
+    let link = sys::obj_get(path).map_err(pinned)?;
+    sys::link_update(link.as_fd(), prog).map_err(pinned)
 }
 
 impl Datapath {
-    /// Loads the embedded object into the kernel (programs are verified at `attach`).
+    /// Loads the embedded object into the kernel, re-using maps pinned by an earlier run.
     pub fn load(config: DatapathConfig) -> Result<Self, Error> {
         if OBJECT.is_empty() {
             return Err(Error::ObjectNotBuilt);
         }
         let mut loader = EbpfLoader::new();
         if let Some(dir) = &config.pin_dir {
-            fs::create_dir_all(dir).map_err(|source| Error::PinDir { path: dir.clone(), source })?;
-            // Re-uses a map already pinned there (daemon restart), else creates and pins it.
+            let links = dir.join("links");
+            fs::create_dir_all(&links).map_err(|source| Error::PinDir { path: links, source })?;
             for name in names::ALL_MAPS {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
         let ebpf = loader.load(OBJECT).map_err(Error::Load)?;
-        Ok(Self { config, ebpf, links: Vec::new(), services: ServiceTable::default() })
+        let mut datapath = Self {
+            config,
+            ebpf,
+            links: Vec::new(),
+            tc_links: Vec::new(),
+            sk_msg_attached: false,
+            services: ServiceTable::default(),
+            endpoints: EndpointTable::default(),
+        };
+        // After a restart the pinned maps hold what the previous run installed: adopt it, so
+        // the first sync only touches what changed.
+        datapath.adopt_services()?;
+        datapath.adopt_endpoints()?;
+        Ok(datapath)
     }
 
-    /// Verifies and attaches the socket programs to the configured cgroup.
+    fn link_pin(&self, name: &str) -> Option<PathBuf> {
+        self.config.pin_dir.as_ref().map(|d| d.join("links").join(name))
+    }
+
+    /// Verifies and attaches the socket programs to the configured cgroup, and sk_msg to the
+    /// sockhash. With a pin directory, links already pinned by an earlier run are kept and
+    /// switched to this run's programs.
     pub fn attach(&mut self) -> Result<(), Error> {
-        let name = names::PROG_CONNECT4;
         let cgroup = fs::File::open(&self.config.cgroup)
             .map_err(|source| Error::Cgroup { path: self.config.cgroup.clone(), source })?;
-        let program: &mut CgroupSockAddr = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(Error::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| Error::Program { name, source })?;
-        program.load().map_err(|source| Error::Program { name, source })?;
-        // On kernels >= 5.7 aya attaches with bpf_link_create, whose cgroup links always behave
-        // as multi-attach and which rejects any attach flag (EINVAL): so `Single` (flags 0).
-        let link_id = program
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|source| Error::Program { name, source })?;
-        let link = program.take_link(link_id).map_err(|source| Error::Program { name, source })?;
-        // Kernels >= 5.7 attach cgroup programs as bpf_link, which can be pinned and updated.
-        let link = FdLink::try_from(link).map_err(|source| Error::Link { name, source })?;
-        self.links.push(link);
+        for &(name, attach_type) in CGROUP_PROGRAMS {
+            let pin = self.link_pin(name);
+            let prog = load_program(&mut self.ebpf, name)?;
+            match pin {
+                Some(path) if path.exists() => update_pinned(&path, prog)?,
+                pin => {
+                    let link = sys::link_create(prog, cgroup.as_fd(), attach_type)
+                        .map_err(|source| Error::Attach { name, source })?;
+                    match pin {
+                        Some(path) => sys::obj_pin(link.as_fd(), &path)
+                            .map_err(|source| Error::PinnedLink { path: path.clone(), source })?,
+                        None => self.links.push(link),
+                    }
+                }
+            }
+        }
+        self.attach_sk_msg()
+    }
+
+    fn attach_sk_msg(&mut self) -> Result<(), Error> {
+        let name = names::PROG_SK_MSG;
+        load_program(&mut self.ebpf, name)?;
+        let (Some(Program::SkMsg(prog)), Some(Map::SockHash(map))) =
+            (self.ebpf.program(name), self.ebpf.map(names::MAP_SOCKETS))
+        else {
+            return Err(Error::MissingMap { name: names::MAP_SOCKETS });
+        };
+        let prog_fd = prog.fd().map_err(program_error(name))?.as_fd();
+        // Attached to the map, not to a link: it lives as long as the (pinned) map and a
+        // re-attach from a restarted daemon replaces it.
+        sys::prog_attach(map.fd().as_fd(), prog_fd, sys::BPF_SK_MSG_VERDICT)
+            .map_err(|source| Error::Syscall { what: "attach sk_msg to the sockhash", source })?;
+        self.sk_msg_attached = true;
         Ok(())
     }
 
-    /// Detaches every program attached by this process.
+    /// Attaches the STRICT guard (tc egress) to a pod's host-side interface. Must run in the
+    /// network namespace that owns `ifname`.
+    pub fn attach_pod_interface(&mut self, ifname: &str) -> Result<(), Error> {
+        let name = names::PROG_TC_TO_POD;
+        let pin = self.link_pin(&format!("{name}@{ifname}"));
+        // TCX (kernel >= 6.6) needs no qdisc; older kernels need clsact (already-present is fine).
+        let _ = tc::qdisc_add_clsact(ifname);
+        let prog_fd = load_program(&mut self.ebpf, name)?;
+        if let Some(path) = pin.as_deref().filter(|p| p.exists()) {
+            return update_pinned(path, prog_fd);
+        }
+        let Some(Program::SchedClassifier(prog)) = self.ebpf.program_mut(name) else {
+            return Err(Error::MissingProgram { name });
+        };
+        let id = prog.attach(ifname, TcAttachType::Egress).map_err(program_error(name))?;
+        let link = prog.take_link(id).map_err(program_error(name))?;
+        let link = FdLink::try_from(link).map_err(|source| Error::Link { name, source })?;
+        match pin {
+            Some(path) => {
+                link.pin(&path).map_err(|source| Error::Pin { what: name, path, source })?;
+            }
+            None => self.tc_links.push(link),
+        }
+        Ok(())
+    }
+
+    /// Detaches every program attached by this process that is not pinned.
     pub fn detach(&mut self) {
         self.links.clear();
+        self.tc_links.clear();
+        if self.sk_msg_attached && self.config.pin_dir.is_none() {
+            if let (Some(Program::SkMsg(prog)), Some(Map::SockHash(map))) =
+                (self.ebpf.program(names::PROG_SK_MSG), self.ebpf.map(names::MAP_SOCKETS))
+                && let Ok(fd) = prog.fd()
+            {
+                let _ = sys::prog_detach(map.fd().as_fd(), fd.as_fd(), sys::BPF_SK_MSG_VERDICT);
+            }
+            self.sk_msg_attached = false;
+        }
+    }
+
+    /// Removes everything a daemon pinned under `pin_dir`: links (which detaches the programs
+    /// once no process holds them) and maps. The explicit uninstall; a restart never does this.
+    pub fn uninstall(pin_dir: &Path) -> Result<(), Error> {
+        match fs::remove_dir_all(pin_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::PinDir { path: pin_dir.to_path_buf(), source }),
+        }
     }
 
     pub fn config(&self) -> &DatapathConfig {
         &self.config
-    }
-
-    pub(super) fn parts(&mut self) -> (&mut Ebpf, &mut ServiceTable) {
-        (&mut self.ebpf, &mut self.services)
     }
 }

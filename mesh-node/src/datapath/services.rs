@@ -1,13 +1,14 @@
-//! Services → kernel map entries.
+//! Services → kernel map entries, by diff.
 //!
-//! Each Service gets a stable id and a selection table (slots) built here from its healthy
-//! backends and their weights. An update writes new backends and slots first and flips the
-//! service entry last, so a concurrent `connect()` sees either the old or the new table, never a
-//! slot that points nowhere; stale slots and unreferenced backends are removed afterwards.
+//! Each Service gets a stable id and a selection table (see `tables`). An update writes new
+//! backends and changed slots first and flips the service entry last, so a concurrent
+//! `connect()` sees either the old or the new table, never a slot that points nowhere; stale
+//! slots and unreferenced backends are removed afterwards. Unchanged entries are not rewritten.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    time::Duration,
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
@@ -17,10 +18,7 @@ use mesh_common::{
     service::{PROTO_TCP, PROTO_UDP},
 };
 
-use super::{Datapath, Error};
-
-/// Largest weighted-random selection table per Service.
-pub const MAX_WEIGHTED_SLOTS: u32 = 4096;
+use super::{Datapath, Error, tables};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
@@ -29,12 +27,22 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    const fn number(self) -> u8 {
+    pub(super) const fn number(self) -> u8 {
         match self {
             Self::Tcp => PROTO_TCP,
             Self::Udp => PROTO_UDP,
         }
     }
+}
+
+/// How a Service picks a backend for a new connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoadBalancing {
+    /// Weighted random per connection.
+    #[default]
+    Random,
+    /// Maglev consistent hashing on the client (network namespace + bound source port).
+    Maglev,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,55 +60,79 @@ pub struct ServiceSpec {
     pub port: u16,
     pub protocol: Protocol,
     pub backends: Vec<BackendSpec>,
+    pub lb: LoadBalancing,
+    /// Session affinity by client (Kubernetes `sessionAffinity: ClientIP`) with this timeout.
+    pub affinity: Option<Duration>,
 }
 
 impl ServiceSpec {
+    /// A TCP Service with weighted-random balancing and no affinity.
+    pub fn tcp(vip: IpAddr, port: u16, backends: Vec<BackendSpec>) -> Self {
+        Self { vip, port, protocol: Protocol::Tcp, backends, lb: LoadBalancing::Random, affinity: None }
+    }
+
     fn key(&self) -> ServiceKey {
         ServiceKey::new(addr_of(self.vip), self.port, self.protocol.number())
     }
 
-    fn describe(&self) -> String {
-        format!("{}:{}/{:?}", self.vip, self.port, self.protocol)
+    pub fn describe(&self) -> String {
+        format!("service {}:{}/{:?}", self.vip, self.port, self.protocol)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let invalid = |reason: String| Error::InvalidService { service: self.describe(), reason };
+        if self.port == 0 {
+            return Err(invalid("port 0".into()));
+        }
+        for b in &self.backends {
+            if b.port == 0 {
+                return Err(invalid(format!("backend {} has port 0", b.addr)));
+            }
+            if b.addr.is_ipv4() != self.vip.is_ipv4() {
+                return Err(invalid(format!("backend {} is not of the VIP's address family", b.addr)));
+            }
+        }
+        if let Some(t) = self.affinity
+            && (t.as_secs() == 0 || t.as_secs() > u64::from(u32::MAX))
+        {
+            return Err(invalid(format!("affinity timeout {t:?} out of range (1 s ..= 2^32 s)")));
+        }
+        Ok(())
+    }
+
+    fn table(&self) -> Vec<usize> {
+        match self.lb {
+            LoadBalancing::Random => tables::weighted(&self.backends),
+            LoadBalancing::Maglev => tables::maglev(&self.backends, tables::MAGLEV_TABLE_SIZE),
+        }
+    }
+
+    fn flags(&self) -> ServiceFlags {
+        let mut bits = 0;
+        if self.lb == LoadBalancing::Maglev {
+            bits |= ServiceFlags::MAGLEV;
+        }
+        if self.affinity.is_some() {
+            bits |= ServiceFlags::AFFINITY;
+        }
+        ServiceFlags { bits }
     }
 }
 
-fn addr_of(ip: IpAddr) -> Addr {
+pub(super) fn addr_of(ip: IpAddr) -> Addr {
     match ip {
+        // Normalise IPv4-mapped IPv6 to the same key as plain IPv4: one Service, one entry.
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => Addr::from_v6(v6.octets()),
         IpAddr::V4(v4) => Addr::from_v4(v4.octets()),
         IpAddr::V6(v6) => Addr::from_v6(v6.octets()),
     }
 }
 
-/// Builds the weighted selection table: each healthy backend with weight w > 0 fills slots in
-/// proportion to w (weights reduced by their gcd, scaled down to [`MAX_WEIGHTED_SLOTS`] keeping
-/// at least one slot each). Returns indices into `backends`.
-pub fn weighted_table(backends: &[BackendSpec]) -> Vec<usize> {
-    let live: Vec<(usize, u64)> = backends
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| b.healthy && b.weight > 0)
-        .map(|(i, b)| (i, u64::from(b.weight)))
-        .collect();
-    let divisor = live.iter().fold(0, |g, &(_, w)| gcd(g, w)).max(1);
-    let total: u64 = live.iter().map(|&(_, w)| w / divisor).sum();
-    let cap = u64::from(MAX_WEIGHTED_SLOTS);
-    let mut table = Vec::new();
-    for &(i, w) in &live {
-        let share = w / divisor;
-        let slots = if total > cap { (share * cap / total).max(1) } else { share };
-        table.extend(std::iter::repeat_n(i, usize::try_from(slots).unwrap_or(usize::MAX)));
-    }
-    table
-}
-
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 { a } else { gcd(b, a % b) }
-}
-
-/// What this process has written, so updates touch only what changed.
+/// What this process knows the maps hold, so updates touch only what changed.
 #[derive(Default)]
 pub(super) struct ServiceTable {
     services: BTreeMap<ServiceKey, Installed>,
+    /// Backend → (id, number of slots-tables referencing it).
     backends: HashMap<Backend, (BackendId, usize)>,
     next_service_id: u32,
     next_backend_id: u32,
@@ -122,18 +154,16 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
     move |source| Error::Map { name, source }
 }
 
-fn is_full(e: &MapError) -> bool {
-    matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
+pub(super) fn full_or(e: MapError, name: &'static str, capacity: u32, item: &str) -> Error {
+    let full = matches!(&e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG));
+    if full { Error::MapFull { name, capacity, item: item.to_owned() } } else { Error::Map { name, source: e } }
 }
 
 impl Datapath {
-    fn maps(&mut self) -> Result<(Maps<'_>, &mut ServiceTable), Error> {
-        let (ebpf, table) = self.parts();
+    fn service_maps(&mut self) -> Result<(Maps<'_>, &mut ServiceTable), Error> {
+        let (mut services, mut slots, mut backends) = (None, None, None);
         // Take the three maps out of the object at once: aya hands out one &mut per name.
-        let mut services = None;
-        let mut slots = None;
-        let mut backends = None;
-        for (name, map) in ebpf.maps_mut() {
+        for (name, map) in self.ebpf.maps_mut() {
             match name {
                 MAP_SERVICES => services = Some(map),
                 MAP_SLOTS => slots = Some(map),
@@ -144,86 +174,112 @@ impl Datapath {
         let services = services.ok_or(Error::MissingMap { name: MAP_SERVICES })?;
         let slots = slots.ok_or(Error::MissingMap { name: MAP_SLOTS })?;
         let backends = backends.ok_or(Error::MissingMap { name: MAP_BACKENDS })?;
-        Ok((
-            Maps {
-                services: BpfHashMap::try_from(services).map_err(map_err(MAP_SERVICES))?,
-                slots: BpfHashMap::try_from(slots).map_err(map_err(MAP_SLOTS))?,
-                backends: BpfHashMap::try_from(backends).map_err(map_err(MAP_BACKENDS))?,
-            },
-            table,
-        ))
+        let maps = Maps {
+            services: BpfHashMap::try_from(services).map_err(map_err(MAP_SERVICES))?,
+            slots: BpfHashMap::try_from(slots).map_err(map_err(MAP_SLOTS))?,
+            backends: BpfHashMap::try_from(backends).map_err(map_err(MAP_BACKENDS))?,
+        };
+        Ok((maps, &mut self.services))
+    }
+
+    /// Rebuilds the in-memory view from pinned maps left by an earlier run.
+    pub(super) fn adopt_services(&mut self) -> Result<(), Error> {
+        let (maps, state) = self.service_maps()?;
+        let mut backends_by_id = HashMap::new();
+        for entry in maps.backends.iter() {
+            let (id, backend) = entry.map_err(map_err(MAP_BACKENDS))?;
+            state.next_backend_id = state.next_backend_id.max(id.id);
+            backends_by_id.insert(id, backend);
+        }
+        let mut slots: BTreeMap<u32, BTreeMap<u32, BackendId>> = BTreeMap::new();
+        for entry in maps.slots.iter() {
+            let (key, id) = entry.map_err(map_err(MAP_SLOTS))?;
+            slots.entry(key.service_id).or_default().insert(key.slot, id);
+        }
+        for entry in maps.services.iter() {
+            let (key, value) = entry.map_err(map_err(MAP_SERVICES))?;
+            state.next_service_id = state.next_service_id.max(value.id);
+            let table: Vec<BackendId> = slots
+                .get(&value.id)
+                .map(|s| s.values().take(value.slot_count as usize).copied().collect())
+                .unwrap_or_default();
+            for id in table.iter().collect::<BTreeSet<_>>() {
+                if let Some(b) = backends_by_id.get(id) {
+                    state.backends.entry(*b).or_insert((*id, 0)).1 += 1;
+                }
+            }
+            state.services.insert(key, Installed { value, slots: table });
+        }
+        Ok(())
+    }
+
+    /// Makes the Service maps equal to `desired`: upserts each, removes the rest.
+    pub fn sync_services(&mut self, desired: &[ServiceSpec]) -> Result<(), Error> {
+        let wanted: BTreeSet<ServiceKey> = desired.iter().map(ServiceSpec::key).collect();
+        let stale: Vec<ServiceKey> = self.services.services.keys().filter(|k| !wanted.contains(k)).copied().collect();
+        for spec in desired {
+            self.upsert_service(spec)?;
+        }
+        for key in stale {
+            self.remove_service_key(key)?;
+        }
+        Ok(())
     }
 
     /// Installs or updates one Service. Only healthy backends with weight > 0 are selectable; a
-    /// Service with none makes `connect()` to its VIP fail fast instead of leaking to the network.
+    /// Service with none makes `connect()` to its VIP fail fast with ECONNREFUSED.
     pub fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<(), Error> {
-        if spec.vip.is_ipv6() || spec.backends.iter().any(|b| b.addr.is_ipv6()) {
-            return Err(Error::InvalidService {
-                service: spec.describe(),
-                reason: "IPv6 services are not supported by this datapath yet".into(),
-            });
-        }
-        if let Some(b) = spec.backends.iter().find(|b| b.port == 0) {
-            return Err(Error::InvalidService {
-                service: spec.describe(),
-                reason: format!("backend {} has port 0", b.addr),
-            });
-        }
+        spec.validate()?;
         let key = spec.key();
-        let table = weighted_table(&spec.backends);
-        let (mut maps, state) = self.maps()?;
+        let table = spec.table();
+        let describe = spec.describe();
+        let (mut maps, state) = self.service_maps()?;
         let id = match state.services.get(&key) {
             Some(installed) => installed.value.id,
             None => {
                 if state.services.len() >= MAX_SERVICES as usize {
-                    return Err(Error::MapFull {
-                        name: MAP_SERVICES,
-                        capacity: MAX_SERVICES,
-                        service: spec.describe(),
-                    });
+                    return Err(Error::MapFull { name: MAP_SERVICES, capacity: MAX_SERVICES, item: describe });
                 }
                 state.next_service_id += 1;
                 state.next_service_id
             }
         };
-        // 1. Backends (reference-counted across services).
-        let mut ids = Vec::with_capacity(spec.backends.len());
-        for b in &spec.backends {
+        // 1. Backends the new table uses (one reference per table that uses them).
+        let mut used: BTreeMap<usize, BackendId> = BTreeMap::new();
+        for &i in table.iter().collect::<BTreeSet<_>>() {
+            let b = &spec.backends[i];
             let backend = Backend::new(addr_of(b.addr), b.port);
-            ids.push(state.acquire_backend(&mut maps, backend, &spec.describe())?);
+            used.insert(i, state.acquire_backend(&mut maps, backend, &describe)?);
         }
-        // 2. Slots of the new table.
-        let slots: Vec<BackendId> = table.iter().map(|&i| ids[i]).collect();
+        let slots: Vec<BackendId> = table.iter().map(|i| used[i]).collect();
+        let old = state.services.get(&key);
+        // 2. Changed slots only.
         for (slot, backend_id) in slots.iter().enumerate() {
-            let slot = u32::try_from(slot).expect("table is bounded by MAX_WEIGHTED_SLOTS");
+            if old.is_some_and(|o| o.slots.get(slot) == Some(backend_id)) {
+                continue;
+            }
+            let slot = u32::try_from(slot).expect("tables are bounded");
             maps.slots
                 .insert(SlotKey { service_id: id, slot }, backend_id, 0)
-                .map_err(|e| full_or(e, MAP_SLOTS, MAX_SLOTS, spec))?;
+                .map_err(|e| full_or(e, MAP_SLOTS, MAX_SLOTS, &describe))?;
         }
-        // 3. Flip the service entry.
+        // 3. Flip the service entry (if it changed).
         let value = ServiceValue {
             id,
             slot_count: u32::try_from(slots.len()).expect("bounded"),
-            flags: ServiceFlags::default(),
-            affinity_timeout_s: 0,
+            flags: spec.flags(),
+            affinity_timeout_s: spec.affinity.map_or(0, |t| u32::try_from(t.as_secs()).expect("validated")),
         };
-        maps.services.insert(key, value, 0).map_err(|e| full_or(e, MAP_SERVICES, MAX_SERVICES, spec))?;
-        // 4. Remove what the old table had beyond the new one, and release old backends.
-        let old = state.services.insert(key, Installed { value, slots: slots.clone() });
-        if let Some(old) = old {
-            for slot in slots.len()..old.slots.len() {
+        if old.is_none_or(|o| o.value != value) {
+            maps.services.insert(key, value, 0).map_err(|e| full_or(e, MAP_SERVICES, MAX_SERVICES, &describe))?;
+        }
+        // 4. Remove slots beyond the new table, release the old table's backends.
+        if let Some(old) = state.services.insert(key, Installed { value, slots }) {
+            for slot in value.slot_count as usize..old.slots.len() {
                 let slot = u32::try_from(slot).expect("bounded");
                 let _ = maps.slots.remove(&SlotKey { service_id: id, slot });
             }
-            for backend_id in dedup(&old.slots) {
-                state.release_backend(&mut maps, backend_id);
-            }
-        }
-        // The new table holds its own references (acquired once per spec backend above);
-        // drop the references of spec backends that received no slot (unhealthy/weight 0).
-        let used = dedup(&slots);
-        for backend_id in &ids {
-            if !used.contains(backend_id) {
+            for backend_id in old.slots.iter().collect::<BTreeSet<_>>() {
                 state.release_backend(&mut maps, *backend_id);
             }
         }
@@ -232,41 +288,31 @@ impl Datapath {
 
     /// Removes a Service: connects to its VIP are no longer rewritten.
     pub fn remove_service(&mut self, vip: IpAddr, port: u16, protocol: Protocol) -> Result<(), Error> {
-        let key = ServiceKey::new(addr_of(vip), port, protocol.number());
-        let (mut maps, state) = self.maps()?;
+        self.remove_service_key(ServiceKey::new(addr_of(vip), port, protocol.number()))
+    }
+
+    fn remove_service_key(&mut self, key: ServiceKey) -> Result<(), Error> {
+        let (mut maps, state) = self.service_maps()?;
         let Some(old) = state.services.remove(&key) else { return Ok(()) };
         maps.services.remove(&key).map_err(map_err(MAP_SERVICES))?;
         for slot in 0..old.slots.len() {
             let slot = u32::try_from(slot).expect("bounded");
             let _ = maps.slots.remove(&SlotKey { service_id: old.value.id, slot });
         }
-        for backend_id in dedup(&old.slots) {
-            state.release_backend(&mut maps, backend_id);
+        for backend_id in old.slots.iter().collect::<BTreeSet<_>>() {
+            state.release_backend(&mut maps, *backend_id);
         }
         Ok(())
     }
-}
 
-fn dedup(ids: &[BackendId]) -> Vec<BackendId> {
-    let mut v: Vec<BackendId> = Vec::new();
-    for id in ids {
-        if !v.contains(id) {
-            v.push(*id);
-        }
-    }
-    v
-}
-
-fn full_or(e: MapError, name: &'static str, capacity: u32, spec: &ServiceSpec) -> Error {
-    if is_full(&e) {
-        Error::MapFull { name, capacity, service: spec.describe() }
-    } else {
-        Error::Map { name, source: e }
+    /// Number of Services installed.
+    pub fn service_count(&self) -> usize {
+        self.services.services.len()
     }
 }
 
 impl ServiceTable {
-    fn acquire_backend(&mut self, maps: &mut Maps<'_>, backend: Backend, service: &str) -> Result<BackendId, Error> {
+    fn acquire_backend(&mut self, maps: &mut Maps<'_>, backend: Backend, item: &str) -> Result<BackendId, Error> {
         if let Some((id, refs)) = self.backends.get_mut(&backend) {
             *refs += 1;
             return Ok(*id);
@@ -277,13 +323,7 @@ impl ServiceTable {
                 self.next_backend_id
             }),
         };
-        maps.backends.insert(id, backend, 0).map_err(|e| {
-            if is_full(&e) {
-                Error::MapFull { name: MAP_BACKENDS, capacity: MAX_BACKENDS, service: service.to_owned() }
-            } else {
-                Error::Map { name: MAP_BACKENDS, source: e }
-            }
-        })?;
+        maps.backends.insert(id, backend, 0).map_err(|e| full_or(e, MAP_BACKENDS, MAX_BACKENDS, item))?;
         self.backends.insert(backend, (id, 1));
         Ok(id)
     }
@@ -298,43 +338,6 @@ impl ServiceTable {
             self.backends.remove(&backend);
             let _ = maps.backends.remove(&id);
             self.free_backend_ids.push(id.id);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn backend(last: u8, weight: u32, healthy: bool) -> BackendSpec {
-        BackendSpec { addr: IpAddr::from([198, 18, 2, last]), port: 8080, weight, healthy }
-    }
-
-    #[test]
-    fn equal_weights_give_one_slot_each() {
-        let t = weighted_table(&[backend(1, 5, true), backend(2, 5, true), backend(3, 5, true)]);
-        assert_eq!(t, vec![0, 1, 2]);
-    }
-
-    #[test]
-    fn weights_are_proportional_after_gcd() {
-        let t = weighted_table(&[backend(1, 10, true), backend(2, 30, true)]);
-        assert_eq!(t, vec![0, 1, 1, 1]);
-    }
-
-    #[test]
-    fn unhealthy_and_zero_weight_backends_get_no_slot() {
-        let t = weighted_table(&[backend(1, 1, false), backend(2, 0, true), backend(3, 2, true)]);
-        assert_eq!(t, vec![2]); // gcd reduces 2 to 1
-        assert!(weighted_table(&[backend(1, 1, false)]).is_empty());
-    }
-
-    #[test]
-    fn huge_weights_are_capped_but_keep_every_backend() {
-        let t = weighted_table(&[backend(1, 1_000_000, true), backend(2, 1, true), backend(3, 999_999, true)]);
-        assert!(t.len() <= MAX_WEIGHTED_SLOTS as usize + 3);
-        for i in 0..3 {
-            assert!(t.contains(&i), "backend {i} lost its slot");
         }
     }
 }

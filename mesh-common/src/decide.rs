@@ -1,0 +1,113 @@
+//! Decisions the kernel programs take, as pure functions over already-looked-up values, so the
+//! host tests cover every branch the verifier-bound code takes.
+
+use crate::{
+    Addr, NodeConfig, PodInfo, PolicyKey,
+    endpoint::flags::{MESHED, STRICT},
+    service::PROTO_TCP,
+};
+
+/// True for 127.0.0.0/8 (IPv4-mapped) and ::1: traffic that never leaves the pod.
+#[inline(always)]
+pub const fn is_loopback(a: &Addr) -> bool {
+    if a.is_v4() {
+        a.octets[12] == 127
+    } else {
+        let o = &a.octets;
+        let mut i = 0;
+        while i < 15 {
+            if o[i] != 0 {
+                return false;
+            }
+            i += 1;
+        }
+        o[15] == 1
+    }
+}
+
+/// Whether a connect() from a pod is redirected into the node daemon.
+///
+/// Only meshed pods, only TCP, only when the node has a capture target, never loopback, never
+/// the daemon's own addresses (no loops), never the HBONE port (already mesh traffic).
+#[inline(always)]
+pub fn should_capture(pod: Option<&PodInfo>, node: Option<&NodeConfig>, dst: &Addr, dst_port: u16, proto: u8) -> bool {
+    let (Some(pod), Some(node)) = (pod, node) else { return false };
+    pod.flags & MESHED != 0
+        && proto == PROTO_TCP
+        && node.capture_port != 0
+        && !is_loopback(dst)
+        && !(dst.octets == node.capture_addr.octets)
+        && dst_port != node.hbone_port
+}
+
+/// Policy-map keys to probe for a connection, most specific first (exact port, then any port).
+#[inline(always)]
+pub const fn policy_keys(src_identity: u32, dst_identity: u32, port: u16, proto: u8) -> [PolicyKey; 2] {
+    [
+        PolicyKey { src_identity, dst_identity, port, proto, _pad: 0 },
+        PolicyKey { src_identity, dst_identity, port: 0, proto, _pad: 0 },
+    ]
+}
+
+/// Whether a TCP SYN toward a pod is refused by PeerAuthentication STRICT: the pod is STRICT and
+/// the packet was not sent by a local socket of the node (the node daemon or the kubelet) —
+/// it was forwarded or bridged from somewhere else, i.e. plaintext from outside the mesh.
+#[inline(always)]
+pub const fn strict_refuses(dst_flags: u32, is_syn: bool, from_local_socket: bool) -> bool {
+    dst_flags & STRICT != 0 && is_syn && !from_local_socket
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::PROTO_UDP;
+
+    fn node() -> NodeConfig {
+        NodeConfig { capture_addr: Addr::from_v4([198, 18, 1, 1]), capture_port: 15001, hbone_port: 15008, flags: 0 }
+    }
+    fn pod(flags: u32) -> PodInfo {
+        PodInfo { identity: 7, flags, addr: Addr::from_v4([198, 18, 1, 11]) }
+    }
+    const DST: Addr = Addr::from_v4([198, 18, 2, 11]);
+
+    #[test]
+    fn capture_only_meshed_tcp_to_real_destinations() {
+        let n = node();
+        assert!(should_capture(Some(&pod(MESHED)), Some(&n), &DST, 8080, PROTO_TCP));
+        assert!(!should_capture(Some(&pod(0)), Some(&n), &DST, 8080, PROTO_TCP), "unmeshed");
+        assert!(!should_capture(None, Some(&n), &DST, 8080, PROTO_TCP), "unknown pod");
+        assert!(!should_capture(Some(&pod(MESHED)), None, &DST, 8080, PROTO_TCP), "no node config");
+        assert!(!should_capture(Some(&pod(MESHED)), Some(&n), &DST, 53, PROTO_UDP), "udp");
+        assert!(!should_capture(Some(&pod(MESHED)), Some(&n), &Addr::from_v4([127, 0, 0, 1]), 80, PROTO_TCP), "loopback");
+        assert!(!should_capture(Some(&pod(MESHED)), Some(&n), &n.capture_addr, 15001, PROTO_TCP), "the daemon itself");
+        assert!(!should_capture(Some(&pod(MESHED)), Some(&n), &DST, 15008, PROTO_TCP), "hbone");
+        let off = NodeConfig { capture_port: 0, ..n };
+        assert!(!should_capture(Some(&pod(MESHED)), Some(&off), &DST, 8080, PROTO_TCP), "capture off");
+    }
+
+    #[test]
+    fn loopback_detection() {
+        assert!(is_loopback(&Addr::from_v4([127, 1, 2, 3])));
+        let mut v6 = [0u8; 16];
+        v6[15] = 1;
+        assert!(is_loopback(&Addr::from_v6(v6)));
+        assert!(!is_loopback(&DST));
+        v6[0] = 0xfd;
+        assert!(!is_loopback(&Addr::from_v6(v6)));
+    }
+
+    #[test]
+    fn policy_keys_go_from_exact_to_any_port() {
+        let [exact, any] = policy_keys(1, 2, 8080, PROTO_TCP);
+        assert_eq!((exact.port, any.port), (8080, 0));
+        assert_eq!((exact.src_identity, exact.dst_identity), (1, 2));
+    }
+
+    #[test]
+    fn strict_refuses_only_foreign_syns_to_strict_pods() {
+        assert!(strict_refuses(STRICT, true, false));
+        assert!(!strict_refuses(STRICT, true, true), "the node daemon's own connection");
+        assert!(!strict_refuses(STRICT, false, false), "not a connection attempt");
+        assert!(!strict_refuses(MESHED, true, false), "permissive");
+    }
+}

@@ -1,0 +1,61 @@
+//! What the kernel knows about pods and the node: identities, meshing, capture target.
+
+use crate::Addr;
+
+/// Bits of [`PodInfo::flags`] and [`EndpointInfo::flags`].
+pub mod flags {
+    /// The pod is part of the mesh: its outbound TCP is captured into the node daemon.
+    pub const MESHED: u32 = 1 << 0;
+    /// PeerAuthentication STRICT: plaintext from outside the mesh is refused.
+    pub const STRICT: u32 = 1 << 1;
+    /// The endpoint runs on this node (same-node bypass applies).
+    pub const LOCAL: u32 = 1 << 2;
+}
+
+/// Value of the pod map, keyed by the pod's cgroup id (`u64`, the cgroup directory's inode).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Workload identity id (0 = unknown); the same ids key the policy map.
+    pub identity: u32,
+    pub flags: u32,
+    pub addr: Addr,
+}
+const _: () = assert!(size_of::<PodInfo>() == 24);
+
+/// Value of the endpoint map, keyed by an endpoint address ([`Addr`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub identity: u32,
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<EndpointInfo>() == 8);
+
+/// The node's settings (single entry at index 0 of the node map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Where captured connections go: the daemon's outbound listener (0 port = capture off).
+    pub capture_addr: Addr,
+    pub capture_port: u16,
+    /// Connections to this port (HBONE, 15008) are never captured.
+    pub hbone_port: u16,
+    /// Bits of [`node_flags`].
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<NodeConfig>() == 24);
+
+pub mod node_flags {
+    /// Put same-node sockets in the sockhash and redirect payload with sk_msg.
+    pub const BYPASS: u32 = 1 << 0;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    #![expect(unsafe_code, reason = "aya::Pod marks types as plain old data for map access")]
+    // SAFETY: repr(C), integer fields only, sizes asserted: no padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::PodInfo {}
+    unsafe impl aya::Pod for super::EndpointInfo {}
+    unsafe impl aya::Pod for super::NodeConfig {}
+}

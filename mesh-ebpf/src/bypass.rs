@@ -1,0 +1,58 @@
+//! Same-node bypass: established sockets whose both ends are on this node go into a sockhash,
+//! and sk_msg hands each sendmsg() straight to the peer socket's receive queue, skipping the
+//! TCP/IP stack (and the veth hops) for the payload. Handshake and FIN still use TCP.
+
+use aya_ebpf::{bindings::bpf_sock_ops, programs::SkMsgContext};
+use mesh_common::{
+    endpoint::{flags::LOCAL, node_flags::BYPASS},
+    Addr, SockKey, Stat,
+};
+
+use crate::maps::{count, node_config, ENDPOINTS, SOCKETS};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const BPF_ANY: u64 = 0;
+/// Deliver to the peer's receive (ingress) queue, as if it arrived from the network.
+const BPF_F_INGRESS: u64 = 1;
+const SK_PASS: u32 = 1;
+
+fn is_local(addr: &Addr) -> bool {
+    if let Some(node) = node_config() {
+        if addr.octets == node.capture_addr.octets {
+            return true;
+        }
+    }
+    // SAFETY: value copied out at once.
+    unsafe { ENDPOINTS.get(addr) }.is_some_and(|ep| ep.flags & LOCAL != 0)
+}
+
+/// Called from sock_ops when a connection is established (either side).
+pub fn add_socket(ops: &mut bpf_sock_ops, mut key: SockKey) {
+    let Some(node) = node_config() else { return };
+    if node.flags & BYPASS == 0 || !is_local(&key.local) || !is_local(&key.remote) {
+        return;
+    }
+    if SOCKETS.update(&mut key, ops, BPF_ANY) == 0 {
+        count(Stat::BypassSocket);
+    }
+}
+
+pub fn sk_msg(ctx: &SkMsgContext) -> u32 {
+    // SAFETY: the kernel hands a valid sk_msg_md.
+    let md = unsafe { &*ctx.msg };
+    let (local, remote) = match md.family {
+        AF_INET => (Addr::from_v4_raw(md.local_ip4), Addr::from_v4_raw(md.remote_ip4)),
+        AF_INET6 => (Addr::from_v6_raw(md.local_ip6), Addr::from_v6_raw(md.remote_ip6)),
+        _ => return SK_PASS,
+    };
+    // Same port encoding as sock_ops: local host order, remote be16 in the upper half.
+    let me = SockKey { local, remote, local_port: md.local_port, remote_port: u32::from_be(md.remote_port) };
+    let mut peer = me.peer();
+    // On failure (peer not in the map yet or any more) the helper returns SK_DROP without
+    // redirecting: fall back to the normal TCP path instead of dropping data.
+    if SOCKETS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS) == i64::from(SK_PASS) {
+        count(Stat::BypassRedirect);
+    }
+    SK_PASS
+}

@@ -1,0 +1,63 @@
+//! tc egress on a pod's host-side interface: PeerAuthentication STRICT in the kernel.
+//! A TCP SYN toward a STRICT pod that was not sent by a local socket of the node (the daemon
+//! delivering mesh traffic, or the kubelet) is plaintext from outside the mesh: dropped, counted.
+
+use aya_ebpf::programs::TcContext;
+use mesh_common::{decide::strict_refuses, Addr, DropReason};
+
+use crate::maps::{count_drop, ENDPOINTS};
+
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+pub fn to_pod(ctx: &TcContext) -> i32 {
+    match try_to_pod(ctx) {
+        Some(true) => {
+            count_drop(DropReason::StrictPlaintext);
+            TC_ACT_SHOT
+        }
+        _ => TC_ACT_OK,
+    }
+}
+
+/// `Some(true)` when the packet must be dropped; `None` when it is not a parsable TCP packet.
+fn try_to_pod(ctx: &TcContext) -> Option<bool> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let (dst, l4) = match ethertype {
+        ETH_P_IP => {
+            let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+            if ctx.load::<u8>(ETH_HLEN + 9).ok()? != IPPROTO_TCP {
+                return None;
+            }
+            let dst: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
+            (Addr::from_v4(dst), ETH_HLEN + usize::from(vihl & 0x0f) * 4)
+        }
+        ETH_P_IPV6 => {
+            // No extension headers: a SYN with them is passed (documented limitation).
+            if ctx.load::<u8>(ETH_HLEN + 6).ok()? != IPPROTO_TCP {
+                return None;
+            }
+            let dst: [u8; 16] = ctx.load(ETH_HLEN + 24).ok()?;
+            (Addr::from_v6(dst), ETH_HLEN + 40)
+        }
+        _ => return None,
+    };
+    let tcp_flags: u8 = ctx.load(l4 + 13).ok()?;
+    let is_syn = tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0;
+    if !is_syn {
+        return Some(false);
+    }
+    // SAFETY: value copied out at once.
+    let ep = unsafe { ENDPOINTS.get(&dst) }?;
+    // A locally originated packet still carries its socket at tc egress; a forwarded or
+    // bridged one does not.
+    // SAFETY: reading the sk field of the program's own __sk_buff.
+    let from_local_socket = unsafe { !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() };
+    Some(strict_refuses(ep.flags, is_syn, from_local_socket))
+}
