@@ -25,6 +25,8 @@ pub struct Config {
     pub bpf_pin_dir: PathBuf,
     /// Static Service definitions (JSON), used until the control plane feeds the node.
     pub services_file: Option<PathBuf>,
+    /// The L4 proxy: identities, HBONE, authorization, metrics, admin (`app::config`).
+    pub app: crate::app::Config,
 }
 
 /// Where configuration values come from: the process environment, or a map in tests.
@@ -58,7 +60,8 @@ impl Config {
         })?;
         let bpf_pin_dir = absolute(src, ENV_BPF_PIN_DIR)?.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh"));
         let services_file = absolute(src, ENV_SERVICES_FILE)?;
-        Ok(Self { node_name, cgroup, bpf_pin_dir, services_file })
+        let app = crate::app::Config::from_source(src, &node_name)?;
+        Ok(Self { node_name, cgroup, bpf_pin_dir, services_file, app })
     }
 }
 

@@ -2,10 +2,17 @@
 //! and the end-to-end suites drive the same code.
 #![doc = include_str!("../README.md")]
 
+pub mod admin;
+pub mod app;
 pub mod authz;
 pub mod config;
 pub mod datapath;
+pub mod drain;
+pub mod http_util;
 pub mod identity;
+pub mod metrics;
+pub mod proxy;
+pub mod readiness;
 pub mod services_file;
 pub mod state;
 pub mod tls;

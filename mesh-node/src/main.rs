@@ -1,21 +1,24 @@
 //! `mesh-node`: parse config (exit 64 when invalid), load and attach the datapath, install the
-//! configured Services, run until SIGTERM/SIGINT.
+//! configured Services, start the L4 proxy, run until SIGTERM/SIGINT, then drain.
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use std::sync::Arc;
+
 use mesh_node::{
+    admin::LogControl,
+    app,
     config::{self, Config},
     datapath::{Datapath, DatapathConfig},
-    services_file,
+    identity::{CaClient, TestCa},
+    services_file, state,
 };
+use rustls_pki_types::CertificateDer;
 
 /// sysexits.h EX_USAGE: the configuration is invalid.
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "info".into()))
-        .init();
     let config = match Config::from_source(&config::Env) {
         Ok(c) => c,
         Err(e) => {
@@ -23,7 +26,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    match run(&config) {
+    let log = init_tracing(config.app.log_json);
+    match run(&config, log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mesh-node: {e:#}");
@@ -32,8 +36,63 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: &Config) -> anyhow::Result<()> {
+/// Logs go to stderr; `MESH_LOG` sets the filter, the admin endpoint changes it at runtime.
+fn init_tracing(json: bool) -> LogControl {
+    use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _};
+    let filter = EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "info".into());
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    if json {
+        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).init();
+    } else {
+        registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init();
+    }
+    Arc::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    })
+}
+
+fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(config)?, "starting");
+    let datapath = if config.app.datapath { Some(load_datapath(config)?) } else { None };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let drained = rt.block_on(async {
+        let (ca, roots) = certificate_authority(&config.app)?;
+        let snapshot = match &config.app.local_config {
+            Some(path) => state::read_file(path)?,
+            None => state::Snapshot::default(),
+        };
+        let state = state::State::build(&config.app.trust_domain, &config.app.root_namespace, snapshot)?;
+        // The sender stays alive for the daemon's lifetime: the control-plane client will own it.
+        let (_state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(state));
+        let bound = app::build(&config.app, ca, roots, state_rx, Some(log)).await?;
+        println!(
+            "mesh-node ready node={} outbound={} inbound={} metrics={} admin={}",
+            config.node_name, bound.outbound, bound.inbound, bound.metrics, bound.admin
+        );
+        anyhow::Ok(bound.wait_termination().await?)
+    })?;
+    drop(datapath);
+    tracing::info!(drained, "shutting down");
+    Ok(())
+}
+
+/// The workload CA: the control plane's once it exists; until then a test CA whose root both
+/// nodes share through `MESH_CA_CERT`/`MESH_CA_KEY` (or a fresh one, good for one node only).
+fn certificate_authority(cfg: &app::Config) -> anyhow::Result<(Arc<dyn CaClient>, Vec<CertificateDer<'static>>)> {
+    let ca = match (&cfg.ca_cert, &cfg.ca_key) {
+        (Some(cert), Some(key)) => TestCa::load_pem(cert, key, cfg.cert_ttl)?,
+        _ => {
+            tracing::warn!("no MESH_CA_CERT/MESH_CA_KEY: generated a throw-away CA; other nodes will not trust it");
+            TestCa::generate(cfg.cert_ttl)?
+        }
+    };
+    let roots = vec![ca.root()];
+    Ok((Arc::new(ca), roots))
+}
+
+fn load_datapath(config: &Config) -> anyhow::Result<Datapath> {
     let mut datapath = Datapath::load(DatapathConfig {
         cgroup: config.cgroup.clone(),
         pin_dir: Some(config.bpf_pin_dir.clone()),
@@ -44,17 +103,6 @@ fn run(config: &Config) -> anyhow::Result<()> {
             datapath.upsert_service(&spec).with_context(|| format!("installing service {}:{}", spec.vip, spec.port))?;
         }
     }
-    println!("mesh-node ready node={}", config.node_name);
-    tracing::info!("datapath attached; waiting for SIGTERM");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
-        }
-        anyhow::Ok(())
-    })?;
-    tracing::info!("shutting down");
-    Ok(())
+    tracing::info!("datapath attached");
+    Ok(datapath)
 }

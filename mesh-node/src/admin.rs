@@ -1,0 +1,98 @@
+//! Admin endpoint, bound to localhost only: `GET /config_dump` (config, workloads, policies,
+//! certificates with expiry — never keys), `GET /ready`, `POST /logging?level=<filter>` (runtime
+//! log level), `POST /quitquitquit` (start a graceful shutdown).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use http::{Method, StatusCode};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    drain, http_util,
+    identity::CertStore,
+    proxy,
+    readiness::Ready,
+    state::StateRx,
+};
+
+/// Changes the log filter at runtime (wired to tracing-subscriber's reload handle by `main`).
+pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+pub struct Admin {
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+}
+
+struct Ctx {
+    cfg: Arc<proxy::Config>,
+    state: StateRx,
+    certs: Arc<CertStore>,
+    ready: Ready,
+    log: Option<LogControl>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Admin {
+    pub async fn new(
+        addr: SocketAddr,
+        cfg: Arc<proxy::Config>,
+        state: StateRx,
+        certs: Arc<CertStore>,
+        ready: Ready,
+        log: Option<LogControl>,
+        shutdown: watch::Sender<bool>,
+    ) -> Result<Self, proxy::Error> {
+        let listener = http_util::bind(addr).await.map_err(|source| proxy::Error::Bind { addr, source })?;
+        Ok(Self { listener, ctx: Arc::new(Ctx { cfg, state, certs, ready, log, shutdown }) })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound")
+    }
+
+    pub async fn run(self, drain: drain::Watcher) {
+        let ctx = self.ctx;
+        let handler = Arc::new(move |req: http_util::Req| {
+            let ctx = ctx.clone();
+            async move { ctx.handle(&req) }
+        });
+        http_util::serve(self.listener, handler, drain).await;
+    }
+}
+
+impl Ctx {
+    fn handle(&self, req: &http_util::Req) -> http::Response<http_util::Body> {
+        let text = |code, body: String| http_util::reply(code, "text/plain", body);
+        match (&req.method, req.path.as_str()) {
+            (&Method::GET, "/config_dump") => {
+                let state = self.state.borrow().clone();
+                let dump = serde_json::json!({
+                    "proxy": &*self.cfg,
+                    "trustDomain": state.trust_domain,
+                    "rootNamespace": state.root_namespace,
+                    "config": state.snapshot(),
+                    "certificates": self.certs.dump(),
+                });
+                http_util::reply(StatusCode::OK, "application/json", serde_json::to_string_pretty(&dump).unwrap_or_default())
+            }
+            (&Method::GET, "/ready") => crate::metrics::ready_reply(&self.ready),
+            (&Method::POST, "/logging") => {
+                let Some(level) = req.query.split('&').find_map(|kv| kv.strip_prefix("level=")) else {
+                    return text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<filter>\n".into());
+                };
+                match &self.log {
+                    Some(set) => match set(level) {
+                        Ok(()) => text(StatusCode::OK, format!("log level set to {level}\n")),
+                        Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                    },
+                    None => text(StatusCode::NOT_IMPLEMENTED, "no log control in this process\n".into()),
+                }
+            }
+            (&Method::POST, "/quitquitquit") => {
+                self.shutdown.send_replace(true);
+                text(StatusCode::OK, "draining\n".into())
+            }
+            _ => text(StatusCode::NOT_FOUND, "GET /config_dump, GET /ready, POST /logging?level=, POST /quitquitquit\n".into()),
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Wiring: binds every listener (so a port conflict fails start-up), starts the proxies, the
+//! certificate rotation, the metrics and admin servers, and drains them on SIGTERM, SIGINT or
+//! `POST /quitquitquit`.
+
+pub mod config;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use prometheus_client::registry::Registry;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::watch;
+
+pub use config::Config;
+
+use crate::{
+    admin::{Admin, LogControl},
+    drain,
+    identity::{CaClient, CertMetrics, CertStore},
+    metrics,
+    proxy::{self, Inputs, inbound::Inbound, inbound_plain::InboundPlain, outbound::Outbound, pool::Pool},
+    readiness::Ready,
+    state::StateRx,
+};
+
+/// A running daemon: its real addresses (port 0 resolved) and handles for tests.
+pub struct Bound {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub inbound_plain: SocketAddr,
+    pub metrics: SocketAddr,
+    pub admin: SocketAddr,
+    pub outbound_handler: proxy::outbound::Handler,
+    pub inputs: Inputs,
+    pub pool: Arc<Pool>,
+    pub ready: Ready,
+    shutdown: watch::Sender<bool>,
+    trigger: drain::Trigger,
+    deadline: Duration,
+}
+
+pub async fn build(
+    cfg: &Config,
+    ca: Arc<dyn CaClient>,
+    roots: Vec<CertificateDer<'static>>,
+    state: StateRx,
+    log: Option<LogControl>,
+) -> Result<Bound, proxy::Error> {
+    let mut registry = Registry::default();
+    let certs = CertStore::new(ca, roots, CertMetrics::new(&mut registry));
+    let inputs = Inputs {
+        cfg: Arc::new(cfg.proxy.clone()),
+        state: state.clone(),
+        certs: certs.clone(),
+        metrics: Arc::new(proxy::Metrics::new(&mut registry)),
+    };
+    let ready = Ready::default();
+    let (trigger, watcher) = drain::new();
+    let (shutdown, _) = watch::channel(false);
+
+    let pool = Pool::new(inputs.clone());
+    let outbound = Outbound::new(cfg.outbound_addr, inputs.clone(), pool.clone()).await?;
+    let inbound = Inbound::new(cfg.inbound_addr, inputs.clone()).await?;
+    let inbound_plain = InboundPlain::new(cfg.inbound_plain_addr, inputs.clone()).await?;
+    let metrics = metrics::Server::new(cfg.metrics_addr, Arc::new(registry), ready.clone()).await?;
+    let admin = Admin::new(cfg.admin_addr, inputs.cfg.clone(), state.clone(), certs.clone(), ready.clone(), log, shutdown.clone()).await?;
+
+    let bound = Bound {
+        outbound: outbound.address(),
+        inbound: inbound.address(),
+        inbound_plain: inbound_plain.address(),
+        metrics: metrics.address(),
+        admin: admin.address(),
+        outbound_handler: outbound.handler(),
+        inputs: inputs.clone(),
+        pool: pool.clone(),
+        ready: ready.clone(),
+        shutdown,
+        trigger,
+        deadline: cfg.drain_deadline,
+    };
+    tokio::spawn(follow_state(state, certs.clone(), cfg.proxy.node_name.clone(), ready.clone()));
+    let stop = |w: &drain::Watcher| {
+        let w = w.clone();
+        async move { w.signaled().await }
+    };
+    // Rotation and the reaper only stop on drain; they must not hold the drain open.
+    tokio::spawn(certs.run(stop(&watcher)));
+    tokio::spawn(pool.run_reaper(stop(&watcher)));
+    tokio::spawn(outbound.run(watcher.clone()));
+    tokio::spawn(inbound.run(watcher.clone()));
+    tokio::spawn(inbound_plain.run(watcher.clone()));
+    tokio::spawn(metrics.run(watcher.clone()));
+    tokio::spawn(admin.run(watcher));
+    Ok(bound)
+}
+
+/// Keeps the certificate set equal to the local workloads' identities; readiness waits for the
+/// first snapshot and for those certificates.
+async fn follow_state(mut state: StateRx, certs: Arc<CertStore>, node: String, ready: Ready) {
+    let mut block_certs = Some(ready.register("certificates"));
+    let mut issued = certs.subscribe();
+    loop {
+        let wanted = state.borrow_and_update().local_identities(&node);
+        certs.set_wanted(wanted.clone());
+        loop {
+            if block_certs.is_some() && wanted.iter().all(|id| certs.get(id).is_some()) {
+                block_certs = None;
+            }
+            tokio::select! {
+                r = state.changed() => { if r.is_err() { return; } break; }
+                r = issued.changed() => if r.is_err() { return },
+            }
+        }
+    }
+}
+
+impl Bound {
+    /// Starts a graceful shutdown (as `POST /quitquitquit` does).
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Waits for SIGTERM, SIGINT or a shutdown request, then drains: listeners stop accepting,
+    /// open connections get until the deadline. Returns whether everything finished in time.
+    pub async fn wait_termination(self) -> std::io::Result<bool> {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut asked = self.shutdown.subscribe();
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+            _ = asked.wait_for(|s| *s) => tracing::info!("shutdown requested: draining"),
+        }
+        let done = self.trigger.drain(self.deadline).await;
+        if done {
+            tracing::info!("drained");
+        } else {
+            tracing::warn!(deadline = ?self.deadline, "drain deadline passed: closing remaining connections");
+        }
+        Ok(done)
+    }
+}

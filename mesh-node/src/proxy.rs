@@ -1,0 +1,99 @@
+//! The L4 proxies: outbound (captured connections of local pods → HBONE, same-node or
+//! passthrough), inbound (HBONE on 15008 → local pod, after authorization), inbound plaintext
+//! (non-HBONE traffic to local meshed pods, per PeerAuthentication), and the HBONE client pool.
+
+pub mod hbone;
+pub mod inbound;
+pub mod inbound_plain;
+pub mod metrics;
+pub mod outbound;
+pub mod pool;
+mod relay;
+pub mod socket;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+pub use metrics::Metrics;
+
+use crate::{identity::CertStore, state::StateRx};
+
+/// Ports as Istio ambient uses them, so operators find what they know.
+pub const HBONE_PORT: u16 = 15008;
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PLAIN_PORT: u16 = 15006;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::Error),
+    #[error("identity: {0}")]
+    Identity(#[from] crate::identity::Error),
+    #[error("HTTP/2: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("HBONE CONNECT refused with status {0}")]
+    Status(http::StatusCode),
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("timed out connecting to {0}")]
+    ConnectTimeout(SocketAddr),
+    #[error("source {0} is not a meshed workload of this node")]
+    UnknownSource(std::net::IpAddr),
+    #[error("connection to the proxy's own listener {0} (not redirected)")]
+    SelfCall(SocketAddr),
+    #[error("no local workload for the HBONE connection (SNI {sni:?}, address {addr})")]
+    NoServerIdentity { sni: Option<String>, addr: SocketAddr },
+    #[error("denied by authorization: {0}")]
+    Denied(&'static str),
+    #[error("plaintext refused by STRICT PeerAuthentication for {0}")]
+    Strict(SocketAddr),
+}
+
+/// Tunables, from config (see `config.rs` for the variables).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Config {
+    pub node_name: String,
+    pub cluster_id: String,
+    pub hbone_port: u16,
+    /// HTTP/2 windows: one stream must fill a fast link, so both are far above HTTP/2's 64 KiB.
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    /// Streams per pooled HBONE connection before another connection is opened.
+    pub max_streams_per_conn: usize,
+    /// Pooled connections with no stream for this long are closed.
+    pub pool_idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Connect to local pods from the client pod's IP (IP_TRANSPARENT); needs the node's
+    /// policy routing for replies (see README).
+    pub transparent: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_name: String::new(),
+            cluster_id: "Kubernetes".into(),
+            hbone_port: HBONE_PORT,
+            stream_window: 4 << 20,
+            connection_window: 16 << 20,
+            max_frame_size: 256 << 10,
+            max_streams_per_conn: 100,
+            pool_idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+            transparent: false,
+        }
+    }
+}
+
+/// What every proxy shares.
+#[derive(Clone)]
+pub struct Inputs {
+    pub cfg: Arc<Config>,
+    pub state: StateRx,
+    pub certs: Arc<CertStore>,
+    pub metrics: Arc<Metrics>,
+}

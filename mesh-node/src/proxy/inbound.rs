@@ -1,0 +1,248 @@
+//! HBONE server on 15008: mTLS presenting the destination workload's certificate, HTTP/2, and
+//! each CONNECT stream becomes a TCP connection to the local pod once authorization allows it.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument as _;
+
+use super::{
+    Error, Inputs, hbone,
+    metrics::{ConnLabels, Peer, Reporter, SecurityPolicy},
+    relay::{self, Record},
+    socket,
+};
+use crate::{
+    authz::{self, Decision},
+    drain,
+    identity::Identity,
+    state::{Protocol, State, Workload},
+    tls,
+};
+
+pub struct Inbound {
+    listener: TcpListener,
+    inputs: Inputs,
+}
+
+/// Server configs per local identity, rebuilt when its certificate rotates (keyed by serial).
+type ConfigCache = Mutex<HashMap<Identity, (u64, Arc<ServerConfig>)>>;
+
+impl Inbound {
+    pub async fn new(addr: SocketAddr, inputs: Inputs) -> Result<Self, Error> {
+        let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+        Ok(Self { listener, inputs })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound")
+    }
+
+    pub async fn run(self, drain: drain::Watcher) {
+        let cache: Arc<ConfigCache> = Arc::default();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = self.listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => { tracing::warn!(error = %e, "inbound accept"); continue; }
+                },
+                () = drain.signaled() => break,
+            };
+            let (inputs, cache, drain) = (self.inputs.clone(), cache.clone(), drain.clone());
+            let span = tracing::debug_span!("inbound", %peer);
+            tokio::spawn(
+                async move {
+                    if let Err(e) = serve(inputs, cache, tcp, peer, drain).await {
+                        tracing::debug!(error = %e, "HBONE connection ended with an error");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        tracing::info!("inbound drained: no longer accepting");
+    }
+}
+
+/// The local identity whose certificate to present: named by SNI (our clients send it), or, for
+/// clients that dial the pod address (ztunnel does), the workload the connection was addressed to.
+fn server_identity(state: &State, node: &str, sni: Option<&str>, local: SocketAddr) -> Option<Identity> {
+    let local_meshed = |w: &&Workload| w.node == node && w.protocol == Protocol::Hbone;
+    if let Some(sni) = sni
+        && let Some(w) = state.workloads.values().filter(local_meshed).find(|w| state.identity(w).sni() == sni)
+    {
+        return Some(state.identity(w));
+    }
+    state.workload(local.ip()).filter(local_meshed).map(|w| state.identity(w))
+}
+
+async fn server_config(inputs: &Inputs, cache: &ConfigCache, id: &Identity) -> Result<Arc<ServerConfig>, Error> {
+    let cert = inputs.certs.fetch(id).await?;
+    if let Some((serial, cfg)) = cache.lock().expect("lock").get(id)
+        && *serial == cert.cert.serial
+    {
+        return Ok(cfg.clone());
+    }
+    let state = inputs.state.borrow().clone();
+    let cfg = tls::server_config(cert.key.clone(), &inputs.certs.roots(), &state.trust_domain)?;
+    cache.lock().expect("lock").insert(id.clone(), (cert.cert.serial, cfg.clone()));
+    Ok(cfg)
+}
+
+async fn serve(inputs: Inputs, cache: Arc<ConfigCache>, tcp: TcpStream, peer: SocketAddr, drain: drain::Watcher) -> Result<(), Error> {
+    tcp.set_nodelay(true)?;
+    let local = socket::original_dst(&tcp)?;
+    let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    let state = inputs.state.borrow().clone();
+    let served = server_identity(&state, &inputs.cfg.node_name, sni.as_deref(), local)
+        .ok_or(Error::NoServerIdentity { sni, addr: local })?;
+    let cfg = server_config(&inputs, &cache, &served).await?;
+    let tls = match start.into_stream(cfg).await {
+        Ok(t) => {
+            inputs.metrics.handshake("inbound", true);
+            t
+        }
+        Err(e) => {
+            inputs.metrics.handshake("inbound", false);
+            return Err(Error::Io(e));
+        }
+    };
+    let peer_id = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
+    let ctx = Arc::new(StreamCtx { inputs: inputs.clone(), served, peer_id, peer, drain: drain.clone() });
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(ctx.stream(req).await) }
+    });
+    let cfg = &inputs.cfg;
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(cfg.stream_window)
+        .initial_connection_window_size(cfg.connection_window)
+        .max_frame_size(cfg.max_frame_size)
+        .max_send_buf_size(cfg.max_frame_size as usize * 4)
+        .serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r?,
+        () = drain.signaled() => {
+            // GOAWAY: open streams continue, no new ones.
+            conn.as_mut().graceful_shutdown();
+            conn.await?;
+        }
+    }
+    Ok(())
+}
+
+struct StreamCtx {
+    inputs: Inputs,
+    served: Identity,
+    peer_id: Identity,
+    peer: SocketAddr,
+    drain: drain::Watcher,
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+impl StreamCtx {
+    async fn stream(&self, req: Request<Incoming>) -> Response<Empty<Bytes>> {
+        if req.method() != http::Method::CONNECT {
+            return status(StatusCode::METHOD_NOT_ALLOWED);
+        }
+        let Some(dst) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
+            return status(StatusCode::BAD_REQUEST);
+        };
+        let state = self.inputs.state.borrow().clone();
+        let node = &self.inputs.cfg.node_name;
+        let Some(dst_w) = state.workload(dst.ip()).filter(|w| &w.node == node && w.protocol == Protocol::Hbone) else {
+            return status(StatusCode::BAD_REQUEST);
+        };
+        // The stream must target the workload whose certificate the client verified.
+        if state.identity(dst_w) != self.served {
+            return status(StatusCode::MISDIRECTED_REQUEST);
+        }
+        // Trust `forwarded` only when it names a workload that owns the authenticated identity.
+        let src_ip = hbone::forwarded_for(req.headers())
+            .filter(|ip| state.workload(*ip).is_some_and(|w| state.identity(w) == self.peer_id))
+            .unwrap_or(self.peer.ip());
+        let src = SocketAddr::new(src_ip, 0);
+        if let Err(reason) = authorize(&self.inputs, &state, Some(&self.peer_id), src_ip, dst_w, dst.port()) {
+            relay::log_refused("inbound", src, dst, Some(&self.peer_id.to_string()), reason);
+            return status(StatusCode::UNAUTHORIZED);
+        }
+        let mut pod = match connect_pod(&self.inputs, src_ip, dst).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(%dst, error = %e, "local pod refused the connection");
+                return status(StatusCode::SERVICE_UNAVAILABLE);
+            }
+        };
+        let src_w = state.workload(src_ip).filter(|w| state.identity(w) == self.peer_id);
+        let labels = ConnLabels::new(
+            Reporter::destination,
+            Peer { workload: src_w, identity: Some(&self.peer_id) },
+            Peer { workload: Some(dst_w), identity: Some(&self.served) },
+            SecurityPolicy::mutual_tls,
+            &self.inputs.cfg.cluster_id,
+        );
+        let record = Record::open("inbound", labels, src, dst, &self.inputs.metrics);
+        let drain = self.drain.clone();
+        tokio::spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(up) => relay::relay(&mut TokioIo::new(up), &mut pod, record).await,
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+            drop(drain);
+        });
+        status(StatusCode::OK)
+    }
+}
+
+/// Connects to a local pod, from the client's address when transparent mode is on.
+pub(super) async fn connect_pod(inputs: &Inputs, src_ip: IpAddr, dst: SocketAddr) -> Result<TcpStream, Error> {
+    let src = inputs.cfg.transparent.then_some(src_ip);
+    tokio::time::timeout(inputs.cfg.connect_timeout, socket::connect(src, dst))
+        .await
+        .map_err(|_| Error::ConnectTimeout(dst))?
+        .map_err(|source| Error::Connect { addr: dst, source })
+}
+
+/// Authorization at the destination, shared by HBONE, same-node and plaintext paths: evaluates,
+/// counts denials, logs dry-run matches. `Err` carries the metric reason.
+pub(super) fn authorize(
+    inputs: &Inputs,
+    state: &State,
+    src_identity: Option<&Identity>,
+    src_ip: IpAddr,
+    dst: &Workload,
+    dst_port: u16,
+) -> Result<(), &'static str> {
+    let conn = authz::Conn { src_identity, src_ip, dst, dst_port };
+    let verdict = authz::evaluate(&state.policies, &state.root_namespace, &conn);
+    for s in verdict.shadow.iter().filter(|s| s.matched) {
+        inputs.metrics.dry_run_denials.inc();
+        tracing::info!(policy = %format!("{}/{}", s.namespace, s.name), action = ?s.action, %src_ip, dst = %dst.ip, "non-enforced policy matched");
+    }
+    match verdict.decision {
+        Decision::Allow => Ok(()),
+        Decision::Deny(reason) => {
+            let label = reason.as_label();
+            inputs.metrics.deny(label);
+            tracing::info!(?reason, src.identity = ?src_identity.map(ToString::to_string), %src_ip, dst = %dst.ip, dst_port, "denied by policy");
+            Err(label)
+        }
+    }
+}

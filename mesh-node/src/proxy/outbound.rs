@@ -1,0 +1,158 @@
+//! Outbound on 15001: connections of local meshed pods, redirected here by the datapath. The
+//! original destination decides the path: another node's meshed pod → HBONE through the pool;
+//! a meshed pod on this node → authorized here and connected directly (no TLS: the bytes never
+//! leave the node); anything else → plain TCP passthrough.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument as _;
+
+use super::{
+    Error, Inputs, hbone,
+    inbound::{authorize, connect_pod},
+    metrics::{ConnLabels, Peer, Reporter, SecurityPolicy},
+    pool::{Key, Pool},
+    relay::{self, Record},
+    socket,
+};
+use crate::{
+    drain,
+    state::{Protocol, State, Workload},
+};
+
+pub struct Outbound {
+    listener: TcpListener,
+    handler: Handler,
+}
+
+/// Proxies one accepted connection; cloneable so tests can feed it connections directly.
+#[derive(Clone)]
+pub struct Handler {
+    inputs: Inputs,
+    pool: Arc<Pool>,
+    local: Option<SocketAddr>,
+}
+
+impl Outbound {
+    pub async fn new(addr: SocketAddr, inputs: Inputs, pool: Arc<Pool>) -> Result<Self, Error> {
+        let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+        let local = listener.local_addr().ok();
+        Ok(Self { listener, handler: Handler { inputs, pool, local } })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound")
+    }
+
+    pub fn handler(&self) -> Handler {
+        self.handler.clone()
+    }
+
+    pub async fn run(self, drain: drain::Watcher) {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = self.listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => { tracing::warn!(error = %e, "outbound accept"); continue; }
+                },
+                () = drain.signaled() => break,
+            };
+            let handler = self.handler.clone();
+            let drain = drain.clone();
+            let span = tracing::debug_span!("outbound", %peer);
+            tokio::spawn(
+                async move {
+                    let orig = match socket::original_dst(&tcp) {
+                        Ok(o) => o,
+                        Err(e) => return tracing::debug!(error = %e, "no original destination"),
+                    };
+                    if let Err(e) = handler.proxy(tcp, peer, orig).await {
+                        tracing::info!(%peer, dst = %orig, error = %e, "outbound connection failed");
+                    }
+                    drop(drain);
+                }
+                .instrument(span),
+            );
+        }
+        tracing::info!("outbound drained: no longer accepting");
+    }
+}
+
+impl Handler {
+    /// Proxies `client` (from `peer`) to `orig_dst`.
+    pub async fn proxy(&self, client: TcpStream, peer: SocketAddr, orig_dst: SocketAddr) -> Result<(), Error> {
+        if Some(orig_dst) == self.local {
+            return Err(Error::SelfCall(orig_dst));
+        }
+        client.set_nodelay(true)?;
+        let state = self.inputs.state.borrow().clone();
+        let node = &self.inputs.cfg.node_name;
+        // Only this node's meshed pods are captured; anything else here would make us an open relay.
+        let src_w = state
+            .workload(peer.ip())
+            .filter(|w| &w.node == node && w.protocol == Protocol::Hbone)
+            .ok_or(Error::UnknownSource(peer.ip()))?;
+        match state.workload(orig_dst.ip()).filter(|w| w.protocol == Protocol::Hbone) {
+            Some(dst_w) if &dst_w.node == node => self.same_node(client, peer, orig_dst, &state, src_w, dst_w).await,
+            Some(dst_w) => self.hbone(client, peer, orig_dst, &state, src_w, dst_w).await,
+            None => self.passthrough(client, peer, orig_dst, &state, src_w).await,
+        }
+    }
+
+    fn labels(&self, reporter: Reporter, state: &State, src: &Workload, dst: Option<&Workload>, mtls: bool) -> ConnLabels {
+        let (src_id, dst_id) = (state.identity(src), dst.map(|d| state.identity(d)));
+        ConnLabels::new(
+            reporter,
+            Peer { workload: Some(src), identity: Some(&src_id) },
+            Peer { workload: dst, identity: dst_id.as_ref() },
+            if mtls { SecurityPolicy::mutual_tls } else { SecurityPolicy::unknown },
+            &self.inputs.cfg.cluster_id,
+        )
+    }
+
+    async fn hbone(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr, state: &State, src_w: &Workload, dst_w: &Workload) -> Result<(), Error> {
+        let key = Key {
+            src: state.identity(src_w),
+            dst: state.identity(dst_w),
+            node: SocketAddr::new(dst_w.node_ip, self.inputs.cfg.hbone_port),
+        };
+        let mut stream = self.pool.checkout(&key).await?;
+        let req = hbone::connect_request(dst, peer.ip(), src_w, &self.inputs.cfg.cluster_id, &hbone::traceparent());
+        let resp = stream.sender.send_request(req).await?;
+        if resp.status() != http::StatusCode::OK {
+            relay::log_refused("outbound", peer, dst, Some(&key.src.to_string()), resp.status().as_str());
+            return Err(Error::Status(resp.status()));
+        }
+        let record = Record::open("outbound", self.labels(Reporter::source, state, src_w, Some(dst_w), true), peer, dst, &self.inputs.metrics);
+        let upgraded = hyper::upgrade::on(resp).await?;
+        relay::relay(&mut client, &mut TokioIo::new(upgraded), record).await;
+        drop(stream);
+        Ok(())
+    }
+
+    async fn same_node(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr, state: &State, src_w: &Workload, dst_w: &Workload) -> Result<(), Error> {
+        let src_id = state.identity(src_w);
+        if let Err(reason) = authorize(&self.inputs, state, Some(&src_id), peer.ip(), dst_w, dst.port()) {
+            relay::log_refused("same-node", peer, dst, Some(&src_id.to_string()), reason);
+            return Err(Error::Denied(reason));
+        }
+        let mut pod = connect_pod(&self.inputs, peer.ip(), dst).await?;
+        // Identities are known on both ends (this daemon holds both); the hop is node-local.
+        let record = Record::open("same-node", self.labels(Reporter::destination, state, src_w, Some(dst_w), true), peer, dst, &self.inputs.metrics);
+        relay::relay(&mut client, &mut pod, record).await;
+        Ok(())
+    }
+
+    async fn passthrough(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr, state: &State, src_w: &Workload) -> Result<(), Error> {
+        let mut upstream = tokio::time::timeout(self.inputs.cfg.connect_timeout, socket::connect(None, dst))
+            .await
+            .map_err(|_| Error::ConnectTimeout(dst))?
+            .map_err(|source| Error::Connect { addr: dst, source })?;
+        let dst_w = state.workload(dst.ip());
+        let record = Record::open("passthrough", self.labels(Reporter::source, state, src_w, dst_w, false), peer, dst, &self.inputs.metrics);
+        relay::relay(&mut client, &mut upstream, record).await;
+        Ok(())
+    }
+}

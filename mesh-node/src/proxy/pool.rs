@@ -1,0 +1,176 @@
+//! Outbound HBONE connection pool: streams are multiplexed over one mTLS HTTP/2 connection per
+//! (source identity, destination identity, destination node); a connection takes at most
+//! `max_streams_per_conn` streams before another one is opened, and a connection without streams
+//! is closed after `pool_idle_timeout`.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+
+use super::{Error, Inputs, socket};
+use crate::{identity::Identity, tls};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Key {
+    pub src: Identity,
+    pub dst: Identity,
+    /// The destination node's HBONE address.
+    pub node: SocketAddr,
+}
+
+struct Conn {
+    id: u64,
+    sender: SendRequest<Empty<Bytes>>,
+    streams: AtomicUsize,
+    /// When the last stream ended (or the connection was opened).
+    idle_since: Mutex<Instant>,
+}
+
+/// A stream slot on a pooled connection; releases the slot when dropped.
+pub struct Checkout {
+    pub sender: SendRequest<Empty<Bytes>>,
+    /// Which pooled connection (tests assert reuse with it).
+    pub conn_id: u64,
+    conn: Arc<Conn>,
+    inputs: Inputs,
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.conn.idle_since.lock().expect("lock") = Instant::now();
+        }
+        self.inputs.metrics.pool_streams.dec();
+    }
+}
+
+type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>;
+
+pub struct Pool {
+    inputs: Inputs,
+    slots: Mutex<HashMap<Key, Slot>>,
+    next_id: AtomicU64,
+}
+
+impl Pool {
+    pub fn new(inputs: Inputs) -> Arc<Self> {
+        Arc::new(Self { inputs, slots: Mutex::default(), next_id: AtomicU64::new(1) })
+    }
+
+    /// A stream slot to `key`, on an existing connection when one has room, else on a new one.
+    /// Dials to one key are serialized, so a burst of new streams opens one connection, not many.
+    pub async fn checkout(&self, key: &Key) -> Result<Checkout, Error> {
+        let slot = self.slots.lock().expect("lock").entry(key.clone()).or_default().clone();
+        let mut conns = slot.lock().await;
+        self.prune_closed(&mut conns);
+        let max = self.inputs.cfg.max_streams_per_conn;
+        if let Some(c) = conns.iter().find(|c| c.streams.load(Ordering::Acquire) < max && c.sender.is_ready()) {
+            return Ok(self.take(c));
+        }
+        let c = Arc::new(self.dial(key).await?);
+        self.inputs.metrics.pool_connections.inc();
+        conns.push(c.clone());
+        Ok(self.take(&c))
+    }
+
+    fn take(&self, c: &Arc<Conn>) -> Checkout {
+        c.streams.fetch_add(1, Ordering::AcqRel);
+        self.inputs.metrics.pool_streams.inc();
+        Checkout { sender: c.sender.clone(), conn_id: c.id, conn: c.clone(), inputs: self.inputs.clone() }
+    }
+
+    fn prune_closed(&self, conns: &mut Vec<Arc<Conn>>) {
+        let before = conns.len();
+        conns.retain(|c| !c.sender.is_closed());
+        self.forget(before - conns.len());
+    }
+
+    fn forget(&self, n: usize) {
+        self.inputs.metrics.pool_connections.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Open pooled connections (all keys).
+    pub fn connections(&self) -> usize {
+        let slots: Vec<Slot> = self.slots.lock().expect("lock").values().cloned().collect();
+        slots.iter().map(|s| s.try_lock().map_or(0, |c| c.iter().filter(|c| !c.sender.is_closed()).count())).sum()
+    }
+
+    async fn dial(&self, key: &Key) -> Result<Conn, Error> {
+        let cfg = &self.inputs.cfg;
+        let cert = self.inputs.certs.fetch(&key.src).await?;
+        let tls_cfg = tls::client_config(cert.key.clone(), &self.inputs.certs.roots(), key.dst.clone())?;
+        let tcp = tokio::time::timeout(cfg.connect_timeout, socket::connect(None, key.node))
+            .await
+            .map_err(|_| Error::ConnectTimeout(key.node))?
+            .map_err(|source| Error::Connect { addr: key.node, source })?;
+        let name = ServerName::try_from(key.dst.sni()).map_err(|_| tls::Error::ServerName(key.dst.sni()))?;
+        let tls = match tokio_rustls::TlsConnector::from(tls_cfg).connect(name, tcp).await {
+            Ok(t) => {
+                self.inputs.metrics.handshake("outbound", true);
+                t
+            }
+            Err(e) => {
+                self.inputs.metrics.handshake("outbound", false);
+                return Err(Error::Io(e));
+            }
+        };
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(cfg.stream_window)
+            .initial_connection_window_size(cfg.connection_window)
+            .max_frame_size(cfg.max_frame_size)
+            .max_send_buf_size(cfg.max_frame_size as usize * 4)
+            .handshake(TokioIo::new(tls))
+            .await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let node = key.node;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(conn = id, %node, error = %e, "HBONE connection ended");
+            }
+        });
+        tracing::debug!(conn = id, src = %key.src, dst = %key.dst, %node, "HBONE connection opened");
+        Ok(Conn { id, sender, streams: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) })
+    }
+
+    /// Closes connections idle longer than the timeout, until `stop` resolves.
+    pub async fn run_reaper(self: Arc<Self>, stop: impl Future<Output = ()>) {
+        let idle = self.inputs.cfg.pool_idle_timeout;
+        let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.reap(idle).await,
+                () = &mut stop => return,
+            }
+        }
+    }
+
+    async fn reap(&self, idle: Duration) {
+        let slots: Vec<(Key, Slot)> = self.slots.lock().expect("lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (key, slot) in slots {
+            let mut conns = slot.lock().await;
+            let before = conns.len();
+            conns.retain(|c| {
+                let busy = c.streams.load(Ordering::Acquire) > 0;
+                !c.sender.is_closed() && (busy || c.idle_since.lock().expect("lock").elapsed() < idle)
+            });
+            self.forget(before - conns.len());
+            if conns.is_empty() {
+                drop(conns);
+                self.slots.lock().expect("lock").remove(&key);
+            }
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! In-process tests of the node daemon (no root): two daemons on loopback, a test CA, config
+//! through a channel. See `support.rs` for the topology.
+
+mod support;
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use mesh_node::{
+    authz::{Action, Mode, PeerAuthentication, Policy, Rule, Source},
+    identity::Identity,
+    proxy::inbound_plain,
+};
+use support::*;
+use tokio::io::AsyncReadExt as _;
+
+fn deny_from(principal: &str) -> Policy {
+    Policy {
+        name: "deny-a".into(),
+        namespace: "default".into(),
+        selector: None,
+        action: Action::Deny,
+        dry_run: false,
+        rules: vec![Rule { from: vec![Source { principals: vec![principal.into()], ..Source::default() }], to: vec![] }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hbone_round_trip_carries_bytes_and_reports_istio_metrics() {
+    let mesh = Mesh::start(snapshot(vec![], vec![]), Opts::default()).await;
+    let pod_b = echo_pod(B).await;
+    let data: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+    let back = echo_round_trip(dial_via(&mesh.n1, A, pod_b.addr).await, &data).await;
+    assert!(back == data, "4 MB must come back intact through two daemons");
+
+    let (code, m) = http_get(mesh.n2.bound.metrics, "/metrics").await;
+    assert_eq!(code, 200);
+    let dst_labels = [
+        "istio_tcp_connections_opened_total{",
+        "reporter=\"destination\"",
+        "source_workload=\"a\"",
+        "source_principal=\"spiffe://cluster.local/ns/default/sa/a\"",
+        "destination_workload=\"b\"",
+        "destination_principal=\"spiffe://cluster.local/ns/default/sa/b\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    assert_eq!(sample(&m, &dst_labels), Some(1.0), "destination side counts the connection:\n{m}");
+    eventually("bytes recorded on both sides", async || {
+        let (_, m1) = http_get(mesh.n1.bound.metrics, "/metrics").await;
+        let (_, m2) = http_get(mesh.n2.bound.metrics, "/metrics").await;
+        sample(&m1, &["istio_tcp_sent_bytes_total{", "reporter=\"source\"", "destination_workload=\"b\""]) == Some(4e6)
+            && sample(&m2, &["istio_tcp_received_bytes_total{", "reporter=\"destination\"", "source_workload=\"a\""]) == Some(4e6)
+            && sample(&m2, &["istio_tcp_connections_closed_total{", "reporter=\"destination\""]) == Some(1.0)
+    })
+    .await;
+    assert_eq!(sample(&m, &["mesh_tls_handshakes_total{", "direction=\"inbound\""]), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_multiplexes_streams_up_to_the_limit_and_releases_idle_connections() {
+    let opts = Opts { max_streams: 2, idle: Duration::from_millis(300), ..Opts::default() };
+    let mesh = Mesh::start(snapshot(vec![], vec![]), opts).await;
+    let pod_b = echo_pod(B).await;
+    let pool = mesh.n1.bound.pool.clone();
+
+    let mut open = Vec::new();
+    for i in 0..2u8 {
+        let mut s = dial_via(&mesh.n1, A, pod_b.addr).await;
+        ping(&mut s, &[i; 10]).await;
+        open.push(s);
+    }
+    assert_eq!(pool.connections(), 1, "two streams share one HBONE connection");
+    let mut third = dial_via(&mesh.n1, A, pod_b.addr).await;
+    ping(&mut third, b"third").await;
+    assert_eq!(pool.connections(), 2, "the third stream exceeds the limit of 2: a second connection");
+    drop(open);
+    drop(third);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = dial_via(&mesh.n1, A, pod_b.addr).await;
+    ping(&mut again, b"reuse").await;
+    assert_eq!(pool.connections(), 2, "a freed slot is reused, no new connection");
+    let (_, m) = http_get(mesh.n2.bound.metrics, "/metrics").await;
+    assert_eq!(sample(&m, &["mesh_tls_handshakes_total{", "direction=\"inbound\""]), Some(2.0), "exactly two handshakes");
+    drop(again);
+    eventually("idle connections released", async || pool.connections() == 0).await;
+    assert_eq!(pod_b.accepted.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_principal_is_closed_before_a_byte_reaches_the_pod() {
+    let mesh = Mesh::start(snapshot(vec![deny_from("cluster.local/ns/default/sa/a")], vec![]), Opts::default()).await;
+    let pod_b = echo_pod(B).await;
+    let mut s = dial_via(&mesh.n1, A, pod_b.addr).await;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("closed in time").unwrap_or(0);
+    assert_eq!(n, 0, "a denied connection is closed without data");
+    assert_eq!(pod_b.accepted.load(Ordering::SeqCst), 0, "the pod never saw a connection");
+    let (_, m) = http_get(mesh.n2.bound.metrics, "/metrics").await;
+    assert_eq!(sample(&m, &["mesh_authz_denials_total{", "reason=\"deny_policy\""]), Some(1.0), "{m}");
+
+    // Lifting the policy through the config channel lets the next connection through.
+    mesh.update(&snapshot(vec![], vec![]));
+    let back = echo_round_trip(dial_via(&mesh.n1, A, pod_b.addr).await, b"allowed now").await;
+    assert_eq!(back, b"allowed now");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_node_traffic_skips_tls_but_not_authorization() {
+    let mesh = Mesh::start(snapshot(vec![], vec![]), Opts::default()).await;
+    let pod_c = echo_pod(C).await;
+    let back = echo_round_trip(dial_via(&mesh.n1, A, pod_c.addr).await, b"local").await;
+    assert_eq!(back, b"local");
+    assert_eq!(mesh.n1.bound.pool.connections(), 0, "no HBONE connection for a same-node destination");
+
+    mesh.update(&snapshot(vec![deny_from("cluster.local/ns/default/sa/a")], vec![]));
+    let mut s = dial_via(&mesh.n1, A, pod_c.addr).await;
+    let mut buf = [0u8; 4];
+    assert_eq!(s.read(&mut buf).await.unwrap_or(0), 0, "denied on the same node too");
+    assert_eq!(pod_c.accepted.load(Ordering::SeqCst), 1, "only the allowed connection reached the pod");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_peer_authentication_refuses_plaintext_and_permissive_allows_it() {
+    let strict = PeerAuthentication { name: "strict".into(), namespace: "default".into(), selector: None, mode: Mode::Strict };
+    let mesh = Mesh::start(snapshot(vec![], vec![]), Opts::default()).await;
+    let pod_b = echo_pod(B).await;
+    let plain = async |mesh: &Mesh| {
+        // An unmeshed client (127.0.0.9) whose connection the datapath redirected to 15006.
+        let capture = tokio::net::TcpListener::bind((ip("127.0.0.4"), 0)).await.expect("bind");
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind((ip("127.0.0.9"), 0).into()).expect("bind client");
+        let (client, acc) = tokio::join!(sock.connect(capture.local_addr().expect("addr")), capture.accept());
+        let (server_side, peer) = acc.expect("accept");
+        let inputs = mesh.n2.bound.inputs.clone();
+        let dst = pod_b.addr;
+        tokio::spawn(async move { inbound_plain::handle(&inputs, server_side, peer, dst).await });
+        client.expect("connect")
+    };
+    let back = echo_round_trip(plain(&mesh).await, b"permissive").await;
+    assert_eq!(back, b"permissive", "PERMISSIVE (the default) forwards plaintext");
+
+    mesh.update(&snapshot(vec![], vec![strict]));
+    let back = echo_round_trip(plain(&mesh).await, b"strict").await;
+    assert!(back.is_empty(), "STRICT refuses plaintext");
+    assert_eq!(pod_b.accepted.load(Ordering::SeqCst), 1);
+    let (_, m) = http_get(mesh.n2.bound.metrics, "/metrics").await;
+    assert_eq!(sample(&m, &["mesh_authz_denials_total{", "reason=\"strict_mtls\""]), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_without_dropping_open_connections() {
+    let opts = Opts { cert_ttl: Duration::from_secs(3), ..Opts::default() };
+    let mesh = Mesh::start(snapshot(vec![], vec![]), opts).await;
+    let pod_b = echo_pod(B).await;
+    let id_a = Identity::new(TD, "default", "a");
+    let id_b = Identity::new(TD, "default", "b");
+    let certs1 = mesh.n1.bound.inputs.certs.clone();
+    let certs2 = mesh.n2.bound.inputs.certs.clone();
+    eventually("certificates issued", async || certs1.get(&id_a).is_some() && certs2.get(&id_b).is_some()).await;
+    let (serial_a, serial_b) = (certs1.get(&id_a).expect("a").cert.serial, certs2.get(&id_b).expect("b").cert.serial);
+
+    let mut open = dial_via(&mesh.n1, A, pod_b.addr).await;
+    ping(&mut open, b"before").await;
+    eventually("both certificates rotated", async || {
+        certs1.get(&id_a).expect("a").cert.serial != serial_a && certs2.get(&id_b).expect("b").cert.serial != serial_b
+    })
+    .await;
+    ping(&mut open, b"after rotation, same connection").await;
+
+    // A new handshake (another key: source c) uses the rotated certificate of b.
+    let back = echo_round_trip(dial_via(&mesh.n1, C, pod_b.addr).await, b"fresh handshake").await;
+    assert_eq!(back, b"fresh handshake");
+    let (code, dump) = http_get(mesh.n1.bound.admin, "/config_dump").await;
+    assert_eq!(code, 200);
+    assert!(dump.contains("spiffe://cluster.local/ns/default/sa/a"), "{dump}");
+    assert!(!dump.contains("PRIVATE KEY"), "never keys in the config dump");
+    drop(open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_stops_accepting_and_waits_for_open_connections() {
+    let mesh = Mesh::start(snapshot(vec![], vec![]), Opts { drain_deadline: Duration::from_secs(10), ..Opts::default() }).await;
+    let pod_b = echo_pod(B).await;
+    let mut open = dial_via(&mesh.n1, A, pod_b.addr).await;
+    ping(&mut open, b"open").await;
+    let inbound2 = mesh.n2.bound.inbound;
+    let Mesh { n2, .. } = mesh;
+    n2.bound.shutdown();
+    let ready = n2.bound.ready.clone();
+    let drained = tokio::spawn(n2.bound.wait_termination());
+    eventually("listener closed", async || tokio::net::TcpStream::connect(inbound2).await.is_err()).await;
+    ping(&mut open, b"still flowing during drain").await;
+    assert!(!drained.is_finished(), "drain waits for the open connection");
+    drop(open);
+    let done = tokio::time::timeout(Duration::from_secs(5), drained).await.expect("drain ends").expect("task").expect("signals");
+    assert!(done, "drained before the deadline");
+    drop(ready);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reports_readiness_config_and_accepts_shutdown() {
+    let mesh = Mesh::start(snapshot(vec![deny_from("x/ns/y/sa/z")], vec![]), Opts::default()).await;
+    let admin = mesh.n2.bound.admin;
+    eventually("ready once certificates are issued", async || http_get(admin, "/ready").await.0 == 200).await;
+    let (_, dump) = http_get(admin, "/config_dump").await;
+    let v: serde_json::Value = serde_json::from_str(&dump).expect("json");
+    assert_eq!(v["config"]["workloads"].as_array().map(Vec::len), Some(3));
+    assert_eq!(v["config"]["policies"][0]["name"], "deny-a");
+    assert_eq!(v["certificates"][0]["identity"], "spiffe://cluster.local/ns/default/sa/b", "only this node's workloads");
+    assert!(v["certificates"][0]["not_after_unix"].as_u64().is_some(), "expiry is shown");
+    assert_eq!(http_request(admin, "POST", "/quitquitquit").await.0, 200);
+    let Mesh { n2, .. } = mesh;
+    let done = tokio::time::timeout(Duration::from_secs(5), n2.bound.wait_termination()).await.expect("shutdown requested");
+    assert!(done.expect("signals"));
+}

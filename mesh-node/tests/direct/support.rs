@@ -1,0 +1,234 @@
+//! Two daemons in one process on loopback addresses: node 1 (127.0.0.1) and node 2 (127.0.0.4),
+//! pods as loopback addresses (a = 127.0.0.2 and c = 127.0.0.5 on node 1, b = 127.0.0.3 on node
+//! 2), one test CA, config fed through a watch channel. The capture (SO_ORIGINAL_DST) needs root
+//! and iptables, so tests hand accepted sockets to the outbound handler with the destination
+//! the datapath would have recovered; everything after that is the real code path.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use mesh_node::{
+    app::{self, Bound},
+    authz::{PeerAuthentication, Policy},
+    config::Source,
+    identity::TestCa,
+    state::{Protocol, Snapshot, State, StateTx, Workload},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
+};
+
+pub const TD: &str = "cluster.local";
+pub const ROOT_NS: &str = "istio-system";
+pub const N1: &str = "127.0.0.1";
+pub const N2: &str = "127.0.0.4";
+pub const A: &str = "127.0.0.2";
+pub const B: &str = "127.0.0.3";
+pub const C: &str = "127.0.0.5";
+
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+pub fn workload(name: &str, addr: &str, node: &str, node_ip: &str) -> Workload {
+    Workload {
+        name: format!("{name}-0"),
+        namespace: "default".into(),
+        service_account: name.into(),
+        workload_name: Some(name.into()),
+        ip: ip(addr),
+        node: node.into(),
+        node_ip: ip(node_ip),
+        labels: BTreeMap::from([("app".into(), name.into())]),
+        protocol: Protocol::Hbone,
+    }
+}
+
+pub fn snapshot(policies: Vec<Policy>, pas: Vec<PeerAuthentication>) -> Snapshot {
+    Snapshot {
+        workloads: vec![workload("a", A, "n1", N1), workload("b", B, "n2", N2), workload("c", C, "n1", N1)],
+        policies,
+        peer_authentications: pas,
+    }
+}
+
+pub fn state(snap: Snapshot) -> Arc<State> {
+    Arc::new(State::build(TD, ROOT_NS, snap).expect("state"))
+}
+
+struct Vars(Vec<(&'static str, String)>);
+
+impl Source for Vars {
+    fn get(&self, key: &str) -> Option<String> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone())
+    }
+}
+
+pub struct Node {
+    pub bound: Bound,
+    pub state: StateTx,
+}
+
+pub struct Mesh {
+    pub n1: Node,
+    pub n2: Node,
+}
+
+/// Knobs a test may change before the daemons start.
+pub struct Opts {
+    pub max_streams: usize,
+    pub idle: Duration,
+    pub cert_ttl: Duration,
+    pub drain_deadline: Duration,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self { max_streams: 100, idle: Duration::from_secs(60), cert_ttl: Duration::from_secs(3600), drain_deadline: Duration::from_secs(5) }
+    }
+}
+
+async fn node(name: &str, node_ip: &str, hbone_port: u16, ca: &Arc<TestCa>, snap: Snapshot, o: &Opts) -> Node {
+    let any = |port: u16| format!("{node_ip}:{port}");
+    let vars = Vars(vec![
+        ("MESH_OUTBOUND_ADDR", any(0)),
+        ("MESH_INBOUND_ADDR", any(0)),
+        ("MESH_INBOUND_PLAINTEXT_ADDR", any(0)),
+        ("MESH_METRICS_ADDR", any(0)),
+        ("MESH_ADMIN_ADDR", any(0)),
+    ]);
+    let mut cfg = app::Config::from_source(&vars, name).expect("config");
+    cfg.proxy.hbone_port = hbone_port;
+    cfg.proxy.max_streams_per_conn = o.max_streams;
+    cfg.proxy.pool_idle_timeout = o.idle;
+    cfg.drain_deadline = o.drain_deadline;
+    cfg.trust_domain = TD.into();
+    let (tx, rx) = watch::channel(state(snap));
+    let bound = app::build(&cfg, ca.clone(), vec![ca.root()], rx, None).await.expect("daemon starts");
+    Node { bound, state: tx }
+}
+
+impl Mesh {
+    pub async fn start(snap: Snapshot, o: Opts) -> Self {
+        let ca = Arc::new(TestCa::generate(o.cert_ttl).expect("ca"));
+        // Node 2 first: node 1 dials node 2's HBONE port.
+        let n2 = node("n2", N2, 0, &ca, snap.clone(), &o).await;
+        let n1 = node("n1", N1, n2.bound.inbound.port(), &ca, snap, &o).await;
+        Self { n1, n2 }
+    }
+
+    /// Pushes a new config to both daemons.
+    pub fn update(&self, snap: &Snapshot) {
+        self.n1.state.send_replace(state(snap.clone()));
+        self.n2.state.send_replace(state(snap.clone()));
+    }
+}
+
+/// A pod's TCP server: echoes what it reads; counts accepted connections.
+pub struct EchoPod {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+pub async fn echo_pod(addr: &str) -> EchoPod {
+    let listener = TcpListener::bind((ip(addr), 0)).await.expect("bind pod");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let local = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    EchoPod { addr: local, accepted }
+}
+
+/// A connection from pod `src` to `dst`, "captured" into `node`'s outbound: returns the pod's
+/// end of the socket, whose other end the outbound handler is proxying.
+pub async fn dial_via(node: &Node, src: &str, dst: SocketAddr) -> TcpStream {
+    let capture = TcpListener::bind((ip(src), 0)).await.expect("capture listener");
+    let sock = TcpSocket::new_v4().expect("socket");
+    sock.bind(SocketAddr::new(ip(src), 0)).expect("bind client to the pod address");
+    let (client, accepted) = tokio::join!(sock.connect(capture.local_addr().expect("addr")), capture.accept());
+    let (server_side, peer) = accepted.expect("accept");
+    let handler = node.bound.outbound_handler.clone();
+    tokio::spawn(async move {
+        let _ = handler.proxy(server_side, peer, dst).await;
+    });
+    client.expect("connect")
+}
+
+/// Writes `data`, half-closes, reads everything back.
+pub async fn echo_round_trip(mut s: TcpStream, data: &[u8]) -> Vec<u8> {
+    let (mut r, mut w) = s.split();
+    let (back, ()) = tokio::join!(
+        async {
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).await.expect("read");
+            back
+        },
+        async {
+            w.write_all(data).await.expect("write");
+            w.shutdown().await.expect("half-close");
+        }
+    );
+    back
+}
+
+/// Writes a little and expects to read it back on a connection kept open.
+pub async fn ping(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.expect("write");
+    let mut buf = vec![0; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await.expect("echo in time").expect("read");
+    assert_eq!(buf, msg);
+}
+
+/// A GET over plain HTTP/1.1 to a daemon's metrics or admin port.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path).await
+}
+
+pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!("{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (code, body)
+}
+
+/// The value of the first sample line containing every needle.
+pub fn sample(metrics: &str, needles: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| needles.iter().all(|n| l.contains(n)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Polls until `f` is true (metrics are recorded when a connection closes, asynchronously).
+pub async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
