@@ -17,6 +17,7 @@ PACKAGES=(
   llvm-22-dev libllvm22 libzstd-dev zlib1g-dev libxml2-dev
   bpftool iproute2 iputils-ping iptables util-linux procps
   iperf3 tcpdump wrk nghttp2-client openssl
+  prometheus curl   # promtool and curl: the node suite checks the metrics endpoint
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -9,7 +9,8 @@ use tokio::net::TcpListener;
 
 use crate::{drain, http_util, readiness::Ready};
 
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Prometheus text format 0.0.4: what Prometheus, `promtool check metrics` and most scrapers read.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub struct Server {
     listener: TcpListener,
@@ -36,7 +37,7 @@ impl Server {
                     "/metrics" => {
                         let mut text = String::new();
                         match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                            Ok(()) => http_util::reply(StatusCode::OK, OPENMETRICS, text),
+                            Ok(()) => http_util::reply(StatusCode::OK, PROMETHEUS_TEXT, to_prometheus_text(&text)),
                             Err(e) => http_util::reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
                         }
                     }
@@ -49,11 +50,41 @@ impl Server {
     }
 }
 
+/// prometheus-client writes OpenMetrics, where a counter family `x` has samples `x_total`; the
+/// Prometheus text format wants HELP/TYPE named like the samples, and no `# EOF`.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines().filter(|l| *l != "# EOF") {
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 pub fn ready_reply(ready: &Ready) -> http::Response<http_util::Body> {
     let pending = ready.pending();
     if pending.is_empty() {
         http_util::reply(StatusCode::OK, "text/plain", "ready\n")
     } else {
         http_util::reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {}\n", pending.join(", ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_are_renamed_for_the_prometheus_text_format() {
+        let om = "# HELP c Things.\n# TYPE c counter\nc_total 1\n# HELP g Level.\n# TYPE g gauge\ng 2\n# EOF\n";
+        let want = "# HELP c_total Things.\n# TYPE c_total counter\nc_total 1\n# HELP g Level.\n# TYPE g gauge\ng 2\n";
+        assert_eq!(super::to_prometheus_text(om), want);
     }
 }

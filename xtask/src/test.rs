@@ -38,6 +38,8 @@ fn run_suites(filter: Option<&str>) -> Result<()> {
         step("unit and in-process tests (unprivileged): cargo test --workspace");
         sh(Command::new("cargo").args(["test", "--workspace", "--locked"]))?;
     }
+    step("building the daemon the node suite starts: cargo build -p mesh-node --bins");
+    sh(Command::new("cargo").args(["build", "--locked", "-p", "mesh-node", "--bins"]))?;
     step("privileged suites: kernel programs and namespaces (one at a time: they share the kernel)");
     let mut cmd = Command::new("cargo");
     cmd.args(["test", "--locked", "-p", "mesh-tests", "--features", "privileged", "--tests", "--"])

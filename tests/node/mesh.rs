@@ -1,0 +1,186 @@
+//! A lab with two mesh-node daemons, a shared test CA, local config and iptables capture.
+
+use std::{
+    io::Write as _,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+use mesh_node::identity::TestCa;
+use mesh_tests::{Lab, LabSpec, PodProcess, Spawn};
+
+pub const WHOAMI: &str = env!("CARGO_BIN_EXE_mesh-whoami");
+
+/// `target/<profile>/mesh-node`, next to this test's `deps/` directory.
+fn mesh_node_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let p = exe.parent().and_then(std::path::Path::parent).expect("target/<profile>").join("mesh-node");
+    assert!(p.exists(), "{} missing: build it with `cargo build -p mesh-node` (cargo xtask test does)", p.display());
+    p
+}
+
+pub struct MeshLab {
+    pub lab: Lab,
+    dir: PathBuf,
+    _daemons: Vec<PodProcess>,
+    _server: PodProcess,
+}
+
+fn sh(program: &str, args: &[&str]) -> Output {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn iptables(netns: &str, rule: &[&str]) {
+    let mut args = vec!["netns", "exec", netns, "iptables", "-w", "-t", "nat", "-A", "PREROUTING"];
+    args.extend_from_slice(rule);
+    sh("ip", &args);
+}
+
+pub fn curl_in(netns: &str, url: &str) -> String {
+    String::from_utf8_lossy(&sh("ip", &["netns", "exec", netns, "curl", "-sS", "--max-time", "5", url]).stdout).into_owned()
+}
+
+fn config(lab: &Lab) -> String {
+    let w = |pod: &str, sa: &str, node: u8, protocol: &str| {
+        format!(
+            r#"{{"name":"{pod}","namespace":"default","serviceAccount":"{sa}","workloadName":"{sa}","ip":"{}","node":"n{node}","nodeIp":"{}","labels":{{"app":"{sa}"}},"protocol":"{protocol}"}}"#,
+            lab.pod(pod).ip,
+            lab.node(node).underlay_ip
+        )
+    };
+    format!(
+        r#"{{"workloads":[{},{},{},{}],
+"policies":[{{"name":"deny-d","namespace":"default","action":"DENY","rules":[{{"from":[{{"principals":["cluster.local/ns/default/sa/d"]}}]}}]}}],
+"peerAuthentications":[{{"name":"strict","namespace":"default","mode":"STRICT"}}]}}"#,
+        w("n1p1", "a", 1, "HBONE"),
+        w("n1p2", "d", 1, "HBONE"),
+        w("n1p3", "plain", 1, "TCP"),
+        w("n2p1", "b", 2, "HBONE"),
+    )
+}
+
+impl MeshLab {
+    pub fn start() -> Self {
+        let mut lab = Lab::build(LabSpec::for_test(&[3, 1])).expect("build lab");
+        let dir = std::env::temp_dir().join(format!("mesh-{}-node", lab.spec.run));
+        std::fs::create_dir_all(&dir).expect("state dir");
+        let ca = TestCa::generate(Duration::from_secs(3600)).expect("ca");
+        let (ca_cert, ca_key, cfg) = (dir.join("ca.pem"), dir.join("ca.key"), dir.join("config.json"));
+        ca.write_pem(&ca_cert, &ca_key).expect("write CA");
+        std::fs::write(&cfg, config(&lab)).expect("write config");
+
+        // Capture stand-ins (see the suite's doc).
+        let n1 = lab.node(1).netns.clone();
+        for pod in ["n1p1", "n1p2"] {
+            let ip = lab.pod(pod).ip.to_string();
+            iptables(&n1, &["-i", "br0", "-s", &ip, "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001"]);
+        }
+        let n2 = lab.node(2).netns.clone();
+        let b = lab.pod("n2p1").ip.to_string();
+        iptables(&n2, &["-i", "eth0", "-d", &b, "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15006"]);
+
+        let bin = mesh_node_bin();
+        let mut daemons = Vec::new();
+        for i in 1..=2u8 {
+            let node = lab.node(i).clone();
+            let pods_cgroup = node.pods_cgroup.display().to_string();
+            let env = [
+                ("MESH_NODE_NAME", node.name.as_str()),
+                ("MESH_CGROUP", pods_cgroup.as_str()),
+                ("MESH_DATAPATH", "off"),
+                ("MESH_LOCAL_CONFIG", cfg.to_str().expect("utf-8")),
+                ("MESH_CA_CERT", ca_cert.to_str().expect("utf-8")),
+                ("MESH_CA_KEY", ca_key.to_str().expect("utf-8")),
+                ("MESH_LOG", "info"),
+            ];
+            let log = dir.join(format!("mesh-node-{}.log", node.name));
+            let mut spawn = Spawn::new(&node.netns, &node.system_cgroup, bin.to_str().expect("utf-8"), &[]);
+            spawn.env = &env;
+            spawn.log = Some(&log);
+            let mut p = lab.spawn(&spawn).expect("start mesh-node");
+            p.wait_for_line("mesh-node ready", Duration::from_secs(10)).expect("mesh-node ready");
+            daemons.push(p);
+        }
+        for i in 1..=2u8 {
+            let ns = lab.node(i).netns.clone();
+            wait_ready(&ns);
+        }
+        let mut server = lab.spawn_in_pod("n2p1", WHOAMI, &["serve", "--name", "n2p1", "--tcp", "8080"]).expect("server");
+        server.wait_for_line("listening", Duration::from_secs(5)).expect("server ready");
+        Self { lab, dir, _daemons: daemons, _server: server }
+    }
+
+    pub fn run_in_pod(&self, pod: &str, args: &[&str]) -> String {
+        let out = self.lab.run_in_pod(pod, WHOAMI, args).expect("run client");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    /// tcpdump on the underlay bridge, printing payloads as text once finished.
+    pub fn capture_underlay(&self) -> Capture {
+        let file = self.dir.join("underlay.pcap");
+        let ul = format!("mesh-{}-ul", self.lab.spec.run);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ul, "tcpdump", "-i", "br0", "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump");
+        std::thread::sleep(Duration::from_millis(500));
+        Capture { child, file }
+    }
+
+    pub fn promtool_check(&self, metrics: &str) -> Output {
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus)");
+        child.stdin.take().expect("stdin").write_all(metrics.as_bytes()).expect("write");
+        child.wait_with_output().expect("promtool")
+    }
+}
+
+fn wait_ready(netns: &str) {
+    for _ in 0..100 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:15020/healthz/ready"])
+            .output()
+            .expect("curl");
+        if out.stdout == b"200" {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("mesh-node in {netns} never became ready");
+}
+
+impl Drop for MeshLab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    /// Stops tcpdump and returns the packets with their payload as ASCII.
+    pub fn finish(mut self) -> String {
+        std::thread::sleep(Duration::from_millis(300));
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT);
+        }
+        let _ = self.child.wait();
+        let out = sh("tcpdump", &["-nn", "-A", "-r", self.file.to_str().expect("utf-8")]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
