@@ -2,13 +2,21 @@
 //! and sk_msg hands each sendmsg() straight to the peer socket's receive queue, skipping the
 //! TCP/IP stack (and the veth hops) for the payload. Handshake and FIN still use TCP.
 
-use aya_ebpf::{bindings::bpf_sock_ops, programs::SkMsgContext};
+use core::mem::offset_of;
+
+use aya_ebpf::{
+    bindings::{bpf_sock_ops, sk_msg_md},
+    programs::SkMsgContext,
+};
 use mesh_common::{
     endpoint::{flags::LOCAL, node_flags::BYPASS},
     Addr, SockKey, Stat,
 };
 
-use crate::maps::{count, node_config, ENDPOINTS, SOCKETS};
+use crate::{
+    ctx::{load_ip6, load_u32},
+    maps::{count, node_config, ENDPOINTS, SOCKETS},
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -39,15 +47,24 @@ pub fn add_socket(ops: &mut bpf_sock_ops, mut key: SockKey) {
 }
 
 pub fn sk_msg(ctx: &SkMsgContext) -> u32 {
-    // SAFETY: the kernel hands a valid sk_msg_md.
-    let md = unsafe { &*ctx.msg };
-    let (local, remote) = match md.family {
-        AF_INET => (Addr::from_v4_raw(md.local_ip4), Addr::from_v4_raw(md.remote_ip4)),
-        AF_INET6 => (Addr::from_v6_raw(md.local_ip6), Addr::from_v6_raw(md.remote_ip6)),
-        _ => return SK_PASS,
+    let md: *const sk_msg_md = ctx.msg;
+    // SAFETY: constant-offset loads of the sk_msg context.
+    let (local, remote, local_port, remote_port) = unsafe {
+        let (local, remote) = match load_u32::<{ offset_of!(sk_msg_md, family) }, _>(md) {
+            AF_INET => (
+                Addr::from_v4_raw(load_u32::<{ offset_of!(sk_msg_md, local_ip4) }, _>(md)),
+                Addr::from_v4_raw(load_u32::<{ offset_of!(sk_msg_md, remote_ip4) }, _>(md)),
+            ),
+            AF_INET6 => (
+                Addr::from_v6_raw(load_ip6!(md, sk_msg_md, local_ip6)),
+                Addr::from_v6_raw(load_ip6!(md, sk_msg_md, remote_ip6)),
+            ),
+            _ => return SK_PASS,
+        };
+        (local, remote, load_u32::<{ offset_of!(sk_msg_md, local_port) }, _>(md), load_u32::<{ offset_of!(sk_msg_md, remote_port) }, _>(md))
     };
     // Same port encoding as sock_ops: local host order, remote be16 in the upper half.
-    let me = SockKey { local, remote, local_port: md.local_port, remote_port: u32::from_be(md.remote_port) };
+    let me = SockKey { local, remote, local_port, remote_port: u32::from_be(remote_port) };
     let mut peer = me.peer();
     // On failure (peer not in the map yet or any more) the helper returns SK_DROP without
     // redirecting: fall back to the normal TCP path instead of dropping data.

@@ -3,15 +3,18 @@
 //! the daemon's accepted socket from that record — the same call a proxy makes under iptables.
 
 use aya_ebpf::{
-    bindings::{bpf_sock_ops, bpf_sockopt},
+    bindings::{bpf_sock, bpf_sock_ops, bpf_sockopt},
     helpers::generated::bpf_get_socket_cookie,
     programs::{SockOpsContext, SockoptContext},
     EbpfContext as _,
 };
 use mesh_common::{Addr, SockAddr, SockKey, Stat};
 
+use core::mem::offset_of;
+
 use crate::{
     bypass,
+    ctx::{load_ip6, load_u32},
     maps::{count, ORIG_BY_COOKIE, ORIG_BY_PEER},
 };
 
@@ -26,19 +29,34 @@ const PASSIVE_ESTABLISHED: u32 = 5;
 
 /// The 4-tuple of a sock_ops socket, from that socket's point of view.
 fn sock_key(ops: &bpf_sock_ops) -> Option<SockKey> {
-    let (local, remote) = match ops.family {
-        AF_INET => (Addr::from_v4_raw(ops.local_ip4), Addr::from_v4_raw(ops.remote_ip4)),
-        AF_INET6 => (Addr::from_v6_raw(ops.local_ip6), Addr::from_v6_raw(ops.remote_ip6)),
-        _ => return None,
+    let base: *const bpf_sock_ops = ops;
+    // SAFETY: constant-offset loads of sock_ops context fields.
+    let (local, remote) = unsafe {
+        match load_u32::<{ offset_of!(bpf_sock_ops, family) }, _>(base) {
+            AF_INET => (
+                Addr::from_v4_raw(load_u32::<{ offset_of!(bpf_sock_ops, local_ip4) }, _>(base)),
+                Addr::from_v4_raw(load_u32::<{ offset_of!(bpf_sock_ops, remote_ip4) }, _>(base)),
+            ),
+            AF_INET6 => (
+                Addr::from_v6_raw(load_ip6!(base, bpf_sock_ops, local_ip6)),
+                Addr::from_v6_raw(load_ip6!(base, bpf_sock_ops, remote_ip6)),
+            ),
+            _ => return None,
+        }
+    };
+    // SAFETY: as above.
+    let (local_port, remote_port) = unsafe {
+        (load_u32::<{ offset_of!(bpf_sock_ops, local_port) }, _>(base), load_u32::<{ offset_of!(bpf_sock_ops, remote_port) }, _>(base))
     };
     // local_port is host order; remote_port holds a be16 in its upper 16 bits.
-    Some(SockKey { local, remote, local_port: ops.local_port, remote_port: u32::from_be(ops.remote_port) })
+    Some(SockKey { local, remote, local_port, remote_port: u32::from_be(remote_port) })
 }
 
 pub fn sockops(ctx: &SockOpsContext) -> u32 {
     // SAFETY: the kernel hands a valid bpf_sock_ops.
     let ops = unsafe { &mut *ctx.ops };
-    let op = ops.op;
+    // SAFETY: constant-offset load of the context.
+    let op = unsafe { load_u32::<{ offset_of!(bpf_sock_ops, op) }, _>(ctx.ops) };
     if op != ACTIVE_ESTABLISHED && op != PASSIVE_ESTABLISHED {
         return 0;
     }
@@ -72,14 +90,15 @@ pub fn getsockopt(ctx: &SockoptContext) -> i32 {
     if sk.is_null() {
         return 1;
     }
-    // SAFETY: reading fields of a valid bpf_sock.
+    // SAFETY: constant-offset loads of a valid bpf_sock.
     let (family, peer) = unsafe {
-        let family = (*sk).family;
-        let port = u16::from_be((*sk).dst_port);
+        let family = load_u32::<{ offset_of!(bpf_sock, family) }, _>(sk);
+        // dst_port: a be16 followed by 16 zero bits; a 4-byte load is accepted.
+        let port = u16::from_be(load_u32::<{ offset_of!(bpf_sock, dst_port) }, _>(sk) as u16);
         let addr = if family == AF_INET {
-            Addr::from_v4_raw((*sk).dst_ip4)
+            Addr::from_v4_raw(load_u32::<{ offset_of!(bpf_sock, dst_ip4) }, _>(sk))
         } else {
-            Addr::from_v6_raw((*sk).dst_ip6)
+            Addr::from_v6_raw(load_ip6!(sk, bpf_sock, dst_ip6))
         };
         (family, SockAddr::new(addr, port))
     };

@@ -2,9 +2,12 @@
 //! the modules here, whose decisions come from `mesh-common` (unit-tested on the host).
 #![no_std]
 #![no_main]
+// Inline asm for verifier-shaped context loads (see ctx.rs).
+#![feature(asm_experimental_arch)]
 
 mod bypass;
 mod capture;
+mod ctx;
 mod maps;
 mod sock;
 mod sockhash;

@@ -18,6 +18,9 @@ use mesh_common::{
     ServiceValue, SlotKey, SockAddr, Stat,
 };
 
+use core::mem::offset_of;
+
+use crate::ctx::{load_ip6, load_u32, store_ip6};
 use crate::maps::{
     count, count_drop, node_config, AFFINITY, BACKENDS, ENDPOINTS, ORIG_BY_COOKIE, PODS, POLICY,
     REVNAT, SERVICES, SLOTS,
@@ -163,7 +166,7 @@ unsafe fn bound_port(ctx: &SockAddrContext) -> u16 {
         return 0;
     }
     // src_port is in host order.
-    unsafe { (*sk).src_port as u16 }
+    unsafe { load_u32::<{ offset_of!(aya_ebpf::bindings::bpf_sock, src_port) }, _>(sk) as u16 }
 }
 
 fn refuse(r: &Refusal) -> i32 {
@@ -183,11 +186,8 @@ fn write_v4(sa: &mut bpf_sock_addr, to: &SockAddr) -> Result<(), Refusal> {
 }
 
 fn write_v6(sa: &mut bpf_sock_addr, to: &SockAddr) {
-    let w = to.addr.v6_raw();
-    sa.user_ip6[0] = w[0];
-    sa.user_ip6[1] = w[1];
-    sa.user_ip6[2] = w[2];
-    sa.user_ip6[3] = w[3];
+    // SAFETY: user_ip6 is a writable u32[4] of the context.
+    unsafe { store_ip6!(sa, bpf_sock_addr, user_ip6, to.addr.v6_raw()) };
     set_user_port(sa, to.port);
 }
 
@@ -196,7 +196,9 @@ fn dst_v4(sa: &bpf_sock_addr) -> SockAddr {
 }
 
 fn dst_v6(sa: &bpf_sock_addr) -> SockAddr {
-    SockAddr::new(Addr::from_v6_raw([sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]]), user_port(sa))
+    // SAFETY: user_ip6 is a u32[4] of the context.
+    let words = unsafe { load_ip6!(sa, bpf_sock_addr, user_ip6) };
+    SockAddr::new(Addr::from_v6_raw(words), user_port(sa))
 }
 
 /// connect4 and sendmsg4 (`capture` only for connect: unconnected UDP is never captured).

@@ -58,6 +58,9 @@ fn try_to_pod(ctx: &TcContext) -> Option<bool> {
     // A locally originated packet still carries its socket at tc egress; a forwarded or
     // bridged one does not.
     // SAFETY: reading the sk field of the program's own __sk_buff.
-    let from_local_socket = unsafe { !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() };
+    let from_local_socket = unsafe {
+        let sk = core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).__bindgen_anon_2.sk));
+        !sk.is_null()
+    };
     Some(strict_refuses(ep.flags, is_syn, from_local_socket))
 }

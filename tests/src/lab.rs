@@ -2,7 +2,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Output, Stdio},
     sync::mpsc,
@@ -14,6 +14,9 @@ use crate::{
     clean::{self, PREFIX},
     sys::{self, Error, ip_in},
 };
+
+/// The lab's IPv6 /48 (ULA). Service VIPs use `fd6d:6573:68ff::/64`, outside it: unroutable.
+pub const V6_PREFIX: &str = "fd6d:6573:6800";
 
 /// Shape of a lab: how many pods each node has.
 #[derive(Clone, Debug)]
@@ -39,6 +42,12 @@ pub struct Node {
     pub netns: String,
     /// Address on the underlay (`198.18.0.<index>`).
     pub underlay_ip: Ipv4Addr,
+    /// IPv6 address on the underlay (`fd6d:6573:6800::<index>`).
+    pub underlay_ip6: Ipv6Addr,
+    /// The node's address on its pod bridge (`198.18.<index>.1`): pods reach the node here.
+    pub pod_gateway: Ipv4Addr,
+    /// The cgroup of the whole node (pods and daemons): where the socket programs attach.
+    pub cgroup: PathBuf,
     /// cgroup that holds this node's pods: the attach point of the socket programs.
     pub pods_cgroup: PathBuf,
     /// cgroup for the node's own daemons (outside the pods' cgroup, so never captured).
@@ -51,7 +60,11 @@ pub struct Pod {
     pub node: u8,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// `fd6d:6573:6800:<node>::<10+pod>`.
+    pub ip6: Ipv6Addr,
     pub cgroup: PathBuf,
+    /// The pod's interface in the node's namespace (peer of the pod's eth0).
+    pub host_if: String,
 }
 
 /// A built lab. Dropping it removes everything it created.
@@ -218,6 +231,9 @@ impl Lab {
                 name: format!("n{index}"),
                 netns: format!("{PREFIX}{run}-n{index}"),
                 underlay_ip: Ipv4Addr::new(198, 18, 0, index),
+                underlay_ip6: Ipv6Addr::new(0xfd6d, 0x6573, 0x6800, 0, 0, 0, 0, u16::from(index)),
+                pod_gateway: Ipv4Addr::new(198, 18, index, 1),
+                cgroup: self.cgroup.join(format!("n{index}")),
                 pods_cgroup: self.cgroup.join(format!("n{index}")).join("pods"),
                 system_cgroup: self.cgroup.join(format!("n{index}")).join("system"),
             };
@@ -227,19 +243,23 @@ impl Lab {
             sys::run("ip", &["netns", "add", ns])?;
             ip_in(ns, &["link", "set", "lo", "up"])?;
             sysctl(ns, "net.ipv4.ip_forward", "1")?;
+            sysctl(ns, "net.ipv6.conf.all.forwarding", "1")?;
             // Underlay link: node eth0 <-> ul bridge port n<index>.
             let port = format!("n{index}");
             sys::run("ip", &["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &ul])?;
             ip_in(&ul, &["link", "set", &port, "master", "br0", "up"])?;
             ip_in(ns, &["addr", "add", &format!("{}/24", node.underlay_ip), "dev", "eth0"])?;
+            ip_in(ns, &["-6", "addr", "add", &format!("{}/64", node.underlay_ip6), "dev", "eth0", "nodad"])?;
             ip_in(ns, &["link", "set", "eth0", "up"])?;
             // Pod bridge.
             ip_in(ns, &["link", "add", "br0", "type", "bridge"])?;
             ip_in(ns, &["addr", "add", &format!("198.18.{index}.1/24"), "dev", "br0"])?;
+            ip_in(ns, &["-6", "addr", "add", &format!("{V6_PREFIX}:{index}::1/64"), "dev", "br0", "nodad"])?;
             ip_in(ns, &["link", "set", "br0", "up"])?;
             for peer in 1..=node_count {
                 if peer != index {
                     ip_in(ns, &["route", "add", &format!("198.18.{peer}.0/24"), "via", &format!("198.18.0.{peer}")])?;
+                    ip_in(ns, &["-6", "route", "add", &format!("{V6_PREFIX}:{peer}::/64"), "via", &format!("{V6_PREFIX}::{peer}")])?;
                 }
             }
             for p in 1..=self.spec.pods_per_node[usize::from(index - 1)] {
@@ -248,7 +268,9 @@ impl Lab {
                     node: index,
                     netns: format!("{PREFIX}{run}-n{index}p{p}"),
                     ip: Ipv4Addr::new(198, 18, index, 10 + p),
+                    ip6: Ipv6Addr::new(0xfd6d, 0x6573, 0x6800, u16::from(index), 0, 0, 0, u16::from(10 + p)),
                     cgroup: node.pods_cgroup.join(format!("p{p}")),
+                    host_if: format!("p{p}"),
                 };
                 sys::mkdir(&pod.cgroup)?;
                 let pns = pod.netns.as_str();
@@ -258,9 +280,11 @@ impl Lab {
                 sys::run("ip", &["link", "add", "eth0", "netns", pns, "type", "veth", "peer", "name", &vport, "netns", ns])?;
                 ip_in(ns, &["link", "set", &vport, "master", "br0", "up"])?;
                 ip_in(pns, &["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"])?;
+                ip_in(pns, &["-6", "addr", "add", &format!("{}/64", pod.ip6), "dev", "eth0", "nodad"])?;
                 ip_in(pns, &["link", "set", "eth0", "up"])?;
                 // Only the pod range is routable: no default route, no route to VIPs.
                 ip_in(pns, &["route", "add", "198.18.0.0/16", "via", &format!("198.18.{index}.1")])?;
+                ip_in(pns, &["-6", "route", "add", &format!("{V6_PREFIX}::/48"), "via", &format!("{V6_PREFIX}:{index}::1")])?;
                 self.pods.push(pod);
             }
             self.nodes.push(node);
@@ -303,6 +327,36 @@ impl Lab {
     pub fn spawn_in_pod(&mut self, pod: &str, program: &str, args: &[&str]) -> Result<PodProcess, Error> {
         let pod = self.pod(pod).clone();
         self.spawn(&Spawn::new(&pod.netns, &pod.cgroup, program, args))
+    }
+
+    /// Runs `f` with the calling thread inside network namespace `netns` (e.g. to attach a tc
+    /// program to a node's interface), then returns the thread to the namespace it was in.
+    pub fn in_netns<R>(&self, netns: &str, f: impl FnOnce() -> R) -> Result<R, Error> {
+        use nix::sched::{CloneFlags, setns};
+        let open = |path: &str| std::fs::File::open(path).map_err(|source| Error::Io { path: path.into(), source });
+        let home = open("/proc/thread-self/ns/net")?;
+        let path = format!("/run/netns/{netns}");
+        let target = open(&path)?;
+        setns(&target, CloneFlags::CLONE_NEWNET).map_err(|e| Error::Io { path: path.clone().into(), source: e.into() })?;
+        let result = f();
+        setns(&home, CloneFlags::CLONE_NEWNET).expect("returning the thread to its own network namespace");
+        Ok(result)
+    }
+
+    /// Packets a pod's eth0 has sent and received so far.
+    pub fn pod_packets(&self, pod: &str) -> Result<(u64, u64), Error> {
+        let ns = self.pod(pod).netns.clone();
+        let out = sys::run("ip", &["-n", &ns, "-s", "-j", "link", "show", "eth0"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |dir: &str| -> u64 {
+            // "rx":{"bytes":..,"packets":N,...}
+            text.split(&format!("\"{dir}\":{{")).nth(1)
+                .and_then(|s| s.split("\"packets\":").nth(1))
+                .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok((field("tx"), field("rx")))
     }
 
     /// Keeps everything running after this handle is gone (`cargo xtask lab up`); remove it

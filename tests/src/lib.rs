@@ -7,6 +7,8 @@
 //! - pods of node `n`: `198.18.<n>.<10+pod>/24` behind the node's bridge `br0` (`198.18.<n>.1`);
 //! - Service VIPs: `198.19.0.0/16`, for which no namespace has a route: a VIP the datapath fails
 //!   to rewrite ends in "network unreachable" inside the namespace, never on a real network.
+//! - IPv6 (ULA `fd6d:6573:6800::/48`): underlay `::<node>`, pods `:<node>::<10+pod>`, node
+//!   bridge `:<node>::1`; VIPs `fd6d:6573:68ff::/64`, outside the /48 and so unroutable too.
 //!
 //! No namespace has a default route. Everything created carries the prefix `mesh-` and the run
 //! id, and is removed on drop (also while a test panics) and by [`clean::clean_all`].
