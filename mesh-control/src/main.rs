@@ -1,1 +1,125 @@
-fn main() {}
+//! `mesh-control`: the control plane. File mode (`--config-dir`) or Kubernetes mode
+//! (`--kubernetes`); see the README for both.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use mesh_control::{
+    auth::Authenticator,
+    ca::{self, Ca},
+    filemode, k8s,
+    metrics::Metrics,
+    server::{Server, Shared},
+    snapshot::Publisher,
+    status::{Sources, StatusServer},
+};
+use prometheus_client::registry::Registry;
+
+#[derive(Parser, Debug)]
+#[command(about = "mesh control plane: per-node config push and workload CA")]
+struct Args {
+    /// File mode: read policies, nodes, workloads and services from this folder (and watch it).
+    #[arg(long, env = "MESH_CONTROL_CONFIG_DIR", conflicts_with = "kubernetes", required_unless_present = "kubernetes")]
+    config_dir: Option<PathBuf>,
+    /// Kubernetes mode: watch the cluster (in-cluster config or KUBECONFIG).
+    #[arg(long, env = "MESH_CONTROL_KUBERNETES")]
+    kubernetes: bool,
+    /// File mode: where the mesh root is kept (`ca/root.crt`, `ca/root.key`; created on first start).
+    #[arg(long, env = "MESH_CONTROL_STATE_DIR", default_value = "/var/lib/mesh-control")]
+    state_dir: PathBuf,
+    /// File mode: folder of per-node credentials, `<node>.token` (default: `<state-dir>/node-tokens`).
+    #[arg(long, env = "MESH_CONTROL_NODE_TOKEN_DIR")]
+    node_token_dir: Option<PathBuf>,
+    /// gRPC address (config streams and CA), TLS with the mesh root.
+    #[arg(long, env = "MESH_CONTROL_GRPC_ADDR", default_value = "0.0.0.0:15012")]
+    grpc_addr: SocketAddr,
+    /// Status endpoint: /status, /metrics, /ready, /healthz.
+    #[arg(long, env = "MESH_CONTROL_STATUS_ADDR", default_value = "127.0.0.1:15014")]
+    status_addr: SocketAddr,
+    /// Names (DNS or IP) nodes use to reach the gRPC server; they go into its certificate.
+    #[arg(long = "tls-san", env = "MESH_CONTROL_TLS_SANS", value_delimiter = ',', default_values_t = default_sans())]
+    tls_sans: Vec<String>,
+    #[arg(long, env = "MESH_CONTROL_TRUST_DOMAIN", default_value = mesh_control::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Namespace whose policies apply mesh-wide; in Kubernetes mode also the controller's own.
+    #[arg(long, env = "MESH_CONTROL_ROOT_NAMESPACE", default_value = mesh_control::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
+    /// Default workload certificate lifetime, seconds.
+    #[arg(long, env = "MESH_CONTROL_CERT_TTL_SECONDS", default_value_t = ca::DEFAULT_TTL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(60..=ca::MAX_TTL.as_secs()))]
+    cert_ttl_seconds: u64,
+    /// File mode: how often the folder is checked for changes, milliseconds.
+    #[arg(long, env = "MESH_CONTROL_POLL_MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    poll_ms: u64,
+    /// Kubernetes mode: `ServiceAccount` of the node `DaemonSet` (tokens of others are refused).
+    #[arg(long, env = "MESH_CONTROL_NODE_SERVICE_ACCOUNT", default_value = "mesh-node")]
+    node_service_account: String,
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    log: String,
+}
+
+fn default_sans() -> Vec<String> {
+    ["localhost", "127.0.0.1", "mesh-control", "mesh-control.mesh-system", "mesh-control.mesh-system.svc"].map(String::from).to_vec()
+}
+
+fn main() -> ExitCode {
+    let config = match Args::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(64);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(&config.log)).init();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    match rt.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Args) -> Result<()> {
+    let publisher = Publisher::new();
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let nodes = Arc::default();
+    let (ca, auth, source) = if let Some(dir) = config.config_dir.clone() {
+        let ca = Ca::load_or_create(&config.state_dir.join("ca"), &config.trust_domain)?;
+        let token_dir = config.node_token_dir.clone().unwrap_or_else(|| config.state_dir.join("node-tokens"));
+        let source = tokio::spawn(filemode::watch(dir, config.root_namespace.clone(), Duration::from_millis(config.poll_ms), publisher.clone()));
+        (ca, Authenticator::Files { dir: token_dir }, source)
+    } else {
+        let client = kube::Client::try_default().await.context("connecting to Kubernetes")?;
+        let ca = k8s::ca_secret::load_or_create(&client, &config.root_namespace, &config.trust_domain).await?;
+        let auth = Authenticator::Kubernetes(k8s::token::Reviewer::new(client.clone(), &config.root_namespace, &config.node_service_account));
+        let cfg = k8s::discovery::Config { root_namespace: config.root_namespace.clone() };
+        let source = tokio::spawn(k8s::discovery::run(client, cfg, publisher.clone()));
+        (ca, auth, source)
+    };
+    let shared = Shared {
+        publisher: publisher.clone(),
+        ca: Arc::new(ca),
+        auth: Arc::new(auth),
+        metrics: metrics.clone(),
+        nodes: Arc::clone(&nodes),
+        default_ttl: Duration::from_secs(config.cert_ttl_seconds),
+    };
+    let grpc = Server::new(config.grpc_addr, &config.tls_sans, shared).await?;
+    let status = StatusServer::new(config.status_addr, Sources { publisher, nodes, registry: Arc::new(registry), metrics }).await?;
+    tracing::info!(grpc = %grpc.local_addr(), status = %status.local_addr(), "mesh-control started");
+    tokio::select! {
+        r = grpc.run() => r.context("gRPC server stopped")?,
+        () = status.run() => {}
+        r = source => r.context("config source stopped")?,
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, stopping"),
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! The mesh CA: one self-signed root (ECDSA P-256) that signs short-lived workload certificates
+//! with exactly one SPIFFE URI SAN, and the controller's own gRPC serving certificate.
+//!
+//! The root is generated on first start and persisted (file mode: `<state-dir>/ca/root.{crt,key}`;
+//! Kubernetes: the Secret `mesh-ca` in the controller namespace, see `k8s::ca_secret`).
+//! Rotation: see the README ("Rotating the mesh root").
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+
+/// Default lifetime of workload certificates.
+pub const DEFAULT_TTL: Duration = Duration::from_hours(24);
+/// Longest lifetime a node may ask for.
+pub const MAX_TTL: Duration = Duration::from_hours(7 * 24);
+/// Lifetime of a generated root.
+const ROOT_TTL: Duration = Duration::from_hours(10 * 365 * 24);
+/// Certificates start a little in the past, for clocks that lag.
+const BACKDATE: Duration = Duration::from_mins(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("mesh root: {0}")]
+    Root(rcgen::Error),
+    #[error("invalid CSR: {0}")]
+    InvalidCsr(rcgen::Error),
+    #[error("signing failed: {0}")]
+    Sign(rcgen::Error),
+    #[error("identity {identity:?} is not spiffe://{trust_domain}/ns/<namespace>/sa/<service-account>")]
+    InvalidIdentity { identity: String, trust_domain: String },
+    #[error("ttl of {seconds} s is out of range (1 s to {} s)", MAX_TTL.as_secs())]
+    InvalidTtl { seconds: i64 },
+}
+
+/// The parts of a SPIFFE id of this mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// The root's certificate and key, PEM, as stored.
+#[derive(Clone, Debug)]
+pub struct RootPem {
+    pub cert: String,
+    pub key: String,
+}
+
+/// A signed certificate: leaf first, then the root.
+#[derive(Clone, Debug)]
+pub struct Signed {
+    pub chain: Vec<String>,
+    pub not_after: OffsetDateTime,
+}
+
+pub struct Ca {
+    root: RootPem,
+    issuer: Issuer<'static, KeyPair>,
+    trust_domain: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").field("trust_domain", &self.trust_domain).finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// A new root for `trust_domain`.
+    pub fn generate(trust_domain: &str) -> Result<Self, Error> {
+        let key = KeyPair::generate().map_err(Error::Root)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::OrganizationName, "mesh");
+        params.distinguished_name.push(DnType::CommonName, format!("mesh root CA ({trust_domain})"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ROOT_TTL;
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key).map_err(Error::Root)?;
+        Self::from_pem(RootPem { cert: cert.pem(), key: key.serialize_pem() }, trust_domain)
+    }
+
+    /// A root loaded from storage.
+    pub fn from_pem(root: RootPem, trust_domain: &str) -> Result<Self, Error> {
+        let key = KeyPair::from_pem(&root.key).map_err(Error::Root)?;
+        let issuer = Issuer::from_ca_cert_pem(&root.cert, key).map_err(Error::Root)?;
+        Ok(Self { root, issuer, trust_domain: trust_domain.to_owned() })
+    }
+
+    /// File mode: loads `dir/root.crt` + `dir/root.key`, or creates them (key mode 0600).
+    pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Self, Error> {
+        let (cert_path, key_path) = (dir.join("root.crt"), dir.join("root.key"));
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        if cert_path.exists() && key_path.exists() {
+            let cert = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+            let key = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+            return Self::from_pem(RootPem { cert, key }, trust_domain);
+        }
+        let ca = Self::generate(trust_domain)?;
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        write_private(&key_path, &ca.root.key).map_err(io(&key_path))?;
+        std::fs::write(&cert_path, &ca.root.cert).map_err(io(&cert_path))?;
+        tracing::info!(cert = %cert_path.display(), "generated a new mesh root");
+        Ok(ca)
+    }
+
+    pub fn root(&self) -> &RootPem {
+        &self.root
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Parses `spiffe://<our trust domain>/ns/<ns>/sa/<sa>`.
+    pub fn parse_identity(&self, identity: &str) -> Result<Identity, Error> {
+        let invalid = || Error::InvalidIdentity { identity: identity.to_owned(), trust_domain: self.trust_domain.clone() };
+        let rest = identity.strip_prefix("spiffe://").ok_or_else(invalid)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [td, "ns", ns, "sa", sa] if *td == self.trust_domain && !ns.is_empty() && !sa.is_empty() => {
+                Ok(Identity { namespace: (*ns).to_owned(), service_account: (*sa).to_owned() })
+            }
+            _ => Err(invalid()),
+        }
+    }
+
+    /// Signs a workload certificate for `identity` with the public key of `csr_pem`. Only the
+    /// key is taken from the CSR; names, usages and lifetime are ours.
+    pub fn sign_workload(&self, csr_pem: &str, identity: &str, ttl: Duration) -> Result<Signed, Error> {
+        self.parse_identity(identity)?;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(Error::InvalidCsr)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let uri = identity.to_owned().try_into().map_err(|_| Error::InvalidIdentity {
+            identity: identity.to_owned(),
+            trust_domain: self.trust_domain.clone(),
+        })?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        self.leaf(params, &csr.public_key, ttl)
+    }
+
+    /// The controller's gRPC serving certificate (and its fresh key, PEM), valid for `names`
+    /// (DNS names or IP addresses).
+    pub fn serving_cert(&self, names: &[String], ttl: Duration) -> Result<(Signed, String), Error> {
+        let key = KeyPair::generate().map_err(Error::Sign)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "mesh-control");
+        for n in names {
+            let san = match n.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(n.clone().try_into().map_err(Error::Sign)?),
+            };
+            params.subject_alt_names.push(san);
+        }
+        Ok((self.leaf(params, &key, ttl)?, key.serialize_pem()))
+    }
+
+    fn leaf(&self, mut params: CertificateParams, key: &impl rcgen::PublicKeyData, ttl: Duration) -> Result<Signed, Error> {
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        params.serial_number = Some(random_serial());
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(key, &self.issuer).map_err(Error::Sign)?;
+        Ok(Signed { chain: vec![cert.pem(), self.root.cert.clone()], not_after: params.not_after })
+    }
+}
+
+/// The requested lifetime: 0 means the default; otherwise 1 s to [`MAX_TTL`].
+pub fn ttl(seconds: i64, default: Duration) -> Result<Duration, Error> {
+    match seconds {
+        0 => Ok(default),
+        s if s > 0 && s.unsigned_abs() <= MAX_TTL.as_secs() => Ok(Duration::from_secs(s.unsigned_abs())),
+        s => Err(Error::InvalidTtl { seconds: s }),
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).expect("the OS random source works");
+    bytes[0] &= 0x7f; // positive
+    SerialNumber::from_slice(&bytes)
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(contents.as_bytes())
+}
+
+#[cfg(test)]
+#[path = "ca_tests.rs"]
+mod tests;

@@ -1,0 +1,63 @@
+use super::*;
+use crate::fixtures::{LAB, lab_state};
+
+#[test]
+fn lab_documents_become_workloads_services_and_endpoints() {
+    let s = lab_state("");
+    let inv = &s.inventory;
+    assert_eq!(inv.nodes.iter().collect::<Vec<_>>(), ["n1", "n2"]);
+    let w1 = &inv.workloads["demo/whoami-1"];
+    assert!(w1.meshed && w1.healthy);
+    assert_eq!((w1.node.as_str(), w1.service_account.as_str()), ("n1", "whoami"));
+    let client = &inv.workloads["demo/client"];
+    assert!(!client.meshed, "the pod label none opts out of a meshed namespace");
+    assert_eq!(client.service_account, "default");
+    let svc = &inv.services[&model::NamespacedName::new("demo", "whoami")];
+    assert_eq!(svc.vips, ["198.19.0.10".parse::<std::net::IpAddr>().expect("ip")]);
+    assert_eq!((svc.ports[0].port, svc.ports[0].target_port), (80, 8080));
+    let eps: Vec<(String, bool)> = svc.endpoints.iter().map(|e| (e.address.to_string(), e.healthy)).collect();
+    assert_eq!(eps, [("198.18.1.10".into(), true), ("198.18.2.10".into(), false)]);
+    assert_eq!(svc.endpoints[0].ports.get(&80), Some(&8080));
+}
+
+#[test]
+fn bad_documents_are_reported_and_the_rest_still_loads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("lab.yaml"), LAB).expect("write");
+    std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("policies/p.yaml"),
+        "apiVersion: security.mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: demo}\nspec: {action: DENY}\n---\napiVersion: lab.mesh.dev/v1alpha1\nkind: Workload\nmetadata: {name: w, namespace: demo}\nspec: {node: n1, addresses: [not-an-ip]}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("broken.yml"), "a: [unclosed").expect("write");
+    std::fs::write(dir.path().join(".hidden.yaml"), "a: [unclosed").expect("write");
+    std::fs::write(dir.path().join("notes.txt"), "ignored").expect("write");
+    let (state, errors) = load(dir.path(), "mesh-system");
+    assert_eq!(state.inventory.workloads.len(), 3, "the bad workload is skipped, the others stay");
+    assert!(state.policies.authorization.contains_key(&model::NamespacedName::new("demo", "deny")));
+    let mut got: Vec<(String, Option<usize>)> =
+        errors.iter().map(|e| (e.file.file_name().expect("name").to_string_lossy().into_owned(), e.document)).collect();
+    got.sort();
+    assert_eq!(got, [("broken.yml".into(), None), ("p.yaml".into(), Some(1)), ("p.yaml".into(), Some(2))]);
+    assert!(errors.iter().any(|e| e.message.contains("unknown kind \"ConfigMap\"")), "{errors:?}");
+}
+
+#[tokio::test]
+async fn watch_publishes_changes_and_skips_unchanged_folders() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("lab.yaml"), LAB).expect("write");
+    let publisher = Publisher::new();
+    let mut rx = publisher.subscribe();
+    let task = tokio::spawn(watch(dir.path().to_path_buf(), "mesh-system".into(), Duration::from_millis(20), publisher.clone()));
+    tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.version == 1)).await.expect("first publish").expect("open");
+    assert!(publisher.current().state.policies.authorization.is_empty());
+    std::fs::write(dir.path().join("deny.yaml"), "apiVersion: security.mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: demo}\nspec: {action: DENY}\n").expect("write");
+    tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.version == 2)).await.expect("change seen").expect("open");
+    assert_eq!(publisher.current().state.policies.authorization.len(), 1);
+    // Rewriting the same content changes the mtime but not the state: no new version.
+    std::fs::write(dir.path().join("lab.yaml"), LAB).expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(publisher.current().version, 2);
+    task.abort();
+}

@@ -1,0 +1,129 @@
+//! Kubernetes discovery: one reflector per kind (Nodes, Namespaces, Pods, Services,
+//! EndpointSlices, and both policy CRDs). Any change rebuilds the state from the stores (after a
+//! short debounce), validates the policies, publishes, and writes policy status conditions.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{StreamExt as _, stream::BoxStream};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource,
+    runtime::{WatchStreamExt as _, reflector, reflector::Store, watcher},
+};
+use serde::de::DeserializeOwned;
+
+use super::status;
+use crate::{crd, snapshot::Publisher, validate, view::State};
+
+pub struct Config {
+    pub root_namespace: String,
+}
+
+/// Coalesces bursts of events (a rollout touches pods, slices and services at once).
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+fn reflect<K>(client: &Client) -> (Store<K>, BoxStream<'static, ()>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&()).into_owned();
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .map(move |event| {
+            if let Err(e) = event {
+                tracing::warn!(kind, "watch error (retrying): {e}");
+            }
+        });
+    (reader, stream.boxed())
+}
+
+struct Stores {
+    nodes: Store<Node>,
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    authz: Store<crd::AuthorizationPolicy>,
+    peer: Store<crd::PeerAuthentication>,
+}
+
+fn owned<K>(store: &Store<K>) -> Vec<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store.state().iter().map(|o| K::clone(o)).collect()
+}
+
+impl Stores {
+    async fn ready(&self) {
+        // A store whose writer is gone never becomes ready; the watch streams live as long as we do.
+        let _ = futures::join!(
+            self.nodes.wait_until_ready(),
+            self.namespaces.wait_until_ready(),
+            self.pods.wait_until_ready(),
+            self.services.wait_until_ready(),
+            self.slices.wait_until_ready(),
+            self.authz.wait_until_ready(),
+            self.peer.wait_until_ready(),
+        );
+    }
+
+    fn state(&self, root_namespace: &str) -> State {
+        let inventory = super::translate::inventory(
+            &owned(&self.nodes),
+            &owned(&self.namespaces),
+            &owned(&self.pods),
+            &owned(&self.services),
+            &owned(&self.slices),
+        );
+        let policies = validate::policies(&owned(&self.authz), &owned(&self.peer), root_namespace);
+        State { inventory, policies }
+    }
+}
+
+/// Runs until the process stops; watch errors are retried with backoff inside the watchers.
+pub async fn run(client: Client, config: Config, publisher: Publisher) {
+    let (nodes, s1) = reflect::<Node>(&client);
+    let (namespaces, s2) = reflect::<Namespace>(&client);
+    let (pods, s3) = reflect::<Pod>(&client);
+    let (services, s4) = reflect::<Service>(&client);
+    let (slices, s5) = reflect::<EndpointSlice>(&client);
+    let (authz, s6) = reflect::<crd::AuthorizationPolicy>(&client);
+    let (peer, s7) = reflect::<crd::PeerAuthentication>(&client);
+    let stores = Arc::new(Stores { nodes, namespaces, pods, services, slices, authz, peer });
+    let mut events = futures::stream::select_all([s1, s2, s3, s4, s5, s6, s7]);
+    // notify_one keeps a permit when nobody waits, so no change is lost while we publish.
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let publish = {
+        let changed = Arc::clone(&changed);
+        async move {
+            stores.ready().await;
+            tracing::info!("all watches synced");
+            loop {
+                publish_once(&client, &stores, &config, &publisher).await;
+                changed.notified().await;
+                tokio::time::sleep(DEBOUNCE).await;
+            }
+        }
+    };
+    let drive = async move {
+        while events.next().await.is_some() {
+            changed.notify_one();
+        }
+    };
+    tokio::join!(publish, drive);
+}
+
+async fn publish_once(client: &Client, stores: &Stores, config: &Config, publisher: &Publisher) {
+    let state = stores.state(&config.root_namespace);
+    let verdicts = state.policies.verdicts.clone();
+    if let Some(version) = publisher.publish(state, Vec::new()) {
+        tracing::info!(version, "cluster state changed");
+    }
+    status::write_all(client, &verdicts, &owned(&stores.authz), &owned(&stores.peer)).await;
+}

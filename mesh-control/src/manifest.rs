@@ -1,0 +1,192 @@
+//! The YAML documents of file mode: the policy CRDs exactly as applied with kubectl, plus small
+//! descriptions of what Kubernetes would otherwise tell us (`lab.mesh.dev/v1alpha1` kinds `Node`,
+//! `Namespace`, `Workload`, `Service`). See `deploy/examples/` and the README for the format.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::Deserialize;
+
+use crate::{
+    crd,
+    model::{self, Labels, NamespacedName},
+};
+
+/// `apiVersion` of the file-mode-only kinds.
+pub const LAB_API_VERSION: &str = "lab.mesh.dev/v1alpha1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not YAML: {0}")]
+    Yaml(String),
+    #[error("{api_version}/{kind}: {source}")]
+    Shape { api_version: String, kind: String, source: serde_json::Error },
+    #[error("unknown kind {kind:?} of apiVersion {api_version:?} (expected {} AuthorizationPolicy/PeerAuthentication or {LAB_API_VERSION} Node/Namespace/Workload/Service)", crd::API_VERSION)]
+    UnknownKind { api_version: String, kind: String },
+    #[error("{kind} {name}: {what}")]
+    Invalid { kind: &'static str, name: String, what: String },
+}
+
+/// One document of a config-folder file.
+#[derive(Debug)]
+pub enum Document {
+    AuthorizationPolicy(Box<crd::AuthorizationPolicy>),
+    PeerAuthentication(Box<crd::PeerAuthentication>),
+    Node(String),
+    Namespace { name: String, labels: Labels },
+    Workload(model::Workload),
+    Service(ServiceDoc),
+}
+
+/// A Service in file mode: endpoints come from `selector` over the described workloads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceDoc {
+    pub key: NamespacedName,
+    pub vips: Vec<IpAddr>,
+    pub selector: Labels,
+    pub ports: Vec<model::ServicePort>,
+}
+
+#[derive(Deserialize, Default)]
+struct Meta {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: Labels,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WorkloadSpec {
+    node: String,
+    #[serde(default = "default_sa")]
+    service_account: String,
+    addresses: Vec<IpAddr>,
+    #[serde(default = "yes")]
+    healthy: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ServiceSpec {
+    #[serde(default)]
+    vips: Vec<IpAddr>,
+    #[serde(default)]
+    selector: Labels,
+    ports: Vec<PortSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PortSpec {
+    #[serde(default)]
+    name: String,
+    port: u16,
+    #[serde(default)]
+    target_port: Option<u16>,
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(default)]
+    app_protocol: Option<String>,
+}
+
+fn default_sa() -> String {
+    "default".into()
+}
+fn yes() -> bool {
+    true
+}
+
+/// Parses every document of a YAML text; one bad document does not hide the others.
+pub fn parse(text: &str) -> Result<Vec<Result<Document, Error>>, Error> {
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(text).map_err(|e| Error::Yaml(e.to_string()))?;
+    Ok(docs.iter().filter(|d| !d.is_null()).map(document).collect())
+}
+
+fn document(doc: &serde_json::Value) -> Result<Document, Error> {
+    let field = |name: &str| doc.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let (api_version, kind) = (field("apiVersion"), field("kind"));
+    let shape = |source| Error::Shape { api_version: api_version.clone(), kind: kind.clone(), source };
+    let meta: Meta = serde_json::from_value(doc.get("metadata").cloned().unwrap_or_default()).map_err(shape)?;
+    let spec = doc.get("spec").cloned().unwrap_or_default();
+    let ns = || meta.namespace.clone().unwrap_or_else(|| "default".into());
+    match (api_version.as_str(), kind.as_str()) {
+        (crd::API_VERSION, "AuthorizationPolicy") => {
+            let mut p: crd::AuthorizationPolicy = serde_json::from_value(doc.clone()).map_err(shape)?;
+            p.metadata.namespace.get_or_insert_with(ns);
+            Ok(Document::AuthorizationPolicy(Box::new(p)))
+        }
+        (crd::API_VERSION, "PeerAuthentication") => {
+            let mut p: crd::PeerAuthentication = serde_json::from_value(doc.clone()).map_err(shape)?;
+            p.metadata.namespace.get_or_insert_with(ns);
+            Ok(Document::PeerAuthentication(Box::new(p)))
+        }
+        (LAB_API_VERSION, "Node") => Ok(Document::Node(named("Node", meta.name)?)),
+        (LAB_API_VERSION, "Namespace") => Ok(Document::Namespace { name: named("Namespace", meta.name)?, labels: meta.labels }),
+        (LAB_API_VERSION, "Workload") => {
+            let s: WorkloadSpec = serde_json::from_value(spec).map_err(shape)?;
+            let namespace = ns();
+            let name = named("Workload", meta.name)?;
+            Ok(Document::Workload(model::Workload {
+                uid: format!("{namespace}/{name}"),
+                name,
+                namespace,
+                service_account: s.service_account,
+                node: s.node,
+                addresses: s.addresses,
+                labels: meta.labels,
+                meshed: false, // decided with the namespace labels, in `filemode::build`
+                healthy: s.healthy,
+            }))
+        }
+        (LAB_API_VERSION, "Service") => {
+            let s: ServiceSpec = serde_json::from_value(spec).map_err(shape)?;
+            let name = named("Service", meta.name)?;
+            let mut ports = Vec::new();
+            for p in s.ports {
+                let invalid = |what: String| Error::Invalid { kind: "Service", name: name.clone(), what };
+                if p.port == 0 {
+                    return Err(invalid("port 0 is out of range 1-65535".into()));
+                }
+                let protocol = p.protocol.as_deref().unwrap_or("TCP");
+                ports.push(model::ServicePort {
+                    name: p.name,
+                    port: p.port,
+                    protocol: model::Protocol::parse(protocol).ok_or_else(|| invalid(format!("unknown protocol {protocol:?}")))?,
+                    target_port: p.target_port.filter(|t| *t != 0).unwrap_or(p.port),
+                    app_protocol: p.app_protocol,
+                });
+            }
+            Ok(Document::Service(ServiceDoc { key: NamespacedName::new(ns(), name), vips: s.vips, selector: s.selector, ports }))
+        }
+        _ => Err(Error::UnknownKind { api_version, kind }),
+    }
+}
+
+fn named(kind: &'static str, name: String) -> Result<String, Error> {
+    if name.is_empty() {
+        return Err(Error::Invalid { kind, name, what: "metadata.name is required".into() });
+    }
+    Ok(name)
+}
+
+/// Endpoints of a file-mode Service: every address of every workload its selector matches.
+pub fn endpoints(svc: &ServiceDoc, workloads: &BTreeMap<String, model::Workload>) -> Vec<model::Endpoint> {
+    if svc.selector.is_empty() {
+        return Vec::new();
+    }
+    let ports: BTreeMap<u16, u16> = svc.ports.iter().map(|p| (p.port, p.target_port)).collect();
+    workloads
+        .values()
+        .filter(|w| w.namespace == svc.key.namespace && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .flat_map(|w| {
+            w.addresses.iter().map(|a| model::Endpoint {
+                workload_uid: Some(w.uid.clone()),
+                address: *a,
+                ports: ports.clone(),
+                healthy: w.healthy,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,74 @@
+//! Prometheus metrics of the controller (prefix `mesh_control_`), served on `/metrics` of the
+//! status endpoint. Label values are fixed strings, never `Debug` output.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::validate::Verdict;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PushLabels {
+    /// "full" or "incremental".
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectedLabels {
+    pub kind: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connected_nodes: Gauge,
+    pub config_version: Gauge,
+    pub pushes: Family<PushLabels, Counter>,
+    pub acks: Counter,
+    pub nacks: Counter,
+    pub policies_rejected: Family<RejectedLabels, Gauge>,
+    pub file_errors: Gauge,
+    pub certificates_issued: Counter,
+    pub certificate_refusals: Family<ReasonLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("mesh_control");
+        r.register("connected_nodes", "Node daemons with an open config stream", m.connected_nodes.clone());
+        r.register("config_version", "Version of the published config", m.config_version.clone());
+        r.register("config_pushes", "Config updates sent to nodes", m.pushes.clone());
+        r.register("config_acks", "Config updates nodes acknowledged", m.acks.clone());
+        r.register("config_nacks", "Config updates nodes rejected", m.nacks.clone());
+        r.register("policies_rejected", "Policy objects currently rejected by validation", m.policies_rejected.clone());
+        r.register("config_file_errors", "Config-folder files or documents that could not be read (file mode)", m.file_errors.clone());
+        r.register("certificates_issued", "Workload certificates signed", m.certificates_issued.clone());
+        r.register("certificate_refusals", "Certificate requests refused", m.certificate_refusals.clone());
+        m
+    }
+
+    /// Sets the rejected-policy gauges from the current verdicts.
+    pub fn set_verdicts(&self, verdicts: &[Verdict]) {
+        self.policies_rejected.clear();
+        for v in verdicts {
+            if let Err(e) = &v.result {
+                self.policies_rejected.get_or_create(&RejectedLabels { kind: v.kind.as_str(), reason: e.reason() }).inc();
+            }
+        }
+    }
+}
+
+/// Text exposition of a registry.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry).expect("writing to a String cannot fail");
+    out
+}

@@ -1,0 +1,219 @@
+//! Domain types of the control plane. Kubernetes objects, file-mode YAML and CRDs are converted
+//! into these at their module boundaries; the per-node views and the gRPC conversion start here.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use ipnet::IpNet;
+
+pub type Labels = BTreeMap<String, String>;
+
+/// A namespace and a name: the key of services and policies.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NamespacedName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl NamespacedName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for NamespacedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A pod, or a workload described in file mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// Pod UID; file mode: "<namespace>/<name>".
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub node: String,
+    pub addresses: Vec<IpAddr>,
+    pub labels: Labels,
+    pub meshed: bool,
+    pub healthy: bool,
+}
+
+impl Workload {
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub fn identity(&self, trust_domain: &str) -> String {
+        spiffe_id(trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_uppercase().as_str() {
+            "" | "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub target_port: u16,
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub workload_uid: Option<String>,
+    pub address: IpAddr,
+    /// Service port → port on this endpoint.
+    pub ports: BTreeMap<u16, u16>,
+    pub healthy: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Service {
+    pub fn key(&self) -> NamespacedName {
+        NamespacedName::new(&self.namespace, &self.name)
+    }
+}
+
+/// Everything discovered about the cluster, before policies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Inventory {
+    pub nodes: std::collections::BTreeSet<String>,
+    /// By uid.
+    pub workloads: BTreeMap<String, Workload>,
+    pub services: BTreeMap<NamespacedName, Service>,
+}
+
+/// Where a policy applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// In the root namespace without a selector: every workload of the mesh.
+    Mesh,
+    /// Without a selector: every workload of its namespace.
+    Namespace,
+    /// With a selector: the matching workloads of its namespace.
+    Workload,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+    Audit,
+}
+
+/// A validated `AuthorizationPolicy`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthorizationPolicy {
+    pub name: String,
+    pub namespace: String,
+    pub scope: Scope,
+    pub selector: Labels,
+    pub action: Action,
+    pub dry_run: bool,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rule {
+    pub from: Vec<Source>,
+    pub to: Vec<Operation>,
+    pub when: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Source {
+    pub principals: Vec<String>,
+    pub not_principals: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub not_namespaces: Vec<String>,
+    pub ip_blocks: Vec<IpNet>,
+    pub not_ip_blocks: Vec<IpNet>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Operation {
+    pub ports: Vec<u16>,
+    pub not_ports: Vec<u16>,
+    pub methods: Vec<String>,
+    pub not_methods: Vec<String>,
+    pub paths: Vec<String>,
+    pub not_paths: Vec<String>,
+    pub hosts: Vec<String>,
+    pub not_hosts: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Condition {
+    pub key: String,
+    pub values: Vec<String>,
+    pub not_values: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MtlsMode {
+    Unset,
+    Strict,
+    Permissive,
+    Disable,
+}
+
+/// A validated `PeerAuthentication`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerAuthentication {
+    pub name: String,
+    pub namespace: String,
+    pub scope: Scope,
+    pub selector: Labels,
+    pub mode: MtlsMode,
+    pub port_level: BTreeMap<u16, MtlsMode>,
+}
+
+/// Does a policy with this scope, namespace and selector apply to the workload?
+pub fn applies_to(scope: Scope, namespace: &str, selector: &Labels, w: &Workload) -> bool {
+    let selected = selector.iter().all(|(k, v)| w.labels.get(k) == Some(v));
+    match scope {
+        Scope::Mesh => selected,
+        Scope::Namespace => w.namespace == namespace,
+        Scope::Workload => w.namespace == namespace && selected,
+    }
+}
+
+/// Is a pod in the mesh? Its namespace opts in with `mesh.dev/dataplane-mode=ambient`, or the pod
+/// itself does; the pod value `none` opts out of a meshed namespace.
+pub fn meshed(namespace_labels: Option<&Labels>, pod_labels: &Labels) -> bool {
+    let mode = crate::crd::DATAPLANE_MODE_LABEL;
+    match pod_labels.get(mode).map(String::as_str) {
+        Some("none") => false,
+        Some("ambient") => true,
+        _ => namespace_labels.and_then(|l| l.get(mode)).is_some_and(|v| v == "ambient"),
+    }
+}

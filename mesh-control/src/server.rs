@@ -1,0 +1,267 @@
+//! The gRPC server (TLS with a serving certificate from the mesh root): config streams
+//! (`mesh.config.v1.ConfigDistribution`) and the workload CA (`mesh.ca.v1.Certificates`).
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::Stream;
+use mesh_proto::{ca::v1 as ca_pb, config::v1 as pb};
+use tokio::{net::TcpListener, sync::mpsc};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{auth::Authenticator, ca::Ca, metrics::Metrics, metrics::PushLabels, metrics::ReasonLabels, snapshot::Publisher, view};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("serving certificate: {0}")]
+    Cert(#[from] crate::ca::Error),
+    #[error("TLS setup: {0}")]
+    Tls(tonic::transport::Error),
+    #[error("serving gRPC: {0}")]
+    Serve(tonic::transport::Error),
+}
+
+/// What the status endpoint shows about one node.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub connected: bool,
+    pub sent_version: u64,
+    pub acked_version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_nack: Option<Nack>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Nack {
+    pub version: u64,
+    pub error: String,
+}
+
+pub type NodeStatuses = Arc<Mutex<BTreeMap<String, NodeStatus>>>;
+
+/// State shared by both services.
+#[derive(Clone)]
+pub struct Shared {
+    pub publisher: Publisher,
+    pub ca: Arc<Ca>,
+    pub auth: Arc<Authenticator>,
+    pub metrics: Arc<Metrics>,
+    pub nodes: NodeStatuses,
+    pub default_ttl: Duration,
+}
+
+pub struct Server {
+    listener: TcpListener,
+    tls: tonic::transport::ServerTlsConfig,
+    shared: Shared,
+}
+
+impl Server {
+    /// Binds `addr` and issues the serving certificate for `names` (DNS names or IPs the nodes
+    /// dial).
+    pub async fn new(addr: SocketAddr, names: &[String], shared: Shared) -> Result<Self, Error> {
+        let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+        // Renewed only by a restart: a year, far from the workload TTL that matters.
+        let (cert, key) = shared.ca.serving_cert(names, Duration::from_hours(8760))?;
+        let identity = tonic::transport::Identity::from_pem(cert.chain.join(""), key);
+        let tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+        Ok(Self { listener, tls, shared })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub async fn run(self) -> Result<(), Error> {
+        tonic::transport::Server::builder()
+            .tls_config(self.tls)
+            .map_err(Error::Tls)?
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .add_service(pb::config_distribution_server::ConfigDistributionServer::new(ConfigService(self.shared.clone())))
+            .add_service(ca_pb::certificates_server::CertificatesServer::new(CaService(self.shared)))
+            .serve_with_incoming(TcpListenerStream::new(self.listener))
+            .await
+            .map_err(Error::Serve)
+    }
+}
+
+struct ConfigService(Shared);
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::config_distribution_server::ConfigDistribution for ConfigService {
+    type StreamConfigStream = UpdateStream;
+
+    async fn stream_config(&self, req: Request<Streaming<pb::NodeMessage>>) -> Result<Response<UpdateStream>, Status> {
+        let shared = self.0.clone();
+        let node = shared.auth.authenticate(req.metadata()).await.map_err(|e| {
+            tracing::warn!(remote = ?req.remote_addr(), "config stream refused: {e}");
+            Status::unauthenticated(e.to_string())
+        })?;
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.and_then(|m| m.kind);
+        let Some(pb::node_message::Kind::Subscribe(sub)) = first else {
+            return Err(Status::invalid_argument("the first message must be Subscribe"));
+        };
+        if sub.node_name != node {
+            tracing::warn!(authenticated = node, claimed = sub.node_name, "config stream refused: node name mismatch");
+            return Err(Status::permission_denied(format!("authenticated as node {node:?}, not {:?}", sub.node_name)));
+        }
+        tracing::info!(node, last_applied = sub.last_applied_version, "node subscribed");
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(serve_node(shared, node, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Marks the node connected for as long as it lives.
+struct Connected {
+    shared: Shared,
+    node: String,
+}
+
+impl Connected {
+    fn new(shared: Shared, node: String) -> Self {
+        shared.metrics.connected_nodes.inc();
+        shared.nodes.lock().expect("not poisoned").entry(node.clone()).or_default().connected = true;
+        Self { shared, node }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut NodeStatus)) {
+        f(self.shared.nodes.lock().expect("not poisoned").entry(self.node.clone()).or_default());
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.shared.metrics.connected_nodes.dec();
+        self.update(|s| s.connected = false);
+    }
+}
+
+/// One node's stream: a full view first, then a diff whenever the published state changes its
+/// view; Acks and Nacks are recorded as they come.
+async fn serve_node(
+    shared: Shared,
+    node: String,
+    mut inbound: Streaming<pb::NodeMessage>,
+    tx: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
+) {
+    let conn = Connected::new(shared.clone(), node.clone());
+    let mut snapshots = shared.publisher.subscribe();
+    let mut last: Option<view::View> = None;
+    let trust_domain = shared.ca.trust_domain().to_owned();
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        if snap.version > 0 {
+            let new = view::node_view(&snap.state, &node, &trust_domain);
+            let update = match &last {
+                None => Some((pb::ConfigUpdate { version: snap.version, full: true, upserts: new.values().cloned().collect(), removals: vec![] }, "full")),
+                Some(old) => {
+                    let (upserts, removals) = view::diff(old, &new);
+                    (!upserts.is_empty() || !removals.is_empty())
+                        .then_some((pb::ConfigUpdate { version: snap.version, full: false, upserts, removals }, "incremental"))
+                }
+            };
+            if let Some((update, kind)) = update {
+                tracing::debug!(node, version = update.version, kind, upserts = update.upserts.len(), removals = update.removals.len(), "pushing config");
+                if tx.send(Ok(update)).await.is_err() {
+                    break;
+                }
+                shared.metrics.pushes.get_or_create(&PushLabels { kind }).inc();
+                conn.update(|s| s.sent_version = snap.version);
+            }
+            last = Some(new);
+        }
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { break },
+            msg = inbound.message() => match msg {
+                Ok(Some(m)) => handle_reply(&shared, &conn, m),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::info!(node, "config stream ended: {e}");
+                    break;
+                }
+            },
+        }
+    }
+    tracing::info!(node, "node disconnected");
+}
+
+fn handle_reply(shared: &Shared, conn: &Connected, msg: pb::NodeMessage) {
+    match msg.kind {
+        Some(pb::node_message::Kind::Ack(a)) => {
+            shared.metrics.acks.inc();
+            conn.update(|s| s.acked_version = s.acked_version.max(a.version));
+        }
+        Some(pb::node_message::Kind::Nack(n)) => {
+            shared.metrics.nacks.inc();
+            tracing::warn!(node = conn.node, version = n.version, "node rejected config: {}", n.error);
+            conn.update(|s| s.last_nack = Some(Nack { version: n.version, error: n.error }));
+        }
+        Some(pb::node_message::Kind::Subscribe(_)) | None => {
+            tracing::warn!(node = conn.node, "ignoring an unexpected message on the config stream");
+        }
+    }
+}
+
+struct CaService(Shared);
+
+#[tonic::async_trait]
+impl ca_pb::certificates_server::Certificates for CaService {
+    async fn create_certificate(
+        &self,
+        req: Request<ca_pb::CreateCertificateRequest>,
+    ) -> Result<Response<ca_pb::CreateCertificateResponse>, Status> {
+        let s = &self.0;
+        let refuse = |reason: &'static str, status: Status| {
+            s.metrics.certificate_refusals.get_or_create(&ReasonLabels { reason }).inc();
+            status
+        };
+        let node = s.auth.authenticate(req.metadata()).await.map_err(|e| {
+            tracing::warn!(remote = ?req.remote_addr(), "certificate request refused: {e}");
+            refuse(e.reason(), Status::unauthenticated(e.to_string()))
+        })?;
+        let r = req.into_inner();
+        let id = s.ca.parse_identity(&r.identity).map_err(|e| {
+            tracing::warn!(node, identity = r.identity, "certificate request refused: {e}");
+            refuse("invalid_identity", Status::invalid_argument(e.to_string()))
+        })?;
+        let snap = s.publisher.current();
+        let runs_here = snap.state.inventory.workloads.values().any(|w| {
+            w.node == node && w.meshed && w.namespace == id.namespace && w.service_account == id.service_account
+        });
+        if !runs_here {
+            tracing::warn!(node, identity = r.identity, "certificate request refused: no meshed workload with this identity runs on the node");
+            return Err(refuse(
+                "not_on_node",
+                Status::permission_denied(format!("node {node:?} runs no meshed workload with identity {}", r.identity)),
+            ));
+        }
+        let ttl = crate::ca::ttl(r.ttl_seconds, s.default_ttl).map_err(|e| refuse("invalid_ttl", Status::invalid_argument(e.to_string())))?;
+        let signed = s.ca.sign_workload(&r.csr_pem, &r.identity, ttl).map_err(|e| {
+            tracing::warn!(node, identity = r.identity, "certificate request refused: {e}");
+            refuse("invalid_csr", Status::invalid_argument(e.to_string()))
+        })?;
+        s.metrics.certificates_issued.inc();
+        tracing::info!(node, identity = r.identity, ttl_s = ttl.as_secs(), "issued a workload certificate");
+        Ok(Response::new(ca_pb::CreateCertificateResponse {
+            cert_chain_pem: signed.chain,
+            not_after_unix: signed.not_after.unix_timestamp(),
+        }))
+    }
+}
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

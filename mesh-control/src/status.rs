@@ -1,0 +1,120 @@
+//! The status endpoint (plain HTTP/1.1, meant for localhost or the pod network):
+//! - `GET /status`: JSON with the config version, every policy's verdict, file errors and nodes,
+//! - `GET /metrics`: Prometheus text,
+//! - `GET /ready`: 200 once a first config is published (readiness probe), else 503,
+//! - `GET /healthz`: 200 (liveness probe).
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::{metrics::Metrics, server::NodeStatuses, snapshot::Publisher};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+#[derive(Clone)]
+pub struct Sources {
+    pub publisher: Publisher,
+    pub nodes: NodeStatuses,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub struct StatusServer {
+    listener: TcpListener,
+    sources: Sources,
+}
+
+impl StatusServer {
+    pub async fn new(addr: SocketAddr, sources: Sources) -> Result<Self, Error> {
+        let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+        Ok(Self { listener, sources })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub async fn run(self) {
+        loop {
+            let Ok((stream, _)) = self.listener.accept().await else { continue };
+            let sources = self.sources.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let sources = sources.clone();
+                    async move { Ok::<_, Infallible>(handle(&req, &sources)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    }
+}
+
+fn handle(req: &Request<Incoming>, s: &Sources) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/status" => reply(StatusCode::OK, "application/json", status_json(s)),
+        "/metrics" => {
+            let snap = s.publisher.current();
+            s.metrics.config_version.set(i64::try_from(snap.version).unwrap_or(i64::MAX));
+            s.metrics.set_verdicts(&snap.state.policies.verdicts);
+            s.metrics.file_errors.set(i64::try_from(snap.file_errors.len()).unwrap_or(i64::MAX));
+            reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", crate::metrics::encode(&s.registry))
+        }
+        "/ready" if s.publisher.current().version > 0 => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+        "/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "no config published yet\n".into()),
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "try /status, /metrics, /ready\n".into()),
+    }
+}
+
+fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(code)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static headers are valid")
+}
+
+/// The `/status` document.
+pub fn status_json(s: &Sources) -> String {
+    let snap = s.publisher.current();
+    let policies: Vec<_> = snap
+        .state
+        .policies
+        .verdicts
+        .iter()
+        .map(|v| {
+            serde_json::json!({
+                "kind": v.kind.as_str(),
+                "namespace": v.key.namespace,
+                "name": v.key.name,
+                "accepted": v.result.is_ok(),
+                "reason": v.result.as_ref().err().map_or("Accepted", crate::validate::Error::reason),
+                "message": v.result.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+            })
+        })
+        .collect();
+    let nodes = s.nodes.lock().expect("not poisoned").clone();
+    let doc = serde_json::json!({
+        "version": snap.version,
+        "workloads": snap.state.inventory.workloads.len(),
+        "services": snap.state.inventory.services.len(),
+        "policies": policies,
+        "fileErrors": snap.file_errors,
+        "nodes": nodes,
+    });
+    serde_json::to_string_pretty(&doc).expect("JSON values serialize") + "\n"
+}

@@ -1,0 +1,330 @@
+//! Semantic validation of the policy CRDs: CRD object → domain policy, or an [`Error`] whose
+//! `reason()` and message go into `status.conditions` (Kubernetes) or the status endpoint (file
+//! mode). A rejected object is left out whole; the others keep working.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use ipnet::IpNet;
+use kube::ResourceExt as _;
+
+use crate::{
+    crd,
+    model::{self, Action, MtlsMode, NamespacedName, Scope},
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "{field}: principal {value:?} must look like <trust-domain>/ns/<namespace>/sa/<service-account> (without spiffe://), or use one * at its start or end"
+    )]
+    InvalidPrincipal { field: String, value: String },
+    #[error("{field}: port {value} is out of range 1-65535")]
+    PortOutOfRange { field: String, value: i64 },
+    #[error("{field}: {value:?} is not a port number")]
+    InvalidPort { field: String, value: String },
+    #[error("spec.action: unknown action {value:?} (expected ALLOW, DENY or AUDIT)")]
+    UnknownAction { value: String },
+    #[error("{field}: unknown mTLS mode {value:?} (expected UNSET, STRICT, PERMISSIVE or DISABLE)")]
+    UnknownMode { field: String, value: String },
+    #[error("{field}: {value:?} is not an IP address or CIDR")]
+    InvalidIpBlock { field: String, value: String },
+    #[error("{field}: {value:?} is not a namespace name (or a pattern with one * at its start or end)")]
+    InvalidNamespace { field: String, value: String },
+    #[error("spec.selector.matchLabels: {key:?}={value:?} is not a valid label selector entry")]
+    InvalidSelector { key: String, value: String },
+    #[error("{field}: path {value:?} must start with / or *")]
+    InvalidPath { field: String, value: String },
+    #[error("{field}: a condition needs a key and values or notValues")]
+    InvalidCondition { field: String },
+    #[error("metadata.annotations[{key}]: {value:?} is not \"true\" or \"false\"")]
+    InvalidAnnotation { key: String, value: String },
+    #[error("selects the same workloads as {other}, which is older and wins; delete one of them or make the selectors differ")]
+    ConflictingSelector { other: String },
+}
+
+impl Error {
+    /// Machine-readable reason (condition `reason`, metric label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidPrincipal { .. } => "InvalidPrincipal",
+            Self::PortOutOfRange { .. } => "PortOutOfRange",
+            Self::InvalidPort { .. } => "InvalidPort",
+            Self::UnknownAction { .. } => "UnknownAction",
+            Self::UnknownMode { .. } => "UnknownMode",
+            Self::InvalidIpBlock { .. } => "InvalidIpBlock",
+            Self::InvalidNamespace { .. } => "InvalidNamespace",
+            Self::InvalidSelector { .. } => "InvalidSelector",
+            Self::InvalidPath { .. } => "InvalidPath",
+            Self::InvalidCondition { .. } => "InvalidCondition",
+            Self::InvalidAnnotation { .. } => "InvalidAnnotation",
+            Self::ConflictingSelector { .. } => "ConflictingSelector",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PolicyKind {
+    AuthorizationPolicy,
+    PeerAuthentication,
+}
+
+impl PolicyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AuthorizationPolicy => "AuthorizationPolicy",
+            Self::PeerAuthentication => "PeerAuthentication",
+        }
+    }
+}
+
+/// The outcome of validating one policy object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub kind: PolicyKind,
+    pub key: NamespacedName,
+    pub generation: Option<i64>,
+    pub result: Result<(), Error>,
+}
+
+/// The accepted policies plus one verdict per object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policies {
+    pub authorization: BTreeMap<NamespacedName, model::AuthorizationPolicy>,
+    pub peer_authentication: BTreeMap<NamespacedName, model::PeerAuthentication>,
+    pub verdicts: Vec<Verdict>,
+}
+
+/// Validates every policy object. `root_namespace` holds the mesh-wide policies.
+pub fn policies(
+    authz: &[crd::AuthorizationPolicy],
+    peer: &[crd::PeerAuthentication],
+    root_namespace: &str,
+) -> Policies {
+    let mut out = Policies::default();
+    for p in authz {
+        let key = key_of(p);
+        let result = authorization_policy(p, root_namespace);
+        out.verdicts.push(Verdict {
+            kind: PolicyKind::AuthorizationPolicy,
+            key: key.clone(),
+            generation: p.metadata.generation,
+            result: result.as_ref().map(|_| ()).map_err(Clone::clone),
+        });
+        if let Ok(policy) = result {
+            out.authorization.insert(key, policy);
+        }
+    }
+    // Oldest first (then by name), so that of two conflicting PeerAuthentications the older one
+    // wins, as in Istio, whatever order they arrive in.
+    let mut peer: Vec<&crd::PeerAuthentication> = peer.iter().collect();
+    peer.sort_by_key(|p| (p.metadata.creation_timestamp.as_ref().map(|t| t.0), key_of(*p)));
+    for p in peer {
+        let key = key_of(p);
+        let result = peer_authentication(p, root_namespace).and_then(|policy| {
+            let clash = out.peer_authentication.values().find(|o| {
+                o.namespace == policy.namespace && o.scope == policy.scope && o.selector == policy.selector
+            });
+            match clash {
+                Some(o) => Err(Error::ConflictingSelector {
+                    other: format!("PeerAuthentication {}/{}", o.namespace, o.name),
+                }),
+                None => Ok(policy),
+            }
+        });
+        out.verdicts.push(Verdict {
+            kind: PolicyKind::PeerAuthentication,
+            key: key.clone(),
+            generation: p.metadata.generation,
+            result: result.as_ref().map(|_| ()).map_err(Clone::clone),
+        });
+        if let Ok(policy) = result {
+            out.peer_authentication.insert(key, policy);
+        }
+    }
+    out
+}
+
+fn key_of(o: &impl kube::Resource) -> NamespacedName {
+    NamespacedName::new(o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default())
+}
+
+pub fn authorization_policy(p: &crd::AuthorizationPolicy, root_namespace: &str) -> Result<model::AuthorizationPolicy, Error> {
+    let key = key_of(p);
+    let (scope, selector) = scope(p.spec.selector.as_ref(), &key.namespace, root_namespace)?;
+    let action = match p.spec.action.as_deref() {
+        None | Some("ALLOW") => Action::Allow,
+        Some("DENY") => Action::Deny,
+        Some("AUDIT") => Action::Audit,
+        Some(other) => return Err(Error::UnknownAction { value: other.to_owned() }),
+    };
+    let dry_run = match p.annotations().get(crd::DRY_RUN_ANNOTATION).map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(Error::InvalidAnnotation { key: crd::DRY_RUN_ANNOTATION.into(), value: other.into() });
+        }
+    };
+    let rules = p.spec.rules.iter().enumerate().map(|(i, r)| rule(r, &format!("spec.rules[{i}]"))).collect::<Result<_, _>>()?;
+    Ok(model::AuthorizationPolicy { name: key.name, namespace: key.namespace, scope, selector, action, dry_run, rules })
+}
+
+pub fn peer_authentication(p: &crd::PeerAuthentication, root_namespace: &str) -> Result<model::PeerAuthentication, Error> {
+    let key = key_of(p);
+    let (scope, selector) = scope(p.spec.selector.as_ref(), &key.namespace, root_namespace)?;
+    let mode = mtls_mode(p.spec.mtls.as_ref(), "spec.mtls.mode")?;
+    let mut port_level = BTreeMap::new();
+    for (port, m) in &p.spec.port_level_mtls {
+        let field = format!("spec.portLevelMtls[{port}]");
+        port_level.insert(port_number(port, &field)?, mtls_mode(Some(m), &format!("{field}.mode"))?);
+    }
+    Ok(model::PeerAuthentication { name: key.name, namespace: key.namespace, scope, selector, mode, port_level })
+}
+
+fn scope(selector: Option<&crd::WorkloadSelector>, namespace: &str, root: &str) -> Result<(Scope, model::Labels), Error> {
+    let labels = selector.map(|s| s.match_labels.clone()).unwrap_or_default();
+    for (k, v) in &labels {
+        if !valid_label_key(k) || !valid_label_value(v) {
+            return Err(Error::InvalidSelector { key: k.clone(), value: v.clone() });
+        }
+    }
+    // In the root namespace a policy covers the whole mesh; a selector then filters workloads
+    // of every namespace (Istio's rule).
+    let scope = if namespace == root {
+        Scope::Mesh
+    } else if labels.is_empty() {
+        Scope::Namespace
+    } else {
+        Scope::Workload
+    };
+    Ok((scope, labels))
+}
+
+fn mtls_mode(m: Option<&crd::Mtls>, field: &str) -> Result<MtlsMode, Error> {
+    match m.and_then(|m| m.mode.as_deref()) {
+        None | Some("UNSET") => Ok(MtlsMode::Unset),
+        Some("STRICT") => Ok(MtlsMode::Strict),
+        Some("PERMISSIVE") => Ok(MtlsMode::Permissive),
+        Some("DISABLE") => Ok(MtlsMode::Disable),
+        Some(other) => Err(Error::UnknownMode { field: field.into(), value: other.into() }),
+    }
+}
+
+fn rule(r: &crd::Rule, field: &str) -> Result<model::Rule, Error> {
+    let from = r.from.iter().enumerate().map(|(i, f)| source(&f.source, &format!("{field}.from[{i}].source"))).collect::<Result<_, _>>()?;
+    let to = r.to.iter().enumerate().map(|(i, t)| operation(&t.operation, &format!("{field}.to[{i}].operation"))).collect::<Result<_, _>>()?;
+    let when = r
+        .when
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            if c.key.is_empty() || (c.values.is_empty() && c.not_values.is_empty()) {
+                return Err(Error::InvalidCondition { field: format!("{field}.when[{i}]") });
+            }
+            Ok(model::Condition { key: c.key.clone(), values: c.values.clone(), not_values: c.not_values.clone() })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(model::Rule { from, to, when })
+}
+
+fn source(s: &crd::Source, field: &str) -> Result<model::Source, Error> {
+    let principals = |list: &[String], name: &str| -> Result<Vec<String>, Error> {
+        each(list, field, name, |v, f| if valid_principal(v) { Ok(v.to_owned()) } else { Err(Error::InvalidPrincipal { field: f, value: v.into() }) })
+    };
+    let namespaces = |list: &[String], name: &str| -> Result<Vec<String>, Error> {
+        each(list, field, name, |v, f| if valid_pattern(v, valid_dns_label) { Ok(v.to_owned()) } else { Err(Error::InvalidNamespace { field: f, value: v.into() }) })
+    };
+    let blocks = |list: &[String], name: &str| each(list, field, name, ip_block);
+    Ok(model::Source {
+        principals: principals(&s.principals, "principals")?,
+        not_principals: principals(&s.not_principals, "notPrincipals")?,
+        namespaces: namespaces(&s.namespaces, "namespaces")?,
+        not_namespaces: namespaces(&s.not_namespaces, "notNamespaces")?,
+        ip_blocks: blocks(&s.ip_blocks, "ipBlocks")?,
+        not_ip_blocks: blocks(&s.not_ip_blocks, "notIpBlocks")?,
+    })
+}
+
+fn operation(o: &crd::Operation, field: &str) -> Result<model::Operation, Error> {
+    let ports = |list: &[String], name: &str| each(list, field, name, |v, f| port_number(v, &f));
+    let paths = |list: &[String], name: &str| {
+        each(list, field, name, |v, f| if v.starts_with('/') || v.starts_with('*') { Ok(v.to_owned()) } else { Err(Error::InvalidPath { field: f, value: v.into() }) })
+    };
+    Ok(model::Operation {
+        ports: ports(&o.ports, "ports")?,
+        not_ports: ports(&o.not_ports, "notPorts")?,
+        methods: o.methods.clone(),
+        not_methods: o.not_methods.clone(),
+        paths: paths(&o.paths, "paths")?,
+        not_paths: paths(&o.not_paths, "notPaths")?,
+        hosts: o.hosts.clone(),
+        not_hosts: o.not_hosts.clone(),
+    })
+}
+
+/// Checks every entry of a list, naming the failing entry's field path.
+fn each<T>(list: &[String], field: &str, name: &str, check: impl Fn(&str, String) -> Result<T, Error>) -> Result<Vec<T>, Error> {
+    list.iter().enumerate().map(|(i, v)| check(v, format!("{field}.{name}[{i}]"))).collect()
+}
+
+fn port_number(v: &str, field: &str) -> Result<u16, Error> {
+    let n: i64 = v.trim().parse().map_err(|_| Error::InvalidPort { field: field.into(), value: v.into() })?;
+    match u16::try_from(n) {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(Error::PortOutOfRange { field: field.into(), value: n }),
+    }
+}
+
+fn ip_block(v: &str, field: String) -> Result<IpNet, Error> {
+    v.parse::<IpNet>()
+        .or_else(|_| v.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| Error::InvalidIpBlock { field, value: v.into() })
+}
+
+/// `<trust-domain>/ns/<ns>/sa/<sa>`, `*`, or such a string with one `*` at its start or end.
+fn valid_principal(v: &str) -> bool {
+    if v == "*" {
+        return true;
+    }
+    if v.starts_with("spiffe://") || v.matches('*').count() > 1 {
+        return false;
+    }
+    if v.starts_with('*') || v.ends_with('*') {
+        return v.len() > 1 && !v.contains(char::is_whitespace);
+    }
+    let parts: Vec<&str> = v.split('/').collect();
+    matches!(parts.as_slice(), [td, "ns", ns, "sa", sa]
+        if !td.is_empty() && valid_dns_label(ns) && !sa.is_empty() && !sa.contains(char::is_whitespace))
+}
+
+/// An exact name, `*`, or a name fragment with one `*` at its start or end (`kube-*`).
+fn valid_pattern(v: &str, check: fn(&str) -> bool) -> bool {
+    match v.strip_prefix('*').or_else(|| v.strip_suffix('*')) {
+        _ if v == "*" => true,
+        Some(fragment) => !fragment.is_empty() && fragment.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+        None => check(v),
+    }
+}
+
+fn valid_dns_label(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 63
+        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-')
+}
+
+fn valid_label_key(k: &str) -> bool {
+    let name = k.rsplit_once('/').map_or(k, |(_, n)| n);
+    !name.is_empty() && name.len() <= 63 && valid_label_value(name)
+}
+
+fn valid_label_value(v: &str) -> bool {
+    v.len() <= 63
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && v.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
+        && v.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
+}
+
+#[cfg(test)]
+#[path = "validate_tests.rs"]
+mod tests;

@@ -1,0 +1,134 @@
+use super::*;
+
+const ROOT: &str = "mesh-system";
+
+fn ap(yaml: &str) -> crd::AuthorizationPolicy {
+    serde_saphyr::from_str(yaml).expect("test YAML parses")
+}
+
+fn pa(yaml: &str) -> crd::PeerAuthentication {
+    serde_saphyr::from_str(yaml).expect("test YAML parses")
+}
+
+fn ap_err(yaml: &str) -> Error {
+    authorization_policy(&ap(yaml), ROOT).expect_err("policy must be rejected")
+}
+
+#[test]
+fn istio_shaped_policy_translates_every_field() {
+    let p = ap(r#"
+apiVersion: security.mesh.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: allow-frontend, namespace: demo, annotations: {istio.io/dry-run: "true"}}
+spec:
+  selector: {matchLabels: {app: whoami}}
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/demo/sa/frontend", "*/sa/admin"]
+        notNamespaces: ["kube-*"]
+        ipBlocks: ["198.18.0.0/16", "198.18.1.10"]
+    to:
+    - operation: {ports: ["8080"], notPorts: ["9090"], methods: [GET], paths: ["/api/*"], hosts: ["whoami.demo"]}
+    when:
+    - key: request.headers[x-user]
+      values: [alice]
+"#);
+    let got = authorization_policy(&p, ROOT).expect("valid");
+    assert_eq!(got.scope, Scope::Workload);
+    assert_eq!(got.action, Action::Deny);
+    assert!(got.dry_run);
+    assert_eq!(got.selector.get("app").map(String::as_str), Some("whoami"));
+    let r = &got.rules[0];
+    assert_eq!(r.from[0].principals, ["cluster.local/ns/demo/sa/frontend", "*/sa/admin"]);
+    assert_eq!(r.from[0].not_namespaces, ["kube-*"]);
+    assert_eq!(r.from[0].ip_blocks[1].to_string(), "198.18.1.10/32");
+    assert_eq!(r.to[0].ports, [8080]);
+    assert_eq!(r.to[0].not_ports, [9090]);
+    assert_eq!(r.to[0].paths, ["/api/*"]);
+    assert_eq!(r.when[0].values, ["alice"]);
+}
+
+#[test]
+fn scope_follows_namespace_and_selector() {
+    let mesh = ap("metadata: {name: a, namespace: mesh-system}\nspec: {}");
+    assert_eq!(authorization_policy(&mesh, ROOT).expect("valid").scope, Scope::Mesh);
+    let ns = ap("metadata: {name: a, namespace: demo}\nspec: {action: ALLOW}");
+    let got = authorization_policy(&ns, ROOT).expect("valid");
+    assert_eq!((got.scope, got.action, got.dry_run), (Scope::Namespace, Action::Allow, false));
+    let empty_selector = ap("metadata: {name: a, namespace: demo}\nspec: {selector: {matchLabels: {}}}");
+    assert_eq!(authorization_policy(&empty_selector, ROOT).expect("valid").scope, Scope::Namespace);
+}
+
+#[test]
+fn bad_principals_are_rejected_with_their_field_path() {
+    for bad in ["spiffe://cluster.local/ns/a/sa/b", "cluster.local/ns/a", "a*b*", "cluster.local/ns/A_B/sa/x", "td/ns//sa/x"] {
+        let e = ap_err(&format!(
+            "metadata: {{name: a, namespace: demo}}\nspec:\n  rules:\n  - from:\n    - source: {{principals: [ok/ns/a/sa/b, \"{bad}\"]}}"
+        ));
+        assert_eq!(e.reason(), "InvalidPrincipal", "{bad}: {e}");
+        assert!(e.to_string().contains("spec.rules[0].from[0].source.principals[1]"), "{e}");
+    }
+}
+
+#[test]
+fn ports_out_of_range_and_non_numeric_are_rejected() {
+    let e = ap_err("metadata: {name: a, namespace: demo}\nspec:\n  rules:\n  - to:\n    - operation: {ports: [\"70000\"]}");
+    assert_eq!(e, Error::PortOutOfRange { field: "spec.rules[0].to[0].operation.ports[0]".into(), value: 70000 });
+    let e = ap_err("metadata: {name: a, namespace: demo}\nspec:\n  rules:\n  - to:\n    - operation: {notPorts: [\"0\"]}");
+    assert_eq!(e.reason(), "PortOutOfRange");
+    let e = ap_err("metadata: {name: a, namespace: demo}\nspec:\n  rules:\n  - to:\n    - operation: {ports: [http]}");
+    assert_eq!(e.reason(), "InvalidPort");
+}
+
+#[test]
+fn unknown_action_mode_ip_block_path_condition_and_annotation_are_rejected() {
+    assert_eq!(ap_err("metadata: {name: a, namespace: demo}\nspec: {action: CUSTOM}").reason(), "UnknownAction");
+    assert_eq!(ap_err("metadata: {name: a, namespace: demo}\nspec: {action: allow}").reason(), "UnknownAction");
+    let e = ap_err("metadata: {name: a, namespace: demo}\nspec:\n  rules:\n  - from:\n    - source: {notIpBlocks: [\"10.0.0.0/33\"]}");
+    assert_eq!(e.reason(), "InvalidIpBlock");
+    let e = ap_err("metadata: {name: a, namespace: demo}\nspec:\n  rules:\n  - to:\n    - operation: {paths: [api]}");
+    assert_eq!(e.reason(), "InvalidPath");
+    let e = ap_err("metadata: {name: a, namespace: demo}\nspec:\n  rules:\n  - when:\n    - key: source.ip");
+    assert_eq!(e.reason(), "InvalidCondition");
+    let e = ap_err("metadata: {name: a, namespace: demo, annotations: {istio.io/dry-run: \"yes\"}}\nspec: {}");
+    assert_eq!(e.reason(), "InvalidAnnotation");
+    let e = ap_err("metadata: {name: a, namespace: demo}\nspec:\n  rules:\n  - from:\n    - source: {namespaces: [\"Demo\"]}");
+    assert_eq!(e.reason(), "InvalidNamespace");
+    let e = ap_err("metadata: {name: a, namespace: demo}\nspec: {selector: {matchLabels: {\"app\": \"-bad\"}}}");
+    assert_eq!(e.reason(), "InvalidSelector");
+}
+
+#[test]
+fn peer_authentication_modes_and_port_levels() {
+    let p = pa("metadata: {name: p, namespace: demo}\nspec:\n  selector: {matchLabels: {app: db}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    \"8080\": {mode: DISABLE}");
+    let got = peer_authentication(&p, ROOT).expect("valid");
+    assert_eq!((got.scope, got.mode), (Scope::Workload, MtlsMode::Strict));
+    assert_eq!(got.port_level.get(&8080), Some(&MtlsMode::Disable));
+    let p = pa("metadata: {name: p, namespace: demo}\nspec: {mtls: {mode: STRICTEST}}");
+    assert_eq!(peer_authentication(&p, ROOT).expect_err("bad mode").reason(), "UnknownMode");
+    let p = pa("metadata: {name: p, namespace: demo}\nspec:\n  portLevelMtls:\n    \"99999\": {mode: STRICT}");
+    assert_eq!(peer_authentication(&p, ROOT).expect_err("bad port").reason(), "PortOutOfRange");
+}
+
+#[test]
+fn conflicting_peer_authentications_reject_the_younger_and_keep_the_rest() {
+    let older = pa("metadata: {name: b-older, namespace: demo, creationTimestamp: \"2026-01-01T00:00:00Z\"}\nspec: {mtls: {mode: STRICT}}");
+    let younger = pa("metadata: {name: a-younger, namespace: demo, creationTimestamp: \"2026-02-01T00:00:00Z\"}\nspec: {mtls: {mode: PERMISSIVE}}");
+    let other_ns = pa("metadata: {name: c, namespace: other}\nspec: {mtls: {mode: STRICT}}");
+    let bad = ap("metadata: {name: bad, namespace: demo}\nspec: {action: NOPE}");
+    let good = ap("metadata: {name: good, namespace: demo}\nspec: {action: DENY}");
+    // Input order must not matter.
+    let got = policies(&[bad, good], &[younger, other_ns, older], ROOT);
+    let keys: Vec<String> = got.peer_authentication.keys().map(ToString::to_string).collect();
+    assert_eq!(keys, ["demo/b-older", "other/c"]);
+    assert_eq!(got.authorization.keys().map(ToString::to_string).collect::<Vec<_>>(), ["demo/good"]);
+    let rejected: Vec<(String, &str)> = got
+        .verdicts
+        .iter()
+        .filter_map(|v| v.result.as_ref().err().map(|e| (v.key.to_string(), e.reason())))
+        .collect();
+    assert_eq!(rejected, [("demo/bad".into(), "UnknownAction"), ("demo/a-younger".into(), "ConflictingSelector")]);
+    assert_eq!(got.verdicts.len(), 5);
+}

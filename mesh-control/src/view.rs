@@ -1,0 +1,229 @@
+//! Per-node views (sans-IO): what one node receives, as proto resources keyed for diffing.
+//!
+//! A node gets its own workloads (meshed or not: it must know which ones to capture), every
+//! Service with its endpoints (each endpoint says whether it is meshed, its node and identity, so
+//! the node needs no remote workloads to tunnel and verify peers), and the policies that apply to
+//! at least one of its meshed workloads, with those workloads' uids precomputed.
+//!
+//! This module is the proto boundary of the controller: domain types in, `mesh_proto` out.
+
+use std::collections::BTreeMap;
+
+use mesh_proto::config::v1 as pb;
+
+use crate::{
+    model::{self, Action, Inventory, MtlsMode, Protocol, Scope, Workload},
+    validate::Policies,
+};
+
+/// Everything the controller knows, after validation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    pub inventory: Inventory,
+    pub policies: Policies,
+}
+
+/// (kind, key) → resource.
+pub type View = BTreeMap<(i32, String), pb::Resource>;
+
+pub fn node_view(state: &State, node: &str, trust_domain: &str) -> View {
+    let inv = &state.inventory;
+    let mut view = View::new();
+    let local: Vec<&Workload> = inv.workloads.values().filter(|w| w.node == node).collect();
+    for w in &local {
+        insert(&mut view, pb::resource::Kind::Workload(workload(w, trust_domain)));
+    }
+    for s in inv.services.values() {
+        insert(&mut view, pb::resource::Kind::Service(service(s, inv, trust_domain)));
+    }
+    let applied = |scope, ns: &str, sel| -> Vec<String> {
+        local.iter().filter(|w| w.meshed && model::applies_to(scope, ns, sel, w)).map(|w| w.uid.clone()).collect()
+    };
+    for p in state.policies.authorization.values() {
+        let uids = applied(p.scope, &p.namespace, &p.selector);
+        if !uids.is_empty() {
+            insert(&mut view, pb::resource::Kind::AuthorizationPolicy(authorization_policy(p, uids)));
+        }
+    }
+    for p in state.policies.peer_authentication.values() {
+        let uids = applied(p.scope, &p.namespace, &p.selector);
+        if !uids.is_empty() {
+            insert(&mut view, pb::resource::Kind::PeerAuthentication(peer_authentication(p, uids)));
+        }
+    }
+    view
+}
+
+fn insert(view: &mut View, kind: pb::resource::Kind) {
+    let key = key_of(&kind);
+    view.insert((key.kind, key.key), pb::Resource { kind: Some(kind) });
+}
+
+/// The key of a resource: workloads by uid, everything else by "<namespace>/<name>".
+pub fn key_of(kind: &pb::resource::Kind) -> pb::ResourceKey {
+    use pb::resource::Kind as K;
+    let (kind, key) = match kind {
+        K::Workload(w) => (pb::ResourceKind::Workload, w.uid.clone()),
+        K::Service(s) => (pb::ResourceKind::Service, format!("{}/{}", s.namespace, s.name)),
+        K::AuthorizationPolicy(p) => (pb::ResourceKind::AuthorizationPolicy, format!("{}/{}", p.namespace, p.name)),
+        K::PeerAuthentication(p) => (pb::ResourceKind::PeerAuthentication, format!("{}/{}", p.namespace, p.name)),
+    };
+    pb::ResourceKey { kind: kind.into(), key }
+}
+
+/// Upserts (new or changed) and removals that turn `old` into `new`.
+pub fn diff(old: &View, new: &View) -> (Vec<pb::Resource>, Vec<pb::ResourceKey>) {
+    let upserts = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(_, v)| v.clone()).collect();
+    let removals = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .map(|(kind, key)| pb::ResourceKey { kind: *kind, key: key.clone() })
+        .collect();
+    (upserts, removals)
+}
+
+fn workload(w: &Workload, trust_domain: &str) -> pb::Workload {
+    pb::Workload {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        service_account: w.service_account.clone(),
+        node: w.node.clone(),
+        addresses: w.addresses.iter().map(ToString::to_string).collect(),
+        labels: w.labels.clone().into_iter().collect(),
+        meshed: w.meshed,
+        healthy: w.healthy,
+        identity: w.identity(trust_domain),
+    }
+}
+
+fn service(s: &model::Service, inv: &Inventory, trust_domain: &str) -> pb::Service {
+    let protocol = |p: Protocol| match p {
+        Protocol::Tcp => pb::Protocol::Tcp,
+        Protocol::Udp => pb::Protocol::Udp,
+        Protocol::Sctp => pb::Protocol::Sctp,
+    };
+    pb::Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        vips: s.vips.iter().map(ToString::to_string).collect(),
+        ports: s
+            .ports
+            .iter()
+            .map(|p| pb::ServicePort {
+                name: p.name.clone(),
+                port: p.port.into(),
+                protocol: protocol(p.protocol).into(),
+                target_port: p.target_port.into(),
+                app_protocol: p.app_protocol.clone().unwrap_or_default(),
+            })
+            .collect(),
+        endpoints: s
+            .endpoints
+            .iter()
+            .map(|e| {
+                let w = e.workload_uid.as_ref().and_then(|uid| inv.workloads.get(uid));
+                pb::Endpoint {
+                    workload_uid: e.workload_uid.clone().unwrap_or_default(),
+                    address: e.address.to_string(),
+                    ports: e.ports.iter().map(|(k, v)| (u32::from(*k), u32::from(*v))).collect(),
+                    healthy: e.healthy,
+                    node: w.map(|w| w.node.clone()).unwrap_or_default(),
+                    meshed: w.is_some_and(|w| w.meshed),
+                    identity: w.filter(|w| w.meshed).map(|w| w.identity(trust_domain)).unwrap_or_default(),
+                }
+            })
+            .collect(),
+    }
+}
+
+fn scope(s: Scope) -> i32 {
+    match s {
+        Scope::Mesh => pb::Scope::Mesh,
+        Scope::Namespace => pb::Scope::Namespace,
+        Scope::Workload => pb::Scope::Workload,
+    }
+    .into()
+}
+
+fn mode(m: MtlsMode) -> i32 {
+    match m {
+        MtlsMode::Unset => pb::MtlsMode::Unset,
+        MtlsMode::Strict => pb::MtlsMode::Strict,
+        MtlsMode::Permissive => pb::MtlsMode::Permissive,
+        MtlsMode::Disable => pb::MtlsMode::Disable,
+    }
+    .into()
+}
+
+fn authorization_policy(p: &model::AuthorizationPolicy, workload_uids: Vec<String>) -> pb::AuthorizationPolicy {
+    let action = match p.action {
+        Action::Allow => pb::Action::Allow,
+        Action::Deny => pb::Action::Deny,
+        Action::Audit => pb::Action::Audit,
+    };
+    let ports = |v: &[u16]| v.iter().map(|p| u32::from(*p)).collect();
+    let blocks = |v: &[ipnet::IpNet]| v.iter().map(ToString::to_string).collect();
+    pb::AuthorizationPolicy {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        scope: scope(p.scope),
+        selector: p.selector.clone().into_iter().collect(),
+        action: action.into(),
+        dry_run: p.dry_run,
+        rules: p
+            .rules
+            .iter()
+            .map(|r| pb::Rule {
+                from: r
+                    .from
+                    .iter()
+                    .map(|s| pb::Source {
+                        principals: s.principals.clone(),
+                        not_principals: s.not_principals.clone(),
+                        namespaces: s.namespaces.clone(),
+                        not_namespaces: s.not_namespaces.clone(),
+                        ip_blocks: blocks(&s.ip_blocks),
+                        not_ip_blocks: blocks(&s.not_ip_blocks),
+                    })
+                    .collect(),
+                to: r
+                    .to
+                    .iter()
+                    .map(|o| pb::Operation {
+                        ports: ports(&o.ports),
+                        not_ports: ports(&o.not_ports),
+                        methods: o.methods.clone(),
+                        not_methods: o.not_methods.clone(),
+                        paths: o.paths.clone(),
+                        not_paths: o.not_paths.clone(),
+                        hosts: o.hosts.clone(),
+                        not_hosts: o.not_hosts.clone(),
+                    })
+                    .collect(),
+                when: r
+                    .when
+                    .iter()
+                    .map(|c| pb::Condition { key: c.key.clone(), values: c.values.clone(), not_values: c.not_values.clone() })
+                    .collect(),
+            })
+            .collect(),
+        workload_uids,
+    }
+}
+
+fn peer_authentication(p: &model::PeerAuthentication, workload_uids: Vec<String>) -> pb::PeerAuthentication {
+    pb::PeerAuthentication {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        scope: scope(p.scope),
+        selector: p.selector.clone().into_iter().collect(),
+        mode: mode(p.mode),
+        port_level_mtls: p.port_level.iter().map(|(k, v)| (u32::from(*k), mode(*v))).collect(),
+        workload_uids,
+    }
+}
+
+#[cfg(test)]
+#[path = "view_tests.rs"]
+mod tests;

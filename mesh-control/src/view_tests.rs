@@ -1,0 +1,101 @@
+use super::*;
+use crate::fixtures::lab_state;
+
+const TD: &str = "cluster.local";
+
+const POLICIES: &str = r#"
+apiVersion: security.mesh.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: whoami-deny, namespace: demo}
+spec:
+  selector: {matchLabels: {app: whoami}}
+  action: DENY
+  rules: [{to: [{operation: {ports: ["8080"]}}]}]
+---
+apiVersion: security.mesh.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: other-ns, namespace: elsewhere}
+spec: {}
+---
+apiVersion: security.mesh.dev/v1alpha1
+kind: PeerAuthentication
+metadata: {name: mesh-strict, namespace: mesh-system}
+spec: {mtls: {mode: STRICT}}
+"#;
+
+fn workloads(v: &View) -> Vec<&pb::Workload> {
+    v.values().filter_map(|r| match &r.kind {
+        Some(pb::resource::Kind::Workload(w)) => Some(w),
+        _ => None,
+    }).collect()
+}
+
+fn authz(v: &View) -> Vec<&pb::AuthorizationPolicy> {
+    v.values().filter_map(|r| match &r.kind {
+        Some(pb::resource::Kind::AuthorizationPolicy(p)) => Some(p),
+        _ => None,
+    }).collect()
+}
+
+#[test]
+fn each_node_gets_its_own_workloads_every_service_and_its_policies() {
+    let state = lab_state(POLICIES);
+    let n1 = node_view(&state, "n1", TD);
+    let names: Vec<&str> = workloads(&n1).iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["client", "whoami-1"], "n1 gets both local pods, meshed or not");
+    let w1 = workloads(&n1).into_iter().find(|w| w.name == "whoami-1").expect("whoami-1");
+    assert_eq!(w1.identity, "spiffe://cluster.local/ns/demo/sa/whoami");
+    assert_eq!(w1.addresses, ["198.18.1.10"]);
+    let n2 = node_view(&state, "n2", TD);
+    assert_eq!(workloads(&n2).iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["whoami-2"]);
+
+    for view in [&n1, &n2] {
+        let svc = view.get(&(pb::ResourceKind::Service.into(), "demo/whoami".into())).expect("every node gets the service");
+        let Some(pb::resource::Kind::Service(svc)) = &svc.kind else { panic!("not a service") };
+        assert_eq!(svc.vips, ["198.19.0.10"]);
+        let remote = svc.endpoints.iter().find(|e| e.address == "198.18.2.10").expect("endpoint on n2");
+        assert!(remote.meshed && !remote.healthy);
+        assert_eq!((remote.node.as_str(), remote.identity.as_str()), ("n2", "spiffe://cluster.local/ns/demo/sa/whoami"));
+        assert_eq!(remote.ports.get(&80), Some(&8080));
+    }
+
+    let p1 = authz(&n1);
+    assert_eq!(p1.len(), 1, "the policy of a namespace without workloads here is not sent");
+    assert_eq!(p1[0].workload_uids, ["demo/whoami-1"], "only meshed, selected, local workloads");
+    assert_eq!(p1[0].action, i32::from(pb::Action::Deny));
+    assert_eq!(p1[0].rules[0].to[0].ports, [8080]);
+    assert_eq!(authz(&n2)[0].workload_uids, ["demo/whoami-2"]);
+
+    let pa = n1.get(&(pb::ResourceKind::PeerAuthentication.into(), "mesh-system/mesh-strict".into())).expect("mesh-wide PA");
+    let Some(pb::resource::Kind::PeerAuthentication(pa)) = &pa.kind else { panic!("not a PA") };
+    assert_eq!((pa.scope, pa.mode), (i32::from(pb::Scope::Mesh), i32::from(pb::MtlsMode::Strict)));
+    assert_eq!(pa.workload_uids, ["demo/whoami-1"], "the unmeshed client is not covered");
+}
+
+#[test]
+fn unknown_node_gets_services_only() {
+    let v = node_view(&lab_state(POLICIES), "n9", TD);
+    assert!(v.keys().all(|(k, _)| *k == i32::from(pb::ResourceKind::Service)), "{:?}", v.keys());
+    assert_eq!(v.len(), 1);
+}
+
+#[test]
+fn diff_sends_changed_and_removed_resources_only() {
+    let before = node_view(&lab_state(POLICIES), "n1", TD);
+    let no_policies = node_view(&lab_state(""), "n1", TD);
+    let (upserts, removals) = diff(&before, &before);
+    assert!(upserts.is_empty() && removals.is_empty());
+    let (upserts, removals) = diff(&before, &no_policies);
+    assert!(upserts.is_empty());
+    let mut removed: Vec<String> = removals.iter().map(|k| k.key.clone()).collect();
+    removed.sort();
+    assert_eq!(removed, ["demo/whoami-deny", "mesh-system/mesh-strict"]);
+    let (upserts, removals) = diff(&no_policies, &before);
+    assert_eq!((upserts.len(), removals.len()), (2, 0));
+    // A policy edit is one upsert of that policy.
+    let edited = node_view(&lab_state(&POLICIES.replace("action: DENY", "action: ALLOW")), "n1", TD);
+    let (upserts, removals) = diff(&before, &edited);
+    assert!(removals.is_empty());
+    assert_eq!(upserts.len(), 1);
+    assert_eq!(key_of(upserts[0].kind.as_ref().expect("kind")).key, "demo/whoami-deny");
+}
