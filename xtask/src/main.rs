@@ -8,6 +8,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod lab;
 mod test;
 
@@ -35,6 +36,12 @@ enum Task {
         #[command(subcommand)]
         action: lab::Action,
     },
+    /// Benchmarks against the no-mesh baseline in the same run; results in bench/results/.
+    Bench {
+        /// Run one benchmark group only (datapath).
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Remove leftovers (namespaces, cgroups, pinned objects, processes) of crashed runs.
     Clean,
 }
@@ -45,6 +52,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build_ebpf(),
         Task::Test { filter } => test::run(filter.as_deref()),
         Task::Lab { action } => lab::run(action),
+        Task::Bench { only } => bench::run(only.as_deref()),
         Task::Clean => {
             require_root("clean")?;
             for what in mesh_tests::clean::clean_all() {

@@ -15,6 +15,12 @@
 //!   pseudo-random bytes and checks the echo byte for byte. Exit 0 only if all succeeded.
 //! - `udp ADDR [--count N]`: N datagrams from one unconnected socket, one line per reply:
 //!   `reply from=<recvfrom address> <server line>`.
+//!
+//! Measurements (one JSON line of latency percentiles in microseconds):
+//! - `bench-connect ADDR --count N`: N × (connect, read the server line, close with RST);
+//!   times the connect() call alone.
+//! - `rr ADDR --count N [--size BYTES]`: one connection, N request/response round trips of
+//!   BYTES through the echo server.
 use std::{
     env,
     io::{BufRead, BufReader, Read, Write},
@@ -56,6 +62,14 @@ fn main() -> ExitCode {
             };
             connect_all(addr, &opts)
         }
+        Some("bench-connect") => match addr() {
+            Some(addr) => bench_connect(addr, num("--count", 1000)),
+            None => usage(),
+        },
+        Some("rr") => match addr() {
+            Some(addr) => request_response(addr, num("--count", 10_000), usize::try_from(num("--size", 64)).unwrap_or(64)),
+            None => usage(),
+        },
         Some("udp") => match addr() {
             Some(addr) => udp(addr, num("--count", 1)),
             None => usage(),
@@ -273,4 +287,68 @@ fn udp(addr: SocketAddr, count: u64) -> ExitCode {
         }
     }
     if ok { ExitCode::SUCCESS } else { ExitCode::from(2) }
+}
+
+/// Percentiles of `samples` (microseconds) as one JSON line.
+fn report(kind: &str, samples: &mut [f64]) {
+    samples.sort_by(f64::total_cmp);
+    let pct = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "{{\"kind\":\"{kind}\",\"n\":{},\"p50_us\":{:.2},\"p90_us\":{:.2},\"p99_us\":{:.2},\"mean_us\":{:.2}}}",
+        samples.len(),
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        samples.iter().sum::<f64>() / samples.len() as f64
+    );
+}
+
+fn bench_connect(addr: SocketAddr, count: u64) -> ExitCode {
+    let mut samples = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    let mut line = String::new();
+    for _ in 0..count {
+        let started = std::time::Instant::now();
+        let stream = match TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(e) => return fail(&format!("connect {addr}: {} ({e})", errno_name(&e))),
+        };
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+        // Read the greeting so the server side completes, then close with RST (no TIME_WAIT).
+        let mut reader = BufReader::new(&stream);
+        line.clear();
+        let _ = reader.read_line(&mut line);
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    }
+    report("connect", &mut samples);
+    ExitCode::SUCCESS
+}
+
+fn request_response(addr: SocketAddr, count: u64, size: usize) -> ExitCode {
+    let mut stream = match TcpStream::connect(addr) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("connect {addr}: {} ({e})", errno_name(&e))),
+    };
+    let _ = stream.set_nodelay(true);
+    let mut greeting = [0u8; 1];
+    // Skip the greeting line byte by byte (it has no fixed length).
+    loop {
+        if stream.read_exact(&mut greeting).is_err() {
+            return fail("no greeting");
+        }
+        if greeting[0] == b'\n' {
+            break;
+        }
+    }
+    let request = vec![0x5au8; size];
+    let mut response = vec![0u8; size];
+    let mut samples = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    for _ in 0..count {
+        let started = std::time::Instant::now();
+        if stream.write_all(&request).and_then(|()| stream.read_exact(&mut response)).is_err() {
+            return fail("round trip failed");
+        }
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    report("rr", &mut samples);
+    ExitCode::SUCCESS
 }

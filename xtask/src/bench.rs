@@ -1,0 +1,80 @@
+//! `cargo xtask bench`: benchmarks against the no-mesh baseline in the same run.
+//!
+//! Every capability with a cost is compared with what it replaces, interleaved and repeated on
+//! the same lab, so ratios and medians survive a noisy 2-core machine. Results go to
+//! `bench/results/<name>.md` and `.json`, with the machine description and the command.
+
+use std::{fs, path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::{require_root, root_dir, setup_and_build, sh, step};
+
+mod datapath;
+
+pub fn run(only: Option<&str>) -> Result<()> {
+    require_root("bench")?;
+    setup_and_build()?;
+    step("building release binaries for the benchmarks");
+    sh(Command::new("cargo").args(["build", "--release", "--locked", "-p", "mesh-tests", "--bins"]))?;
+    let leftovers = mesh_tests::clean::clean_all();
+    if !leftovers.is_empty() {
+        println!("    removed leftovers: {}", leftovers.join(", "));
+    }
+    let mut ran = false;
+    if only.is_none_or(|o| o == "datapath") {
+        datapath::run()?;
+        ran = true;
+    }
+    if !ran {
+        bail!("unknown benchmark {only:?}: expected one of: datapath");
+    }
+    Ok(())
+}
+
+pub fn whoami() -> String {
+    root_dir().join("target/release/mesh-whoami").display().to_string()
+}
+
+/// Median of a non-empty slice.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 0 { (v[mid - 1] + v[mid]) / 2.0 } else { v[mid] }
+}
+
+/// "median (min–max)" of repeated measurements.
+pub fn spread(values: &[f64], decimals: usize) -> String {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.*} ({:.*}–{:.*})", decimals, median(values), decimals, min, decimals, max)
+}
+
+/// Parses the JSON line a measurement tool printed last.
+pub fn last_json(stdout: &[u8]) -> Result<Value> {
+    let text = String::from_utf8_lossy(stdout);
+    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{')).with_context(|| format!("no JSON in output: {text}"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+/// The machine, for the results header.
+pub fn machine() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+    format!("{cores} × {cpu}, Linux {kernel}")
+}
+
+pub fn write_results(name: &str, markdown: &str, json: &Value) -> Result<PathBuf> {
+    let dir = root_dir().join("bench/results");
+    fs::create_dir_all(&dir)?;
+    let md = dir.join(format!("{name}.md"));
+    fs::write(&md, markdown)?;
+    fs::write(dir.join(format!("{name}.json")), serde_json::to_string_pretty(json)? + "\n")?;
+    Ok(md)
+}
