@@ -48,7 +48,7 @@ fn services_take_endpoints_and_named_target_ports_from_their_slices() {
     )
     .expect("svc");
     let slice: EndpointSlice = serde_saphyr::from_str(
-        r#"
+        "
 metadata: {name: whoami-abc, namespace: demo, labels: {kubernetes.io/service-name: whoami}}
 addressType: IPv4
 ports: [{name: http, port: 8080}, {name: metrics, port: 9091}]
@@ -59,7 +59,7 @@ endpoints:
 - addresses: [10.0.2.5]
   conditions: {ready: false}
 - addresses: [10.0.3.5]
-"#,
+",
     )
     .expect("slice");
     let inv = inventory(&[], &namespaces(), &[pod(WHOAMI)], &[svc], &[slice]);

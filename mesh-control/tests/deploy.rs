@@ -1,0 +1,106 @@
+//! Checks of `deploy/` that need no cluster: the committed CRDs equal crdgen's output, the Helm
+//! chart renders to the plain manifests, and the example policies load (or are rejected) as their
+//! comments say. (No helm CLI exists here: the chart's templates use only `{{ .Values.* }}` and
+//! `{{ .Release.Namespace }}`, which `render` below substitutes; anything else fails the test.)
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn docs(text: &str) -> Vec<Value> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text).expect("YAML");
+    docs.into_iter().filter(|d| !d.is_null()).collect()
+}
+
+#[test]
+fn committed_crds_equal_crdgen_output() {
+    let generated = mesh_control::crd::yaml().expect("crdgen");
+    assert!(
+        read(&deploy().join("10-crds.yaml")) == generated,
+        "deploy/10-crds.yaml is stale: run `cargo run -p mesh-control --bin crdgen > deploy/10-crds.yaml`"
+    );
+    assert!(read(&deploy().join("helm/mesh/crds/crds.yaml")) == generated, "deploy/helm/mesh/crds/crds.yaml is stale: copy deploy/10-crds.yaml");
+}
+
+/// Substitutes `{{ .Values.<path> }}` and `{{ .Release.Namespace }}`; panics on anything else.
+fn render(template: &str, values: &Value, namespace: &str) -> String {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find("}}").expect("unclosed {{") + start;
+        let expr = rest[start + 2..end].trim();
+        let value = if expr == ".Release.Namespace" {
+            namespace.to_owned()
+        } else {
+            let path = expr.strip_prefix(".Values.").unwrap_or_else(|| panic!("unsupported template expression {expr:?}"));
+            let v = path.split('.').fold(values, |v, k| &v[k]);
+            v.as_str().unwrap_or_else(|| panic!("value {path} missing or not a string")).to_owned()
+        };
+        out.push_str(&value);
+        rest = &rest[end + 2..];
+    }
+    out + rest
+}
+
+#[test]
+fn helm_chart_renders_the_plain_manifests() {
+    let chart = deploy().join("helm/mesh");
+    let values: Value = serde_saphyr::from_str(&read(&chart.join("values.yaml"))).expect("values");
+    let mut rendered = Vec::new();
+    for t in ["control.yaml", "node.yaml"] {
+        rendered.extend(docs(&render(&read(&chart.join("templates").join(t)), &values, "mesh-system")));
+    }
+    let mut plain = Vec::new();
+    for f in ["20-control.yaml", "30-node.yaml"] {
+        plain.extend(docs(&read(&deploy().join(f))));
+    }
+    assert_eq!(rendered.len(), plain.len());
+    for (r, p) in rendered.iter().zip(&plain) {
+        assert_eq!(r, p, "chart and plain manifest differ for {} {}", p["kind"], p["metadata"]["name"]);
+    }
+}
+
+#[test]
+fn node_daemonset_is_not_privileged_and_adds_only_the_needed_capabilities() {
+    let node = docs(&read(&deploy().join("30-node.yaml")));
+    let ds = node.iter().find(|d| d["kind"] == "DaemonSet").expect("DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    let sc = &pod["containers"][0]["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    let added: Vec<&str> = sc["capabilities"]["add"].as_array().expect("add").iter().filter_map(Value::as_str).collect();
+    assert!(added.iter().all(|c| ["BPF", "NET_ADMIN", "SYS_ADMIN"].contains(c)), "{added:?}");
+    assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+    let sa = node.iter().find(|d| d["kind"] == "ServiceAccount").expect("ServiceAccount");
+    assert_eq!(sa["automountServiceAccountToken"], false, "the node needs no API access");
+}
+
+#[test]
+fn example_folder_loads_cleanly_and_invalid_examples_are_rejected_with_reasons() {
+    let ex = deploy().join("examples");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(ex.join("file-mode/cluster.yaml"), dir.path().join("cluster.yaml")).expect("copy");
+    for p in ["allow-client-to-whoami.yaml", "strict-mtls.yaml"] {
+        std::fs::copy(ex.join("policies").join(p), dir.path().join(p)).expect("copy");
+    }
+    let (state, errors) = mesh_control::filemode::load(dir.path(), "mesh-system");
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!((state.inventory.nodes.len(), state.inventory.workloads.len(), state.inventory.services.len()), (2, 4, 1));
+    assert!(state.policies.verdicts.iter().all(|v| v.result.is_ok()), "{:?}", state.policies.verdicts);
+    assert_eq!((state.policies.authorization.len(), state.policies.peer_authentication.len()), (1, 1));
+
+    let (state, errors) = mesh_control::filemode::load(&ex.join("invalid"), "mesh-system");
+    assert!(errors.is_empty(), "{errors:?}");
+    let reasons: Vec<&str> = state.policies.verdicts.iter().filter_map(|v| v.result.as_ref().err().map(mesh_control::validate::Error::reason)).collect();
+    assert_eq!(reasons, ["InvalidPrincipal", "PortOutOfRange", "UnknownAction"]);
+    assert!(state.policies.authorization.is_empty());
+}
