@@ -3,6 +3,7 @@
 //! Only this module imports aya. Everything above it speaks domain types ([`ServiceSpec`],
 //! [`PodSpec`], [`DenyRule`], ...); the kernel layouts come from `mesh-common`.
 
+pub mod discover;
 mod endpoints;
 mod error;
 mod loader;

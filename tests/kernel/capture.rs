@@ -125,3 +125,16 @@ fn l4_policy_denies_in_the_kernel_before_any_byte_leaves() {
     f.dp().sync_policy(&[]).expect("clear policy");
     assert_eq!(answered_by(&f.dial_one("n1p1", direct)), Some("n2p1"), "allowed once the rule is gone");
 }
+
+#[test]
+fn pod_cgroups_are_discovered_by_their_network_namespace_addresses() {
+    let f = Fixture::new(&[2, 1], &["n1p1", "n1p2", "n2p1"]);
+    let found = mesh_node::datapath::discover::pod_cgroups(&f.lab.node(1).cgroup).expect("scan cgroups");
+    for pod in ["n1p1", "n1p2"] {
+        let p = f.lab.pod(pod);
+        let addrs = found.get(&p.cgroup).unwrap_or_else(|| panic!("{pod}'s cgroup not found in {found:?}"));
+        assert!(addrs.contains(&IpAddr::V4(p.ip)) && addrs.contains(&IpAddr::V6(p.ip6)), "{pod}: {addrs:?}");
+    }
+    let n2 = f.lab.pod("n2p1");
+    assert!(!found.contains_key(&n2.cgroup), "node 2's pods are outside node 1's cgroup");
+}
