@@ -138,3 +138,22 @@ fn pod_cgroups_are_discovered_by_their_network_namespace_addresses() {
     let n2 = f.lab.pod("n2p1");
     assert!(!found.contains_key(&n2.cgroup), "node 2's pods are outside node 1's cgroup");
 }
+
+#[test]
+fn an_oversized_update_is_refused_whole_with_a_clear_error() {
+    let mut f = Fixture::new(&[1, 1], &[]);
+    let before = [endpoint(&f, "n2p1", 2, false)];
+    f.load().sync_endpoints(&before).expect("endpoints");
+    let too_many: Vec<EndpointSpec> = (0..=mesh_common::names::MAX_ENDPOINTS)
+        .map(|i| EndpointSpec { addr: IpAddr::V6(std::net::Ipv6Addr::from(0xfd00_u128 << 112 | u128::from(i))), identity: i, meshed: true, strict: false, local: false })
+        .collect();
+    let err = f.dp().sync_endpoints(&too_many).expect_err("over capacity");
+    assert_eq!(err.to_string(), "map MESH_EP_V1 is full (capacity 65536) while writing 65537 entries requested");
+    // Nothing was written: the pinned map still holds exactly the previous entry.
+    let map = f.pin_dir().join("MESH_EP_V1");
+    let dump = std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&map).output().expect("bpftool");
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert_eq!(text.matches("\"key\"").count(), 1, "partial write after a refused update: {}", &text[..text.len().min(400)]);
+    let after = [endpoint(&f, "n2p1", 2, false), endpoint(&f, "n1p1", 1, false)];
+    f.dp().sync_endpoints(&after).expect("a fitting update still applies");
+}

@@ -42,6 +42,9 @@ fn vip_reaches_backends_across_nodes_survives_restart_and_is_unreachable_after_u
     assert!(lines.iter().all(|l| l.starts_with(&format!("connected peer={VIP}:80 ")) && l.contains(&format!("peer={client}:"))), "{lines:?}");
     assert!(f.stats().event(mesh_common::Stat::LbConnect) >= 60);
 
+    // A long-lived connection through the VIP runs request/response across the restart below.
+    let mut long_lived = f.lab.spawn_in_pod("n1p1", WHOAMI, &["rr", &vip().to_string(), "--count", "60000"]).expect("start rr");
+
     // The daemon goes away: pinned maps and links keep serving.
     f.datapath = None;
     assert!(answered_by(&f.dial_one("n1p1", vip())).is_some(), "LB must keep working while the daemon is down");
@@ -54,6 +57,8 @@ fn vip_reaches_backends_across_nodes_survives_restart_and_is_unreachable_after_u
     f.dp().upsert_service(&fewer).expect("update service");
     let t = tally(&f.dial("n1p1", vip(), &["--count", "40"]));
     assert_eq!(t.keys().collect::<Vec<_>>(), ["n2p1", "n2p2"], "removed backend gets no new connections: {t:?}");
+    let done = long_lived.wait_for_line("\"kind\":\"rr\"", Duration::from_secs(60)).expect("the long-lived connection survives the restart");
+    assert!(done.contains("\"n\":60000"), "{done}");
 
     // Explicit uninstall: everything gone, the VIP is unreachable again.
     let pin = f.pin_dir();

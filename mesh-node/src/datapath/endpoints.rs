@@ -111,6 +111,10 @@ fn apply_diff<K: aya::Pod + Ord + std::fmt::Debug, V: aya::Pod + PartialEq>(
     name: &'static str,
     capacity: u32,
 ) -> Result<(), Error> {
+    // Refuse before writing anything: an oversized desired state must not leave a partial one.
+    if desired.len() > capacity as usize {
+        return Err(Error::MapFull { name, capacity, item: format!("{} entries requested", desired.len()) });
+    }
     for (k, v) in &desired {
         if current.get(k) != Some(v) {
             map.insert(k, v, 0).map_err(|e| full_or(e, name, capacity, &format!("{k:?}")))?;
