@@ -153,7 +153,7 @@ fn an_oversized_update_is_refused_whole_with_a_clear_error() {
     let map = f.pin_dir().join("MESH_EP_V1");
     let dump = std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&map).output().expect("bpftool");
     let text = String::from_utf8_lossy(&dump.stdout);
-    assert_eq!(text.matches("\"key\"").count(), 1, "partial write after a refused update: {}", &text[..text.len().min(400)]);
+    assert_eq!(text.matches("\"formatted\"").count(), 1, "partial write after a refused update: {}", &text[..text.len().min(400)]);
     let after = [endpoint(&f, "n2p1", 2, false), endpoint(&f, "n1p1", 1, false)];
     f.dp().sync_endpoints(&after).expect("a fitting update still applies");
 }
