@@ -11,6 +11,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource,
+    api::{ApiResource, DynamicObject},
     runtime::{WatchStreamExt as _, reflector, reflector::Store, watcher},
 };
 use serde::de::DeserializeOwned;
@@ -29,9 +30,18 @@ fn reflect<K>(client: &Client) -> (Store<K>, BoxStream<'static, ()>)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let kind = K::kind(&()).into_owned();
-    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+    reflect_api(Api::<K>::all(client.clone()), ())
+}
+
+fn reflect_api<K>(api: Api<K>, dyntype: K::DynamicType) -> (Store<K>, BoxStream<'static, ()>)
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash,
+{
+    let kind = K::kind(&dyntype).into_owned();
+    let writer = reflector::store::Writer::new(dyntype);
+    let reader = writer.as_reader();
+    let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
         .map(move |event| {
@@ -47,7 +57,8 @@ struct Stores {
     namespaces: Store<Namespace>,
     pods: Store<Pod>,
     services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    /// discovery.k8s.io v1, or v1beta1 on Kubernetes < 1.21, read as v1 (same fields we use).
+    slices: Store<DynamicObject>,
     authz: Store<crd::AuthorizationPolicy>,
     peer: Store<crd::PeerAuthentication>,
 }
@@ -79,11 +90,26 @@ impl Stores {
             &owned(&self.namespaces),
             &owned(&self.pods),
             &owned(&self.services),
-            &owned(&self.slices),
+            &self.slices.state().iter().filter_map(|o| as_slice(o)).collect::<Vec<_>>(),
         );
         let policies = validate::policies(&owned(&self.authz), &owned(&self.peer), root_namespace);
         State { inventory, policies }
     }
+}
+
+/// EndpointSlice is GA (v1) since Kubernetes 1.21; older servers serve only v1beta1.
+async fn endpoint_slice_api(client: &Client) -> ApiResource {
+    let version = if client.list_api_group_resources("discovery.k8s.io/v1").await.is_ok() { "v1" } else { "v1beta1" };
+    tracing::info!(version, "reading EndpointSlices as discovery.k8s.io/{version}");
+    let gvk = kube::api::GroupVersionKind::gvk("discovery.k8s.io", version, "EndpointSlice");
+    ApiResource::from_gvk_with_plural(&gvk, "endpointslices")
+}
+
+/// A v1 or v1beta1 EndpointSlice as the v1 type (v1beta1's extra `topology` is dropped).
+fn as_slice(o: &DynamicObject) -> Option<EndpointSlice> {
+    let mut v = serde_json::to_value(o).ok()?;
+    v["apiVersion"] = "discovery.k8s.io/v1".into();
+    serde_json::from_value(v).map_err(|e| tracing::warn!(slice = ?o.metadata.name, "unreadable EndpointSlice: {e}")).ok()
 }
 
 /// Runs until the process stops; watch errors are retried with backoff inside the watchers.
@@ -92,7 +118,8 @@ pub async fn run(client: Client, config: Config, publisher: Publisher) {
     let (namespaces, s2) = reflect::<Namespace>(&client);
     let (pods, s3) = reflect::<Pod>(&client);
     let (services, s4) = reflect::<Service>(&client);
-    let (slices, s5) = reflect::<EndpointSlice>(&client);
+    let slice_api = endpoint_slice_api(&client).await;
+    let (slices, s5) = reflect_api(Api::<DynamicObject>::all_with(client.clone(), &slice_api), slice_api);
     let (authz, s6) = reflect::<crd::AuthorizationPolicy>(&client);
     let (peer, s7) = reflect::<crd::PeerAuthentication>(&client);
     let stores = Arc::new(Stores { nodes, namespaces, pods, services, slices, authz, peer });
