@@ -285,10 +285,24 @@ impl Lab {
                 // Only the pod range is routable: no default route, no route to VIPs.
                 ip_in(pns, &["route", "add", "198.18.0.0/16", "via", &format!("198.18.{index}.1")])?;
                 ip_in(pns, &["-6", "route", "add", &format!("{V6_PREFIX}::/48"), "via", &format!("{V6_PREFIX}:{index}::1")])?;
+                self.pause(&pod)?;
                 self.pods.push(pod);
             }
             self.nodes.push(node);
         }
+        Ok(())
+    }
+
+    /// Every pod gets a long-sleeping process in its namespace and cgroup, like Kubernetes'
+    /// pause container: the pod's cgroup is never empty, so the node daemon can find it.
+    fn pause(&mut self, pod: &Pod) -> Result<(), Error> {
+        let child = in_netns_and_cgroup(&pod.netns, &pod.cgroup, "sleep", &["infinity"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|source| Error::Spawn { program: "sleep".into(), source })?;
+        self.processes.push(child.id());
         Ok(())
     }
 

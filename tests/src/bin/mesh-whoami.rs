@@ -1,9 +1,11 @@
 //! The lab's sample application and test client.
 //!
 //! Servers (each prints `listening ...` on stdout once bound):
-//! - `serve --name NAME --tcp PORT [--udp PORT]`: every TCP connection gets one line
+//! - `serve --name NAME [--node NODE] [--tcp PORT] [--udp PORT] [--http PORT]`: every TCP
+//!   connection gets one line
 //!   `whoami name=NAME peer=IP:PORT local=IP:PORT`, then an echo of whatever it sends; every UDP
-//!   datagram is answered with `whoami name=NAME peer=IP:PORT`.
+//!   datagram is answered with `whoami name=NAME peer=IP:PORT`; every HTTP/1.1 request (keep-alive)
+//!   is answered with a JSON body `{"pod":..,"node":..,"peer":..,"method":..,"path":..}`.
 //! - `origdst --listen ADDR`: a stand-in for the node daemon's outbound listener: answers each
 //!   connection with `orig=IP:PORT peer=IP:PORT` from getsockopt(SO_ORIGINAL_DST), or
 //!   `orig=none (error)`.
@@ -44,9 +46,9 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("serve") => {
             let Some(name) = flag("--name") else { return usage() };
-            let tcp = flag("--tcp").and_then(|p| p.parse::<u16>().ok());
-            let udp = flag("--udp").and_then(|p| p.parse::<u16>().ok());
-            serve(&name, tcp, udp)
+            let port = |f: &str| flag(f).and_then(|p| p.parse::<u16>().ok());
+            let node = flag("--node").unwrap_or_default();
+            serve(&name, &node, port("--tcp"), port("--udp"), port("--http"))
         }
         Some("origdst") => match flag("--listen").and_then(|a| a.parse().ok()) {
             Some(listen) => origdst(listen),
@@ -78,11 +80,27 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(name: &str, tcp: Option<u16>, udp: Option<u16>) -> ExitCode {
-    if tcp.is_none() && udp.is_none() {
+fn serve(name: &str, node: &str, tcp: Option<u16>, udp: Option<u16>, http: Option<u16>) -> ExitCode {
+    if tcp.is_none() && udp.is_none() && http.is_none() {
         return usage();
     }
     let mut threads = Vec::new();
+    if let Some(port) = http {
+        let listener = match TcpListener::bind(("::", port)) {
+            Ok(l) => l,
+            Err(e) => return fail(&format!("bind http [::]:{port}: {e}")),
+        };
+        println!("listening http {}", listener.local_addr().expect("bound"));
+        let (name, node) = (name.to_owned(), node.to_owned());
+        threads.push(thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (name, node) = (name.clone(), node.clone());
+                thread::spawn(move || {
+                    let _ = handle_http(&name, &node, stream);
+                });
+            }
+        }));
+    }
     if let Some(port) = udp {
         let socket = match UdpSocket::bind(("::", port)) {
             Ok(s) => s,
@@ -147,6 +165,49 @@ fn handle(name: &str, mut stream: TcpStream) -> std::io::Result<()> {
             return Ok(());
         }
         stream.write_all(&buf[..n])?;
+    }
+}
+
+/// Minimal HTTP/1.1: request head, optional Content-Length body, keep-alive until the client
+/// closes or sends `Connection: close`.
+fn handle_http(name: &str, node: &str, stream: TcpStream) -> std::io::Result<()> {
+    let peer = unmap(stream.peer_addr()?);
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = request_line.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or("").to_owned(), parts.next().unwrap_or("").to_owned());
+        let (mut length, mut close) = (0usize, false);
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header)? == 0 {
+                return Ok(());
+            }
+            let h = header.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let lower = h.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            } else if lower.starts_with("connection:") && lower.contains("close") {
+                close = true;
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body)?;
+        let json = format!(
+            "{{\"pod\":\"{name}\",\"node\":\"{node}\",\"peer\":\"{peer}\",\"method\":\"{method}\",\"path\":\"{}\"}}\n",
+            path.replace(['"', '\\'], "")
+        );
+        write!(writer, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}", json.len())?;
+        if close {
+            return Ok(());
+        }
     }
 }
 
