@@ -9,6 +9,9 @@ use crate::{require_root, setup_and_build, sh, step};
 pub fn run(filter: Option<&str>) -> Result<()> {
     require_root("test")?;
     let started = Instant::now();
+    if filter.is_none() {
+        crate::k8s::start_setup()?; // in the background, niced; awaited before the apiserver suite
+    }
     setup_and_build()?;
     let leftovers = mesh_tests::clean::clean_all();
     if !leftovers.is_empty() {
@@ -37,6 +40,7 @@ fn run_suites(filter: Option<&str>) -> Result<()> {
     if filter.is_none() {
         step("unit and in-process tests (unprivileged): cargo test --workspace");
         sh(Command::new("cargo").args(["test", "--workspace", "--locked"]))?;
+        crate::k8s::run()?;
     }
     step("building the daemon the node suite starts: cargo build -p mesh-node --bins");
     sh(Command::new("cargo").args(["build", "--locked", "-p", "mesh-node", "--bins"]))?;
