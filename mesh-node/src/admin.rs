@@ -20,6 +20,7 @@ pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 pub struct Admin {
     listener: TcpListener,
+    addr: SocketAddr,
     ctx: Arc<Ctx>,
 }
 
@@ -43,11 +44,12 @@ impl Admin {
         shutdown: watch::Sender<bool>,
     ) -> Result<Self, proxy::Error> {
         let listener = http_util::bind(addr).await.map_err(|source| proxy::Error::Bind { addr, source })?;
-        Ok(Self { listener, ctx: Arc::new(Ctx { cfg, state, certs, ready, log, shutdown }) })
+        let addr = listener.local_addr().map_err(|source| proxy::Error::Bind { addr, source })?;
+        Ok(Self { listener, addr, ctx: Arc::new(Ctx { cfg, state, certs, ready, log, shutdown }) })
     }
 
     pub fn address(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound")
+        self.addr
     }
 
     pub async fn run(self, drain: drain::Watcher) {

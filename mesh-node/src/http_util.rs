@@ -13,10 +13,10 @@ use crate::drain;
 
 pub type Body = Full<Bytes>;
 
-pub fn reply(code: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+pub fn reply(code: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = code;
-    r.headers_mut().insert(http::header::CONTENT_TYPE, content_type.parse().expect("valid content type"));
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
     r
 }
 

@@ -81,12 +81,11 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
 /// The workload CA: the control plane's once it exists; until then a test CA whose root both
 /// nodes share through `MESH_CA_CERT`/`MESH_CA_KEY` (or a fresh one, good for one node only).
 fn certificate_authority(cfg: &app::Config) -> anyhow::Result<(Arc<dyn CaClient>, Vec<CertificateDer<'static>>)> {
-    let ca = match (&cfg.ca_cert, &cfg.ca_key) {
-        (Some(cert), Some(key)) => TestCa::load_pem(cert, key, cfg.cert_ttl)?,
-        _ => {
-            tracing::warn!("no MESH_CA_CERT/MESH_CA_KEY: generated a throw-away CA; other nodes will not trust it");
-            TestCa::generate(cfg.cert_ttl)?
-        }
+    let ca = if let (Some(cert), Some(key)) = (&cfg.ca_cert, &cfg.ca_key) {
+        TestCa::load_pem(cert, key, cfg.cert_ttl)?
+    } else {
+        tracing::warn!("no MESH_CA_CERT/MESH_CA_KEY: generated a throw-away CA; other nodes will not trust it");
+        TestCa::generate(cfg.cert_ttl)?
     };
     let roots = vec![ca.root()];
     Ok((Arc::new(ca), roots))

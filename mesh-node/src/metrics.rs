@@ -14,6 +14,7 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub struct Server {
     listener: TcpListener,
+    addr: SocketAddr,
     registry: Arc<Registry>,
     ready: Ready,
 }
@@ -21,11 +22,12 @@ pub struct Server {
 impl Server {
     pub async fn new(addr: SocketAddr, registry: Arc<Registry>, ready: Ready) -> Result<Self, crate::proxy::Error> {
         let listener = http_util::bind(addr).await.map_err(|source| crate::proxy::Error::Bind { addr, source })?;
-        Ok(Self { listener, registry, ready })
+        let addr = listener.local_addr().map_err(|source| crate::proxy::Error::Bind { addr, source })?;
+        Ok(Self { listener, addr, registry, ready })
     }
 
     pub fn address(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound")
+        self.addr
     }
 
     pub async fn run(self, drain: drain::Watcher) {
@@ -50,7 +52,7 @@ impl Server {
     }
 }
 
-/// prometheus-client writes OpenMetrics, where a counter family `x` has samples `x_total`; the
+/// `prometheus-client` writes `OpenMetrics`, where a counter family `x` has samples `x_total`; the
 /// Prometheus text format wants HELP/TYPE named like the samples, and no `# EOF`.
 pub fn to_prometheus_text(openmetrics: &str) -> String {
     let counters: std::collections::HashSet<&str> = openmetrics

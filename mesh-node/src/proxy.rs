@@ -1,6 +1,6 @@
 //! The L4 proxies: outbound (captured connections of local pods → HBONE, same-node or
 //! passthrough), inbound (HBONE on 15008 → local pod, after authorization), inbound plaintext
-//! (non-HBONE traffic to local meshed pods, per PeerAuthentication), and the HBONE client pool.
+//! (non-HBONE traffic to local meshed pods, per `PeerAuthentication`), and the HBONE client pool.
 
 pub mod hbone;
 pub mod inbound;
@@ -67,7 +67,7 @@ pub struct Config {
     /// Pooled connections with no stream for this long are closed.
     pub pool_idle_timeout: Duration,
     pub connect_timeout: Duration,
-    /// Connect to local pods from the client pod's IP (IP_TRANSPARENT); needs the node's
+    /// Connect to local pods from the client pod's IP (`IP_TRANSPARENT`); needs the node's
     /// policy routing for replies (see README).
     pub transparent: bool,
 }
@@ -82,7 +82,7 @@ impl Default for Config {
             connection_window: 16 << 20,
             max_frame_size: 256 << 10,
             max_streams_per_conn: 100,
-            pool_idle_timeout: Duration::from_secs(60),
+            pool_idle_timeout: Duration::from_mins(1),
             connect_timeout: Duration::from_secs(5),
             transparent: false,
         }

@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeSet,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError},
 };
 
 #[derive(Clone, Default)]
@@ -17,22 +17,22 @@ pub struct BlockReady {
 
 impl Ready {
     pub fn register(&self, name: &'static str) -> BlockReady {
-        self.0.lock().expect("lock").insert(name);
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).insert(name);
         BlockReady { ready: self.clone(), name }
     }
 
     /// Tasks still pending (empty when ready).
     pub fn pending(&self) -> Vec<&'static str> {
-        self.0.lock().expect("lock").iter().copied().collect()
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().collect()
     }
 
     pub fn is_ready(&self) -> bool {
-        self.0.lock().expect("lock").is_empty()
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).is_empty()
     }
 }
 
 impl Drop for BlockReady {
     fn drop(&mut self) {
-        self.ready.0.lock().expect("lock").remove(self.name);
+        self.ready.0.lock().unwrap_or_else(PoisonError::into_inner).remove(self.name);
     }
 }

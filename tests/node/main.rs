@@ -6,6 +6,7 @@
 //! will from the cgroup/getsockopt program); on node 2, `REDIRECT` of plaintext arriving for the
 //! meshed pod to 15006. The daemons run with `MESH_DATAPATH=off`.
 
+#[allow(dead_code, reason = "shared with the benchmark, which uses more of it")]
 mod mesh;
 
 use std::time::Duration;
@@ -52,7 +53,7 @@ fn pod_to_pod_across_nodes_is_encrypted_authorized_and_measured() {
     assert!(line.ends_with(" 3"), "three connections: {line}");
     assert!(metrics.contains("mesh_authz_denials_total{reason=\"deny_policy\"} 1"), "{metrics}");
     assert!(metrics.contains("mesh_authz_denials_total{reason=\"strict_mtls\"} 1"), "{metrics}");
-    let check = m.promtool_check(&metrics);
+    let check = mesh::promtool_check(&metrics);
     assert!(check.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
 }
 

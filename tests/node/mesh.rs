@@ -23,8 +23,20 @@ fn mesh_node_bin() -> PathBuf {
 pub struct MeshLab {
     pub lab: Lab,
     dir: PathBuf,
-    _daemons: Vec<PodProcess>,
+    daemons: Vec<PodProcess>,
     _server: PodProcess,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Daemons pinned to CPU 1 with access logs off (`MESH_LOG=warn`).
+    pub bench: bool,
+}
+
+/// The capture stand-in for one meshed pod of node 1: its TCP goes to the outbound port.
+fn capture_rule(lab: &Lab, pod: &str) -> Vec<String> {
+    let ip = lab.pod(pod).ip.to_string();
+    ["-i", "br0", "-s", &ip, "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001"].map(str::to_owned).to_vec()
 }
 
 fn sh(program: &str, args: &[&str]) -> Output {
@@ -34,7 +46,11 @@ fn sh(program: &str, args: &[&str]) -> Output {
 }
 
 fn iptables(netns: &str, rule: &[&str]) {
-    let mut args = vec!["netns", "exec", netns, "iptables", "-w", "-t", "nat", "-A", "PREROUTING"];
+    iptables_op(netns, "-A", rule);
+}
+
+fn iptables_op(netns: &str, op: &str, rule: &[&str]) {
+    let mut args = vec!["netns", "exec", netns, "iptables", "-w", "-t", "nat", op, "PREROUTING"];
     args.extend_from_slice(rule);
     sh("ip", &args);
 }
@@ -64,10 +80,14 @@ fn config(lab: &Lab) -> String {
 
 impl MeshLab {
     pub fn start() -> Self {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(opts: Options) -> Self {
         let mut lab = Lab::build(LabSpec::for_test(&[3, 1])).expect("build lab");
         let dir = std::env::temp_dir().join(format!("mesh-{}-node", lab.spec.run));
         std::fs::create_dir_all(&dir).expect("state dir");
-        let ca = TestCa::generate(Duration::from_secs(3600)).expect("ca");
+        let ca = TestCa::generate(Duration::from_hours(1)).expect("ca");
         let (ca_cert, ca_key, cfg) = (dir.join("ca.pem"), dir.join("ca.key"), dir.join("config.json"));
         ca.write_pem(&ca_cert, &ca_key).expect("write CA");
         std::fs::write(&cfg, config(&lab)).expect("write config");
@@ -75,8 +95,8 @@ impl MeshLab {
         // Capture stand-ins (see the suite's doc).
         let n1 = lab.node(1).netns.clone();
         for pod in ["n1p1", "n1p2"] {
-            let ip = lab.pod(pod).ip.to_string();
-            iptables(&n1, &["-i", "br0", "-s", &ip, "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001"]);
+            let rule = capture_rule(&lab, pod);
+            iptables(&n1, &rule.iter().map(String::as_str).collect::<Vec<_>>());
         }
         let n2 = lab.node(2).netns.clone();
         let b = lab.pod("n2p1").ip.to_string();
@@ -94,10 +114,16 @@ impl MeshLab {
                 ("MESH_LOCAL_CONFIG", cfg.to_str().expect("utf-8")),
                 ("MESH_CA_CERT", ca_cert.to_str().expect("utf-8")),
                 ("MESH_CA_KEY", ca_key.to_str().expect("utf-8")),
-                ("MESH_LOG", "info"),
+                ("MESH_LOG", if opts.bench { "warn" } else { "info" }),
             ];
             let log = dir.join(format!("mesh-node-{}.log", node.name));
-            let mut spawn = Spawn::new(&node.netns, &node.system_cgroup, bin.to_str().expect("utf-8"), &[]);
+            let bin = bin.to_str().expect("utf-8");
+            let pinned = ["-c", "1", bin];
+            let mut spawn = if opts.bench {
+                Spawn::new(&node.netns, &node.system_cgroup, "taskset", &pinned)
+            } else {
+                Spawn::new(&node.netns, &node.system_cgroup, bin, &[])
+            };
             spawn.env = &env;
             spawn.log = Some(&log);
             let mut p = lab.spawn(&spawn).expect("start mesh-node");
@@ -110,7 +136,58 @@ impl MeshLab {
         }
         let mut server = lab.spawn_in_pod("n2p1", WHOAMI, &["serve", "--name", "n2p1", "--tcp", "8080"]).expect("server");
         server.wait_for_line("listening", Duration::from_secs(5)).expect("server ready");
-        Self { lab, dir, _daemons: daemons, _server: server }
+        Self { lab, dir, daemons, _server: server }
+    }
+
+    /// Turns the capture of n1p1's traffic on (through the mesh) or off (direct): node 1's
+    /// outbound redirect and node 2's plaintext redirect for n2p1.
+    pub fn set_capture(&self, on: bool) {
+        let out = capture_rule(&self.lab, "n1p1");
+        let b = self.lab.pod("n2p1").ip.to_string();
+        let plain = ["-i", "eth0", "-d", &b, "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15006"].map(str::to_owned).to_vec();
+        for (node, rule) in [(1, out), (2, plain)] {
+            let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
+            let ns = &self.lab.node(node).netns;
+            let present = Command::new("ip")
+                .args(["netns", "exec", ns, "iptables", "-w", "-t", "nat", "-C", "PREROUTING"])
+                .args(&rule)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if on && !present {
+                iptables_op(ns, "-A", &rule);
+            } else if !on && present {
+                iptables_op(ns, "-D", &rule);
+            }
+        }
+    }
+
+    /// User + system CPU seconds used so far by the node 1 and node 2 daemons.
+    pub fn daemon_cpu_secs(&self) -> (f64, f64) {
+        let cpu = |p: &PodProcess| {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", p.pid())).expect("daemon stat");
+            // Fields after the ")" that ends the command name: utime and stime are 12th and 13th.
+            let rest = stat.rsplit_once(')').expect("stat format").1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks: f64 = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+            ticks / 100.0 // USER_HZ
+        };
+        (cpu(&self.daemons[0]), cpu(&self.daemons[1]))
+    }
+
+    /// Runs `f` on a thread inside `pod`'s network namespace, pinned to CPU 0.
+    pub fn in_pod_pinned<T: Send + 'static>(&self, pod: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.lab.pod(pod).netns);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let mut cpus = nix::sched::CpuSet::new();
+            cpus.set(0).expect("cpu 0");
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("pin");
+            f()
+        })
+        .join()
+        .expect("pod thread")
     }
 
     pub fn run_in_pod(&self, pod: &str, args: &[&str]) -> String {
@@ -133,18 +210,19 @@ impl MeshLab {
         std::thread::sleep(Duration::from_millis(500));
         Capture { child, file }
     }
+}
 
-    pub fn promtool_check(&self, metrics: &str) -> Output {
-        let mut child = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool (Debian package prometheus)");
-        child.stdin.take().expect("stdin").write_all(metrics.as_bytes()).expect("write");
-        child.wait_with_output().expect("promtool")
-    }
+/// `promtool check metrics` on an exposition.
+pub fn promtool_check(metrics: &str) -> Output {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus)");
+    child.stdin.take().expect("stdin").write_all(metrics.as_bytes()).expect("write");
+    child.wait_with_output().expect("promtool")
 }
 
 fn wait_ready(netns: &str) {

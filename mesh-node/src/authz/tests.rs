@@ -63,7 +63,6 @@ fn case(what: &'static str, policies: Vec<Policy>, src: Option<&'static str>, wa
     Case { what, policies, src, src_ip: "198.18.1.11", port: 8080, dst: wl("prod", "db"), want }
 }
 
-#[expect(clippy::too_many_lines, reason = "one table, read top to bottom")]
 fn table() -> Vec<Case> {
     let web = Some("spiffe://cluster.local/ns/prod/sa/web");
     let evil = Some("spiffe://cluster.local/ns/dev/sa/evil");

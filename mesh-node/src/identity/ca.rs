@@ -104,7 +104,7 @@ impl TestCa {
         params.serial_number = Some(serial.into());
         let now = SystemTime::now();
         // Backdate a little: peers' clocks differ.
-        let not_before = now - Duration::from_secs(60).min(self.ttl / 4);
+        let not_before = now - Duration::from_mins(1).min(self.ttl / 4);
         let not_after = now + self.ttl;
         params.not_before = not_before.into();
         params.not_after = not_after.into();
@@ -131,12 +131,12 @@ mod tests {
 
     #[test]
     fn pem_round_trip_keeps_the_root() {
-        let ca = TestCa::generate(Duration::from_secs(60)).expect("ca");
+        let ca = TestCa::generate(Duration::from_mins(1)).expect("ca");
         let dir = std::env::temp_dir().join(format!("mesh-ca-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let (c, k) = (dir.join("ca.pem"), dir.join("ca.key"));
         ca.write_pem(&c, &k).expect("write");
-        let loaded = TestCa::load_pem(&c, &k, Duration::from_secs(60)).expect("load");
+        let loaded = TestCa::load_pem(&c, &k, Duration::from_mins(1)).expect("load");
         assert_eq!(loaded.root(), ca.root());
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }

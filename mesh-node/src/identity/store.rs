@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{Arc, RwLock},
+    sync::{Arc, PoisonError, RwLock},
     time::{Duration, SystemTime},
 };
 
@@ -94,11 +94,11 @@ impl CertStore {
     }
 
     pub fn get(&self, id: &Identity) -> Option<Arc<CertEntry>> {
-        self.certs.read().expect("lock").get(id).cloned()
+        self.certs.read().unwrap_or_else(PoisonError::into_inner).get(id).cloned()
     }
 
     pub fn roots(&self) -> Vec<CertificateDer<'static>> {
-        self.roots.read().expect("lock").clone()
+        self.roots.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// The certificate for `id`, issuing it now if the rotation loop has not yet.
@@ -123,7 +123,7 @@ impl CertStore {
         let mut out: Vec<CertInfo> = self
             .certs
             .read()
-            .expect("lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .values()
             .map(|e| CertInfo {
                 identity: e.identity.to_string(),
@@ -158,7 +158,7 @@ impl CertStore {
             cert,
         });
         if !entry.cert.roots.is_empty() {
-            entry.cert.roots.clone_into(&mut self.roots.write().expect("lock"));
+            entry.cert.roots.clone_into(&mut self.roots.write().unwrap_or_else(PoisonError::into_inner));
         }
         self.metrics.issued.inc();
         let expiry = entry.cert.not_after.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -166,7 +166,7 @@ impl CertStore {
             .expiry
             .get_or_create(&IdentityLabel { identity: id.to_string() })
             .set(i64::try_from(expiry).unwrap_or(i64::MAX));
-        self.certs.write().expect("lock").insert(id.clone(), entry.clone());
+        self.certs.write().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), entry.clone());
         self.generation.send_modify(|g| *g += 1);
         tracing::info!(identity = %id, serial = entry.cert.serial, "certificate issued");
         Ok(entry)
@@ -181,7 +181,7 @@ impl CertStore {
             let wanted = wanted_rx.borrow_and_update().clone();
             self.drop_unwanted(&wanted);
             failures.retain(|id, _| wanted.contains(id));
-            let mut next = SystemTime::now() + Duration::from_secs(3600);
+            let mut next = SystemTime::now() + Duration::from_hours(1);
             for id in &wanted {
                 let now = SystemTime::now();
                 if let Some((_, retry_at)) = failures.get(id)
@@ -217,7 +217,7 @@ impl CertStore {
     }
 
     fn drop_unwanted(&self, wanted: &BTreeSet<Identity>) {
-        let mut certs = self.certs.write().expect("lock");
+        let mut certs = self.certs.write().unwrap_or_else(PoisonError::into_inner);
         let before = certs.len();
         certs.retain(|id, _| {
             let keep = wanted.contains(id);

@@ -39,6 +39,9 @@ pub fn baggage(src: &Workload, cluster: &str) -> String {
 }
 
 /// The CONNECT request for one tunnelled TCP connection.
+///
+/// # Panics
+/// Never: an `ip:port` is always a valid authority and the header values are ASCII.
 pub fn connect_request(dst: SocketAddr, src_ip: IpAddr, src: &Workload, cluster: &str, trace: &str) -> Request<Empty<Bytes>> {
     let mut req = Request::new(Empty::new());
     *req.method_mut() = Method::CONNECT;

@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use bytes::Bytes;
@@ -33,6 +33,7 @@ use crate::{
 
 pub struct Inbound {
     listener: TcpListener,
+    addr: SocketAddr,
     inputs: Inputs,
 }
 
@@ -42,11 +43,12 @@ type ConfigCache = Mutex<HashMap<Identity, (u64, Arc<ServerConfig>)>>;
 impl Inbound {
     pub async fn new(addr: SocketAddr, inputs: Inputs) -> Result<Self, Error> {
         let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-        Ok(Self { listener, inputs })
+        let addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+        Ok(Self { listener, addr, inputs })
     }
 
     pub fn address(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound")
+        self.addr
     }
 
     pub async fn run(self, drain: drain::Watcher) {
@@ -88,14 +90,14 @@ fn server_identity(state: &State, node: &str, sni: Option<&str>, local: SocketAd
 
 async fn server_config(inputs: &Inputs, cache: &ConfigCache, id: &Identity) -> Result<Arc<ServerConfig>, Error> {
     let cert = inputs.certs.fetch(id).await?;
-    if let Some((serial, cfg)) = cache.lock().expect("lock").get(id)
+    if let Some((serial, cfg)) = cache.lock().unwrap_or_else(PoisonError::into_inner).get(id)
         && *serial == cert.cert.serial
     {
         return Ok(cfg.clone());
     }
     let state = inputs.state.borrow().clone();
     let cfg = tls::server_config(cert.key.clone(), &inputs.certs.roots(), &state.trust_domain)?;
-    cache.lock().expect("lock").insert(id.clone(), (cert.cert.serial, cfg.clone()));
+    cache.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), (cert.cert.serial, cfg.clone()));
     Ok(cfg)
 }
 

@@ -1,5 +1,5 @@
 //! Plaintext to local meshed pods (from unmeshed clients), redirected to 15006 by the datapath:
-//! refused under STRICT PeerAuthentication; under PERMISSIVE, authorized without an identity
+//! refused under STRICT `PeerAuthentication`; under PERMISSIVE, authorized without an identity
 //! (so principal and namespace rules cannot match) and forwarded.
 
 use std::net::SocketAddr;
@@ -21,17 +21,19 @@ use crate::{
 
 pub struct InboundPlain {
     listener: TcpListener,
+    addr: SocketAddr,
     inputs: Inputs,
 }
 
 impl InboundPlain {
     pub async fn new(addr: SocketAddr, inputs: Inputs) -> Result<Self, Error> {
         let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-        Ok(Self { listener, inputs })
+        let addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+        Ok(Self { listener, addr, inputs })
     }
 
     pub fn address(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound")
+        self.addr
     }
 
     pub async fn run(self, drain: drain::Watcher) {

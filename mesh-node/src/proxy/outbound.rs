@@ -24,6 +24,7 @@ use crate::{
 
 pub struct Outbound {
     listener: TcpListener,
+    addr: SocketAddr,
     handler: Handler,
 }
 
@@ -38,12 +39,12 @@ pub struct Handler {
 impl Outbound {
     pub async fn new(addr: SocketAddr, inputs: Inputs, pool: Arc<Pool>) -> Result<Self, Error> {
         let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-        let local = listener.local_addr().ok();
-        Ok(Self { listener, handler: Handler { inputs, pool, local } })
+        let addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+        Ok(Self { listener, addr, handler: Handler { inputs, pool, local: Some(addr) } })
     }
 
     pub fn address(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound")
+        self.addr
     }
 
     pub fn handler(&self) -> Handler {

@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -50,7 +50,7 @@ pub struct Checkout {
 impl Drop for Checkout {
     fn drop(&mut self) {
         if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.conn.idle_since.lock().expect("lock") = Instant::now();
+            *self.conn.idle_since.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
         }
         self.inputs.metrics.pool_streams.dec();
     }
@@ -72,7 +72,7 @@ impl Pool {
     /// A stream slot to `key`, on an existing connection when one has room, else on a new one.
     /// Dials to one key are serialized, so a burst of new streams opens one connection, not many.
     pub async fn checkout(&self, key: &Key) -> Result<Checkout, Error> {
-        let slot = self.slots.lock().expect("lock").entry(key.clone()).or_default().clone();
+        let slot = self.slots.lock().unwrap_or_else(PoisonError::into_inner).entry(key.clone()).or_default().clone();
         let mut conns = slot.lock().await;
         self.prune_closed(&mut conns);
         let max = self.inputs.cfg.max_streams_per_conn;
@@ -103,7 +103,7 @@ impl Pool {
 
     /// Open pooled connections (all keys).
     pub fn connections(&self) -> usize {
-        let slots: Vec<Slot> = self.slots.lock().expect("lock").values().cloned().collect();
+        let slots: Vec<Slot> = self.slots.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
         slots.iter().map(|s| s.try_lock().map_or(0, |c| c.iter().filter(|c| !c.sender.is_closed()).count())).sum()
     }
 
@@ -158,18 +158,18 @@ impl Pool {
     }
 
     async fn reap(&self, idle: Duration) {
-        let slots: Vec<(Key, Slot)> = self.slots.lock().expect("lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let slots: Vec<(Key, Slot)> = self.slots.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         for (key, slot) in slots {
             let mut conns = slot.lock().await;
             let before = conns.len();
             conns.retain(|c| {
                 let busy = c.streams.load(Ordering::Acquire) > 0;
-                !c.sender.is_closed() && (busy || c.idle_since.lock().expect("lock").elapsed() < idle)
+                !c.sender.is_closed() && (busy || c.idle_since.lock().unwrap_or_else(PoisonError::into_inner).elapsed() < idle)
             });
             self.forget(before - conns.len());
             if conns.is_empty() {
                 drop(conns);
-                self.slots.lock().expect("lock").remove(&key);
+                self.slots.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
             }
         }
     }

@@ -19,7 +19,7 @@ pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
     }
 }
 
-/// Connects to `dst`, from `src` (any address, IP_TRANSPARENT) when given.
+/// Connects to `dst`, from `src` (any address, `IP_TRANSPARENT`) when given.
 pub async fn connect(src: Option<IpAddr>, dst: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(src) = src {

@@ -1,4 +1,4 @@
-//! Certificate verifiers: WebPKI chain validation to the mesh roots, then SPIFFE checks instead of
+//! Certificate verifiers: `WebPKI` chain validation to the mesh roots, then SPIFFE checks instead of
 //! DNS names (a workload certificate names an identity, not a host).
 
 use std::sync::Arc;
@@ -84,7 +84,7 @@ impl ServerCertVerifier for ServerIdentity {
     }
 }
 
-/// Server side: WebPKI client-certificate validation (mandatory client auth), then the client's
+/// Server side: `WebPKI` client-certificate validation (mandatory client auth), then the client's
 /// SPIFFE id must belong to our trust domain. Which principals may connect is authorization's job.
 #[derive(Debug)]
 pub struct ClientTrustDomain {

@@ -1,0 +1,182 @@
+//! Benchmark: cross-node pod-to-pod TCP through two mesh-node daemons (HBONE, mTLS) against the
+//! same pods with no mesh, interleaved in one run. Root only, ignored by default:
+//!
+//! ```sh
+//! cargo build --release --locked -p mesh-node --bins
+//! cargo test --release --locked -p mesh-tests --features privileged --test bench-node -- --ignored --nocapture
+//! ```
+//!
+//! Pinning (2 cores): load generators (iperf3 client and server, the latency/connection client)
+//! on CPU 0, both daemons on CPU 1. "direct" removes node 1's capture rule, nothing else.
+//! Results are in `bench/results/node-l4.md`.
+
+#[path = "../node/mesh.rs"]
+#[allow(dead_code, reason = "shared with the node suite; the benchmark uses part of it")]
+mod mesh;
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use mesh::{MeshLab, Options};
+
+const ROUNDS: usize = 3;
+const IPERF_SECS: &str = "5";
+const RR_RATE: u32 = 1000;
+const RR_SECS: u64 = 3;
+const CPS_SECS: u64 = 3;
+
+#[derive(Default)]
+struct Samples {
+    gbps: Vec<f64>,
+    cpu_per_gb: Vec<(f64, f64)>,
+    p50_us: Vec<f64>,
+    p99_us: Vec<f64>,
+    cps: Vec<f64>,
+    conn_p50_us: Vec<f64>,
+}
+
+#[test]
+#[ignore = "benchmark: run explicitly with --ignored (see the module doc)"]
+fn node_l4_mesh_vs_direct() {
+    mesh_tests::require_root();
+    let mut m = MeshLab::start_with(Options { bench: true });
+    let server = m.lab.pod("n2p1").ip;
+    let _iperf = m.lab.spawn_in_pod("n2p1", "taskset", &["-c", "0", "iperf3", "-s", "-p", "5201"]).expect("iperf3 -s");
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut mesh_s, mut direct_s) = (Samples::default(), Samples::default());
+    for round in 0..ROUNDS {
+        for meshed in [true, false] {
+            m.set_capture(meshed);
+            let s = if meshed { &mut mesh_s } else { &mut direct_s };
+            let cpu0 = m.daemon_cpu_secs();
+            let (gbps, bytes) = iperf3(&m, &server.to_string());
+            let cpu1 = m.daemon_cpu_secs();
+            s.gbps.push(gbps);
+            if meshed {
+                let gb = bytes / 1e9;
+                s.cpu_per_gb.push(((cpu1.0 - cpu0.0) / gb, (cpu1.1 - cpu0.1) / gb));
+            }
+            let (p50, p99) = m.in_pod_pinned("n1p1", move || request_response(SocketAddr::new(server.into(), 8080)));
+            s.p50_us.push(p50);
+            s.p99_us.push(p99);
+            let (cps, conn_p50) = m.in_pod_pinned("n1p1", move || connections(SocketAddr::new(server.into(), 8080)));
+            s.cps.push(cps);
+            s.conn_p50_us.push(conn_p50);
+            println!(
+                "round {round} {:6}: {gbps:6.2} Gbit/s  rr p50 {p50:6.1} us p99 {p99:6.1} us  {cps:6.0} conn/s (p50 {conn_p50:6.1} us)",
+                if meshed { "mesh" } else { "direct" }
+            );
+        }
+    }
+    m.set_capture(true);
+    let aes = openssl_aes128gcm_gbps();
+    report(&mesh_s, &direct_s, aes);
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn spread(v: &[f64]) -> String {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{min:.1}–{max:.1}")
+}
+
+fn report(mesh: &Samples, direct: &Samples, aes_gbps: f64) {
+    let row = |what: &str, m: &[f64], d: &[f64], ratio: String| {
+        println!("| {what} | {:.1} ({}) | {:.1} ({}) | {ratio} |", median(m), spread(m), median(d), spread(d));
+    };
+    println!("\n| metric (median, min–max of {ROUNDS}) | mesh | direct | mesh vs direct |\n|---|---|---|---|");
+    row("bulk throughput, Gbit/s (iperf3, 1 stream)", &mesh.gbps, &direct.gbps, format!("{:.2}×", median(&mesh.gbps) / median(&direct.gbps)));
+    row("64 B request/response p50, µs", &mesh.p50_us, &direct.p50_us, format!("+{:.0} µs", median(&mesh.p50_us) - median(&direct.p50_us)));
+    row("64 B request/response p99, µs", &mesh.p99_us, &direct.p99_us, format!("+{:.0} µs", median(&mesh.p99_us) - median(&direct.p99_us)));
+    row("new connections/s (connect + 1 round trip + close)", &mesh.cps, &direct.cps, format!("{:.2}×", median(&mesh.cps) / median(&direct.cps)));
+    row("connection setup p50, µs", &mesh.conn_p50_us, &direct.conn_p50_us, format!("+{:.0} µs", median(&mesh.conn_p50_us) - median(&direct.conn_p50_us)));
+    let n1: Vec<f64> = mesh.cpu_per_gb.iter().map(|c| c.0).collect();
+    let n2: Vec<f64> = mesh.cpu_per_gb.iter().map(|c| c.1).collect();
+    println!("\nCPU-seconds per GB (bulk): node-1 daemon {:.2} ({}), node-2 daemon {:.2} ({})", median(&n1), spread(&n1), median(&n2), spread(&n2));
+    println!(
+        "openssl speed -evp aes-128-gcm (16 KiB, one core): {aes_gbps:.1} Gbit/s; mesh throughput = {:.2} of it",
+        median(&mesh.gbps) / aes_gbps
+    );
+}
+
+/// Runs iperf3 from n1p1 (CPU 0); returns (Gbit/s received, bytes).
+fn iperf3(m: &MeshLab, server: &str) -> (f64, f64) {
+    let out = m.lab.run_in_pod("n1p1", "taskset", &["-c", "0", "iperf3", "-c", server, "-p", "5201", "-t", IPERF_SECS, "-J"]).expect("iperf3");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("iperf3 json: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let sum = &v["end"]["sum_received"];
+    let field = |k: &str| sum[k].as_f64().unwrap_or_else(|| panic!("iperf3 gave no {k}: {}", v["error"]));
+    (field("bits_per_second") / 1e9, field("bytes"))
+}
+
+fn read_greeting(s: &TcpStream) {
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("greeting");
+    assert!(line.starts_with("whoami"), "unexpected greeting {line:?}");
+}
+
+/// 64-byte ping-pong at a fixed rate on one connection; (p50, p99) round trip in µs.
+fn request_response(addr: SocketAddr) -> (f64, f64) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    read_greeting(&s);
+    let interval = Duration::from_secs(1) / RR_RATE;
+    let (msg, mut buf) = ([7u8; 64], [0u8; 64]);
+    let mut rtts = Vec::new();
+    let start = Instant::now();
+    let mut next = start;
+    while start.elapsed() < Duration::from_secs(RR_SECS) {
+        let t = Instant::now();
+        s.write_all(&msg).expect("write");
+        s.read_exact(&mut buf).expect("read");
+        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        next += interval;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    rtts.sort_by(f64::total_cmp);
+    (rtts[rtts.len() / 2], rtts[rtts.len() * 99 / 100])
+}
+
+#[expect(clippy::cast_precision_loss, reason = "a count of connections in seconds fits an f64")]
+/// Sequential connections, each: connect, read the server's greeting (one round trip), close.
+/// Returns (connections/s, p50 µs per connection).
+fn connections(addr: SocketAddr) -> (f64, f64) {
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(CPS_SECS) {
+        let t = Instant::now();
+        let s = TcpStream::connect(addr).expect("connect");
+        read_greeting(&s);
+        drop(s);
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let rate = times.len() as f64 / start.elapsed().as_secs_f64();
+    times.sort_by(f64::total_cmp);
+    (rate, times[times.len() / 2])
+}
+
+/// One core's AES-128-GCM speed at 16 KiB blocks, in Gbit/s.
+fn openssl_aes128gcm_gbps() -> f64 {
+    let out = Command::new("taskset")
+        .args(["-c", "1", "openssl", "speed", "-seconds", "3", "-bytes", "16384", "-evp", "aes-128-gcm"])
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Last line: "AES-128-GCM  <kB/s>k" (1000s of bytes per second).
+    let kbps: f64 = text
+        .lines()
+        .rev()
+        .find_map(|l| l.split_whitespace().last()?.strip_suffix('k')?.parse().ok())
+        .unwrap_or_else(|| panic!("openssl speed output: {text}"));
+    kbps * 1000.0 * 8.0 / 1e9
+}
