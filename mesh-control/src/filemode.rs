@@ -21,9 +21,21 @@ use crate::{
 
 /// Reads and validates the whole folder. Never fails: problems are returned with the state.
 pub fn load(dir: &Path, root_namespace: &str) -> (State, Vec<FileError>) {
+    load_keeping(dir, root_namespace, &mut LastGood::new())
+}
+
+/// The documents of each file's last successful parse.
+pub type LastGood = BTreeMap<PathBuf, Vec<Document>>;
+
+/// Like [`load`], but a file that does not parse as YAML (say, caught half-written) keeps the
+/// documents of its last good version instead of vanishing, and the error is still reported.
+/// Writers should still replace files atomically (write, then rename).
+pub fn load_keeping(dir: &Path, root_namespace: &str, last_good: &mut LastGood) -> (State, Vec<FileError>) {
     let mut errors = Vec::new();
     let mut docs = Vec::new();
-    for file in yaml_files(dir, &mut errors) {
+    let files = yaml_files(dir, &mut errors);
+    last_good.retain(|f, _| files.contains(f));
+    for file in files {
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
             Err(e) => {
@@ -32,14 +44,20 @@ pub fn load(dir: &Path, root_namespace: &str) -> (State, Vec<FileError>) {
             }
         };
         match manifest::parse(&text) {
-            Err(e) => errors.push(FileError { file, document: None, message: e.to_string() }),
+            Err(e) => {
+                docs.extend(last_good.get(&file).into_iter().flatten().cloned());
+                errors.push(FileError { file, document: None, message: e.to_string() });
+            }
             Ok(parsed) => {
+                let mut good = Vec::new();
                 for (i, d) in parsed.into_iter().enumerate() {
                     match d {
-                        Ok(d) => docs.push(d),
+                        Ok(d) => good.push(d),
                         Err(e) => errors.push(FileError { file: file.clone(), document: Some(i), message: e.to_string() }),
                     }
                 }
+                docs.extend(good.iter().cloned());
+                last_good.insert(file, good);
             }
         }
     }
@@ -122,10 +140,11 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 /// Loads the folder, publishes, and republishes on every change until the task is dropped.
 pub async fn watch(dir: PathBuf, root_namespace: String, interval: Duration, publisher: Publisher) {
     let mut last = None;
+    let mut last_good = LastGood::new();
     loop {
         let now = fingerprint(&dir);
         if last.as_ref() != Some(&now) {
-            let (state, errors) = load(&dir, &root_namespace);
+            let (state, errors) = load_keeping(&dir, &root_namespace, &mut last_good);
             if let Some(version) = publisher.publish(state, errors.clone()) {
                 let snap = publisher.current();
                 tracing::info!(version, workloads = snap.state.inventory.workloads.len(), services = snap.state.inventory.services.len(), "config folder changed");

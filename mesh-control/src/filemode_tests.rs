@@ -61,3 +61,21 @@ async fn watch_publishes_changes_and_skips_unchanged_folders() {
     assert_eq!(publisher.current().version, 2);
     task.abort();
 }
+
+#[test]
+fn a_half_written_file_keeps_its_last_good_documents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("lab.yaml"), LAB).expect("write");
+    let policy = "apiVersion: security.mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: demo}\nspec: {action: DENY}\n";
+    std::fs::write(dir.path().join("p.yaml"), policy).expect("write");
+    let mut last_good = LastGood::new();
+    let (before, errors) = load_keeping(dir.path(), "mesh-system", &mut last_good);
+    assert!(errors.is_empty());
+    std::fs::write(dir.path().join("p.yaml"), &policy[..policy.len() - 5]).expect("truncate"); // ends inside "{action: D"
+    let (during, errors) = load_keeping(dir.path(), "mesh-system", &mut last_good);
+    assert_eq!(errors.len(), 1, "the broken file is reported");
+    assert_eq!(during, before, "and its last good policy stays in force");
+    std::fs::remove_file(dir.path().join("p.yaml")).expect("rm");
+    let (after, _) = load_keeping(dir.path(), "mesh-system", &mut last_good);
+    assert!(after.policies.authorization.is_empty(), "a deleted file's documents go away");
+}

@@ -119,7 +119,17 @@ async fn run(config: Args) -> Result<()> {
         r = grpc.run() => r.context("gRPC server stopped")?,
         () = status.run() => {}
         r = source => r.context("config source stopped")?,
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, stopping"),
+        () = shutdown_signal() => tracing::info!("stopping on signal"),
     }
     Ok(())
+}
+
+/// SIGTERM (Kubernetes, the lab) or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

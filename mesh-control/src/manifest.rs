@@ -27,7 +27,7 @@ pub enum Error {
 }
 
 /// One document of a config-folder file.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Document {
     AuthorizationPolicy(Box<crd::AuthorizationPolicy>),
     PeerAuthentication(Box<crd::PeerAuthentication>),

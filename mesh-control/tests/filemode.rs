@@ -1,0 +1,141 @@
+//! The `mesh-control` binary in file mode, as the lab runs it: a config folder made of the
+//! deploy/examples files, per-node token files, a real gRPC client per node over TLS verified
+//! with the root the controller wrote. A policy file swap (allow → deny) must reach both nodes
+//! within one second; a broken file is reported on the status endpoint and changes nothing.
+
+use std::{
+    path::Path,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use mesh_proto::config::v1::{self as pb, config_distribution_client::ConfigDistributionClient};
+use tonic::{
+    Request,
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig},
+};
+
+struct Controller(Child);
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.0.kill(); // by PID
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn examples() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples"))
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body.split_once("\r\n\r\n")?.1.to_owned())
+}
+
+async fn subscribe(channel: Channel, node: &str, token: &str) -> (tonic::Streaming<pb::ConfigUpdate>, tokio::sync::mpsc::Sender<pb::NodeMessage>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::NodeMessage { kind: Some(pb::node_message::Kind::Subscribe(pb::Subscribe { node_name: node.into(), last_applied_version: 0 })) })
+        .await
+        .expect("send");
+    let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {token}")).expect("ascii"));
+    req.metadata_mut().insert(mesh_proto::NODE_NAME_HEADER, MetadataValue::try_from(node).expect("ascii"));
+    let stream = ConfigDistributionClient::new(channel).stream_config(req).await.expect("subscribed").into_inner();
+    (stream, tx)
+}
+
+fn action_of(u: &pb::ConfigUpdate) -> Option<i32> {
+    u.upserts.iter().find_map(|r| match &r.kind {
+        Some(pb::resource::Kind::AuthorizationPolicy(p)) if p.name == "whoami-allow-client" => Some(p.action),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_file_change_reaches_both_nodes_within_a_second() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (config, state) = (tmp.path().join("config"), tmp.path().join("state"));
+    std::fs::create_dir_all(config.join("policies")).expect("mkdir");
+    std::fs::create_dir_all(state.join("node-tokens")).expect("mkdir");
+    std::fs::copy(examples().join("file-mode/cluster.yaml"), config.join("cluster.yaml")).expect("copy");
+    let policy = config.join("policies/whoami.yaml");
+    std::fs::copy(examples().join("policies/allow-client-to-whoami.yaml"), &policy).expect("copy");
+    for n in ["n1", "n2"] {
+        std::fs::write(state.join("node-tokens").join(format!("{n}.token")), format!("secret-{n}\n")).expect("token");
+    }
+    let (grpc, status) = (free_port(), free_port());
+    let log = std::fs::File::create(tmp.path().join("control.log")).expect("log");
+    let _ctl = Controller(
+        Command::new(env!("CARGO_BIN_EXE_mesh-control"))
+            .arg("--config-dir")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state)
+            .args([&format!("--grpc-addr=127.0.0.1:{grpc}"), &format!("--status-addr=127.0.0.1:{status}"), "--poll-ms=100"])
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("mesh-control starts"),
+    );
+    let started = Instant::now();
+    while http_get(status, "/ready").is_none_or(|b| !b.starts_with("ready")) {
+        assert!(started.elapsed() < Duration::from_secs(10), "not ready; log: {}", std::fs::read_to_string(tmp.path().join("control.log")).unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let root = std::fs::read_to_string(state.join("ca/root.crt")).expect("the controller wrote its root");
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&root)).domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://127.0.0.1:{grpc}")).expect("uri").tls_config(tls).expect("tls").connect().await.expect("connect");
+
+    let mut nodes = Vec::new();
+    for n in ["n1", "n2"] {
+        let (mut updates, tx) = subscribe(channel.clone(), n, &format!("secret-{n}")).await;
+        let first = updates.message().await.expect("recv").expect("snapshot");
+        assert!(first.full);
+        assert_eq!(action_of(&first), Some(pb::Action::Allow.into()), "{n} starts with the ALLOW policy");
+        tx.send(pb::NodeMessage { kind: Some(pb::node_message::Kind::Ack(pb::Ack { version: first.version })) }).await.expect("ack");
+        nodes.push((updates, tx));
+    }
+
+    // The lab flips allow → deny by replacing the file.
+    let flipped = Instant::now();
+    std::fs::copy(examples().join("policies/deny-client-to-whoami.yaml"), &policy).expect("swap");
+    for (updates, _) in &mut nodes {
+        let u = tokio::time::timeout(Duration::from_secs(1), updates.message()).await.expect("update within 1 s").expect("recv").expect("open");
+        assert!(!u.full);
+        assert_eq!(action_of(&u), Some(pb::Action::Deny.into()));
+    }
+    let latency = flipped.elapsed();
+    eprintln!("allow → deny reached both nodes in {latency:?}");
+
+    // A broken file is reported and leaves the running config alone.
+    std::fs::write(config.join("policies/broken.yaml"), "kind: [unclosed").expect("write");
+    let started = Instant::now();
+    let body = loop {
+        let body = http_get(status, "/status").expect("status");
+        if body.contains("broken.yaml") {
+            break body;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "file error never reported: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(doc["fileErrors"].as_array().map(Vec::len), Some(1), "{doc:#}");
+    assert_eq!(doc["nodes"]["n1"]["connected"], true);
+    let metrics = http_get(status, "/metrics").expect("metrics");
+    assert!(metrics.contains("mesh_control_connected_nodes 2"), "{metrics}");
+    assert!(metrics.contains("mesh_control_config_file_errors 1"), "{metrics}");
+    // Nothing node-visible changed, so nodes get no update.
+    for (updates, _) in &mut nodes {
+        assert!(tokio::time::timeout(Duration::from_millis(300), updates.message()).await.is_err(), "no update for an unreadable file");
+    }
+}
