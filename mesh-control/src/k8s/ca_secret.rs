@@ -86,3 +86,7 @@ fn from_secret(s: &Secret, namespace: &str, trust_domain: &str) -> Result<Ca, Er
     };
     Ok(Ca::from_pem(RootPem { cert: get("root.crt")?, key: get("root.key")? }, trust_domain)?)
 }
+
+#[cfg(test)]
+#[path = "ca_secret_tests.rs"]
+mod tests;
