@@ -12,5 +12,6 @@ mod policy;
 mod tests;
 
 pub use eval::{Conn, Decision, DenyReason, DryRun, Verdict, evaluate};
+pub(crate) use eval::applies;
 pub use peer_auth::{Mode, PeerAuthentication, mode_for};
 pub use policy::{Action, Destination, Policy, Rule, Source};

@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod drain;
 pub mod http_util;
 pub mod identity;
+pub mod kernel_sync;
 pub mod metrics;
 pub mod proxy;
 pub mod readiness;

@@ -3,6 +3,7 @@
 //! read the latest `Arc<State>` per connection. The control plane's proto types are converted
 //! into these (`TryFrom`) at the gRPC client; until then they come from a JSON file or a channel.
 
+pub mod service;
 pub mod workload;
 
 use std::{
@@ -14,6 +15,7 @@ use std::{
 
 use tokio::sync::watch;
 
+pub use service::{Endpoint, Service, ServicePort, ServiceProtocol};
 pub use workload::{Protocol, Workload};
 
 use crate::{
@@ -41,6 +43,8 @@ pub struct Snapshot {
     pub policies: Vec<Policy>,
     #[serde(default)]
     pub peer_authentications: Vec<PeerAuthentication>,
+    #[serde(default)]
+    pub services: Vec<Service>,
 }
 
 /// One consistent view, indexed for the per-connection lookups.
@@ -52,6 +56,7 @@ pub struct State {
     pub workloads: HashMap<IpAddr, Workload>,
     pub policies: Vec<Policy>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    pub services: Vec<Service>,
 }
 
 impl State {
@@ -68,6 +73,7 @@ impl State {
             workloads,
             policies: snap.policies,
             peer_authentications: snap.peer_authentications,
+            services: snap.services,
         })
     }
 
@@ -95,6 +101,7 @@ impl State {
             workloads,
             policies: self.policies.clone(),
             peer_authentications: self.peer_authentications.clone(),
+            services: self.services.clone(),
         }
     }
 }

@@ -56,7 +56,7 @@ pub struct Verdict {
     pub shadow: Vec<DryRun>,
 }
 
-fn applies(p: &Policy, root_namespace: &str, dst: &Workload) -> bool {
+pub(crate) fn applies(p: &Policy, root_namespace: &str, dst: &Workload) -> bool {
     let ns_ok = p.namespace == root_namespace || p.namespace == dst.namespace;
     ns_ok && p.selector.as_ref().is_none_or(|sel| selects(sel, &dst.labels))
 }
