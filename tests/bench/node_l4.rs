@@ -53,7 +53,20 @@ fn node_l4_mesh_vs_direct() {
             m.set_capture(meshed);
             let s = if meshed { &mut mesh_s } else { &mut direct_s };
             let cpu0 = m.daemon_cpu_secs();
+            // MESH_BENCH_PERF=<file>: profile both daemons during the first meshed bulk run.
+            let perf = std::env::var("MESH_BENCH_PERF").ok().filter(|_| meshed && round == 0).map(|out| {
+                let pids = m.daemon_pids();
+                Command::new("perf")
+                    .args(["record", "-F", "2000", "-g", "-o", &out, "-p", &format!("{},{}", pids.0, pids.1), "--", "sleep", "3"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("perf")
+            });
             let (gbps, bytes) = iperf3(&m, &server.to_string());
+            if let Some(mut p) = perf {
+                let _ = p.wait();
+            }
             let cpu1 = m.daemon_cpu_secs();
             s.gbps.push(gbps);
             if meshed {

@@ -118,7 +118,9 @@ impl MeshLab {
             ];
             let log = dir.join(format!("mesh-node-{}.log", node.name));
             let bin = bin.to_str().expect("utf-8");
-            let pinned = ["-c", "1", bin];
+            // MESH_BENCH_DAEMON_CPUS: taskset list for the daemons (default "1"; "0-1" unpins).
+            let cpus = std::env::var("MESH_BENCH_DAEMON_CPUS").unwrap_or_else(|_| "1".into());
+            let pinned = ["-c", cpus.as_str(), bin];
             let mut spawn = if opts.bench {
                 Spawn::new(&node.netns, &node.system_cgroup, "taskset", &pinned)
             } else {
@@ -160,6 +162,10 @@ impl MeshLab {
                 iptables_op(ns, "-D", &rule);
             }
         }
+    }
+
+    pub fn daemon_pids(&self) -> (u32, u32) {
+        (self.daemons[0].pid(), self.daemons[1].pid())
     }
 
     /// User + system CPU seconds used so far by the node 1 and node 2 daemons.

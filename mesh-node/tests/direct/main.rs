@@ -212,3 +212,30 @@ async fn admin_reports_readiness_config_and_accepts_shutdown() {
     let done = tokio::time::timeout(Duration::from_secs(5), n2.bound.wait_termination()).await.expect("shutdown requested");
     assert!(done.expect("signals"));
 }
+
+/// Not a pass/fail check: prints round-trip percentiles of the in-process paths (run with
+/// `--ignored --nocapture`) to locate latency between the relay, TLS and HTTP/2 layers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, run explicitly"]
+async fn latency_breakdown() {
+    use tokio::io::AsyncWriteExt as _;
+    let mesh = Mesh::start(snapshot(vec![], vec![]), Opts::default()).await;
+    let (pod_b, pod_c) = (echo_pod(B).await, echo_pod(C).await);
+    async fn rtts(mut s: tokio::net::TcpStream) -> (f64, f64) {
+        s.set_nodelay(true).expect("nodelay");
+        let (msg, mut buf) = ([1u8; 64], [0u8; 64]);
+        let mut v = Vec::new();
+        for _ in 0..2000 {
+            let t = std::time::Instant::now();
+            s.write_all(&msg).await.expect("write");
+            s.read_exact(&mut buf).await.expect("read");
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[v.len() * 99 / 100])
+    }
+    let direct = rtts(tokio::net::TcpStream::connect(pod_b.addr).await.expect("connect")).await;
+    let same_node = rtts(dial_via(&mesh.n1, A, pod_c.addr).await).await;
+    let hbone = rtts(dial_via(&mesh.n1, A, pod_b.addr).await).await;
+    println!("p50/p99 µs: direct {direct:?}, same-node relay {same_node:?}, HBONE {hbone:?}");
+}

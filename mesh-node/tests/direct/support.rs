@@ -58,6 +58,7 @@ pub fn snapshot(policies: Vec<Policy>, pas: Vec<PeerAuthentication>) -> Snapshot
         workloads: vec![workload("a", A, "n1", N1), workload("b", B, "n2", N2), workload("c", C, "n1", N1)],
         policies,
         peer_authentications: pas,
+        ..Snapshot::default()
     }
 }
 
