@@ -96,6 +96,8 @@ impl Server {
 
 struct ConfigService(Shared);
 
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigUpdate, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -109,7 +111,11 @@ impl pb::config_distribution_server::ConfigDistribution for ConfigService {
             Status::unauthenticated(e.to_string())
         })?;
         let mut inbound = req.into_inner();
-        let first = inbound.message().await?.and_then(|m| m.kind);
+        // A client that opens a stream but never subscribes must not hold it forever.
+        let first = tokio::time::timeout(SUBSCRIBE_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Subscribe within 10 s"))??
+            .and_then(|m| m.kind);
         let Some(pb::node_message::Kind::Subscribe(sub)) = first else {
             return Err(Status::invalid_argument("the first message must be Subscribe"));
         };
