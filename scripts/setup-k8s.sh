@@ -15,6 +15,10 @@ die() { printf '\033[31msetup-k8s: error:\033[0m %s\n' "$*" >&2; exit 1; }
 command -v apt-get >/dev/null || die "apt-get not found: this setup supports Debian 12 (bookworm) only"
 
 CACHE=${MESH_K8S_CACHE:-/var/cache/mesh}
+mkdir -p "$CACHE"
+# One run at a time (a background run of `cargo xtask test` may outlive a failed test run).
+exec 9>"$CACHE/setup-k8s.lock"
+flock 9
 PACKAGES=(golang-go etcd-server golang-github-modern-go-reflect2-dev rsync make dpkg-dev yamllint openssl python3-venv)
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -22,8 +26,9 @@ for p in "${PACKAGES[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
-  apt-get update -qq || die "apt-get update failed"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+  # Wait for another apt run (setup.sh, a colleague) instead of failing on the dpkg lock.
+  apt-get -o DPkg::Lock::Timeout=600 update -qq || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" \
     >/tmp/mesh-setup-k8s-apt.log 2>&1 || die "apt-get install failed (log: /tmp/mesh-setup-k8s-apt.log)"
 fi
 command -v kubectl >/dev/null || die "kubectl not found (expected preinstalled, see notes)"

@@ -9,10 +9,12 @@ use crate::{require_root, setup_and_build, sh, step};
 pub fn run(filter: Option<&str>) -> Result<()> {
     require_root("test")?;
     let started = Instant::now();
-    if filter.is_none() {
-        crate::k8s::start_setup()?; // in the background, niced; awaited before the apiserver suite
-    }
     setup_and_build()?;
+    if filter.is_none() {
+        // In the background (niced Go build), after setup.sh so their apt runs never overlap;
+        // awaited before the apiserver suite.
+        crate::k8s::start_setup()?;
+    }
     let leftovers = mesh_tests::clean::clean_all();
     if !leftovers.is_empty() {
         println!("    removed leftovers of an earlier run: {}", leftovers.join(", "));
