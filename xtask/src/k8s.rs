@@ -63,7 +63,7 @@ const MANIFESTS: [&str; 4] = ["deploy/00-namespace.yaml", "deploy/10-crds.yaml",
 
 pub fn manifest_checks() -> Result<()> {
     step("deploy/: yamllint, kubernetes-validate --strict (offline)");
-    sh(Command::new("yamllint").args(["--strict", "-c", "deploy/.yamllint.yaml", "deploy/"]))?;
+    sh(Command::new("yamllint").args(["--strict", "-c", "scripts/yamllint.yaml", "deploy/"]))?;
     let validate = format!("{}/venv/bin/kubernetes-validate", cache());
     sh(Command::new(validate).args(["--strict", "--kubernetes-version", "1.33.0"]).args(MANIFESTS))
 }
