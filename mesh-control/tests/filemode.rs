@@ -139,3 +139,16 @@ async fn policy_file_change_reaches_both_nodes_within_a_second() {
         assert!(tokio::time::timeout(Duration::from_millis(300), updates.message()).await.is_err(), "no update for an unreadable file");
     }
 }
+
+#[test]
+fn invalid_configuration_exits_64_naming_the_problem() {
+    let bin = env!("CARGO_BIN_EXE_mesh-control");
+    let none = Command::new(bin).output().expect("runs");
+    assert_eq!(none.status.code(), Some(64), "neither --config-dir nor --kubernetes");
+    assert!(String::from_utf8_lossy(&none.stderr).contains("--config-dir"), "{}", String::from_utf8_lossy(&none.stderr));
+    let ttl = Command::new(bin).args(["--config-dir", "/nonexistent", "--cert-ttl-seconds", "1"]).output().expect("runs");
+    assert_eq!(ttl.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&ttl.stderr).contains("--cert-ttl-seconds"), "{}", String::from_utf8_lossy(&ttl.stderr));
+    let both = Command::new(bin).args(["--config-dir", "/x", "--kubernetes"]).output().expect("runs");
+    assert_eq!(both.status.code(), Some(64), "the two modes exclude each other");
+}
