@@ -73,8 +73,8 @@ pub fn build(docs: Vec<Document>, root_namespace: &str) -> State {
         match d {
             Document::AuthorizationPolicy(p) => authz.push(*p),
             Document::PeerAuthentication(p) => peer.push(*p),
-            Document::Node(n) => {
-                inv.nodes.insert(n);
+            Document::Node { name, address } => {
+                inv.nodes.insert(name, address);
             }
             Document::Namespace { name, labels } => {
                 ns_labels.insert(name, labels);

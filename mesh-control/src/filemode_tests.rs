@@ -5,7 +5,17 @@ use crate::fixtures::{LAB, lab_state};
 fn lab_documents_become_workloads_services_and_endpoints() {
     let s = lab_state("");
     let inv = &s.inventory;
-    assert_eq!(inv.nodes.iter().collect::<Vec<_>>(), ["n1", "n2"]);
+    assert_eq!(inv.nodes.keys().collect::<Vec<_>>(), ["n1", "n2"]);
+    assert_eq!(inv.nodes["n2"], Some("198.18.0.2".parse().expect("ip")), "spec.address is the node's HBONE address");
+    assert_eq!(inv.nodes["n1"], None);
+    // Endpoints carry their node's address, so a node can tunnel to pods it does not host.
+    let view = crate::view::node_view(&s, "n1", "cluster.local");
+    let svc = view.values().find_map(|r| match &r.kind {
+        Some(mesh_proto::config::v1::resource::Kind::Service(s)) => Some(s.clone()),
+        _ => None,
+    });
+    let remote = svc.expect("service in view").endpoints.into_iter().find(|e| e.node == "n2").expect("n2 endpoint");
+    assert_eq!(remote.node_address, "198.18.0.2");
     let w1 = &inv.workloads["demo/whoami-1"];
     assert!(w1.meshed && w1.healthy);
     assert_eq!((w1.node.as_str(), w1.service_account.as_str()), ("n1", "whoami"));

@@ -11,6 +11,7 @@ metadata: {name: n1}
 apiVersion: lab.mesh.dev/v1alpha1
 kind: Node
 metadata: {name: n2}
+spec: {address: 198.18.0.2}
 ---
 apiVersion: lab.mesh.dev/v1alpha1
 kind: Namespace

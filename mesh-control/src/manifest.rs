@@ -31,7 +31,7 @@ pub enum Error {
 pub enum Document {
     AuthorizationPolicy(Box<crd::AuthorizationPolicy>),
     PeerAuthentication(Box<crd::PeerAuthentication>),
-    Node(String),
+    Node { name: String, address: Option<IpAddr> },
     Namespace { name: String, labels: Labels },
     Workload(model::Workload),
     Service(ServiceDoc),
@@ -122,7 +122,15 @@ fn document(doc: &serde_json::Value) -> Result<Document, Error> {
             p.metadata.namespace.get_or_insert_with(ns);
             Ok(Document::PeerAuthentication(Box::new(p)))
         }
-        (LAB_API_VERSION, "Node") => Ok(Document::Node(named("Node", meta.name)?)),
+        (LAB_API_VERSION, "Node") => {
+            #[derive(serde::Deserialize, Default)]
+            #[serde(deny_unknown_fields)]
+            struct NodeSpec {
+                address: Option<IpAddr>,
+            }
+            let s: NodeSpec = if spec.is_null() { NodeSpec::default() } else { serde_json::from_value(spec).map_err(shape)? };
+            Ok(Document::Node { name: named("Node", meta.name)?, address: s.address })
+        }
         (LAB_API_VERSION, "Namespace") => Ok(Document::Namespace { name: named("Namespace", meta.name)?, labels: meta.labels }),
         (LAB_API_VERSION, "Workload") => {
             let s: WorkloadSpec = serde_json::from_value(spec).map_err(shape)?;

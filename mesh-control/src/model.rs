@@ -106,7 +106,9 @@ impl Service {
 /// Everything discovered about the cluster, before policies.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Inventory {
-    pub nodes: std::collections::BTreeSet<String>,
+    /// Node name → the address other nodes reach its daemon at (HBONE, 15008): the Kubernetes
+    /// InternalIP, or `spec.address` in file mode. `None` when not known.
+    pub nodes: BTreeMap<String, Option<IpAddr>>,
     /// By uid.
     pub workloads: BTreeMap<String, Workload>,
     pub services: BTreeMap<NamespacedName, Service>,

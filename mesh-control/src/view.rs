@@ -31,7 +31,7 @@ pub fn node_view(state: &State, node: &str, trust_domain: &str) -> View {
     let mut view = View::new();
     let local: Vec<&Workload> = inv.workloads.values().filter(|w| w.node == node).collect();
     for w in &local {
-        insert(&mut view, pb::resource::Kind::Workload(workload(w, trust_domain)));
+        insert(&mut view, pb::resource::Kind::Workload(workload(w, inv, trust_domain)));
     }
     for s in inv.services.values() {
         insert(&mut view, pb::resource::Kind::Service(service(s, inv, trust_domain)));
@@ -82,7 +82,11 @@ pub fn diff(old: &View, new: &View) -> (Vec<pb::Resource>, Vec<pb::ResourceKey>)
     (upserts, removals)
 }
 
-fn workload(w: &Workload, trust_domain: &str) -> pb::Workload {
+fn node_address(inv: &Inventory, node: &str) -> String {
+    inv.nodes.get(node).copied().flatten().map(|a| a.to_string()).unwrap_or_default()
+}
+
+fn workload(w: &Workload, inv: &Inventory, trust_domain: &str) -> pb::Workload {
     pb::Workload {
         uid: w.uid.clone(),
         name: w.name.clone(),
@@ -94,6 +98,7 @@ fn workload(w: &Workload, trust_domain: &str) -> pb::Workload {
         meshed: w.meshed,
         healthy: w.healthy,
         identity: w.identity(trust_domain),
+        node_address: node_address(inv, &w.node),
     }
 }
 
@@ -131,6 +136,7 @@ fn service(s: &model::Service, inv: &Inventory, trust_domain: &str) -> pb::Servi
                     node: w.map(|w| w.node.clone()).unwrap_or_default(),
                     meshed: w.is_some_and(|w| w.meshed),
                     identity: w.filter(|w| w.meshed).map(|w| w.identity(trust_domain)).unwrap_or_default(),
+                    node_address: w.map(|w| node_address(inv, &w.node)).unwrap_or_default(),
                 }
             })
             .collect(),

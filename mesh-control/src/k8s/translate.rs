@@ -3,7 +3,7 @@
 //! node or IP, a Service without a name) are skipped, never a panic.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::IpAddr,
 };
 
@@ -21,7 +21,7 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub fn inventory(nodes: &[Node], namespaces: &[Namespace], pods: &[Pod], services: &[Service], slices: &[EndpointSlice]) -> Inventory {
     let ns_labels: BTreeMap<String, Labels> = namespaces.iter().map(|n| (n.name_any(), n.labels().clone())).collect();
     let mut inv = Inventory {
-        nodes: nodes.iter().map(ResourceExt::name_any).collect::<BTreeSet<_>>(),
+        nodes: nodes.iter().map(|n| (n.name_any(), internal_ip(n))).collect(),
         ..Inventory::default()
     };
     for p in pods {
@@ -131,3 +131,8 @@ pub fn service(s: &Service, slices: &[&EndpointSlice]) -> Option<model::Service>
 #[cfg(test)]
 #[path = "translate_tests.rs"]
 mod tests;
+
+/// A Node's InternalIP (where the node daemon listens for HBONE, as it runs with hostNetwork).
+fn internal_ip(node: &Node) -> Option<IpAddr> {
+    node.status.as_ref()?.addresses.as_ref()?.iter().find(|a| a.type_ == "InternalIP").and_then(|a| a.address.parse().ok())
+}
