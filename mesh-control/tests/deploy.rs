@@ -25,9 +25,9 @@ fn committed_crds_equal_crdgen_output() {
     let generated = mesh_control::crd::yaml().expect("crdgen");
     assert!(
         read(&deploy().join("10-crds.yaml")) == generated,
-        "deploy/10-crds.yaml is stale: run `cargo run -p mesh-control --bin crdgen > deploy/10-crds.yaml`"
+        "deploy/10-crds.yaml is stale: run `cargo xtask crds`"
     );
-    assert!(read(&deploy().join("helm/mesh/crds/crds.yaml")) == generated, "deploy/helm/mesh/crds/crds.yaml is stale: copy deploy/10-crds.yaml");
+    assert!(read(&deploy().join("helm/mesh/crds/crds.yaml")) == generated, "deploy/helm/mesh/crds/crds.yaml is stale: run `cargo xtask crds`");
 }
 
 /// Substitutes `{{ .Values.<path> }}` and `{{ .Release.Namespace }}`; panics on anything else.

@@ -78,3 +78,21 @@ pub fn run() -> Result<()> {
     manifest_checks()?;
     apiserver_suite()
 }
+
+/// `cargo xtask crds`: writes crdgen's output where `mesh-control/tests/deploy.rs` expects it.
+pub fn write_crds() -> Result<()> {
+    step("crds: cargo run -p mesh-control --bin crdgen");
+    let out = Command::new("cargo")
+        .args(["run", "--quiet", "--locked", "-p", "mesh-control", "--bin", "crdgen"])
+        .current_dir(root_dir())
+        .output()
+        .context("running crdgen")?;
+    if !out.status.success() {
+        bail!("crdgen failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    for path in ["deploy/10-crds.yaml", "deploy/helm/mesh/crds/crds.yaml"] {
+        std::fs::write(root_dir().join(path), &out.stdout).with_context(|| format!("writing {path}"))?;
+        println!("    wrote {path}");
+    }
+    Ok(())
+}

@@ -45,6 +45,8 @@ enum Task {
     },
     /// Remove leftovers (namespaces, cgroups, pinned objects, processes) of crashed runs.
     Clean,
+    /// Regenerate the CRDs (deploy/10-crds.yaml and the Helm chart's copy) from mesh-control's types.
+    Crds,
 }
 
 fn main() -> Result<()> {
@@ -54,6 +56,7 @@ fn main() -> Result<()> {
         Task::Test { filter } => test::run(filter.as_deref()),
         Task::Lab { action } => lab::run(action),
         Task::Bench { only } => bench::run(only.as_deref()),
+        Task::Crds => k8s::write_crds(),
         Task::Clean => {
             require_root("clean")?;
             for what in mesh_tests::clean::clean_all() {
