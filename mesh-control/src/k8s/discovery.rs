@@ -99,7 +99,15 @@ impl Stores {
 
 /// EndpointSlice is GA (v1) since Kubernetes 1.21; older servers serve only v1beta1.
 async fn endpoint_slice_api(client: &Client) -> ApiResource {
-    let version = if client.list_api_group_resources("discovery.k8s.io/v1").await.is_ok() { "v1" } else { "v1beta1" };
+    // Only a 404 means "no v1": any other error (a blip) keeps v1, which every current server has.
+    let version = match client.list_api_group_resources("discovery.k8s.io/v1").await {
+        Err(kube::Error::Api(e)) if e.code == 404 => "v1beta1",
+        Err(e) => {
+            tracing::warn!("discovering the EndpointSlice version failed, assuming v1: {e}");
+            "v1"
+        }
+        Ok(_) => "v1",
+    };
     tracing::info!(version, "reading EndpointSlices as discovery.k8s.io/{version}");
     let gvk = kube::api::GroupVersionKind::gvk("discovery.k8s.io", version, "EndpointSlice");
     ApiResource::from_gvk_with_plural(&gvk, "endpointslices")
