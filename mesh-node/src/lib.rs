@@ -6,6 +6,7 @@ pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod config;
+pub mod control;
 pub mod datapath;
 pub mod drain;
 pub mod http_util;

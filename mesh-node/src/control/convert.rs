@@ -1,0 +1,206 @@
+//! `mesh.config.v1` resources → the daemon's domain [`Snapshot`]. The proto boundary.
+//!
+//! - Workloads of this node become [`Workload`]s; so do meshed remote Service endpoints (the
+//!   controller sends remote pods only as endpoints), so the outbound proxy knows where to
+//!   tunnel and which identity to expect.
+//! - Authorization rules that use L7 fields (methods, paths, hosts) or `when` conditions cannot be
+//!   evaluated by an L4 proxy: as the proto specifies, they fail closed — such a rule never
+//!   matches in an ALLOW policy and always matches (on its L4 part) in a DENY policy.
+//! - PeerAuthentication with mode UNSET inherits, so it is dropped; port-level modes are not
+//!   enforced yet (the workload-level mode applies to every port).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::{IpAddr, Ipv4Addr},
+    str::FromStr,
+};
+
+use ipnet::IpNet;
+use mesh_proto::config::v1 as pb;
+
+use super::Error;
+use crate::{
+    authz::{Action, Destination, Mode, PeerAuthentication, Policy, Rule, Source},
+    state::{Endpoint, Protocol, Service, ServicePort, ServiceProtocol, Snapshot, Workload},
+};
+
+fn invalid(what: impl Into<String>) -> Error {
+    Error::Invalid(what.into())
+}
+
+fn ip(s: &str, what: &str) -> Result<IpAddr, Error> {
+    IpAddr::from_str(s).map_err(|_| invalid(format!("{what}: {s:?} is not an IP address")))
+}
+
+fn port(p: u32, what: &str) -> Result<u16, Error> {
+    u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| invalid(format!("{what}: port {p} out of range")))
+}
+
+/// (namespace, service account) from `spiffe://td/ns/<ns>/sa/<sa>`.
+fn ns_sa(identity: &str) -> Option<(String, String)> {
+    let rest = identity.strip_prefix("spiffe://")?;
+    let mut parts = rest.split('/').skip(1);
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("ns"), Some(ns), Some("sa"), Some(sa)) => Some((ns.to_owned(), sa.to_owned())),
+        _ => None,
+    }
+}
+
+/// Converts a complete set of resources into a snapshot for `own_address` (this node's HBONE
+/// address, used when a local workload's node address is not given).
+pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, own_address: IpAddr) -> Result<Snapshot, Error> {
+    let mut snap = Snapshot::default();
+    let mut remote_endpoints = Vec::new();
+    for r in resources {
+        match r.kind {
+            Some(pb::resource::Kind::Workload(w)) => snap.workloads.extend(workloads(&w, own_address)?),
+            Some(pb::resource::Kind::Service(s)) => {
+                let service = service(&s)?;
+                remote_endpoints.extend(service.endpoints.clone());
+                snap.services.push(service);
+            }
+            Some(pb::resource::Kind::AuthorizationPolicy(p)) => snap.policies.push(policy(&p)?),
+            Some(pb::resource::Kind::PeerAuthentication(p)) => snap.peer_authentications.extend(peer_authentication(&p)?),
+            None => return Err(invalid("resource without a kind")),
+        }
+    }
+    let mut known: HashSet<IpAddr> = snap.workloads.iter().map(|w| w.ip).collect();
+    for e in remote_endpoints {
+        let (Some(identity), Some(node_ip)) = (e.identity.as_deref(), e.node_address) else { continue };
+        let Some((namespace, service_account)) = ns_sa(identity) else { continue };
+        if !e.meshed || !known.insert(e.address) {
+            continue;
+        }
+        snap.workloads.push(Workload {
+            name: e.address.to_string(),
+            namespace,
+            service_account,
+            workload_name: None,
+            ip: e.address,
+            node: e.node.clone(),
+            node_ip,
+            labels: BTreeMap::new(),
+            protocol: Protocol::Hbone,
+        });
+    }
+    Ok(snap)
+}
+
+fn workloads(w: &pb::Workload, own_address: IpAddr) -> Result<Vec<Workload>, Error> {
+    let node_ip = if w.node_address.is_empty() { own_address } else { ip(&w.node_address, &w.uid)? };
+    w.addresses
+        .iter()
+        .map(|a| {
+            Ok(Workload {
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                service_account: w.service_account.clone(),
+                workload_name: None,
+                ip: ip(a, &format!("workload {}", w.uid))?,
+                node: w.node.clone(),
+                node_ip,
+                labels: w.labels.clone().into_iter().collect(),
+                protocol: if w.meshed { Protocol::Hbone } else { Protocol::Tcp },
+            })
+        })
+        .collect()
+}
+
+fn service(s: &pb::Service) -> Result<Service, Error> {
+    let what = format!("service {}/{}", s.namespace, s.name);
+    let mut ports = Vec::new();
+    for p in &s.ports {
+        let protocol = match pb::Protocol::try_from(p.protocol) {
+            Ok(pb::Protocol::Tcp | pb::Protocol::Unspecified) => ServiceProtocol::Tcp,
+            Ok(pb::Protocol::Udp) => ServiceProtocol::Udp,
+            // SCTP is not balanced by this datapath: skip the port, keep the Service.
+            _ => continue,
+        };
+        ports.push(ServicePort { port: port(p.port, &what)?, protocol, target_port: port(p.target_port, &what)? });
+    }
+    let endpoints = s
+        .endpoints
+        .iter()
+        .map(|e| {
+            Ok(Endpoint {
+                address: ip(&e.address, &what)?,
+                ports: e.ports.iter().map(|(k, v)| Ok((port(*k, &what)?, port(*v, &what)?))).collect::<Result<_, Error>>()?,
+                healthy: e.healthy,
+                node: e.node.clone(),
+                node_address: if e.node_address.is_empty() { None } else { Some(ip(&e.node_address, &what)?) },
+                meshed: e.meshed,
+                identity: (!e.identity.is_empty()).then(|| e.identity.clone()),
+            })
+        })
+        .collect::<Result<_, Error>>()?;
+    let vips = s.vips.iter().map(|v| ip(v, &what)).collect::<Result<_, _>>()?;
+    Ok(Service { name: s.name.clone(), namespace: s.namespace.clone(), vips, ports, endpoints })
+}
+
+fn nets(blocks: &[String], what: &str) -> Result<Vec<IpNet>, Error> {
+    blocks
+        .iter()
+        .map(|b| b.parse::<IpNet>().or_else(|_| ip(b, what).map(IpNet::from)).map_err(|_| invalid(format!("{what}: bad IP block {b:?}"))))
+        .collect()
+}
+
+fn policy(p: &pb::AuthorizationPolicy) -> Result<Policy, Error> {
+    let what = format!("AuthorizationPolicy {}/{}", p.namespace, p.name);
+    let action = match pb::Action::try_from(p.action) {
+        Ok(pb::Action::Allow) => Action::Allow,
+        Ok(pb::Action::Deny) => Action::Deny,
+        Ok(pb::Action::Audit) => Action::Audit,
+        _ => return Err(invalid(format!("{what}: unknown action {}", p.action))),
+    };
+    let mut rules = Vec::new();
+    for r in &p.rules {
+        let from = r
+            .from
+            .iter()
+            .map(|s| {
+                Ok(Source {
+                    principals: s.principals.clone(),
+                    not_principals: s.not_principals.clone(),
+                    namespaces: s.namespaces.clone(),
+                    not_namespaces: s.not_namespaces.clone(),
+                    ip_blocks: nets(&s.ip_blocks, &what)?,
+                    not_ip_blocks: nets(&s.not_ip_blocks, &what)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let l7 = |o: &pb::Operation| {
+            !(o.methods.is_empty() && o.not_methods.is_empty() && o.paths.is_empty() && o.not_paths.is_empty() && o.hosts.is_empty() && o.not_hosts.is_empty())
+        };
+        let mut to = Vec::new();
+        for o in &r.to {
+            if l7(o) && action != Action::Deny {
+                continue; // fail closed: an L7 operation never matches for ALLOW/AUDIT
+            }
+            let ports = o.ports.iter().map(|p| port(*p, &what)).collect::<Result<_, _>>()?;
+            let not_ports = o.not_ports.iter().map(|p| port(*p, &what)).collect::<Result<_, _>>()?;
+            to.push(Destination { ports, not_ports });
+        }
+        let conditions = !r.when.is_empty();
+        if action != Action::Deny && ((!r.to.is_empty() && to.is_empty()) || conditions) {
+            continue; // nothing of this ALLOW rule can match at L4
+        }
+        rules.push(Rule { from, to });
+    }
+    let selector = (!p.selector.is_empty()).then(|| p.selector.clone().into_iter().collect());
+    Ok(Policy { name: p.name.clone(), namespace: p.namespace.clone(), selector, action, dry_run: p.dry_run, rules })
+}
+
+fn peer_authentication(p: &pb::PeerAuthentication) -> Result<Option<PeerAuthentication>, Error> {
+    let mode = match pb::MtlsMode::try_from(p.mode) {
+        Ok(pb::MtlsMode::Strict) => Mode::Strict,
+        Ok(pb::MtlsMode::Permissive) => Mode::Permissive,
+        Ok(pb::MtlsMode::Disable) => Mode::Disable,
+        Ok(pb::MtlsMode::Unset) => return Ok(None),
+        Err(_) => return Err(invalid(format!("PeerAuthentication {}/{}: unknown mode {}", p.namespace, p.name, p.mode))),
+    };
+    let selector = (!p.selector.is_empty()).then(|| p.selector.clone().into_iter().collect());
+    Ok(Some(PeerAuthentication { name: p.name.clone(), namespace: p.namespace.clone(), selector, mode }))
+}
+
+/// An unspecified address, for callers that do not know their own (tests).
+pub const UNKNOWN_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);

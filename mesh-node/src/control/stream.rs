@@ -1,0 +1,141 @@
+//! The config stream: subscribe, apply each update atomically (ACK), or keep the last good state
+//! and say why (NACK); when the stream breaks, keep serving and reconnect with jittered backoff.
+
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
+
+use mesh_proto::config::v1::{self as pb, config_distribution_client::ConfigDistributionClient, node_message::Kind};
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{Connection, Error, convert};
+use crate::state::{State, StateTx};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct Metrics {
+    applied: Counter,
+    rejected: Counter,
+    connected: Gauge,
+    version: Gauge,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self { applied: Counter::default(), rejected: Counter::default(), connected: Gauge::default(), version: Gauge::default() };
+        registry.register("mesh_control_updates_applied", "Config updates applied and acknowledged", m.applied.clone());
+        registry.register("mesh_control_updates_rejected", "Config updates rejected (NACK); the last good config stays", m.rejected.clone());
+        registry.register("mesh_control_connected", "1 while the config stream to the control plane is open", m.connected.clone());
+        registry.register("mesh_control_config_version", "Version of the config this node runs", m.version.clone());
+        m
+    }
+}
+
+pub struct ConfigClient {
+    connection: Connection,
+    node: String,
+    own_address: IpAddr,
+    trust_domain: String,
+    root_namespace: String,
+    metrics: Metrics,
+}
+
+type Resources = BTreeMap<(i32, String), pb::Resource>;
+
+/// Same keys as the controller: workloads by uid, the rest by "<namespace>/<name>".
+fn key_of(r: &pb::Resource) -> Result<(i32, String), Error> {
+    use pb::resource::Kind as K;
+    Ok(match r.kind.as_ref().ok_or_else(|| Error::Invalid("resource without a kind".into()))? {
+        K::Workload(w) => (pb::ResourceKind::Workload.into(), w.uid.clone()),
+        K::Service(s) => (pb::ResourceKind::Service.into(), format!("{}/{}", s.namespace, s.name)),
+        K::AuthorizationPolicy(p) => (pb::ResourceKind::AuthorizationPolicy.into(), format!("{}/{}", p.namespace, p.name)),
+        K::PeerAuthentication(p) => (pb::ResourceKind::PeerAuthentication.into(), format!("{}/{}", p.namespace, p.name)),
+    })
+}
+
+/// Jitter without a random-number dependency: the clock's nanoseconds are unpredictable enough
+/// to spread reconnecting nodes apart.
+fn jittered(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.subsec_nanos());
+    d / 2 + Duration::from_nanos(u64::from(nanos) % (d.as_nanos().max(1) as u64 / 2 + 1))
+}
+
+impl ConfigClient {
+    pub fn new(connection: Connection, node: &str, own_address: IpAddr, trust_domain: &str, root_namespace: &str, metrics: Metrics) -> Self {
+        Self {
+            connection,
+            node: node.into(),
+            own_address,
+            trust_domain: trust_domain.into(),
+            root_namespace: root_namespace.into(),
+            metrics,
+        }
+    }
+
+    /// Runs forever: every applied update replaces the state in `state_tx`; `on_first_sync` is
+    /// called once, after the first applied snapshot (readiness).
+    pub async fn run(self, state_tx: StateTx, on_first_sync: impl FnOnce() + Send) {
+        let mut on_first_sync = Some(on_first_sync);
+        let mut version = 0u64;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let before = version;
+            match self.session(&state_tx, &mut version, &mut on_first_sync).await {
+                Ok(()) => tracing::info!("control plane closed the config stream; reconnecting"),
+                Err(e) => tracing::warn!(error = %e, "config stream failed; serving the last good config"),
+            }
+            self.metrics.connected.set(0);
+            backoff = if version != before { BACKOFF_MIN } else { (backoff * 2).min(BACKOFF_MAX) };
+            tokio::time::sleep(jittered(backoff)).await;
+        }
+    }
+
+    async fn session(&self, state_tx: &StateTx, version: &mut u64, on_first_sync: &mut Option<impl FnOnce()>) -> Result<(), Error> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let send = |kind| pb::NodeMessage { kind: Some(kind) };
+        let subscribe = Kind::Subscribe(pb::Subscribe { node_name: self.node.clone(), last_applied_version: *version });
+        tx.send(send(subscribe)).await.map_err(|_| Error::Invalid("stream closed".into()))?;
+        let request = self.connection.request(ReceiverStream::new(rx))?;
+        let mut updates = ConfigDistributionClient::new(self.connection.channel.clone()).stream_config(request).await?.into_inner();
+        self.metrics.connected.set(1);
+        let mut resources = Resources::new();
+        while let Some(update) = updates.message().await? {
+            let mut next = if update.full { Resources::new() } else { resources.clone() };
+            for r in update.upserts {
+                next.insert(key_of(&r)?, r);
+            }
+            for k in update.removals {
+                next.remove(&(k.kind, k.key));
+            }
+            let applied = convert::snapshot(next.values().cloned(), self.own_address)
+                .and_then(|snap| State::build(&self.trust_domain, &self.root_namespace, snap).map_err(|e| Error::Invalid(e.to_string())));
+            let reply = match applied {
+                Ok(state) => {
+                    resources = next;
+                    state_tx.send_replace(Arc::new(state));
+                    *version = update.version;
+                    self.metrics.applied.inc();
+                    self.metrics.version.set(i64::try_from(update.version).unwrap_or(i64::MAX));
+                    tracing::info!(version = update.version, full = update.full, resources = resources.len(), "config applied");
+                    if let Some(f) = on_first_sync.take() {
+                        f();
+                    }
+                    Kind::Ack(pb::Ack { version: update.version })
+                }
+                Err(e) => {
+                    self.metrics.rejected.inc();
+                    tracing::warn!(version = update.version, error = %e, "config rejected; keeping the last good one");
+                    Kind::Nack(pb::Nack { version: update.version, error: e.to_string() })
+                }
+            };
+            if tx.send(send(reply)).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,180 @@
+//! The node's control-plane client against the real mesh-control server, in process: file-mode
+//! state in, the node's `State` out over TLS with the mesh root; live changes; NACK-free apply;
+//! certificates from the controller's CA over gRPC. Unprivileged (loopback, port 0).
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use mesh_control::{
+    auth::Authenticator,
+    ca::Ca,
+    filemode,
+    metrics::Metrics as ControlMetrics,
+    server::{Server, Shared},
+    snapshot::Publisher,
+};
+use mesh_node::{
+    control::{Config, ConfigClient, Connection, GrpcCa, Metrics},
+    identity::{CaClient, CertMetrics, CertStore, Identity},
+    state::{Protocol, State},
+};
+use prometheus_client::registry::Registry;
+
+const CLUSTER: &str = "
+apiVersion: lab.mesh.dev/v1alpha1
+kind: Node
+metadata: {name: n1}
+spec: {address: 198.18.0.1}
+---
+apiVersion: lab.mesh.dev/v1alpha1
+kind: Node
+metadata: {name: n2}
+spec: {address: 198.18.0.2}
+---
+apiVersion: lab.mesh.dev/v1alpha1
+kind: Namespace
+metadata: {name: demo, labels: {mesh.dev/dataplane-mode: ambient}}
+---
+apiVersion: lab.mesh.dev/v1alpha1
+kind: Workload
+metadata: {name: client, namespace: demo, labels: {app: client}}
+spec: {node: n1, serviceAccount: client, addresses: [198.18.1.11]}
+---
+apiVersion: lab.mesh.dev/v1alpha1
+kind: Workload
+metadata: {name: whoami-2, namespace: demo, labels: {app: whoami}}
+spec: {node: n2, serviceAccount: whoami, addresses: [198.18.2.11]}
+---
+apiVersion: lab.mesh.dev/v1alpha1
+kind: Service
+metadata: {name: whoami, namespace: demo}
+spec: {vips: [198.19.0.10], selector: {app: whoami}, ports: [{port: 80, targetPort: 8080}]}
+";
+
+const DENY: &str = "
+apiVersion: security.mesh.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: demo}
+spec:
+  selector: {matchLabels: {app: client}}
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/whoami]}}]}]
+";
+
+struct Controller {
+    addr: SocketAddr,
+    publisher: Publisher,
+    dir: tempfile::TempDir,
+    root_pem: String,
+}
+
+async fn controller() -> Controller {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("cluster.yaml"), CLUSTER).expect("write");
+    std::fs::write(dir.path().join("n1.token"), "secret-n1\n").expect("write");
+    let ca = Arc::new(Ca::generate("cluster.local").expect("root"));
+    let root_pem = ca.root().cert.clone();
+    let publisher = Publisher::new();
+    let (state, errors) = filemode::load(dir.path(), "mesh-system");
+    assert!(errors.is_empty(), "{errors:?}");
+    publisher.publish(state, errors);
+    let shared = Shared {
+        publisher: publisher.clone(),
+        ca,
+        auth: Arc::new(Authenticator::Files { dir: dir.path().to_path_buf() }),
+        metrics: Arc::new(ControlMetrics::new(&mut Registry::default())),
+        nodes: Default::default(),
+        default_ttl: Duration::from_secs(3600),
+    };
+    let server = Server::new(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &["localhost".into()], shared).await.expect("bind");
+    let addr = server.local_addr();
+    tokio::spawn(server.run());
+    Controller { addr, publisher, dir, root_pem }
+}
+
+fn config(c: &Controller, token: &str) -> Config {
+    std::fs::write(c.dir.path().join("root.pem"), &c.root_pem).expect("write root");
+    std::fs::write(c.dir.path().join("node.token"), token).expect("write token");
+    Config {
+        address: format!("https://{}", c.addr),
+        server_name: "localhost".into(),
+        root_cert: c.dir.path().join("root.pem"),
+        token_file: c.dir.path().join("node.token"),
+        node_name: "n1".into(),
+    }
+}
+
+async fn wait_for(rx: &mut tokio::sync::watch::Receiver<Arc<State>>, what: &str, f: impl Fn(&State) -> bool) -> Arc<State> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let s = rx.borrow_and_update().clone();
+            if f(&s) {
+                return s;
+            }
+            rx.changed().await.expect("sender alive");
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+#[tokio::test]
+async fn node_receives_its_view_live_and_certificates_from_the_controller_ca() {
+    let c = controller().await;
+    let cfg = config(&c, "secret-n1");
+    let connection = Connection::new(&cfg).expect("connection");
+    let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(State::default()));
+    let (synced_tx, synced_rx) = tokio::sync::oneshot::channel();
+    let metrics = Metrics::new(&mut Registry::default());
+    let client = ConfigClient::new(connection.clone(), "n1", IpAddr::from([198, 18, 0, 1]), "cluster.local", "mesh-system", metrics);
+    tokio::spawn(client.run(tx, move || {
+        let _ = synced_tx.send(());
+    }));
+    tokio::time::timeout(Duration::from_secs(5), synced_rx).await.expect("first sync").expect("signal");
+
+    let state = wait_for(&mut rx, "the snapshot", |s| !s.services.is_empty()).await;
+    let client_w = state.workload(IpAddr::from([198, 18, 1, 11])).expect("own workload");
+    assert_eq!((client_w.protocol, client_w.node.as_str()), (Protocol::Hbone, "n1"));
+    // A remote pod arrives only as a Service endpoint, and still tells where to tunnel.
+    let remote = state.workload(IpAddr::from([198, 18, 2, 11])).expect("remote meshed endpoint");
+    assert_eq!((remote.node_ip, remote.service_account.as_str()), (IpAddr::from([198, 18, 0, 2]), "whoami"));
+    let svc = &state.services[0];
+    assert_eq!((svc.vips[0], svc.ports[0].port, svc.ports[0].target_port), (IpAddr::from([198, 19, 0, 10]), 80, 8080));
+
+    // A policy file appears: the node gets it on the same stream.
+    std::fs::write(c.dir.path().join("deny.yaml"), DENY).expect("write policy");
+    let (state, errors) = filemode::load(c.dir.path(), "mesh-system");
+    assert!(errors.is_empty(), "{errors:?}");
+    c.publisher.publish(state, errors);
+    let state = wait_for(&mut rx, "the policy", |s| !s.policies.is_empty()).await;
+    assert_eq!(state.policies[0].name, "deny-client");
+
+    // Certificates: the controller's CA signs this node's workload identity.
+    let ca: Arc<dyn CaClient> = Arc::new(GrpcCa::new(connection, Duration::from_secs(600)));
+    let roots = mesh_node::identity::ca::pem_certs(&c.root_pem);
+    let store = CertStore::new(ca, roots.clone(), CertMetrics::new(&mut Registry::default()));
+    let identity = Identity::new("cluster.local", "demo", "client");
+    let entry = store.fetch(&identity).await.expect("certificate from the controller");
+    assert_eq!(entry.cert.roots, roots, "the chain ends at the mesh root");
+    // Requested 10 min (the CA backdates not_before for clock skew, so measure from now).
+    let left = entry.cert.not_after.duration_since(std::time::SystemTime::now()).expect("not expired");
+    assert!((Duration::from_secs(540)..=Duration::from_secs(660)).contains(&left), "{left:?} left");
+    let stranger = Identity::new("cluster.local", "demo", "whoami");
+    assert!(store.fetch(&stranger).await.is_err(), "a workload of another node is refused");
+}
+
+#[tokio::test]
+async fn a_wrong_credential_never_yields_state() {
+    let c = controller().await;
+    let cfg = config(&c, "not-the-token");
+    let connection = Connection::new(&cfg).expect("connection");
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(State::default()));
+    let client = ConfigClient::new(connection, "n1", IpAddr::from([198, 18, 0, 1]), "cluster.local", "mesh-system", Metrics::new(&mut Registry::default()));
+    let task = tokio::spawn(client.run(tx, || {}));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(rx.borrow().workloads.is_empty(), "an unauthenticated node must get nothing");
+    task.abort();
+}
