@@ -84,11 +84,14 @@ impl Outbound {
 impl Handler {
     /// Proxies `client` (from `peer`) to `orig_dst`.
     pub async fn proxy(&self, client: TcpStream, peer: SocketAddr, orig_dst: SocketAddr) -> Result<(), Error> {
+        let state = self.inputs.state.borrow().clone();
+        // A captured connection to a Service VIP: pick the backend here (meshed clients are
+        // captured before the kernel's socket LB would have).
+        let orig_dst = crate::state::service::resolve(&state.services, orig_dst).unwrap_or(orig_dst);
         if Some(orig_dst) == self.local {
             return Err(Error::SelfCall(orig_dst));
         }
         client.set_nodelay(true)?;
-        let state = self.inputs.state.borrow().clone();
         let node = &self.inputs.cfg.node_name;
         // Only this node's meshed pods are captured; anything else here would make us an open relay.
         let src_w = state

@@ -58,3 +58,56 @@ impl Service {
         endpoint.ports.get(&port.port).copied().unwrap_or(port.target_port)
     }
 }
+
+/// Round-robin position shared by all Services: spreads new connections without a random source.
+static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The backend a new connection to `dst` should go to, when `dst` is a Service VIP:port (TCP)
+/// with at least one healthy endpoint of the VIP's address family; `None` otherwise.
+pub fn resolve(services: &[Service], dst: std::net::SocketAddr) -> Option<std::net::SocketAddr> {
+    let (service, port) = services.iter().find_map(|s| {
+        let port = s.ports.iter().find(|p| p.port == dst.port() && p.protocol == ServiceProtocol::Tcp)?;
+        s.vips.contains(&dst.ip()).then_some((s, port))
+    })?;
+    let healthy: Vec<&Endpoint> = service.endpoints.iter().filter(|e| e.healthy && e.address.is_ipv4() == dst.is_ipv4()).collect();
+    if healthy.is_empty() {
+        return None;
+    }
+    let e = healthy[NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % healthy.len()];
+    Some(std::net::SocketAddr::new(e.address, service.endpoint_port(port, e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc() -> Service {
+        let ep = |last: u8, healthy| Endpoint {
+            address: IpAddr::from([198, 18, 2, last]),
+            ports: BTreeMap::from([(80, 9000 + u16::from(last))]),
+            healthy,
+            node: "n2".into(),
+            node_address: None,
+            meshed: true,
+            identity: None,
+        };
+        Service {
+            name: "whoami".into(),
+            namespace: "demo".into(),
+            vips: vec![IpAddr::from([198, 19, 0, 10])],
+            ports: vec![ServicePort { port: 80, protocol: ServiceProtocol::Tcp, target_port: 8080 }],
+            endpoints: vec![ep(11, true), ep(12, false), ep(13, true)],
+        }
+    }
+
+    #[test]
+    fn vip_resolves_to_healthy_endpoints_with_their_ports() {
+        let services = [svc()];
+        let vip = std::net::SocketAddr::from(([198, 19, 0, 10], 80));
+        let picks: std::collections::BTreeSet<_> = (0..10).filter_map(|_| resolve(&services, vip)).collect();
+        let expected = [std::net::SocketAddr::from(([198, 18, 2, 11], 9011)), std::net::SocketAddr::from(([198, 18, 2, 13], 9013))];
+        assert_eq!(picks.into_iter().collect::<Vec<_>>(), expected, "unhealthy endpoint never chosen");
+        assert_eq!(resolve(&services, std::net::SocketAddr::from(([198, 19, 0, 10], 81))), None, "not a service port");
+        assert_eq!(resolve(&services, std::net::SocketAddr::from(([198, 18, 2, 11], 80))), None, "not a VIP");
+    }
+}
