@@ -45,7 +45,21 @@ pub async fn build(
     state: StateRx,
     log: Option<LogControl>,
 ) -> Result<Bound, proxy::Error> {
-    let mut registry = Registry::default();
+    build_with(cfg, ca, roots, state, log, Registry::default(), Ready::default()).await
+}
+
+/// [`build`] with a registry and readiness the caller already populated (the daemon registers
+/// its control-plane and datapath metrics, and readiness blocks for "config synced" and
+/// "datapath attached", before the proxies start).
+pub async fn build_with(
+    cfg: &Config,
+    ca: Arc<dyn CaClient>,
+    roots: Vec<CertificateDer<'static>>,
+    state: StateRx,
+    log: Option<LogControl>,
+    mut registry: Registry,
+    ready: Ready,
+) -> Result<Bound, proxy::Error> {
     let certs = CertStore::new(ca, roots, CertMetrics::new(&mut registry));
     let inputs = Inputs {
         cfg: Arc::new(cfg.proxy.clone()),
@@ -53,7 +67,6 @@ pub async fn build(
         certs: certs.clone(),
         metrics: Arc::new(proxy::Metrics::new(&mut registry)),
     };
-    let ready = Ready::default();
     let (trigger, watcher) = drain::new();
     let (shutdown, _) = watch::channel(false);
 

@@ -1,12 +1,23 @@
 //! Daemon configuration: read once from `MESH_*` environment variables into a typed struct.
 //! Every invalid value is rejected at start with a message naming the variable.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 pub const ENV_NODE_NAME: &str = "MESH_NODE_NAME";
 pub const ENV_CGROUP: &str = "MESH_CGROUP";
 pub const ENV_BPF_PIN_DIR: &str = "MESH_BPF_PIN_DIR";
 pub const ENV_SERVICES_FILE: &str = "MESH_SERVICES_FILE";
+pub const ENV_CONTROL_ADDR: &str = "MESH_CONTROL_ADDR";
+pub const ENV_CONTROL_SERVER_NAME: &str = "MESH_CONTROL_SERVER_NAME";
+pub const ENV_CONTROL_ROOT_CERT: &str = "MESH_CONTROL_ROOT_CERT";
+pub const ENV_CONTROL_TOKEN_FILE: &str = "MESH_CONTROL_TOKEN_FILE";
+pub const ENV_NODE_ADDRESS: &str = "MESH_NODE_ADDRESS";
+pub const ENV_CAPTURE_ADDR: &str = "MESH_CAPTURE_ADDR";
+pub const ENV_BYPASS: &str = "MESH_BYPASS";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -25,6 +36,16 @@ pub struct Config {
     pub bpf_pin_dir: PathBuf,
     /// Static Service definitions (JSON), used until the control plane feeds the node.
     pub services_file: Option<PathBuf>,
+    /// The control plane (`MESH_CONTROL_ADDR` and friends); `None`: state from
+    /// `MESH_LOCAL_CONFIG` and the test CA.
+    pub control: Option<crate::control::Config>,
+    /// This node's HBONE address, used for its own workloads when the control plane omits it.
+    pub node_address: Option<IpAddr>,
+    /// Where the kernel redirects meshed pods' connections (the outbound listener as pods reach
+    /// it); `None` disables capture.
+    pub capture: Option<SocketAddr>,
+    /// Same-node sockmap bypass (default on).
+    pub bypass: bool,
     /// The L4 proxy: identities, HBONE, authorization, metrics, admin (`app::config`).
     pub app: crate::app::Config,
 }
@@ -61,8 +82,37 @@ impl Config {
         let bpf_pin_dir = absolute(src, ENV_BPF_PIN_DIR)?.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh"));
         let services_file = absolute(src, ENV_SERVICES_FILE)?;
         let app = crate::app::Config::from_source(src, &node_name)?;
-        Ok(Self { node_name, cgroup, bpf_pin_dir, services_file, app })
+        let control = match src.get(ENV_CONTROL_ADDR) {
+            None => None,
+            Some(address) => {
+                if !address.starts_with("https://") {
+                    return Err(Error::Invalid { var: ENV_CONTROL_ADDR, value: address, reason: "must be https://host:port".into() });
+                }
+                let required = |var: &'static str, hint: &'static str| absolute(src, var)?.ok_or(Error::Missing { var, hint });
+                Some(crate::control::Config {
+                    server_name: src.get(ENV_CONTROL_SERVER_NAME).unwrap_or_else(|| "mesh-control".into()),
+                    root_cert: required(ENV_CONTROL_ROOT_CERT, "the mesh root certificate (PEM) that signed mesh-control's")?,
+                    token_file: required(ENV_CONTROL_TOKEN_FILE, "this node's credential file")?,
+                    node_name: node_name.clone(),
+                    address,
+                })
+            }
+        };
+        let node_address = parsed(src, ENV_NODE_ADDRESS, "an IP address")?;
+        let capture = parsed(src, ENV_CAPTURE_ADDR, "an address:port, e.g. 198.18.1.1:15001")?;
+        let bypass = match src.get(ENV_BYPASS).as_deref() {
+            None | Some("1" | "true") => true,
+            Some("0" | "false") => false,
+            Some(v) => return Err(Error::Invalid { var: ENV_BYPASS, value: v.into(), reason: "must be true or false".into() }),
+        };
+        Ok(Self { node_name, cgroup, bpf_pin_dir, services_file, control, node_address, capture, bypass, app })
     }
+}
+
+fn parsed<T: std::str::FromStr>(src: &impl Source, var: &'static str, what: &str) -> Result<Option<T>, Error> {
+    src.get(var)
+        .map(|v| v.parse().map_err(|_| Error::Invalid { var, value: v.clone(), reason: format!("must be {what}") }))
+        .transpose()
 }
 
 fn absolute(src: &impl Source, var: &'static str) -> Result<Option<PathBuf>, Error> {

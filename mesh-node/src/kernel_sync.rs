@@ -35,6 +35,8 @@ pub struct Config {
     pub capture: Option<SocketAddr>,
     pub hbone_port: u16,
     pub bypass: bool,
+    /// Services from `MESH_SERVICES_FILE`, installed beside the control plane's.
+    pub static_services: Vec<datapath::ServiceSpec>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -92,7 +94,8 @@ impl KernelSync {
     /// Applies the current state once; errors are logged, counted and returned.
     pub fn apply(&mut self, state: &State) -> Result<(), datapath::Error> {
         let cgroups = discover::pod_cgroups(&self.config.cgroup).unwrap_or_default();
-        let desired = translate(state, &self.config.node_name, &cgroups);
+        let mut desired = translate(state, &self.config.node_name, &cgroups);
+        desired.services.extend(self.config.static_services.iter().cloned());
         let result = (|| {
             self.datapath.sync_services(&desired.services)?;
             self.datapath.sync_pods(&desired.pods)?;

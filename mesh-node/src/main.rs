@@ -2,17 +2,22 @@
 //! configured Services, start the L4 proxy, run until SIGTERM/SIGINT, then drain.
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use std::sync::Arc;
+
+use std::net::{IpAddr, Ipv4Addr};
 
 use mesh_node::{
     admin::LogControl,
     app,
     config::{self, Config},
+    control::{ConfigClient, Connection, GrpcCa, Metrics as ControlMetrics},
     datapath::{Datapath, DatapathConfig},
-    identity::{CaClient, TestCa},
+    identity::{CaClient, TestCa, ca::pem_certs},
+    kernel_sync::{self, KernelSync},
+    readiness::Ready,
     services_file, state,
 };
+use prometheus_client::registry::Registry;
 use rustls_pki_types::CertificateDer;
 
 /// sysexits.h EX_USAGE: the configuration is invalid.
@@ -58,22 +63,53 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
     let datapath = if config.app.datapath { Some(load_datapath(config)?) } else { None };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let drained = rt.block_on(async {
-        let (ca, roots) = certificate_authority(&config.app)?;
+        let mut registry = Registry::default();
+        let ready = Ready::default();
         let snapshot = match &config.app.local_config {
             Some(path) => state::read_file(path)?,
             None => state::Snapshot::default(),
         };
         let state = state::State::build(&config.app.trust_domain, &config.app.root_namespace, snapshot)?;
-        // The sender stays alive for the daemon's lifetime: the control-plane client will own it.
-        let (_state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(state));
-        let bound = app::build(&config.app, ca, roots, state_rx, Some(log)).await?;
+        let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(state));
+        let (ca, roots): (Arc<dyn CaClient>, _) = match &config.control {
+            Some(control) => {
+                // State and certificates come from mesh-control over one TLS channel.
+                let connection = Connection::new(control)?;
+                let root = std::fs::read_to_string(&control.root_cert)?;
+                let own = config.node_address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                let metrics = ControlMetrics::new(&mut registry);
+                let client = ConfigClient::new(connection.clone(), &config.node_name, own, &config.app.trust_domain, &config.app.root_namespace, metrics);
+                let synced = ready.register("control-plane config");
+                tokio::spawn(client.run(state_tx, move || drop(synced)));
+                (Arc::new(GrpcCa::new(connection, config.app.cert_ttl)), pem_certs(&root))
+            }
+            None => {
+                std::mem::forget(state_tx); // a static state: keep its sender for the daemon's life
+                certificate_authority(&config.app)?
+            }
+        };
+        if let Some(datapath) = datapath {
+            let sync_config = kernel_sync::Config {
+                node_name: config.node_name.clone(),
+                cgroup: config.cgroup.clone(),
+                capture: config.capture,
+                hbone_port: config.app.inbound_addr.port(),
+                bypass: config.bypass,
+                static_services: match &config.services_file {
+                    Some(path) => services_file::load(path)?,
+                    None => Vec::new(),
+                },
+            };
+            let sync = KernelSync::new(sync_config, datapath, kernel_sync::Metrics::new(&mut registry))?;
+            tokio::spawn(sync.run(state_rx.clone()));
+        }
+        let bound = app::build_with(&config.app, ca, roots, state_rx, Some(log), registry, ready).await?;
         println!(
             "mesh-node ready node={} outbound={} inbound={} metrics={} admin={}",
             config.node_name, bound.outbound, bound.inbound, bound.metrics, bound.admin
         );
         anyhow::Ok(bound.wait_termination().await?)
     })?;
-    drop(datapath);
     tracing::info!(drained, "shutting down");
     Ok(())
 }
@@ -97,11 +133,6 @@ fn load_datapath(config: &Config) -> anyhow::Result<Datapath> {
         pin_dir: Some(config.bpf_pin_dir.clone()),
     })?;
     datapath.attach()?;
-    if let Some(path) = &config.services_file {
-        for spec in services_file::load(path)? {
-            datapath.upsert_service(&spec).with_context(|| format!("installing service {}:{}", spec.vip, spec.port))?;
-        }
-    }
     tracing::info!("datapath attached");
     Ok(datapath)
 }
