@@ -23,7 +23,7 @@ use std::{
 
 use mesh::{MeshLab, Options};
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const IPERF_SECS: &str = "5";
 const RR_RATE: u32 = 1000;
 const RR_SECS: u64 = 3;
@@ -35,6 +35,7 @@ struct Samples {
     cpu_per_gb: Vec<(f64, f64)>,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
+    pp_p50_us: Vec<f64>,
     cps: Vec<f64>,
     conn_p50_us: Vec<f64>,
 }
@@ -73,14 +74,16 @@ fn node_l4_mesh_vs_direct() {
                 let gb = bytes / 1e9;
                 s.cpu_per_gb.push(((cpu1.0 - cpu0.0) / gb, (cpu1.1 - cpu0.1) / gb));
             }
-            let (p50, p99) = m.in_pod_pinned("n1p1", move || request_response(SocketAddr::new(server.into(), 8080)));
+            let (p50, p99) = m.in_pod_pinned("n1p1", move || request_response(SocketAddr::new(server.into(), 8080), Some(RR_RATE)));
+            let (pp50, _) = m.in_pod_pinned("n1p1", move || request_response(SocketAddr::new(server.into(), 8080), None));
+            s.pp_p50_us.push(pp50);
             s.p50_us.push(p50);
             s.p99_us.push(p99);
             let (cps, conn_p50) = m.in_pod_pinned("n1p1", move || connections(SocketAddr::new(server.into(), 8080)));
             s.cps.push(cps);
             s.conn_p50_us.push(conn_p50);
             println!(
-                "round {round} {:6}: {gbps:6.2} Gbit/s  rr p50 {p50:6.1} us p99 {p99:6.1} us  {cps:6.0} conn/s (p50 {conn_p50:6.1} us)",
+                "round {round} {:6}: {gbps:6.2} Gbit/s  rr p50 {p50:6.1} us p99 {p99:6.1} us  ping-pong p50 {pp50:6.1} us  {cps:6.0} conn/s (p50 {conn_p50:6.1} us)",
                 if meshed { "mesh" } else { "direct" }
             );
         }
@@ -110,6 +113,7 @@ fn report(mesh: &Samples, direct: &Samples, aes_gbps: f64) {
     row("bulk throughput, Gbit/s (iperf3, 1 stream)", &mesh.gbps, &direct.gbps, format!("{:.2}×", median(&mesh.gbps) / median(&direct.gbps)));
     row("64 B request/response p50, µs", &mesh.p50_us, &direct.p50_us, format!("+{:.0} µs", median(&mesh.p50_us) - median(&direct.p50_us)));
     row("64 B request/response p99, µs", &mesh.p99_us, &direct.p99_us, format!("+{:.0} µs", median(&mesh.p99_us) - median(&direct.p99_us)));
+    row("64 B ping-pong back to back p50, µs", &mesh.pp_p50_us, &direct.pp_p50_us, format!("+{:.0} µs", median(&mesh.pp_p50_us) - median(&direct.pp_p50_us)));
     row("new connections/s (connect + 1 round trip + close)", &mesh.cps, &direct.cps, format!("{:.2}×", median(&mesh.cps) / median(&direct.cps)));
     row("connection setup p50, µs", &mesh.conn_p50_us, &direct.conn_p50_us, format!("+{:.0} µs", median(&mesh.conn_p50_us) - median(&direct.conn_p50_us)));
     let n1: Vec<f64> = mesh.cpu_per_gb.iter().map(|c| c.0).collect();
@@ -136,12 +140,13 @@ fn read_greeting(s: &TcpStream) {
     assert!(line.starts_with("whoami"), "unexpected greeting {line:?}");
 }
 
-/// 64-byte ping-pong at a fixed rate on one connection; (p50, p99) round trip in µs.
-fn request_response(addr: SocketAddr) -> (f64, f64) {
+/// 64-byte ping-pong on one connection, at `rate` per second or back to back; (p50, p99) round
+/// trip in µs.
+fn request_response(addr: SocketAddr, rate: Option<u32>) -> (f64, f64) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_nodelay(true).expect("nodelay");
     read_greeting(&s);
-    let interval = Duration::from_secs(1) / RR_RATE;
+    let interval = rate.map(|r| Duration::from_secs(1) / r);
     let (msg, mut buf) = ([7u8; 64], [0u8; 64]);
     let mut rtts = Vec::new();
     let start = Instant::now();
@@ -151,9 +156,11 @@ fn request_response(addr: SocketAddr) -> (f64, f64) {
         s.write_all(&msg).expect("write");
         s.read_exact(&mut buf).expect("read");
         rtts.push(t.elapsed().as_secs_f64() * 1e6);
-        next += interval;
-        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
+        if let Some(interval) = interval {
+            next += interval;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
         }
     }
     rtts.sort_by(f64::total_cmp);

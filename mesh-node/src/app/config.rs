@@ -29,6 +29,7 @@ pub const ENV_CONNECTION_WINDOW: &str = "MESH_HBONE_CONNECTION_WINDOW";
 pub const ENV_FRAME_SIZE: &str = "MESH_HBONE_FRAME_SIZE";
 pub const ENV_POOL_MAX_STREAMS: &str = "MESH_POOL_MAX_STREAMS";
 pub const ENV_POOL_IDLE_SECS: &str = "MESH_POOL_IDLE_SECS";
+pub const ENV_WORKER_THREADS: &str = "MESH_WORKER_THREADS";
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Config {
@@ -50,6 +51,9 @@ pub struct Config {
     pub log_json: bool,
     /// Load and attach the kernel datapath (off: proxy only, for labs that capture with iptables).
     pub datapath: bool,
+    /// Proxy threads: 1 runs everything on one thread (lowest latency); more use a work-stealing
+    /// runtime for throughput across cores.
+    pub worker_threads: usize,
 }
 
 fn parse<T: FromStr>(src: &impl Source, var: &'static str, default: T) -> Result<T, Error>
@@ -135,6 +139,10 @@ impl Config {
             drain_deadline: secs(src, ENV_DRAIN_DEADLINE_SECS, 10)?,
             log_json,
             datapath: boolean(src, ENV_DATAPATH, true)?,
+            worker_threads: match parse(src, ENV_WORKER_THREADS, 1usize)? {
+                0 => return Err(Error::Invalid { var: ENV_WORKER_THREADS, value: "0".into(), reason: "must be at least 1".into() }),
+                n => n,
+            },
         })
     }
 }

@@ -104,6 +104,7 @@ async fn server_config(inputs: &Inputs, cache: &ConfigCache, id: &Identity) -> R
 async fn serve(inputs: Inputs, cache: Arc<ConfigCache>, tcp: TcpStream, peer: SocketAddr, drain: drain::Watcher) -> Result<(), Error> {
     tcp.set_nodelay(true)?;
     let local = socket::original_dst(&tcp)?;
+    let tcp = tokio::io::BufReader::with_capacity(super::TLS_READ_BUF, tcp);
     let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
     let sni = start.client_hello().server_name().map(str::to_owned);
     let state = inputs.state.borrow().clone();

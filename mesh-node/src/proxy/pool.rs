@@ -116,6 +116,7 @@ impl Pool {
             .map_err(|_| Error::ConnectTimeout(key.node))?
             .map_err(|source| Error::Connect { addr: key.node, source })?;
         let name = ServerName::try_from(key.dst.sni()).map_err(|_| tls::Error::ServerName(key.dst.sni()))?;
+        let tcp = tokio::io::BufReader::with_capacity(super::TLS_READ_BUF, tcp);
         let tls = match tokio_rustls::TlsConnector::from(tls_cfg).connect(name, tcp).await {
             Ok(t) => {
                 self.inputs.metrics.handshake("outbound", true);

@@ -215,7 +215,7 @@ async fn admin_reports_readiness_config_and_accepts_shutdown() {
 
 /// Not a pass/fail check: prints round-trip percentiles of the in-process paths (run with
 /// `--ignored --nocapture`) to locate latency between the relay, TLS and HTTP/2 layers.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(flavor = "current_thread")]
 #[ignore = "measurement, run explicitly"]
 async fn latency_breakdown() {
     use tokio::io::AsyncWriteExt as _;
@@ -238,4 +238,22 @@ async fn latency_breakdown() {
     let same_node = rtts(dial_via(&mesh.n1, A, pod_c.addr).await).await;
     let hbone = rtts(dial_via(&mesh.n1, A, pod_b.addr).await).await;
     println!("p50/p99 µs: direct {direct:?}, same-node relay {same_node:?}, HBONE {hbone:?}");
+
+    // CPU per GB of the whole in-process path (client, both daemons, server on this thread).
+    let cpu = || {
+        let stat = std::fs::read_to_string("/proc/self/stat").expect("stat");
+        let f: Vec<f64> = stat.rsplit_once(')').expect("stat").1.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+        (f[11] + f[12]) / 100.0 // utime + stime, USER_HZ ticks
+    };
+    for (name, dst) in [("direct", None), ("HBONE", Some(pod_b.addr))] {
+        let s = match dst {
+            None => tokio::net::TcpStream::connect(pod_b.addr).await.expect("connect"),
+            Some(d) => dial_via(&mesh.n1, A, d).await,
+        };
+        let data = vec![42u8; 256 << 20];
+        let c0 = cpu();
+        let back = echo_round_trip(s, &data).await;
+        assert_eq!(back.len(), data.len());
+        println!("{name}: {:.2} CPU-s per GB echoed", (cpu() - c0) / 0.256 / 2.0);
+    }
 }
