@@ -61,7 +61,13 @@ fn init_tracing(json: bool) -> LogControl {
 fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(config)?, "starting");
     let datapath = if config.app.datapath { Some(load_datapath(config)?) } else { None };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // One thread by default: every hop of a proxied connection then wakes the same thread
+    // (in process, the HBONE path's added round trip fell from ~150 to ~32 µs; see
+    // bench/results/node-l4.md). More threads spread bulk traffic over cores.
+    let rt = match config.app.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
+    };
     let drained = rt.block_on(async {
         let mut registry = Registry::default();
         let ready = Ready::default();
@@ -95,6 +101,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
                 capture: config.capture,
                 hbone_port: config.app.inbound_addr.port(),
                 bypass: config.bypass,
+                pod_interfaces: config.pod_interfaces.clone(),
                 static_services: match &config.services_file {
                     Some(path) => services_file::load(path)?,
                     None => Vec::new(),
