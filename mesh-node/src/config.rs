@@ -18,6 +18,7 @@ pub const ENV_CONTROL_TOKEN_FILE: &str = "MESH_CONTROL_TOKEN_FILE";
 pub const ENV_NODE_ADDRESS: &str = "MESH_NODE_ADDRESS";
 pub const ENV_CAPTURE_ADDR: &str = "MESH_CAPTURE_ADDR";
 pub const ENV_BYPASS: &str = "MESH_BYPASS";
+pub const ENV_POD_INTERFACES: &str = "MESH_POD_INTERFACES";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -46,6 +47,9 @@ pub struct Config {
     pub capture: Option<SocketAddr>,
     /// Same-node sockmap bypass (default on).
     pub bypass: bool,
+    /// Host-side interfaces of this node's pods (comma-separated), where the kernel enforces
+    /// PeerAuthentication STRICT; the CNI knows them (in the lab, the lab does).
+    pub pod_interfaces: Vec<String>,
     /// The L4 proxy: identities, HBONE, authorization, metrics, admin (`app::config`).
     pub app: crate::app::Config,
 }
@@ -105,7 +109,8 @@ impl Config {
             Some("0" | "false") => false,
             Some(v) => return Err(Error::Invalid { var: ENV_BYPASS, value: v.into(), reason: "must be true or false".into() }),
         };
-        Ok(Self { node_name, cgroup, bpf_pin_dir, services_file, control, node_address, capture, bypass, app })
+        let pod_interfaces = src.get(ENV_POD_INTERFACES).map_or_else(Vec::new, |v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect());
+        Ok(Self { node_name, cgroup, bpf_pin_dir, services_file, control, node_address, capture, bypass, pod_interfaces, app })
     }
 }
 

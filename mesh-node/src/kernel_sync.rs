@@ -37,6 +37,8 @@ pub struct Config {
     pub bypass: bool,
     /// Services from `MESH_SERVICES_FILE`, installed beside the control plane's.
     pub static_services: Vec<datapath::ServiceSpec>,
+    /// Pods' host-side interfaces: the STRICT guard is attached to each.
+    pub pod_interfaces: Vec<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -88,6 +90,9 @@ impl KernelSync {
     /// Sets the node-wide settings at once (capture target, bypass); state follows in `run`.
     pub fn new(config: Config, mut datapath: Datapath, metrics: Metrics) -> Result<Self, datapath::Error> {
         datapath.set_node(&NodeSpec { capture: config.capture, hbone_port: config.hbone_port, bypass: config.bypass })?;
+        for ifname in &config.pod_interfaces {
+            datapath.attach_pod_interface(ifname)?;
+        }
         Ok(Self { config, datapath, metrics })
     }
 
