@@ -373,6 +373,19 @@ impl Lab {
         Ok((field("tx"), field("rx")))
     }
 
+    /// An empty lab that owns nothing (teardown is a no-op): a stand-in after `persist`.
+    pub fn placeholder() -> Self {
+        Self {
+            spec: LabSpec { run: "none".into(), pods_per_node: Vec::new() },
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            cgroup: PathBuf::new(),
+            bpffs: PathBuf::new(),
+            underlay_ns: String::new(),
+            processes: Vec::new(),
+        }
+    }
+
     /// Keeps everything running after this handle is gone (`cargo xtask lab up`); remove it
     /// later with [`crate::clean::clean_run`].
     pub fn persist(mut self) {

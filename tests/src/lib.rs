@@ -14,6 +14,7 @@
 //! id, and is removed on drop (also while a test panics) and by [`clean::clean_all`].
 
 pub mod clean;
+pub mod cluster;
 pub mod lab;
 pub mod sys;
 

@@ -1,8 +1,9 @@
-//! `cargo xtask lab up|down`: the local mesh in network namespaces, no Kubernetes.
+//! `cargo xtask lab up|down`: the whole mesh in network namespaces, no Kubernetes.
 
 use std::{
     collections::BTreeMap,
     fs,
+    net::SocketAddr,
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
@@ -10,19 +11,21 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
-use mesh_tests::{Lab, LabSpec, Spawn, clean};
+use mesh_tests::{
+    LabSpec,
+    clean,
+    cluster::{APP_PORT, Binaries, Cluster, HTTP_PORT, METRICS_PORT, VIP},
+};
 
 use crate::{require_root, root_dir, setup_and_build, sh, step};
 
 /// Run id of the lab: every object it creates is named `mesh-lab...`.
 const RUN: &str = "lab";
-const VIP: &str = "198.19.0.10";
-const SERVICE_PORT: u16 = 80;
-const APP_PORT: u16 = 8080;
 
 #[derive(Subcommand)]
 pub enum Action {
-    /// Build the lab, start the daemons and the sample app, drive traffic, print a report.
+    /// Build the lab, start mesh-control, one mesh-node per node and the sample app, drive
+    /// traffic and print a report.
     Up,
     /// Remove everything the lab created.
     Down,
@@ -49,112 +52,106 @@ fn down() {
     }
 }
 
-fn state_dir() -> PathBuf {
+pub fn state_dir() -> PathBuf {
     PathBuf::from("/run/mesh-lab")
+}
+
+/// Builds the binaries the lab and the end-to-end suite run.
+pub fn build_binaries() -> Result<()> {
+    step("building mesh-control, mesh-node and the sample app");
+    sh(Command::new("cargo").args(["build", "--locked", "-p", "mesh-control", "-p", "mesh-node", "-p", "mesh-tests", "--bins"]))
+}
+
+fn who(line: &str) -> String {
+    line.split("name=").nth(1).and_then(|s| s.split_whitespace().next()).map_or_else(|| format!("FAILED ({})", line.trim()), str::to_owned)
+}
+
+fn tally(lines: &[String]) -> BTreeMap<String, usize> {
+    let mut t = BTreeMap::new();
+    for l in lines {
+        *t.entry(who(l)).or_insert(0) += 1;
+    }
+    t
 }
 
 fn up() -> Result<()> {
     require_root("lab up")?;
     let started = Instant::now();
     setup_and_build()?;
-    step("building mesh-node and the sample app");
-    sh(Command::new("cargo").args(["build", "--locked", "-p", "mesh-node", "-p", "mesh-tests", "--bins"]))?;
-    let bin = |name: &str| root_dir().join("target/debug").join(name).display().to_string();
-    let (mesh_node, whoami) = (bin("mesh-node"), bin("mesh-whoami"));
+    build_binaries()?;
 
     step("removing a previous lab, if any");
     down();
-    let state = state_dir();
-    let _ = fs::remove_dir_all(&state);
-    fs::create_dir_all(&state).context("creating /run/mesh-lab")?;
 
-    step("creating 2 nodes with 2 pods each (network namespaces + cgroups)");
-    let mut lab = Lab::build(LabSpec { run: RUN.into(), pods_per_node: vec![2, 2] })?;
-    for node in &lab.nodes {
-        println!("    node {} underlay {} netns {}", node.name, node.underlay_ip, node.netns);
-    }
-    for pod in &lab.pods {
-        println!("    pod  {} ip {} netns {}", pod.name, pod.ip, pod.netns);
+    step("creating 2 nodes and 5 pods, starting mesh-control (file mode), 2 mesh-nodes, the sample app");
+    let bins = Binaries::in_dir(&root_dir().join("target/debug"));
+    let cluster = Cluster::start(LabSpec { run: RUN.into(), pods_per_node: vec![3, 2] }, bins, &state_dir())
+        .context("starting the lab (see the logs in /run/mesh-lab/logs)")?;
+    for pod in &cluster.lab.pods {
+        let role = mesh_tests::cluster::PODS.iter().find(|r| r.pod == pod.name).expect("role");
+        let meshed = if role.meshed { "meshed" } else { "NOT meshed" };
+        println!("    {:<5} {:<9} sa={:<7} {:<15} node n{}  {meshed}", pod.name, role.name, role.service_account, pod.ip, pod.node);
     }
 
-    step("starting the sample app (mesh-whoami) in every pod but the client n1p1");
-    let backends: Vec<String> = lab.pods.iter().filter(|p| p.name != "n1p1").map(|p| p.name.clone()).collect();
-    for name in &backends {
-        let pod = lab.pod(name).clone();
-        let log = state.join(format!("{name}.log"));
-        let port = APP_PORT.to_string();
-        let args = ["serve", "--name", name.as_str(), "--tcp", port.as_str()];
-        let mut spawn = Spawn::new(&pod.netns, &pod.cgroup, &whoami, &args);
-        spawn.log = Some(&log);
-        let mut p = lab.spawn(&spawn)?;
-        p.wait_for_line("listening", Duration::from_secs(5))?;
-        p.detach();
-    }
+    let vip = SocketAddr::from((VIP, 80));
+    step(&format!("traffic: 12 connections from each client to Service demo/whoami {vip}"));
+    let meshed = cluster.dial("n1p1", vip, &["--count", "12"])?;
+    let legacy = cluster.dial("n1p3", vip, &["--count", "12"])?;
+    let http = cluster.lab.run_in_pod("n1p1", "curl", &["-s", "--max-time", "3", &format!("http://{VIP}:{HTTP_PORT}/hello")])?;
 
-    step(&format!("starting mesh-node on each node (Service {VIP}:{SERVICE_PORT} -> pods :{APP_PORT})"));
-    let services = serde_services(&lab, &backends);
-    let services_file = state.join("services.json");
-    fs::write(&services_file, services)?;
-    for node in lab.nodes.clone() {
-        let log = state.join(format!("mesh-node-{}.log", node.name));
-        let pin_dir = lab.bpffs.join(&node.name);
-        let (cgroup, pin, file) = (
-            node.pods_cgroup.display().to_string(),
-            pin_dir.display().to_string(),
-            services_file.display().to_string(),
-        );
-        let env = [
-            ("MESH_NODE_NAME", node.name.as_str()),
-            ("MESH_CGROUP", cgroup.as_str()),
-            ("MESH_BPF_PIN_DIR", pin.as_str()),
-            ("MESH_SERVICES_FILE", file.as_str()),
-        ];
-        let mut spawn = Spawn::new(&node.netns, &node.system_cgroup, &mesh_node, &[]);
-        spawn.env = &env;
-        spawn.log = Some(&log);
-        let mut p = lab.spawn(&spawn)?;
-        p.wait_for_line("mesh-node ready", Duration::from_secs(10))
-            .with_context(|| format!("mesh-node on {} did not start; see {}", node.name, log.display()))?;
-        println!("    {}: mesh-node pid {} (log {})", node.name, p.pid(), log.display());
-        p.detach();
-    }
+    step("policy: applying deploy/examples/policies/deny-client-to-whoami.yaml (DENY principal client)");
+    let deny = fs::read_to_string(root_dir().join("deploy/examples/policies/deny-client-to-whoami.yaml"))?;
+    cluster.apply_policy("deny-client", &deny)?;
+    std::thread::sleep(Duration::from_millis(800));
+    let denied = cluster.dial("n1p1", vip, &["--count", "6", "--timeout-ms", "2000"])?;
+    cluster.delete_policy("deny-client")?;
+    std::thread::sleep(Duration::from_millis(800));
+    let after = cluster.dial("n1p1", vip, &["--count", "3"])?;
 
-    step(&format!("driving traffic: 20 connections from n1p1 to {VIP}:{SERVICE_PORT}"));
-    let mut answered: BTreeMap<String, u32> = BTreeMap::new();
-    for _ in 0..20 {
-        let out = lab.run_in_pod("n1p1", &whoami, &["connect", &format!("{VIP}:{SERVICE_PORT}")])?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let who = text
-            .split("name=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .map_or_else(|| format!("FAILED: {}", text.trim()), str::to_owned);
-        *answered.entry(who).or_default() += 1;
-    }
-    let failed: u32 = answered.iter().filter(|(k, _)| k.starts_with("FAILED")).map(|(_, v)| v).sum();
+    let metrics = cluster.curl_on_node(2, &format!("http://127.0.0.1:{METRICS_PORT}/metrics")).unwrap_or_default();
+    let mtls: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{") && l.contains("reporter=\"destination\""))
+        .collect();
 
     println!();
     println!("\x1b[1mmesh lab report\x1b[0m");
-    println!("  client n1p1 ({}) -> Service {VIP}:{SERVICE_PORT} (socket-level LB in the kernel, cgroup/connect4)", lab.pod("n1p1").ip);
-    for (who, n) in &answered {
-        println!("    answered by {who:<8} {n:>3} connections");
+    println!("  client (meshed, n1p1) -> {vip}: captured by eBPF into mesh-node n1, HBONE (mTLS) to the backend's node:");
+    for (b, n) in tally(&meshed) {
+        println!("      answered by {b:<22} {n:>3}");
     }
-    println!("  inspect: bpftool prog list | grep mesh_ ; bpftool map dump pinned {}/n1/MESH_SVC_V1", lab.bpffs.display());
-    println!("  enter a pod: nsenter --net=/run/netns/mesh-lab-n1p1 {whoami} connect {VIP}:{SERVICE_PORT}");
-    println!("  logs: {}", state.display());
-    println!("  remove: cargo xtask lab down");
+    println!("  legacy (NOT meshed, n1p3) -> {vip}: balanced in the kernel at connect(), plaintext:");
+    for (b, n) in tally(&legacy) {
+        println!("      answered by {b:<22} {n:>3}");
+    }
+    println!("  HTTP through the mesh: {}", String::from_utf8_lossy(&http.stdout).trim());
+    println!("  identities seen by node n2 (destination reporter; principals, connection_security_policy):");
+    for l in mtls.iter().take(4) {
+        let pick = |k: &str| l.split(&format!("{k}=\"")).nth(1).and_then(|s| s.split('"').next()).unwrap_or("?").to_owned();
+        println!(
+            "      {} -> {}  [{}]",
+            pick("source_principal"),
+            pick("destination_principal"),
+            pick("connection_security_policy")
+        );
+    }
+    let refused = denied.iter().filter(|l| !l.starts_with("connected") || who(l).starts_with("FAILED")).count();
+    println!("  policy DENY client -> whoami: {refused} of {} attempts refused; after removing it: {} of {} answered", denied.len(), after.iter().filter(|l| !who(l).starts_with("FAILED")).count(), after.len());
+    println!();
+    println!("  metrics   nsenter --net=/run/netns/mesh-lab-n1 curl -s localhost:{METRICS_PORT}/metrics   (also n2)");
+    println!("  admin     nsenter --net=/run/netns/mesh-lab-n1 curl -s localhost:15000/config_dump");
+    println!("  control   nsenter --net=/run/netns/mesh-lab-ul curl -s localhost:15014/status");
+    println!("  policies  drop Istio-shaped YAML into {}/config/policies/ (applied live)", state_dir().display());
+    println!("  datapath  bpftool map dump pinned /sys/fs/bpf/mesh-lab/n1/MESH_SVC_V1");
+    println!("  a pod     nsenter --net=/run/netns/mesh-lab-n1p1 {} connect {vip}", root_dir().join("target/debug/mesh-whoami").display());
+    println!("  logs      {}/logs", state_dir().display());
+    println!("  remove    cargo xtask lab down");
     println!("  up in {:.1?}", started.elapsed());
-    lab.persist();
+    let failed = tally(&meshed).keys().chain(tally(&legacy).keys()).filter(|k| k.starts_with("FAILED")).count();
+    cluster.persist();
     if failed > 0 {
-        bail!("{failed} of 20 connections failed");
+        bail!("some connections failed (see the report above and the logs)");
     }
+    let _ = APP_PORT;
     Ok(())
-}
-
-fn serde_services(lab: &Lab, backends: &[String]) -> String {
-    let backends: Vec<String> = backends
-        .iter()
-        .map(|name| format!(r#"{{"addr":"{}","port":{APP_PORT},"weight":1,"healthy":true}}"#, lab.pod(name).ip))
-        .collect();
-    format!(r#"[{{"vip":"{VIP}","port":{SERVICE_PORT},"protocol":"tcp","backends":[{}]}}]"#, backends.join(","))
 }

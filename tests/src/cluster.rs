@@ -1,0 +1,266 @@
+//! The whole mesh in the lab: mesh-control in file mode on the underlay, one mesh-node per node
+//! with the real eBPF datapath (capture, socket LB, STRICT guard, bypass), the sample app in the
+//! pods. Used by `cargo xtask lab up` and the end-to-end suite.
+//!
+//! Layout (2 nodes):
+//! - `n1p1` client (meshed, sa `client`), `n1p2` whoami (meshed), `n1p3` legacy (not meshed);
+//! - `n2p1`, `n2p2` whoami (meshed);
+//! - Service `demo/whoami`: VIP 198.19.0.10, TCP 80 → 8080 (whoami line + echo), 8081 (HTTP);
+//! - mesh-control at 198.18.0.254 (gRPC 15012) in the underlay namespace.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::{Error, Lab, LabSpec, PodProcess, Spawn, sys};
+
+pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+pub const CONTROL_GRPC_PORT: u16 = 15012;
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+pub const APP_PORT: u16 = 8080;
+pub const HTTP_PORT: u16 = 8081;
+pub const METRICS_PORT: u16 = 15020;
+
+/// Where the binaries are (`target/<profile>/`).
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub mesh_control: PathBuf,
+    pub mesh_node: PathBuf,
+    pub whoami: PathBuf,
+}
+
+impl Binaries {
+    pub fn in_dir(dir: &Path) -> Self {
+        Self { mesh_control: dir.join("mesh-control"), mesh_node: dir.join("mesh-node"), whoami: dir.join("mesh-whoami") }
+    }
+}
+
+/// A pod of the cluster and what runs in it.
+pub struct PodRole {
+    pub pod: &'static str,
+    pub name: &'static str,
+    pub service_account: &'static str,
+    pub app: &'static str,
+    pub meshed: bool,
+    pub serves: bool,
+}
+
+pub const PODS: &[PodRole] = &[
+    PodRole { pod: "n1p1", name: "client", service_account: "client", app: "client", meshed: true, serves: false },
+    PodRole { pod: "n1p2", name: "whoami-1", service_account: "whoami", app: "whoami", meshed: true, serves: true },
+    PodRole { pod: "n1p3", name: "legacy", service_account: "legacy", app: "legacy", meshed: false, serves: false },
+    PodRole { pod: "n2p1", name: "whoami-2", service_account: "whoami", app: "whoami", meshed: true, serves: true },
+    PodRole { pod: "n2p2", name: "whoami-3", service_account: "whoami", app: "whoami", meshed: true, serves: true },
+];
+
+pub struct Cluster {
+    pub lab: Lab,
+    pub bins: Binaries,
+    /// `<base>/config`: what mesh-control reads (policies go to `<config>/policies/`).
+    pub config_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub logs: PathBuf,
+    pub control: Option<PodProcess>,
+    pub daemons: Vec<Option<PodProcess>>,
+    pub apps: Vec<PodProcess>,
+}
+
+fn cluster_yaml(lab: &Lab) -> String {
+    let mut y = String::from("# Written by the lab (mesh_tests::cluster).\n");
+    for node in &lab.nodes {
+        let _ = write!(y, "apiVersion: lab.mesh.dev/v1alpha1\nkind: Node\nmetadata: {{name: {}}}\nspec: {{address: {}}}\n---\n", node.name, node.underlay_ip);
+    }
+    y.push_str("apiVersion: lab.mesh.dev/v1alpha1\nkind: Namespace\nmetadata: {name: demo, labels: {mesh.dev/dataplane-mode: ambient}}\n---\n");
+    for r in PODS {
+        let pod = lab.pod(r.pod);
+        let mode = if r.meshed { String::new() } else { ", mesh.dev/dataplane-mode: none".into() };
+        let _ = write!(
+            y,
+            "apiVersion: lab.mesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {}, namespace: demo, labels: {{app: {}{mode}}}}}\nspec: {{node: n{}, serviceAccount: {}, addresses: [{}]}}\n---\n",
+            r.name, r.app, pod.node, r.service_account, pod.ip
+        );
+    }
+    let _ = write!(
+        y,
+        "apiVersion: lab.mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: whoami, namespace: demo}}\nspec:\n  vips: [{VIP}]\n  selector: {{app: whoami}}\n  ports:\n  - {{name: tcp, port: 80, targetPort: {APP_PORT}}}\n  - {{name: http, port: {HTTP_PORT}, targetPort: {HTTP_PORT}}}\n"
+    );
+    y
+}
+
+/// Writes `contents` to `path` atomically (mesh-control may read at any moment).
+pub fn write_atomic(path: &Path, contents: &str) -> Result<(), Error> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, contents).map_err(|source| Error::Io { path: tmp.clone(), source })?;
+    fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.into(), source })
+}
+
+impl Cluster {
+    /// Builds the lab and starts everything; `base` holds config, state and logs.
+    pub fn start(spec: LabSpec, bins: Binaries, base: &Path) -> Result<Self, Error> {
+        for b in [&bins.mesh_control, &bins.mesh_node, &bins.whoami] {
+            if !b.exists() {
+                return Err(Error::Io { path: b.clone(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "binary not built (cargo build)") });
+            }
+        }
+        let _ = fs::remove_dir_all(base);
+        let (config_dir, state_dir, logs) = (base.join("config"), base.join("state"), base.join("logs"));
+        for d in [config_dir.join("policies"), state_dir.join("node-tokens"), logs.clone()] {
+            sys::mkdir(&d)?;
+        }
+        let lab = Lab::build(spec)?;
+        let mut cluster = Self { lab, bins, config_dir, state_dir, logs, control: None, daemons: Vec::new(), apps: Vec::new() };
+        cluster.boot()?;
+        Ok(cluster)
+    }
+
+    fn boot(&mut self) -> Result<(), Error> {
+        let ul = format!("{}{}-ul", crate::clean::PREFIX, self.lab.spec.run);
+        sys::ip_in(&ul, &["addr", "add", &format!("{CONTROL_IP}/24"), "dev", "br0"])?;
+        write_atomic(&self.config_dir.join("cluster.yaml"), &cluster_yaml(&self.lab))?;
+        for node in &self.lab.nodes {
+            let token = format!("{}-{}-{}", self.lab.spec.run, node.name, std::process::id());
+            sys::write(&self.state_dir.join("node-tokens").join(format!("{}.token", node.name)), &token)?;
+        }
+        self.start_control()?;
+        for r in PODS.iter().filter(|r| r.serves) {
+            let pod = self.lab.pod(r.pod).clone();
+            let node = format!("n{}", pod.node);
+            let (tcp, http) = (APP_PORT.to_string(), HTTP_PORT.to_string());
+            let args = ["serve", "--name", r.pod, "--node", node.as_str(), "--tcp", tcp.as_str(), "--http", http.as_str()];
+            let log = self.logs.join(format!("{}.log", r.pod));
+            let whoami = self.bins.whoami.display().to_string();
+            let mut spawn = Spawn::new(&pod.netns, &pod.cgroup, &whoami, &args);
+            spawn.log = Some(&log);
+            let mut p = self.lab.spawn(&spawn)?;
+            p.wait_for_line("listening http", Duration::from_secs(5))?;
+            self.apps.push(p);
+        }
+        for i in 1..=u8::try_from(self.lab.nodes.len()).expect("few nodes") {
+            self.daemons.push(None);
+            self.start_node(i)?;
+        }
+        Ok(())
+    }
+
+    fn cgroup(&self, name: &str) -> Result<PathBuf, Error> {
+        let dir = self.lab.cgroup.join(name);
+        sys::mkdir(&dir)?;
+        Ok(dir)
+    }
+
+    /// (Re)starts mesh-control.
+    pub fn start_control(&mut self) -> Result<(), Error> {
+        let ul = format!("{}{}-ul", crate::clean::PREFIX, self.lab.spec.run);
+        let cgroup = self.cgroup("control")?;
+        let grpc = SocketAddr::from((CONTROL_IP, CONTROL_GRPC_PORT)).to_string();
+        let (config, state) = (self.config_dir.display().to_string(), self.state_dir.display().to_string());
+        let args = [
+            "--config-dir", config.as_str(), "--state-dir", state.as_str(), "--grpc-addr", grpc.as_str(),
+            "--status-addr", "127.0.0.1:15014", "--tls-san", "198.18.0.254", "--poll-ms", "100",
+        ];
+        let log = self.logs.join("mesh-control.log");
+        let bin = self.bins.mesh_control.display().to_string();
+        let mut spawn = Spawn::new(&ul, &cgroup, &bin, &args);
+        spawn.log = Some(&log);
+        let mut p = self.lab.spawn(&spawn)?;
+        p.wait_for_line("mesh-control started", Duration::from_secs(15))?;
+        self.control = Some(p);
+        Ok(())
+    }
+
+    pub fn stop_control(&mut self) {
+        self.control = None; // killed by drop
+    }
+
+    /// (Re)starts the mesh-node of node `i` (1-based) and waits until it is ready.
+    pub fn start_node(&mut self, i: u8) -> Result<(), Error> {
+        let node = self.lab.node(i).clone();
+        let interfaces: Vec<String> = self.lab.pods.iter().filter(|p| p.node == i).map(|p| p.host_if.clone()).collect();
+        let vars: Vec<(&str, String)> = vec![
+            ("MESH_NODE_NAME", node.name.clone()),
+            ("MESH_CGROUP", node.cgroup.display().to_string()),
+            ("MESH_BPF_PIN_DIR", self.lab.bpffs.join(&node.name).display().to_string()),
+            ("MESH_CONTROL_ADDR", format!("https://{CONTROL_IP}:{CONTROL_GRPC_PORT}")),
+            ("MESH_CONTROL_SERVER_NAME", CONTROL_IP.to_string()),
+            ("MESH_CONTROL_ROOT_CERT", self.state_dir.join("ca/root.crt").display().to_string()),
+            ("MESH_CONTROL_TOKEN_FILE", self.state_dir.join("node-tokens").join(format!("{}.token", node.name)).display().to_string()),
+            ("MESH_NODE_ADDRESS", node.underlay_ip.to_string()),
+            ("MESH_CAPTURE_ADDR", format!("{}:15001", node.pod_gateway)),
+            ("MESH_POD_INTERFACES", interfaces.join(",")),
+            ("MESH_LOG", "info".into()),
+        ];
+        let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let log = self.logs.join(format!("mesh-node-{}.log", node.name));
+        let bin = self.bins.mesh_node.display().to_string();
+        let mut spawn = Spawn::new(&node.netns, &node.system_cgroup, &bin, &[]);
+        spawn.env = &env;
+        spawn.log = Some(&log);
+        let mut p = self.lab.spawn(&spawn)?;
+        p.wait_for_line("mesh-node ready", Duration::from_secs(20))?;
+        self.daemons[usize::from(i - 1)] = Some(p);
+        self.wait_ready(i)
+    }
+
+    pub fn stop_node(&mut self, i: u8) {
+        self.daemons[usize::from(i - 1)] = None;
+    }
+
+    /// Waits for the node's `/healthz/ready` (config synced, certificates issued, datapath attached).
+    pub fn wait_ready(&self, i: u8) -> Result<(), Error> {
+        let ns = self.lab.node(i).netns.clone();
+        for _ in 0..100 {
+            let out = std::process::Command::new("nsenter")
+                .args([format!("--net=/run/netns/{ns}"), "curl".into(), "-fsS".into(), "--max-time".into(), "1".into()])
+                .arg(format!("http://127.0.0.1:{METRICS_PORT}/healthz/ready"))
+                .output();
+            if out.is_ok_and(|o| o.status.success()) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(Error::Timeout { what: format!("mesh-node on n{i} to become ready"), secs: 10 })
+    }
+
+    /// `curl` inside a node's namespace (metrics, admin).
+    pub fn curl_on_node(&self, i: u8, url: &str) -> Result<String, Error> {
+        let ns = format!("--net=/run/netns/{}", self.lab.node(i).netns);
+        let out = sys::run("nsenter", &[&ns, "curl", "-fsS", "--max-time", "3", url])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs the whoami client in a pod; one line per connection.
+    pub fn dial(&self, pod: &str, target: SocketAddr, args: &[&str]) -> Result<Vec<String>, Error> {
+        let t = target.to_string();
+        let mut full = vec!["connect", t.as_str()];
+        full.extend_from_slice(args);
+        let out = self.lab.run_in_pod(pod, &self.bins.whoami.display().to_string(), &full)?;
+        Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+    }
+
+    /// Writes a policy file mesh-control picks up within its poll interval.
+    pub fn apply_policy(&self, name: &str, yaml: &str) -> Result<(), Error> {
+        write_atomic(&self.config_dir.join("policies").join(format!("{name}.yaml")), yaml)
+    }
+
+    pub fn delete_policy(&self, name: &str) -> Result<(), Error> {
+        let p = self.config_dir.join("policies").join(format!("{name}.yaml"));
+        fs::remove_file(&p).map_err(|source| Error::Io { path: p, source })
+    }
+
+    /// Keeps everything running after this handle is gone (`lab up`).
+    pub fn persist(mut self) {
+        self.control.take().map(PodProcess::detach);
+        for d in self.daemons.drain(..).flatten() {
+            d.detach();
+        }
+        for a in self.apps.drain(..) {
+            a.detach();
+        }
+        let lab = std::mem::replace(&mut self.lab, Lab::placeholder());
+        lab.persist();
+    }
+}
