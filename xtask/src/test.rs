@@ -44,8 +44,7 @@ fn run_suites(filter: Option<&str>) -> Result<()> {
         sh(Command::new("cargo").args(["test", "--workspace", "--locked"]))?;
         crate::k8s::run()?;
     }
-    step("building the daemon the node suite starts: cargo build -p mesh-node --bins");
-    sh(Command::new("cargo").args(["build", "--locked", "-p", "mesh-node", "--bins"]))?;
+    crate::lab::build_binaries()?;
     step("privileged suites: kernel programs and namespaces (one at a time: they share the kernel)");
     let mut cmd = Command::new("cargo");
     cmd.args(["test", "--locked", "-p", "mesh-tests", "--features", "privileged", "--tests", "--"])

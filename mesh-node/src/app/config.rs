@@ -126,7 +126,7 @@ impl Config {
                 transparent: boolean(src, ENV_TRANSPARENT, false)?,
             },
             trust_domain: src.get(ENV_TRUST_DOMAIN).unwrap_or_else(|| "cluster.local".into()),
-            root_namespace: src.get(ENV_ROOT_NAMESPACE).unwrap_or_else(|| "istio-system".into()),
+            root_namespace: src.get(ENV_ROOT_NAMESPACE).unwrap_or_else(|| "mesh-system".into()),
             local_config: path(src, ENV_LOCAL_CONFIG)?,
             ca_cert,
             ca_key,
