@@ -27,8 +27,20 @@ pub fn run(only: Option<&str>) -> Result<()> {
         datapath::run()?;
         ran = true;
     }
+    if only.is_none_or(|o| o == "node") {
+        // The node daemon's L4 benchmark (cross-node through two daemons vs direct, iperf3,
+        // fixed-rate RTT, connections/s, daemon CPU/GB, AES-GCM): an ignored test of mesh-tests
+        // that writes bench/results/node-l4.{md,json}.
+        step("bench: node daemon L4 (cross-node mesh vs direct)");
+        sh(Command::new("cargo").args(["build", "--release", "--locked", "-p", "mesh-node", "--bins"]))?;
+        sh(Command::new("cargo").args([
+            "test", "--release", "--locked", "-p", "mesh-tests", "--features", "privileged", "--test", "bench-node", "--", "--ignored",
+            "--nocapture", "--test-threads=1",
+        ]))?;
+        ran = true;
+    }
     if !ran {
-        bail!("unknown benchmark {only:?}: expected one of: datapath");
+        bail!("unknown benchmark {only:?}: expected one of: datapath, node");
     }
     Ok(())
 }
