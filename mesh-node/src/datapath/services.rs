@@ -134,6 +134,8 @@ pub(super) struct ServiceTable {
     services: BTreeMap<ServiceKey, Installed>,
     /// Backend → (id, number of slots-tables referencing it).
     backends: HashMap<Backend, (BackendId, usize)>,
+    /// The reverse index of `backends`, so a release finds its backend without a scan.
+    by_id: HashMap<BackendId, Backend>,
     next_service_id: u32,
     next_backend_id: u32,
     free_backend_ids: Vec<u32>,
@@ -206,6 +208,7 @@ impl Datapath {
             for id in table.iter().collect::<BTreeSet<_>>() {
                 if let Some(b) = backends_by_id.get(id) {
                     state.backends.entry(*b).or_insert((*id, 0)).1 += 1;
+                    state.by_id.insert(*id, *b);
                 }
             }
             state.services.insert(key, Installed { value, slots: table });
@@ -234,6 +237,9 @@ impl Datapath {
         let table = spec.table();
         let describe = spec.describe();
         let (mut maps, state) = self.service_maps()?;
+        if state.unchanged(key, spec, &table) {
+            return Ok(()); // a full resync of an unchanged Service writes nothing
+        }
         let id = match state.services.get(&key) {
             Some(installed) => installed.value.id,
             None => {
@@ -264,12 +270,7 @@ impl Datapath {
                 .map_err(|e| full_or(e, MAP_SLOTS, MAX_SLOTS, &describe))?;
         }
         // 3. Flip the service entry (if it changed).
-        let value = ServiceValue {
-            id,
-            slot_count: u32::try_from(slots.len()).expect("bounded"),
-            flags: spec.flags(),
-            affinity_timeout_s: spec.affinity.map_or(0, |t| u32::try_from(t.as_secs()).expect("validated")),
-        };
+        let value = value_of(spec, id, slots.len());
         if old.is_none_or(|o| o.value != value) {
             maps.services.insert(key, value, 0).map_err(|e| full_or(e, MAP_SERVICES, MAX_SERVICES, &describe))?;
         }
@@ -311,7 +312,28 @@ impl Datapath {
     }
 }
 
+fn value_of(spec: &ServiceSpec, id: u32, slot_count: usize) -> ServiceValue {
+    ServiceValue {
+        id,
+        slot_count: u32::try_from(slot_count).expect("tables are bounded"),
+        flags: spec.flags(),
+        affinity_timeout_s: spec.affinity.map_or(0, |t| u32::try_from(t.as_secs()).expect("validated")),
+    }
+}
+
 impl ServiceTable {
+    /// True if `spec` with selection `table` is exactly what is installed under `key`.
+    fn unchanged(&self, key: ServiceKey, spec: &ServiceSpec, table: &[usize]) -> bool {
+        let Some(old) = self.services.get(&key) else { return false };
+        if old.value != value_of(spec, old.value.id, table.len()) || old.slots.len() != table.len() {
+            return false;
+        }
+        table.iter().zip(&old.slots).all(|(&i, id)| {
+            let b = &spec.backends[i];
+            self.backends.get(&Backend::new(addr_of(b.addr), b.port)).is_some_and(|(bid, _)| bid == id)
+        })
+    }
+
     fn acquire_backend(&mut self, maps: &mut Maps<'_>, backend: Backend, item: &str) -> Result<BackendId, Error> {
         if let Some((id, refs)) = self.backends.get_mut(&backend) {
             *refs += 1;
@@ -325,17 +347,17 @@ impl ServiceTable {
         };
         maps.backends.insert(id, backend, 0).map_err(|e| full_or(e, MAP_BACKENDS, MAX_BACKENDS, item))?;
         self.backends.insert(backend, (id, 1));
+        self.by_id.insert(id, backend);
         Ok(id)
     }
 
     fn release_backend(&mut self, maps: &mut Maps<'_>, id: BackendId) {
-        let Some(backend) = self.backends.iter().find(|(_, (bid, _))| *bid == id).map(|(b, _)| *b) else {
-            return;
-        };
-        let entry = self.backends.get_mut(&backend).expect("found above");
+        let Some(backend) = self.by_id.get(&id).copied() else { return };
+        let entry = self.backends.get_mut(&backend).expect("the two indexes agree");
         entry.1 -= 1;
         if entry.1 == 0 {
             self.backends.remove(&backend);
+            self.by_id.remove(&id);
             let _ = maps.backends.remove(&id);
             self.free_backend_ids.push(id.id);
         }

@@ -69,11 +69,13 @@ pub fn resolve(services: &[Service], dst: std::net::SocketAddr) -> Option<std::n
         let port = s.ports.iter().find(|p| p.port == dst.port() && p.protocol == ServiceProtocol::Tcp)?;
         s.vips.contains(&dst.ip()).then_some((s, port))
     })?;
-    let healthy: Vec<&Endpoint> = service.endpoints.iter().filter(|e| e.healthy && e.address.is_ipv4() == dst.is_ipv4()).collect();
-    if healthy.is_empty() {
+    // Per connection: count, then pick the n-th, without collecting into a Vec.
+    let healthy = || service.endpoints.iter().filter(|e| e.healthy && e.address.is_ipv4() == dst.is_ipv4());
+    let count = healthy().count();
+    if count == 0 {
         return None;
     }
-    let e = healthy[NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % healthy.len()];
+    let e = healthy().nth(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % count)?;
     Some(std::net::SocketAddr::new(e.address, service.endpoint_port(port, e)))
 }
 

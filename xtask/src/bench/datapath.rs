@@ -106,7 +106,8 @@ fn connect_latency() -> Result<(String, Value)> {
     let mut lab = Lab::build(LabSpec { run: "bench".into(), pods_per_node: vec![1, 1] })?;
     let server = lab.pod("n2p1").clone();
     let port = APP_PORT.to_string();
-    let args = ["-c", "0", whoami_static(), "serve", "--name", "n2p1", "--tcp", port.as_str()];
+    let whoami = whoami();
+    let args = ["-c", "0", whoami.as_str(), "serve", "--name", "n2p1", "--tcp", port.as_str()];
     let mut srv = lab.spawn(&Spawn::new(&server.netns, &server.cgroup, "taskset", &args))?;
     srv.wait_for_line("listening", Duration::from_secs(5))?;
     let backend = SocketAddr::from((server.ip, APP_PORT));
@@ -114,7 +115,6 @@ fn connect_latency() -> Result<(String, Value)> {
     // For the iptables baseline the pod must route VIPs to its node (as pods do in a cluster);
     // the node has no route for them, so an unmatched VIP still ends unreachable inside the lab.
     mesh_tests::sys::ip_in(&lab.pod("n1p1").netns, &["route", "add", "198.19.0.0/16", "via", &node1.pod_gateway.to_string()])?;
-    let whoami = whoami();
 
     let mut rows = Vec::new();
     let mut md = String::from("## connect() latency to a Service (p50 of 2000 connects, µs; median (min–max) of 3 runs)\n\n");
@@ -163,17 +163,13 @@ fn connect_latency() -> Result<(String, Value)> {
     Ok((md, json!(rows)))
 }
 
-fn whoami_static() -> &'static str {
-    // `Spawn` borrows its strings; the path lives for the whole run.
-    Box::leak(whoami().into_boxed_str())
-}
-
 fn same_node() -> Result<(String, Value)> {
     step("bench: same-node TCP — plain vs sockmap bypass (iperf3 throughput, 64 B request/response)");
     let mut lab = Lab::build(LabSpec { run: "bench".into(), pods_per_node: vec![2] })?;
     let server = lab.pod("n1p2").clone();
     let port = APP_PORT.to_string();
-    let args = ["-c", "0", whoami_static(), "serve", "--name", "n1p2", "--tcp", port.as_str()];
+    let whoami = whoami();
+    let args = ["-c", "0", whoami.as_str(), "serve", "--name", "n1p2", "--tcp", port.as_str()];
     let mut srv = lab.spawn(&Spawn::new(&server.netns, &server.cgroup, "taskset", &args))?;
     srv.wait_for_line("listening", Duration::from_secs(5))?;
     let mut iperf = lab.spawn(&Spawn::new(&server.netns, &server.cgroup, "taskset", &["-c", "0", "iperf3", "-s", "-p", "5201", "--forceflush"]))?;
@@ -183,7 +179,6 @@ fn same_node() -> Result<(String, Value)> {
     dp.attach()?;
     let local = |ip: Ipv4Addr| EndpointSpec { addr: IpAddr::V4(ip), identity: 0, meshed: false, strict: false, local: true };
     dp.sync_endpoints(&[local(lab.pod("n1p1").ip), local(server.ip)])?;
-    let whoami = whoami();
     let target = SocketAddr::from((server.ip, APP_PORT)).to_string();
     let server_ip = server.ip.to_string();
 
