@@ -59,16 +59,9 @@ fn insert(view: &mut View, kind: pb::resource::Kind) {
     view.insert((key.kind, key.key), pb::Resource { kind: Some(kind) });
 }
 
-/// The key of a resource: workloads by uid, everything else by "<namespace>/<name>".
+/// The key of a resource (the protocol's rule, shared with the nodes).
 pub fn key_of(kind: &pb::resource::Kind) -> pb::ResourceKey {
-    use pb::resource::Kind as K;
-    let (kind, key) = match kind {
-        K::Workload(w) => (pb::ResourceKind::Workload, w.uid.clone()),
-        K::Service(s) => (pb::ResourceKind::Service, format!("{}/{}", s.namespace, s.name)),
-        K::AuthorizationPolicy(p) => (pb::ResourceKind::AuthorizationPolicy, format!("{}/{}", p.namespace, p.name)),
-        K::PeerAuthentication(p) => (pb::ResourceKind::PeerAuthentication, format!("{}/{}", p.namespace, p.name)),
-    };
-    pb::ResourceKey { kind: kind.into(), key }
+    mesh_proto::resource_key(kind)
 }
 
 /// Upserts (new or changed) and removals that turn `old` into `new`.

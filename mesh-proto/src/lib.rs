@@ -19,3 +19,17 @@ pub mod ca {
 
 /// gRPC metadata key carrying the calling node's name.
 pub const NODE_NAME_HEADER: &str = "mesh-node-name";
+
+/// The key of a config resource, as `mesh/config/v1/config.proto` defines it: workloads by uid,
+/// everything else by "<namespace>/<name>". The one definition both ends of the stream use, so
+/// the controller's diffs and the node's view can never disagree.
+pub fn resource_key(kind: &config::v1::resource::Kind) -> config::v1::ResourceKey {
+    use config::v1::{ResourceKind, resource::Kind as K};
+    let (kind, key) = match kind {
+        K::Workload(w) => (ResourceKind::Workload, w.uid.clone()),
+        K::Service(s) => (ResourceKind::Service, format!("{}/{}", s.namespace, s.name)),
+        K::AuthorizationPolicy(p) => (ResourceKind::AuthorizationPolicy, format!("{}/{}", p.namespace, p.name)),
+        K::PeerAuthentication(p) => (ResourceKind::PeerAuthentication, format!("{}/{}", p.namespace, p.name)),
+    };
+    config::v1::ResourceKey { kind: kind.into(), key }
+}

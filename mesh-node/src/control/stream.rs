@@ -46,15 +46,10 @@ pub struct ConfigClient {
 
 type Resources = BTreeMap<(i32, String), pb::Resource>;
 
-/// Same keys as the controller: workloads by uid, the rest by "<namespace>/<name>".
+/// The protocol's key (`mesh_proto::resource_key`), as a map key.
 fn key_of(r: &pb::Resource) -> Result<(i32, String), Error> {
-    use pb::resource::Kind as K;
-    Ok(match r.kind.as_ref().ok_or_else(|| Error::Invalid("resource without a kind".into()))? {
-        K::Workload(w) => (pb::ResourceKind::Workload.into(), w.uid.clone()),
-        K::Service(s) => (pb::ResourceKind::Service.into(), format!("{}/{}", s.namespace, s.name)),
-        K::AuthorizationPolicy(p) => (pb::ResourceKind::AuthorizationPolicy.into(), format!("{}/{}", p.namespace, p.name)),
-        K::PeerAuthentication(p) => (pb::ResourceKind::PeerAuthentication.into(), format!("{}/{}", p.namespace, p.name)),
-    })
+    let key = mesh_proto::resource_key(r.kind.as_ref().ok_or_else(|| Error::Invalid("resource without a kind".into()))?);
+    Ok((key.kind, key.key))
 }
 
 /// Jitter without a random-number dependency: the clock's nanoseconds are unpredictable enough
