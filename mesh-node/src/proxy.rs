@@ -38,7 +38,7 @@ pub enum Error {
     #[error("identity: {0}")]
     Identity(#[from] crate::identity::Error),
     #[error("HTTP/2: {0}")]
-    Http(#[from] hyper::Error),
+    H2(#[from] h2::Error),
     #[error("HBONE CONNECT refused with status {0}")]
     Status(http::StatusCode),
     #[error("connecting to {addr}: {source}")]
@@ -92,6 +92,12 @@ impl Default for Config {
             transparent: false,
         }
     }
+}
+
+/// Data h2 may buffer per stream before `poll_capacity` makes the relay wait: a few frames, so
+/// the connection task always has a full frame to write while the relay reads the next chunk.
+pub(crate) fn send_buffer(cfg: &Config) -> usize {
+    cfg.max_frame_size as usize * 4
 }
 
 /// What every proxy shares.

@@ -8,9 +8,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Version, header::FORWARDED};
-use http_body_util::Empty;
 
 use crate::state::Workload;
 
@@ -38,12 +36,13 @@ pub fn baggage(src: &Workload, cluster: &str) -> String {
     b
 }
 
-/// The CONNECT request for one tunnelled TCP connection.
+/// The CONNECT request for one tunnelled TCP connection. With only an authority in the URI, h2
+/// sends `:method CONNECT` and `:authority` and no `:scheme`/`:path`, as RFC 9113 §8.5 requires.
 ///
 /// # Panics
 /// Never: an `ip:port` is always a valid authority and the header values are ASCII.
-pub fn connect_request(dst: SocketAddr, src_ip: IpAddr, src: &Workload, cluster: &str, trace: &str) -> Request<Empty<Bytes>> {
-    let mut req = Request::new(Empty::new());
+pub fn connect_request(dst: SocketAddr, src_ip: IpAddr, src: &Workload, cluster: &str, trace: &str) -> Request<()> {
+    let mut req = Request::new(());
     *req.method_mut() = Method::CONNECT;
     *req.version_mut() = Version::HTTP_2;
     *req.uri_mut() = http::Uri::builder().authority(dst.to_string()).build().expect("ip:port is an authority");

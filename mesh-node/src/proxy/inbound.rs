@@ -1,18 +1,17 @@
 //! HBONE server on 15008: mTLS presenting the destination workload's certificate, HTTP/2, and
 //! each CONNECT stream becomes a TCP connection to the local pod once authorization allows it.
+//! The connection's task accepts streams and does all of its HTTP/2 reads and writes; each
+//! stream runs in its own task.
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, PoisonError},
 };
 
 use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
@@ -20,7 +19,7 @@ use tracing::Instrument as _;
 use super::{
     Error, Inputs, hbone,
     metrics::{ConnLabels, Peer, Reporter, SecurityPolicy},
-    relay::{self, Record},
+    relay::{self, Opener, Record, Tunnel},
     socket,
 };
 use crate::{
@@ -122,75 +121,100 @@ async fn serve(inputs: Inputs, cache: Arc<ConfigCache>, tcp: TcpStream, peer: So
         }
     };
     let peer_id = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
-    let ctx = Arc::new(StreamCtx { inputs: inputs.clone(), served, peer_id, peer, drain: drain.clone() });
-    let svc = service_fn(move |req| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(ctx.stream(req).await) }
-    });
+    let ctx = Arc::new(StreamCtx { inputs: inputs.clone(), served, peer_id, peer });
     let cfg = &inputs.cfg;
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(cfg.stream_window)
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(cfg.stream_window)
         .initial_connection_window_size(cfg.connection_window)
         .max_frame_size(cfg.max_frame_size)
-        .max_send_buf_size(cfg.max_frame_size as usize * 4)
-        .serve_connection(TokioIo::new(tls), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r?,
-        () = drain.signaled() => {
-            // GOAWAY: open streams continue, no new ones.
-            conn.as_mut().graceful_shutdown();
-            conn.await?;
+        .max_send_buffer_size(super::send_buffer(cfg))
+        // hyper's server limits, which this server had before it drove h2 itself.
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(16 << 10)
+        .max_local_error_reset_streams(Some(1024))
+        .handshake::<_, Bytes>(tls)
+        .await?;
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    let (ctx, drain) = (ctx.clone(), drain.clone());
+                    tokio::spawn(async move {
+                        ctx.stream(req, respond).await;
+                        drop(drain);
+                    });
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => return Ok(()),
+            },
+            () = drain.signaled(), if !draining => {
+                // GOAWAY: open streams continue, no new ones; `accept` ends when they are done.
+                conn.graceful_shutdown();
+                draining = true;
+            }
         }
     }
-    Ok(())
 }
+
+/// Concurrent streams a client may open on one connection (hyper's default before).
+const MAX_STREAMS: u32 = 200;
 
 struct StreamCtx {
     inputs: Inputs,
     served: Identity,
     peer_id: Identity,
     peer: SocketAddr,
-    drain: drain::Watcher,
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+fn respond_status(mut respond: SendResponse<Bytes>, code: StatusCode) {
+    let mut r = Response::new(());
     *r.status_mut() = code;
-    r
+    // Fails only when the client already reset the stream: nothing left to tell it.
+    let _ = respond.send_response(r, true);
 }
 
 impl StreamCtx {
-    async fn stream(&self, req: Request<Incoming>) -> Response<Empty<Bytes>> {
-        if req.method() != http::Method::CONNECT {
-            return status(StatusCode::METHOD_NOT_ALLOWED);
-        }
-        let Some(dst) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
-            return status(StatusCode::BAD_REQUEST);
+    async fn stream(&self, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+        let (parts, recv) = req.into_parts();
+        let (mut pod, record) = match self.open(&parts).await {
+            Ok(opened) => opened,
+            Err(code) => return respond_status(respond, code),
         };
+        let send = match respond.send_response(Response::new(()), false) {
+            Ok(send) => send,
+            Err(e) => return tracing::debug!(error = %e, "client reset the stream before 200"),
+        };
+        relay::relay_tunnel(&mut pod, Tunnel { send, recv }, Opener::Tunnel, record).await;
+    }
+
+    /// Checks the CONNECT and connects to the pod; `Err` is the status to refuse it with.
+    async fn open(&self, req: &http::request::Parts) -> Result<(TcpStream, Record), StatusCode> {
+        if req.method != http::Method::CONNECT {
+            return Err(StatusCode::METHOD_NOT_ALLOWED);
+        }
+        let dst = req.uri.authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()).ok_or(StatusCode::BAD_REQUEST)?;
         let state = self.inputs.state.borrow().clone();
         let node = &self.inputs.cfg.node_name;
-        let Some(dst_w) = state.workload(dst.ip()).filter(|w| &w.node == node && w.protocol == Protocol::Hbone) else {
-            return status(StatusCode::BAD_REQUEST);
-        };
+        let dst_w = state.workload(dst.ip()).filter(|w| &w.node == node && w.protocol == Protocol::Hbone).ok_or(StatusCode::BAD_REQUEST)?;
         // The stream must target the workload whose certificate the client verified.
         if state.identity(dst_w) != self.served {
-            return status(StatusCode::MISDIRECTED_REQUEST);
+            return Err(StatusCode::MISDIRECTED_REQUEST);
         }
         // Trust `forwarded` only when it names a workload that owns the authenticated identity.
-        let src_ip = hbone::forwarded_for(req.headers())
+        let src_ip = hbone::forwarded_for(&req.headers)
             .filter(|ip| state.workload(*ip).is_some_and(|w| state.identity(w) == self.peer_id))
             .unwrap_or(self.peer.ip());
         let src = SocketAddr::new(src_ip, 0);
         if let Err(reason) = authorize(&self.inputs, &state, Some(&self.peer_id), src_ip, dst_w, dst.port()) {
             relay::log_refused("inbound", src, dst, Some(&self.peer_id.to_string()), reason);
-            return status(StatusCode::UNAUTHORIZED);
+            return Err(StatusCode::UNAUTHORIZED);
         }
-        let mut pod = match connect_pod(&self.inputs, src_ip, dst).await {
+        let pod = match connect_pod(&self.inputs, src_ip, dst).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(%dst, error = %e, "local pod refused the connection");
-                return status(StatusCode::SERVICE_UNAVAILABLE);
+                return Err(StatusCode::SERVICE_UNAVAILABLE);
             }
         };
         let src_w = state.workload(src_ip).filter(|w| state.identity(w) == self.peer_id);
@@ -201,16 +225,7 @@ impl StreamCtx {
             SecurityPolicy::mutual_tls,
             &self.inputs.cfg.cluster_id,
         );
-        let record = Record::open("inbound", labels, src, dst, &self.inputs.metrics);
-        let drain = self.drain.clone();
-        tokio::spawn(async move {
-            match hyper::upgrade::on(req).await {
-                Ok(up) => relay::relay(&mut TokioIo::new(up), &mut pod, record).await,
-                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
-            }
-            drop(drain);
-        });
-        status(StatusCode::OK)
+        Ok((pod, Record::open("inbound", labels, src, dst, &self.inputs.metrics)))
     }
 }
 

@@ -5,7 +5,6 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
@@ -13,8 +12,8 @@ use super::{
     Error, Inputs, hbone,
     inbound::{authorize, connect_pod},
     metrics::{ConnLabels, Peer, Reporter, SecurityPolicy},
-    pool::{Key, Pool},
-    relay::{self, Record},
+    pool::{Checkout, Key, Pool},
+    relay::{self, Opener, Record, Tunnel},
     socket,
 };
 use crate::{
@@ -122,18 +121,39 @@ impl Handler {
             dst: state.identity(dst_w),
             node: SocketAddr::new(dst_w.node_ip, self.inputs.cfg.hbone_port),
         };
-        let mut stream = self.pool.checkout(&key).await?;
-        let req = hbone::connect_request(dst, peer.ip(), src_w, &self.inputs.cfg.cluster_id, &hbone::traceparent());
-        let resp = stream.sender.send_request(req).await?;
+        let req = || hbone::connect_request(dst, peer.ip(), src_w, &self.inputs.cfg.cluster_id, &hbone::traceparent());
+        // A pooled connection the peer is draining (GOAWAY) refuses new streams: retire it and
+        // retry once on a fresh one.
+        let (stream, response, send) = match self.open_stream(&key, req()).await {
+            Err(Error::H2(e)) if e.is_go_away() || e.is_io() => self.open_stream(&key, req()).await?,
+            r => r?,
+        };
+        let resp = response.await?;
         if resp.status() != http::StatusCode::OK {
             relay::log_refused("outbound", peer, dst, Some(&key.src.to_string()), resp.status().as_str());
             return Err(Error::Status(resp.status()));
         }
         let record = Record::open("outbound", self.labels(Reporter::source, state, src_w, Some(dst_w), true), peer, dst, &self.inputs.metrics);
-        let upgraded = hyper::upgrade::on(resp).await?;
-        relay::relay(&mut client, &mut TokioIo::new(upgraded), record).await;
+        let tunnel = Tunnel { send, recv: resp.into_body() };
+        relay::relay_tunnel(&mut client, tunnel, Opener::Tcp, record).await;
         drop(stream);
         Ok(())
+    }
+
+    /// Sends the CONNECT on a pooled connection; the response is awaited by the caller.
+    async fn open_stream(&self, key: &Key, req: http::Request<()>) -> Result<(Checkout, h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>), Error> {
+        let stream = self.pool.checkout(key).await?;
+        let sent = match stream.sender.clone().ready().await {
+            Ok(mut sender) => sender.send_request(req, false),
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok((response, send)) => Ok((stream, response, send)),
+            Err(e) => {
+                stream.retire();
+                Err(e.into())
+            }
+        }
     }
 
     async fn same_node(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr, state: &State, src_w: &Workload, dst_w: &Workload) -> Result<(), Error> {

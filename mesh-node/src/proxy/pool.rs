@@ -1,22 +1,21 @@
 //! Outbound HBONE connection pool: streams are multiplexed over one mTLS HTTP/2 connection per
 //! (source identity, destination identity, destination node); a connection takes at most
 //! `max_streams_per_conn` streams before another one is opened, and a connection without streams
-//! is closed after `pool_idle_timeout`.
+//! is closed after `pool_idle_timeout`. Connections are h2 client connections driven by one
+//! task each; a connection that failed or was told to go away (GOAWAY) takes no new streams.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use h2::client::SendRequest;
 use rustls_pki_types::ServerName;
 
 use super::{Error, Inputs, socket};
@@ -32,19 +31,34 @@ pub struct Key {
 
 struct Conn {
     id: u64,
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
     streams: AtomicUsize,
     /// When the last stream ended (or the connection was opened).
     idle_since: Mutex<Instant>,
+    /// Set when the connection's task ends or a request on it was refused (e.g. after GOAWAY).
+    closed: Arc<AtomicBool>,
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
 }
 
 /// A stream slot on a pooled connection; releases the slot when dropped.
 pub struct Checkout {
-    pub sender: SendRequest<Empty<Bytes>>,
+    pub sender: SendRequest<Bytes>,
     /// Which pooled connection (tests assert reuse with it).
     pub conn_id: u64,
     conn: Arc<Conn>,
     inputs: Inputs,
+}
+
+impl Checkout {
+    /// No new streams on this connection: a request on it failed at the HTTP/2 level.
+    pub fn retire(&self) {
+        self.conn.closed.store(true, Ordering::Release);
+    }
 }
 
 impl Drop for Checkout {
@@ -76,7 +90,7 @@ impl Pool {
         let mut conns = slot.lock().await;
         self.prune_closed(&mut conns);
         let max = self.inputs.cfg.max_streams_per_conn;
-        if let Some(c) = conns.iter().find(|c| c.streams.load(Ordering::Acquire) < max && c.sender.is_ready()) {
+        if let Some(c) = conns.iter().find(|c| c.streams.load(Ordering::Acquire) < max) {
             return Ok(self.take(c));
         }
         let c = Arc::new(self.dial(key).await?);
@@ -93,7 +107,7 @@ impl Pool {
 
     fn prune_closed(&self, conns: &mut Vec<Arc<Conn>>) {
         let before = conns.len();
-        conns.retain(|c| !c.sender.is_closed());
+        conns.retain(|c| !c.is_closed());
         self.forget(before - conns.len());
     }
 
@@ -104,7 +118,7 @@ impl Pool {
     /// Open pooled connections (all keys).
     pub fn connections(&self) -> usize {
         let slots: Vec<Slot> = self.slots.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
-        slots.iter().map(|s| s.try_lock().map_or(0, |c| c.iter().filter(|c| !c.sender.is_closed()).count())).sum()
+        slots.iter().map(|s| s.try_lock().map_or(0, |c| c.iter().filter(|c| !c.is_closed()).count())).sum()
     }
 
     async fn dial(&self, key: &Key) -> Result<Conn, Error> {
@@ -127,22 +141,27 @@ impl Pool {
                 return Err(Error::Io(e));
             }
         };
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(cfg.stream_window)
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(cfg.stream_window)
             .initial_connection_window_size(cfg.connection_window)
             .max_frame_size(cfg.max_frame_size)
-            .max_send_buf_size(cfg.max_frame_size as usize * 4)
-            .handshake(TokioIo::new(tls))
+            .max_send_buffer_size(super::send_buffer(cfg))
+            .enable_push(false)
+            .handshake(tls)
             .await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let node = key.node;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
+        // The connection's reads and writes for all its streams happen in this task.
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(conn = id, %node, error = %e, "HBONE connection ended");
             }
+            ended.store(true, Ordering::Release);
         });
         tracing::debug!(conn = id, src = %key.src, dst = %key.dst, %node, "HBONE connection opened");
-        Ok(Conn { id, sender, streams: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) })
+        Ok(Conn { id, sender, streams: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()), closed })
     }
 
     /// Closes connections idle longer than the timeout, until `stop` resolves.
@@ -165,7 +184,7 @@ impl Pool {
             let before = conns.len();
             conns.retain(|c| {
                 let busy = c.streams.load(Ordering::Acquire) > 0;
-                !c.sender.is_closed() && (busy || c.idle_since.lock().unwrap_or_else(PoisonError::into_inner).elapsed() < idle)
+                !c.is_closed() && (busy || c.idle_since.lock().unwrap_or_else(PoisonError::into_inner).elapsed() < idle)
             });
             self.forget(before - conns.len());
             if conns.is_empty() {

@@ -1,8 +1,18 @@
 //! Copying bytes both ways, then the close metrics and the one access-log line per connection.
+//! Two relays: TCP to TCP (same node, passthrough, plaintext inbound), and TCP to an HBONE
+//! stream, which hands h2 the buffer the socket was read into instead of copying it.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{io, net::SocketAddr, sync::Arc, time::Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+};
 
 use super::metrics::{ConnLabels, Metrics};
 
@@ -27,7 +37,7 @@ impl Record {
         Self { kind, labels, src, dst, metrics: metrics.clone(), start: Instant::now() }
     }
 
-    fn close(self, received: u64, sent: u64, error: Option<&std::io::Error>) {
+    fn close(self, received: u64, sent: u64, error: Option<&io::Error>) {
         let m = &self.metrics;
         m.closed.get_or_create(&self.labels).inc();
         m.received.get_or_create(&self.labels).inc_by(received);
@@ -63,6 +73,84 @@ where
         Ok((received, sent)) => record.close(received, sent, None),
         Err(e) => record.close(0, 0, Some(&e)),
     }
+}
+
+/// The two halves h2 gives for one CONNECT stream.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+}
+
+/// Which end opened the connection: its bytes are the "received" ones in metrics and the log.
+#[derive(Clone, Copy)]
+pub enum Opener {
+    /// Outbound: the local pod's TCP connection.
+    Tcp,
+    /// Inbound: the remote client, through the tunnel.
+    Tunnel,
+}
+
+/// Copies between `tcp` and an HBONE stream until both directions are done or one fails (then
+/// dropping the stream resets it, so the other daemon closes its end too).
+pub async fn relay_tunnel(tcp: &mut TcpStream, tunnel: Tunnel, opener: Opener, record: Record) {
+    let (mut rd, mut wr) = tcp.split();
+    let (mut up, mut down) = (0, 0);
+    let result = tokio::try_join!(tcp_to_tunnel(&mut rd, tunnel.send, &mut up), tunnel_to_tcp(tunnel.recv, &mut wr, &mut down));
+    let (received, sent) = match opener {
+        Opener::Tcp => (up, down),
+        Opener::Tunnel => (down, up),
+    };
+    record.close(received, sent, result.err().as_ref());
+}
+
+fn h2_io(e: h2::Error) -> io::Error {
+    e.into_io().unwrap_or_else(|| io::Error::other("HBONE stream reset"))
+}
+
+/// Reads into a `BytesMut` and hands h2 frozen slices of it: no copy between the socket and
+/// the TLS layer. Once h2 has written a chunk and dropped it, `reserve` reuses the same
+/// allocation, so a steady stream allocates nothing.
+async fn tcp_to_tunnel(rd: &mut ReadHalf<'_>, mut send: SendStream<Bytes>, count: &mut u64) -> io::Result<()> {
+    let mut buf = BytesMut::new();
+    loop {
+        buf.reserve(BUF);
+        if rd.read_buf(&mut buf).await? == 0 {
+            return send.send_data(Bytes::new(), true).map_err(h2_io);
+        }
+        *count += buf.len() as u64;
+        let mut chunk = buf.split().freeze();
+        while !chunk.is_empty() {
+            let n = send_capacity(&mut send, chunk.len()).await?;
+            send.send_data(chunk.split_to(n.min(chunk.len())), false).map_err(h2_io)?;
+        }
+    }
+}
+
+/// Waits until h2 lets this stream buffer more data (flow-control window and send buffer).
+async fn send_capacity(send: &mut SendStream<Bytes>, want: usize) -> io::Result<usize> {
+    send.reserve_capacity(want);
+    loop {
+        let n = send.capacity();
+        if n > 0 {
+            return Ok(n);
+        }
+        match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(h2_io(e)),
+            None => return Err(io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+}
+
+/// Writes each received DATA payload straight from h2's buffer, then returns its window.
+async fn tunnel_to_tcp(mut recv: RecvStream, wr: &mut WriteHalf<'_>, count: &mut u64) -> io::Result<()> {
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        wr.write_all(&chunk).await?;
+        *count += chunk.len() as u64;
+        recv.flow_control().release_capacity(chunk.len()).map_err(h2_io)?;
+    }
+    wr.shutdown().await
 }
 
 /// The access-log line of a connection refused before any byte was forwarded.
