@@ -77,6 +77,8 @@ pub struct Config {
     pub transparent: bool,
     /// Which address outbound HBONE connections dial.
     pub hbone_dial: HboneDial,
+    /// The cluster's DNS domain, for Istio's `destination_service` label (`<svc>.<ns>.svc.<domain>`).
+    pub cluster_domain: String,
 }
 
 /// Where outbound HBONE connections are dialed.
@@ -120,6 +122,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(5),
             transparent: false,
             hbone_dial: HboneDial::Pod,
+            cluster_domain: "cluster.local".into(),
         }
     }
 }

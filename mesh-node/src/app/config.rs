@@ -31,6 +31,7 @@ pub const ENV_POOL_MAX_STREAMS: &str = "MESH_POOL_MAX_STREAMS";
 pub const ENV_POOL_IDLE_SECS: &str = "MESH_POOL_IDLE_SECS";
 pub const ENV_WORKER_THREADS: &str = "MESH_WORKER_THREADS";
 pub const ENV_HBONE_DIAL: &str = "MESH_HBONE_DIAL";
+pub const ENV_CLUSTER_DOMAIN: &str = "MESH_CLUSTER_DOMAIN";
 pub const ENV_HBONE_REDIRECT: &str = "MESH_HBONE_REDIRECT";
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -130,6 +131,7 @@ impl Config {
                 connect_timeout: d.connect_timeout,
                 transparent: boolean(src, ENV_TRANSPARENT, false)?,
                 hbone_dial: parse(src, ENV_HBONE_DIAL, d.hbone_dial)?,
+                cluster_domain: src.get(ENV_CLUSTER_DOMAIN).unwrap_or(d.cluster_domain),
             },
             trust_domain: src.get(ENV_TRUST_DOMAIN).unwrap_or_else(|| "cluster.local".into()),
             root_namespace: src.get(ENV_ROOT_NAMESPACE).unwrap_or_else(|| "mesh-system".into()),

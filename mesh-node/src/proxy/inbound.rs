@@ -208,7 +208,8 @@ impl StreamCtx {
             Peer { workload: Some(dst_w), identity: Some(&self.served) },
             SecurityPolicy::mutual_tls,
             &self.inputs.cfg.cluster_id,
-        );
+        )
+        .with_service(crate::state::service::serving(&state.services, dst), &self.inputs.cfg.cluster_domain);
         let record = Record::open("inbound", labels, src, dst, &self.inputs.metrics);
         let drain = self.drain.clone();
         tokio::spawn(async move {

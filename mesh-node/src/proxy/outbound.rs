@@ -105,7 +105,7 @@ impl Handler {
         }
     }
 
-    fn labels(&self, reporter: Reporter, state: &State, src: &Workload, dst: Option<&Workload>, mtls: bool) -> ConnLabels {
+    fn labels(&self, reporter: Reporter, state: &State, src: &Workload, dst: Option<&Workload>, dst_addr: SocketAddr, mtls: bool) -> ConnLabels {
         let (src_id, dst_id) = (state.identity(src), dst.map(|d| state.identity(d)));
         ConnLabels::new(
             reporter,
@@ -114,6 +114,7 @@ impl Handler {
             if mtls { SecurityPolicy::mutual_tls } else { SecurityPolicy::unknown },
             &self.inputs.cfg.cluster_id,
         )
+        .with_service(crate::state::service::serving(&state.services, dst_addr), &self.inputs.cfg.cluster_domain)
     }
 
     async fn hbone(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr, state: &State, src_w: &Workload, dst_w: &Workload) -> Result<(), Error> {
@@ -130,7 +131,7 @@ impl Handler {
             relay::log_refused("outbound", peer, dst, Some(&key.src.to_string()), resp.status().as_str());
             return Err(Error::Status(resp.status()));
         }
-        let record = Record::open("outbound", self.labels(Reporter::source, state, src_w, Some(dst_w), true), peer, dst, &self.inputs.metrics);
+        let record = Record::open("outbound", self.labels(Reporter::source, state, src_w, Some(dst_w), dst, true), peer, dst, &self.inputs.metrics);
         let upgraded = hyper::upgrade::on(resp).await?;
         relay::relay(&mut client, &mut TokioIo::new(upgraded), record).await;
         drop(stream);
@@ -145,7 +146,7 @@ impl Handler {
         }
         let mut pod = connect_pod(&self.inputs, peer.ip(), dst).await?;
         // Identities are known on both ends (this daemon holds both); the hop is node-local.
-        let record = Record::open("same-node", self.labels(Reporter::destination, state, src_w, Some(dst_w), true), peer, dst, &self.inputs.metrics);
+        let record = Record::open("same-node", self.labels(Reporter::destination, state, src_w, Some(dst_w), dst, true), peer, dst, &self.inputs.metrics);
         relay::relay(&mut client, &mut pod, record).await;
         Ok(())
     }
@@ -156,7 +157,7 @@ impl Handler {
             .map_err(|_| Error::ConnectTimeout(dst))?
             .map_err(|source| Error::Connect { addr: dst, source })?;
         let dst_w = state.workload(dst.ip());
-        let record = Record::open("passthrough", self.labels(Reporter::source, state, src_w, dst_w, false), peer, dst, &self.inputs.metrics);
+        let record = Record::open("passthrough", self.labels(Reporter::source, state, src_w, dst_w, dst, false), peer, dst, &self.inputs.metrics);
         relay::relay(&mut client, &mut upstream, record).await;
         Ok(())
     }

@@ -20,7 +20,7 @@ use mesh_node::{
     config::Source,
     identity::TestCa,
     proxy::HboneDial,
-    state::{Protocol, Snapshot, State, StateTx, Workload},
+    state::{Endpoint, Protocol, Service, ServicePort, ServiceProtocol, Snapshot, State, StateTx, Workload},
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -51,6 +51,25 @@ pub fn workload(name: &str, addr: &str, node: &str, node_ip: &str) -> Workload {
         node_ip: ip(node_ip),
         labels: BTreeMap::from([("app".into(), name.into())]),
         protocol: Protocol::Hbone,
+    }
+}
+
+/// A Service `name` with one endpoint at `addr`, its port 80 served on `target_port`.
+pub fn service(name: &str, addr: &str, target_port: u16) -> Service {
+    Service {
+        name: name.into(),
+        namespace: "default".into(),
+        vips: vec![ip("198.19.0.99")],
+        ports: vec![ServicePort { port: 80, protocol: ServiceProtocol::Tcp, target_port }],
+        endpoints: vec![Endpoint {
+            address: ip(addr),
+            ports: BTreeMap::new(),
+            healthy: true,
+            node: "n2".into(),
+            node_address: None,
+            meshed: true,
+            identity: None,
+        }],
     }
 }
 
