@@ -7,7 +7,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{identity::Identity, state::Workload};
+use crate::{
+    identity::Identity,
+    state::{Service, Workload},
+};
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types, reason = "label values are Istio's exact strings")]
@@ -36,6 +39,8 @@ pub struct ConnLabels {
     pub source_version: String,
     pub source_cluster: String,
     pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
     pub destination_workload: String,
     pub destination_canonical_service: String,
     pub destination_canonical_revision: String,
@@ -87,6 +92,8 @@ impl ConnLabels {
             source_version: label(src.workload, &["version"]),
             source_cluster: cluster_of(src),
             destination_service: UNKNOWN.into(),
+            destination_service_name: UNKNOWN.into(),
+            destination_service_namespace: UNKNOWN.into(),
             destination_workload: name(dst),
             destination_canonical_service: canonical(dst),
             destination_canonical_revision: revision(dst),
@@ -99,6 +106,18 @@ impl ConnLabels {
             response_flags: "-".into(),
             connection_security_policy: policy,
         }
+    }
+
+    /// Fills Istio's `destination_service*` labels with the Service the connection reached
+    /// (`state::service::serving`); they stay "unknown" for a pod no Service selects.
+    #[must_use]
+    pub fn with_service(mut self, service: Option<&Service>, cluster_domain: &str) -> Self {
+        if let Some(s) = service {
+            self.destination_service = s.hostname(cluster_domain);
+            self.destination_service_name.clone_from(&s.name);
+            self.destination_service_namespace.clone_from(&s.namespace);
+        }
+        self
     }
 }
 

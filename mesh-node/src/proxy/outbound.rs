@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
 use super::{
-    Error, Inputs, hbone,
+    Error, HboneDial, Inputs, hbone,
     inbound::{authorize, connect_pod},
     metrics::{ConnLabels, Peer, Reporter, SecurityPolicy},
     pool::{Checkout, Key, Pool},
@@ -104,7 +104,7 @@ impl Handler {
         }
     }
 
-    fn labels(&self, reporter: Reporter, state: &State, src: &Workload, dst: Option<&Workload>, mtls: bool) -> ConnLabels {
+    fn labels(&self, reporter: Reporter, state: &State, src: &Workload, dst: Option<&Workload>, dst_addr: SocketAddr, mtls: bool) -> ConnLabels {
         let (src_id, dst_id) = (state.identity(src), dst.map(|d| state.identity(d)));
         ConnLabels::new(
             reporter,
@@ -113,15 +113,17 @@ impl Handler {
             if mtls { SecurityPolicy::mutual_tls } else { SecurityPolicy::unknown },
             &self.inputs.cfg.cluster_id,
         )
+        .with_service(crate::state::service::serving(&state.services, dst_addr), &self.inputs.cfg.cluster_domain)
     }
 
     async fn hbone(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr, state: &State, src_w: &Workload, dst_w: &Workload) -> Result<(), Error> {
-        let key = Key {
-            src: state.identity(src_w),
-            dst: state.identity(dst_w),
-            node: SocketAddr::new(dst_w.node_ip, self.inputs.cfg.hbone_port),
+        let cfg = &self.inputs.cfg;
+        let hbone_ip = match cfg.hbone_dial {
+            HboneDial::Pod => dst.ip(),
+            HboneDial::Node => dst_w.node_ip,
         };
-        let req = || hbone::connect_request(dst, peer.ip(), src_w, &self.inputs.cfg.cluster_id, &hbone::traceparent());
+        let key = Key { src: state.identity(src_w), dst: state.identity(dst_w), addr: SocketAddr::new(hbone_ip, cfg.hbone_port) };
+        let req = || hbone::connect_request(dst, peer.ip(), src_w, &cfg.cluster_id, &hbone::traceparent());
         // A pooled connection the peer is draining (GOAWAY) refuses new streams: retire it and
         // retry once on a fresh one.
         let (stream, response, send) = match self.open_stream(&key, req()).await {
@@ -133,7 +135,7 @@ impl Handler {
             relay::log_refused("outbound", peer, dst, Some(&key.src.to_string()), resp.status().as_str());
             return Err(Error::Status(resp.status()));
         }
-        let record = Record::open("outbound", self.labels(Reporter::source, state, src_w, Some(dst_w), true), peer, dst, &self.inputs.metrics);
+        let record = Record::open("outbound", self.labels(Reporter::source, state, src_w, Some(dst_w), dst, true), peer, dst, &self.inputs.metrics);
         let tunnel = Tunnel { send, recv: resp.into_body() };
         relay::relay_tunnel(&mut client, tunnel, Opener::Tcp, record).await;
         drop(stream);
@@ -164,7 +166,7 @@ impl Handler {
         }
         let mut pod = connect_pod(&self.inputs, peer.ip(), dst).await?;
         // Identities are known on both ends (this daemon holds both); the hop is node-local.
-        let record = Record::open("same-node", self.labels(Reporter::destination, state, src_w, Some(dst_w), true), peer, dst, &self.inputs.metrics);
+        let record = Record::open("same-node", self.labels(Reporter::destination, state, src_w, Some(dst_w), dst, true), peer, dst, &self.inputs.metrics);
         relay::relay(&mut client, &mut pod, record).await;
         Ok(())
     }
@@ -175,7 +177,7 @@ impl Handler {
             .map_err(|_| Error::ConnectTimeout(dst))?
             .map_err(|source| Error::Connect { addr: dst, source })?;
         let dst_w = state.workload(dst.ip());
-        let record = Record::open("passthrough", self.labels(Reporter::source, state, src_w, dst_w, false), peer, dst, &self.inputs.metrics);
+        let record = Record::open("passthrough", self.labels(Reporter::source, state, src_w, dst_w, dst, false), peer, dst, &self.inputs.metrics);
         relay::relay(&mut client, &mut upstream, record).await;
         Ok(())
     }

@@ -53,6 +53,11 @@ pub struct Service {
 }
 
 impl Service {
+    /// The Service's DNS name, as Istio's `destination_service` label carries it.
+    pub fn hostname(&self, cluster_domain: &str) -> String {
+        format!("{}.{}.svc.{cluster_domain}", self.name, self.namespace)
+    }
+
     /// The port on `endpoint` that serves `port` of this Service.
     pub fn endpoint_port(&self, port: &ServicePort, endpoint: &Endpoint) -> u16 {
         endpoint.ports.get(&port.port).copied().unwrap_or(port.target_port)
@@ -77,6 +82,18 @@ pub fn resolve(services: &[Service], dst: std::net::SocketAddr) -> Option<std::n
     }
     let e = healthy().nth(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % count)?;
     Some(std::net::SocketAddr::new(e.address, service.endpoint_port(port, e)))
+}
+
+/// The Service a connection to a pod's `dst` (ip:port) is reaching: one with an endpoint at that
+/// address whose target port is `dst`'s port; when several qualify, the first by namespace and
+/// name, so every daemon reports the same one.
+pub fn serving(services: &[Service], dst: std::net::SocketAddr) -> Option<&Service> {
+    services
+        .iter()
+        .filter(|s| {
+            s.endpoints.iter().any(|e| e.address == dst.ip() && s.ports.iter().any(|p| s.endpoint_port(p, e) == dst.port()))
+        })
+        .min_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
 }
 
 #[cfg(test)]
@@ -111,5 +128,17 @@ mod tests {
         assert_eq!(picks.into_iter().collect::<Vec<_>>(), expected, "unhealthy endpoint never chosen");
         assert_eq!(resolve(&services, std::net::SocketAddr::from(([198, 19, 0, 10], 81))), None, "not a service port");
         assert_eq!(resolve(&services, std::net::SocketAddr::from(([198, 18, 2, 11], 80))), None, "not a VIP");
+    }
+
+    #[test]
+    fn the_serving_service_is_found_by_endpoint_address_and_target_port() {
+        let mut other = svc();
+        other.name = "another".into();
+        let services = [svc(), other];
+        let at = |last: u8, port: u16| std::net::SocketAddr::from(([198, 18, 2, last], port));
+        assert_eq!(serving(&services, at(11, 9011)).map(|s| s.name.as_str()), Some("another"), "first by name");
+        assert_eq!(serving(&services, at(11, 80)), None, "80 is the Service port, not the pod's");
+        assert_eq!(serving(&services, at(99, 9011)), None, "not an endpoint");
+        assert_eq!(services[0].hostname("cluster.local"), "whoami.demo.svc.cluster.local");
     }
 }

@@ -2,6 +2,7 @@
 //! through a channel. See `support.rs` for the topology.
 
 mod support;
+mod ztunnel;
 
 use std::{sync::atomic::Ordering, time::Duration};
 
@@ -26,8 +27,11 @@ fn deny_from(principal: &str) -> Policy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hbone_round_trip_carries_bytes_and_reports_istio_metrics() {
-    let mesh = Mesh::start(snapshot(vec![], vec![]), Opts::default()).await;
     let pod_b = echo_pod(B).await;
+    let mut snap = snapshot(vec![], vec![]);
+    // A Service selecting b on the echo port: both reporters name it in destination_service.
+    snap.services.push(service("b-svc", B, pod_b.addr.port()));
+    let mesh = Mesh::start(snap, Opts::default()).await;
     let data: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
     let back = echo_round_trip(dial_via(&mesh.n1, A, pod_b.addr).await, &data).await;
     assert!(back == data, "4 MB must come back intact through two daemons");
@@ -42,8 +46,14 @@ async fn hbone_round_trip_carries_bytes_and_reports_istio_metrics() {
         "destination_workload=\"b\"",
         "destination_principal=\"spiffe://cluster.local/ns/default/sa/b\"",
         "connection_security_policy=\"mutual_tls\"",
+        "destination_service=\"b-svc.default.svc.cluster.local\"",
+        "destination_service_name=\"b-svc\"",
+        "destination_service_namespace=\"default\"",
     ];
     assert_eq!(sample(&m, &dst_labels), Some(1.0), "destination side counts the connection:\n{m}");
+    let (_, m1) = http_get(mesh.n1.bound.metrics, "/metrics").await;
+    let src_labels = ["istio_tcp_connections_opened_total{", "reporter=\"source\"", "destination_service=\"b-svc.default.svc.cluster.local\""];
+    assert_eq!(sample(&m1, &src_labels), Some(1.0), "source side names the Service too:\n{m1}");
     eventually("bytes recorded on both sides", async || {
         let (_, m1) = http_get(mesh.n1.bound.metrics, "/metrics").await;
         let (_, m2) = http_get(mesh.n2.bound.metrics, "/metrics").await;
