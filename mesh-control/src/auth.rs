@@ -191,7 +191,7 @@ mod tests {
         let ids = NodeIds::new("cluster.local", "mesh-system", "mesh-node");
         assert_eq!(ids.uri("n1"), "spiffe://cluster.local/ns/mesh-system/sa/mesh-node/node/n1");
         let csr = rcgen::CertificateParams::default().serialize_request(&rcgen::KeyPair::generate().expect("key")).expect("csr").pem().expect("pem");
-        let der = |pem: &str| vec![CertificateDer::from(pem::parse(pem).expect("pem").into_contents())];
+        let der = |text: &str| vec![CertificateDer::from(pem::parse(text).expect("pem").into_contents())];
         let now = SystemTime::now();
 
         let n1 = ca.sign_node(&csr, &ids.uri("n1"), std::time::Duration::from_secs(60)).expect("signed");

@@ -113,10 +113,10 @@ impl Ca {
         Ok(Self { root, issuer, trust_domain: trust_domain.to_owned(), extra_roots: Vec::new() })
     }
 
-    /// Also trusts the CA certificates in `pem` (any number, PEM). The signing root, if listed,
+    /// Also trusts the CA certificates in `bundle` (any number, PEM). The signing root, if listed,
     /// is not repeated.
-    pub fn with_extra_roots(mut self, pem: &str) -> Result<Self, Error> {
-        let blocks = pem::parse_many(pem).map_err(|e| Error::ExtraRoots(e.to_string()))?;
+    pub fn with_extra_roots(mut self, bundle: &str) -> Result<Self, Error> {
+        let blocks = pem::parse_many(bundle).map_err(|e| Error::ExtraRoots(e.to_string()))?;
         for block in blocks {
             if block.tag() != "CERTIFICATE" {
                 return Err(Error::ExtraRoots(format!("unexpected PEM block {:?}", block.tag())));
@@ -125,7 +125,7 @@ impl Ca {
             if !cert.is_ca() {
                 return Err(Error::ExtraRoots(format!("{} is not a CA certificate", cert.subject())));
             }
-            let text = pem::encode(&block);
+            let text = pem::encode_config(&block, pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF));
             if pem::parse(&self.root.cert).is_ok_and(|r| r.contents() == block.contents()) || self.extra_roots.contains(&text) {
                 continue;
             }

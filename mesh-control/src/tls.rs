@@ -89,6 +89,9 @@ impl Acceptor {
                         continue;
                     }
                 };
+                if tx.is_closed() {
+                    break; // the server stopped
+                }
                 let _ = tcp.set_nodelay(true);
                 let (acceptor, tx) = (self.inner.clone(), tx.clone());
                 tokio::spawn(async move {
@@ -96,9 +99,6 @@ impl Acceptor {
                         let _ = tx.send(Ok(tls)).await;
                     }
                 });
-                if tx.is_closed() {
-                    break;
-                }
             }
         });
         ReceiverStream::new(rx)
