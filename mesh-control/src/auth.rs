@@ -194,15 +194,15 @@ mod tests {
         let der = |text: &str| vec![CertificateDer::from(pem::parse(text).expect("pem").into_contents())];
         let now = SystemTime::now();
 
-        let n1 = ca.sign_node(&csr, &ids.uri("n1"), std::time::Duration::from_secs(60)).expect("signed");
+        let n1 = ca.sign_node(&csr, &ids.uri("n1"), std::time::Duration::from_mins(1)).expect("signed");
         assert_eq!(ids.verify(Some(der(&n1.chain[0]).as_slice()), now).expect("node cert").name, "n1");
-        let e = ids.verify(Some(der(&n1.chain[0]).as_slice()), now + std::time::Duration::from_secs(120)).expect_err("expired");
+        let e = ids.verify(Some(der(&n1.chain[0]).as_slice()), now + std::time::Duration::from_mins(2)).expect_err("expired");
         assert!(matches!(e, Error::Expired { .. }), "{e}");
         assert!(matches!(ids.verify(None, now), Err(Error::NoClientCertificate)));
         // A workload certificate of the same root, another trust domain's node id and a name
         // with a path in it are not node certificates.
         for uri in ["spiffe://cluster.local/ns/mesh-system/sa/mesh-node", "spiffe://evil.org/ns/mesh-system/sa/mesh-node/node/n1", "spiffe://cluster.local/ns/mesh-system/sa/mesh-node/node/n1/x"] {
-            let cert = ca.sign_node(&csr, uri, std::time::Duration::from_secs(60)).expect("signed");
+            let cert = ca.sign_node(&csr, uri, std::time::Duration::from_mins(1)).expect("signed");
             let e = ids.verify(Some(der(&cert.chain[0]).as_slice()), now).expect_err(uri);
             assert!(matches!(e, Error::NotNodeCertificate(_)), "{uri}: {e}");
         }

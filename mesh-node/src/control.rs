@@ -64,7 +64,7 @@ pub struct Config {
     /// certificate renewal, so a root rotation reaches a running node.
     pub root_cert: PathBuf,
     /// File holding this node's credential (file mode: `<node>.token`; Kubernetes: the
-    /// projected ServiceAccount token, which the kubelet rotates: read at every renewal).
+    /// projected `ServiceAccount` token, which the kubelet rotates: read at every renewal).
     #[serde(skip)]
     pub token_file: PathBuf,
     pub node_name: String,

@@ -212,6 +212,6 @@ async fn node_certificate_renews_at_half_life_and_the_stream_moves_to_it() {
     wait_for(&mut rx, "a policy published after the first certificates expired", |s| !s.policies.is_empty()).await;
 
     // Workload certificates keep coming over the current channel.
-    let store = CertStore::new(Arc::new(GrpcCa::new(connection, Duration::from_secs(600))), vec![], CertMetrics::new(&mut Registry::default()));
+    let store = CertStore::new(Arc::new(GrpcCa::new(connection, Duration::from_mins(10))), vec![], CertMetrics::new(&mut Registry::default()));
     store.fetch(&Identity::new("cluster.local", "demo", "client")).await.expect("certificate after renewals");
 }

@@ -263,7 +263,7 @@ async fn controller_serves_per_node_views_policy_status_and_certificates_from_a_
     let other = c.kubectl_ok(&["create", "token", "mesh-control", "-n", "mesh-system"]);
     assert!(unauthenticated(server.node_certificate("n1", other.trim(), 0).await), "not the node ServiceAccount");
     let n1_cert = server.node_certificate("n1", &t1, 0).await.expect("n1's token on n1");
-    assert_eq!(n1_cert.trust_bundle_pem, [root.clone()]);
+    assert_eq!(n1_cert.trust_bundle_pem, std::slice::from_ref(&root));
     let n1_channel = server.connect(Some(&n1_cert)).await.expect("mutual TLS as n1");
     let n2_channel = server.connect_as("n2", &t2).await.expect("mutual TLS as n2");
 
