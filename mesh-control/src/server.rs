@@ -75,6 +75,12 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Counts a refused certificate request; returns its status.
+    fn refused(&self, reason: &'static str, status: Status) -> Status {
+        self.metrics.certificate_refusals.get_or_create(&ReasonLabels { reason }).inc();
+        status
+    }
+
     /// The node a call comes from, proven by its client certificate; refusals are logged.
     fn verified_node<T>(&self, req: &Request<T>, what: &str) -> Result<VerifiedNode, crate::auth::Error> {
         let peer = req.peer_certs();
@@ -259,10 +265,7 @@ impl ca_pb::certificates_server::Certificates for CaService {
         req: Request<ca_pb::CreateCertificateRequest>,
     ) -> Result<Response<ca_pb::CreateCertificateResponse>, Status> {
         let s = &self.0;
-        let refuse = |reason: &'static str, status: Status| {
-            s.metrics.certificate_refusals.get_or_create(&ReasonLabels { reason }).inc();
-            status
-        };
+        let refuse = |reason, status| s.refused(reason, status);
         let node = s
             .verified_node(&req, "certificate request")
             .map_err(|e| refuse(e.reason(), Status::unauthenticated(e.to_string())))?
@@ -299,10 +302,7 @@ impl ca_pb::certificates_server::Certificates for CaService {
         req: Request<ca_pb::CreateNodeCertificateRequest>,
     ) -> Result<Response<ca_pb::CreateCertificateResponse>, Status> {
         let s = &self.0;
-        let refuse = |reason: &'static str, status: Status| {
-            s.metrics.certificate_refusals.get_or_create(&ReasonLabels { reason }).inc();
-            status
-        };
+        let refuse = |reason, status| s.refused(reason, status);
         let node = s.auth.authenticate(req.metadata()).await.map_err(|e| {
             tracing::warn!(remote = ?req.remote_addr(), "node certificate request refused: {e}");
             refuse(e.reason(), Status::unauthenticated(e.to_string()))
