@@ -105,11 +105,11 @@ pub struct Connection {
 impl Connection {
     /// The connection and the task that keeps its node certificate current (spawn
     /// [`Renewer::run`]). Fails at once on an unreadable root or token file or a bad address.
-    pub fn new(config: &Config) -> Result<(Self, Renewer), Error> {
+    pub fn new(config: &Config, metrics: &Metrics) -> Result<(Self, Renewer), Error> {
         config.endpoint(None)?;
         Config::read(&config.token_file)?;
         let (tx, rx) = watch::channel(None);
-        Ok((Self { channel: rx }, Renewer::new(config.clone(), tx)))
+        Ok((Self { channel: rx }, Renewer::new(config.clone(), tx, metrics.clone())))
     }
 
     /// The current channel, waiting up to `wait` for the first one.

@@ -113,6 +113,15 @@ fn config(c: &Controller, token: &str) -> Config {
     }
 }
 
+/// The value of an unlabelled metric in `registry`'s text exposition.
+fn metric(registry: &Registry, name: &str) -> u64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
+}
+
 async fn wait_for(rx: &mut tokio::sync::watch::Receiver<Arc<State>>, what: &str, f: impl Fn(&State) -> bool) -> Arc<State> {
     tokio::time::timeout(Duration::from_secs(5), async {
         loop {
@@ -131,11 +140,11 @@ async fn wait_for(rx: &mut tokio::sync::watch::Receiver<Arc<State>>, what: &str,
 async fn node_receives_its_view_live_and_certificates_from_the_controller_ca() {
     let c = controller().await;
     let cfg = config(&c, "secret-n1");
-    let (connection, renewer) = Connection::new(&cfg).expect("connection");
+    let metrics = Metrics::new(&mut Registry::default());
+    let (connection, renewer) = Connection::new(&cfg, &metrics).expect("connection");
     tokio::spawn(renewer.run());
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(State::default()));
     let (synced_tx, synced_rx) = tokio::sync::oneshot::channel();
-    let metrics = Metrics::new(&mut Registry::default());
     let client = ConfigClient::new(connection.clone(), "n1", IpAddr::from([198, 18, 0, 1]), "cluster.local", "mesh-system", metrics);
     tokio::spawn(client.run(tx, move || {
         let _ = synced_tx.send(());
@@ -177,14 +186,17 @@ async fn node_receives_its_view_live_and_certificates_from_the_controller_ca() {
 async fn a_wrong_credential_never_yields_state() {
     let c = controller().await;
     let cfg = config(&c, "not-the-token");
-    let (connection, renewer) = Connection::new(&cfg).expect("connection");
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let (connection, renewer) = Connection::new(&cfg, &metrics).expect("connection");
     tokio::spawn(renewer.run());
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(State::default()));
-    let client = ConfigClient::new(connection, "n1", IpAddr::from([198, 18, 0, 1]), "cluster.local", "mesh-system", Metrics::new(&mut Registry::default()));
+    let client = ConfigClient::new(connection, "n1", IpAddr::from([198, 18, 0, 1]), "cluster.local", "mesh-system", metrics);
     let task = tokio::spawn(client.run(tx, || {}));
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(rx.borrow().workloads.is_empty(), "an unauthenticated node must get nothing");
     assert_eq!(c.metrics.node_certificates_issued.get(), 0);
+    assert!(metric(&registry, "mesh_control_node_cert_errors_total") >= 1, "the refusals are counted");
     task.abort();
 }
 
@@ -194,10 +206,11 @@ async fn node_certificate_renews_at_half_life_and_the_stream_moves_to_it() {
     // 2 s certificates: renewed every ~1 s; the controller ends a stream when the certificate
     // that opened it expires, so updates after a few seconds prove the stream followed.
     let cfg = Config { node_cert_ttl: Duration::from_secs(2), ..config(&c, "secret-n1") };
-    let (connection, renewer) = Connection::new(&cfg).expect("connection");
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let (connection, renewer) = Connection::new(&cfg, &metrics).expect("connection");
     tokio::spawn(renewer.run());
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(State::default()));
-    let metrics = Metrics::new(&mut Registry::default());
     let client = ConfigClient::new(connection.clone(), "n1", IpAddr::from([198, 18, 0, 1]), "cluster.local", "mesh-system", metrics);
     tokio::spawn(client.run(tx, || {}));
     wait_for(&mut rx, "the snapshot", |s| !s.services.is_empty()).await;
@@ -210,6 +223,9 @@ async fn node_certificate_renews_at_half_life_and_the_stream_moves_to_it() {
     let (state, errors) = filemode::load(c.dir.path(), "mesh-system");
     c.publisher.publish(state, errors);
     wait_for(&mut rx, "a policy published after the first certificates expired", |s| !s.policies.is_empty()).await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs();
+    let expiry = metric(&registry, "mesh_control_node_cert_expiry_timestamp_seconds");
+    assert!((now..=now + 3).contains(&expiry), "the current node certificate's expiry: {expiry} vs now {now}");
 
     // Workload certificates keep coming over the current channel.
     let store = CertStore::new(Arc::new(GrpcCa::new(connection, Duration::from_mins(10))), vec![], CertMetrics::new(&mut Registry::default()));

@@ -11,7 +11,7 @@ use mesh_proto::ca::v1::{CreateNodeCertificateRequest, certificates_client::Cert
 use tokio::sync::watch;
 use tonic::{metadata::MetadataValue, transport::Channel};
 
-use super::{Config, Error};
+use super::{Config, Error, Metrics};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -19,6 +19,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub struct Renewer {
     config: Config,
     channel: watch::Sender<Option<Channel>>,
+    metrics: Metrics,
 }
 
 /// A node certificate as issued.
@@ -28,8 +29,8 @@ struct Issued {
 }
 
 impl Renewer {
-    pub(super) fn new(config: Config, channel: watch::Sender<Option<Channel>>) -> Self {
-        Self { config, channel }
+    pub(super) fn new(config: Config, channel: watch::Sender<Option<Channel>>, metrics: Metrics) -> Self {
+        Self { config, channel, metrics }
     }
 
     /// Runs forever: obtain, publish, sleep until half-life, again.
@@ -40,12 +41,15 @@ impl Renewer {
             match self.obtain().await {
                 Ok(issued) => {
                     self.channel.send_replace(Some(issued.channel));
+                    let expiry = issued.not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+                    self.metrics.node_cert_expiry.set(i64::try_from(expiry.as_secs()).unwrap_or(i64::MAX));
                     backoff = BACKOFF_MIN;
                     let lifetime = issued.not_after.duration_since(issued_at).unwrap_or_default();
                     tracing::info!(node = self.config.node_name, valid_for_s = lifetime.as_secs(), "node certificate issued; renewing at half-life");
                     tokio::time::sleep(lifetime / 2).await;
                 }
                 Err(e) => {
+                    self.metrics.node_cert_errors.inc();
                     tracing::warn!(node = self.config.node_name, error = %e, retry_in_ms = backoff.as_millis(), "node certificate not issued");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);

@@ -24,15 +24,28 @@ pub struct Metrics {
     rejected: Counter,
     connected: Gauge,
     version: Gauge,
+    /// Expiry of the current node certificate, Unix seconds (set by `node_cert`).
+    pub(super) node_cert_expiry: Gauge,
+    /// Node certificate requests that failed (`node_cert`).
+    pub(super) node_cert_errors: Counter,
 }
 
 impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
-        let m = Self { applied: Counter::default(), rejected: Counter::default(), connected: Gauge::default(), version: Gauge::default() };
+        let m = Self {
+            applied: Counter::default(),
+            rejected: Counter::default(),
+            connected: Gauge::default(),
+            version: Gauge::default(),
+            node_cert_expiry: Gauge::default(),
+            node_cert_errors: Counter::default(),
+        };
         registry.register("mesh_control_updates_applied", "Config updates applied and acknowledged", m.applied.clone());
         registry.register("mesh_control_updates_rejected", "Config updates rejected (NACK); the last good config stays", m.rejected.clone());
         registry.register("mesh_control_connected", "1 while the config stream to the control plane is open", m.connected.clone());
         registry.register("mesh_control_config_version", "Version of the config this node runs", m.version.clone());
+        registry.register("mesh_control_node_cert_expiry_timestamp_seconds", "Expiry of this node's certificate for the control channel", m.node_cert_expiry.clone());
+        registry.register("mesh_control_node_cert_errors", "Node certificate requests that failed (retried with backoff)", m.node_cert_errors.clone());
         m
     }
 }
