@@ -15,6 +15,7 @@ pub mod kernel_sync;
 pub mod metrics;
 pub mod proxy;
 pub mod readiness;
+pub mod routing;
 pub mod services_file;
 pub mod state;
 pub mod tls;

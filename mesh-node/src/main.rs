@@ -15,6 +15,7 @@ use mesh_node::{
     identity::{CaClient, TestCa, ca::pem_certs},
     kernel_sync::{self, KernelSync},
     readiness::Ready,
+    routing,
     services_file, state,
 };
 use prometheus_client::registry::Registry;
@@ -111,6 +112,17 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
             };
             let sync = KernelSync::new(sync_config, datapath, kernel_sync::Metrics::new(&mut registry))?;
             tokio::spawn(sync.run(state_rx.clone()));
+        }
+        if config.app.hbone_redirect {
+            let routes = routing::Routes::new(
+                routing::Config {
+                    node_name: config.node_name.clone(),
+                    hbone_port: config.app.inbound_addr.port(),
+                    transparent: config.app.proxy.transparent,
+                },
+                routing::Metrics::new(&mut registry),
+            )?;
+            tokio::spawn(routes.run(state_rx.clone()));
         }
         let bound = app::build_with(&config.app, ca, roots, state_rx, Some(log), registry, ready).await?;
         println!(

@@ -72,9 +72,38 @@ pub struct Config {
     /// Pooled connections with no stream for this long are closed.
     pub pool_idle_timeout: Duration,
     pub connect_timeout: Duration,
-    /// Connect to local pods from the client pod's IP (`IP_TRANSPARENT`); needs the node's
-    /// policy routing for replies (see README).
+    /// Connect to local pods from the client pod's IP (`IP_TRANSPARENT`); the daemon installs
+    /// the policy routing that brings the pods' replies back to it (`crate::routing`).
     pub transparent: bool,
+    /// Which address outbound HBONE connections dial.
+    pub hbone_dial: HboneDial,
+}
+
+/// Where outbound HBONE connections are dialed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HboneDial {
+    /// The destination pod's address on 15008, without SNI: what Istio's ztunnel dials and
+    /// what its inbound requires (the CONNECT target must be the address dialed). One pooled
+    /// connection per (source identity, destination identity, destination pod). The receiving
+    /// node brings it to its daemon with policy routing (`crate::routing`).
+    Pod,
+    /// The destination node's address on 15008, with the destination identity as SNI: one
+    /// pooled connection per (source identity, destination identity, node), fewer handshakes,
+    /// but only this project's daemons accept it.
+    Node,
+}
+
+impl std::str::FromStr for HboneDial {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pod" => Ok(Self::Pod),
+            "node" => Ok(Self::Node),
+            _ => Err("expected pod or node".into()),
+        }
+    }
 }
 
 impl Default for Config {
@@ -90,6 +119,7 @@ impl Default for Config {
             pool_idle_timeout: Duration::from_mins(1),
             connect_timeout: Duration::from_secs(5),
             transparent: false,
+            hbone_dial: HboneDial::Pod,
         }
     }
 }

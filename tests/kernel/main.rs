@@ -7,6 +7,7 @@
 mod bypass;
 mod capture;
 mod lb;
+mod routing;
 
 use std::{
     net::{IpAddr, SocketAddr},

@@ -100,7 +100,8 @@ impl MeshLab {
         }
         let n2 = lab.node(2).netns.clone();
         let b = lab.pod("n2p1").ip.to_string();
-        iptables(&n2, &["-i", "eth0", "-d", &b, "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15006"]);
+        // HBONE addressed to the pod (15008) is not plaintext: the daemon's routing rule takes it.
+        iptables(&n2, &["-i", "eth0", "-d", &b, "-p", "tcp", "!", "--dport", "15008", "-j", "REDIRECT", "--to-ports", "15006"]);
 
         let bin = mesh_node_bin();
         let mut daemons = Vec::new();
@@ -146,7 +147,7 @@ impl MeshLab {
     pub fn set_capture(&self, on: bool) {
         let out = capture_rule(&self.lab, "n1p1");
         let b = self.lab.pod("n2p1").ip.to_string();
-        let plain = ["-i", "eth0", "-d", &b, "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15006"].map(str::to_owned).to_vec();
+        let plain = ["-i", "eth0", "-d", &b, "-p", "tcp", "!", "--dport", "15008", "-j", "REDIRECT", "--to-ports", "15006"].map(str::to_owned).to_vec();
         for (node, rule) in [(1, out), (2, plain)] {
             let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
             let ns = &self.lab.node(node).netns;

@@ -30,6 +30,8 @@ pub const ENV_FRAME_SIZE: &str = "MESH_HBONE_FRAME_SIZE";
 pub const ENV_POOL_MAX_STREAMS: &str = "MESH_POOL_MAX_STREAMS";
 pub const ENV_POOL_IDLE_SECS: &str = "MESH_POOL_IDLE_SECS";
 pub const ENV_WORKER_THREADS: &str = "MESH_WORKER_THREADS";
+pub const ENV_HBONE_DIAL: &str = "MESH_HBONE_DIAL";
+pub const ENV_HBONE_REDIRECT: &str = "MESH_HBONE_REDIRECT";
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Config {
@@ -54,6 +56,9 @@ pub struct Config {
     /// Proxy threads: 1 runs everything on one thread (lowest latency); more use a work-stealing
     /// runtime for throughput across cores.
     pub worker_threads: usize,
+    /// Install the policy routing that delivers HBONE addressed to local pods (and, when
+    /// transparent, their replies) to this daemon (`crate::routing`).
+    pub hbone_redirect: bool,
 }
 
 fn parse<T: FromStr>(src: &impl Source, var: &'static str, default: T) -> Result<T, Error>
@@ -124,6 +129,7 @@ impl Config {
                 pool_idle_timeout: secs(src, ENV_POOL_IDLE_SECS, d.pool_idle_timeout.as_secs())?,
                 connect_timeout: d.connect_timeout,
                 transparent: boolean(src, ENV_TRANSPARENT, false)?,
+                hbone_dial: parse(src, ENV_HBONE_DIAL, d.hbone_dial)?,
             },
             trust_domain: src.get(ENV_TRUST_DOMAIN).unwrap_or_else(|| "cluster.local".into()),
             root_namespace: src.get(ENV_ROOT_NAMESPACE).unwrap_or_else(|| "mesh-system".into()),
@@ -143,6 +149,7 @@ impl Config {
                 0 => return Err(Error::Invalid { var: ENV_WORKER_THREADS, value: "0".into(), reason: "must be at least 1".into() }),
                 n => n,
             },
+            hbone_redirect: boolean(src, ENV_HBONE_REDIRECT, true)?,
         })
     }
 }
@@ -159,6 +166,8 @@ mod tests {
         assert_eq!(cfg.inbound_addr.port(), 15008);
         assert_eq!(cfg.admin_addr.ip().to_string(), "127.0.0.1", "admin is localhost only by default");
         assert!(cfg.datapath);
+        assert_eq!(cfg.proxy.hbone_dial, proxy::HboneDial::Pod, "ztunnel-compatible by default");
+        assert!(cfg.hbone_redirect);
         for (var, value, needle) in [
             (ENV_INBOUND_ADDR, "15008", "MESH_INBOUND_ADDR=\"15008\""),
             (ENV_FRAME_SIZE, "100", "MESH_HBONE_FRAME_SIZE=\"100\""),
@@ -166,6 +175,8 @@ mod tests {
             (ENV_DRAIN_DEADLINE_SECS, "0", "MESH_DRAIN_DEADLINE_SECS"),
             (ENV_LOG_FORMAT, "xml", "MESH_LOG_FORMAT"),
             (ENV_CA_CERT, "/ca.pem", "MESH_CA_KEY is required"),
+            (ENV_HBONE_DIAL, "gateway", "MESH_HBONE_DIAL=\"gateway\": expected pod or node"),
+            (ENV_HBONE_REDIRECT, "yes", "MESH_HBONE_REDIRECT"),
         ] {
             let err = Config::from_source(&HashMap::from([(var, value)]), "n1").expect_err(var);
             assert!(err.to_string().contains(needle), "{var}: {err}");

@@ -44,6 +44,14 @@ impl Inbound {
     pub async fn new(addr: SocketAddr, inputs: Inputs) -> Result<Self, Error> {
         let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
         let addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+        // HBONE addressed to a local pod (ztunnel's way, and ours by default) is routed to this
+        // listener by `crate::routing`; answering from the pod's address, which is not the
+        // node's, takes IP_TRANSPARENT. It needs CAP_NET_ADMIN, like the routing itself:
+        // without it only HBONE addressed to the node is answered.
+        match socket::set_transparent(&listener) {
+            Ok(()) => tracing::debug!(%addr, "HBONE listener is transparent: answers for local pods' addresses"),
+            Err(e) => tracing::info!(%addr, error = %e, "HBONE listener not transparent: HBONE addressed to pods will not be answered"),
+        }
         Ok(Self { listener, addr, inputs })
     }
 

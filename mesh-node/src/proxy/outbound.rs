@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
 use super::{
-    Error, Inputs, hbone,
+    Error, HboneDial, Inputs, hbone,
     inbound::{authorize, connect_pod},
     metrics::{ConnLabels, Peer, Reporter, SecurityPolicy},
     pool::{Key, Pool},
@@ -117,11 +117,12 @@ impl Handler {
     }
 
     async fn hbone(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr, state: &State, src_w: &Workload, dst_w: &Workload) -> Result<(), Error> {
-        let key = Key {
-            src: state.identity(src_w),
-            dst: state.identity(dst_w),
-            node: SocketAddr::new(dst_w.node_ip, self.inputs.cfg.hbone_port),
+        let cfg = &self.inputs.cfg;
+        let hbone_ip = match cfg.hbone_dial {
+            HboneDial::Pod => dst.ip(),
+            HboneDial::Node => dst_w.node_ip,
         };
+        let key = Key { src: state.identity(src_w), dst: state.identity(dst_w), addr: SocketAddr::new(hbone_ip, cfg.hbone_port) };
         let mut stream = self.pool.checkout(&key).await?;
         let req = hbone::connect_request(dst, peer.ip(), src_w, &self.inputs.cfg.cluster_id, &hbone::traceparent());
         let resp = stream.sender.send_request(req).await?;

@@ -1,5 +1,6 @@
 //! Outbound HBONE connection pool: streams are multiplexed over one mTLS HTTP/2 connection per
-//! (source identity, destination identity, destination node); a connection takes at most
+//! (source identity, destination identity, HBONE address dialed: the destination pod's or its
+//! node's, see [`super::HboneDial`]); a connection takes at most
 //! `max_streams_per_conn` streams before another one is opened, and a connection without streams
 //! is closed after `pool_idle_timeout`.
 
@@ -19,15 +20,15 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 
-use super::{Error, Inputs, socket};
+use super::{Error, HboneDial, Inputs, socket};
 use crate::{identity::Identity, tls};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Key {
     pub src: Identity,
     pub dst: Identity,
-    /// The destination node's HBONE address.
-    pub node: SocketAddr,
+    /// The HBONE address dialed: the destination pod's (ztunnel's way) or its node's.
+    pub addr: SocketAddr,
 }
 
 struct Conn {
@@ -111,11 +112,17 @@ impl Pool {
         let cfg = &self.inputs.cfg;
         let cert = self.inputs.certs.fetch(&key.src).await?;
         let tls_cfg = tls::client_config(cert.key.clone(), &self.inputs.certs.roots(), key.dst.clone())?;
-        let tcp = tokio::time::timeout(cfg.connect_timeout, socket::connect(None, key.node))
+        let tcp = tokio::time::timeout(cfg.connect_timeout, socket::connect(None, key.addr))
             .await
-            .map_err(|_| Error::ConnectTimeout(key.node))?
-            .map_err(|source| Error::Connect { addr: key.node, source })?;
-        let name = ServerName::try_from(key.dst.sni()).map_err(|_| tls::Error::ServerName(key.dst.sni()))?;
+            .map_err(|_| Error::ConnectTimeout(key.addr))?
+            .map_err(|source| Error::Connect { addr: key.addr, source })?;
+        let name = match cfg.hbone_dial {
+            // An IP server name makes rustls send no SNI, like ztunnel: the server picks the
+            // certificate by the address the connection reached. The verifier checks the SPIFFE
+            // identity either way, never the name.
+            HboneDial::Pod => ServerName::IpAddress(key.addr.ip().into()),
+            HboneDial::Node => ServerName::try_from(key.dst.sni()).map_err(|_| tls::Error::ServerName(key.dst.sni()))?,
+        };
         let tcp = tokio::io::BufReader::with_capacity(super::TLS_READ_BUF, tcp);
         let tls = match tokio_rustls::TlsConnector::from(tls_cfg).connect(name, tcp).await {
             Ok(t) => {
@@ -135,13 +142,13 @@ impl Pool {
             .handshake(TokioIo::new(tls))
             .await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let node = key.node;
+        let addr = key.addr;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::debug!(conn = id, %node, error = %e, "HBONE connection ended");
+                tracing::debug!(conn = id, %addr, error = %e, "HBONE connection ended");
             }
         });
-        tracing::debug!(conn = id, src = %key.src, dst = %key.dst, %node, "HBONE connection opened");
+        tracing::debug!(conn = id, src = %key.src, dst = %key.dst, %addr, "HBONE connection opened");
         Ok(Conn { id, sender, streams: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) })
     }
 

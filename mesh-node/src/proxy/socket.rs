@@ -29,3 +29,14 @@ pub async fn connect(src: Option<IpAddr>, dst: SocketAddr) -> std::io::Result<Tc
     socket.set_nodelay(true)?;
     socket.connect(dst).await
 }
+
+/// Lets a listener accept connections addressed to any address routed to this host, and answer
+/// from that address (`IP_TRANSPARENT`, and `IPV6_TRANSPARENT` for IPv6 sockets), as a TPROXY
+/// listener does. Needs `CAP_NET_ADMIN`.
+pub fn set_transparent(listener: &tokio::net::TcpListener) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(listener);
+    if listener.local_addr()?.is_ipv6() {
+        sock.set_ip_transparent_v6(true)?;
+    }
+    sock.set_ip_transparent_v4(true)
+}

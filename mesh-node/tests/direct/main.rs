@@ -2,6 +2,7 @@
 //! through a channel. See `support.rs` for the topology.
 
 mod support;
+mod ztunnel;
 
 use std::{sync::atomic::Ordering, time::Duration};
 

@@ -19,6 +19,7 @@ use mesh_node::{
     authz::{PeerAuthentication, Policy},
     config::Source,
     identity::TestCa,
+    proxy::HboneDial,
     state::{Protocol, Snapshot, State, StateTx, Workload},
 };
 use tokio::{
@@ -82,6 +83,7 @@ pub struct Node {
 pub struct Mesh {
     pub n1: Node,
     pub n2: Node,
+    pub ca: Arc<TestCa>,
 }
 
 /// Knobs a test may change before the daemons start.
@@ -90,19 +92,28 @@ pub struct Opts {
     pub idle: Duration,
     pub cert_ttl: Duration,
     pub drain_deadline: Duration,
+    pub dial: HboneDial,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Self { max_streams: 100, idle: Duration::from_mins(1), cert_ttl: Duration::from_hours(1), drain_deadline: Duration::from_secs(5) }
+        Self {
+            max_streams: 100,
+            idle: Duration::from_mins(1),
+            cert_ttl: Duration::from_hours(1),
+            drain_deadline: Duration::from_secs(5),
+            dial: HboneDial::Pod,
+        }
     }
 }
 
-async fn node(name: &str, node_ip: &str, hbone_port: u16, ca: &Arc<TestCa>, snap: Snapshot, o: &Opts) -> Node {
+pub async fn node(name: &str, node_ip: &str, hbone_port: u16, ca: &Arc<TestCa>, snap: Snapshot, o: &Opts) -> Node {
     let any = |port: u16| format!("{node_ip}:{port}");
     let vars = Vars(vec![
         ("MESH_OUTBOUND_ADDR", any(0)),
-        ("MESH_INBOUND_ADDR", any(0)),
+        // Node 2's HBONE listener takes every loopback address, so node 1 can dial pod b's
+        // address (127.0.0.3) as ztunnel would; on a real node, policy routing does that.
+        ("MESH_INBOUND_ADDR", if name == "n2" { "0.0.0.0:0".into() } else { any(0) }),
         ("MESH_INBOUND_PLAINTEXT_ADDR", any(0)),
         ("MESH_METRICS_ADDR", any(0)),
         ("MESH_ADMIN_ADDR", any(0)),
@@ -112,6 +123,7 @@ async fn node(name: &str, node_ip: &str, hbone_port: u16, ca: &Arc<TestCa>, snap
     cfg.proxy.max_streams_per_conn = o.max_streams;
     cfg.proxy.pool_idle_timeout = o.idle;
     cfg.drain_deadline = o.drain_deadline;
+    cfg.proxy.hbone_dial = o.dial;
     cfg.trust_domain = TD.into();
     let (tx, rx) = watch::channel(state(snap));
     let bound = app::build(&cfg, ca.clone(), vec![ca.root()], rx, None).await.expect("daemon starts");
@@ -124,7 +136,7 @@ impl Mesh {
         // Node 2 first: node 1 dials node 2's HBONE port.
         let n2 = node("n2", N2, 0, &ca, snap.clone(), &o).await;
         let n1 = node("n1", N1, n2.bound.inbound.port(), &ca, snap, &o).await;
-        Self { n1, n2 }
+        Self { n1, n2, ca }
     }
 
     /// Pushes a new config to both daemons.

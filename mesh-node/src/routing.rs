@@ -1,0 +1,264 @@
+//! Policy routing that brings HBONE addressed to this node's pods into the daemon.
+//!
+//! Istio's ztunnel dials the destination *pod's* address on 15008 (its in-pod listener answers
+//! there), and so do we by default (`MESH_HBONE_DIAL=pod`). A packet for a local pod's address is
+//! normally forwarded to the pod; for each local meshed pod this module installs
+//!
+//! ```text
+//! 15008: from all to <pod ip> ipproto tcp dport 15008 lookup 15008
+//! table 15008: local default dev lo
+//! ```
+//!
+//! so those packets are delivered to the daemon's `0.0.0.0:15008` listener instead, whose
+//! accepted socket still carries the pod's address as its local address (that is how the
+//! inbound picks the certificate to present when the client sends no SNI, as ztunnel does not).
+//!
+//! With `MESH_INBOUND_TRANSPARENT=true` the inbound connects to the local pod *from the client
+//! pod's address*; the pod's replies go to a remote address, so for each local meshed pod also
+//!
+//! ```text
+//! 15009: from <pod ip> iif <pod's interface> ipproto tcp lookup 15008
+//! ```
+//!
+//! delivers the replies to the daemon's transparent socket. A meshed pod's own TCP never needs
+//! the forward path (the datapath captures it into the daemon), so the rule takes nothing else.
+//!
+//! Rules are a pure function of the state ([`wanted`]); [`Routes::run`] keeps the kernel equal
+//! to it. At start, rules left by an earlier run (same priorities and table) are flushed. They
+//! are left in place at exit, like the pinned datapath, so a restarting daemon is found at the
+//! same address; `ip rule del priority 15008` (and 15009) until none is left removes them.
+
+pub mod netlink;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
+
+pub use netlink::{Netlink, Rule};
+
+use crate::state::{Protocol, State, StateRx};
+
+/// The routing table holding the `local` default route.
+pub const TABLE: u32 = 15008;
+/// Priority of the rules for HBONE to local pods.
+pub const PRIORITY_HBONE: u32 = 15008;
+/// Priority of the rules for replies of transparent (source-preserving) connections.
+pub const PRIORITY_TRANSPARENT: u32 = 15009;
+/// How often rules are re-checked when the state does not change (a pod's interface may appear
+/// after the pod is known).
+const RESYNC: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening a NETLINK_ROUTE socket: {0}")]
+    Open(std::io::Error),
+    #[error("removing rules left by an earlier run (priority {priority}): {source}")]
+    Flush { priority: u32, source: std::io::Error },
+    #[error("installing the local route of table {TABLE} (needs CAP_NET_ADMIN): {0}")]
+    LocalRoute(std::io::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_name: String,
+    pub hbone_port: u16,
+    /// Also install the reply rules of `MESH_INBOUND_TRANSPARENT`.
+    pub transparent: bool,
+}
+
+/// What one local meshed pod needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Want {
+    /// HBONE addressed to the pod goes to the daemon.
+    Hbone(IpAddr),
+    /// The pod's TCP replies go to the daemon (transparent inbound).
+    Replies(IpAddr),
+}
+
+/// The rules `state` calls for on this node.
+pub fn wanted(state: &State, cfg: &Config) -> BTreeSet<Want> {
+    state
+        .workloads
+        .values()
+        .filter(|w| w.node == cfg.node_name && w.protocol == Protocol::Hbone)
+        .flat_map(|w| [Some(Want::Hbone(w.ip)), cfg.transparent.then_some(Want::Replies(w.ip))])
+        .flatten()
+        .collect()
+}
+
+#[derive(Clone, Default)]
+pub struct Metrics {
+    rules: Gauge,
+    errors: Counter,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register("mesh_hbone_redirect_rules", "Policy-routing rules installed to bring HBONE to local pods into the daemon", m.rules.clone());
+        registry.register("mesh_hbone_redirect_errors", "Failed attempts to install or remove such a rule", m.errors.clone());
+        m
+    }
+}
+
+pub struct Routes {
+    cfg: Config,
+    netlink: Netlink,
+    installed: BTreeMap<Want, Rule>,
+    metrics: Metrics,
+}
+
+impl Routes {
+    /// Opens netlink, removes rules of an earlier run and installs the local routes (both
+    /// families). Fails without `CAP_NET_ADMIN`.
+    pub fn new(cfg: Config, metrics: Metrics) -> Result<Self, Error> {
+        let netlink = Netlink::open().map_err(Error::Open)?;
+        let families = [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)];
+        for family in families {
+            for priority in [PRIORITY_HBONE, PRIORITY_TRANSPARENT] {
+                let n = netlink.flush_rules(family, priority, TABLE).map_err(|source| Error::Flush { priority, source })?;
+                if n > 0 {
+                    tracing::info!(n, priority, "removed routing rules of an earlier run");
+                }
+            }
+            match netlink.local_default_route(family, TABLE) {
+                Ok(()) => {}
+                // A node without IPv6 has no IPv6 pods to route.
+                Err(e) if family.is_ipv6() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+                Err(e) => return Err(Error::LocalRoute(e)),
+            }
+        }
+        Ok(Self { cfg, netlink, installed: BTreeMap::new(), metrics })
+    }
+
+    /// Makes the installed rules equal to `want`; a rule that fails is retried at the next sync.
+    /// Returns the rules installed now.
+    pub fn sync(&mut self, want: &BTreeSet<Want>) -> usize {
+        let stale: Vec<(Want, Rule)> = self.installed.iter().filter(|(w, _)| !want.contains(w)).map(|(w, r)| (*w, r.clone())).collect();
+        for (w, rule) in stale {
+            self.installed.remove(&w);
+            match self.netlink.del_rule(&rule) {
+                Ok(()) => tracing::debug!(%rule, "routing rule removed"),
+                // Gone already (someone ran `ip rule del`): the goal is met.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => {
+                    self.metrics.errors.inc();
+                    tracing::warn!(%rule, error = %e, "removing routing rule");
+                    self.installed.insert(w, rule);
+                }
+            }
+        }
+        let missing: Vec<Want> = want.iter().filter(|w| !self.installed.contains_key(w)).copied().collect();
+        for w in missing {
+            let rule = match self.rule_for(w) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.metrics.errors.inc();
+                    tracing::debug!(want = ?w, error = %e, "routing rule not installable yet");
+                    continue;
+                }
+            };
+            match self.netlink.add_rule(&rule) {
+                Ok(()) => tracing::debug!(%rule, "routing rule installed"),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    self.metrics.errors.inc();
+                    tracing::warn!(%rule, error = %e, "installing routing rule");
+                    continue;
+                }
+            }
+            self.installed.insert(w, rule);
+        }
+        self.metrics.rules.set(i64::try_from(self.installed.len()).unwrap_or(i64::MAX));
+        self.installed.len()
+    }
+
+    fn rule_for(&self, want: Want) -> std::io::Result<Rule> {
+        Ok(match want {
+            Want::Hbone(ip) => Rule {
+                priority: PRIORITY_HBONE,
+                table: TABLE,
+                from: None,
+                to: Some(ip),
+                iif: None,
+                tcp_dport: Some(self.cfg.hbone_port),
+                tcp: true,
+            },
+            Want::Replies(ip) => Rule {
+                priority: PRIORITY_TRANSPARENT,
+                table: TABLE,
+                from: Some(ip),
+                to: None,
+                // Only what arrives from the pod: the daemon's own packets from that address
+                // (replies of HBONE accepted for the pod) must keep their normal route.
+                iif: Some(self.netlink.route_interface(ip)?),
+                tcp_dport: None,
+                tcp: true,
+            },
+        })
+    }
+
+    /// Keeps the rules equal to the state until the state channel closes.
+    pub async fn run(mut self, mut state: StateRx) {
+        loop {
+            let want = wanted(&state.borrow_and_update(), &self.cfg);
+            self.sync(&want);
+            tokio::select! {
+                r = state.changed() => if r.is_err() { return },
+                () = tokio::time::sleep(RESYNC) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Snapshot, Workload};
+
+    fn workload(ip: &str, node: &str, protocol: Protocol) -> Workload {
+        Workload {
+            name: format!("w-{ip}"),
+            namespace: "demo".into(),
+            service_account: "sa".into(),
+            workload_name: None,
+            ip: ip.parse().expect("ip"),
+            node: node.into(),
+            node_ip: "198.18.0.1".parse().expect("ip"),
+            labels: BTreeMap::new(),
+            protocol,
+        }
+    }
+
+    #[test]
+    fn only_local_meshed_pods_get_rules_and_replies_only_when_transparent() {
+        let snap = Snapshot {
+            workloads: vec![
+                workload("198.18.1.11", "n1", Protocol::Hbone),
+                workload("198.18.1.13", "n1", Protocol::Tcp),
+                workload("198.18.2.11", "n2", Protocol::Hbone),
+                workload("fd6d:6573:6800:1::c", "n1", Protocol::Hbone),
+            ],
+            ..Snapshot::default()
+        };
+        let state = State::build("cluster.local", "mesh-system", snap).expect("state");
+        let mut cfg = Config { node_name: "n1".into(), hbone_port: 15008, transparent: false };
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(
+            wanted(&state, &cfg),
+            BTreeSet::from([Want::Hbone(ip("198.18.1.11")), Want::Hbone(ip("fd6d:6573:6800:1::c"))])
+        );
+        cfg.transparent = true;
+        let w = wanted(&state, &cfg);
+        assert_eq!(w.len(), 4);
+        assert!(w.contains(&Want::Replies(ip("198.18.1.11"))));
+        assert!(!w.iter().any(|w| matches!(w, Want::Hbone(a) | Want::Replies(a) if *a == ip("198.18.1.13") || *a == ip("198.18.2.11"))));
+    }
+}

@@ -1,0 +1,360 @@
+//! Just enough rtnetlink for [`super`]: add and delete policy-routing rules (`ip rule`), install
+//! one `local` default route in a table, and ask which interface routes to an address. Messages
+//! are built by hand (the uapi structs are 12 bytes each) so the daemon needs no `ip` binary and
+//! no netlink crate; constants are from `linux/rtnetlink.h` and `linux/fib_rules.h`.
+
+use std::{
+    io,
+    net::IpAddr,
+    os::fd::{AsRawFd as _, OwnedFd},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, socket};
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_GETROUTE: u16 = 26;
+const RTM_NEWRULE: u16 = 32;
+const RTM_DELRULE: u16 = 33;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+
+// fib_rules.h attributes.
+const FRA_DST: u16 = 1;
+const FRA_SRC: u16 = 2;
+const FRA_IIFNAME: u16 = 3;
+const FRA_PRIORITY: u16 = 6;
+const FRA_TABLE: u16 = 15;
+const FRA_IP_PROTO: u16 = 22;
+const FRA_DPORT_RANGE: u16 = 24;
+const FR_ACT_TO_TBL: u8 = 1;
+
+// rtnetlink.h attributes and values.
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_TABLE: u16 = 15;
+const RTN_LOCAL: u8 = 2;
+const RT_SCOPE_HOST: u8 = 254;
+const RT_SCOPE_UNIVERSE: u8 = 0;
+const RTPROT_STATIC: u8 = 4;
+const IFLA_IFNAME: u16 = 3;
+/// The loopback device has this index in every network namespace (`LOOPBACK_IFINDEX`).
+const LOOPBACK_IFINDEX: u32 = 1;
+
+const HEADER: usize = 16;
+// socket.h / in.h values as the one-byte fields carry them.
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const IPPROTO_TCP: u8 = 6;
+
+/// One policy-routing rule: `ip rule add [from A] [to A] [iif DEV] [ipproto tcp] [dport P]
+/// priority PRIO lookup TABLE`. Addresses are host routes (/32 or /128).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rule {
+    pub priority: u32,
+    pub table: u32,
+    pub from: Option<IpAddr>,
+    pub to: Option<IpAddr>,
+    pub iif: Option<String>,
+    pub tcp_dport: Option<u16>,
+    pub tcp: bool,
+}
+
+impl Rule {
+    fn family(&self) -> u8 {
+        match self.from.or(self.to) {
+            Some(IpAddr::V6(_)) => AF_INET6,
+            _ => AF_INET,
+        }
+    }
+}
+
+impl std::fmt::Display for Rule {
+    /// As `ip rule` prints it, so log lines can be compared with `ip rule show`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:", self.priority)?;
+        match self.from {
+            Some(a) => write!(f, " from {a}")?,
+            None => write!(f, " from all")?,
+        }
+        if let Some(a) = self.to {
+            write!(f, " to {a}")?;
+        }
+        if let Some(d) = &self.iif {
+            write!(f, " iif {d}")?;
+        }
+        if self.tcp || self.tcp_dport.is_some() {
+            write!(f, " ipproto tcp")?;
+        }
+        if let Some(p) = self.tcp_dport {
+            write!(f, " dport {p}")?;
+        }
+        write!(f, " lookup {}", self.table)
+    }
+}
+
+fn octets(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+fn prefix_len(a: IpAddr) -> u8 {
+    if a.is_ipv4() { 32 } else { 128 }
+}
+
+/// A request under construction: `nlmsghdr`, a fixed family header, then attributes.
+struct Msg(Vec<u8>);
+
+impl Msg {
+    fn new(kind: u16, flags: u16, family_header: &[u8]) -> Self {
+        let mut b = vec![0u8; HEADER];
+        b[4..6].copy_from_slice(&kind.to_ne_bytes());
+        b[6..8].copy_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+        b.extend_from_slice(family_header);
+        Self(b)
+    }
+
+    fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Self {
+        let len = u16::try_from(4 + data.len()).expect("attributes here are tiny");
+        self.0.extend_from_slice(&len.to_ne_bytes());
+        self.0.extend_from_slice(&kind.to_ne_bytes());
+        self.0.extend_from_slice(data);
+        while !self.0.len().is_multiple_of(4) {
+            self.0.push(0);
+        }
+        self
+    }
+
+    fn finish(mut self, seq: u32) -> Vec<u8> {
+        let len = u32::try_from(self.0.len()).expect("small");
+        self.0[0..4].copy_from_slice(&len.to_ne_bytes());
+        self.0[8..12].copy_from_slice(&seq.to_ne_bytes());
+        self.0
+    }
+}
+
+/// `struct fib_rule_hdr`.
+fn rule_header(rule: &Rule) -> [u8; 12] {
+    let mut h = [0u8; 12];
+    h[0] = rule.family();
+    h[1] = rule.to.map_or(0, prefix_len);
+    h[2] = rule.from.map_or(0, prefix_len);
+    h[7] = FR_ACT_TO_TBL;
+    h
+}
+
+fn rule_msg(kind: u16, flags: u16, rule: &Rule) -> Msg {
+    let mut m = Msg::new(kind, flags, &rule_header(rule));
+    m.attr(FRA_PRIORITY, &rule.priority.to_ne_bytes()).attr(FRA_TABLE, &rule.table.to_ne_bytes());
+    if let Some(a) = rule.from {
+        m.attr(FRA_SRC, &octets(a));
+    }
+    if let Some(a) = rule.to {
+        m.attr(FRA_DST, &octets(a));
+    }
+    if let Some(d) = &rule.iif {
+        let mut name = d.as_bytes().to_vec();
+        name.push(0);
+        m.attr(FRA_IIFNAME, &name);
+    }
+    if rule.tcp || rule.tcp_dport.is_some() {
+        m.attr(FRA_IP_PROTO, &[IPPROTO_TCP]);
+    }
+    if let Some(p) = rule.tcp_dport {
+        // struct fib_rule_port_range { __u16 start; __u16 end; } in host order.
+        let mut range = p.to_ne_bytes().to_vec();
+        range.extend_from_slice(&p.to_ne_bytes());
+        m.attr(FRA_DPORT_RANGE, &range);
+    }
+    m
+}
+
+/// A `NETLINK_ROUTE` socket of the daemon's network namespace.
+pub struct Netlink {
+    fd: OwnedFd,
+    seq: AtomicU32,
+}
+
+impl Netlink {
+    pub fn open() -> io::Result<Self> {
+        let fd = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute)?;
+        Ok(Self { fd, seq: AtomicU32::new(1) })
+    }
+
+    pub fn add_rule(&self, rule: &Rule) -> io::Result<()> {
+        self.request(rule_msg(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, rule)).map(drop)
+    }
+
+    pub fn del_rule(&self, rule: &Rule) -> io::Result<()> {
+        self.request(rule_msg(RTM_DELRULE, 0, rule)).map(drop)
+    }
+
+    /// Deletes every rule with this priority and table (e.g. left by an earlier run); returns
+    /// how many there were.
+    pub fn flush_rules(&self, family: IpAddr, priority: u32, table: u32) -> io::Result<usize> {
+        let probe = Rule { priority, table, from: None, to: None, iif: None, tcp_dport: None, tcp: false };
+        let mut header = rule_header(&probe);
+        header[0] = Rule { to: Some(family), ..probe.clone() }.family();
+        let mut n = 0;
+        loop {
+            let mut m = Msg::new(RTM_DELRULE, 0, &header);
+            m.attr(FRA_PRIORITY, &priority.to_ne_bytes()).attr(FRA_TABLE, &table.to_ne_bytes());
+            match self.request(m) {
+                Ok(_) => n += 1,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// `ip route replace local <any> dev lo table TABLE`: everything looked up in `table` is
+    /// delivered to this host's sockets.
+    pub fn local_default_route(&self, family: IpAddr, table: u32) -> io::Result<()> {
+        let mut h = [0u8; 12];
+        h[0] = Rule { priority: 0, table, from: None, to: Some(family), iif: None, tcp_dport: None, tcp: false }.family();
+        h[5] = RTPROT_STATIC;
+        h[6] = RT_SCOPE_HOST;
+        h[7] = RTN_LOCAL;
+        let mut m = Msg::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, &h);
+        m.attr(RTA_TABLE, &table.to_ne_bytes()).attr(RTA_OIF, &LOOPBACK_IFINDEX.to_ne_bytes());
+        self.request(m).map(drop)
+    }
+
+    /// The interface this host routes `addr` through (`ip route get`).
+    pub fn route_interface(&self, addr: IpAddr) -> io::Result<String> {
+        let mut h = [0u8; 12];
+        h[0] = Rule { priority: 0, table: 0, from: None, to: Some(addr), iif: None, tcp_dport: None, tcp: false }.family();
+        h[1] = prefix_len(addr);
+        h[6] = RT_SCOPE_UNIVERSE;
+        let mut m = Msg::new(RTM_GETROUTE, 0, &h);
+        m.attr(RTA_DST, &octets(addr));
+        let replies = self.request(m)?;
+        let oif = replies
+            .iter()
+            .filter(|(kind, _)| *kind == RTM_NEWROUTE)
+            .find_map(|(_, body)| attributes(body.get(12..)?).find(|(k, _)| *k == RTA_OIF).map(|(_, v)| v.to_vec()))
+            .and_then(|v| Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?)))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no route to {addr}")))?;
+        self.interface_name(oif)
+    }
+
+    /// The name of interface `index` in the socket's namespace (not the caller's: the daemon's
+    /// tests drive a node namespace from the host).
+    fn interface_name(&self, index: u32) -> io::Result<String> {
+        // struct ifinfomsg { family, pad, type: u16, index: i32, flags: u32, change: u32 }
+        let mut h = [0u8; 16];
+        h[4..8].copy_from_slice(&index.to_ne_bytes());
+        let replies = self.request(Msg::new(RTM_GETLINK, 0, &h))?;
+        replies
+            .iter()
+            .filter(|(kind, _)| *kind == RTM_NEWLINK)
+            .find_map(|(_, body)| attributes(body.get(16..)?).find(|(k, _)| *k == IFLA_IFNAME).map(|(_, v)| v.to_vec()))
+            .map(|v| String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface with index {index}")))
+    }
+
+    /// Sends one request and reads until its acknowledgement; returns the other messages that
+    /// answered it (type, payload).
+    fn request(&self, msg: Msg) -> io::Result<Vec<(u16, Vec<u8>)>> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let buf = msg.finish(seq);
+        send(self.fd.as_raw_fd(), &buf, MsgFlags::empty())?;
+        let mut replies = Vec::new();
+        let mut rx = vec![0u8; 32 << 10];
+        loop {
+            let n = recv(self.fd.as_raw_fd(), &mut rx, MsgFlags::empty())?;
+            let mut rest = &rx[..n];
+            while rest.len() >= HEADER {
+                let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+                let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
+                let got_seq = u32::from_ne_bytes(rest[8..12].try_into().expect("4 bytes"));
+                if len < HEADER || len > rest.len() {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
+                }
+                let body = &rest[HEADER..len];
+                if got_seq == seq {
+                    if kind == NLMSG_ERROR {
+                        let code = i32::from_ne_bytes(body.get(..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
+                        return if code == 0 { Ok(replies) } else { Err(io::Error::from_raw_os_error(-code)) };
+                    }
+                    replies.push((kind, body.to_vec()));
+                }
+                rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+            }
+        }
+    }
+}
+
+/// Attributes (type, value) of a message body after its family header.
+fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if b.len() < 4 {
+            return None;
+        }
+        let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
+        let kind = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        if len < 4 || len > b.len() {
+            return None;
+        }
+        let value = &b[4..len];
+        b = &b[len.next_multiple_of(4).min(b.len())..];
+        Some((kind, value))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_message_carries_every_match_as_ip_rule_would() {
+        let rule = Rule {
+            priority: 15008,
+            table: 15008,
+            from: None,
+            to: Some("198.18.2.11".parse().expect("ip")),
+            iif: None,
+            tcp_dport: Some(15008),
+            tcp: true,
+        };
+        assert_eq!(rule.to_string(), "15008: from all to 198.18.2.11 ipproto tcp dport 15008 lookup 15008");
+        let buf = rule_msg(RTM_NEWRULE, NLM_F_CREATE, &rule).finish(7);
+        assert_eq!(u32::from_ne_bytes(buf[0..4].try_into().expect("len")) as usize, buf.len());
+        assert_eq!(buf[HEADER], AF_INET);
+        assert_eq!(buf[HEADER + 1], 32, "dst_len");
+        let attrs: Vec<(u16, Vec<u8>)> = attributes(&buf[HEADER + 12..]).map(|(k, v)| (k, v.to_vec())).collect();
+        let get = |k| attrs.iter().find(|(kind, _)| *kind == k).map(|(_, v)| v.clone()).expect("attribute");
+        assert_eq!(get(FRA_DST), vec![198, 18, 2, 11]);
+        assert_eq!(get(FRA_IP_PROTO), vec![6]);
+        assert_eq!(get(FRA_DPORT_RANGE), [15008u16.to_ne_bytes(), 15008u16.to_ne_bytes()].concat());
+        assert_eq!(get(FRA_PRIORITY), 15008u32.to_ne_bytes().to_vec());
+        assert!(attrs.iter().all(|(k, _)| *k != FRA_SRC && *k != FRA_IIFNAME));
+    }
+
+    #[test]
+    fn ipv6_source_rule_with_interface() {
+        let rule = Rule {
+            priority: 15009,
+            table: 15008,
+            from: Some("fd6d:6573:6800:2::b".parse().expect("ip")),
+            to: None,
+            iif: Some("br0".into()),
+            tcp_dport: None,
+            tcp: true,
+        };
+        let buf = rule_msg(RTM_NEWRULE, 0, &rule).finish(1);
+        assert_eq!(buf[HEADER], AF_INET6);
+        assert_eq!((buf[HEADER + 1], buf[HEADER + 2]), (0, 128));
+        let attrs: Vec<(u16, Vec<u8>)> = attributes(&buf[HEADER + 12..]).map(|(k, v)| (k, v.to_vec())).collect();
+        assert!(attrs.contains(&(FRA_IIFNAME, b"br0\0".to_vec())));
+        assert_eq!(rule.to_string(), "15009: from fd6d:6573:6800:2::b iif br0 ipproto tcp lookup 15008");
+    }
+}
