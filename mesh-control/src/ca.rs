@@ -1,9 +1,12 @@
-//! The mesh CA: one self-signed root (ECDSA P-256) that signs short-lived workload certificates
-//! with exactly one SPIFFE URI SAN, and the controller's own gRPC serving certificate.
+//! The mesh CA: one self-signed root (ECDSA P-256) that signs short-lived workload and node
+//! certificates with exactly one SPIFFE URI SAN, and the controller's own gRPC serving
+//! certificate.
 //!
 //! The root is generated on first start and persisted (file mode: `<state-dir>/ca/root.{crt,key}`;
 //! Kubernetes: the Secret `mesh-ca` in the controller namespace, see `k8s::ca_secret`).
-//! Rotation: see the README ("Rotating the mesh root").
+//! Besides the signing root, the mesh may trust *extra roots* (`extra-roots.pem`): while a root
+//! is rotated, certificates of the old and the new one must both verify. The trust bundle is the
+//! signing root followed by the extra roots. Rotation: see the README ("Rotating the mesh root").
 
 use std::{
     net::IpAddr,
@@ -21,6 +24,13 @@ use time::OffsetDateTime;
 pub const DEFAULT_TTL: Duration = Duration::from_hours(24);
 /// Longest lifetime a node may ask for.
 pub const MAX_TTL: Duration = Duration::from_hours(7 * 24);
+/// Default lifetime of node certificates (they are renewed at half-life with the node's
+/// credential, so a revoked credential locks a node out within this time).
+pub const DEFAULT_NODE_TTL: Duration = Duration::from_hours(1);
+/// Longest lifetime of a node certificate.
+pub const MAX_NODE_TTL: Duration = Duration::from_hours(24);
+/// File (next to `root.crt`) and Secret key of the extra trusted roots.
+pub const EXTRA_ROOTS: &str = "extra-roots.pem";
 /// Lifetime of a generated root.
 const ROOT_TTL: Duration = Duration::from_hours(10 * 365 * 24);
 /// Certificates start a little in the past, for clocks that lag.
@@ -38,8 +48,10 @@ pub enum Error {
     Sign(rcgen::Error),
     #[error("identity {identity:?} is not spiffe://{trust_domain}/ns/<namespace>/sa/<service-account>")]
     InvalidIdentity { identity: String, trust_domain: String },
-    #[error("ttl of {seconds} s is out of range (1 s to {} s)", MAX_TTL.as_secs())]
-    InvalidTtl { seconds: i64 },
+    #[error("ttl of {seconds} s is out of range (1 s to {} s)", max.as_secs())]
+    InvalidTtl { seconds: i64, max: Duration },
+    #[error("extra roots: {0}")]
+    ExtraRoots(String),
 }
 
 /// The parts of a SPIFFE id of this mesh.
@@ -67,6 +79,8 @@ pub struct Ca {
     root: RootPem,
     issuer: Issuer<'static, KeyPair>,
     trust_domain: String,
+    /// Other roots trusted during a rotation (PEM, one certificate each).
+    extra_roots: Vec<String>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -96,7 +110,28 @@ impl Ca {
     pub fn from_pem(root: RootPem, trust_domain: &str) -> Result<Self, Error> {
         let key = KeyPair::from_pem(&root.key).map_err(Error::Root)?;
         let issuer = Issuer::from_ca_cert_pem(&root.cert, key).map_err(Error::Root)?;
-        Ok(Self { root, issuer, trust_domain: trust_domain.to_owned() })
+        Ok(Self { root, issuer, trust_domain: trust_domain.to_owned(), extra_roots: Vec::new() })
+    }
+
+    /// Also trusts the CA certificates in `bundle` (any number, PEM). The signing root, if listed,
+    /// is not repeated.
+    pub fn with_extra_roots(mut self, bundle: &str) -> Result<Self, Error> {
+        let blocks = pem::parse_many(bundle).map_err(|e| Error::ExtraRoots(e.to_string()))?;
+        for block in blocks {
+            if block.tag() != "CERTIFICATE" {
+                return Err(Error::ExtraRoots(format!("unexpected PEM block {:?}", block.tag())));
+            }
+            let (_, cert) = x509_parser::parse_x509_certificate(block.contents()).map_err(|e| Error::ExtraRoots(e.to_string()))?;
+            if !cert.is_ca() {
+                return Err(Error::ExtraRoots(format!("{} is not a CA certificate", cert.subject())));
+            }
+            let text = pem::encode_config(&block, pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF));
+            if pem::parse(&self.root.cert).is_ok_and(|r| r.contents() == block.contents()) || self.extra_roots.contains(&text) {
+                continue;
+            }
+            self.extra_roots.push(text);
+        }
+        Ok(self)
     }
 
     /// File mode: loads `dir/root.crt` + `dir/root.key`, or creates them (key mode 0600).
@@ -109,7 +144,17 @@ impl Ca {
         if cert_path.exists() && key_path.exists() {
             let cert = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
             let key = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-            return Self::from_pem(RootPem { cert, key }, trust_domain);
+            let ca = Self::from_pem(RootPem { cert, key }, trust_domain)?;
+            let extra_path = dir.join(EXTRA_ROOTS);
+            return match std::fs::read_to_string(&extra_path) {
+                Ok(extra) => {
+                    let ca = ca.with_extra_roots(&extra)?;
+                    tracing::info!(extra_roots = ca.extra_roots.len(), file = %extra_path.display(), "trusting extra roots (root rotation)");
+                    Ok(ca)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ca),
+                Err(source) => Err(Error::Io { path: extra_path, source }),
+            };
         }
         let ca = Self::generate(trust_domain)?;
         std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -125,6 +170,11 @@ impl Ca {
 
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// Every root the mesh trusts, PEM: the signing root first, then the extra roots.
+    pub fn trust_bundle(&self) -> Vec<String> {
+        std::iter::once(self.root.cert.clone()).chain(self.extra_roots.iter().cloned()).collect()
     }
 
     /// Parses `spiffe://<our trust domain>/ns/<ns>/sa/<sa>`.
@@ -152,7 +202,18 @@ impl Ca {
             trust_domain: self.trust_domain.clone(),
         })?;
         params.subject_alt_names = vec![SanType::URI(uri)];
-        self.leaf(params, &csr.public_key, ttl)
+        self.leaf(params, &csr.public_key, ttl, Usage::ServerAndClient)
+    }
+
+    /// Signs a node certificate: exactly one URI SAN, `node_uri` (see `auth::NodeIds`), valid
+    /// for client authentication only, so it can never serve HBONE or the controller.
+    pub fn sign_node(&self, csr_pem: &str, node_uri: &str, ttl: Duration) -> Result<Signed, Error> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(Error::InvalidCsr)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let uri = node_uri.to_owned().try_into().map_err(Error::Sign)?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        self.leaf(params, &csr.public_key, ttl, Usage::Client)
     }
 
     /// The controller's gRPC serving certificate (and its fresh key, PEM), valid for `names`
@@ -169,29 +230,41 @@ impl Ca {
             };
             params.subject_alt_names.push(san);
         }
-        Ok((self.leaf(params, &key, ttl)?, key.serialize_pem()))
+        Ok((self.leaf(params, &key, ttl, Usage::ServerAndClient)?, key.serialize_pem()))
     }
 
-    fn leaf(&self, mut params: CertificateParams, key: &impl rcgen::PublicKeyData, ttl: Duration) -> Result<Signed, Error> {
+    fn leaf(&self, mut params: CertificateParams, key: &impl rcgen::PublicKeyData, ttl: Duration, usage: Usage) -> Result<Signed, Error> {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + ttl;
         params.serial_number = Some(random_serial());
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = match usage {
+            Usage::ServerAndClient => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        };
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(key, &self.issuer).map_err(Error::Sign)?;
         Ok(Signed { chain: vec![cert.pem(), self.root.cert.clone()], not_after: params.not_after })
     }
 }
 
-/// The requested lifetime: 0 means the default; otherwise 1 s to [`MAX_TTL`].
-pub fn ttl(seconds: i64, default: Duration) -> Result<Duration, Error> {
+/// Extended key usages of a leaf.
+#[derive(Clone, Copy)]
+enum Usage {
+    /// Workloads (both ends of HBONE) and the controller's serving certificate.
+    ServerAndClient,
+    /// Node certificates.
+    Client,
+}
+
+/// The requested lifetime: 0 means the default; otherwise 1 s to `max`.
+pub fn ttl(seconds: i64, default: Duration, max: Duration) -> Result<Duration, Error> {
     match seconds {
         0 => Ok(default),
-        s if s > 0 && s.unsigned_abs() <= MAX_TTL.as_secs() => Ok(Duration::from_secs(s.unsigned_abs())),
-        s => Err(Error::InvalidTtl { seconds: s }),
+        s if s > 0 && s.unsigned_abs() <= max.as_secs() => Ok(Duration::from_secs(s.unsigned_abs())),
+        s => Err(Error::InvalidTtl { seconds: s, max }),
     }
 }
 

@@ -62,10 +62,11 @@ fn refuses_foreign_or_malformed_identities_and_bad_csrs() {
 
 #[test]
 fn ttl_defaults_and_bounds() {
-    assert_eq!(ttl(0, DEFAULT_TTL).expect("default"), DEFAULT_TTL);
-    assert_eq!(ttl(60, DEFAULT_TTL).expect("60 s"), Duration::from_mins(1));
-    assert!(ttl(-1, DEFAULT_TTL).is_err());
-    assert!(ttl(i64::try_from(MAX_TTL.as_secs()).expect("fits") + 1, DEFAULT_TTL).is_err());
+    assert_eq!(ttl(0, DEFAULT_TTL, MAX_TTL).expect("default"), DEFAULT_TTL);
+    assert!(ttl(i64::try_from(MAX_NODE_TTL.as_secs()).expect("fits") + 1, DEFAULT_NODE_TTL, MAX_NODE_TTL).is_err(), "node certificates have their own cap");
+    assert_eq!(ttl(60, DEFAULT_TTL, MAX_TTL).expect("60 s"), Duration::from_mins(1));
+    assert!(ttl(-1, DEFAULT_TTL, MAX_TTL).is_err());
+    assert!(ttl(i64::try_from(MAX_TTL.as_secs()).expect("fits") + 1, DEFAULT_TTL, MAX_TTL).is_err());
 }
 
 #[test]
@@ -92,4 +93,34 @@ fn serving_cert_names_dns_and_ip() {
         assert!(names.iter().any(|n| matches!(n, GeneralName::DNSName("mesh-control"))));
         assert!(names.iter().any(|n| matches!(n, GeneralName::IPAddress(b) if *b == [127, 0, 0, 1])));
     });
+}
+
+#[test]
+fn node_certs_are_client_only_with_the_node_uri() {
+    let ca = Ca::generate("cluster.local").expect("root");
+    let (_, csr) = csr();
+    let uri = "spiffe://cluster.local/ns/mesh-system/sa/mesh-node/node/n1";
+    let signed = ca.sign_node(&csr, uri, Duration::from_mins(10)).expect("signed");
+    with_cert(&signed.chain[0], |c| {
+        let names = &c.subject_alternative_name().expect("ext").expect("SAN").value.general_names;
+        assert_eq!(names.len(), 1);
+        assert!(matches!(names[0], GeneralName::URI(u) if u == uri));
+        let eku = c.extended_key_usage().expect("ext").expect("EKU present").value;
+        assert!(eku.client_auth && !eku.server_auth, "a node certificate must not serve TLS");
+    });
+}
+
+#[test]
+fn extra_roots_join_the_trust_bundle_once_and_must_be_cas() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::load_or_create(dir.path(), "cluster.local").expect("created");
+    let next = Ca::generate("cluster.local").expect("new root");
+    // The signing root listed again is not repeated; the new one is added after it.
+    std::fs::write(dir.path().join(EXTRA_ROOTS), format!("{}{}", next.root().cert, ca.root().cert)).expect("write");
+    let reloaded = Ca::load_or_create(dir.path(), "cluster.local").expect("reloaded");
+    assert_eq!(reloaded.trust_bundle(), [ca.root().cert.clone(), next.root().cert.clone()]);
+    let (_, csr) = csr();
+    let leaf = ca.sign_workload(&csr, "spiffe://cluster.local/ns/a/sa/b", DEFAULT_TTL).expect("signed");
+    let e = Ca::generate("cluster.local").expect("root").with_extra_roots(&leaf.chain[0]).expect_err("a leaf is no root");
+    assert!(matches!(e, Error::ExtraRoots(_)), "{e}");
 }

@@ -2,7 +2,7 @@
 //! view per node, pushes it over gRPC, and runs the workload CA.
 //!
 //! Data flow: sources (`filemode`, `k8s`) → `validate` → `snapshot::Publisher` (versioned
-//! state) → `view::node_view` per node → `server` (config streams, CA) ; `status` serves the
+//! state) → `view::node_view` per node → `server` (config streams, CA; `tls`, `auth`) ; `status` serves the
 //! status endpoint and metrics.
 
 #![allow(clippy::doc_markdown, reason = "Kubernetes kind names (ServiceAccount, TokenReview, ...) are prose in our docs")]
@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod ca;
+pub mod client;
 pub mod crd;
 pub mod filemode;
 #[cfg(test)]
@@ -21,6 +22,7 @@ pub mod model;
 pub mod server;
 pub mod snapshot;
 pub mod status;
+pub mod tls;
 pub mod validate;
 pub mod view;
 

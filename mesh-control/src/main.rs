@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use mesh_control::{
-    auth::Authenticator,
+    auth::{Authenticator, NodeIds},
     ca::{self, Ca},
     filemode, k8s,
     metrics::Metrics,
@@ -31,7 +31,8 @@ struct Args {
     /// File mode: folder of per-node credentials, `<node>.token` (default: `<state-dir>/node-tokens`).
     #[arg(long, env = "MESH_CONTROL_NODE_TOKEN_DIR")]
     node_token_dir: Option<PathBuf>,
-    /// gRPC address (config streams and CA), TLS with the mesh root.
+    /// gRPC address (config streams and CA): TLS with the mesh root; mutual TLS with a node
+    /// certificate for everything but obtaining one.
     #[arg(long, env = "MESH_CONTROL_GRPC_ADDR", default_value = "0.0.0.0:15012")]
     grpc_addr: SocketAddr,
     /// Status endpoint: /status, /metrics, /ready, /healthz.
@@ -49,10 +50,16 @@ struct Args {
     #[arg(long, env = "MESH_CONTROL_CERT_TTL_SECONDS", default_value_t = ca::DEFAULT_TTL.as_secs(),
           value_parser = clap::value_parser!(u64).range(60..=ca::MAX_TTL.as_secs()))]
     cert_ttl_seconds: u64,
+    /// Default node certificate lifetime, seconds (renewed by the node at half-life with its
+    /// credential).
+    #[arg(long, env = "MESH_CONTROL_NODE_CERT_TTL_SECONDS", default_value_t = ca::DEFAULT_NODE_TTL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(60..=ca::MAX_NODE_TTL.as_secs()))]
+    node_cert_ttl_seconds: u64,
     /// File mode: how often the folder is checked for changes, milliseconds.
     #[arg(long, env = "MESH_CONTROL_POLL_MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     poll_ms: u64,
-    /// Kubernetes mode: `ServiceAccount` of the node `DaemonSet` (tokens of others are refused).
+    /// `ServiceAccount` of the node `DaemonSet`: Kubernetes mode refuses tokens of others; both
+    /// modes name it in node certificates.
     #[arg(long, env = "MESH_CONTROL_NODE_SERVICE_ACCOUNT", default_value = "mesh-node")]
     node_service_account: String,
     #[arg(long, env = "MESH_LOG", default_value = "info")]
@@ -111,6 +118,8 @@ async fn run(config: Args) -> Result<()> {
         metrics: metrics.clone(),
         nodes: Arc::clone(&nodes),
         default_ttl: Duration::from_secs(config.cert_ttl_seconds),
+        node_ids: NodeIds::new(&config.trust_domain, &config.root_namespace, &config.node_service_account),
+        node_ttl: Duration::from_secs(config.node_cert_ttl_seconds),
     };
     let grpc = Server::new(config.grpc_addr, &config.tls_sans, shared).await?;
     let status = StatusServer::new(config.status_addr, Sources { publisher, nodes, registry: Arc::new(registry), metrics }).await?;

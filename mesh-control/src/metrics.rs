@@ -36,6 +36,7 @@ pub struct Metrics {
     pub policies_rejected: Family<RejectedLabels, Gauge>,
     pub file_errors: Gauge,
     pub certificates_issued: Counter,
+    pub node_certificates_issued: Counter,
     pub certificate_refusals: Family<ReasonLabels, Counter>,
 }
 
@@ -51,6 +52,7 @@ impl Metrics {
         r.register("policies_rejected", "Policy objects currently rejected by validation", m.policies_rejected.clone());
         r.register("config_file_errors", "Config-folder files or documents that could not be read (file mode)", m.file_errors.clone());
         r.register("certificates_issued", "Workload certificates signed", m.certificates_issued.clone());
+        r.register("node_certificates_issued", "Node certificates signed (first start and renewals)", m.node_certificates_issued.clone());
         r.register("certificate_refusals", "Certificate requests refused", m.certificate_refusals.clone());
         m
     }

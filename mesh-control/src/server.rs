@@ -1,21 +1,31 @@
-//! The gRPC server (TLS with a serving certificate from the mesh root): config streams
-//! (`mesh.config.v1.ConfigDistribution`) and the workload CA (`mesh.ca.v1.Certificates`).
+//! The gRPC server: config streams (`mesh.config.v1.ConfigDistribution`) and the CA
+//! (`mesh.ca.v1.Certificates`), over TLS from the mesh root (`tls`).
+//!
+//! A node first obtains a node certificate with its bearer credential
+//! (`CreateNodeCertificate`); every other call must come over mutual TLS with that certificate,
+//! and the node it names is the only node the call may act for.
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use futures::Stream;
 use mesh_proto::{ca::v1 as ca_pb, config::v1 as pb};
 use tokio::{net::TcpListener, sync::mpsc};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{auth::Authenticator, ca::Ca, metrics::Metrics, metrics::PushLabels, metrics::ReasonLabels, snapshot::Publisher, view};
+use crate::{
+    auth::{Authenticator, NodeIds, VerifiedNode},
+    ca::Ca,
+    metrics::{Metrics, PushLabels, ReasonLabels},
+    snapshot::Publisher,
+    tls, view,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -24,7 +34,7 @@ pub enum Error {
     #[error("serving certificate: {0}")]
     Cert(#[from] crate::ca::Error),
     #[error("TLS setup: {0}")]
-    Tls(tonic::transport::Error),
+    Tls(#[from] tls::Error),
     #[error("serving gRPC: {0}")]
     Serve(tonic::transport::Error),
 }
@@ -56,12 +66,33 @@ pub struct Shared {
     pub auth: Arc<Authenticator>,
     pub metrics: Arc<Metrics>,
     pub nodes: NodeStatuses,
+    /// Default lifetime of workload certificates.
     pub default_ttl: Duration,
+    /// How node certificates name nodes.
+    pub node_ids: NodeIds,
+    /// Default lifetime of node certificates.
+    pub node_ttl: Duration,
+}
+
+impl Shared {
+    /// Counts a refused certificate request; returns its status.
+    fn refused(&self, reason: &'static str, status: Status) -> Status {
+        self.metrics.certificate_refusals.get_or_create(&ReasonLabels { reason }).inc();
+        status
+    }
+
+    /// The node a call comes from, proven by its client certificate; refusals are logged.
+    fn verified_node<T>(&self, req: &Request<T>, what: &str) -> Result<VerifiedNode, crate::auth::Error> {
+        let peer = req.peer_certs();
+        self.node_ids.verify(peer.as_deref().map(Vec::as_slice), SystemTime::now()).inspect_err(|e| {
+            tracing::warn!(remote = ?req.remote_addr(), "{what} refused: {e}");
+        })
+    }
 }
 
 pub struct Server {
     listener: TcpListener,
-    tls: tonic::transport::ServerTlsConfig,
+    tls: tls::Acceptor,
     shared: Shared,
 }
 
@@ -72,8 +103,7 @@ impl Server {
         let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
         // Renewed only by a restart: a year, far from the workload TTL that matters.
         let (cert, key) = shared.ca.serving_cert(names, Duration::from_hours(8760))?;
-        let identity = tonic::transport::Identity::from_pem(cert.chain.join(""), key);
-        let tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+        let tls = tls::Acceptor::new(&cert.chain, &key, &shared.ca.trust_bundle())?;
         Ok(Self { listener, tls, shared })
     }
 
@@ -83,12 +113,10 @@ impl Server {
 
     pub async fn run(self) -> Result<(), Error> {
         tonic::transport::Server::builder()
-            .tls_config(self.tls)
-            .map_err(Error::Tls)?
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .add_service(pb::config_distribution_server::ConfigDistributionServer::new(ConfigService(self.shared.clone())))
             .add_service(ca_pb::certificates_server::CertificatesServer::new(CaService(self.shared)))
-            .serve_with_incoming(TcpListenerStream::new(self.listener))
+            .serve_with_incoming(self.tls.incoming(self.listener))
             .await
             .map_err(Error::Serve)
     }
@@ -106,10 +134,8 @@ impl pb::config_distribution_server::ConfigDistribution for ConfigService {
 
     async fn stream_config(&self, req: Request<Streaming<pb::NodeMessage>>) -> Result<Response<UpdateStream>, Status> {
         let shared = self.0.clone();
-        let node = shared.auth.authenticate(req.metadata()).await.map_err(|e| {
-            tracing::warn!(remote = ?req.remote_addr(), "config stream refused: {e}");
-            Status::unauthenticated(e.to_string())
-        })?;
+        let verified = shared.verified_node(&req, "config stream").map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let node = verified.name.clone();
         let mut inbound = req.into_inner();
         // A client that opens a stream but never subscribes must not hold it forever.
         let first = tokio::time::timeout(SUBSCRIBE_TIMEOUT, inbound.message())
@@ -120,12 +146,12 @@ impl pb::config_distribution_server::ConfigDistribution for ConfigService {
             return Err(Status::invalid_argument("the first message must be Subscribe"));
         };
         if sub.node_name != node {
-            tracing::warn!(authenticated = node, claimed = sub.node_name, "config stream refused: node name mismatch");
-            return Err(Status::permission_denied(format!("authenticated as node {node:?}, not {:?}", sub.node_name)));
+            tracing::warn!(certificate = node, claimed = sub.node_name, "config stream refused: node name mismatch");
+            return Err(Status::permission_denied(format!("the client certificate is node {node:?}'s, not {:?}'s", sub.node_name)));
         }
         tracing::info!(node, last_applied = sub.last_applied_version, "node subscribed");
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(serve_node(shared, node, inbound, tx));
+        tokio::spawn(serve_node(shared, verified, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -156,13 +182,17 @@ impl Drop for Connected {
 }
 
 /// One node's stream: a full view first, then a diff whenever the published state changes its
-/// view; Acks and Nacks are recorded as they come.
+/// view; Acks and Nacks are recorded as they come. The stream ends when the node certificate
+/// that opened it expires: the node reconnects with its renewed one (or, without one, is out).
 async fn serve_node(
     shared: Shared,
-    node: String,
+    verified: VerifiedNode,
     mut inbound: Streaming<pb::NodeMessage>,
     tx: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
 ) {
+    let node = verified.name;
+    let expiry = tokio::time::sleep(verified.not_after.duration_since(SystemTime::now()).unwrap_or_default());
+    tokio::pin!(expiry);
     let conn = Connected::new(shared.clone(), node.clone());
     let mut snapshots = shared.publisher.subscribe();
     let mut last: Option<view::View> = None;
@@ -190,6 +220,11 @@ async fn serve_node(
             last = Some(new);
         }
         tokio::select! {
+            () = &mut expiry => {
+                tracing::info!(node, "node certificate expired; ending its config stream");
+                let _ = tx.send(Err(Status::unauthenticated("node certificate expired; reconnect with a renewed one"))).await;
+                break;
+            }
             changed = snapshots.changed() => if changed.is_err() { break },
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => handle_reply(&shared, &conn, m),
@@ -230,14 +265,11 @@ impl ca_pb::certificates_server::Certificates for CaService {
         req: Request<ca_pb::CreateCertificateRequest>,
     ) -> Result<Response<ca_pb::CreateCertificateResponse>, Status> {
         let s = &self.0;
-        let refuse = |reason: &'static str, status: Status| {
-            s.metrics.certificate_refusals.get_or_create(&ReasonLabels { reason }).inc();
-            status
-        };
-        let node = s.auth.authenticate(req.metadata()).await.map_err(|e| {
-            tracing::warn!(remote = ?req.remote_addr(), "certificate request refused: {e}");
-            refuse(e.reason(), Status::unauthenticated(e.to_string()))
-        })?;
+        let refuse = |reason, status| s.refused(reason, status);
+        let node = s
+            .verified_node(&req, "certificate request")
+            .map_err(|e| refuse(e.reason(), Status::unauthenticated(e.to_string())))?
+            .name;
         let r = req.into_inner();
         let id = s.ca.parse_identity(&r.identity).map_err(|e| {
             tracing::warn!(node, identity = r.identity, "certificate request refused: {e}");
@@ -254,17 +286,45 @@ impl ca_pb::certificates_server::Certificates for CaService {
                 Status::permission_denied(format!("node {node:?} runs no meshed workload with identity {}", r.identity)),
             ));
         }
-        let ttl = crate::ca::ttl(r.ttl_seconds, s.default_ttl).map_err(|e| refuse("invalid_ttl", Status::invalid_argument(e.to_string())))?;
+        let ttl = crate::ca::ttl(r.ttl_seconds, s.default_ttl, crate::ca::MAX_TTL)
+            .map_err(|e| refuse("invalid_ttl", Status::invalid_argument(e.to_string())))?;
         let signed = s.ca.sign_workload(&r.csr_pem, &r.identity, ttl).map_err(|e| {
             tracing::warn!(node, identity = r.identity, "certificate request refused: {e}");
             refuse("invalid_csr", Status::invalid_argument(e.to_string()))
         })?;
         s.metrics.certificates_issued.inc();
         tracing::info!(node, identity = r.identity, ttl_s = ttl.as_secs(), "issued a workload certificate");
-        Ok(Response::new(ca_pb::CreateCertificateResponse {
-            cert_chain_pem: signed.chain,
-            not_after_unix: signed.not_after.unix_timestamp(),
-        }))
+        Ok(Response::new(response(&s.ca, signed)))
+    }
+
+    async fn create_node_certificate(
+        &self,
+        req: Request<ca_pb::CreateNodeCertificateRequest>,
+    ) -> Result<Response<ca_pb::CreateCertificateResponse>, Status> {
+        let s = &self.0;
+        let refuse = |reason, status| s.refused(reason, status);
+        let node = s.auth.authenticate(req.metadata()).await.map_err(|e| {
+            tracing::warn!(remote = ?req.remote_addr(), "node certificate request refused: {e}");
+            refuse(e.reason(), Status::unauthenticated(e.to_string()))
+        })?;
+        let r = req.into_inner();
+        let ttl = crate::ca::ttl(r.ttl_seconds, s.node_ttl, crate::ca::MAX_NODE_TTL)
+            .map_err(|e| refuse("invalid_ttl", Status::invalid_argument(e.to_string())))?;
+        let signed = s.ca.sign_node(&r.csr_pem, &s.node_ids.uri(&node), ttl).map_err(|e| {
+            tracing::warn!(node, "node certificate request refused: {e}");
+            refuse("invalid_csr", Status::invalid_argument(e.to_string()))
+        })?;
+        s.metrics.node_certificates_issued.inc();
+        tracing::info!(node, ttl_s = ttl.as_secs(), "issued a node certificate");
+        Ok(Response::new(response(&s.ca, signed)))
+    }
+}
+
+fn response(ca: &Ca, signed: crate::ca::Signed) -> ca_pb::CreateCertificateResponse {
+    ca_pb::CreateCertificateResponse {
+        cert_chain_pem: signed.chain,
+        not_after_unix: signed.not_after.unix_timestamp(),
+        trust_bundle_pem: ca.trust_bundle(),
     }
 }
 

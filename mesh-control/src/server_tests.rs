@@ -1,18 +1,18 @@
-//! In-process tests: the real server on 127.0.0.1 port 0 with TLS from a fresh mesh root, and a
-//! real tonic client that verifies the server against that root.
+//! In-process tests: the real server on 127.0.0.1 port 0 with TLS from a fresh mesh root, and
+//! real tonic clients (`crate::client`): bootstrap with a node token, then mutual TLS.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use mesh_proto::{ca::v1::certificates_client::CertificatesClient, config::v1::config_distribution_client::ConfigDistributionClient};
 use prometheus_client::registry::Registry;
-use tonic::{
-    Code,
-    metadata::MetadataValue,
-    transport::{Certificate, Channel, ClientTlsConfig},
-};
+use tonic::{Code, metadata::MetadataValue, transport::Channel};
 
 use super::*;
-use crate::{fixtures::lab_state, view::State};
+use crate::{
+    client::{self, NodeCertificate},
+    fixtures::lab_state,
+    view::State,
+};
 
 const DB: &str = "
 apiVersion: lab.mesh.dev/v1alpha1
@@ -22,12 +22,16 @@ spec: {node: n2, serviceAccount: db, addresses: [198.18.2.20]}
 ";
 
 struct Harness {
-    addr: SocketAddr,
     shared: Shared,
+    server: client::Server,
     _tokens: tempfile::TempDir,
 }
 
 async fn start(state: State) -> Harness {
+    start_with(state, Ca::generate("cluster.local").expect("root")).await
+}
+
+async fn start_with(state: State, ca: Ca) -> Harness {
     let tokens = tempfile::tempdir().expect("tempdir");
     std::fs::write(tokens.path().join("n1.token"), "token-n1").expect("write");
     std::fs::write(tokens.path().join("n2.token"), "token-n2").expect("write");
@@ -35,28 +39,32 @@ async fn start(state: State) -> Harness {
     publisher.publish(state, vec![]);
     let shared = Shared {
         publisher,
-        ca: Arc::new(Ca::generate("cluster.local").expect("root")),
+        ca: Arc::new(ca),
         auth: Arc::new(Authenticator::Files { dir: tokens.path().to_path_buf() }),
         metrics: Arc::new(Metrics::new(&mut Registry::default())),
         nodes: NodeStatuses::default(),
         default_ttl: Duration::from_hours(1),
+        node_ids: NodeIds::new("cluster.local", "mesh-system", "mesh-node"),
+        node_ttl: Duration::from_mins(10),
     };
     let server = Server::new(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0).into(), &["localhost".into()], shared.clone()).await.expect("bind");
     let addr = server.local_addr();
     tokio::spawn(server.run());
-    Harness { addr, shared, _tokens: tokens }
+    let roots_pem = shared.ca.trust_bundle().concat();
+    Harness { shared, server: client::Server { address: format!("https://{addr}"), name: "localhost".into(), roots_pem }, _tokens: tokens }
 }
 
-async fn channel(h: &Harness) -> Channel {
-    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&h.shared.ca.root().cert)).domain_name("localhost");
-    Channel::from_shared(format!("https://{}", h.addr)).expect("uri").tls_config(tls).expect("tls").connect().await.expect("connect")
+/// A mutual-TLS channel as `node`, bootstrapped with its token.
+async fn channel(h: &Harness, node: &str) -> Channel {
+    h.server.connect_as(node, &format!("token-{node}")).await.expect("node certificate and mTLS channel")
 }
 
-fn with_auth<T>(msg: T, node: &str, token: &str) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {token}")).expect("ascii"));
-    req.metadata_mut().insert(mesh_proto::NODE_NAME_HEADER, MetadataValue::try_from(node).expect("ascii"));
-    req
+/// A certificate for `uri` from `ca` (as a node certificate or, with `workload`, a workload's).
+fn cert_from(ca: &Ca, uri: &str, workload: bool, ttl: Duration) -> NodeCertificate {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let csr = rcgen::CertificateParams::default().serialize_request(&key).expect("csr").pem().expect("pem");
+    let signed = if workload { ca.sign_workload(&csr, uri, ttl) } else { ca.sign_node(&csr, uri, ttl) }.expect("signed");
+    NodeCertificate { cert_pem: signed.chain[0].clone(), key_pem: key.serialize_pem(), not_after_unix: 0, trust_bundle_pem: vec![] }
 }
 
 fn subscribe(node: &str) -> pb::NodeMessage {
@@ -78,8 +86,8 @@ async fn node_gets_snapshot_then_versioned_increments_and_acks_are_recorded() {
     let h = start(lab_state("")).await;
     let (tx, rx) = mpsc::channel(8);
     tx.send(subscribe("n1")).await.expect("send");
-    let mut client = ConfigDistributionClient::new(channel(&h).await);
-    let mut updates = client.stream_config(with_auth(ReceiverStream::new(rx), "n1", "token-n1")).await.expect("stream").into_inner();
+    let mut client = ConfigDistributionClient::new(channel(&h, "n1").await);
+    let mut updates = client.stream_config(ReceiverStream::new(rx)).await.expect("stream").into_inner();
 
     let first = updates.message().await.expect("recv").expect("snapshot");
     assert!(first.full);
@@ -120,42 +128,135 @@ async fn node_gets_snapshot_then_versioned_increments_and_acks_are_recorded() {
 }
 
 #[tokio::test]
-async fn streams_with_bad_credentials_or_a_foreign_node_name_are_refused() {
+async fn config_streams_need_a_node_certificate_of_this_mesh_naming_the_subscriber() {
     let h = start(lab_state("")).await;
-    let mut client = ConfigDistributionClient::new(channel(&h).await);
     let once = |node: &str| tokio_stream::iter([subscribe(node)]);
-    let e = client.stream_config(with_auth(once("n1"), "n1", "token-n2")).await.expect_err("wrong token");
+
+    // No client certificate: TLS lets the call through (bootstrap must stay reachable), the RPC
+    // refuses it, even with a valid node token in the metadata.
+    let mut anonymous = ConfigDistributionClient::new(h.server.connect(None).await.expect("server-TLS channel"));
+    let mut req = Request::new(once("n1"));
+    req.metadata_mut().insert("authorization", MetadataValue::from_static("Bearer token-n1"));
+    req.metadata_mut().insert(mesh_proto::NODE_NAME_HEADER, MetadataValue::from_static("n1"));
+    let e = anonymous.stream_config(req).await.expect_err("no client certificate");
     assert_eq!(e.code(), Code::Unauthenticated);
-    let e = client.stream_config(Request::new(once("n1"))).await.expect_err("no token");
+    assert!(e.message().contains("no client certificate"), "{}", e.message());
+
+    // A node certificate from another root fails the handshake.
+    let foreign = cert_from(&Ca::generate("cluster.local").expect("other root"), &h.shared.node_ids.uri("n1"), false, Duration::from_mins(5));
+    if let Ok(ch) = h.server.connect(Some(&foreign)).await {
+        let e = ConfigDistributionClient::new(ch).stream_config(once("n1")).await.expect_err("foreign root");
+        assert_ne!(e.code(), Code::Ok);
+    }
+
+    // A workload certificate of the mesh's own root is not a node certificate.
+    let workload = cert_from(&h.shared.ca, "spiffe://cluster.local/ns/demo/sa/whoami", true, Duration::from_mins(5));
+    let ch = h.server.connect(Some(&workload)).await.expect("the root verifies it");
+    let e = ConfigDistributionClient::new(ch).stream_config(once("n1")).await.expect_err("workload cert");
     assert_eq!(e.code(), Code::Unauthenticated);
-    let e = client.stream_config(with_auth(once("n2"), "n1", "token-n1")).await.expect_err("claims n2");
+
+    // n1's certificate cannot subscribe to n2's view, whatever the metadata says.
+    let mut n1 = ConfigDistributionClient::new(channel(&h, "n1").await);
+    let mut req = Request::new(once("n2"));
+    req.metadata_mut().insert("authorization", MetadataValue::from_static("Bearer token-n2"));
+    req.metadata_mut().insert(mesh_proto::NODE_NAME_HEADER, MetadataValue::from_static("n2"));
+    let e = n1.stream_config(req).await.expect_err("n1 claims n2");
     assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(h.shared.metrics.connected_nodes.get(), 0);
 }
 
 #[tokio::test]
-async fn ca_signs_only_identities_running_on_the_calling_node() {
+async fn node_certificates_need_the_nodes_credential_and_name_the_node() {
+    let h = start(lab_state("")).await;
+    let e = h.server.node_certificate("n1", "token-n2", 0).await.expect_err("n2's token for n1");
+    assert!(matches!(&e, client::Error::Refused(s) if s.code() == Code::Unauthenticated), "{e}");
+    let e = h.server.node_certificate("n3", "whatever", 0).await.expect_err("unknown node");
+    assert!(matches!(&e, client::Error::Refused(s) if s.code() == Code::Unauthenticated), "{e}");
+    let e = h.server.node_certificate("n1", "token-n1", 25 * 3600).await.expect_err("longer than the cap");
+    assert!(matches!(&e, client::Error::Refused(s) if s.code() == Code::InvalidArgument), "{e}");
+
+    let cert = h.server.node_certificate("n1", "token-n1", 0).await.expect("issued");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!((now + 590..=now + 610).contains(&cert.not_after_unix), "the controller's default node TTL: {}", cert.not_after_unix);
+    assert_eq!(cert.trust_bundle_pem, [h.shared.ca.root().cert.clone()]);
+    let der = pem::parse(&cert.cert_pem).expect("pem").into_contents();
+    let verified = h.shared.node_ids.verify(Some(&[der.into()][..]), SystemTime::now()).expect("a node certificate");
+    assert_eq!(verified.name, "n1");
+    assert_eq!(h.shared.metrics.node_certificates_issued.get(), 1);
+}
+
+#[tokio::test]
+async fn ca_signs_only_identities_running_on_the_node_of_the_client_certificate() {
     let h = start(lab_state(DB)).await;
-    let mut client = CertificatesClient::new(channel(&h).await);
     let key = rcgen::KeyPair::generate().expect("key");
     let csr = rcgen::CertificateParams::default().serialize_request(&key).expect("csr").pem().expect("pem");
     let req = |id: &str| ca_pb::CreateCertificateRequest { csr_pem: csr.clone(), identity: id.into(), ttl_seconds: 600 };
+    let (mut n1, mut n2) = (CertificatesClient::new(channel(&h, "n1").await), CertificatesClient::new(channel(&h, "n2").await));
 
-    let ok = client.create_certificate(with_auth(req("spiffe://cluster.local/ns/demo/sa/whoami"), "n1", "token-n1")).await.expect("issued").into_inner();
+    let ok = n1.create_certificate(req("spiffe://cluster.local/ns/demo/sa/whoami")).await.expect("issued").into_inner();
     assert_eq!(ok.cert_chain_pem.len(), 2);
     assert_eq!(ok.cert_chain_pem[1], h.shared.ca.root().cert);
+    assert_eq!(ok.trust_bundle_pem, [h.shared.ca.root().cert.clone()]);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     assert!((now + 590..=now + 610).contains(&ok.not_after_unix), "ttl honoured: {} vs {now}", ok.not_after_unix);
 
-    // db runs only on n2: n1 may not have it; n2 may.
-    let e = client.create_certificate(with_auth(req("spiffe://cluster.local/ns/demo/sa/db"), "n1", "token-n1")).await.expect_err("not on n1");
+    // db runs only on n2: n1's certificate cannot get it; n2's can.
+    let e = n1.create_certificate(req("spiffe://cluster.local/ns/demo/sa/db")).await.expect_err("not on n1");
     assert_eq!(e.code(), Code::PermissionDenied);
-    client.create_certificate(with_auth(req("spiffe://cluster.local/ns/demo/sa/db"), "n2", "token-n2")).await.expect("n2 runs db");
+    n2.create_certificate(req("spiffe://cluster.local/ns/demo/sa/db")).await.expect("n2 runs db");
     // The unmeshed client pod's identity is never issued.
-    let e = client.create_certificate(with_auth(req("spiffe://cluster.local/ns/demo/sa/default"), "n1", "token-n1")).await.expect_err("unmeshed");
+    let e = n1.create_certificate(req("spiffe://cluster.local/ns/demo/sa/default")).await.expect_err("unmeshed");
     assert_eq!(e.code(), Code::PermissionDenied);
-    let e = client.create_certificate(with_auth(req("spiffe://cluster.local/ns/demo/sa/whoami"), "n1", "token-n2")).await.expect_err("bad token");
-    assert_eq!(e.code(), Code::Unauthenticated);
-    let e = client.create_certificate(with_auth(req("spiffe://evil.org/ns/demo/sa/whoami"), "n1", "token-n1")).await.expect_err("foreign domain");
+    let e = n1.create_certificate(req("spiffe://evil.org/ns/demo/sa/whoami")).await.expect_err("foreign domain");
     assert_eq!(e.code(), Code::InvalidArgument);
+    // A bearer token is no longer enough for workload certificates.
+    let mut anonymous = CertificatesClient::new(h.server.connect(None).await.expect("server-TLS channel"));
+    let mut r = Request::new(req("spiffe://cluster.local/ns/demo/sa/whoami"));
+    r.metadata_mut().insert("authorization", MetadataValue::from_static("Bearer token-n1"));
+    r.metadata_mut().insert(mesh_proto::NODE_NAME_HEADER, MetadataValue::from_static("n1"));
+    let e = anonymous.create_certificate(r).await.expect_err("no client certificate");
+    assert_eq!(e.code(), Code::Unauthenticated);
     assert_eq!(h.shared.metrics.certificates_issued.get(), 2);
+    assert_eq!(h.shared.metrics.certificate_refusals.get_or_create(&ReasonLabels { reason: "not_on_node" }).get(), 2);
+}
+
+#[tokio::test]
+async fn a_stream_ends_when_its_node_certificate_expires() {
+    let h = start(lab_state("")).await;
+    let cert = h.server.node_certificate("n1", "token-n1", 2).await.expect("issued");
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(subscribe("n1")).await.expect("send");
+    let ch = h.server.connect(Some(&cert)).await.expect("mTLS");
+    let mut updates = ConfigDistributionClient::new(ch).stream_config(ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    assert!(updates.message().await.expect("recv").expect("snapshot").full);
+    let ended = tokio::time::timeout(Duration::from_secs(5), updates.message()).await.expect("ended in time");
+    let e = ended.expect_err("an error status, not a clean end");
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("expired"), "{}", e.message());
+    // The expired certificate no longer passes the handshake.
+    if let Ok(ch) = h.server.connect(Some(&cert)).await {
+        ConfigDistributionClient::new(ch).stream_config(tokio_stream::iter([subscribe("n1")])).await.expect_err("expired certificate");
+    }
+}
+
+#[tokio::test]
+async fn during_a_root_rotation_both_roots_are_trusted_and_a_third_is_not() {
+    let next = Ca::generate("cluster.local").expect("new root");
+    let ca = Ca::generate("cluster.local").expect("root").with_extra_roots(&next.root().cert).expect("extra root");
+    let h = start_with(lab_state(""), ca).await;
+    let uri = h.shared.node_ids.uri("n1");
+    // A node certificate from the new root (as a controller already switched to it issues).
+    let ch = h.server.connect(Some(&cert_from(&next, &uri, false, Duration::from_mins(5)))).await.expect("mTLS");
+    let mut updates = ConfigDistributionClient::new(ch).stream_config(tokio_stream::iter([subscribe("n1")])).await.expect("new root accepted").into_inner();
+    assert!(updates.message().await.expect("recv").expect("snapshot").full);
+    // And from the old one.
+    let ch = h.server.connect(Some(&cert_from(&h.shared.ca, &uri, false, Duration::from_mins(5)))).await.expect("mTLS");
+    ConfigDistributionClient::new(ch).stream_config(tokio_stream::iter([subscribe("n1")])).await.expect("signing root accepted");
+    // Nodes learn both roots with every certificate.
+    let cert = h.server.node_certificate("n1", "token-n1", 0).await.expect("issued");
+    assert_eq!(cert.trust_bundle_pem, [h.shared.ca.root().cert.clone(), next.root().cert.clone()]);
+    let third = cert_from(&Ca::generate("cluster.local").expect("third root"), &uri, false, Duration::from_mins(5));
+    if let Ok(ch) = h.server.connect(Some(&third)).await {
+        ConfigDistributionClient::new(ch).stream_config(tokio_stream::iter([subscribe("n1")])).await.expect_err("untrusted root");
+    }
 }

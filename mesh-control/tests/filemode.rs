@@ -1,6 +1,7 @@
 //! The `mesh-control` binary in file mode, as the lab runs it: a config folder made of the
-//! deploy/examples files, per-node token files, a real gRPC client per node over TLS verified
-//! with the root the controller wrote. A policy file swap (allow → deny) must reach both nodes
+//! deploy/examples files, per-node token files, a real gRPC client per node that bootstraps a
+//! node certificate with its token and subscribes over mutual TLS with the root the controller
+//! wrote. A policy file swap (allow → deny) must reach both nodes
 //! within one second; a broken file is reported on the status endpoint and changes nothing.
 
 use std::{
@@ -9,12 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use mesh_control::client;
 use mesh_proto::config::v1::{self as pb, config_distribution_client::ConfigDistributionClient};
-use tonic::{
-    Request,
-    metadata::MetadataValue,
-    transport::{Certificate, Channel, ClientTlsConfig},
-};
 
 struct Controller(Child);
 
@@ -42,15 +39,13 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     Some(body.split_once("\r\n\r\n")?.1.to_owned())
 }
 
-async fn subscribe(channel: Channel, node: &str, token: &str) -> (tonic::Streaming<pb::ConfigUpdate>, tokio::sync::mpsc::Sender<pb::NodeMessage>) {
+async fn subscribe(server: &client::Server, node: &str, token: &str) -> (tonic::Streaming<pb::ConfigUpdate>, tokio::sync::mpsc::Sender<pb::NodeMessage>) {
+    let channel = server.connect_as(node, token).await.expect("node certificate, then mutual TLS");
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(pb::NodeMessage { kind: Some(pb::node_message::Kind::Subscribe(pb::Subscribe { node_name: node.into(), last_applied_version: 0 })) })
         .await
         .expect("send");
-    let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    req.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {token}")).expect("ascii"));
-    req.metadata_mut().insert(mesh_proto::NODE_NAME_HEADER, MetadataValue::try_from(node).expect("ascii"));
-    let stream = ConfigDistributionClient::new(channel).stream_config(req).await.expect("subscribed").into_inner();
+    let stream = ConfigDistributionClient::new(channel).stream_config(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("subscribed").into_inner();
     (stream, tx)
 }
 
@@ -93,12 +88,11 @@ async fn policy_file_change_reaches_both_nodes_within_a_second() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let root = std::fs::read_to_string(state.join("ca/root.crt")).expect("the controller wrote its root");
-    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&root)).domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://127.0.0.1:{grpc}")).expect("uri").tls_config(tls).expect("tls").connect().await.expect("connect");
+    let server = client::Server { address: format!("https://127.0.0.1:{grpc}"), name: "localhost".into(), roots_pem: root };
 
     let mut nodes = Vec::new();
     for n in ["n1", "n2"] {
-        let (mut updates, tx) = subscribe(channel.clone(), n, &format!("secret-{n}")).await;
+        let (mut updates, tx) = subscribe(&server, n, &format!("secret-{n}")).await;
         let first = updates.message().await.expect("recv").expect("snapshot");
         assert!(first.full);
         assert_eq!(action_of(&first), Some(pb::Action::Allow.into()), "{n} starts with the ALLOW policy");

@@ -1,23 +1,31 @@
-//! The node's side of the control plane (`mesh-proto`): the config stream that keeps this
-//! node's [`State`](crate::state::State) current, and the CA that signs its workloads'
-//! certificates. Protobuf types stop here: `convert` turns them into the daemon's domain types.
+//! The node's side of the control plane (`mesh-proto`): the node certificate (`node_cert`), the
+//! config stream that keeps this node's [`State`](crate::state::State) current, and the CA that
+//! signs its workloads' certificates. Protobuf types stop here: `convert` turns them into the
+//! daemon's domain types.
 //!
-//! Both calls run over one TLS channel verified against the mesh root and carry the node's
-//! credential (`authorization: Bearer ...`, `mesh-node-name`), as `mesh.ca.v1` documents.
+//! The node first obtains a node certificate with its credential (`authorization: Bearer ...`,
+//! `mesh-node-name`) over TLS verified against the mesh root; the config stream and workload
+//! CSRs then run over mutual TLS with that certificate, as `mesh.ca.v1` documents. The
+//! certificate is renewed at half-life; each renewal publishes a new channel, and the stream
+//! moves to it (one reconnect).
 
 mod ca;
 pub mod convert;
+mod node_cert;
 mod stream;
 
 use std::{path::PathBuf, time::Duration};
 
-use tonic::{
-    metadata::MetadataValue,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
-};
+use tokio::sync::watch;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 pub use ca::GrpcCa;
+pub use node_cert::Renewer;
 pub use stream::{ConfigClient, Metrics};
+
+/// How long a workload certificate request waits for the first node certificate before it fails
+/// (and the certificate store retries with backoff).
+const FIRST_CERT_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -37,8 +45,12 @@ pub enum Error {
     Status(#[from] tonic::Status),
     #[error("invalid config from the control plane: {0}")]
     Invalid(String),
-    #[error("node credential is not a valid header value")]
+    #[error("node credential or name is not a valid header value")]
     Credential,
+    #[error("node key or CSR: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error("no node certificate yet (the control plane has not issued one)")]
+    NoNodeCertificate,
 }
 
 /// Where the control plane is and how this node proves who it is.
@@ -48,47 +60,65 @@ pub struct Config {
     pub address: String,
     /// Name the server's certificate is checked against.
     pub server_name: String,
-    /// The mesh root (PEM) that issued the server's certificate.
+    /// The mesh root(s) (PEM) that issued the server's certificate. Read again at every node
+    /// certificate renewal, so a root rotation reaches a running node.
     pub root_cert: PathBuf,
     /// File holding this node's credential (file mode: `<node>.token`; Kubernetes: the
-    /// projected ServiceAccount token).
+    /// projected `ServiceAccount` token, which the kubelet rotates: read at every renewal).
     #[serde(skip)]
     pub token_file: PathBuf,
     pub node_name: String,
+    /// Requested node certificate lifetime (zero: the controller's default).
+    pub node_cert_ttl: Duration,
 }
 
-/// A connected-lazily channel plus the credential every call carries.
-#[derive(Clone)]
-pub struct Connection {
-    channel: Channel,
-    token: String,
-    node: String,
-}
+impl Config {
+    fn read(path: &PathBuf) -> Result<String, Error> {
+        std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.clone(), source })
+    }
 
-impl Connection {
-    /// Prepares the channel (connects on first use, reconnects by itself).
-    pub fn new(config: &Config) -> Result<Self, Error> {
-        let read = |path: &PathBuf| std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.clone(), source });
-        let root = read(&config.root_cert)?;
-        let token = read(&config.token_file)?.trim().to_owned();
-        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root)).domain_name(config.server_name.clone());
-        let address_error = |source| Error::Address { address: config.address.clone(), source };
-        let channel = Endpoint::from_shared(config.address.clone())
+    /// A lazily connecting channel to the controller, verified against the roots in
+    /// `root_cert`, presenting `identity` (mutual TLS) if given.
+    fn endpoint(&self, identity: Option<tonic::transport::Identity>) -> Result<Channel, Error> {
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(Self::read(&self.root_cert)?)).domain_name(self.server_name.clone());
+        if let Some(id) = identity {
+            tls = tls.identity(id);
+        }
+        let address_error = |source| Error::Address { address: self.address.clone(), source };
+        Ok(Endpoint::from_shared(self.address.clone())
             .map_err(address_error)?
             .tls_config(tls)
             .map_err(address_error)?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
-            .connect_lazy();
-        Ok(Self { channel, token, node: config.node_name.clone() })
+            .connect_lazy())
+    }
+}
+
+/// The current mutual-TLS channel to the controller (`None` until the first node certificate),
+/// replaced by the [`Renewer`] after every renewal.
+#[derive(Clone)]
+pub struct Connection {
+    channel: watch::Receiver<Option<Channel>>,
+}
+
+impl Connection {
+    /// The connection and the task that keeps its node certificate current (spawn
+    /// [`Renewer::run`]). Fails at once on an unreadable root or token file or a bad address.
+    pub fn new(config: &Config, metrics: &Metrics) -> Result<(Self, Renewer), Error> {
+        config.endpoint(None)?;
+        Config::read(&config.token_file)?;
+        let (tx, rx) = watch::channel(None);
+        Ok((Self { channel: rx }, Renewer::new(config.clone(), tx, metrics.clone())))
     }
 
-    fn request<T>(&self, message: T) -> Result<tonic::Request<T>, Error> {
-        let mut req = tonic::Request::new(message);
-        let bearer = MetadataValue::try_from(format!("Bearer {}", self.token)).map_err(|_| Error::Credential)?;
-        let node = MetadataValue::try_from(self.node.as_str()).map_err(|_| Error::Credential)?;
-        req.metadata_mut().insert("authorization", bearer);
-        req.metadata_mut().insert(mesh_proto::NODE_NAME_HEADER, node);
-        Ok(req)
+    /// The current channel, waiting up to `wait` for the first one.
+    async fn current(&self, wait: Duration) -> Result<Channel, Error> {
+        let mut rx = self.channel.clone();
+        let ready = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
+        match ready {
+            Ok(Ok(ch)) => (*ch).clone().ok_or(Error::NoNodeCertificate),
+            _ => Err(Error::NoNodeCertificate),
+        }
     }
 }

@@ -100,11 +100,13 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
         let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(state));
         let (ca, roots): (Arc<dyn CaClient>, _) = match &config.control {
             Some(control) => {
-                // State and certificates come from mesh-control over one TLS channel.
-                let connection = Connection::new(control)?;
+                // State and certificates come from mesh-control, over mutual TLS with a node
+                // certificate the renewer obtains with this node's credential and keeps current.
+                let metrics = ControlMetrics::new(&mut registry);
+                let (connection, renewer) = Connection::new(control, &metrics)?;
+                tokio::spawn(renewer.run());
                 let root = std::fs::read_to_string(&control.root_cert)?;
                 let own = config.node_address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-                let metrics = ControlMetrics::new(&mut registry);
                 let client = ConfigClient::new(connection.clone(), &config.node_name, own, &config.app.trust_domain, &config.app.root_namespace, metrics);
                 let synced = ready.register("control-plane config");
                 tokio::spawn(client.run(state_tx, move || drop(synced)));

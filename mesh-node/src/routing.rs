@@ -14,14 +14,16 @@
 //! inbound picks the certificate to present when the client sends no SNI, as ztunnel does not).
 //!
 //! With `MESH_INBOUND_TRANSPARENT=true` the inbound connects to the local pod *from the client
-//! pod's address*; the pod's replies go to a remote address, so for each local meshed pod also
+//! pod's address*, on a source port of `proxy::socket::TRANSPARENT_PORTS`; the pod's replies go
+//! to a remote address, so for each local meshed pod also
 //!
 //! ```text
-//! 15009: from <pod ip> iif <pod's interface> ipproto tcp lookup 15008
+//! 15009: from <pod ip> iif <pod's interface> ipproto tcp dport 61000-65534 lookup 15008
 //! ```
 //!
-//! delivers the replies to the daemon's transparent socket. A meshed pod's own TCP never needs
-//! the forward path (the datapath captures it into the daemon), so the rule takes nothing else.
+//! delivers those replies to the daemon's transparent socket. The port range keeps the pod's
+//! other traffic on its normal path: replies to plaintext clients (PERMISSIVE) reach clients'
+//! ephemeral ports, below 61000 by Linux's default.
 //!
 //! Rules are a pure function of the state ([`wanted`]); [`Routes::run`] keeps the kernel equal
 //! to it. At start, rules left by an earlier run (same priorities and table) are flushed. They
@@ -43,7 +45,10 @@ use prometheus_client::{
 
 pub use netlink::{Netlink, Rule};
 
-use crate::state::{Protocol, State, StateRx};
+use crate::{
+    proxy::socket::TRANSPARENT_PORTS,
+    state::{Protocol, State, StateRx},
+};
 
 /// The routing table holding the `local` default route.
 pub const TABLE: u32 = 15008;
@@ -188,7 +193,7 @@ impl Routes {
                 from: None,
                 to: Some(ip),
                 iif: None,
-                tcp_dport: Some(self.cfg.hbone_port),
+                tcp_dport: Some((self.cfg.hbone_port, self.cfg.hbone_port)),
                 tcp: true,
             },
             Want::Replies(ip) => Rule {
@@ -199,7 +204,7 @@ impl Routes {
                 // Only what arrives from the pod: the daemon's own packets from that address
                 // (replies of HBONE accepted for the pod) must keep their normal route.
                 iif: Some(self.netlink.route_interface(ip)?),
-                tcp_dport: None,
+                tcp_dport: Some((*TRANSPARENT_PORTS.start(), *TRANSPARENT_PORTS.end())),
                 tcp: true,
             },
         })

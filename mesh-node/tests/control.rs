@@ -1,6 +1,7 @@
 //! The node's control-plane client against the real mesh-control server, in process: file-mode
-//! state in, the node's `State` out over TLS with the mesh root; live changes; NACK-free apply;
-//! certificates from the controller's CA over gRPC. Unprivileged (loopback, port 0).
+//! state in, the node's `State` out over mutual TLS with a node certificate bootstrapped from the
+//! node token; live changes; NACK-free apply; certificates from the controller's CA over gRPC;
+//! node certificate renewal under a live stream. Unprivileged (loopback, port 0).
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -9,7 +10,7 @@ use std::{
 };
 
 use mesh_control::{
-    auth::Authenticator,
+    auth::{Authenticator, NodeIds},
     ca::Ca,
     filemode,
     metrics::Metrics as ControlMetrics,
@@ -69,6 +70,7 @@ struct Controller {
     publisher: Publisher,
     dir: tempfile::TempDir,
     root_pem: String,
+    metrics: Arc<ControlMetrics>,
 }
 
 async fn controller() -> Controller {
@@ -78,6 +80,7 @@ async fn controller() -> Controller {
     let ca = Arc::new(Ca::generate("cluster.local").expect("root"));
     let root_pem = ca.root().cert.clone();
     let publisher = Publisher::new();
+    let metrics = Arc::new(ControlMetrics::new(&mut Registry::default()));
     let (state, errors) = filemode::load(dir.path(), "mesh-system");
     assert!(errors.is_empty(), "{errors:?}");
     publisher.publish(state, errors);
@@ -85,14 +88,16 @@ async fn controller() -> Controller {
         publisher: publisher.clone(),
         ca,
         auth: Arc::new(Authenticator::Files { dir: dir.path().to_path_buf() }),
-        metrics: Arc::new(ControlMetrics::new(&mut Registry::default())),
+        metrics: metrics.clone(),
         nodes: Default::default(),
         default_ttl: Duration::from_secs(3600),
+        node_ids: NodeIds::new("cluster.local", "mesh-system", "mesh-node"),
+        node_ttl: Duration::from_secs(3600),
     };
     let server = Server::new(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &["localhost".into()], shared).await.expect("bind");
     let addr = server.local_addr();
     tokio::spawn(server.run());
-    Controller { addr, publisher, dir, root_pem }
+    Controller { addr, publisher, dir, root_pem, metrics }
 }
 
 fn config(c: &Controller, token: &str) -> Config {
@@ -104,7 +109,17 @@ fn config(c: &Controller, token: &str) -> Config {
         root_cert: c.dir.path().join("root.pem"),
         token_file: c.dir.path().join("node.token"),
         node_name: "n1".into(),
+        node_cert_ttl: Duration::ZERO,
     }
+}
+
+/// The value of an unlabelled metric in `registry`'s text exposition.
+fn metric(registry: &Registry, name: &str) -> u64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
 }
 
 async fn wait_for(rx: &mut tokio::sync::watch::Receiver<Arc<State>>, what: &str, f: impl Fn(&State) -> bool) -> Arc<State> {
@@ -125,10 +140,11 @@ async fn wait_for(rx: &mut tokio::sync::watch::Receiver<Arc<State>>, what: &str,
 async fn node_receives_its_view_live_and_certificates_from_the_controller_ca() {
     let c = controller().await;
     let cfg = config(&c, "secret-n1");
-    let connection = Connection::new(&cfg).expect("connection");
+    let metrics = Metrics::new(&mut Registry::default());
+    let (connection, renewer) = Connection::new(&cfg, &metrics).expect("connection");
+    tokio::spawn(renewer.run());
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(State::default()));
     let (synced_tx, synced_rx) = tokio::sync::oneshot::channel();
-    let metrics = Metrics::new(&mut Registry::default());
     let client = ConfigClient::new(connection.clone(), "n1", IpAddr::from([198, 18, 0, 1]), "cluster.local", "mesh-system", metrics);
     tokio::spawn(client.run(tx, move || {
         let _ = synced_tx.send(());
@@ -170,11 +186,48 @@ async fn node_receives_its_view_live_and_certificates_from_the_controller_ca() {
 async fn a_wrong_credential_never_yields_state() {
     let c = controller().await;
     let cfg = config(&c, "not-the-token");
-    let connection = Connection::new(&cfg).expect("connection");
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let (connection, renewer) = Connection::new(&cfg, &metrics).expect("connection");
+    tokio::spawn(renewer.run());
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(State::default()));
-    let client = ConfigClient::new(connection, "n1", IpAddr::from([198, 18, 0, 1]), "cluster.local", "mesh-system", Metrics::new(&mut Registry::default()));
+    let client = ConfigClient::new(connection, "n1", IpAddr::from([198, 18, 0, 1]), "cluster.local", "mesh-system", metrics);
     let task = tokio::spawn(client.run(tx, || {}));
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(rx.borrow().workloads.is_empty(), "an unauthenticated node must get nothing");
+    assert_eq!(c.metrics.node_certificates_issued.get(), 0);
+    assert!(metric(&registry, "mesh_control_node_cert_errors_total") >= 1, "the refusals are counted");
     task.abort();
+}
+
+#[tokio::test]
+async fn node_certificate_renews_at_half_life_and_the_stream_moves_to_it() {
+    let c = controller().await;
+    // 2 s certificates: renewed every ~1 s; the controller ends a stream when the certificate
+    // that opened it expires, so updates after a few seconds prove the stream followed.
+    let cfg = Config { node_cert_ttl: Duration::from_secs(2), ..config(&c, "secret-n1") };
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let (connection, renewer) = Connection::new(&cfg, &metrics).expect("connection");
+    tokio::spawn(renewer.run());
+    let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(State::default()));
+    let client = ConfigClient::new(connection.clone(), "n1", IpAddr::from([198, 18, 0, 1]), "cluster.local", "mesh-system", metrics);
+    tokio::spawn(client.run(tx, || {}));
+    wait_for(&mut rx, "the snapshot", |s| !s.services.is_empty()).await;
+
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let issued = c.metrics.node_certificates_issued.get();
+    // Half of a 2 s lifetime (whole seconds in X.509): at least every second.
+    assert!(issued >= 4, "renewed at half-life: {issued} node certificates in ~5 s");
+    std::fs::write(c.dir.path().join("deny.yaml"), DENY).expect("write policy");
+    let (state, errors) = filemode::load(c.dir.path(), "mesh-system");
+    c.publisher.publish(state, errors);
+    wait_for(&mut rx, "a policy published after the first certificates expired", |s| !s.policies.is_empty()).await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs();
+    let expiry = metric(&registry, "mesh_control_node_cert_expiry_timestamp_seconds");
+    assert!((now..=now + 3).contains(&expiry), "the current node certificate's expiry: {expiry} vs now {now}");
+
+    // Workload certificates keep coming over the current channel.
+    let store = CertStore::new(Arc::new(GrpcCa::new(connection, Duration::from_mins(10))), vec![], CertMetrics::new(&mut Registry::default()));
+    store.fetch(&Identity::new("cluster.local", "demo", "client")).await.expect("certificate after renewals");
 }

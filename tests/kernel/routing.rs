@@ -122,9 +122,13 @@ fn transparent_connections_get_their_replies_back_and_the_pod_sees_the_client_ad
     let mut r = routes(&f, 2, true);
     r.sync(&BTreeSet::from([Want::Replies(IpAddr::V4(f.lab.pod("n2p1").ip))]));
     let rules = ip_rules(&f, 2);
-    assert!(rules.contains(&format!("from {} iif br0 ipproto tcp lookup 15008", f.lab.pod("n2p1").ip)), "{rules}");
+    assert!(rules.contains(&format!("from {} iif br0 ipproto tcp dport 61000-65534 lookup 15008", f.lab.pod("n2p1").ip)), "{rules}");
     let line = transparent_dial(&f).expect("transparent connection");
     let client = f.lab.pod("n1p1").ip;
     assert!(line.contains(&format!("peer={client}:")), "the pod sees the client pod's address: {line}");
+    // The pod's other traffic keeps its path: a plain connection from n1p1 (ephemeral port
+    // below the transparent range) is answered straight to n1p1.
+    let direct = f.dial_one("n1p1", SocketAddr::from((f.lab.pod("n2p1").ip, APP_PORT)));
+    assert!(direct.contains("whoami name=n2p1"), "{direct}");
     f.servers.clear();
 }

@@ -1,6 +1,7 @@
-//! The mesh root in Kubernetes: the Secret `mesh-ca` (keys `root.crt`, `root.key`) in the
-//! controller namespace, created on first start; its certificate is published in the ConfigMap
-//! `mesh-root-cert` (key `root.crt`) that the node DaemonSet mounts to verify the controller.
+//! The mesh root in Kubernetes: the Secret `mesh-ca` (keys `root.crt`, `root.key`, and during a
+//! root rotation `extra-roots.pem`) in the controller namespace, created on first start. The
+//! trust bundle (the root, then the extra roots) is published in the ConfigMap `mesh-root-cert`
+//! (key `root.crt`) that the node DaemonSet mounts to verify the controller.
 
 use std::collections::BTreeMap;
 
@@ -54,7 +55,7 @@ pub async fn load_or_create(client: &Client, namespace: &str, trust_domain: &str
     };
     let cm = ConfigMap {
         metadata: ObjectMeta { name: Some(CONFIG_MAP_NAME.into()), namespace: Some(ns()), ..ObjectMeta::default() },
-        data: Some(BTreeMap::from([("root.crt".to_owned(), ca.root().cert.clone())])),
+        data: Some(BTreeMap::from([("root.crt".to_owned(), ca.trust_bundle().concat())])),
         ..ConfigMap::default()
     };
     Api::<ConfigMap>::namespaced(client.clone(), namespace)
@@ -84,7 +85,11 @@ fn from_secret(s: &Secret, namespace: &str, trust_domain: &str) -> Result<Ca, Er
             .map(|b| String::from_utf8_lossy(&b.0).into_owned())
             .ok_or(Error::MissingKey { namespace: namespace.to_owned(), key })
     };
-    Ok(Ca::from_pem(RootPem { cert: get("root.crt")?, key: get("root.key")? }, trust_domain)?)
+    let ca = Ca::from_pem(RootPem { cert: get("root.crt")?, key: get("root.key")? }, trust_domain)?;
+    Ok(match get(ca::EXTRA_ROOTS) {
+        Ok(extra) => ca.with_extra_roots(&extra)?,
+        Err(_) => ca,
+    })
 }
 
 #[cfg(test)]

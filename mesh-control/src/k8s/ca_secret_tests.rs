@@ -53,3 +53,20 @@ async fn a_secret_without_the_key_is_an_error_not_a_new_root() {
     let e = task.await.expect("task").expect_err("must not overwrite or invent a root");
     assert!(matches!(e, Error::MissingKey { key: "root.crt", .. }), "{e}");
 }
+
+#[tokio::test]
+async fn extra_roots_in_the_secret_are_trusted_and_published_with_the_root() {
+    let current = Ca::generate("cluster.local").expect("root");
+    let next = Ca::generate("cluster.local").expect("new root");
+    let mut secret = secret_json(current.root());
+    secret["data"][ca::EXTRA_ROOTS] = serde_json::to_value(ByteString(next.root().cert.clone().into_bytes())).expect("base64");
+    let (client, mut api) = mock_client();
+    let task = tokio::spawn(async move { load_or_create(&client, "mesh-system", "cluster.local").await });
+    let (_, _, _, send) = next_request(&mut api).await;
+    send.send_response(json_response(200, &secret));
+    let (_, _, cm, send) = next_request(&mut api).await;
+    send.send_response(json_response(200, &cm));
+    let ca = task.await.expect("task").expect("CA");
+    assert_eq!(ca.trust_bundle(), [current.root().cert.clone(), next.root().cert.clone()]);
+    assert_eq!(cm["data"]["root.crt"].as_str(), Some(format!("{}{}", current.root().cert, next.root().cert).as_str()), "nodes get both roots");
+}

@@ -12,15 +12,12 @@ use std::{
 };
 
 use cluster::Cluster;
+use mesh_control::client;
 use mesh_proto::{
     ca::v1::{CreateCertificateRequest, certificates_client::CertificatesClient},
     config::v1::{self as pb, config_distribution_client::ConfigDistributionClient},
 };
-use tonic::{
-    Code, Request,
-    metadata::MetadataValue,
-    transport::{Certificate, Channel, ClientTlsConfig},
-};
+use tonic::{Code, Request, metadata::MetadataValue};
 
 fn deploy() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy"))
@@ -257,16 +254,25 @@ async fn controller_serves_per_node_views_policy_status_and_certificates_from_a_
     });
     Cluster::eventually("controller ready", 30, || status_json(&ctl).filter(|s| s["version"].as_u64() > Some(0)));
 
-    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&root)).domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://127.0.0.1:{}", ctl.grpc)).expect("uri").tls_config(tls).expect("tls").connect().await.expect("TLS connect verified with the mesh root");
+    let server = client::Server { address: format!("https://127.0.0.1:{}", ctl.grpc), name: "localhost".into(), roots_pem: root.clone() };
     let (t1, t2) = (node_token(&c, "n1"), node_token(&c, "n2"));
+    // Node certificates need the pod-bound token of a mesh-node pod on that node (TokenReview
+    // + the pod's spec.nodeName): another node's token, or another ServiceAccount's, is refused.
+    let unauthenticated = |r: Result<client::NodeCertificate, client::Error>| matches!(r, Err(client::Error::Refused(s)) if s.code() == Code::Unauthenticated);
+    assert!(unauthenticated(server.node_certificate("n1", &t2, 0).await), "n2's token claiming n1");
+    let other = c.kubectl_ok(&["create", "token", "mesh-control", "-n", "mesh-system"]);
+    assert!(unauthenticated(server.node_certificate("n1", other.trim(), 0).await), "not the node ServiceAccount");
+    let n1_cert = server.node_certificate("n1", &t1, 0).await.expect("n1's token on n1");
+    assert_eq!(n1_cert.trust_bundle_pem, std::slice::from_ref(&root));
+    let n1_channel = server.connect(Some(&n1_cert)).await.expect("mutual TLS as n1");
+    let n2_channel = server.connect_as("n2", &t2).await.expect("mutual TLS as n2");
 
-    // Node n1 subscribes with its pod-bound token and sees its pod and the Service whose
+    // Node n1 subscribes with its node certificate and sees its pod and the Service whose
     // endpoints come from the EndpointSlice the controller-manager made.
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(pb::NodeMessage { kind: Some(pb::node_message::Kind::Subscribe(pb::Subscribe { node_name: "n1".into(), last_applied_version: 0 })) }).await.expect("send");
-    let updates = ConfigDistributionClient::new(channel.clone())
-        .stream_config(authed(tokio_stream::wrappers::ReceiverStream::new(rx), "n1", &t1))
+    let updates = ConfigDistributionClient::new(n1_channel.clone())
+        .stream_config(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .expect("n1 subscribes")
         .into_inner();
@@ -296,20 +302,19 @@ async fn controller_serves_per_node_views_policy_status_and_certificates_from_a_
     Cluster::eventually("fixed policy accepted", 20, || (condition(&c, "bad-action") == "True/Accepted").then_some(()));
     n1.until("the fixed policy", |v| v.contains_key(&(pb::ResourceKind::AuthorizationPolicy.into(), "demo/bad-action".into()))).await;
 
-    // CA: identities of pods on the caller's node only, proven by TokenReview + pod binding.
+    // CA: identities of pods on the node of the client certificate only.
     let key = rcgen::KeyPair::generate().expect("key");
     let csr = rcgen::CertificateParams::default().serialize_request(&key).expect("csr").pem().expect("pem");
     let req = |id: &str| CreateCertificateRequest { csr_pem: csr.clone(), identity: id.into(), ttl_seconds: 0 };
-    let mut ca = CertificatesClient::new(channel.clone());
-    let issued = ca.create_certificate(authed(req("spiffe://cluster.local/ns/demo/sa/whoami"), "n1", &t1)).await.expect("whoami runs on n1").into_inner();
+    let mut ca = CertificatesClient::new(n1_channel.clone());
+    let issued = ca.create_certificate(req("spiffe://cluster.local/ns/demo/sa/whoami")).await.expect("whoami runs on n1").into_inner();
     assert_eq!(issued.cert_chain_pem[1], root);
-    let e = ca.create_certificate(authed(req("spiffe://cluster.local/ns/demo/sa/db"), "n1", &t1)).await.expect_err("db runs on n2 only");
+    let e = ca.create_certificate(req("spiffe://cluster.local/ns/demo/sa/db")).await.expect_err("db runs on n2 only");
     assert_eq!(e.code(), Code::PermissionDenied);
-    ca.create_certificate(authed(req("spiffe://cluster.local/ns/demo/sa/db"), "n2", &t2)).await.expect("n2 runs db");
-    let e = ca.create_certificate(authed(req("spiffe://cluster.local/ns/demo/sa/whoami"), "n1", &t2)).await.expect_err("n2's token claiming n1");
-    assert_eq!(e.code(), Code::Unauthenticated);
-    let other = c.kubectl_ok(&["create", "token", "mesh-control", "-n", "mesh-system"]);
-    let e = ca.create_certificate(authed(req("spiffe://cluster.local/ns/demo/sa/whoami"), "n1", other.trim())).await.expect_err("not the node SA");
+    CertificatesClient::new(n2_channel).create_certificate(req("spiffe://cluster.local/ns/demo/sa/db")).await.expect("n2 runs db");
+    // A token alone, without a node certificate, gets no workload certificate.
+    let mut anonymous = CertificatesClient::new(server.connect(None).await.expect("server-TLS channel"));
+    let e = anonymous.create_certificate(authed(req("spiffe://cluster.local/ns/demo/sa/whoami"), "n1", &t1)).await.expect_err("bearer only");
     assert_eq!(e.code(), Code::Unauthenticated);
 
     let status = status_json(&ctl).expect("status");

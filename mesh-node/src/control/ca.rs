@@ -1,12 +1,13 @@
 //! [`CaClient`] over `mesh.ca.v1.Certificates`: the node sends a CSR (its private key never
-//! leaves the node) and gets the chain for exactly the identity it asked for.
+//! leaves the node) over mutual TLS with its node certificate and gets the chain for exactly the
+//! identity it asked for, plus the roots the mesh trusts (more than one during a root rotation).
 
 use std::time::{Duration, SystemTime};
 
 use mesh_proto::ca::v1::{CreateCertificateRequest, certificates_client::CertificatesClient};
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 
-use super::Connection;
+use super::{Connection, FIRST_CERT_WAIT};
 use crate::identity::{
     self, CaClient, Identity, WorkloadCert,
     ca::{SignFuture, pem_certs},
@@ -31,9 +32,9 @@ impl GrpcCa {
             identity: identity.to_string(),
             ttl_seconds: i64::try_from(self.ttl.as_secs()).unwrap_or(0),
         };
-        let request = self.connection.request(message).map_err(|e| refused(e.to_string()))?;
-        let response = CertificatesClient::new(self.connection.channel.clone())
-            .create_certificate(request)
+        let channel = self.connection.current(FIRST_CERT_WAIT).await.map_err(|e| refused(e.to_string()))?;
+        let response = CertificatesClient::new(channel)
+            .create_certificate(message)
             .await
             .map_err(|s| refused(format!("{}: {}", s.code(), s.message())))?
             .into_inner();
@@ -43,9 +44,13 @@ impl GrpcCa {
         }
         // The last certificate is the mesh root: trust anchor, not part of the presented chain.
         let root = if chain.len() > 1 { chain.pop() } else { None };
+        // Peers are verified against the whole trust bundle; a controller that sends none
+        // trusts only the issuing root.
+        let bundle: Vec<CertificateDer<'static>> = response.trust_bundle_pem.iter().flat_map(|p| pem_certs(p)).collect();
+        let roots = if bundle.is_empty() { root.into_iter().collect() } else { bundle };
         let (not_before, serial) = leaf_facts(&chain[0]).ok_or_else(|| refused("unparsable leaf certificate".into()))?;
         let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(response.not_after_unix).unwrap_or(0));
-        Ok(WorkloadCert { chain, roots: root.into_iter().collect(), not_before, not_after, serial })
+        Ok(WorkloadCert { chain, roots, not_before, not_after, serial })
     }
 }
 

@@ -1,5 +1,7 @@
 //! The config stream: subscribe, apply each update atomically (ACK), or keep the last good state
 //! and say why (NACK); when the stream breaks, keep serving and reconnect with jittered backoff.
+//! When the node certificate is renewed, move to the new channel at once (the controller would
+//! end a stream opened with the old certificate when that expires).
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 
@@ -22,15 +24,28 @@ pub struct Metrics {
     rejected: Counter,
     connected: Gauge,
     version: Gauge,
+    /// Expiry of the current node certificate, Unix seconds (set by `node_cert`).
+    pub(super) node_cert_expiry: Gauge,
+    /// Node certificate requests that failed (`node_cert`).
+    pub(super) node_cert_errors: Counter,
 }
 
 impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
-        let m = Self { applied: Counter::default(), rejected: Counter::default(), connected: Gauge::default(), version: Gauge::default() };
+        let m = Self {
+            applied: Counter::default(),
+            rejected: Counter::default(),
+            connected: Gauge::default(),
+            version: Gauge::default(),
+            node_cert_expiry: Gauge::default(),
+            node_cert_errors: Counter::default(),
+        };
         registry.register("mesh_control_updates_applied", "Config updates applied and acknowledged", m.applied.clone());
         registry.register("mesh_control_updates_rejected", "Config updates rejected (NACK); the last good config stays", m.rejected.clone());
         registry.register("mesh_control_connected", "1 while the config stream to the control plane is open", m.connected.clone());
         registry.register("mesh_control_config_version", "Version of the config this node runs", m.version.clone());
+        registry.register("mesh_control_node_cert_expiry_timestamp_seconds", "Expiry of this node's certificate for the control channel", m.node_cert_expiry.clone());
+        registry.register("mesh_control_node_cert_errors", "Node certificate requests that failed (retried with backoff)", m.node_cert_errors.clone());
         m
     }
 }
@@ -80,7 +95,13 @@ impl ConfigClient {
         loop {
             let before = version;
             match self.session(&state_tx, &mut version, &mut on_first_sync).await {
-                Ok(()) => tracing::info!("control plane closed the config stream; reconnecting"),
+                Ok(Ended::Renewed) => {
+                    tracing::info!("node certificate renewed; reopening the config stream with it");
+                    self.metrics.connected.set(0);
+                    backoff = BACKOFF_MIN;
+                    continue;
+                }
+                Ok(Ended::Closed) => tracing::info!("control plane closed the config stream; reconnecting"),
                 Err(e) => tracing::warn!(error = %e, "config stream failed; serving the last good config"),
             }
             self.metrics.connected.set(0);
@@ -89,16 +110,30 @@ impl ConfigClient {
         }
     }
 
-    async fn session(&self, state_tx: &StateTx, version: &mut u64, on_first_sync: &mut Option<impl FnOnce()>) -> Result<(), Error> {
+    async fn session(&self, state_tx: &StateTx, version: &mut u64, on_first_sync: &mut Option<impl FnOnce()>) -> Result<Ended, Error> {
+        // Waits for the first node certificate; a renewal ends the session (see `run`).
+        let mut certs = self.connection.channel.clone();
+        let channel = certs.wait_for(Option::is_some).await.map_err(|_| Error::NoNodeCertificate)?.clone().ok_or(Error::NoNodeCertificate)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let send = |kind| pb::NodeMessage { kind: Some(kind) };
         let subscribe = Kind::Subscribe(pb::Subscribe { node_name: self.node.clone(), last_applied_version: *version });
         tx.send(send(subscribe)).await.map_err(|_| Error::Invalid("stream closed".into()))?;
-        let request = self.connection.request(ReceiverStream::new(rx))?;
-        let mut updates = ConfigDistributionClient::new(self.connection.channel.clone()).stream_config(request).await?.into_inner();
+        let mut updates = ConfigDistributionClient::new(channel).stream_config(ReceiverStream::new(rx)).await?.into_inner();
         self.metrics.connected.set(1);
         let mut resources = Resources::new();
-        while let Some(update) = updates.message().await? {
+        loop {
+            let update = tokio::select! {
+                message = updates.message() => match message? {
+                    Some(update) => update,
+                    None => return Ok(Ended::Closed),
+                },
+                changed = certs.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::NoNodeCertificate);
+                    }
+                    return Ok(Ended::Renewed);
+                }
+            };
             let mut next = if update.full { Resources::new() } else { resources.clone() };
             for r in update.upserts {
                 next.insert(key_of(&r)?, r);
@@ -128,9 +163,16 @@ impl ConfigClient {
                 }
             };
             if tx.send(send(reply)).await.is_err() {
-                break;
+                return Ok(Ended::Closed);
             }
         }
-        Ok(())
     }
+}
+
+/// Why a session ended without an error.
+enum Ended {
+    /// The controller closed the stream.
+    Closed,
+    /// A new node certificate is out: reconnect with it at once.
+    Renewed,
 }

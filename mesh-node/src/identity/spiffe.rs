@@ -87,6 +87,8 @@ mod tests {
             "spiffe://cluster.local/ns//sa/web",
             "spiffe://cluster.local/sa/web/ns/default",
             "spiffe://cluster.local/ns/a/sa/b/extra",
+            // A node certificate's id (mesh-control `auth::NodeIds`): never a workload identity.
+            "spiffe://cluster.local/ns/mesh-system/sa/mesh-node/node/n1",
         ] {
             assert!(bad.parse::<Identity>().is_err(), "{bad} must be rejected");
         }

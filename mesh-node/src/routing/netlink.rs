@@ -62,7 +62,8 @@ pub struct Rule {
     pub from: Option<IpAddr>,
     pub to: Option<IpAddr>,
     pub iif: Option<String>,
-    pub tcp_dport: Option<u16>,
+    /// Destination port range (inclusive); implies TCP.
+    pub tcp_dport: Option<(u16, u16)>,
     pub tcp: bool,
 }
 
@@ -92,8 +93,10 @@ impl std::fmt::Display for Rule {
         if self.tcp || self.tcp_dport.is_some() {
             write!(f, " ipproto tcp")?;
         }
-        if let Some(p) = self.tcp_dport {
-            write!(f, " dport {p}")?;
+        match self.tcp_dport {
+            Some((a, b)) if a == b => write!(f, " dport {a}")?,
+            Some((a, b)) => write!(f, " dport {a}-{b}")?,
+            None => {}
         }
         write!(f, " lookup {}", self.table)
     }
@@ -168,10 +171,10 @@ fn rule_msg(kind: u16, flags: u16, rule: &Rule) -> Msg {
     if rule.tcp || rule.tcp_dport.is_some() {
         m.attr(FRA_IP_PROTO, &[IPPROTO_TCP]);
     }
-    if let Some(p) = rule.tcp_dport {
+    if let Some((start, end)) = rule.tcp_dport {
         // struct fib_rule_port_range { __u16 start; __u16 end; } in host order.
-        let mut range = p.to_ne_bytes().to_vec();
-        range.extend_from_slice(&p.to_ne_bytes());
+        let mut range = start.to_ne_bytes().to_vec();
+        range.extend_from_slice(&end.to_ne_bytes());
         m.attr(FRA_DPORT_RANGE, &range);
     }
     m
@@ -322,7 +325,7 @@ mod tests {
             from: None,
             to: Some("198.18.2.11".parse().expect("ip")),
             iif: None,
-            tcp_dport: Some(15008),
+            tcp_dport: Some((15008, 15008)),
             tcp: true,
         };
         assert_eq!(rule.to_string(), "15008: from all to 198.18.2.11 ipproto tcp dport 15008 lookup 15008");
@@ -347,7 +350,7 @@ mod tests {
             from: Some("fd6d:6573:6800:2::b".parse().expect("ip")),
             to: None,
             iif: Some("br0".into()),
-            tcp_dport: None,
+            tcp_dport: Some((61000, 65534)),
             tcp: true,
         };
         let buf = rule_msg(RTM_NEWRULE, 0, &rule).finish(1);
@@ -355,6 +358,7 @@ mod tests {
         assert_eq!((buf[HEADER + 1], buf[HEADER + 2]), (0, 128));
         let attrs: Vec<(u16, Vec<u8>)> = attributes(&buf[HEADER + 12..]).map(|(k, v)| (k, v.to_vec())).collect();
         assert!(attrs.contains(&(FRA_IIFNAME, b"br0\0".to_vec())));
-        assert_eq!(rule.to_string(), "15009: from fd6d:6573:6800:2::b iif br0 ipproto tcp lookup 15008");
+        assert!(attrs.contains(&(FRA_DPORT_RANGE, [61000u16.to_ne_bytes(), 65534u16.to_ne_bytes()].concat())));
+        assert_eq!(rule.to_string(), "15009: from fd6d:6573:6800:2::b iif br0 ipproto tcp dport 61000-65534 lookup 15008");
     }
 }
