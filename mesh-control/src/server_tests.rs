@@ -21,6 +21,14 @@ metadata: {name: db, namespace: demo}
 spec: {node: n2, serviceAccount: db, addresses: [198.18.2.20]}
 ";
 
+/// An unmeshed pod on n2: no other node's view mentions it.
+const UNMESHED_ON_N2: &str = "
+apiVersion: lab.mesh.dev/v1alpha1
+kind: Workload
+metadata: {name: legacy, namespace: demo, labels: {mesh.dev/dataplane-mode: none}}
+spec: {node: n2, addresses: [198.18.2.21]}
+";
+
 struct Harness {
     shared: Shared,
     server: client::Server,
@@ -93,7 +101,7 @@ async fn node_gets_snapshot_then_versioned_increments_and_acks_are_recorded() {
     assert!(first.full);
     assert_eq!(first.version, 1);
     assert!(first.removals.is_empty());
-    assert_eq!(first.upserts.len(), 3, "two local workloads and one service: {:?}", first.upserts);
+    assert_eq!(first.upserts.len(), 4, "two local workloads, n2's meshed one and one service: {:?}", first.upserts);
     tx.send(pb::NodeMessage { kind: Some(pb::node_message::Kind::Ack(pb::Ack { version: 1 })) }).await.expect("ack");
     eventually("ack recorded", || h.shared.nodes.lock().expect("lock").get("n1").is_some_and(|s| s.acked_version == 1)).await;
     assert_eq!(h.shared.metrics.connected_nodes.get(), 1);
@@ -112,10 +120,10 @@ async fn node_gets_snapshot_then_versioned_increments_and_acks_are_recorded() {
     assert_eq!((status.sent_version, status.acked_version), (2, 1));
     assert_eq!(status.last_nack.expect("nack").error, "cannot apply");
 
-    // A change that does not touch n1's view (a workload on n2) sends n1 nothing; the removal of
+    // A change that does not touch n1's view (an unmeshed workload on n2) sends n1 nothing; the removal of
     // the policy then arrives with version 4.
-    h.shared.publisher.publish(lab_state(&format!("{policy}---\n{DB}")), vec![]);
-    h.shared.publisher.publish(lab_state(DB), vec![]);
+    h.shared.publisher.publish(lab_state(&format!("{policy}---\n{UNMESHED_ON_N2}")), vec![]);
+    h.shared.publisher.publish(lab_state(UNMESHED_ON_N2), vec![]);
     let third = updates.message().await.expect("recv").expect("removal");
     assert_eq!(third.version, 4);
     assert_eq!(third.removals, [pb::ResourceKey { kind: pb::ResourceKind::AuthorizationPolicy.into(), key: "demo/deny".into() }]);

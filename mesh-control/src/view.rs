@@ -1,9 +1,12 @@
 //! Per-node views (sans-IO): what one node receives, as proto resources keyed for diffing.
 //!
 //! A node gets its own workloads (meshed or not: it must know which ones to capture), every
-//! Service with its endpoints (each endpoint says whether it is meshed, its node and identity, so
-//! the node needs no remote workloads to tunnel and verify peers), and the policies that apply to
-//! at least one of its meshed workloads, with those workloads' uids precomputed.
+//! meshed workload of other nodes (address, identity, labels: the destination side attributes
+//! inbound HBONE to its source workload in metrics, and trusts a `forwarded` client address only
+//! when it belongs to the authenticated identity; ztunnel's workload set is the same), every
+//! Service with its endpoints (each endpoint says whether it is meshed, its node and identity),
+//! and the policies that apply to at least one of its meshed workloads, with those workloads'
+//! uids precomputed.
 //!
 //! This module is the proto boundary of the controller: domain types in, `mesh_proto` out.
 
@@ -30,7 +33,7 @@ pub fn node_view(state: &State, node: &str, trust_domain: &str) -> View {
     let inv = &state.inventory;
     let mut view = View::new();
     let local: Vec<&Workload> = inv.workloads.values().filter(|w| w.node == node).collect();
-    for w in &local {
+    for w in inv.workloads.values().filter(|w| w.node == node || w.meshed) {
         insert(&mut view, pb::resource::Kind::Workload(workload(w, inv, trust_domain)));
     }
     for s in inv.services.values() {

@@ -42,12 +42,16 @@ fn each_node_gets_its_own_workloads_every_service_and_its_policies() {
     let state = lab_state(POLICIES);
     let n1 = node_view(&state, "n1", TD);
     let names: Vec<&str> = workloads(&n1).iter().map(|w| w.name.as_str()).collect();
-    assert_eq!(names, ["client", "whoami-1"], "n1 gets both local pods, meshed or not");
+    assert_eq!(names, ["client", "whoami-1", "whoami-2"], "n1 gets both local pods, meshed or not, and n2's meshed pod");
     let w1 = workloads(&n1).into_iter().find(|w| w.name == "whoami-1").expect("whoami-1");
     assert_eq!(w1.identity, "spiffe://cluster.local/ns/demo/sa/whoami");
     assert_eq!(w1.addresses, ["198.18.1.10"]);
     let n2 = node_view(&state, "n2", TD);
-    assert_eq!(workloads(&n2).iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["whoami-2"]);
+    assert_eq!(
+        workloads(&n2).iter().map(|w| w.name.as_str()).collect::<Vec<_>>(),
+        ["whoami-1", "whoami-2"],
+        "n2 gets its own pod and the other node's meshed pods, not the unmeshed client"
+    );
 
     for view in [&n1, &n2] {
         let svc = view.get(&(pb::ResourceKind::Service.into(), "demo/whoami".into())).expect("every node gets the service");
@@ -73,10 +77,12 @@ fn each_node_gets_its_own_workloads_every_service_and_its_policies() {
 }
 
 #[test]
-fn unknown_node_gets_services_only() {
+fn unknown_node_gets_services_and_meshed_workloads_only() {
     let v = node_view(&lab_state(POLICIES), "n9", TD);
-    assert!(v.keys().all(|(k, _)| *k == i32::from(pb::ResourceKind::Service)), "{:?}", v.keys());
-    assert_eq!(v.len(), 1);
+    let kinds = [i32::from(pb::ResourceKind::Service), i32::from(pb::ResourceKind::Workload)];
+    assert!(v.keys().all(|(k, _)| kinds.contains(k)), "no policies: {:?}", v.keys());
+    assert_eq!(workloads(&v).iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["whoami-1", "whoami-2"]);
+    assert_eq!(v.len(), 3);
 }
 
 #[test]

@@ -133,6 +133,9 @@ fn traffic_between_nodes_is_mutual_tls_on_the_wire_with_the_expected_identities(
     let mut meshed_reply = String::new();
     let meshed = capture_underlay(&c, || meshed_reply = curl("n1p1"));
     assert!(meshed_reply.contains(marker), "the request must arrive: {meshed_reply}");
+    // MESH_INBOUND_TRANSPARENT (on in the lab): the server sees the client pod, not a node.
+    let client = format!("\"peer\":\"{}:", c.lab.pod("n1p1").ip);
+    assert!(meshed_reply.contains(&client), "the server saw {meshed_reply}");
     assert!(!contains(&meshed, marker.as_bytes()), "meshed traffic crossed the underlay in plaintext");
     // HBONE goes to the destination pod's address on 15008, as ztunnel sends it; node 2's
     // routing delivers it to its daemon.

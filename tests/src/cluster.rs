@@ -191,6 +191,8 @@ impl Cluster {
             ("MESH_NODE_ADDRESS", node.underlay_ip.to_string()),
             ("MESH_CAPTURE_ADDR", format!("{}:15001", node.pod_gateway)),
             ("MESH_POD_INTERFACES", interfaces.join(",")),
+            // Pods see their clients' real addresses (policy routing brings replies back).
+            ("MESH_INBOUND_TRANSPARENT", "true".into()),
             ("MESH_LOG", "info".into()),
         ];
         let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -283,8 +283,15 @@ async fn controller_serves_per_node_views_policy_status_and_certificates_from_a_
     let remote = svc.endpoints.iter().find(|e| e.address == "10.0.2.5").expect("endpoint of whoami-2");
     assert_eq!((remote.node.as_str(), remote.meshed, remote.identity.as_str()), ("n2", true, "spiffe://cluster.local/ns/demo/sa/whoami"));
     assert_eq!(remote.ports.get(&80), Some(&8080));
-    let local: Vec<String> = n1.view.values().filter_map(|r| match &r.kind { Some(pb::resource::Kind::Workload(w)) => Some(format!("{}/{}", w.namespace, w.name)), _ => None }).collect();
-    assert!(local.contains(&"demo/whoami-1".to_owned()) && !local.iter().any(|w| w.ends_with("whoami-2") || w.ends_with("/db")), "{local:?}");
+    // n1 gets its own pods and the other nodes' meshed pods (source attribution), nothing else.
+    let workloads: Vec<(String, String, bool)> = n1
+        .view
+        .values()
+        .filter_map(|r| match &r.kind { Some(pb::resource::Kind::Workload(w)) => Some((format!("{}/{}", w.namespace, w.name), w.node.clone(), w.meshed)), _ => None })
+        .collect();
+    assert!(workloads.contains(&("demo/whoami-1".into(), "n1".into(), true)), "{workloads:?}");
+    assert!(workloads.contains(&("demo/whoami-2".into(), "n2".into(), true)), "{workloads:?}");
+    assert!(workloads.iter().all(|(_, node, meshed)| node == "n1" || *meshed), "{workloads:?}");
 
     // A valid and an invalid policy: the valid one reaches n1, the invalid one gets
     // Accepted=False and is not distributed.

@@ -238,9 +238,12 @@ impl StreamCtx {
     }
 }
 
-/// Connects to a local pod, from the client's address when transparent mode is on.
+/// Connects to a local pod, from the client's address when transparent mode is on and the client
+/// is not a pod of this node: pods of one node share a subnet and answer each other directly,
+/// so their replies would never be routed back to the daemon.
 pub(super) async fn connect_pod(inputs: &Inputs, src_ip: IpAddr, dst: SocketAddr) -> Result<TcpStream, Error> {
-    let src = inputs.cfg.transparent.then_some(src_ip);
+    let neighbour = inputs.state.borrow().workload(src_ip).is_some_and(|w| w.node == inputs.cfg.node_name);
+    let src = (inputs.cfg.transparent && !neighbour).then_some(src_ip);
     tokio::time::timeout(inputs.cfg.connect_timeout, socket::connect(src, dst))
         .await
         .map_err(|_| Error::ConnectTimeout(dst))?
