@@ -30,7 +30,8 @@ pub fn run(only: Option<&str>) -> Result<()> {
     if only.is_none_or(|o| o == "node") {
         // The node daemon's L4 benchmark (cross-node through two daemons vs direct, iperf3,
         // fixed-rate RTT, connections/s, daemon CPU/GB, AES-GCM): an ignored test of mesh-tests
-        // that writes bench/results/node-l4.{md,json}.
+        // that prints its tables; bench/results/node-l4.md records runs of it with their commits
+        // (it writes no file itself).
         step("bench: node daemon L4 (cross-node mesh vs direct)");
         sh(Command::new("cargo").args(["build", "--release", "--locked", "-p", "mesh-node", "--bins"]))?;
         sh(Command::new("cargo").args([
