@@ -1,8 +1,8 @@
 //! `mesh.config.v1` resources → the daemon's domain [`Snapshot`]. The proto boundary.
 //!
-//! - Workloads of this node become [`Workload`]s; so do meshed remote Service endpoints (the
-//!   controller sends remote pods only as endpoints), so the outbound proxy knows where to
-//!   tunnel and which identity to expect.
+//! - Workloads become [`Workload`]s: this node's, and other nodes' meshed ones (sent for source
+//!   attribution); meshed Service endpoints the controller did not send as workloads are added
+//!   too, so the outbound proxy knows where to tunnel and which identity to expect.
 //! - Authorization rules that use L7 fields (methods, paths, hosts) or `when` conditions cannot be
 //!   evaluated by an L4 proxy: as the proto specifies, they fail closed — such a rule never
 //!   matches in an ALLOW policy and always matches (on its L4 part) in a DENY policy.
@@ -48,12 +48,14 @@ fn ns_sa(identity: &str) -> Option<(String, String)> {
 
 /// Converts a complete set of resources into a snapshot for `own_address` (this node's HBONE
 /// address, used when a local workload's node address is not given).
-pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, own_address: IpAddr) -> Result<Snapshot, Error> {
+/// `node` and `own_address` are this node's name and HBONE address: the address stands in for
+/// a local workload's node address when the controller sends none.
+pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, node: &str, own_address: IpAddr) -> Result<Snapshot, Error> {
     let mut snap = Snapshot::default();
     let mut remote_endpoints = Vec::new();
     for r in resources {
         match r.kind {
-            Some(pb::resource::Kind::Workload(w)) => snap.workloads.extend(workloads(&w, own_address)?),
+            Some(pb::resource::Kind::Workload(w)) => snap.workloads.extend(workloads(&w, node, own_address)?),
             Some(pb::resource::Kind::Service(s)) => {
                 let service = service(&s)?;
                 remote_endpoints.extend(service.endpoints.clone());
@@ -86,17 +88,21 @@ pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, own_address: 
     Ok(snap)
 }
 
-fn workloads(w: &pb::Workload, own_address: IpAddr) -> Result<Vec<Workload>, Error> {
-    let node_ip = if w.node_address.is_empty() { own_address } else { ip(&w.node_address, &w.uid)? };
+fn workloads(w: &pb::Workload, node: &str, own_address: IpAddr) -> Result<Vec<Workload>, Error> {
+    let known = if w.node_address.is_empty() { None } else { Some(ip(&w.node_address, &w.uid)?) };
     w.addresses
         .iter()
         .map(|a| {
+            let addr = ip(a, &format!("workload {}", w.uid))?;
+            // Without a node address: our own for local workloads; for another node's, the pod's
+            // address, where that node's policy routing brings HBONE to its daemon (never ours).
+            let node_ip = known.unwrap_or(if w.node == node { own_address } else { addr });
             Ok(Workload {
                 name: w.name.clone(),
                 namespace: w.namespace.clone(),
                 service_account: w.service_account.clone(),
                 workload_name: None,
-                ip: ip(a, &format!("workload {}", w.uid))?,
+                ip: addr,
                 node: w.node.clone(),
                 node_ip,
                 labels: w.labels.clone().into_iter().collect(),
@@ -204,3 +210,40 @@ fn peer_authentication(p: &pb::PeerAuthentication) -> Result<Option<PeerAuthenti
 
 /// An unspecified address, for callers that do not know their own (tests).
 pub const UNKNOWN_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, node: &str, address: &str, node_address: &str) -> pb::Resource {
+        pb::Resource {
+            kind: Some(pb::resource::Kind::Workload(pb::Workload {
+                uid: format!("demo/{name}"),
+                name: name.into(),
+                namespace: "demo".into(),
+                service_account: "sa".into(),
+                node: node.into(),
+                addresses: vec![address.into()],
+                meshed: true,
+                healthy: true,
+                node_address: node_address.into(),
+                ..pb::Workload::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn a_missing_node_address_is_ours_only_for_our_workloads() {
+        let own: IpAddr = "198.18.0.1".parse().expect("ip");
+        let resources = [
+            workload("local", "n1", "198.18.1.11", ""),
+            workload("remote", "n2", "198.18.2.11", ""),
+            workload("known", "n2", "198.18.2.12", "198.18.0.2"),
+        ];
+        let snap = snapshot(resources, "n1", own).expect("snapshot");
+        let node_ip = |name: &str| snap.workloads.iter().find(|w| w.name == name).expect(name).node_ip.to_string();
+        assert_eq!(node_ip("local"), "198.18.0.1");
+        assert_eq!(node_ip("remote"), "198.18.2.11", "never this node's address for another node's pod");
+        assert_eq!(node_ip("known"), "198.18.0.2");
+    }
+}

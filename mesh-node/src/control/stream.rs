@@ -141,7 +141,7 @@ impl ConfigClient {
             for k in update.removals {
                 next.remove(&(k.kind, k.key));
             }
-            let applied = convert::snapshot(next.values().cloned(), self.own_address)
+            let applied = convert::snapshot(next.values().cloned(), &self.node, self.own_address)
                 .and_then(|snap| State::build(&self.trust_domain, &self.root_namespace, snap).map_err(|e| Error::Invalid(e.to_string())));
             let reply = match applied {
                 Ok(state) => {
