@@ -57,6 +57,8 @@ pub struct State {
     pub policies: Vec<Policy>,
     pub peer_authentications: Vec<PeerAuthentication>,
     pub services: Vec<Service>,
+    /// VIP and serving-Service lookups over `services`, built with them.
+    service_index: service::Index,
 }
 
 impl State {
@@ -73,12 +75,23 @@ impl State {
             workloads,
             policies: snap.policies,
             peer_authentications: snap.peer_authentications,
+            service_index: service::Index::build(&snap.services),
             services: snap.services,
         })
     }
 
     pub fn workload(&self, ip: IpAddr) -> Option<&Workload> {
         self.workloads.get(&ip)
+    }
+
+    /// The backend for a new connection to `dst` when it is a Service VIP:port (`service::Index`).
+    pub fn resolve(&self, dst: std::net::SocketAddr) -> Option<std::net::SocketAddr> {
+        self.service_index.resolve(&self.services, dst)
+    }
+
+    /// The Service whose endpoint a connection to `dst` reaches (`service::Index`).
+    pub fn serving(&self, dst: std::net::SocketAddr) -> Option<&Service> {
+        self.service_index.serving(&self.services, dst)
     }
 
     pub fn identity(&self, w: &Workload) -> Identity {

@@ -233,7 +233,7 @@ impl StreamCtx {
             SecurityPolicy::mutual_tls,
             &self.inputs.cfg.cluster_id,
         )
-        .with_service(crate::state::service::serving(&state.services, dst), &self.inputs.cfg.cluster_domain);
+        .with_service(state.serving(dst), &self.inputs.cfg.cluster_domain);
         Ok((pod, Record::open("inbound", labels, src, dst, &self.inputs.metrics)))
     }
 }

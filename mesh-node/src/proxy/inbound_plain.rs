@@ -86,7 +86,7 @@ pub async fn handle(inputs: &Inputs, mut client: TcpStream, peer: SocketAddr, ds
         SecurityPolicy::unknown,
         &inputs.cfg.cluster_id,
     )
-    .with_service(crate::state::service::serving(&state.services, dst), &inputs.cfg.cluster_domain);
+    .with_service(state.serving(dst), &inputs.cfg.cluster_domain);
     let record = Record::open("inbound-plaintext", labels, peer, dst, &inputs.metrics);
     relay::relay(&mut client, &mut pod, record).await;
     Ok(())

@@ -109,7 +109,7 @@ impl ConnLabels {
     }
 
     /// Fills Istio's `destination_service*` labels with the Service the connection reached
-    /// (`state::service::serving`); they stay "unknown" for a pod no Service selects.
+    /// (`State::serving`); they stay "unknown" for a pod no Service selects.
     #[must_use]
     pub fn with_service(mut self, service: Option<&Service>, cluster_domain: &str) -> Self {
         if let Some(s) = service {

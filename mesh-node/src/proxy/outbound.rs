@@ -86,7 +86,7 @@ impl Handler {
         let state = self.inputs.state.borrow().clone();
         // A captured connection to a Service VIP: pick the backend here (meshed clients are
         // captured before the kernel's socket LB would have).
-        let orig_dst = crate::state::service::resolve(&state.services, orig_dst).unwrap_or(orig_dst);
+        let orig_dst = state.resolve(orig_dst).unwrap_or(orig_dst);
         if Some(orig_dst) == self.local {
             return Err(Error::SelfCall(orig_dst));
         }
@@ -113,7 +113,7 @@ impl Handler {
             if mtls { SecurityPolicy::mutual_tls } else { SecurityPolicy::unknown },
             &self.inputs.cfg.cluster_id,
         )
-        .with_service(crate::state::service::serving(&state.services, dst_addr), &self.inputs.cfg.cluster_domain)
+        .with_service(state.serving(dst_addr), &self.inputs.cfg.cluster_domain)
     }
 
     async fn hbone(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr, state: &State, src_w: &Workload, dst_w: &Workload) -> Result<(), Error> {

@@ -1,7 +1,10 @@
 //! A Service as the node needs it: VIPs and ports to balance, endpoints with where they run and
 //! who they are (so the node can tunnel to them and verify them without knowing remote pods).
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -67,33 +70,60 @@ impl Service {
 /// Round-robin position shared by all Services: spreads new connections without a random source.
 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// The backend a new connection to `dst` should go to, when `dst` is a Service VIP:port (TCP)
-/// with at least one healthy endpoint of the VIP's address family; `None` otherwise.
-pub fn resolve(services: &[Service], dst: std::net::SocketAddr) -> Option<std::net::SocketAddr> {
-    let (service, port) = services.iter().find_map(|s| {
-        let port = s.ports.iter().find(|p| p.port == dst.port() && p.protocol == ServiceProtocol::Tcp)?;
-        s.vips.contains(&dst.ip()).then_some((s, port))
-    })?;
-    // Per connection: count, then pick the n-th, without collecting into a Vec.
-    let healthy = || service.endpoints.iter().filter(|e| e.healthy && e.address.is_ipv4() == dst.is_ipv4());
-    let count = healthy().count();
-    if count == 0 {
-        return None;
-    }
-    let e = healthy().nth(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % count)?;
-    Some(std::net::SocketAddr::new(e.address, service.endpoint_port(port, e)))
+/// The per-connection lookups, built once per state so a connection costs two hash lookups,
+/// not a scan of every Service and endpoint. Positions index the `services` it was built from.
+#[derive(Debug, Default)]
+pub struct Index {
+    /// VIP:port (TCP) → (Service, port); the first Service and port in order win.
+    vips: HashMap<SocketAddr, (usize, usize)>,
+    /// Endpoint address:port on the pod → the Service serving it, first by namespace and name.
+    serving: HashMap<SocketAddr, usize>,
 }
 
-/// The Service a connection to a pod's `dst` (ip:port) is reaching: one with an endpoint at that
-/// address whose target port is `dst`'s port; when several qualify, the first by namespace and
-/// name, so every daemon reports the same one.
-pub fn serving(services: &[Service], dst: std::net::SocketAddr) -> Option<&Service> {
-    services
-        .iter()
-        .filter(|s| {
-            s.endpoints.iter().any(|e| e.address == dst.ip() && s.ports.iter().any(|p| s.endpoint_port(p, e) == dst.port()))
-        })
-        .min_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
+impl Index {
+    pub fn build(services: &[Service]) -> Self {
+        let mut index = Self::default();
+        for (i, s) in services.iter().enumerate() {
+            for (j, p) in s.ports.iter().enumerate().filter(|(_, p)| p.protocol == ServiceProtocol::Tcp) {
+                for vip in &s.vips {
+                    index.vips.entry(SocketAddr::new(*vip, p.port)).or_insert((i, j));
+                }
+            }
+            for e in &s.endpoints {
+                for p in &s.ports {
+                    let at = SocketAddr::new(e.address, s.endpoint_port(p, e));
+                    let first = index.serving.entry(at).or_insert(i);
+                    let (old, new) = (&services[*first], s);
+                    if (&new.namespace, &new.name) < (&old.namespace, &old.name) {
+                        *first = i;
+                    }
+                }
+            }
+        }
+        index
+    }
+
+    /// The backend a new connection to `dst` should go to, when `dst` is a Service VIP:port
+    /// (TCP) with at least one healthy endpoint of the VIP's address family; `None` otherwise.
+    pub fn resolve(&self, services: &[Service], dst: SocketAddr) -> Option<SocketAddr> {
+        let &(i, j) = self.vips.get(&dst)?;
+        let (service, port) = (&services[i], &services[i].ports[j]);
+        // Per connection: count, then pick the n-th, without collecting into a Vec.
+        let healthy = || service.endpoints.iter().filter(|e| e.healthy && e.address.is_ipv4() == dst.is_ipv4());
+        let count = healthy().count();
+        if count == 0 {
+            return None;
+        }
+        let e = healthy().nth(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % count)?;
+        Some(SocketAddr::new(e.address, service.endpoint_port(port, e)))
+    }
+
+    /// The Service a connection to a pod's `dst` (ip:port) is reaching: one with an endpoint at
+    /// that address whose target port is `dst`'s port; when several qualify, the first by
+    /// namespace and name, so every daemon reports the same one.
+    pub fn serving<'a>(&self, services: &'a [Service], dst: SocketAddr) -> Option<&'a Service> {
+        self.serving.get(&dst).map(|&i| &services[i])
+    }
 }
 
 #[cfg(test)]
@@ -122,12 +152,14 @@ mod tests {
     #[test]
     fn vip_resolves_to_healthy_endpoints_with_their_ports() {
         let services = [svc()];
-        let vip = std::net::SocketAddr::from(([198, 19, 0, 10], 80));
+        let index = Index::build(&services);
+        let resolve = |services: &[Service], dst| index.resolve(services, dst);
+        let vip = SocketAddr::from(([198, 19, 0, 10], 80));
         let picks: std::collections::BTreeSet<_> = (0..10).filter_map(|_| resolve(&services, vip)).collect();
-        let expected = [std::net::SocketAddr::from(([198, 18, 2, 11], 9011)), std::net::SocketAddr::from(([198, 18, 2, 13], 9013))];
+        let expected = [SocketAddr::from(([198, 18, 2, 11], 9011)), SocketAddr::from(([198, 18, 2, 13], 9013))];
         assert_eq!(picks.into_iter().collect::<Vec<_>>(), expected, "unhealthy endpoint never chosen");
-        assert_eq!(resolve(&services, std::net::SocketAddr::from(([198, 19, 0, 10], 81))), None, "not a service port");
-        assert_eq!(resolve(&services, std::net::SocketAddr::from(([198, 18, 2, 11], 80))), None, "not a VIP");
+        assert_eq!(resolve(&services, SocketAddr::from(([198, 19, 0, 10], 81))), None, "not a service port");
+        assert_eq!(resolve(&services, SocketAddr::from(([198, 18, 2, 11], 80))), None, "not a VIP");
     }
 
     #[test]
@@ -135,7 +167,9 @@ mod tests {
         let mut other = svc();
         other.name = "another".into();
         let services = [svc(), other];
-        let at = |last: u8, port: u16| std::net::SocketAddr::from(([198, 18, 2, last], port));
+        let index = Index::build(&services);
+        let serving = |services, dst| index.serving(services, dst);
+        let at = |last: u8, port: u16| SocketAddr::from(([198, 18, 2, last], port));
         assert_eq!(serving(&services, at(11, 9011)).map(|s| s.name.as_str()), Some("another"), "first by name");
         assert_eq!(serving(&services, at(11, 80)), None, "80 is the Service port, not the pod's");
         assert_eq!(serving(&services, at(99, 9011)), None, "not an endpoint");
