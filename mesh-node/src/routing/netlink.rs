@@ -69,11 +69,13 @@ pub struct Rule {
 
 impl Rule {
     fn family(&self) -> u8 {
-        match self.from.or(self.to) {
-            Some(IpAddr::V6(_)) => AF_INET6,
-            _ => AF_INET,
-        }
+        self.from.or(self.to).map_or(AF_INET, family)
     }
+}
+
+/// The address family byte of `addr`'s kind.
+fn family(addr: IpAddr) -> u8 {
+    if addr.is_ipv6() { AF_INET6 } else { AF_INET }
 }
 
 impl std::fmt::Display for Rule {
@@ -200,12 +202,11 @@ impl Netlink {
         self.request(rule_msg(RTM_DELRULE, 0, rule)).map(drop)
     }
 
-    /// Deletes every rule with this priority and table (e.g. left by an earlier run); returns
-    /// how many there were.
-    pub fn flush_rules(&self, family: IpAddr, priority: u32, table: u32) -> io::Result<usize> {
-        let probe = Rule { priority, table, from: None, to: None, iif: None, tcp_dport: None, tcp: false };
-        let mut header = rule_header(&probe);
-        header[0] = Rule { to: Some(family), ..probe.clone() }.family();
+    /// Deletes every rule of `of`'s family with this priority and table (e.g. left by an earlier
+    /// run); returns how many there were.
+    pub fn flush_rules(&self, of: IpAddr, priority: u32, table: u32) -> io::Result<usize> {
+        let mut header = rule_header(&Rule { priority, table, from: None, to: None, iif: None, tcp_dport: None, tcp: false });
+        header[0] = family(of);
         let mut n = 0;
         loop {
             let mut m = Msg::new(RTM_DELRULE, 0, &header);
@@ -220,9 +221,9 @@ impl Netlink {
 
     /// `ip route replace local <any> dev lo table TABLE`: everything looked up in `table` is
     /// delivered to this host's sockets.
-    pub fn local_default_route(&self, family: IpAddr, table: u32) -> io::Result<()> {
+    pub fn local_default_route(&self, of: IpAddr, table: u32) -> io::Result<()> {
         let mut h = [0u8; 12];
-        h[0] = Rule { priority: 0, table, from: None, to: Some(family), iif: None, tcp_dport: None, tcp: false }.family();
+        h[0] = family(of);
         h[5] = RTPROT_STATIC;
         h[6] = RT_SCOPE_HOST;
         h[7] = RTN_LOCAL;
@@ -234,7 +235,7 @@ impl Netlink {
     /// The interface this host routes `addr` through (`ip route get`).
     pub fn route_interface(&self, addr: IpAddr) -> io::Result<String> {
         let mut h = [0u8; 12];
-        h[0] = Rule { priority: 0, table: 0, from: None, to: Some(addr), iif: None, tcp_dport: None, tcp: false }.family();
+        h[0] = family(addr);
         h[1] = prefix_len(addr);
         h[6] = RT_SCOPE_UNIVERSE;
         let mut m = Msg::new(RTM_GETROUTE, 0, &h);
