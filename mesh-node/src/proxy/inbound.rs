@@ -218,7 +218,7 @@ impl StreamCtx {
             relay::log_refused("inbound", src, dst, Some(&self.peer_id.to_string()), reason);
             return Err(StatusCode::UNAUTHORIZED);
         }
-        let pod = match connect_pod(&self.inputs, src_ip, dst).await {
+        let pod = match connect_pod(&self.inputs, &state, src_ip, dst).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(%dst, error = %e, "local pod refused the connection");
@@ -241,8 +241,8 @@ impl StreamCtx {
 /// Connects to a local pod, from the client's address when transparent mode is on and the client
 /// is not a pod of this node: pods of one node share a subnet and answer each other directly,
 /// so their replies would never be routed back to the daemon.
-pub(super) async fn connect_pod(inputs: &Inputs, src_ip: IpAddr, dst: SocketAddr) -> Result<TcpStream, Error> {
-    let neighbour = inputs.state.borrow().workload(src_ip).is_some_and(|w| w.node == inputs.cfg.node_name);
+pub(super) async fn connect_pod(inputs: &Inputs, state: &State, src_ip: IpAddr, dst: SocketAddr) -> Result<TcpStream, Error> {
+    let neighbour = state.workload(src_ip).is_some_and(|w| w.node == inputs.cfg.node_name);
     let src = (inputs.cfg.transparent && !neighbour).then_some(src_ip);
     tokio::time::timeout(inputs.cfg.connect_timeout, socket::connect(src, dst))
         .await

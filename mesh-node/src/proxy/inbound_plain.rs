@@ -77,7 +77,7 @@ pub async fn handle(inputs: &Inputs, mut client: TcpStream, peer: SocketAddr, ds
         relay::log_refused("inbound-plaintext", peer, dst, None, reason);
         return Err(Error::Denied(reason));
     }
-    let mut pod = connect_pod(inputs, peer.ip(), dst).await?;
+    let mut pod = connect_pod(inputs, &state, peer.ip(), dst).await?;
     let dst_id = state.identity(dst_w);
     let labels = ConnLabels::new(
         Reporter::destination,

@@ -164,7 +164,7 @@ impl Handler {
             relay::log_refused("same-node", peer, dst, Some(&src_id.to_string()), reason);
             return Err(Error::Denied(reason));
         }
-        let mut pod = connect_pod(&self.inputs, peer.ip(), dst).await?;
+        let mut pod = connect_pod(&self.inputs, state, peer.ip(), dst).await?;
         // Identities are known on both ends (this daemon holds both); the hop is node-local.
         let record = Record::open("same-node", self.labels(Reporter::destination, state, src_w, Some(dst_w), dst, true), peer, dst, &self.inputs.metrics);
         relay::relay(&mut client, &mut pod, record).await;
