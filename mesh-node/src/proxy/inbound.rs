@@ -209,10 +209,14 @@ impl StreamCtx {
         if state.identity(dst_w) != self.served {
             return Err(StatusCode::MISDIRECTED_REQUEST);
         }
-        // Trust `forwarded` only when it names a workload that owns the authenticated identity.
-        let src_ip = hbone::forwarded_for(&req.headers)
-            .filter(|ip| state.workload(*ip).is_some_and(|w| state.identity(w) == self.peer_id))
-            .unwrap_or(self.peer.ip());
+        // The client workload: the one `forwarded` names, trusted only when it owns the
+        // authenticated identity; else the connection's source (ztunnel dials from the pod).
+        let owns_identity = |w: &&Workload| state.identity(w) == self.peer_id;
+        let src_w = hbone::forwarded_for(&req.headers)
+            .and_then(|ip| state.workload(ip))
+            .filter(owns_identity)
+            .or_else(|| state.workload(self.peer.ip()).filter(owns_identity));
+        let src_ip = src_w.map_or(self.peer.ip(), |w| w.ip);
         let src = SocketAddr::new(src_ip, 0);
         if let Err(reason) = authorize(&self.inputs, &state, Some(&self.peer_id), src_ip, dst_w, dst.port()) {
             relay::log_refused("inbound", src, dst, Some(&self.peer_id.to_string()), reason);
@@ -225,7 +229,6 @@ impl StreamCtx {
                 return Err(StatusCode::SERVICE_UNAVAILABLE);
             }
         };
-        let src_w = state.workload(src_ip).filter(|w| state.identity(w) == self.peer_id);
         let labels = ConnLabels::new(
             Reporter::destination,
             Peer { workload: src_w, identity: Some(&self.peer_id) },
