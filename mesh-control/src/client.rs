@@ -4,10 +4,7 @@
 //! `control`).
 
 use mesh_proto::ca::v1::{CreateNodeCertificateRequest, certificates_client::CertificatesClient};
-use tonic::{
-    metadata::MetadataValue,
-    transport::{Certificate, Channel, ClientTlsConfig, Identity},
-};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -72,9 +69,7 @@ impl Server {
         let key = rcgen::KeyPair::generate()?;
         let csr_pem = rcgen::CertificateParams::default().serialize_request(&key)?.pem()?;
         let mut req = tonic::Request::new(CreateNodeCertificateRequest { csr_pem, ttl_seconds });
-        let bearer = MetadataValue::try_from(format!("Bearer {}", credential.trim())).map_err(|_| Error::Header)?;
-        req.metadata_mut().insert("authorization", bearer);
-        req.metadata_mut().insert(mesh_proto::NODE_NAME_HEADER, MetadataValue::try_from(node).map_err(|_| Error::Header)?);
+        mesh_proto::authenticate_node(&mut req, node, credential).map_err(|_| Error::Header)?;
         let resp = CertificatesClient::new(self.connect(None).await?).create_node_certificate(req).await?.into_inner();
         Ok(NodeCertificate {
             cert_pem: resp.cert_chain_pem.first().cloned().unwrap_or_default(),

@@ -20,6 +20,24 @@ pub mod ca {
 /// gRPC metadata key carrying the calling node's name.
 pub const NODE_NAME_HEADER: &str = "mesh-node-name";
 
+/// Puts a node's bootstrap credential on a request (`CreateNodeCertificate`):
+/// `authorization: Bearer <credential>` and its name under [`NODE_NAME_HEADER`]. The one
+/// definition the node daemon and the controller's own client both use.
+///
+/// # Errors
+/// When the name or the credential is not a valid header value.
+pub fn authenticate_node<T>(
+    req: &mut tonic::Request<T>,
+    node: &str,
+    credential: &str,
+) -> Result<(), tonic::metadata::errors::InvalidMetadataValue> {
+    let bearer = format!("Bearer {}", credential.trim()).parse()?;
+    let name = node.parse()?;
+    req.metadata_mut().insert("authorization", bearer);
+    req.metadata_mut().insert(NODE_NAME_HEADER, name);
+    Ok(())
+}
+
 /// The key of a config resource, as `mesh/config/v1/config.proto` defines it: workloads by uid,
 /// everything else by "<namespace>/<name>". The one definition both ends of the stream use, so
 /// the controller's diffs and the node's view can never disagree.

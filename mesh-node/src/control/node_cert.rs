@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use mesh_proto::ca::v1::{CreateNodeCertificateRequest, certificates_client::CertificatesClient};
 use tokio::sync::watch;
-use tonic::{metadata::MetadataValue, transport::Channel};
+use tonic::transport::Channel;
 
 use super::{Config, Error, Metrics};
 
@@ -64,10 +64,7 @@ impl Renewer {
         let csr_pem = rcgen::CertificateParams::default().serialize_request(&key)?.pem()?;
         let ttl_seconds = i64::try_from(self.config.node_cert_ttl.as_secs()).unwrap_or(0);
         let mut request = tonic::Request::new(CreateNodeCertificateRequest { csr_pem, ttl_seconds });
-        let bearer = MetadataValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| Error::Credential)?;
-        let node = MetadataValue::try_from(self.config.node_name.as_str()).map_err(|_| Error::Credential)?;
-        request.metadata_mut().insert("authorization", bearer);
-        request.metadata_mut().insert(mesh_proto::NODE_NAME_HEADER, node);
+        mesh_proto::authenticate_node(&mut request, &self.config.node_name, &token).map_err(|_| Error::Credential)?;
         // A fresh server-TLS channel each time: it also picks up a changed root file.
         let response = CertificatesClient::new(self.config.endpoint(None)?).create_node_certificate(request).await?.into_inner();
         let leaf = response.cert_chain_pem.first().ok_or_else(|| Error::Invalid("empty node certificate chain".into()))?;
