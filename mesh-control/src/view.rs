@@ -133,6 +133,7 @@ fn service(s: &model::Service, inv: &Inventory, trust_domain: &str) -> pb::Servi
                     meshed: w.is_some_and(|w| w.meshed),
                     identity: w.filter(|w| w.meshed).map(|w| w.identity(trust_domain)).unwrap_or_default(),
                     node_address: w.map(|w| node_address(inv, &w.node)).unwrap_or_default(),
+                    subsets: Vec::new(),
                 }
             })
             .collect(),

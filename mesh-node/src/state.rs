@@ -13,6 +13,7 @@ use std::{
     sync::Arc,
 };
 
+use mesh_l7::route::RouteTable;
 use tokio::sync::watch;
 
 pub use service::{Endpoint, Service, ServicePort, ServiceProtocol};
@@ -45,6 +46,10 @@ pub struct Snapshot {
     pub peer_authentications: Vec<PeerAuthentication>,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// HTTP route tables, one per Service that has routes. Only the control plane sends them
+    /// (the local config file has none); shown in the config dump.
+    #[serde(default, skip_deserializing)]
+    pub routes: Vec<RouteTable>,
 }
 
 /// One consistent view, indexed for the per-connection lookups.
@@ -57,6 +62,8 @@ pub struct State {
     pub policies: Vec<Policy>,
     pub peer_authentications: Vec<PeerAuthentication>,
     pub services: Vec<Service>,
+    /// Route tables by Service (namespace, name).
+    pub routes: HashMap<(String, String), Arc<RouteTable>>,
     /// VIP and serving-Service lookups over `services`, built with them.
     service_index: service::Index,
 }
@@ -77,6 +84,7 @@ impl State {
             peer_authentications: snap.peer_authentications,
             service_index: service::Index::build(&snap.services),
             services: snap.services,
+            routes: snap.routes.into_iter().map(|t| ((t.namespace.clone(), t.name.clone()), Arc::new(t))).collect(),
         })
     }
 
@@ -115,6 +123,11 @@ impl State {
             policies: self.policies.clone(),
             peer_authentications: self.peer_authentications.clone(),
             services: self.services.clone(),
+            routes: {
+                let mut r: Vec<RouteTable> = self.routes.values().map(|t| RouteTable::clone(t)).collect();
+                r.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+                r
+            },
         }
     }
 }

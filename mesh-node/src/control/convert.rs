@@ -8,6 +8,9 @@
 //!   matches in an ALLOW policy and always matches (on its L4 part) in a DENY policy.
 //! - PeerAuthentication with mode UNSET inherits, so it is dropped; port-level modes are not
 //!   enforced yet (the workload-level mode applies to every port).
+//! - Route tables become `mesh_l7` routes (`routes`): regexes are compiled here, once.
+
+mod routes;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -63,6 +66,7 @@ pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, node: &str, o
             }
             Some(pb::resource::Kind::AuthorizationPolicy(p)) => snap.policies.push(policy(&p)?),
             Some(pb::resource::Kind::PeerAuthentication(p)) => snap.peer_authentications.extend(peer_authentication(&p)?),
+            Some(pb::resource::Kind::RouteTable(t)) => snap.routes.push(routes::route_table(&t)?),
             None => return Err(invalid("resource without a kind")),
         }
     }
@@ -122,7 +126,13 @@ fn service(s: &pb::Service) -> Result<Service, Error> {
             // SCTP is not balanced by this datapath: skip the port, keep the Service.
             _ => continue,
         };
-        ports.push(ServicePort { port: port(p.port, &what)?, protocol, target_port: port(p.target_port, &what)? });
+        ports.push(ServicePort {
+            name: p.name.clone(),
+            port: port(p.port, &what)?,
+            protocol,
+            target_port: port(p.target_port, &what)?,
+            app_protocol: (!p.app_protocol.is_empty()).then(|| p.app_protocol.clone()),
+        });
     }
     let endpoints = s
         .endpoints
@@ -136,6 +146,7 @@ fn service(s: &pb::Service) -> Result<Service, Error> {
                 node_address: if e.node_address.is_empty() { None } else { Some(ip(&e.node_address, &what)?) },
                 meshed: e.meshed,
                 identity: (!e.identity.is_empty()).then(|| e.identity.clone()),
+                subsets: e.subsets.clone(),
             })
         })
         .collect::<Result<_, Error>>()?;

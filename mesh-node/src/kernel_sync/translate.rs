@@ -198,12 +198,13 @@ mod tests {
                 name: "whoami".into(),
                 namespace: "demo".into(),
                 vips: vec![IpAddr::from([198, 19, 0, 10])],
-                ports: vec![ServicePort { port: 80, protocol: ServiceProtocol::Tcp, target_port: 8080 }],
+                ports: vec![ServicePort { name: String::new(), port: 80, protocol: ServiceProtocol::Tcp, target_port: 8080, app_protocol: None }],
                 endpoints: vec![
-                    Endpoint { address: IpAddr::from([198, 18, 2, 11]), ports: BTreeMap::new(), healthy: true, node: "n2".into(), node_address: None, meshed: true, identity: Some("spiffe://cluster.local/ns/demo/sa/whoami".into()) },
-                    Endpoint { address: IpAddr::from([198, 18, 2, 12]), ports: BTreeMap::from([(80, 9090)]), healthy: false, node: "n2".into(), node_address: None, meshed: true, identity: Some("spiffe://cluster.local/ns/demo/sa/whoami".into()) },
+                    Endpoint { address: IpAddr::from([198, 18, 2, 11]), ports: BTreeMap::new(), healthy: true, node: "n2".into(), node_address: None, meshed: true, identity: Some("spiffe://cluster.local/ns/demo/sa/whoami".into()), subsets: Vec::new() },
+                    Endpoint { address: IpAddr::from([198, 18, 2, 12]), ports: BTreeMap::from([(80, 9090)]), healthy: false, node: "n2".into(), node_address: None, meshed: true, identity: Some("spiffe://cluster.local/ns/demo/sa/whoami".into()), subsets: Vec::new() },
                 ],
             }],
+            routes: Vec::new(),
         };
         State::build("cluster.local", "mesh-system", snap).expect("state")
     }

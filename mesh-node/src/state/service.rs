@@ -6,6 +6,8 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+use mesh_l7::AppProtocol;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum ServiceProtocol {
@@ -16,10 +18,26 @@ pub enum ServiceProtocol {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
+    /// The port's name (Istio's protocol selection reads its prefix).
+    #[serde(default)]
+    pub name: String,
     pub port: u16,
     pub protocol: ServiceProtocol,
     /// Port on the endpoints unless an endpoint maps it otherwise.
     pub target_port: u16,
+    /// Kubernetes `appProtocol` (`http`, `kubernetes.io/h2c`, `grpc`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+impl ServicePort {
+    /// How the mesh handles this port: HTTP (routes, L7 policy, request metrics) or TCP.
+    pub fn app_protocol(&self) -> AppProtocol {
+        if self.protocol == ServiceProtocol::Udp {
+            return AppProtocol::Tcp;
+        }
+        AppProtocol::classify(&self.name, self.app_protocol.as_deref())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -42,6 +60,9 @@ pub struct Endpoint {
     /// SPIFFE identity (`spiffe://...`), when meshed.
     #[serde(default)]
     pub identity: Option<String>,
+    /// DestinationRule subsets of the Service this endpoint belongs to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -139,12 +160,13 @@ mod tests {
             node_address: None,
             meshed: true,
             identity: None,
+            subsets: Vec::new(),
         };
         Service {
             name: "whoami".into(),
             namespace: "demo".into(),
             vips: vec![IpAddr::from([198, 19, 0, 10])],
-            ports: vec![ServicePort { port: 80, protocol: ServiceProtocol::Tcp, target_port: 8080 }],
+            ports: vec![ServicePort { name: "tcp".into(), port: 80, protocol: ServiceProtocol::Tcp, target_port: 8080, app_protocol: None }],
             endpoints: vec![ep(11, true), ep(12, false), ep(13, true)],
         }
     }

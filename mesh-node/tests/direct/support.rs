@@ -60,7 +60,7 @@ pub fn service(name: &str, addr: &str, target_port: u16) -> Service {
         name: name.into(),
         namespace: "default".into(),
         vips: vec![ip("198.19.0.99")],
-        ports: vec![ServicePort { port: 80, protocol: ServiceProtocol::Tcp, target_port }],
+        ports: vec![ServicePort { name: String::new(), port: 80, protocol: ServiceProtocol::Tcp, target_port, app_protocol: None }],
         endpoints: vec![Endpoint {
             address: ip(addr),
             ports: BTreeMap::new(),
@@ -69,6 +69,7 @@ pub fn service(name: &str, addr: &str, target_port: u16) -> Service {
             node_address: None,
             meshed: true,
             identity: None,
+            subsets: Vec::new(),
         }],
     }
 }
