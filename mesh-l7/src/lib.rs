@@ -1,9 +1,20 @@
 //! The node daemon's HTTP layer, with no kernel dependency: which ports are HTTP
-//! ([`protocol`]), the route model and its matching and filters ([`route`]).
+//! ([`protocol`]), the route model with its matching and filters ([`route`]), the request
+//! layers ([`layer`], [`record`]), upstream connection pools ([`client`]) and the hygiene of
+//! forwarding ([`forward`]), and serving a connection ([`server`]).
 //!
-//! `mesh-node` owns sockets, identities and HBONE; this crate owns what happens to a request.
+//! `mesh-node` owns sockets, identities, HBONE and endpoint picking; this crate owns what happens
+//! to a request.
 
+pub mod body;
+pub mod client;
+pub mod flags;
+pub mod forward;
+pub mod layer;
+pub mod metrics;
 pub mod protocol;
+pub mod record;
 pub mod route;
+pub mod server;
 
 pub use protocol::AppProtocol;

@@ -88,7 +88,11 @@ mod tests {
             ("db", Some("postgresql"), Tcp),
         ];
         for (name, app, want) in cases {
-            assert_eq!(AppProtocol::classify(name, *app), *want, "port name {name:?}, appProtocol {app:?}");
+            assert_eq!(
+                AppProtocol::classify(name, *app),
+                *want,
+                "port name {name:?}, appProtocol {app:?}"
+            );
         }
     }
 
@@ -96,7 +100,10 @@ mod tests {
     fn grpc_requests_are_told_by_content_type() {
         let mut h = http::HeaderMap::new();
         assert_eq!(super::request_protocol(&h), "http");
-        h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc+proto"));
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc+proto"),
+        );
         assert_eq!(super::request_protocol(&h), "grpc");
     }
 }

@@ -8,7 +8,7 @@
 pub mod filter;
 pub mod matching;
 
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
 use serde::Serialize;
 
@@ -32,7 +32,13 @@ impl RouteTable {
     /// The implicit table of a Service without routes: every request to the Service itself.
     pub fn default_for(namespace: &str, name: &str) -> Self {
         let route = Route {
-            source: RouteSource { kind: SourceKind::Default, namespace: namespace.into(), name: name.into(), rule: 0, rule_name: None },
+            source: RouteSource {
+                kind: SourceKind::Default,
+                namespace: namespace.into(),
+                name: name.into(),
+                rule: 0,
+                rule_name: None,
+            },
             matches: Vec::new(),
             request_headers: HeaderModifier::default(),
             response_headers: HeaderModifier::default(),
@@ -43,12 +49,61 @@ impl RouteTable {
             retry: None,
             fault: None,
         };
-        Self { namespace: namespace.into(), name: name.into(), routes: vec![route], consumers: BTreeMap::new(), traffic_policy: None }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            routes: vec![route],
+            consumers: BTreeMap::new(),
+            traffic_policy: None,
+        }
     }
 
     /// The routes a client in `client_namespace` sees.
     pub fn routes_for(&self, client_namespace: Option<&str>) -> &[Route] {
-        client_namespace.and_then(|ns| self.consumers.get(ns)).map_or(&self.routes, Vec::as_slice)
+        client_namespace
+            .and_then(|ns| self.consumers.get(ns))
+            .map_or(&self.routes, Vec::as_slice)
+    }
+}
+
+/// The route a request took, in the request's and the response's extensions: which table (as
+/// it was when the request arrived), which list and position, and how its path matched.
+#[derive(Clone, Debug)]
+pub struct Selected {
+    pub table: Arc<RouteTable>,
+    /// The consumer namespace whose routes were used, if any.
+    pub consumer: Option<String>,
+    pub index: usize,
+    pub prefix: Option<matching::PrefixMatch>,
+}
+
+impl Selected {
+    pub fn route(&self) -> &Route {
+        let list = match &self.consumer {
+            Some(ns) => self
+                .table
+                .consumers
+                .get(ns)
+                .map_or(&self.table.routes, |r| r),
+            None => &self.table.routes,
+        };
+        &list[self.index]
+    }
+
+    /// Finds the route for a request in `table` (first match), for a client in `namespace`.
+    pub fn find(table: &Arc<RouteTable>, req: &matching::RequestView<'_>) -> Option<Self> {
+        let consumer = req
+            .client
+            .namespace
+            .filter(|ns| table.consumers.contains_key(*ns));
+        let routes = table.routes_for(consumer);
+        let m = matching::find(routes, req)?;
+        Some(Self {
+            table: table.clone(),
+            consumer: consumer.map(str::to_owned),
+            index: m.index,
+            prefix: m.prefix,
+        })
     }
 }
 
@@ -91,7 +146,14 @@ impl fmt::Display for RouteSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
             SourceKind::Default => write!(f, "default/{}/{}", self.namespace, self.name),
-            kind => write!(f, "{}/{}/{}#{}", kind.as_str(), self.namespace, self.name, self.rule),
+            kind => write!(
+                f,
+                "{}/{}/{}#{}",
+                kind.as_str(),
+                self.namespace,
+                self.name,
+                self.rule
+            ),
         }
     }
 }
@@ -144,7 +206,10 @@ pub struct Timeouts {
 mod opt_ms {
     use std::time::Duration;
 
-    #[expect(clippy::ref_option, reason = "serde's `with` passes a reference to the field")]
+    #[expect(
+        clippy::ref_option,
+        reason = "serde's `with` passes a reference to the field"
+    )]
     pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => s.serialize_str(&format!("{}ms", d.as_millis())),
@@ -202,8 +267,14 @@ pub struct HeaderModifier {
     pub remove: Vec<http::HeaderName>,
 }
 
-fn headers<S: serde::Serializer>(h: &[(http::HeaderName, http::HeaderValue)], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_map(h.iter().map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes()))))
+fn headers<S: serde::Serializer>(
+    h: &[(http::HeaderName, http::HeaderValue)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(
+        h.iter()
+            .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes()))),
+    )
 }
 
 fn names<S: serde::Serializer>(h: &[http::HeaderName], s: S) -> Result<S::Ok, S::Error> {

@@ -5,7 +5,10 @@ use std::fmt::Write as _;
 
 use http::{HeaderMap, HeaderValue, Request, Uri, header::HOST, uri::PathAndQuery};
 
-use super::{HeaderModifier, PathModifier, RequestRedirect, UrlRewrite, matching::{PrefixKind, PrefixMatch}};
+use super::{
+    HeaderModifier, PathModifier, RequestRedirect, UrlRewrite,
+    matching::{PrefixKind, PrefixMatch},
+};
 
 /// Set (replace), add (append), then remove.
 pub fn modify_headers(headers: &mut HeaderMap, m: &HeaderModifier) {
@@ -22,15 +25,34 @@ pub fn modify_headers(headers: &mut HeaderMap, m: &HeaderModifier) {
 
 /// The request's authority: the URI's (HTTP/2, absolute form) or the `Host` header (HTTP/1.1).
 pub fn authority<B>(req: &Request<B>) -> Option<&str> {
-    req.uri().authority().map(http::uri::Authority::as_str).or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()))
+    authority_in(req.uri(), req.headers())
+}
+
+/// [`authority`] from a request's parts.
+pub fn authority_in<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    uri.authority()
+        .map(http::uri::Authority::as_str)
+        .or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok()))
 }
 
 /// The new path for `path` under `m`, given how the route's path matched.
 pub fn rewrite_path(path: &str, prefix: Option<PrefixMatch>, m: &PathModifier) -> String {
     match (m, prefix) {
         (PathModifier::Full(p), _) | (PathModifier::Prefix(p), None) => p.clone(),
-        (PathModifier::Prefix(p), Some(PrefixMatch { len, kind: PrefixKind::String })) => format!("{p}{}", &path[len.min(path.len())..]),
-        (PathModifier::Prefix(p), Some(PrefixMatch { len, kind: PrefixKind::Segments })) => {
+        (
+            PathModifier::Prefix(p),
+            Some(PrefixMatch {
+                len,
+                kind: PrefixKind::String,
+            }),
+        ) => format!("{p}{}", &path[len.min(path.len())..]),
+        (
+            PathModifier::Prefix(p),
+            Some(PrefixMatch {
+                len,
+                kind: PrefixKind::Segments,
+            }),
+        ) => {
             // Gateway API's table: the remainder keeps its leading `/`, the replacement loses a
             // trailing one, and an empty result is `/`.
             let rest = &path[len.min(path.len())..];
@@ -38,7 +60,11 @@ pub fn rewrite_path(path: &str, prefix: Option<PrefixMatch>, m: &PathModifier) -
                 return if p.is_empty() { "/".into() } else { p.clone() };
             }
             let joined = format!("{}{rest}", p.trim_end_matches('/'));
-            if joined.starts_with('/') { joined } else { format!("/{joined}") }
+            if joined.starts_with('/') {
+                joined
+            } else {
+                format!("/{joined}")
+            }
         }
     }
 }
@@ -52,7 +78,11 @@ pub enum Error {
 }
 
 /// Applies a URL rewrite (hostname, path) to the request; the query string is kept.
-pub fn apply_rewrite<B>(req: &mut Request<B>, rw: &UrlRewrite, prefix: Option<PrefixMatch>) -> Result<(), Error> {
+pub fn apply_rewrite<B>(
+    req: &mut Request<B>,
+    rw: &UrlRewrite,
+    prefix: Option<PrefixMatch>,
+) -> Result<(), Error> {
     if let Some(m) = &rw.path {
         let path = rewrite_path(req.uri().path(), prefix, m);
         let pq = match req.uri().query() {
@@ -71,7 +101,11 @@ pub fn apply_rewrite<B>(req: &mut Request<B>, rw: &UrlRewrite, prefix: Option<Pr
     Ok(())
 }
 
-fn set_uri<B>(req: &mut Request<B>, authority: Option<&str>, path_and_query: Option<&str>) -> Result<(), Error> {
+fn set_uri<B>(
+    req: &mut Request<B>,
+    authority: Option<&str>,
+    path_and_query: Option<&str>,
+) -> Result<(), Error> {
     let old = req.uri().clone().into_parts();
     let mut b = Uri::builder();
     if let Some(s) = old.scheme {
@@ -93,8 +127,16 @@ fn set_uri<B>(req: &mut Request<B>, authority: Option<&str>, path_and_query: Opt
 
 /// The `Location` of a redirect. Unset parts keep the request's; the port is the redirect's, or
 /// none when the scheme changes (the scheme's well-known port), else the request's.
-pub fn redirect_location<B>(req: &Request<B>, r: &RequestRedirect, prefix: Option<PrefixMatch>) -> String {
-    let scheme = r.scheme.as_deref().or_else(|| req.uri().scheme_str()).unwrap_or("http");
+pub fn redirect_location<B>(
+    req: &Request<B>,
+    r: &RequestRedirect,
+    prefix: Option<PrefixMatch>,
+) -> String {
+    let scheme = r
+        .scheme
+        .as_deref()
+        .or_else(|| req.uri().scheme_str())
+        .unwrap_or("http");
     let (req_host, req_port) = split_host_port(authority(req).unwrap_or(""));
     let host = r.hostname.as_deref().unwrap_or(req_host);
     let port = match (r.port, &r.scheme) {
@@ -103,7 +145,10 @@ pub fn redirect_location<B>(req: &Request<B>, r: &RequestRedirect, prefix: Optio
         (None, None) => req_port,
     };
     let port = port.filter(|p| !matches!((scheme, p), ("http", 80) | ("https", 443)));
-    let path = r.path.as_ref().map_or_else(|| req.uri().path().to_owned(), |m| rewrite_path(req.uri().path(), prefix, m));
+    let path = r.path.as_ref().map_or_else(
+        || req.uri().path().to_owned(),
+        |m| rewrite_path(req.uri().path(), prefix, m),
+    );
     let mut loc = format!("{scheme}://{host}");
     if let Some(p) = port {
         let _ = write!(loc, ":{p}");
@@ -119,7 +164,9 @@ pub fn redirect_location<B>(req: &Request<B>, r: &RequestRedirect, prefix: Optio
 /// `host[:port]` (IPv6 in brackets) → host and port.
 fn split_host_port(authority: &str) -> (&str, Option<u16>) {
     let (host, port) = match authority.rfind(':') {
-        Some(i) if !authority[i..].contains(']') => (&authority[..i], authority[i + 1..].parse().ok()),
+        Some(i) if !authority[i..].contains(']') => {
+            (&authority[..i], authority[i + 1..].parse().ok())
+        }
         _ => (authority, None),
     };
     (host, port)

@@ -26,7 +26,11 @@ impl StringMatch {
     /// A `PathPrefix` match, normalized (a trailing `/` is ignored, as the spec says).
     pub fn path_prefix(prefix: &str) -> Self {
         let trimmed = prefix.trim_end_matches('/');
-        Self::PathPrefix(if trimmed.is_empty() { "/".into() } else { trimmed.into() })
+        Self::PathPrefix(if trimmed.is_empty() {
+            "/".into()
+        } else {
+            trimmed.into()
+        })
     }
 
     /// An anchored regex (RE2 syntax).
@@ -69,7 +73,12 @@ impl Serialize for StringMatch {
             Self::PathPrefix(v) => m.serialize_entry("pathPrefix", v)?,
             Self::Regex(r) => {
                 let p = r.as_str();
-                m.serialize_entry("regex", p.strip_prefix("^(?:").and_then(|p| p.strip_suffix(")$")).unwrap_or(p))?;
+                m.serialize_entry(
+                    "regex",
+                    p.strip_prefix("^(?:")
+                        .and_then(|p| p.strip_suffix(")$"))
+                        .unwrap_or(p),
+                )?;
             }
             Self::Present => m.serialize_entry("present", &true)?,
         }
@@ -140,7 +149,14 @@ pub struct RequestView<'a> {
 
 impl<'a> RequestView<'a> {
     pub fn of<B>(req: &'a http::Request<B>, port: u16, client: Client<'a>) -> Self {
-        Self { method: req.method().as_str(), path: req.uri().path(), query: req.uri().query(), headers: req.headers(), port, client }
+        Self {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+            port,
+            client,
+        }
     }
 }
 
@@ -164,19 +180,29 @@ pub enum PrefixKind {
 #[derive(Clone, Copy, Debug)]
 pub struct Matched<'r> {
     pub route: &'r Route,
+    /// Position of `route` in the table.
+    pub index: usize,
     /// The prefix path match that matched, if the matching entry had one.
     pub prefix: Option<PrefixMatch>,
 }
 
 /// The first route (in table order) one of whose matches accepts the request.
 pub fn find<'r>(routes: &'r [Route], req: &RequestView<'_>) -> Option<Matched<'r>> {
-    for route in routes {
+    for (index, route) in routes.iter().enumerate() {
         if route.matches.is_empty() {
-            return Some(Matched { route, prefix: None });
+            return Some(Matched {
+                route,
+                index,
+                prefix: None,
+            });
         }
         for m in &route.matches {
             if let Some(prefix) = m.accepts(req) {
-                return Some(Matched { route, prefix });
+                return Some(Matched {
+                    route,
+                    index,
+                    prefix,
+                });
             }
         }
     }
@@ -196,7 +222,11 @@ impl RouteMatch {
         }
         if !self.source_labels.is_empty() {
             let labels = req.client.labels?;
-            if !self.source_labels.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+            if !self
+                .source_labels
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v))
+            {
                 return None;
             }
         }
@@ -228,16 +258,25 @@ impl RouteMatch {
 impl HeaderMatch {
     /// Whether any value of the header matches (ignoring `invert`).
     fn accepts(&self, headers: &HeaderMap) -> bool {
-        headers.get_all(&self.name).iter().any(|v| v.to_str().is_ok_and(|v| self.value.matches(v).is_some()))
+        headers
+            .get_all(&self.name)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| self.value.matches(v).is_some()))
     }
 }
 
 /// Values of query parameter `name` (percent-decoded, `+` as space), in order.
-pub fn query_values<'q>(query: Option<&'q str>, name: &'q str) -> impl Iterator<Item = Cow<'q, str>> + 'q {
-    query.into_iter().flat_map(|q| q.split('&')).filter_map(move |pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (decode(k) == name).then(|| decode(v))
-    })
+pub fn query_values<'q>(
+    query: Option<&'q str>,
+    name: &'q str,
+) -> impl Iterator<Item = Cow<'q, str>> + 'q {
+    query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(move |pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k) == name).then(|| decode(v))
+        })
 }
 
 fn decode(s: &str) -> Cow<'_, str> {
@@ -245,7 +284,11 @@ fn decode(s: &str) -> Cow<'_, str> {
         return Cow::Borrowed(s);
     }
     let spaced = s.replace('+', " ");
-    Cow::Owned(percent_encoding::percent_decode_str(&spaced).decode_utf8_lossy().into_owned())
+    Cow::Owned(
+        percent_encoding::percent_decode_str(&spaced)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
 }
 
 #[cfg(test)]

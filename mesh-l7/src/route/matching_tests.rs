@@ -7,12 +7,21 @@ use crate::route::{Action, RouteSource, SourceKind, Timeouts};
 
 fn route(name: &str, matches: Vec<RouteMatch>) -> Route {
     Route {
-        source: RouteSource { kind: SourceKind::HttpRoute, namespace: "demo".into(), name: name.into(), rule: 0, rule_name: None },
+        source: RouteSource {
+            kind: SourceKind::HttpRoute,
+            namespace: "demo".into(),
+            name: name.into(),
+            rule: 0,
+            rule_name: None,
+        },
         matches,
         request_headers: super::super::HeaderModifier::default(),
         response_headers: super::super::HeaderModifier::default(),
         rewrite: None,
-        action: Action::Respond { status: 200, body: String::new() },
+        action: Action::Respond {
+            status: 200,
+            body: String::new(),
+        },
         mirrors: Vec::new(),
         timeouts: Timeouts::default(),
         retry: None,
@@ -20,8 +29,20 @@ fn route(name: &str, matches: Vec<RouteMatch>) -> Route {
     }
 }
 
-fn view<'a>(method: &'a str, path: &'a str, query: Option<&'a str>, headers: &'a HeaderMap) -> RequestView<'a> {
-    RequestView { method, path, query, headers, port: 80, client: Client::default() }
+fn view<'a>(
+    method: &'a str,
+    path: &'a str,
+    query: Option<&'a str>,
+    headers: &'a HeaderMap,
+) -> RequestView<'a> {
+    RequestView {
+        method,
+        path,
+        query,
+        headers,
+        port: 80,
+        client: Client::default(),
+    }
 }
 
 #[test]
@@ -40,7 +61,10 @@ fn path_prefix_is_element_wise_and_string_prefix_is_not() {
 #[test]
 fn regexes_are_anchored() {
     let r = StringMatch::regex(".*Firefox.*").expect("regex");
-    assert!(r.matches("Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0").is_some());
+    assert!(
+        r.matches("Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0")
+            .is_some()
+    );
     assert!(r.matches("curl/8.0").is_none());
     let r = StringMatch::regex("/v[0-9]+").expect("regex");
     assert!(r.matches("/v12").is_some());
@@ -53,24 +77,62 @@ fn every_field_of_a_match_must_hold() {
     let m = RouteMatch {
         path: Some(StringMatch::path_prefix("/api")),
         method: Some(StringMatch::Exact("GET".into())),
-        headers: vec![HeaderMatch { name: http::HeaderName::from_static("x-user"), value: StringMatch::Exact("jason".into()), invert: false }],
-        query_params: vec![QueryMatch { name: "debug".into(), value: StringMatch::Exact("on x".into()) }],
+        headers: vec![HeaderMatch {
+            name: http::HeaderName::from_static("x-user"),
+            value: StringMatch::Exact("jason".into()),
+            invert: false,
+        }],
+        query_params: vec![QueryMatch {
+            name: "debug".into(),
+            value: StringMatch::Exact("on x".into()),
+        }],
         ..RouteMatch::default()
     };
     let mut h = HeaderMap::new();
     h.insert("x-user", HeaderValue::from_static("jason"));
     let ok = view("GET", "/api/v1", Some("a=1&debug=on+x"), &h);
-    assert_eq!(m.accepts(&ok), Some(Some(PrefixMatch { len: 4, kind: PrefixKind::Segments })));
-    assert_eq!(m.accepts(&view("POST", "/api/v1", Some("debug=on%20x"), &h)), None, "method");
-    assert_eq!(m.accepts(&view("GET", "/apix", Some("debug=on%20x"), &h)), None, "path");
-    assert_eq!(m.accepts(&view("GET", "/api", Some("debug=off"), &h)), None, "query");
-    assert_eq!(m.accepts(&view("GET", "/api", Some("debug=on%20x"), &HeaderMap::new())), None, "header");
+    assert_eq!(
+        m.accepts(&ok),
+        Some(Some(PrefixMatch {
+            len: 4,
+            kind: PrefixKind::Segments
+        }))
+    );
+    assert_eq!(
+        m.accepts(&view("POST", "/api/v1", Some("debug=on%20x"), &h)),
+        None,
+        "method"
+    );
+    assert_eq!(
+        m.accepts(&view("GET", "/apix", Some("debug=on%20x"), &h)),
+        None,
+        "path"
+    );
+    assert_eq!(
+        m.accepts(&view("GET", "/api", Some("debug=off"), &h)),
+        None,
+        "query"
+    );
+    assert_eq!(
+        m.accepts(&view(
+            "GET",
+            "/api",
+            Some("debug=on%20x"),
+            &HeaderMap::new()
+        )),
+        None,
+        "header"
+    );
 }
 
 #[test]
 fn inverted_headers_match_when_absent_or_different() {
     let m = RouteMatch {
-        headers: vec![HeaderMatch { name: http::HeaderName::from_static("x-canary"), value: StringMatch::Present, invert: true }],
+        headers: vec![HeaderMatch {
+            name: http::HeaderName::from_static("x-canary"),
+            value: StringMatch::Present,
+            invert: true,
+        }],
         ..RouteMatch::default()
     };
     let mut h = HeaderMap::new();
@@ -81,7 +143,10 @@ fn inverted_headers_match_when_absent_or_different() {
 
 #[test]
 fn source_labels_namespace_and_port_restrict_the_match() {
-    let labels = BTreeMap::from([("app".to_owned(), "client".to_owned()), ("version".to_owned(), "v1".to_owned())]);
+    let labels = BTreeMap::from([
+        ("app".to_owned(), "client".to_owned()),
+        ("version".to_owned(), "v1".to_owned()),
+    ]);
     let m = RouteMatch {
         port: Some(8081),
         source_labels: BTreeMap::from([("app".to_owned(), "client".to_owned())]),
@@ -92,7 +157,10 @@ fn source_labels_namespace_and_port_restrict_the_match() {
     let mut v = view("GET", "/", None, &h);
     v.port = 8081;
     assert!(m.accepts(&v).is_none(), "no client known");
-    v.client = Client { namespace: Some("demo"), labels: Some(&labels) };
+    v.client = Client {
+        namespace: Some("demo"),
+        labels: Some(&labels),
+    };
     assert!(m.accepts(&v).is_some());
     v.port = 80;
     assert!(m.accepts(&v).is_none(), "other port");
@@ -113,9 +181,29 @@ fn first_route_in_table_order_wins_and_empty_matches_match_all() {
     };
     let routes = [route("canary", vec![firefox]), route("catch-all", vec![])];
     let mut h = HeaderMap::new();
-    h.insert("user-agent", HeaderValue::from_static("Mozilla/5.0 Firefox/120.0"));
-    assert_eq!(find(&routes, &view("GET", "/", None, &h)).expect("match").route.source.name, "canary");
+    h.insert(
+        "user-agent",
+        HeaderValue::from_static("Mozilla/5.0 Firefox/120.0"),
+    );
+    assert_eq!(
+        find(&routes, &view("GET", "/", None, &h))
+            .expect("match")
+            .route
+            .source
+            .name,
+        "canary"
+    );
     let curl = HeaderMap::new();
-    assert_eq!(find(&routes, &view("GET", "/", None, &curl)).expect("match").route.source.name, "catch-all");
-    assert!(find(&routes[..1], &view("GET", "/", None, &curl)).is_none(), "no route: 404 NR");
+    assert_eq!(
+        find(&routes, &view("GET", "/", None, &curl))
+            .expect("match")
+            .route
+            .source
+            .name,
+        "catch-all"
+    );
+    assert!(
+        find(&routes[..1], &view("GET", "/", None, &curl)).is_none(),
+        "no route: 404 NR"
+    );
 }

@@ -1,0 +1,159 @@
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
+use tokio::io::DuplexStream;
+
+use super::*;
+use crate::{body, server};
+
+/// Connections are in-memory pipes to a real hyper server (the crate's own `server::serve`)
+/// answering `<n>` with the request count seen on that connection.
+#[derive(Clone, Default)]
+struct Loopback {
+    connects: Arc<AtomicUsize>,
+}
+
+impl Connect for Loopback {
+    type Key = &'static str;
+    type Io = DuplexStream;
+
+    fn connect(
+        &self,
+        _key: &Self::Key,
+    ) -> impl Future<Output = Result<DuplexStream, BoxError>> + Send {
+        self.connects.fetch_add(1, Ordering::SeqCst);
+        let (client, server_io) = tokio::io::duplex(64 << 10);
+        let seen = Arc::new(AtomicUsize::new(0));
+        let svc = tower::service_fn(move |req: Request<Body>| {
+            let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                let body = if req.uri().path() == "/big" {
+                    "x".repeat(1 << 20)
+                } else {
+                    n.to_string()
+                };
+                Ok::<_, Infallible>(Response::new(body::full(body)))
+            }
+        });
+        tokio::spawn(async move {
+            let _ = server::serve(
+                server_io,
+                svc,
+                &server::Config::default(),
+                std::future::pending(),
+            )
+            .await;
+        });
+        async move { Ok(client) }
+    }
+}
+
+fn get(path: &str, version: Version) -> Request<Body> {
+    let mut req = Request::get(format!("http://whoami{path}"))
+        .body(body::empty())
+        .expect("request");
+    crate::forward::prepare_request(&mut req, version);
+    req
+}
+
+async fn text(resp: Response<Body>) -> String {
+    String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+            .to_vec(),
+    )
+    .expect("utf-8")
+}
+
+#[tokio::test]
+async fn http1_reuses_a_connection_whose_response_was_read_to_the_end() {
+    let lo = Loopback::default();
+    let pool = Pool::new(lo.clone(), Config::default());
+    for i in 1..=5 {
+        let resp = pool
+            .send(&"ep", Version::Http1, get("/", Version::Http1))
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            text(resp).await,
+            i.to_string(),
+            "the same upstream connection answered"
+        );
+    }
+    assert_eq!(lo.connects.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn http1_drops_a_connection_whose_response_was_abandoned() {
+    let lo = Loopback::default();
+    let pool = Pool::new(lo.clone(), Config::default());
+    let resp = pool
+        .send(&"ep", Version::Http1, get("/big", Version::Http1))
+        .await
+        .expect("response");
+    drop(resp);
+    let resp = pool
+        .send(&"ep", Version::Http1, get("/", Version::Http1))
+        .await
+        .expect("response");
+    assert_eq!(text(resp).await, "1", "a fresh connection");
+    assert_eq!(lo.connects.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn http2_multiplexes_concurrent_requests_on_one_connection() {
+    let lo = Loopback::default();
+    let pool = Pool::new(lo.clone(), Config::default());
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            text(
+                pool.send(&"ep", Version::Http2, get("/", Version::Http2))
+                    .await
+                    .expect("response"),
+            )
+            .await
+        }));
+    }
+    let mut seen: Vec<usize> = Vec::new();
+    for t in tasks {
+        seen.push(t.await.expect("task").parse().expect("number"));
+    }
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (1..=50).collect::<Vec<_>>(),
+        "all 50 on one connection"
+    );
+    assert_eq!(lo.connects.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_failed_connect_is_upstream_connection_failure() {
+    struct Refuses;
+    impl Connect for Refuses {
+        type Key = ();
+        type Io = DuplexStream;
+        async fn connect(&self, _key: &()) -> Result<DuplexStream, BoxError> {
+            Err("connection refused".into())
+        }
+    }
+    let pool = Pool::new(Refuses, Config::default());
+    let err = pool
+        .send(&(), Version::Http1, get("/", Version::Http1))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.flag(), ResponseFlag::UpstreamConnectionFailure);
+}

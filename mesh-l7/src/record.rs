@@ -1,0 +1,364 @@
+//! The outermost layer of both stacks: Istio's request metrics and one access-log line per
+//! request, written when the response body has ended (or the client went away), so durations
+//! and byte counts cover the whole exchange, streams included.
+//!
+//! Inner layers say what happened through response extensions: a [`ResponseFlag`], the
+//! [`Peers`] the request reached, the [`Upstream`] endpoint, the route taken
+//! ([`crate::route::Selected`]).
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt as _};
+use http::{HeaderMap, Request, Response};
+use http_body::{Body as _, Frame, SizeHint};
+
+use crate::{
+    body::{self, Body, BodyError},
+    flags::ResponseFlag,
+    metrics::{Handles, PeerLabels, RequestLabels, RequestMetrics},
+    protocol,
+    route::Selected,
+};
+
+/// The peers a response came from (set by the layer that chose the endpoint).
+#[derive(Clone, Debug)]
+pub struct Peers(pub Arc<PeerLabels>);
+
+/// The endpoint that answered.
+#[derive(Clone, Copy, Debug)]
+pub struct Upstream(pub SocketAddr);
+
+/// One connection's recorder: what is known before any request, and the metric handles its
+/// requests resolved (label sets are hashed once per connection and outcome, not per request).
+pub struct Recorder {
+    metrics: Arc<RequestMetrics>,
+    /// Labels when the response names no peers (no route, a redirect, a denial).
+    base: Arc<PeerLabels>,
+    /// `outbound`, `inbound`, `same-node`, `inbound-plaintext`: the access log's `kind`.
+    kind: &'static str,
+    src: SocketAddr,
+    /// Keyed by the peers' address: the entry holds the `Arc` so the address stays theirs.
+    cache: Mutex<HashMap<CacheKey, (Arc<PeerLabels>, Handles)>>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    peers: usize,
+    protocol: &'static str,
+    code: u16,
+    grpc: Arc<str>,
+    flags: &'static str,
+}
+
+impl Recorder {
+    pub fn new(
+        metrics: Arc<RequestMetrics>,
+        base: Arc<PeerLabels>,
+        kind: &'static str,
+        src: SocketAddr,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            metrics,
+            base,
+            kind,
+            src,
+            cache: Mutex::default(),
+        })
+    }
+
+    fn handles(
+        &self,
+        peers: &Arc<PeerLabels>,
+        protocol: &'static str,
+        code: u16,
+        grpc: &Arc<str>,
+        flags: &'static str,
+    ) -> Handles {
+        let key = CacheKey {
+            peers: Arc::as_ptr(peers) as usize,
+            protocol,
+            code,
+            grpc: grpc.clone(),
+            flags,
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, h)) = cache.get(&key) {
+            return h.clone();
+        }
+        let labels = RequestLabels {
+            peers: PeerLabels::clone(peers),
+            request_protocol: protocol,
+            response_code: code,
+            grpc_response_status: grpc.clone(),
+            response_flags: flags,
+        };
+        let h = self.metrics.handles(&labels);
+        if cache.len() < 1024 {
+            cache.insert(key, (peers.clone(), h.clone()));
+        }
+        h
+    }
+}
+
+/// The record layer over `S`.
+#[derive(Clone)]
+pub struct Record<S> {
+    inner: S,
+    recorder: Arc<Recorder>,
+}
+
+impl<S> Record<S> {
+    pub fn new(inner: S, recorder: Arc<Recorder>) -> Self {
+        Self { inner, recorder }
+    }
+}
+
+/// What the access log says about the request, captured before it goes on.
+struct RequestInfo {
+    method: http::Method,
+    authority: Option<String>,
+    path: String,
+    version: http::Version,
+    protocol: &'static str,
+    received: Arc<AtomicU64>,
+    start: Instant,
+}
+
+impl<S> tower::Service<Request<Body>> for Record<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let received = Arc::new(AtomicU64::new(0));
+        let info = RequestInfo {
+            method: req.method().clone(),
+            authority: crate::route::filter::authority(&req).map(str::to_owned),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), ToString::to_string),
+            version: req.version(),
+            protocol: protocol::request_protocol(req.headers()),
+            received: received.clone(),
+            start: Instant::now(),
+        };
+        let req = req.map(|b| {
+            body::boxed(Count {
+                inner: b,
+                count: received,
+            })
+        });
+        let recorder = self.recorder.clone();
+        Box::pin(self.inner.call(req).map(move |Ok(resp)| {
+            let (parts, inner) = resp.into_parts();
+            let done = Done {
+                recorder,
+                info,
+                status: parts.status.as_u16(),
+                flag: parts.extensions.get::<ResponseFlag>().copied(),
+                peers: parts.extensions.get::<Peers>().map(|p| p.0.clone()),
+                upstream: parts.extensions.get::<Upstream>().map(|u| u.0),
+                route: parts.extensions.get::<Selected>().cloned(),
+                grpc: grpc_status(&parts.headers),
+            };
+            Ok(Response::from_parts(
+                parts,
+                body::boxed(RecordBody {
+                    inner,
+                    sent: 0,
+                    done: Some(done),
+                }),
+            ))
+        }))
+    }
+}
+
+fn grpc_status(h: &HeaderMap) -> Option<Arc<str>> {
+    h.get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(Arc::from)
+}
+
+/// Counts a request body's bytes as they stream through.
+struct Count {
+    inner: Body,
+    count: Arc<AtomicU64>,
+}
+
+impl http_body::Body for Count {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &polled
+            && let Some(d) = f.data_ref()
+        {
+            self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Everything needed to record the request once its response has ended.
+struct Done {
+    recorder: Arc<Recorder>,
+    info: RequestInfo,
+    status: u16,
+    flag: Option<ResponseFlag>,
+    peers: Option<Arc<PeerLabels>>,
+    upstream: Option<SocketAddr>,
+    route: Option<Selected>,
+    grpc: Option<Arc<str>>,
+}
+
+impl Done {
+    fn finish(self, sent: u64, complete: bool) {
+        let r = &self.recorder;
+        let flag = match self.flag {
+            Some(f) => Some(f),
+            None if !complete => Some(ResponseFlag::DownstreamConnectionTermination),
+            None => None,
+        };
+        let flags = flag.map_or("-", ResponseFlag::as_str);
+        let peers = self.peers.as_ref().unwrap_or(&r.base);
+        let grpc = match (&self.grpc, self.info.protocol) {
+            (Some(g), _) => g.clone(),
+            // A gRPC call that ended without a status (the stream broke): UNKNOWN, as Envoy reports.
+            (None, "grpc") => Arc::from("2"),
+            (None, _) => Arc::from(""),
+        };
+        let received = self.info.received.load(Ordering::Relaxed);
+        let elapsed = self.info.start.elapsed();
+        let h = r.handles(peers, self.info.protocol, self.status, &grpc, flags);
+        h.requests.inc();
+        h.duration.observe(elapsed.as_secs_f64() * 1000.0);
+        #[expect(clippy::cast_precision_loss, reason = "histogram observations are f64")]
+        {
+            h.request_bytes.observe(received as f64);
+            h.response_bytes.observe(sent as f64);
+        }
+        tracing::info!(
+            target: "access",
+            kind = r.kind,
+            src.addr = %r.src,
+            src.workload = %peers.source_workload,
+            src.namespace = %peers.source_workload_namespace,
+            src.identity = %peers.source_principal,
+            method = %self.info.method,
+            authority = self.info.authority.as_deref().unwrap_or("-"),
+            path = %self.info.path,
+            protocol = ?self.info.version,
+            status = self.status,
+            grpc_status = %grpc,
+            flags,
+            duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            upstream = %self.upstream.map_or_else(|| "-".to_owned(), |u| u.to_string()),
+            dst.service = %peers.destination_service,
+            dst.workload = %peers.destination_workload,
+            dst.identity = %peers.destination_principal,
+            route = %self.route.as_ref().map_or_else(|| "-".to_owned(), |s| s.route().source.to_string()),
+            bytes_received = received,
+            bytes_sent = sent,
+            "request complete"
+        );
+    }
+}
+
+/// The response body, counted; records the request when it ends or is dropped.
+struct RecordBody {
+    inner: Body,
+    sent: u64,
+    done: Option<Done>,
+}
+
+impl http_body::Body for RecordBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.sent += d.len() as u64;
+                }
+                if let Some(t) = f.trailers_ref()
+                    && let (Some(done), Some(g)) = (this.done.as_mut(), grpc_status(t))
+                {
+                    done.grpc = Some(g);
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(true);
+                }
+            }
+            Poll::Ready(None) => this.finish(true),
+            Poll::Ready(Some(Err(_))) => this.finish(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl RecordBody {
+    fn finish(&mut self, complete: bool) {
+        if let Some(done) = self.done.take() {
+            done.finish(self.sent, complete);
+        }
+    }
+}
+
+impl Drop for RecordBody {
+    fn drop(&mut self) {
+        // An empty body may never be polled: it ended as soon as it began.
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}

@@ -1,0 +1,80 @@
+//! Serving one downstream connection: HTTP/1.1 (keep-alive, pipelining, upgrades) or HTTP/2
+//! (prior knowledge), told apart by the HTTP/2 preface, requests handed to a stack. On drain the
+//! connection is shut down gracefully (HTTP/2 GOAWAY; HTTP/1.1 closes after the request in
+//! flight).
+
+use std::time::Duration;
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::{body, layer::HttpService};
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Config {
+    /// A client must send a request's headers within this after connecting or after the
+    /// previous response (HTTP/1.1).
+    pub header_read_timeout: Duration,
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+    pub stream_window: u32,
+    pub connection_window: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+            max_concurrent_streams: 1000,
+            stream_window: 1 << 20,
+            connection_window: 4 << 20,
+        }
+    }
+}
+
+fn builder(cfg: &Config) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .keep_alive(true)
+        // Pipelined requests: answer them with one write where they arrive together.
+        .pipeline_flush(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.max_concurrent_streams)
+        .initial_stream_window_size(cfg.stream_window)
+        .initial_connection_window_size(cfg.connection_window);
+    b
+}
+
+/// Serves `io` until the client is done or `drain` resolves (then gracefully).
+pub async fn serve<I, S>(
+    io: I,
+    svc: S,
+    cfg: &Config,
+    drain: impl Future<Output = ()>,
+) -> Result<(), body::BoxError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService,
+{
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        tower::ServiceExt::oneshot(svc.clone(), req.map(body::boxed))
+    });
+    let b = builder(cfg);
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = drain => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
