@@ -2,10 +2,13 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use super::policy::{Action, Destination, Policy, Rule, Source};
+use ipnet::IpNet;
+
+use super::policy::{Action, Condition, Destination, Policy, Rule, Source};
 use crate::{identity::Identity, state::Workload};
 
-/// What is known about a connection when it is authorized at the destination.
+/// What is known about a connection (and, on HTTP ports, the request) when it is authorized at
+/// the destination.
 #[derive(Clone, Copy, Debug)]
 pub struct Conn<'a> {
     /// `None` for plaintext.
@@ -13,6 +16,19 @@ pub struct Conn<'a> {
     pub src_ip: IpAddr,
     pub dst: &'a Workload,
     pub dst_port: u16,
+    /// The request, on HTTP ports; `None` for a TCP connection.
+    pub http: Option<HttpRequest<'a>>,
+}
+
+/// The parts of a request Istio's rules look at.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpRequest<'a> {
+    pub method: &'a str,
+    /// Without the query string.
+    pub path: &'a str,
+    /// `:authority` / `Host`.
+    pub host: Option<&'a str>,
+    pub headers: &'a http::HeaderMap,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,17 +110,82 @@ fn source_matches(s: &Source, c: &Conn<'_>) -> bool {
         && !s.not_ip_blocks.iter().any(|n| n.contains(&c.src_ip))
 }
 
-fn destination_matches(d: &Destination, c: &Conn<'_>) -> bool {
-    (d.ports.is_empty() || d.ports.contains(&c.dst_port)) && !d.not_ports.contains(&c.dst_port)
+/// Istio string match over a list: any pattern (`*`, `prefix*`, `*suffix`, exact) matches.
+fn matches_any(patterns: &[String], value: &str, case_insensitive: bool) -> bool {
+    patterns.iter().any(|p| {
+        if case_insensitive { string_match(&p.to_ascii_lowercase(), &value.to_ascii_lowercase()) } else { string_match(p, value) }
+    })
 }
 
-fn rule_matches(r: &Rule, c: &Conn<'_>) -> bool {
+/// A field that is set must match; a `not` field must not. An unset field always passes.
+fn field(include: &[String], exclude: &[String], value: &str, case_insensitive: bool) -> bool {
+    (include.is_empty() || matches_any(include, value, case_insensitive)) && !matches_any(exclude, value, case_insensitive)
+}
+
+/// Hosts match the authority with or without its port (Istio compares both forms).
+fn host_field(include: &[String], exclude: &[String], host: Option<&str>) -> bool {
+    let host = host.unwrap_or("");
+    let bare = host.rsplit_once(':').filter(|(h, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')).map_or(host, |(h, _)| h);
+    let any = |list: &[String]| matches_any(list, host, true) || matches_any(list, bare, true);
+    (include.is_empty() || any(include)) && !any(exclude)
+}
+
+fn destination_matches(d: &Destination, c: &Conn<'_>, action: Action) -> bool {
+    let l4 = (d.ports.is_empty() || d.ports.contains(&c.dst_port)) && !d.not_ports.contains(&c.dst_port);
+    if !l4 || !d.has_l7() {
+        return l4;
+    }
+    match c.http {
+        Some(r) => {
+            field(&d.methods, &d.not_methods, r.method, false)
+                && field(&d.paths, &d.not_paths, r.path, false)
+                && host_field(&d.hosts, &d.not_hosts, r.host)
+        }
+        // Not HTTP: the L7 part cannot be evaluated. Fail closed.
+        None => action == Action::Deny,
+    }
+}
+
+fn ip_matches(values: &[String], ip: IpAddr) -> bool {
+    values.iter().any(|v| v.parse::<IpNet>().map(|n| n.contains(&ip)).or_else(|_| v.parse::<IpAddr>().map(|a| a == ip)).unwrap_or(false))
+}
+
+fn condition_matches(k: &Condition, c: &Conn<'_>, action: Action) -> bool {
+    let principal = c.src_identity.map(Identity::principal);
+    // An absent attribute (plaintext has no principal) matches no value and is excluded by none.
+    let strings = |value: Option<&str>| {
+        (k.values.is_empty() || value.is_some_and(|v| matches_any(&k.values, v, false))) && !value.is_some_and(|v| matches_any(&k.not_values, v, false))
+    };
+    let ips = |ip: IpAddr| (k.values.is_empty() || ip_matches(&k.values, ip)) && !ip_matches(&k.not_values, ip);
+    match k.key.as_str() {
+        "source.ip" | "remote.ip" => ips(c.src_ip),
+        "destination.ip" => ips(c.dst.ip),
+        "source.namespace" => strings(c.src_identity.map(|i| i.namespace.as_str())),
+        "source.principal" => strings(principal.as_deref()),
+        "destination.port" => strings(Some(&c.dst_port.to_string())),
+        key => match (key.strip_prefix("request.headers[").and_then(|h| h.strip_suffix(']')), c.http) {
+            (Some(name), Some(r)) => {
+                let values: Vec<&str> = r.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+                (k.values.is_empty() || values.iter().any(|v| matches_any(&k.values, v, false)))
+                    && !values.iter().any(|v| matches_any(&k.not_values, v, false))
+            }
+            // Not HTTP, or an attribute this node does not have (JWT claims: `request.auth.*`):
+            // fail closed.
+            _ => action == Action::Deny,
+        },
+    }
+}
+
+fn rule_matches(r: &Rule, c: &Conn<'_>, action: Action) -> bool {
     (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, c)))
-        && (r.to.is_empty() || r.to.iter().any(|d| destination_matches(d, c)))
+        && (r.to.is_empty() || r.to.iter().any(|d| destination_matches(d, c, action)))
+        && r.when.iter().all(|k| condition_matches(k, c, action))
 }
 
 fn policy_matches(p: &Policy, c: &Conn<'_>) -> bool {
-    p.rules.iter().any(|r| rule_matches(r, c))
+    // AUDIT and dry-run policies are evaluated as what they report: "would this match".
+    let action = if p.action == Action::Deny { Action::Deny } else { Action::Allow };
+    p.rules.iter().any(|r| rule_matches(r, c, action))
 }
 
 pub fn evaluate(policies: &[Policy], root_namespace: &str, c: &Conn<'_>) -> Verdict {

@@ -1,4 +1,5 @@
-//! `AuthorizationPolicy` as a domain type: the L4 subset of Istio's CRD (field names follow it).
+//! `AuthorizationPolicy` as a domain type, Istio's CRD (field names follow it): sources, L4 and L7
+//! operations, and `when` conditions.
 
 use std::collections::BTreeMap;
 
@@ -32,8 +33,8 @@ pub struct Policy {
     pub rules: Vec<Rule>,
 }
 
-/// Matches when any `from` entry matches (or there are none) and any `to` entry matches (or
-/// there are none).
+/// Matches when any `from` entry matches (or there are none), any `to` entry matches (or there
+/// are none) and every `when` condition holds.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
@@ -41,6 +42,39 @@ pub struct Rule {
     pub from: Vec<Source>,
     #[serde(default)]
     pub to: Vec<Destination>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<Condition>,
+}
+
+impl Rule {
+    /// Whether anything in the rule needs the request (HTTP) to be evaluated.
+    pub fn needs_request(&self) -> bool {
+        self.to.iter().any(Destination::has_l7) || self.when.iter().any(Condition::needs_request)
+    }
+}
+
+/// Istio's `when`: `key` is one of the attributes below; `values` alternatives (OR), `notValues`
+/// exclusions. Values use Istio's string matching (`*`, `prefix*`, `*suffix`) and, for IP keys,
+/// addresses or CIDRs.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
+}
+
+impl Condition {
+    /// `request.*` keys, and keys this node cannot evaluate, need the request: without one they
+    /// fail closed.
+    pub fn needs_request(&self) -> bool {
+        !matches!(
+            self.key.as_str(),
+            "source.ip" | "remote.ip" | "source.namespace" | "source.principal" | "destination.ip" | "destination.port"
+        )
+    }
 }
 
 /// Every field that is set must match (AND); values within a field are alternatives (OR); a
@@ -63,6 +97,9 @@ pub struct Source {
     pub not_ip_blocks: Vec<IpNet>,
 }
 
+/// Istio's `to.operation`. `methods`, `paths` and `hosts` (and their negations) are L7: they are
+/// evaluated against each HTTP request; on a port that is not HTTP they cannot match, which
+/// fails closed (see `eval`).
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Destination {
@@ -70,4 +107,27 @@ pub struct Destination {
     pub ports: Vec<u16>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ports: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<String>,
+}
+
+impl Destination {
+    pub fn has_l7(&self) -> bool {
+        !(self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty()
+            && self.hosts.is_empty()
+            && self.not_hosts.is_empty())
+    }
 }

@@ -30,7 +30,7 @@ fn pol(ns: &str, name: &str, action: Action, rules: Vec<Rule>) -> Policy {
 }
 
 fn from(s: Source) -> Rule {
-    Rule { from: vec![s], to: vec![] }
+    Rule { from: vec![s], ..Rule::default() }
 }
 
 fn principals(p: &[&str]) -> Source {
@@ -106,11 +106,11 @@ fn table() -> Vec<Case> {
         ip(case("allow ipBlocks misses", vec![pol("prod", "a", Action::Allow, vec![from(Source { ip_blocks: vec!["198.18.1.0/24".parse().expect("net")], ..Source::default() })])], None, no_match()), "198.18.3.4"),
         case("allow notIpBlocks excludes", vec![pol("prod", "a", Action::Allow, vec![from(Source { not_ip_blocks: vec!["198.18.1.11/32".parse().expect("net")], ..Source::default() })])], web, no_match()),
         case("fields AND: principal ok, ip wrong", vec![pol("prod", "a", Action::Allow, vec![from(Source { principals: vec![web_p.into()], ip_blocks: vec!["10.0.0.0/8".parse().expect("net")], ..Source::default() })])], web, no_match()),
-        case("from entries OR", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![principals(&["x/ns/y/sa/z"]), principals(&[web_p])], to: vec![] }])], web, allow()),
-        case("allow ports", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![], to: vec![Destination { ports: vec![8080], not_ports: vec![] }] }])], evil, allow()),
-        port(case("allow ports misses", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![], to: vec![Destination { ports: vec![8080], not_ports: vec![] }] }])], evil, no_match()), 9090),
-        case("allow notPorts excludes", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![], to: vec![Destination { ports: vec![], not_ports: vec![8080] }] }])], web, no_match()),
-        case("from AND to", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![principals(&[web_p])], to: vec![Destination { ports: vec![9090], not_ports: vec![] }] }])], web, no_match()),
+        case("from entries OR", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![principals(&["x/ns/y/sa/z"]), principals(&[web_p])], ..Rule::default() }])], web, allow()),
+        case("allow ports", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![], to: vec![Destination { ports: vec![8080], ..Destination::default() }], ..Rule::default() }])], evil, allow()),
+        port(case("allow ports misses", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![], to: vec![Destination { ports: vec![8080], ..Destination::default() }], ..Rule::default() }])], evil, no_match()), 9090),
+        case("allow notPorts excludes", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![], to: vec![Destination { not_ports: vec![8080], ..Destination::default() }], ..Rule::default() }])], web, no_match()),
+        case("from AND to", vec![pol("prod", "a", Action::Allow, vec![Rule { from: vec![principals(&[web_p])], to: vec![Destination { ports: vec![9090], ..Destination::default() }], ..Rule::default() }])], web, no_match()),
         case("ALLOW with no rules denies everything it selects", vec![pol("prod", "allow-nothing", Action::Allow, vec![])], web, no_match()),
         case("ALLOW with one empty rule allows everything", vec![pol("prod", "allow-all", Action::Allow, vec![Rule::default()])], None, allow()),
         case("DENY with no rules matches nothing", vec![pol("prod", "d", Action::Deny, vec![])], evil, allow()),
@@ -138,7 +138,7 @@ fn decision_table() {
     assert!(cases.len() >= 40, "the table is the spec; keep it broad");
     for c in cases {
         let id: Option<Identity> = c.src.map(|s| s.parse().expect("identity"));
-        let conn = Conn { src_identity: id.as_ref(), src_ip: c.src_ip.parse::<IpAddr>().expect("ip"), dst: &c.dst, dst_port: c.port };
+        let conn = Conn { src_identity: id.as_ref(), src_ip: c.src_ip.parse::<IpAddr>().expect("ip"), dst: &c.dst, dst_port: c.port, http: None };
         let got = evaluate(&c.policies, ROOT, &conn);
         assert_eq!(got.decision, c.want, "case {:?}", c.what);
     }
@@ -150,7 +150,7 @@ fn dry_run_and_audit_are_reported_with_their_match() {
     d.dry_run = true;
     let audit = pol("prod", "audit", Action::Audit, vec![from(principals(&["nobody/ns/x/sa/y"]))]);
     let dst = wl("prod", "db");
-    let conn = Conn { src_identity: None, src_ip: "198.18.1.11".parse().expect("ip"), dst: &dst, dst_port: 1 };
+    let conn = Conn { src_identity: None, src_ip: "198.18.1.11".parse().expect("ip"), dst: &dst, dst_port: 1, http: None };
     let v = evaluate(&[d, audit], ROOT, &conn);
     assert_eq!(v.decision, Decision::Allow);
     let shadow: Vec<(&str, bool)> = v.shadow.iter().map(|s| (s.name.as_str(), s.matched)).collect();
@@ -173,4 +173,57 @@ fn peer_authentication_most_specific_wins() {
     assert_eq!(mode_for(&all, ROOT, &db), Mode::Strict);
     assert_eq!(mode_for(&[pa("prod", Some("cache"), Mode::Strict)], ROOT, &db), Mode::Permissive);
     assert_eq!(mode_for(&[pa("dev", None, Mode::Strict)], ROOT, &db), Mode::Permissive);
+}
+
+/// L7: each row is a rule, a request (or none: a TCP connection) and the decision.
+#[test]
+fn l7_decision_table() {
+    let op = |f: fn(&mut Destination)| {
+        let mut d = Destination::default();
+        f(&mut d);
+        Rule { to: vec![d], ..Rule::default() }
+    };
+    let when = |key: &str, values: &[&str], not: &[&str]| Rule {
+        when: vec![Condition { key: key.into(), values: values.iter().map(|s| (*s).into()).collect(), not_values: not.iter().map(|s| (*s).into()).collect() }],
+        ..Rule::default()
+    };
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-user", http::HeaderValue::from_static("alice"));
+    let get = |path: &'static str| Some(HttpRequest { method: "GET", path, host: Some("whoami.demo:8081"), headers: &headers });
+    let post = Some(HttpRequest { method: "POST", path: "/api/v1", host: Some("whoami.demo:8081"), headers: &headers });
+    let web: Identity = "spiffe://cluster.local/ns/prod/sa/web".parse().expect("identity");
+    let rows: Vec<(&str, Action, Rule, Option<HttpRequest<'_>>, Decision)> = vec![
+        ("ALLOW GET, GET", Action::Allow, op(|d| d.methods = vec!["GET".into()]), get("/"), allow()),
+        ("ALLOW GET, POST", Action::Allow, op(|d| d.methods = vec!["GET".into()]), post, no_match()),
+        ("ALLOW notMethods POST, POST", Action::Allow, op(|d| d.not_methods = vec!["POST".into()]), post, no_match()),
+        ("ALLOW path prefix", Action::Allow, op(|d| d.paths = vec!["/api/*".into()]), get("/api/x"), allow()),
+        ("ALLOW path prefix misses", Action::Allow, op(|d| d.paths = vec!["/api/*".into()]), get("/web"), no_match()),
+        ("ALLOW path suffix", Action::Allow, op(|d| d.paths = vec!["*.html".into()]), get("/index.html"), allow()),
+        ("ALLOW exact path", Action::Allow, op(|d| d.paths = vec!["/health".into()]), get("/health"), allow()),
+        ("ALLOW host with port matches the bare host", Action::Allow, op(|d| d.hosts = vec!["whoami.demo".into()]), get("/"), allow()),
+        ("ALLOW host is case-insensitive, wildcard", Action::Allow, op(|d| d.hosts = vec!["*.DEMO".into()]), get("/"), allow()),
+        ("ALLOW notHosts", Action::Allow, op(|d| d.not_hosts = vec!["whoami.*".into()]), get("/"), no_match()),
+        ("ALLOW methods on TCP fails closed", Action::Allow, op(|d| d.methods = vec!["GET".into()]), None, no_match()),
+        ("ALLOW ports only on TCP", Action::Allow, op(|d| d.ports = vec![8080]), None, allow()),
+        ("ALLOW header condition", Action::Allow, when("request.headers[x-user]", &["alice", "bob"], &[]), get("/"), allow()),
+        ("ALLOW header condition misses", Action::Allow, when("request.headers[x-user]", &["bob"], &[]), get("/"), no_match()),
+        ("ALLOW header notValues", Action::Allow, when("request.headers[x-user]", &[], &["ali*"]), get("/"), no_match()),
+        ("ALLOW header condition on TCP fails closed", Action::Allow, when("request.headers[x-user]", &["alice"], &[]), None, no_match()),
+        ("ALLOW source.ip condition at L4", Action::Allow, when("source.ip", &["198.18.1.0/24"], &[]), None, allow()),
+        ("ALLOW source.namespace condition", Action::Allow, when("source.namespace", &["prod"], &[]), None, allow()),
+        ("ALLOW source.principal condition misses", Action::Allow, when("source.principal", &["cluster.local/ns/dev/*"], &[]), get("/"), no_match()),
+        ("ALLOW destination.port condition", Action::Allow, when("destination.port", &["8080"], &[]), None, allow()),
+        ("ALLOW JWT claim condition never matches (no JWT support yet)", Action::Allow, when("request.auth.claims[iss]", &["*"], &[]), get("/"), no_match()),
+        ("DENY POST, POST", Action::Deny, op(|d| d.methods = vec!["POST".into()]), post, denied_by("prod", "p")),
+        ("DENY POST, GET", Action::Deny, op(|d| d.methods = vec!["POST".into()]), get("/"), allow()),
+        ("DENY path on TCP denies on its L4 part", Action::Deny, op(|d| d.paths = vec!["/admin*".into()]), None, denied_by("prod", "p")),
+        ("DENY path with another port on TCP spares it", Action::Deny, op(|d| { d.paths = vec!["/admin*".into()]; d.ports = vec![9090]; }), None, allow()),
+        ("DENY JWT condition denies (fail closed)", Action::Deny, when("request.auth.claims[iss]", &["x"], &[]), get("/"), denied_by("prod", "p")),
+    ];
+    let dst = wl("prod", "db");
+    for (what, action, rule, http, want) in rows {
+        let policies = [pol("prod", "p", action, vec![rule])];
+        let conn = Conn { src_identity: Some(&web), src_ip: "198.18.1.11".parse().expect("ip"), dst: &dst, dst_port: 8080, http };
+        assert_eq!(evaluate(&policies, ROOT, &conn).decision, want, "case {what:?}");
+    }
 }

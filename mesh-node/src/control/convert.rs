@@ -3,9 +3,8 @@
 //! - Workloads become [`Workload`]s: this node's, and other nodes' meshed ones (sent for source
 //!   attribution); meshed Service endpoints the controller did not send as workloads are added
 //!   too, so the outbound proxy knows where to tunnel and which identity to expect.
-//! - Authorization rules that use L7 fields (methods, paths, hosts) or `when` conditions cannot be
-//!   evaluated by an L4 proxy: as the proto specifies, they fail closed — such a rule never
-//!   matches in an ALLOW policy and always matches (on its L4 part) in a DENY policy.
+//! - Authorization rules keep their L7 fields and `when` conditions: the evaluator applies them
+//!   per request on HTTP ports and fails closed elsewhere (`crate::authz`).
 //! - PeerAuthentication with mode UNSET inherits, so it is dropped; port-level modes are not
 //!   enforced yet (the workload-level mode applies to every port).
 //! - Route tables become `mesh_l7` routes (`routes`): regexes are compiled here, once.
@@ -23,7 +22,7 @@ use mesh_proto::config::v1 as pb;
 
 use super::Error;
 use crate::{
-    authz::{Action, Destination, Mode, PeerAuthentication, Policy, Rule, Source},
+    authz::{Action, Condition, Destination, Mode, PeerAuthentication, Policy, Rule, Source},
     state::{Endpoint, Protocol, Service, ServicePort, ServiceProtocol, Snapshot, Workload},
 };
 
@@ -185,23 +184,24 @@ fn policy(p: &pb::AuthorizationPolicy) -> Result<Policy, Error> {
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        let l7 = |o: &pb::Operation| {
-            !(o.methods.is_empty() && o.not_methods.is_empty() && o.paths.is_empty() && o.not_paths.is_empty() && o.hosts.is_empty() && o.not_hosts.is_empty())
-        };
-        let mut to = Vec::new();
-        for o in &r.to {
-            if l7(o) && action != Action::Deny {
-                continue; // fail closed: an L7 operation never matches for ALLOW/AUDIT
-            }
-            let ports = o.ports.iter().map(|p| port(*p, &what)).collect::<Result<_, _>>()?;
-            let not_ports = o.not_ports.iter().map(|p| port(*p, &what)).collect::<Result<_, _>>()?;
-            to.push(Destination { ports, not_ports });
-        }
-        let conditions = !r.when.is_empty();
-        if action != Action::Deny && ((!r.to.is_empty() && to.is_empty()) || conditions) {
-            continue; // nothing of this ALLOW rule can match at L4
-        }
-        rules.push(Rule { from, to });
+        let to = r
+            .to
+            .iter()
+            .map(|o| {
+                Ok(Destination {
+                    ports: o.ports.iter().map(|p| port(*p, &what)).collect::<Result<_, _>>()?,
+                    not_ports: o.not_ports.iter().map(|p| port(*p, &what)).collect::<Result<_, _>>()?,
+                    methods: o.methods.clone(),
+                    not_methods: o.not_methods.clone(),
+                    paths: o.paths.clone(),
+                    not_paths: o.not_paths.clone(),
+                    hosts: o.hosts.clone(),
+                    not_hosts: o.not_hosts.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let when = r.when.iter().map(|c| Condition { key: c.key.clone(), values: c.values.clone(), not_values: c.not_values.clone() }).collect();
+        rules.push(Rule { from, to, when });
     }
     let selector = (!p.selector.is_empty()).then(|| p.selector.clone().into_iter().collect());
     Ok(Policy { name: p.name.clone(), namespace: p.namespace.clone(), selector, action, dry_run: p.dry_run, rules })

@@ -147,7 +147,9 @@ fn kernel_expressible(p: &Policy) -> Vec<(Vec<String>, Vec<u16>)> {
                     && s.ip_blocks.is_empty()
                     && s.not_ip_blocks.is_empty()
             });
-        let ops_ok = rule.to.iter().all(|d| d.not_ports.is_empty());
+        // L7 fields and conditions are evaluated by the daemon per request (or fail closed there):
+        // a kernel entry would deny every connection instead.
+        let ops_ok = rule.to.iter().all(|d| d.not_ports.is_empty() && !d.has_l7()) && rule.when.is_empty();
         if !sources_ok || !ops_ok {
             continue;
         }
@@ -218,7 +220,8 @@ mod tests {
             dry_run: false,
             rules: vec![Rule {
                 from: vec![Source { principals: principals.iter().map(|p| (*p).to_owned()).collect(), ..Source::default() }],
-                to: if ports.is_empty() { vec![] } else { vec![Destination { ports: ports.to_vec(), not_ports: vec![] }] },
+                to: if ports.is_empty() { vec![] } else { vec![Destination { ports: ports.to_vec(), ..Destination::default() }] },
+                when: vec![],
             }],
         }
     }

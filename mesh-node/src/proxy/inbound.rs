@@ -263,7 +263,7 @@ pub(super) fn authorize(
     dst: &Workload,
     dst_port: u16,
 ) -> Result<(), &'static str> {
-    let conn = authz::Conn { src_identity, src_ip, dst, dst_port };
+    let conn = authz::Conn { src_identity, src_ip, dst, dst_port, http: None };
     let verdict = authz::evaluate(&state.policies, &state.root_namespace, &conn);
     for s in verdict.shadow.iter().filter(|s| s.matched) {
         inputs.metrics.dry_run_denials.inc();

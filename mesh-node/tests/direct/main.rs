@@ -21,7 +21,7 @@ fn deny_from(principal: &str) -> Policy {
         selector: None,
         action: Action::Deny,
         dry_run: false,
-        rules: vec![Rule { from: vec![Source { principals: vec![principal.into()], ..Source::default() }], to: vec![] }],
+        rules: vec![Rule { from: vec![Source { principals: vec![principal.into()], ..Source::default() }], ..Rule::default() }],
     }
 }
 
