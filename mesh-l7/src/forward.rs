@@ -10,7 +10,7 @@ use http::{
 };
 use hyper_util::rt::TokioIo;
 
-use crate::{body::Body, client};
+use crate::{body::Body, client, flags::ResponseFlag};
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -119,6 +119,31 @@ pub fn splice_upgrade(client: Option<hyper::upgrade::OnUpgrade>, resp: &mut Resp
             Err(e) => tracing::debug!(error = %e, "protocol upgrade did not complete"),
         }
     });
+}
+
+/// Sends `req` upstream through `pool` the way the next hop needs it, splicing an upgrade when
+/// the upstream switches protocols. Failures become the proxy's own response with its flag
+/// (`UF`, `UR`).
+pub async fn send<C: client::Connect>(pool: &client::Pool<C>, key: &C::Key, version: client::Version, mut req: Request<Body>) -> Response<Body> {
+    prepare_request(&mut req, version);
+    let client_upgrade = (version == client::Version::Http1 && client::is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
+    match pool.send(key, version, req).await {
+        Ok(mut resp) => {
+            prepare_response(&mut resp);
+            splice_upgrade(client_upgrade, &mut resp);
+            resp
+        }
+        Err(e) => {
+            let flag = e.flag();
+            tracing::debug!(?key, error = %e, %flag, "upstream request failed");
+            flag.response()
+        }
+    }
+}
+
+/// The flag for a request that got no upstream at all (no healthy endpoint).
+pub fn no_healthy_upstream() -> Response<Body> {
+    ResponseFlag::NoHealthyUpstream.response()
 }
 
 #[cfg(test)]

@@ -58,6 +58,11 @@ impl RouteTable {
         }
     }
 
+    /// Whether this is [`RouteTable::default_for`]'s table (no route resource attaches).
+    pub fn is_implicit(&self) -> bool {
+        self.consumers.is_empty() && self.routes.len() == 1 && self.routes[0].source.kind == SourceKind::Default
+    }
+
     /// The routes a client in `client_namespace` sees.
     pub fn routes_for(&self, client_namespace: Option<&str>) -> &[Route] {
         client_namespace

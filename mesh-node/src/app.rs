@@ -32,6 +32,8 @@ pub struct Bound {
     pub outbound_handler: proxy::outbound::Handler,
     pub inputs: Inputs,
     pub pool: Arc<Pool>,
+    /// The HTTP paths' shared pools (tests drive the plaintext handler with it).
+    pub http: Arc<proxy::l7::Shared>,
     pub ready: Ready,
     shutdown: watch::Sender<bool>,
     trigger: drain::Trigger,
@@ -71,9 +73,10 @@ pub async fn build_with(
     let (shutdown, _) = watch::channel(false);
 
     let pool = Pool::new(inputs.clone());
-    let outbound = Outbound::new(cfg.outbound_addr, inputs.clone(), pool.clone()).await?;
-    let inbound = Inbound::new(cfg.inbound_addr, inputs.clone()).await?;
-    let inbound_plain = InboundPlain::new(cfg.inbound_plain_addr, inputs.clone()).await?;
+    let http = proxy::l7::Shared::new(&inputs, pool.clone());
+    let outbound = Outbound::new(cfg.outbound_addr, inputs.clone(), pool.clone(), http.clone()).await?;
+    let inbound = Inbound::new(cfg.inbound_addr, inputs.clone(), http.clone()).await?;
+    let inbound_plain = InboundPlain::new(cfg.inbound_plain_addr, inputs.clone(), http.clone()).await?;
     let metrics = metrics::Server::new(cfg.metrics_addr, Arc::new(registry), ready.clone()).await?;
     let admin = Admin::new(cfg.admin_addr, inputs.cfg.clone(), state.clone(), certs.clone(), ready.clone(), log, shutdown.clone()).await?;
 
@@ -86,6 +89,7 @@ pub async fn build_with(
         outbound_handler: outbound.handler(),
         inputs: inputs.clone(),
         pool: pool.clone(),
+        http: http.clone(),
         ready: ready.clone(),
         shutdown,
         trigger,
@@ -99,6 +103,7 @@ pub async fn build_with(
     // Rotation and the reaper only stop on drain; they must not hold the drain open.
     tokio::spawn(certs.run(stop(&watcher)));
     tokio::spawn(pool.run_reaper(stop(&watcher)));
+    tokio::spawn(http.run_reaper(stop(&watcher)));
     tokio::spawn(outbound.run(watcher.clone()));
     tokio::spawn(inbound.run(watcher.clone()));
     tokio::spawn(inbound_plain.run(watcher.clone()));

@@ -1,10 +1,17 @@
-//! The L4 proxies: outbound (captured connections of local pods → HBONE, same-node or
+//! The proxies: outbound (captured connections of local pods → HBONE, same-node or
 //! passthrough), inbound (HBONE on 15008 → local pod, after authorization), inbound plaintext
 //! (non-HBONE traffic to local meshed pods, per `PeerAuthentication`), and the HBONE client pool.
+//!
+//! Each listener accepts with [`accept`] and classifies the connection; TCP ports are relayed
+//! byte for byte ([`relay`]), HTTP ports go through the L7 stacks ([`l7`]). Authorization and
+//! the connection to a local pod are shared by every path ([`authorize`]).
 
+pub mod accept;
+pub mod authorize;
 pub mod hbone;
 pub mod inbound;
 pub mod inbound_plain;
+pub mod l7;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;

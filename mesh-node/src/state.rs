@@ -76,6 +76,12 @@ impl State {
                 return Err(Error::DuplicateAddress(old.ip));
             }
         }
+        let mut routes: HashMap<(String, String), Arc<RouteTable>> =
+            snap.routes.into_iter().map(|t| ((t.namespace.clone(), t.name.clone()), Arc::new(t))).collect();
+        // Services without routes get their implicit one once here, not per request.
+        for s in snap.services.iter().filter(|s| s.ports.iter().any(|p| p.app_protocol().is_http())) {
+            routes.entry((s.namespace.clone(), s.name.clone())).or_insert_with(|| Arc::new(RouteTable::default_for(&s.namespace, &s.name)));
+        }
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
             root_namespace: root_namespace.to_owned(),
@@ -84,7 +90,7 @@ impl State {
             peer_authentications: snap.peer_authentications,
             service_index: service::Index::build(&snap.services),
             services: snap.services,
-            routes: snap.routes.into_iter().map(|t| ((t.namespace.clone(), t.name.clone()), Arc::new(t))).collect(),
+            routes,
         })
     }
 
@@ -92,14 +98,32 @@ impl State {
         self.workloads.get(&ip)
     }
 
-    /// The backend for a new connection to `dst` when it is a Service VIP:port (`service::Index`).
-    pub fn resolve(&self, dst: std::net::SocketAddr) -> Option<std::net::SocketAddr> {
-        self.service_index.resolve(&self.services, dst)
+    /// The Service and port of a VIP:port (TCP), for a connection addressed to it.
+    pub fn vip(&self, dst: std::net::SocketAddr) -> Option<(&Service, &ServicePort)> {
+        self.service_index.vip(&self.services, dst)
     }
 
-    /// The Service whose endpoint a connection to `dst` reaches (`service::Index`).
-    pub fn serving(&self, dst: std::net::SocketAddr) -> Option<&Service> {
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.service_index.by_name(&self.services, namespace, name)
+    }
+
+    /// The Service (and port) whose endpoint a connection to `dst` reaches (`service::Index`).
+    pub fn serving(&self, dst: std::net::SocketAddr) -> Option<(&Service, &ServicePort)> {
         self.service_index.serving(&self.services, dst)
+    }
+
+    /// How the mesh handles traffic to the pod address `dst`: HTTP when the Service serving it
+    /// marks that port so.
+    pub fn app_protocol_at(&self, dst: std::net::SocketAddr) -> mesh_l7::AppProtocol {
+        self.serving(dst).map_or(mesh_l7::AppProtocol::Tcp, |(_, p)| p.app_protocol())
+    }
+
+    /// The route table of a Service; the implicit one when it has none.
+    pub fn route_table(&self, namespace: &str, name: &str) -> Arc<RouteTable> {
+        self.routes
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+            .unwrap_or_else(|| Arc::new(RouteTable::default_for(namespace, name)))
     }
 
     pub fn identity(&self, w: &Workload) -> Identity {
@@ -124,7 +148,8 @@ impl State {
             peer_authentications: self.peer_authentications.clone(),
             services: self.services.clone(),
             routes: {
-                let mut r: Vec<RouteTable> = self.routes.values().map(|t| RouteTable::clone(t)).collect();
+                // Explicit tables only: the implicit ones are implied by the Services.
+                let mut r: Vec<RouteTable> = self.routes.values().filter(|t| !t.is_implicit()).map(|t| RouteTable::clone(t)).collect();
                 r.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
                 r
             },

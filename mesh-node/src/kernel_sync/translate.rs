@@ -9,7 +9,8 @@ use std::{
 
 use crate::{
     authz::{self, Action, Mode, Policy},
-    datapath::{BackendSpec, DenyRule, EndpointSpec, LoadBalancing, PodSpec, Protocol, ServiceSpec},
+    balance,
+    datapath::{BackendSpec, DenyRule, EndpointSpec, PodSpec, Protocol, ServiceSpec},
     state::{Protocol as WorkloadProtocol, ServiceProtocol, State, Workload},
 };
 
@@ -87,17 +88,15 @@ fn services(state: &State) -> Vec<ServiceSpec> {
     for s in &state.services {
         for vip in &s.vips {
             for port in &s.ports {
-                let backends = s
-                    .endpoints
-                    .iter()
-                    .filter(|e| e.address.is_ipv4() == vip.is_ipv4())
-                    .map(|e| BackendSpec { addr: e.address, port: s.endpoint_port(port, e), weight: 1, healthy: e.healthy })
+                // The same candidates, weights and algorithm the daemon's own picks use.
+                let backends = balance::candidates(s, port, vip.is_ipv4(), None)
+                    .map(|c| BackendSpec { addr: c.addr.ip(), port: c.addr.port(), weight: c.weight, healthy: c.endpoint.healthy })
                     .collect();
                 let protocol = match port.protocol {
                     ServiceProtocol::Tcp => Protocol::Tcp,
                     ServiceProtocol::Udp => Protocol::Udp,
                 };
-                out.push(ServiceSpec { vip: *vip, port: port.port, protocol, backends, lb: LoadBalancing::Random, affinity: None::<Duration> });
+                out.push(ServiceSpec { vip: *vip, port: port.port, protocol, backends, lb: balance::algorithm(s, port), affinity: None::<Duration> });
             }
         }
     }

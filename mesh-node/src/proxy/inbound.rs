@@ -1,7 +1,8 @@
 //! HBONE server on 15008: mTLS presenting the destination workload's certificate, HTTP/2, and
-//! each CONNECT stream becomes a TCP connection to the local pod once authorization allows it.
-//! The connection's task accepts streams and does all of its HTTP/2 reads and writes; each
-//! stream runs in its own task.
+//! each CONNECT stream becomes a TCP connection to the local pod once authorization allows it —
+//! or, when the pod's port is HTTP, the requests inside the stream are parsed, authorized one by
+//! one and forwarded ([`super::l7::inbound`]). The connection's task accepts streams and does
+//! all of its HTTP/2 reads and writes; each stream runs in its own task.
 
 use std::{
     collections::HashMap,
@@ -14,17 +15,18 @@ use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::Instrument as _;
 
 use super::{
-    Error, Inputs, hbone,
+    Error, Inputs, accept,
+    authorize::{authorize, connect_pod},
+    hbone,
+    l7::{self, TunnelIo, inbound::Caller},
     metrics::{ConnLabels, Peer, Reporter, SecurityPolicy},
     relay::{self, Opener, Record, Tunnel},
     socket,
 };
 use crate::{
-    authz::{self, Decision},
-    drain,
+    authz, drain,
     identity::Identity,
     state::{Protocol, State, Workload},
     tls,
@@ -34,13 +36,14 @@ pub struct Inbound {
     listener: TcpListener,
     addr: SocketAddr,
     inputs: Inputs,
+    http: Arc<l7::Shared>,
 }
 
 /// Server configs per local identity, rebuilt when its certificate rotates (keyed by serial).
 type ConfigCache = Mutex<HashMap<Identity, (u64, Arc<ServerConfig>)>>;
 
 impl Inbound {
-    pub async fn new(addr: SocketAddr, inputs: Inputs) -> Result<Self, Error> {
+    pub async fn new(addr: SocketAddr, inputs: Inputs, http: Arc<l7::Shared>) -> Result<Self, Error> {
         let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
         let addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
         // HBONE addressed to a local pod (ztunnel's way, and ours by default) is routed to this
@@ -51,7 +54,7 @@ impl Inbound {
             Ok(()) => tracing::debug!(%addr, "HBONE listener is transparent: answers for local pods' addresses"),
             Err(e) => tracing::info!(%addr, error = %e, "HBONE listener not transparent: HBONE addressed to pods will not be answered"),
         }
-        Ok(Self { listener, addr, inputs })
+        Ok(Self { listener, addr, inputs, http })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -60,26 +63,16 @@ impl Inbound {
 
     pub async fn run(self, drain: drain::Watcher) {
         let cache: Arc<ConfigCache> = Arc::default();
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = self.listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => { tracing::warn!(error = %e, "inbound accept"); continue; }
-                },
-                () = drain.signaled() => break,
-            };
-            let (inputs, cache, drain) = (self.inputs.clone(), cache.clone(), drain.clone());
-            let span = tracing::debug_span!("inbound", %peer);
-            tokio::spawn(
-                async move {
-                    if let Err(e) = serve(inputs, cache, tcp, peer, drain).await {
-                        tracing::debug!(error = %e, "HBONE connection ended with an error");
-                    }
+        let (inputs, http) = (self.inputs, self.http);
+        accept::run(self.listener, "inbound", drain, move |tcp, peer, drain| {
+            let (inputs, http, cache) = (inputs.clone(), http.clone(), cache.clone());
+            async move {
+                if let Err(e) = serve(inputs, http, cache, tcp, peer, drain).await {
+                    tracing::debug!(error = %e, "HBONE connection ended with an error");
                 }
-                .instrument(span),
-            );
-        }
-        tracing::info!("inbound drained: no longer accepting");
+            }
+        })
+        .await;
     }
 }
 
@@ -108,7 +101,7 @@ async fn server_config(inputs: &Inputs, cache: &ConfigCache, id: &Identity) -> R
     Ok(cfg)
 }
 
-async fn serve(inputs: Inputs, cache: Arc<ConfigCache>, tcp: TcpStream, peer: SocketAddr, drain: drain::Watcher) -> Result<(), Error> {
+async fn serve(inputs: Inputs, http: Arc<l7::Shared>, cache: Arc<ConfigCache>, tcp: TcpStream, peer: SocketAddr, drain: drain::Watcher) -> Result<(), Error> {
     tcp.set_nodelay(true)?;
     let local = socket::original_dst(&tcp)?;
     let tcp = tokio::io::BufReader::with_capacity(super::TLS_READ_BUF, tcp);
@@ -129,7 +122,7 @@ async fn serve(inputs: Inputs, cache: Arc<ConfigCache>, tcp: TcpStream, peer: So
         }
     };
     let peer_id = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
-    let ctx = Arc::new(StreamCtx { inputs: inputs.clone(), served, peer_id, peer });
+    let ctx = Arc::new(StreamCtx { inputs: inputs.clone(), http, served, peer_id, peer });
     let cfg = &inputs.cfg;
     let mut conn = h2::server::Builder::new()
         .initial_window_size(cfg.stream_window)
@@ -149,8 +142,7 @@ async fn serve(inputs: Inputs, cache: Arc<ConfigCache>, tcp: TcpStream, peer: So
                 Some(Ok((req, respond))) => {
                     let (ctx, drain) = (ctx.clone(), drain.clone());
                     tokio::spawn(async move {
-                        ctx.stream(req, respond).await;
-                        drop(drain);
+                        ctx.stream(req, respond, &drain).await;
                     });
                 }
                 Some(Err(e)) => return Err(e.into()),
@@ -170,6 +162,7 @@ const MAX_STREAMS: u32 = 200;
 
 struct StreamCtx {
     inputs: Inputs,
+    http: Arc<l7::Shared>,
     served: Identity,
     peer_id: Identity,
     peer: SocketAddr,
@@ -182,10 +175,33 @@ fn respond_status(mut respond: SendResponse<Bytes>, code: StatusCode) {
     let _ = respond.send_response(r, true);
 }
 
+/// A checked CONNECT: where it goes and who asks.
+struct Target {
+    dst: SocketAddr,
+    dst_w: Workload,
+    src_w: Option<Workload>,
+    src_ip: IpAddr,
+}
+
 impl StreamCtx {
-    async fn stream(&self, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    async fn stream(&self, req: Request<RecvStream>, mut respond: SendResponse<Bytes>, drain: &drain::Watcher) {
         let (parts, recv) = req.into_parts();
-        let (mut pod, record) = match self.open(&parts).await {
+        let state = self.inputs.state.borrow().clone();
+        let target = match self.check(&state, &parts) {
+            Ok(t) => t,
+            Err(code) => return respond_status(respond, code),
+        };
+        if state.app_protocol_at(target.dst).is_http() {
+            // Authorized per request, inside the stream.
+            let send = match respond.send_response(Response::new(()), false) {
+                Ok(send) => send,
+                Err(e) => return tracing::debug!(error = %e, "client reset the stream before 200"),
+            };
+            let caller = Caller { identity: Some(self.peer_id.clone()), workload: target.src_w.clone(), ip: target.src_ip };
+            let stack = l7::inbound::local_stack(&self.inputs, &self.http, &state, caller, &target.dst_w, target.dst, "inbound");
+            return l7::inbound::serve(TunnelIo::new(send, recv, None), stack, &self.http, drain).await;
+        }
+        let (mut pod, record) = match self.open(&state, target).await {
             Ok(opened) => opened,
             Err(code) => return respond_status(respond, code),
         };
@@ -196,13 +212,13 @@ impl StreamCtx {
         relay::relay_tunnel(&mut pod, Tunnel { send, recv }, Opener::Tunnel, record).await;
     }
 
-    /// Checks the CONNECT and connects to the pod; `Err` is the status to refuse it with.
-    async fn open(&self, req: &http::request::Parts) -> Result<(TcpStream, Record), StatusCode> {
+    /// Checks the CONNECT: a local meshed workload, the one whose certificate the client verified;
+    /// `Err` is the status to refuse it with.
+    fn check(&self, state: &State, req: &http::request::Parts) -> Result<Target, StatusCode> {
         if req.method != http::Method::CONNECT {
             return Err(StatusCode::METHOD_NOT_ALLOWED);
         }
         let dst = req.uri.authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()).ok_or(StatusCode::BAD_REQUEST)?;
-        let state = self.inputs.state.borrow().clone();
         let node = &self.inputs.cfg.node_name;
         let dst_w = state.workload(dst.ip()).filter(|w| &w.node == node && w.protocol == Protocol::Hbone).ok_or(StatusCode::BAD_REQUEST)?;
         // The stream must target the workload whose certificate the client verified.
@@ -217,65 +233,32 @@ impl StreamCtx {
             .filter(owns_identity)
             .or_else(|| state.workload(self.peer.ip()).filter(owns_identity));
         let src_ip = src_w.map_or(self.peer.ip(), |w| w.ip);
-        let src = SocketAddr::new(src_ip, 0);
-        if let Err(reason) = authorize(&self.inputs, &state, Some(&self.peer_id), src_ip, dst_w, dst.port()) {
-            relay::log_refused("inbound", src, dst, Some(&self.peer_id.to_string()), reason);
+        Ok(Target { dst, dst_w: dst_w.clone(), src_w: src_w.cloned(), src_ip })
+    }
+
+    /// Authorizes the connection and connects to the pod; `Err` is the status to refuse it with.
+    async fn open(&self, state: &State, t: Target) -> Result<(TcpStream, Record), StatusCode> {
+        let src = SocketAddr::new(t.src_ip, 0);
+        let conn = authz::Conn { src_identity: Some(&self.peer_id), src_ip: t.src_ip, dst: &t.dst_w, dst_port: t.dst.port(), http: None };
+        if let Err(reason) = authorize(&self.inputs, state, &conn) {
+            relay::log_refused("inbound", src, t.dst, Some(&self.peer_id.to_string()), reason);
             return Err(StatusCode::UNAUTHORIZED);
         }
-        let pod = match connect_pod(&self.inputs, &state, src_ip, dst).await {
+        let pod = match connect_pod(&self.inputs, state, t.src_ip, t.dst).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::info!(%dst, error = %e, "local pod refused the connection");
+                tracing::info!(dst = %t.dst, error = %e, "local pod refused the connection");
                 return Err(StatusCode::SERVICE_UNAVAILABLE);
             }
         };
         let labels = ConnLabels::new(
             Reporter::destination,
-            Peer { workload: src_w, identity: Some(&self.peer_id) },
-            Peer { workload: Some(dst_w), identity: Some(&self.served) },
+            Peer { workload: t.src_w.as_ref(), identity: Some(&self.peer_id) },
+            Peer { workload: Some(&t.dst_w), identity: Some(&self.served) },
             SecurityPolicy::mutual_tls,
             &self.inputs.cfg.cluster_id,
         )
-        .with_service(state.serving(dst), &self.inputs.cfg.cluster_domain);
-        Ok((pod, Record::open("inbound", labels, src, dst, &self.inputs.metrics)))
-    }
-}
-
-/// Connects to a local pod, from the client's address when transparent mode is on and the client
-/// is not a pod of this node: pods of one node share a subnet and answer each other directly,
-/// so their replies would never be routed back to the daemon.
-pub(super) async fn connect_pod(inputs: &Inputs, state: &State, src_ip: IpAddr, dst: SocketAddr) -> Result<TcpStream, Error> {
-    let neighbour = state.workload(src_ip).is_some_and(|w| w.node == inputs.cfg.node_name);
-    let src = (inputs.cfg.transparent && !neighbour).then_some(src_ip);
-    tokio::time::timeout(inputs.cfg.connect_timeout, socket::connect(src, dst))
-        .await
-        .map_err(|_| Error::ConnectTimeout(dst))?
-        .map_err(|source| Error::Connect { addr: dst, source })
-}
-
-/// Authorization at the destination, shared by HBONE, same-node and plaintext paths: evaluates,
-/// counts denials, logs dry-run matches. `Err` carries the metric reason.
-pub(super) fn authorize(
-    inputs: &Inputs,
-    state: &State,
-    src_identity: Option<&Identity>,
-    src_ip: IpAddr,
-    dst: &Workload,
-    dst_port: u16,
-) -> Result<(), &'static str> {
-    let conn = authz::Conn { src_identity, src_ip, dst, dst_port, http: None };
-    let verdict = authz::evaluate(&state.policies, &state.root_namespace, &conn);
-    for s in verdict.shadow.iter().filter(|s| s.matched) {
-        inputs.metrics.dry_run_denials.inc();
-        tracing::info!(policy = %format!("{}/{}", s.namespace, s.name), action = ?s.action, %src_ip, dst = %dst.ip, "non-enforced policy matched");
-    }
-    match verdict.decision {
-        Decision::Allow => Ok(()),
-        Decision::Deny(reason) => {
-            let label = reason.as_label();
-            inputs.metrics.deny(label);
-            tracing::info!(?reason, src.identity = ?src_identity.map(ToString::to_string), %src_ip, dst = %dst.ip, dst_port, "denied by policy");
-            Err(label)
-        }
+        .with_service(state.serving(t.dst), &self.inputs.cfg.cluster_domain);
+        Ok((pod, Record::open("inbound", labels, src, t.dst, &self.inputs.metrics)))
     }
 }

@@ -1,14 +1,16 @@
 //! Plaintext to local meshed pods (from unmeshed clients), redirected to 15006 by the datapath:
 //! refused under STRICT `PeerAuthentication`; under PERMISSIVE, authorized without an identity
-//! (so principal and namespace rules cannot match) and forwarded.
+//! (so principal and namespace rules cannot match) and forwarded — per connection on TCP ports,
+//! per request on HTTP ports.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    Error, Inputs,
-    inbound::{authorize, connect_pod},
+    Error, Inputs, accept,
+    authorize::{authorize, connect_pod},
+    l7::{self, inbound::Caller},
     metrics::{ConnLabels, Peer, Reporter, SecurityPolicy},
     relay::{self, Record},
     socket,
@@ -23,13 +25,14 @@ pub struct InboundPlain {
     listener: TcpListener,
     addr: SocketAddr,
     inputs: Inputs,
+    http: Arc<l7::Shared>,
 }
 
 impl InboundPlain {
-    pub async fn new(addr: SocketAddr, inputs: Inputs) -> Result<Self, Error> {
+    pub async fn new(addr: SocketAddr, inputs: Inputs, http: Arc<l7::Shared>) -> Result<Self, Error> {
         let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
         let addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
-        Ok(Self { listener, addr, inputs })
+        Ok(Self { listener, addr, inputs, http })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -37,31 +40,25 @@ impl InboundPlain {
     }
 
     pub async fn run(self, drain: drain::Watcher) {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = self.listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => { tracing::warn!(error = %e, "plaintext inbound accept"); continue; }
-                },
-                () = drain.signaled() => break,
-            };
-            let (inputs, drain) = (self.inputs.clone(), drain.clone());
-            tokio::spawn(async move {
+        let (inputs, http) = (self.inputs, self.http);
+        accept::run(self.listener, "inbound-plaintext", drain, move |tcp, peer, drain| {
+            let (inputs, http) = (inputs.clone(), http.clone());
+            async move {
                 let dst = match socket::original_dst(&tcp) {
                     Ok(d) => d,
                     Err(e) => return tracing::debug!(error = %e, "no original destination"),
                 };
-                if let Err(e) = handle(&inputs, tcp, peer, dst).await {
+                if let Err(e) = handle(&inputs, &http, tcp, peer, dst, &drain).await {
                     tracing::info!(%peer, %dst, error = %e, "plaintext inbound refused or failed");
                 }
-                drop(drain);
-            });
-        }
+            }
+        })
+        .await;
     }
 }
 
 /// Handles one plaintext connection from `peer` addressed to `dst`.
-pub async fn handle(inputs: &Inputs, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) -> Result<(), Error> {
+pub async fn handle(inputs: &Inputs, http: &Arc<l7::Shared>, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr, drain: &drain::Watcher) -> Result<(), Error> {
     let state = inputs.state.borrow().clone();
     let node = &inputs.cfg.node_name;
     let dst_w = state
@@ -73,7 +70,14 @@ pub async fn handle(inputs: &Inputs, mut client: TcpStream, peer: SocketAddr, ds
         relay::log_refused("inbound-plaintext", peer, dst, None, "STRICT PeerAuthentication");
         return Err(Error::Strict(dst));
     }
-    if let Err(reason) = authorize(inputs, &state, None, peer.ip(), dst_w, dst.port()) {
+    if state.app_protocol_at(dst).is_http() {
+        let caller = Caller { identity: None, workload: state.workload(peer.ip()).cloned(), ip: peer.ip() };
+        let stack = l7::inbound::local_stack(inputs, http, &state, caller, dst_w, dst, "inbound-plaintext");
+        l7::inbound::serve(client, stack, http, drain).await;
+        return Ok(());
+    }
+    let conn = authz::Conn { src_identity: None, src_ip: peer.ip(), dst: dst_w, dst_port: dst.port(), http: None };
+    if let Err(reason) = authorize(inputs, &state, &conn) {
         relay::log_refused("inbound-plaintext", peer, dst, None, reason);
         return Err(Error::Denied(reason));
     }

@@ -1,23 +1,29 @@
 //! Outbound on 15001: connections of local meshed pods, redirected here by the datapath. The
-//! original destination decides the path: another node's meshed pod → HBONE through the pool;
-//! a meshed pod on this node → authorized here and connected directly (no TLS: the bytes never
-//! leave the node); anything else → plain TCP passthrough.
+//! original destination decides the path ([`Handler::proxy`]):
+//! - a Service VIP:port whose port is HTTP → the HTTP stack ([`super::l7::outbound`]): routes
+//!   and a per-request endpoint pick;
+//! - a Service VIP:port otherwise → one endpoint for the connection ([`crate::balance`]), then:
+//! - another node's meshed pod → an HBONE stream through the pool;
+//! - a meshed pod on this node → authorized here and connected directly (no TLS: the bytes never
+//!   leave the node);
+//! - anything else → plain TCP passthrough.
 
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::Instrument as _;
 
 use super::{
-    Error, HboneDial, Inputs, hbone,
-    inbound::{authorize, connect_pod},
+    Error, HboneDial, Inputs, accept,
+    authorize::{authorize, connect_pod},
+    hbone,
+    l7::{self, outbound::Target},
     metrics::{ConnLabels, Peer, Reporter, SecurityPolicy},
-    pool::{Checkout, Key, Pool},
+    pool::{Key, Pool},
     relay::{self, Opener, Record, Tunnel},
     socket,
 };
 use crate::{
-    drain,
+    authz, balance, drain,
     state::{Protocol, State, Workload},
 };
 
@@ -32,14 +38,15 @@ pub struct Outbound {
 pub struct Handler {
     inputs: Inputs,
     pool: Arc<Pool>,
+    http: Arc<l7::Shared>,
     local: Option<SocketAddr>,
 }
 
 impl Outbound {
-    pub async fn new(addr: SocketAddr, inputs: Inputs, pool: Arc<Pool>) -> Result<Self, Error> {
+    pub async fn new(addr: SocketAddr, inputs: Inputs, pool: Arc<Pool>, http: Arc<l7::Shared>) -> Result<Self, Error> {
         let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
         let addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
-        Ok(Self { listener, addr, handler: Handler { inputs, pool, local: Some(addr) } })
+        Ok(Self { listener, addr, handler: Handler { inputs, pool, http, local: Some(addr) } })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -51,45 +58,33 @@ impl Outbound {
     }
 
     pub async fn run(self, drain: drain::Watcher) {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = self.listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => { tracing::warn!(error = %e, "outbound accept"); continue; }
-                },
-                () = drain.signaled() => break,
-            };
-            let handler = self.handler.clone();
-            let drain = drain.clone();
-            let span = tracing::debug_span!("outbound", %peer);
-            tokio::spawn(
-                async move {
-                    let orig = match socket::original_dst(&tcp) {
-                        Ok(o) => o,
-                        Err(e) => return tracing::debug!(error = %e, "no original destination"),
-                    };
-                    if let Err(e) = handler.proxy(tcp, peer, orig).await {
-                        tracing::info!(%peer, dst = %orig, error = %e, "outbound connection failed");
-                    }
-                    drop(drain);
+        let handler = self.handler;
+        accept::run(self.listener, "outbound", drain, move |tcp, peer, drain| {
+            let handler = handler.clone();
+            async move {
+                let orig = match socket::original_dst(&tcp) {
+                    Ok(o) => o,
+                    Err(e) => return tracing::debug!(error = %e, "no original destination"),
+                };
+                if let Err(e) = handler.proxy_draining(tcp, peer, orig, drain).await {
+                    tracing::info!(%peer, dst = %orig, error = %e, "outbound connection failed");
                 }
-                .instrument(span),
-            );
-        }
-        tracing::info!("outbound drained: no longer accepting");
+            }
+        })
+        .await;
     }
 }
 
 impl Handler {
     /// Proxies `client` (from `peer`) to `orig_dst`.
     pub async fn proxy(&self, client: TcpStream, peer: SocketAddr, orig_dst: SocketAddr) -> Result<(), Error> {
+        // Tests call this directly; a drain watcher nobody triggers keeps HTTP connections open.
+        let (_trigger, watcher) = drain::new();
+        self.proxy_draining(client, peer, orig_dst, watcher).await
+    }
+
+    async fn proxy_draining(&self, client: TcpStream, peer: SocketAddr, orig_dst: SocketAddr, drain: drain::Watcher) -> Result<(), Error> {
         let state = self.inputs.state.borrow().clone();
-        // A captured connection to a Service VIP: pick the backend here (meshed clients are
-        // captured before the kernel's socket LB would have).
-        let orig_dst = state.resolve(orig_dst).unwrap_or(orig_dst);
-        if Some(orig_dst) == self.local {
-            return Err(Error::SelfCall(orig_dst));
-        }
         client.set_nodelay(true)?;
         let node = &self.inputs.cfg.node_name;
         // Only this node's meshed pods are captured; anything else here would make us an open relay.
@@ -97,10 +92,29 @@ impl Handler {
             .workload(peer.ip())
             .filter(|w| &w.node == node && w.protocol == Protocol::Hbone)
             .ok_or(Error::UnknownSource(peer.ip()))?;
-        match state.workload(orig_dst.ip()).filter(|w| w.protocol == Protocol::Hbone) {
-            Some(dst_w) if &dst_w.node == node => self.same_node(client, peer, orig_dst, &state, src_w, dst_w).await,
-            Some(dst_w) => self.hbone(client, peer, orig_dst, &state, src_w, dst_w).await,
-            None => self.passthrough(client, peer, orig_dst, &state, src_w).await,
+        // A captured connection to a Service VIP: meshed clients are captured before the
+        // kernel's socket LB would have balanced them, so it happens here.
+        let dst = match state.vip(orig_dst) {
+            Some((service, port)) if port.app_protocol().is_http() => {
+                let target = Target { service, port: port.port, vip: orig_dst };
+                l7::outbound::serve(self.inputs.clone(), self.http.clone(), client, peer, &state, &target, src_w, drain).await;
+                return Ok(());
+            }
+            Some((service, port)) => match balance::pick_one(service, port, orig_dst.is_ipv4(), None) {
+                Some(c) => c.addr,
+                None => orig_dst,
+            },
+            None => orig_dst,
+        };
+        // The listener itself (its bound address is often 0.0.0.0): a loop, not a destination.
+        let is_self = |l: SocketAddr| dst == l || (dst.port() == l.port() && (dst.ip().is_loopback() || dst.ip().is_unspecified()));
+        if self.local.is_some_and(is_self) {
+            return Err(Error::SelfCall(dst));
+        }
+        match state.workload(dst.ip()).filter(|w| w.protocol == Protocol::Hbone) {
+            Some(dst_w) if &dst_w.node == node => self.same_node(client, peer, dst, &state, src_w, dst_w).await,
+            Some(dst_w) => self.hbone(client, peer, dst, &state, src_w, dst_w).await,
+            None => self.passthrough(client, peer, dst, &state, src_w).await,
         }
     }
 
@@ -124,43 +138,24 @@ impl Handler {
         };
         let key = Key { src: state.identity(src_w), dst: state.identity(dst_w), addr: SocketAddr::new(hbone_ip, cfg.hbone_port) };
         let req = || hbone::connect_request(dst, peer.ip(), src_w, &cfg.cluster_id, &hbone::traceparent());
-        // A pooled connection the peer is draining (GOAWAY) refuses new streams: retire it and
-        // retry once on a fresh one.
-        let (stream, response, send) = match self.open_stream(&key, req()).await {
-            Err(Error::H2(e)) if e.is_go_away() || e.is_io() => self.open_stream(&key, req()).await?,
+        let opened = match self.pool.open(&key, req).await {
+            Err(Error::Status(status)) => {
+                relay::log_refused("outbound", peer, dst, Some(&key.src.to_string()), status.as_str());
+                return Err(Error::Status(status));
+            }
             r => r?,
         };
-        let resp = response.await?;
-        if resp.status() != http::StatusCode::OK {
-            relay::log_refused("outbound", peer, dst, Some(&key.src.to_string()), resp.status().as_str());
-            return Err(Error::Status(resp.status()));
-        }
         let record = Record::open("outbound", self.labels(Reporter::source, state, src_w, Some(dst_w), dst, true), peer, dst, &self.inputs.metrics);
-        let tunnel = Tunnel { send, recv: resp.into_body() };
+        let tunnel = Tunnel { send: opened.send, recv: opened.recv };
         relay::relay_tunnel(&mut client, tunnel, Opener::Tcp, record).await;
-        drop(stream);
+        drop(opened.slot);
         Ok(())
-    }
-
-    /// Sends the CONNECT on a pooled connection; the response is awaited by the caller.
-    async fn open_stream(&self, key: &Key, req: http::Request<()>) -> Result<(Checkout, h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>), Error> {
-        let stream = self.pool.checkout(key).await?;
-        let sent = match stream.sender.clone().ready().await {
-            Ok(mut sender) => sender.send_request(req, false),
-            Err(e) => Err(e),
-        };
-        match sent {
-            Ok((response, send)) => Ok((stream, response, send)),
-            Err(e) => {
-                stream.retire();
-                Err(e.into())
-            }
-        }
     }
 
     async fn same_node(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr, state: &State, src_w: &Workload, dst_w: &Workload) -> Result<(), Error> {
         let src_id = state.identity(src_w);
-        if let Err(reason) = authorize(&self.inputs, state, Some(&src_id), peer.ip(), dst_w, dst.port()) {
+        let conn = authz::Conn { src_identity: Some(&src_id), src_ip: peer.ip(), dst: dst_w, dst_port: dst.port(), http: None };
+        if let Err(reason) = authorize(&self.inputs, state, &conn) {
             relay::log_refused("same-node", peer, dst, Some(&src_id.to_string()), reason);
             return Err(Error::Denied(reason));
         }

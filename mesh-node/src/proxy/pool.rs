@@ -73,6 +73,13 @@ impl Drop for Checkout {
 
 type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>;
 
+/// An open HBONE stream and the pool slot it occupies (released when dropped).
+pub struct Opened {
+    pub slot: Checkout,
+    pub send: h2::SendStream<Bytes>,
+    pub recv: h2::RecvStream,
+}
+
 pub struct Pool {
     inputs: Inputs,
     slots: Mutex<HashMap<Key, Slot>>,
@@ -114,6 +121,36 @@ impl Pool {
 
     fn forget(&self, n: usize) {
         self.inputs.metrics.pool_connections.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A CONNECT stream to `key`, answered `200`, on a pooled connection. A pooled connection
+    /// the peer is draining (GOAWAY) refuses new streams: it is retired and the CONNECT retried
+    /// once on a fresh one. Another status is [`Error::Status`].
+    pub async fn open(&self, key: &Key, req: impl Fn() -> http::Request<()>) -> Result<Opened, Error> {
+        let (slot, response, send) = match self.send_connect(key, req()).await {
+            Err(Error::H2(e)) if e.is_go_away() || e.is_io() => self.send_connect(key, req()).await?,
+            r => r?,
+        };
+        let resp = response.await?;
+        if resp.status() != http::StatusCode::OK {
+            return Err(Error::Status(resp.status()));
+        }
+        Ok(Opened { slot, send, recv: resp.into_body() })
+    }
+
+    async fn send_connect(&self, key: &Key, req: http::Request<()>) -> Result<(Checkout, h2::client::ResponseFuture, h2::SendStream<Bytes>), Error> {
+        let slot = self.checkout(key).await?;
+        let sent = match slot.sender.clone().ready().await {
+            Ok(mut sender) => sender.send_request(req, false),
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok((response, send)) => Ok((slot, response, send)),
+            Err(e) => {
+                slot.retire();
+                Err(e.into())
+            }
+        }
     }
 
     /// Open pooled connections (all keys).

@@ -42,7 +42,7 @@ impl Record {
         m.closed.get_or_create(&self.labels).inc();
         m.received.get_or_create(&self.labels).inc_by(received);
         m.sent.get_or_create(&self.labels).inc_by(sent);
-        let l = &self.labels;
+        let l = &self.labels.peers;
         tracing::info!(
             target: "access",
             kind = self.kind,

@@ -88,35 +88,35 @@ impl Service {
     }
 }
 
-/// Round-robin position shared by all Services: spreads new connections without a random source.
-static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
 /// The per-connection lookups, built once per state so a connection costs two hash lookups,
 /// not a scan of every Service and endpoint. Positions index the `services` it was built from.
 #[derive(Debug, Default)]
 pub struct Index {
     /// VIP:port (TCP) → (Service, port); the first Service and port in order win.
     vips: HashMap<SocketAddr, (usize, usize)>,
-    /// Endpoint address:port on the pod → the Service serving it, first by namespace and name.
-    serving: HashMap<SocketAddr, usize>,
+    /// Endpoint address:port on the pod → (Service, port) serving it, first by namespace and name.
+    serving: HashMap<SocketAddr, (usize, usize)>,
+    /// (namespace, name) → Service.
+    by_name: HashMap<(String, String), usize>,
 }
 
 impl Index {
     pub fn build(services: &[Service]) -> Self {
         let mut index = Self::default();
         for (i, s) in services.iter().enumerate() {
+            index.by_name.entry((s.namespace.clone(), s.name.clone())).or_insert(i);
             for (j, p) in s.ports.iter().enumerate().filter(|(_, p)| p.protocol == ServiceProtocol::Tcp) {
                 for vip in &s.vips {
                     index.vips.entry(SocketAddr::new(*vip, p.port)).or_insert((i, j));
                 }
             }
             for e in &s.endpoints {
-                for p in &s.ports {
+                for (j, p) in s.ports.iter().enumerate() {
                     let at = SocketAddr::new(e.address, s.endpoint_port(p, e));
-                    let first = index.serving.entry(at).or_insert(i);
-                    let (old, new) = (&services[*first], s);
+                    let first = index.serving.entry(at).or_insert((i, j));
+                    let (old, new) = (&services[first.0], s);
                     if (&new.namespace, &new.name) < (&old.namespace, &old.name) {
-                        *first = i;
+                        *first = (i, j);
                     }
                 }
             }
@@ -124,26 +124,21 @@ impl Index {
         index
     }
 
-    /// The backend a new connection to `dst` should go to, when `dst` is a Service VIP:port
-    /// (TCP) with at least one healthy endpoint of the VIP's address family; `None` otherwise.
-    pub fn resolve(&self, services: &[Service], dst: SocketAddr) -> Option<SocketAddr> {
+    /// The Service and port a VIP:port (TCP) belongs to.
+    pub fn vip<'a>(&self, services: &'a [Service], dst: SocketAddr) -> Option<(&'a Service, &'a ServicePort)> {
         let &(i, j) = self.vips.get(&dst)?;
-        let (service, port) = (&services[i], &services[i].ports[j]);
-        // Per connection: count, then pick the n-th, without collecting into a Vec.
-        let healthy = || service.endpoints.iter().filter(|e| e.healthy && e.address.is_ipv4() == dst.is_ipv4());
-        let count = healthy().count();
-        if count == 0 {
-            return None;
-        }
-        let e = healthy().nth(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % count)?;
-        Some(SocketAddr::new(e.address, service.endpoint_port(port, e)))
+        Some((&services[i], &services[i].ports[j]))
+    }
+
+    pub fn by_name<'a>(&self, services: &'a [Service], namespace: &str, name: &str) -> Option<&'a Service> {
+        self.by_name.get(&(namespace.to_owned(), name.to_owned())).map(|&i| &services[i])
     }
 
     /// The Service a connection to a pod's `dst` (ip:port) is reaching: one with an endpoint at
     /// that address whose target port is `dst`'s port; when several qualify, the first by
     /// namespace and name, so every daemon reports the same one.
-    pub fn serving<'a>(&self, services: &'a [Service], dst: SocketAddr) -> Option<&'a Service> {
-        self.serving.get(&dst).map(|&i| &services[i])
+    pub fn serving<'a>(&self, services: &'a [Service], dst: SocketAddr) -> Option<(&'a Service, &'a ServicePort)> {
+        self.serving.get(&dst).map(|&(i, j)| (&services[i], &services[i].ports[j]))
     }
 }
 
@@ -172,16 +167,15 @@ mod tests {
     }
 
     #[test]
-    fn vip_resolves_to_healthy_endpoints_with_their_ports() {
+    fn vips_and_names_find_their_service_port() {
         let services = [svc()];
         let index = Index::build(&services);
-        let resolve = |services: &[Service], dst| index.resolve(services, dst);
         let vip = SocketAddr::from(([198, 19, 0, 10], 80));
-        let picks: std::collections::BTreeSet<_> = (0..10).filter_map(|_| resolve(&services, vip)).collect();
-        let expected = [SocketAddr::from(([198, 18, 2, 11], 9011)), SocketAddr::from(([198, 18, 2, 13], 9013))];
-        assert_eq!(picks.into_iter().collect::<Vec<_>>(), expected, "unhealthy endpoint never chosen");
-        assert_eq!(resolve(&services, SocketAddr::from(([198, 19, 0, 10], 81))), None, "not a service port");
-        assert_eq!(resolve(&services, SocketAddr::from(([198, 18, 2, 11], 80))), None, "not a VIP");
+        assert_eq!(index.vip(&services, vip).map(|(s, p)| (s.name.as_str(), p.port)), Some(("whoami", 80)));
+        assert!(index.vip(&services, SocketAddr::from(([198, 19, 0, 10], 81))).is_none(), "not a service port");
+        assert!(index.vip(&services, SocketAddr::from(([198, 18, 2, 11], 80))).is_none(), "not a VIP");
+        assert_eq!(index.by_name(&services, "demo", "whoami").map(|s| s.vips.len()), Some(1));
+        assert!(index.by_name(&services, "other", "whoami").is_none());
     }
 
     #[test]
@@ -192,7 +186,7 @@ mod tests {
         let index = Index::build(&services);
         let serving = |services, dst| index.serving(services, dst);
         let at = |last: u8, port: u16| SocketAddr::from(([198, 18, 2, last], port));
-        assert_eq!(serving(&services, at(11, 9011)).map(|s| s.name.as_str()), Some("another"), "first by name");
+        assert_eq!(serving(&services, at(11, 9011)).map(|(s, _)| s.name.as_str()), Some("another"), "first by name");
         assert_eq!(serving(&services, at(11, 80)), None, "80 is the Service port, not the pod's");
         assert_eq!(serving(&services, at(99, 9011)), None, "not an endpoint");
         assert_eq!(services[0].hostname("cluster.local"), "whoami.demo.svc.cluster.local");

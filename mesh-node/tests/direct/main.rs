@@ -140,9 +140,10 @@ async fn strict_peer_authentication_refuses_plaintext_and_permissive_allows_it()
         sock.bind((ip("127.0.0.9"), 0).into()).expect("bind client");
         let (client, acc) = tokio::join!(sock.connect(capture.local_addr().expect("addr")), capture.accept());
         let (server_side, peer) = acc.expect("accept");
-        let inputs = mesh.n2.bound.inputs.clone();
+        let (inputs, http) = (mesh.n2.bound.inputs.clone(), mesh.n2.bound.http.clone());
         let dst = pod_b.addr;
-        tokio::spawn(async move { inbound_plain::handle(&inputs, server_side, peer, dst).await });
+        let (_trigger, drain) = mesh_node::drain::new();
+        tokio::spawn(async move { inbound_plain::handle(&inputs, &http, server_side, peer, dst, &drain).await });
         client.expect("connect")
     };
     let back = echo_round_trip(plain(&mesh).await, b"permissive").await;

@@ -1,0 +1,113 @@
+//! Which endpoint of a Service a new connection or request goes to. One module decides it for
+//! all three places that balance: the kernel's tables (unmeshed clients, balanced at
+//! `connect()`), the TCP proxy (meshed clients' connections, captured before the kernel would
+//! balance them) and the HTTP proxy (per request). They share the candidate set (every endpoint
+//! of the address family and subset, with the port that serves the Service port), the weights,
+//! and the algorithm; the kernel then executes its tables and the daemon [`pick`]s with the same
+//! distribution.
+
+use std::net::SocketAddr;
+
+use crate::{
+    datapath::LoadBalancing,
+    state::{Endpoint, Service, ServicePort},
+};
+
+/// One endpoint as balancing sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate<'s> {
+    pub endpoint: &'s Endpoint,
+    /// The endpoint's address with the port serving the Service port.
+    pub addr: SocketAddr,
+    /// Relative share of new connections (Kubernetes has no per-endpoint weight: 1).
+    pub weight: u32,
+}
+
+/// The algorithm for a Service port: weighted random for every Service today; DestinationRule
+/// `loadBalancer` policies will be chosen here when they are enforced.
+pub fn algorithm(_service: &Service, _port: &ServicePort) -> LoadBalancing {
+    LoadBalancing::Random
+}
+
+/// Every endpoint of `service` in the address family of `ipv4` and in `subset` (when given),
+/// healthy or not (the kernel keeps unhealthy ones out of its tables itself).
+pub fn candidates<'s>(service: &'s Service, port: &'s ServicePort, ipv4: bool, subset: Option<&'s str>) -> impl Iterator<Item = Candidate<'s>> + Clone + 's {
+    service
+        .endpoints
+        .iter()
+        .filter(move |e| e.address.is_ipv4() == ipv4)
+        .filter(move |e| subset.is_none_or(|s| e.subsets.iter().any(|x| x == s)))
+        .map(move |e| Candidate { endpoint: e, addr: SocketAddr::new(e.address, service.endpoint_port(port, e)), weight: 1 })
+}
+
+/// Weighted random among the healthy candidates with a weight: the distribution of the kernel's
+/// weighted table. `random` is any uniform 64-bit value. `None`: no healthy endpoint.
+pub fn pick<'s>(candidates: impl Iterator<Item = Candidate<'s>> + Clone, random: u64) -> Option<Candidate<'s>> {
+    let live = candidates.filter(|c| c.endpoint.healthy && c.weight > 0);
+    let total: u64 = live.clone().map(|c| u64::from(c.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = random % total;
+    for c in live {
+        let w = u64::from(c.weight);
+        if r < w {
+            return Some(c);
+        }
+        r -= w;
+    }
+    None
+}
+
+/// [`pick`] with a fresh random value.
+pub fn pick_one<'s>(service: &'s Service, port: &'s ServicePort, ipv4: bool, subset: Option<&'s str>) -> Option<Candidate<'s>> {
+    pick(candidates(service, port, ipv4, subset), fastrand::u64(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::{BTreeMap, HashMap},
+        net::IpAddr,
+    };
+
+    use super::*;
+    use crate::state::ServiceProtocol;
+
+    fn service() -> Service {
+        let ep = |last: u8, healthy: bool, subsets: &[&str]| Endpoint {
+            address: IpAddr::from([198, 18, 2, last]),
+            ports: BTreeMap::from([(80, 9000 + u16::from(last))]),
+            healthy,
+            node: "n2".into(),
+            node_address: None,
+            meshed: true,
+            identity: None,
+            subsets: subsets.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        Service {
+            name: "whoami".into(),
+            namespace: "demo".into(),
+            vips: vec![IpAddr::from([198, 19, 0, 10])],
+            ports: vec![ServicePort { name: "http".into(), port: 80, protocol: ServiceProtocol::Tcp, target_port: 8080, app_protocol: None }],
+            endpoints: vec![ep(11, true, &["v1"]), ep(12, false, &["v1"]), ep(13, true, &["v2"]), Endpoint { address: "fd00::1".parse().expect("ip"), ..ep(14, true, &["v1"]) }],
+        }
+    }
+
+    #[test]
+    fn picks_spread_over_healthy_endpoints_of_the_family_and_subset() {
+        let s = service();
+        let port = &s.ports[0];
+        let mut counts: HashMap<SocketAddr, u32> = HashMap::new();
+        for r in 0..1000 {
+            let c = pick(candidates(&s, port, true, None), r).expect("healthy endpoints");
+            *counts.entry(c.addr).or_default() += 1;
+        }
+        assert_eq!(counts.len(), 2, "unhealthy and IPv6 endpoints never chosen: {counts:?}");
+        assert_eq!(counts[&SocketAddr::from(([198, 18, 2, 11], 9011))], 500, "uniform over two");
+        let v2: Vec<SocketAddr> = (0..10).filter_map(|r| pick(candidates(&s, port, true, Some("v2")), r)).map(|c| c.addr).collect();
+        assert!(v2.iter().all(|a| *a == SocketAddr::from(([198, 18, 2, 13], 9013))), "subset v2 only");
+        assert!(pick(candidates(&s, port, true, Some("v3")), 0).is_none(), "empty subset: no endpoint");
+        assert_eq!(candidates(&s, port, true, None).count(), 3, "the kernel sees unhealthy ones too");
+    }
+}

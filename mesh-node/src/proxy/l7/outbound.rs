@@ -1,0 +1,296 @@
+//! The source side of HTTP: a meshed client's connection to an HTTP Service port is served here
+//! with `mesh_l7`'s outbound stack (record → router → timeout → filters → mirror → split), and
+//! each request then goes to an endpoint of the chosen backend Service picked by
+//! [`crate::balance`] — requests of one client connection may reach different endpoints. The
+//! endpoint is reached through a pooled HTTP connection carried by an HBONE stream (meshed, on
+//! another node), the destination stack directly (meshed, this node), or plain TCP (unmeshed).
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError},
+    task::{Context, Poll},
+};
+
+use futures::future::BoxFuture;
+use http::{Request, Response};
+use mesh_l7::{
+    body::{Body, BoxError},
+    client::Connect,
+    forward,
+    layer::{
+        BoxHttp,
+        filters::Filters,
+        mirror::Mirror,
+        router::{ClientInfo, Router},
+        split::{Chosen, Split},
+        timeout::Timeout,
+    },
+    metrics::{PeerLabels, SecurityPolicy},
+    record::{Peers, Record, Recorder, Upstream as UpstreamAddr},
+};
+use tokio::net::TcpStream;
+use tower::ServiceExt as _;
+
+use super::{Shared, TunnelIo, inbound};
+use crate::{
+    balance, drain,
+    identity::Identity,
+    proxy::{
+        HboneDial, Inputs, hbone,
+        metrics::{Peer, Reporter, peer_labels, set_service},
+        pool::{Key as HboneKey, Pool as HbonePool},
+        socket,
+    },
+    state::{Protocol, Service, State, Workload},
+};
+
+/// How the source node reaches an endpoint for HTTP.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Via {
+    /// HTTP inside an HBONE stream, authenticated as the client's identity, to a peer proving
+    /// `dst_identity`, dialed at `hbone` (the pod's or its node's `:15008`).
+    Hbone { dst_identity: Identity, hbone: SocketAddr },
+    /// Plain TCP (the endpoint is not meshed).
+    Plain,
+}
+
+/// One upstream connection's identity: which client it carries requests of, and to where.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UpstreamKey {
+    pub client: IpAddr,
+    pub client_identity: Identity,
+    pub endpoint: SocketAddr,
+    pub via: Via,
+}
+
+/// Makes upstream connections for the outbound HTTP pool.
+pub struct Connector {
+    inputs: Inputs,
+    hbone: Arc<HbonePool>,
+}
+
+impl Connector {
+    pub fn new(inputs: Inputs, hbone: Arc<HbonePool>) -> Self {
+        Self { inputs, hbone }
+    }
+}
+
+/// A plain TCP connection or an HBONE stream.
+pub enum UpstreamIo {
+    Tcp(TcpStream),
+    Tunnel(Box<TunnelIo>),
+}
+
+impl tokio::io::AsyncRead for UpstreamIo {
+    fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Self::Tunnel(t) => std::pin::Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamIo {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Self::Tunnel(t) => std::pin::Pin::new(t.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Self::Tunnel(t) => std::pin::Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Self::Tunnel(t) => std::pin::Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connect for Connector {
+    type Key = UpstreamKey;
+    type Io = UpstreamIo;
+
+    async fn connect(&self, key: &UpstreamKey) -> Result<UpstreamIo, BoxError> {
+        let cfg = &self.inputs.cfg;
+        match &key.via {
+            Via::Plain => {
+                let tcp = tokio::time::timeout(cfg.connect_timeout, socket::connect(None, key.endpoint))
+                    .await
+                    .map_err(|_| format!("timed out connecting to {}", key.endpoint))??;
+                Ok(UpstreamIo::Tcp(tcp))
+            }
+            Via::Hbone { dst_identity, hbone } => {
+                let state = self.inputs.state.borrow().clone();
+                let src_w = state.workload(key.client).ok_or_else(|| format!("client {} is no longer a workload of this node", key.client))?.clone();
+                let hkey = HboneKey { src: key.client_identity.clone(), dst: dst_identity.clone(), addr: *hbone };
+                let req = || hbone::connect_request(key.endpoint, key.client, &src_w, &cfg.cluster_id, &hbone::traceparent());
+                let opened = self.hbone.open(&hkey, req).await?;
+                Ok(UpstreamIo::Tunnel(Box::new(TunnelIo::new(opened.send, opened.recv, Some(opened.slot)))))
+            }
+        }
+    }
+}
+
+/// Where a client's requests go once a backend is chosen. One per client connection: it
+/// remembers the labels and same-node stacks of the endpoints it reached.
+#[derive(Clone)]
+struct Upstream {
+    inputs: Inputs,
+    shared: Arc<Shared>,
+    client: Arc<Workload>,
+    client_identity: Identity,
+    /// The Service port the client connected to (backends without a port use it).
+    port: u16,
+    ipv4: bool,
+    seen: Arc<Mutex<HashMap<(SocketAddr, String, String), Reached>>>,
+}
+
+/// What is remembered of an endpoint this connection reached.
+#[derive(Clone)]
+struct Reached {
+    peers: Arc<PeerLabels>,
+    /// The destination stack, for an endpoint on this node.
+    local: Option<BoxHttp>,
+}
+
+impl Upstream {
+    fn reached(&self, state: &State, service: &Service, endpoint: &crate::state::Endpoint, addr: SocketAddr) -> Reached {
+        let key = (addr, service.namespace.clone(), service.name.clone());
+        if let Some(r) = self.seen.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
+            return r.clone();
+        }
+        let cfg = &self.inputs.cfg;
+        let dst_w = state.workload(addr.ip());
+        let dst_id = endpoint.identity.as_deref().and_then(|i| i.parse::<Identity>().ok()).or_else(|| dst_w.map(|w| state.identity(w)));
+        let mtls = if endpoint.meshed { SecurityPolicy::mutual_tls } else { SecurityPolicy::unknown };
+        let mut peers = peer_labels(
+            Reporter::source,
+            Peer { workload: Some(&self.client), identity: Some(&self.client_identity) },
+            Peer { workload: dst_w, identity: dst_id.as_ref() },
+            mtls,
+            &cfg.cluster_id,
+        );
+        set_service(&mut peers, Some(service), &cfg.cluster_domain);
+        let local = dst_w.filter(|w| endpoint.meshed && w.node == cfg.node_name && w.protocol == Protocol::Hbone).map(|w| {
+            let caller = inbound::Caller { identity: Some(self.client_identity.clone()), workload: Some((*self.client).clone()), ip: self.client.ip };
+            inbound::local_stack(&self.inputs, &self.shared, state, caller, w, addr, "same-node")
+        });
+        let r = Reached { peers: Arc::new(peers), local };
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.len() < 256 {
+            seen.insert(key, r.clone());
+        }
+        r
+    }
+
+    /// How to reach a meshed endpoint on another node, or an unmeshed one.
+    fn via(&self, state: &State, endpoint: &crate::state::Endpoint, addr: SocketAddr) -> Via {
+        if !endpoint.meshed {
+            return Via::Plain;
+        }
+        let w = state.workload(addr.ip());
+        let dst_identity = endpoint.identity.as_deref().and_then(|i| i.parse::<Identity>().ok()).or_else(|| w.map(|w| state.identity(w)));
+        let Some(dst_identity) = dst_identity else { return Via::Plain };
+        let cfg = &self.inputs.cfg;
+        let ip = match cfg.hbone_dial {
+            HboneDial::Pod => addr.ip(),
+            HboneDial::Node => w.map(|w| w.node_ip).or(endpoint.node_address).unwrap_or(addr.ip()),
+        };
+        Via::Hbone { dst_identity, hbone: SocketAddr::new(ip, cfg.hbone_port) }
+    }
+
+    async fn send(self, req: Request<Body>) -> Response<Body> {
+        let Some(chosen) = req.extensions().get::<Chosen>().cloned() else {
+            return forward::no_healthy_upstream();
+        };
+        let backend = chosen.backend();
+        let state = self.inputs.state.borrow().clone();
+        let Some(service) = state.service(&backend.namespace, &backend.name) else {
+            tracing::debug!(backend = %format!("{}/{}", backend.namespace, backend.name), "backend Service not known");
+            return forward::no_healthy_upstream();
+        };
+        let port_number = backend.port.unwrap_or(self.port);
+        let Some(port) = service.ports.iter().find(|p| p.port == port_number && p.protocol == crate::state::ServiceProtocol::Tcp) else {
+            return forward::no_healthy_upstream();
+        };
+        let Some(picked) = balance::pick_one(service, port, self.ipv4, backend.subset.as_deref()) else {
+            return forward::no_healthy_upstream();
+        };
+        let (addr, endpoint) = (picked.addr, picked.endpoint);
+        let reached = self.reached(&state, service, endpoint, addr);
+        let mut resp = match &reached.local {
+            Some(local) => local.clone().oneshot(req).await.unwrap_or_else(|never| match never {}),
+            None => {
+                let key = UpstreamKey { client: self.client.ip, client_identity: self.client_identity.clone(), endpoint: addr, via: self.via(&state, endpoint, addr) };
+                forward::send(&self.shared.upstreams, &key, inbound::version(port.app_protocol()), req).await
+            }
+        };
+        resp.extensions_mut().insert(Peers(reached.peers));
+        resp.extensions_mut().insert(UpstreamAddr(addr));
+        resp
+    }
+}
+
+impl tower::Service<Request<Body>> for Upstream {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.send(req).await) })
+    }
+}
+
+/// A client connection addressed to `service`'s HTTP port `port` (at `vip`).
+pub struct Target<'a> {
+    pub service: &'a Service,
+    pub port: u16,
+    pub vip: SocketAddr,
+}
+
+/// Serves one client connection with the outbound stack until it closes (or drain).
+pub async fn serve(inputs: Inputs, shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, state: &State, target: &Target<'_>, src_w: &Workload, drain: drain::Watcher) {
+    let client_identity = state.identity(src_w);
+    let (namespace, name) = (target.service.namespace.clone(), target.service.name.clone());
+    let lookup = {
+        let rx = inputs.state.clone();
+        move || rx.borrow().route_table(&namespace, &name)
+    };
+    let info = ClientInfo { namespace: Some(Arc::from(src_w.namespace.as_str())), labels: Some(Arc::new(src_w.labels.clone())) };
+    let mut base = peer_labels(
+        Reporter::source,
+        Peer { workload: Some(src_w), identity: Some(&client_identity) },
+        Peer { workload: None, identity: None },
+        SecurityPolicy::unknown,
+        &inputs.cfg.cluster_id,
+    );
+    set_service(&mut base, Some(target.service), &inputs.cfg.cluster_domain);
+    let recorder = Recorder::new(inputs.metrics.requests.clone(), Arc::new(base), "outbound", peer);
+    let upstream = Upstream {
+        inputs: inputs.clone(),
+        shared: shared.clone(),
+        client: Arc::new(src_w.clone()),
+        client_identity,
+        port: target.port,
+        ipv4: target.vip.is_ipv4(),
+        seen: Arc::default(),
+    };
+    let stack = Record::new(Router::new(Timeout::new(Filters::new(Mirror::new(Split::new(upstream)))), Arc::new(lookup), target.port, info), recorder);
+    if let Err(e) = mesh_l7::server::serve(client, stack, &shared.server, drain.signaled()).await {
+        tracing::debug!(%peer, error = %e, "outbound HTTP connection ended with an error");
+    }
+}
