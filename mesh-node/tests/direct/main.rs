@@ -1,6 +1,7 @@
 //! In-process tests of the node daemon (no root): two daemons on loopback, a test CA, config
 //! through a channel. See `support.rs` for the topology.
 
+mod l7;
 mod support;
 mod ztunnel;
 

@@ -151,8 +151,11 @@ struct Upstream {
     /// The Service port the client connected to (backends without a port use it).
     port: u16,
     ipv4: bool,
-    seen: Arc<Mutex<HashMap<(SocketAddr, String, String), Reached>>>,
+    seen: Arc<Mutex<HashMap<ReachedKey, Reached>>>,
 }
+
+/// An endpoint reached as part of a Service (namespace, name).
+type ReachedKey = (SocketAddr, String, String);
 
 /// What is remembered of an endpoint this connection reached.
 #[derive(Clone)]
@@ -227,12 +230,11 @@ impl Upstream {
         };
         let (addr, endpoint) = (picked.addr, picked.endpoint);
         let reached = self.reached(&state, service, endpoint, addr);
-        let mut resp = match &reached.local {
-            Some(local) => local.clone().oneshot(req).await.unwrap_or_else(|never| match never {}),
-            None => {
-                let key = UpstreamKey { client: self.client.ip, client_identity: self.client_identity.clone(), endpoint: addr, via: self.via(&state, endpoint, addr) };
-                forward::send(&self.shared.upstreams, &key, inbound::version(port.app_protocol()), req).await
-            }
+        let mut resp = if let Some(local) = &reached.local {
+            local.clone().oneshot(req).await.unwrap_or_else(|never| match never {})
+        } else {
+            let key = UpstreamKey { client: self.client.ip, client_identity: self.client_identity.clone(), endpoint: addr, via: self.via(&state, endpoint, addr) };
+            forward::send(&self.shared.upstreams, &key, inbound::version(port.app_protocol()), req).await
         };
         resp.extensions_mut().insert(Peers(reached.peers));
         resp.extensions_mut().insert(UpstreamAddr(addr));
@@ -263,6 +265,7 @@ pub struct Target<'a> {
 }
 
 /// Serves one client connection with the outbound stack until it closes (or drain).
+#[expect(clippy::too_many_arguments, reason = "the connection, its target and the daemon's handles: one call site")]
 pub async fn serve(inputs: Inputs, shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, state: &State, target: &Target<'_>, src_w: &Workload, drain: drain::Watcher) {
     let client_identity = state.identity(src_w);
     let (namespace, name) = (target.service.namespace.clone(), target.service.name.clone());
