@@ -294,6 +294,11 @@ async fn routes_match_rewrite_split_and_answer_404_when_nothing_matches() {
     assert!(canaries.iter().all(|s| s.headers.get("x-canary").is_some_and(|v| v == "firefox") && !s.headers.contains_key("x-remove-me")), "request header modifier applied");
     assert!(c.seen.lock().expect("lock").iter().all(|s| s.path.starts_with("/api")));
 
+    let (_, dump) = http_get(mesh.n1.bound.admin, "/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("config dump is JSON");
+    let sources: Vec<String> = dump["config"]["routes"][0]["routes"].as_array().expect("routes").iter().map(|r| format!("{}/{}", r["source"]["kind"].as_str().unwrap_or("?"), r["source"]["name"].as_str().unwrap_or("?"))).collect();
+    assert_eq!(sources, ["HTTPRoute/firefox", "HTTPRoute/rewrite", "HTTPRoute/api"], "the config dump shows each route with the resource it came from");
+
     // A route change applies to the next request on the same kept-alive connection.
     snap.routes = vec![RouteTable { routes: vec![route("all-to-b", vec![], to("web-b"))], ..RouteTable::default_for("default", "web") }];
     mesh.update(&snap);
