@@ -72,6 +72,24 @@ fn grpcurl_drives_every_rpc_kind_with_the_proto_file() {
 }
 
 #[test]
+fn grpc_failures_for_retry_and_outlier_tests() {
+    let app = App::start();
+    let addr = app.grpc_addr();
+    // fail_times: only the first call with this name fails, the next one (a retry) succeeds.
+    let hello = |data: &str| grpcurl(&["-d", data, &addr, "whoami.v1.Whoami/Hello"]);
+    let flaky = r#"{"name":"retry-1","fail_code":14,"fail_times":1}"#;
+    let first = hello(flaky);
+    assert!(!first.status.success() && String::from_utf8_lossy(&first.stderr).contains("Code: Unavailable"), "{first:?}");
+    assert_eq!(replies(&hello(flaky))[0]["message"], "hello retry-1");
+
+    // A server started to fail every Hello.
+    let bad = App::start_with(&["--grpc-fail-code", "14"]);
+    let out = whoami(&["grpc-call", &bad.grpc_addr(), "hello"]);
+    assert!(!out.status.success() && stdout(&out).starts_with("error: grpc code=14 (Unavailable) message=app-1"), "{out:?}");
+    assert_eq!(whoami(&["grpc-call", &bad.grpc_addr(), "count", "--n", "2"]).status.code(), Some(0), "only Hello fails");
+}
+
+#[test]
 fn grpc_call_is_a_second_client_for_the_same_service() {
     let app = App::start();
     let addr = app.grpc_addr();

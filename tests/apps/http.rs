@@ -74,6 +74,28 @@ fn status_delay_and_streamed_bytes_on_both_protocols() {
 }
 
 #[test]
+fn flaky_paths_and_a_backend_started_to_fail() {
+    let app = App::start();
+    let code = |path: &str| stdout(&curl(&["-o", "/dev/null", "-w", "%{http_code}", &app.url(path)]));
+    // The first two requests with this path and query fail, later ones succeed: what a retry
+    // test needs from a single backend. Another query counts on its own.
+    let codes: Vec<String> = (0..3).map(|_| code("/flaky/2/503?id=a")).collect();
+    assert_eq!(codes, ["503", "503", "200"]);
+    assert_eq!(code("/flaky/2/503?id=b"), "503");
+    assert_eq!(code("/flaky/x/503"), "400");
+
+    // A backend started as the bad one: ordinary answers fail, but still say who answered.
+    let bad = App::start_with(&["--http-status", "503"]);
+    let out = curl(&["-w", "\n%{http_code}", &bad.url("/anything")]);
+    let text = stdout(&out);
+    let (body, status) = text.rsplit_once('\n').expect("status line");
+    assert_eq!(status, "503");
+    assert_eq!(serde_json::from_str::<Seen>(body).expect("JSON").pod, "app-1");
+    let code = |path: &str| stdout(&curl(&["-o", "/dev/null", "-w", "%{http_code}", &bad.url(path)]));
+    assert_eq!(code("/status/200"), "200", "an explicit /status wins");
+}
+
+#[test]
 fn pipelined_requests_are_answered_in_order_on_one_connection() {
     let app = App::start();
     // curl and browsers no longer pipeline, so the client here is a socket writing three

@@ -44,6 +44,11 @@ struct App {
 impl App {
     /// Pod `app-1`, node `n1`, version `v7`.
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// The same, with more `serve` flags.
+    fn start_with(extra: &[&str]) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let log = std::env::temp_dir().join(format!("mesh-apps-{}-{n}.jsonl", std::process::id()));
@@ -51,6 +56,7 @@ impl App {
             .args(["serve", "--name", "app-1", "--node", "n1", "--version", "v7", "--http", "0", "--grpc", "0"])
             .arg("--request-log")
             .arg(&log)
+            .args(extra)
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn mesh-whoami serve");

@@ -18,7 +18,7 @@ pub mod load;
 pub mod ws;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs::File,
     io::Write as _,
     net::{SocketAddr, TcpListener, UdpSocket},
@@ -108,15 +108,43 @@ impl RequestLog {
     }
 }
 
+/// Failures a server is started with, so that one backend of several can be the bad one
+/// (outlier detection, retries that must land on another backend).
+#[derive(Clone, Debug)]
+pub struct Faults {
+    /// `--http-status`: the status of every JSON answer but those of `/status/<code>` and
+    /// `/flaky/...`.
+    pub http_status: ::http::StatusCode,
+    /// `--grpc-fail-code`: `Hello` fails with this gRPC status code (0: it does not).
+    pub grpc_code: u32,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self { http_status: ::http::StatusCode::OK, grpc_code: 0 }
+    }
+}
+
 /// What the L7 servers share.
 pub struct App {
     pub id: Identity,
+    pub faults: Faults,
     pub log: Option<RequestLog>,
+    /// Requests seen per key, for the answers that fail only the first N times.
+    attempts: Mutex<HashMap<String, u32>>,
 }
 
 impl App {
-    pub fn new(id: Identity, log: Option<RequestLog>) -> Arc<Self> {
-        Arc::new(Self { id, log })
+    pub fn new(id: Identity, faults: Faults, log: Option<RequestLog>) -> Arc<Self> {
+        Arc::new(Self { id, faults, log, attempts: Mutex::default() })
+    }
+
+    /// Counts one more request for `key` and returns how many there have been (1 for the first).
+    fn attempt(&self, key: &str) -> u32 {
+        let mut attempts = self.attempts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = attempts.entry(key.to_owned()).or_default();
+        *n += 1;
+        *n
     }
 
     fn record(&self, seen: &Seen) {
@@ -145,6 +173,7 @@ pub fn payload(seed: usize, len: usize) -> Vec<u8> {
 /// What `serve` runs; each server prints `listening <kind> <address>` once bound.
 pub struct ServeOpts {
     pub id: Identity,
+    pub faults: Faults,
     pub tcp: Option<u16>,
     pub udp: Option<u16>,
     pub http: Option<u16>,
@@ -166,7 +195,7 @@ pub fn serve(opts: &ServeOpts) -> ExitCode {
 
 fn serve_all(opts: &ServeOpts) -> Result<(), String> {
     let log = opts.request_log.as_deref().map(|path| RequestLog::open(path).map_err(|e| format!("open --request-log {path:?}: {e}")));
-    let app = App::new(opts.id.clone(), log.transpose()?);
+    let app = App::new(opts.id.clone(), opts.faults.clone(), log.transpose()?);
     // The L7 servers share one runtime; the L4 ones keep their thread per connection.
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime starts");
     let bind = |kind: &str, port: u16| -> Result<TcpListener, String> {

@@ -2,7 +2,7 @@
 //!
 //! Servers (each prints `listening <tcp|udp|http|grpc> <address>` on stdout once bound):
 //! - `serve --name NAME [--node NODE] [--version V] [--tcp PORT] [--udp PORT] [--http PORT]
-//!   [--grpc PORT] [--request-log FILE|-]`:
+//!   [--grpc PORT] [--request-log FILE|-] [--http-status CODE] [--grpc-fail-code C]`:
 //!   - TCP: one line `whoami name=NAME peer=IP:PORT local=IP:PORT` per connection, then an echo;
 //!     stdout gets `accept peer=IP:PORT` per connection.
 //!   - UDP: every datagram is answered with `whoami name=NAME peer=IP:PORT`.
@@ -11,6 +11,8 @@
 //!   - gRPC: `whoami.v1.Whoami` (`tests/proto/whoami.proto`), with server reflection.
 //!   - `--request-log`: one JSON line per HTTP/gRPC request received, appended to FILE (`-`:
 //!     stdout, prefixed `request `).
+//!   - `--http-status CODE`: ordinary HTTP answers carry CODE instead of 200; `--grpc-fail-code
+//!     C`: every `Hello` fails with gRPC status C (a backend that is the bad one).
 //! - `origdst --listen ADDR`: a stand-in for the node daemon's outbound listener: answers each
 //!   connection with `orig=IP:PORT peer=IP:PORT` from getsockopt(SO_ORIGINAL_DST), or
 //!   `orig=none (error)`.
@@ -37,11 +39,11 @@
 //!   latency from each request's due time (see `whoami/load.rs` for the report's fields).
 use std::{env, net::SocketAddr, process::ExitCode, time::Duration};
 
-use mesh_tests::whoami::{self, Identity, ServeOpts, grpc, l4, load, ws};
+use mesh_tests::whoami::{self, Faults, Identity, ServeOpts, grpc, http, l4, load, ws};
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: mesh-whoami serve --name NAME [--node NODE] [--version V] [--tcp PORT] [--udp PORT] [--http PORT] [--grpc PORT] [--request-log FILE|-]
+        "usage: mesh-whoami serve --name NAME [--node NODE] [--version V] [--tcp PORT] [--udp PORT] [--http PORT] [--grpc PORT] [--request-log FILE|-] [--http-status CODE] [--grpc-fail-code C]
        mesh-whoami origdst --listen ADDR
        mesh-whoami connect ADDR [--count N] [--bind-port P] [--echo BYTES] [--timeout-ms MS]
        mesh-whoami udp ADDR [--count N]
@@ -104,6 +106,13 @@ fn run(args: &Args) -> Result<ExitCode, ExitCode> {
                     pod: args.flag("--name").ok_or_else(usage)?,
                     node: args.flag("--node").unwrap_or_default(),
                     version: args.flag("--version").unwrap_or_default(),
+                },
+                faults: Faults {
+                    http_status: match args.flag("--http-status") {
+                        None => Faults::default().http_status,
+                        Some(code) => http::status(&code).ok_or_else(usage)?,
+                    },
+                    grpc_code: args.num("--grpc-fail-code", 0)?,
                 },
                 tcp: port("--tcp")?,
                 udp: port("--udp")?,

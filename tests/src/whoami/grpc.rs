@@ -100,8 +100,16 @@ impl pb::whoami_server::Whoami for Whoami {
         if hello.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(hello.delay_ms.into()).min(MAX_DELAY)).await;
         }
-        if hello.fail_code != 0 {
-            let code = Code::from(i32::try_from(hello.fail_code).unwrap_or(i32::MAX));
+        let fail = match (hello.fail_code, hello.fail_times) {
+            (0, _) => self.app.faults.grpc_code,
+            (code, 0) => code,
+            (code, times) => {
+                let attempt = self.app.attempt(&format!("grpc Hello {}", hello.name));
+                if attempt <= times { code } else { 0 }
+            }
+        };
+        if fail != 0 {
+            let code = Code::from(i32::try_from(fail).unwrap_or(i32::MAX));
             return Err(Status::new(code, format!("{} asked to fail with {code:?}", self.app.id.pod)));
         }
         let id = &self.app.id;
@@ -200,7 +208,7 @@ async fn run_call(addr: &str, method: &str, opts: &CallOpts) -> Result<(), Strin
     let err = |s: Status| status_line(&s);
     match method {
         "hello" => {
-            let hello = HelloRequest { name: opts.name.clone(), fail_code: opts.fail_code, delay_ms: opts.delay_ms };
+            let hello = HelloRequest { name: opts.name.clone(), fail_code: opts.fail_code, delay_ms: opts.delay_ms, fail_times: 0 };
             let r = client.hello(request(hello, opts)?).await.map_err(err)?.into_inner();
             let line = json!({"pod": r.pod, "node": r.node, "version": r.version, "peer": r.peer, "method": r.method,
                 "authority": r.authority, "message": r.message, "metadata": r.metadata});

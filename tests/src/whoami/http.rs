@@ -6,9 +6,10 @@
 //! | `/ws` with `Upgrade: websocket` | WebSocket echo ([`super::ws`]) |
 //! | `POST` or `PUT /upload` | `{"bytes":N,"sha256":"<hex>"}`, the body hashed as it streams in |
 //! | `/status/<code>` (200..=599) | that status, with the JSON below |
+//! | `/flaky/<n>/<code>` | `<code>` for the first `n` requests with this path and query, then the JSON below |
 //! | `/delay/<ms>` | the JSON below after `ms` milliseconds (at most 300 s) |
 //! | `/bytes/<n>` | `n` bytes, `abc..z` repeated, streamed in chunks (no Content-Length) |
-//! | anything else | `200` and [`Seen`] as JSON, one line |
+//! | anything else | `200` (or `--http-status`) and [`Seen`] as JSON, one line |
 //!
 //! Every answer carries `x-whoami-pod` and `x-whoami-version` (for clients that count
 //! backends without parsing bodies, like `http-load`). Request bodies are read (and counted)
@@ -88,19 +89,27 @@ async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Resu
         });
         return Ok(json(StatusCode::OK, &app, &serde_json::json!({ "bytes": seen.body_bytes, "sha256": digest })));
     }
+    let ok = app.faults.http_status;
     if let Some(code) = path.strip_prefix("/status/") {
-        let status = code.parse::<u16>().ok().filter(|c| (200..=599).contains(c)).and_then(|c| StatusCode::from_u16(c).ok());
-        return Ok(match status {
+        return Ok(match status(code) {
             Some(status) => json(status, &app, &seen),
             None => text(StatusCode::BAD_REQUEST, &app, &format!("/status/<code> needs a code in 200..=599, not {code:?}")),
         });
+    }
+    if let Some(spec) = path.strip_prefix("/flaky/") {
+        let Some((times, code)) = spec.split_once('/').and_then(|(n, code)| Some((n.parse::<u32>().ok()?, status(code)?))) else {
+            return Ok(text(StatusCode::BAD_REQUEST, &app, &format!("/flaky/<n>/<code> needs a count and a code in 200..=599, not {spec:?}")));
+        };
+        // Keyed by path and query, so each test (or request id) gets its own count.
+        let attempt = app.attempt(&format!("{path}?{}", seen.query));
+        return Ok(json(if attempt <= times { code } else { ok }, &app, &seen));
     }
     if let Some(ms) = path.strip_prefix("/delay/") {
         let Ok(ms) = ms.parse::<u64>() else {
             return Ok(text(StatusCode::BAD_REQUEST, &app, &format!("/delay/<ms> needs milliseconds, not {ms:?}")));
         };
         tokio::time::sleep(Duration::from_millis(ms).min(MAX_DELAY)).await;
-        return Ok(json(StatusCode::OK, &app, &seen));
+        return Ok(json(ok, &app, &seen));
     }
     if let Some(n) = path.strip_prefix("/bytes/") {
         return Ok(match n.parse::<u64>() {
@@ -108,7 +117,12 @@ async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Resu
             Err(_) => text(StatusCode::BAD_REQUEST, &app, &format!("/bytes/<n> needs a byte count, not {n:?}")),
         });
     }
-    Ok(json(StatusCode::OK, &app, &seen))
+    Ok(json(ok, &app, &seen))
+}
+
+/// A final status (200..=599) from its decimal form.
+pub fn status(code: &str) -> Option<StatusCode> {
+    code.parse::<u16>().ok().filter(|c| (200..=599).contains(c)).and_then(|c| StatusCode::from_u16(c).ok())
 }
 
 fn seen(app: &App, peer: SocketAddr, req: &Request<Incoming>) -> Seen {
