@@ -30,6 +30,9 @@ fn http_load_holds_the_requested_rate_with_sane_percentiles() {
     assert!(ordered(&r), "{r:?}");
     // Loopback, debug build, a busy 2-core machine: well under 20 ms unless something is wrong.
     assert!(r.p50_us < 20_000, "{r:?}");
+    // Keep-alive on both sides: 2000 requests arrived over the 4 connections, no more.
+    let peers: std::collections::BTreeSet<String> = app.requests().into_iter().map(|s| s.peer).collect();
+    assert_eq!(peers.len(), 4, "{peers:?}");
 
     // HTTP/2 with a body: every request reaches the server with it.
     let r = http_load(&["--url", &app.url("/h2"), "--rate", "500", "--duration", "1", "--connections", "2", "--h2", "--body-size", "1000"]);
@@ -37,6 +40,7 @@ fn http_load_holds_the_requested_rate_with_sane_percentiles() {
     assert!(ordered(&r), "{r:?}");
     let h2: Vec<_> = app.requests().into_iter().filter(|s| s.path == "/h2").collect();
     assert_eq!(h2.len(), 500);
+    assert_eq!(h2.iter().map(|s| &s.peer).collect::<std::collections::BTreeSet<_>>().len(), 2, "16 streams on each of 2 connections");
     assert!(h2.iter().all(|s| (s.protocol.as_str(), s.method.as_str(), s.body_bytes) == ("HTTP/2", "POST", 1000)), "{:?}", h2[0]);
 }
 
