@@ -199,7 +199,11 @@ impl StreamCtx {
             };
             let caller = Caller { identity: Some(self.peer_id.clone()), workload: target.src_w.clone(), ip: target.src_ip };
             let stack = l7::inbound::local_stack(&self.inputs, &self.http, &state, caller, &target.dst_w, target.dst, "inbound");
-            return l7::inbound::serve(TunnelIo::new(send, recv, None), stack, &self.http, drain).await;
+            let record = Record::open("inbound", self.conn_labels(&state, &target), SocketAddr::new(target.src_ip, 0), target.dst, &self.inputs.metrics);
+            let counts = l7::Counts::default();
+            l7::inbound::serve(l7::Counted { io: TunnelIo::new(send, recv, None), counts: counts.clone() }, stack, &self.http, drain).await;
+            let (received, sent) = counts.get();
+            return record.close(received, sent, None);
         }
         let (mut pod, record) = match self.open(&state, target).await {
             Ok(opened) => opened,
@@ -251,14 +255,17 @@ impl StreamCtx {
                 return Err(StatusCode::SERVICE_UNAVAILABLE);
             }
         };
-        let labels = ConnLabels::new(
+        Ok((pod, Record::open("inbound", self.conn_labels(state, &t), src, t.dst, &self.inputs.metrics)))
+    }
+
+    fn conn_labels(&self, state: &State, t: &Target) -> ConnLabels {
+        ConnLabels::new(
             Reporter::destination,
             Peer { workload: t.src_w.as_ref(), identity: Some(&self.peer_id) },
             Peer { workload: Some(&t.dst_w), identity: Some(&self.served) },
             SecurityPolicy::mutual_tls,
             &self.inputs.cfg.cluster_id,
         )
-        .with_service(state.serving(t.dst), &self.inputs.cfg.cluster_domain);
-        Ok((pod, Record::open("inbound", labels, src, t.dst, &self.inputs.metrics)))
+        .with_service(state.serving(t.dst), &self.inputs.cfg.cluster_domain)
     }
 }

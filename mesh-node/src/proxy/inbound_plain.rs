@@ -73,7 +73,11 @@ pub async fn handle(inputs: &Inputs, http: &Arc<l7::Shared>, mut client: TcpStre
     if state.app_protocol_at(dst).is_http() {
         let caller = Caller { identity: None, workload: state.workload(peer.ip()).cloned(), ip: peer.ip() };
         let stack = l7::inbound::local_stack(inputs, http, &state, caller, dst_w, dst, "inbound-plaintext");
-        l7::inbound::serve(client, stack, http, drain).await;
+        let record = Record::open("inbound-plaintext", plain_labels(inputs, &state, peer, dst_w, dst), peer, dst, &inputs.metrics);
+        let counts = l7::Counts::default();
+        l7::inbound::serve(l7::Counted { io: client, counts: counts.clone() }, stack, http, drain).await;
+        let (received, sent) = counts.get();
+        record.close(received, sent, None);
         return Ok(());
     }
     let conn = authz::Conn { src_identity: None, src_ip: peer.ip(), dst: dst_w, dst_port: dst.port(), http: None };
@@ -82,16 +86,19 @@ pub async fn handle(inputs: &Inputs, http: &Arc<l7::Shared>, mut client: TcpStre
         return Err(Error::Denied(reason));
     }
     let mut pod = connect_pod(inputs, &state, peer.ip(), dst).await?;
+    let record = Record::open("inbound-plaintext", plain_labels(inputs, &state, peer, dst_w, dst), peer, dst, &inputs.metrics);
+    relay::relay(&mut client, &mut pod, record).await;
+    Ok(())
+}
+
+fn plain_labels(inputs: &Inputs, state: &crate::state::State, peer: SocketAddr, dst_w: &crate::state::Workload, dst: SocketAddr) -> ConnLabels {
     let dst_id = state.identity(dst_w);
-    let labels = ConnLabels::new(
+    ConnLabels::new(
         Reporter::destination,
         Peer { workload: state.workload(peer.ip()), identity: None },
         Peer { workload: Some(dst_w), identity: Some(&dst_id) },
         SecurityPolicy::unknown,
         &inputs.cfg.cluster_id,
     )
-    .with_service(state.serving(dst), &inputs.cfg.cluster_domain);
-    let record = Record::open("inbound-plaintext", labels, peer, dst, &inputs.metrics);
-    relay::relay(&mut client, &mut pod, record).await;
-    Ok(())
+    .with_service(state.serving(dst), &inputs.cfg.cluster_domain)
 }

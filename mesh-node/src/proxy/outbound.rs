@@ -97,7 +97,16 @@ impl Handler {
         let dst = match state.vip(orig_dst) {
             Some((service, port)) if port.app_protocol().is_http() => {
                 let target = Target { service, port: port.port, vip: orig_dst };
+                // The connection itself is reported too (TCP metrics), its destination being the
+                // Service: its requests may each reach another endpoint.
+                let mut labels = self.labels(Reporter::source, &state, src_w, None, orig_dst, false);
+                labels = labels.with_service(Some((service, port)), &self.inputs.cfg.cluster_domain);
+                let record = Record::open("outbound", labels, peer, orig_dst, &self.inputs.metrics);
+                let counts = l7::Counts::default();
+                let client = l7::Counted { io: client, counts: counts.clone() };
                 l7::outbound::serve(self.inputs.clone(), self.http.clone(), client, peer, &state, &target, src_w, drain).await;
+                let (received, sent) = counts.get();
+                record.close(received, sent, None);
                 return Ok(());
             }
             Some((service, port)) => match balance::pick_one(service, port, orig_dst.is_ipv4(), None) {

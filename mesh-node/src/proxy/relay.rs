@@ -37,7 +37,7 @@ impl Record {
         Self { kind, labels, src, dst, metrics: metrics.clone(), start: Instant::now() }
     }
 
-    fn close(self, received: u64, sent: u64, error: Option<&io::Error>) {
+    pub fn close(self, received: u64, sent: u64, error: Option<&io::Error>) {
         let m = &self.metrics;
         m.closed.get_or_create(&self.labels).inc();
         m.received.get_or_create(&self.labels).inc_by(received);

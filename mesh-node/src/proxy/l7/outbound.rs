@@ -266,7 +266,10 @@ pub struct Target<'a> {
 
 /// Serves one client connection with the outbound stack until it closes (or drain).
 #[expect(clippy::too_many_arguments, reason = "the connection, its target and the daemon's handles: one call site")]
-pub async fn serve(inputs: Inputs, shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, state: &State, target: &Target<'_>, src_w: &Workload, drain: drain::Watcher) {
+pub async fn serve<I>(inputs: Inputs, shared: Arc<Shared>, client: I, peer: SocketAddr, state: &State, target: &Target<'_>, src_w: &Workload, drain: drain::Watcher)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let client_identity = state.identity(src_w);
     let (namespace, name) = (target.service.namespace.clone(), target.service.name.clone());
     let lookup = {
