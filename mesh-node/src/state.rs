@@ -62,8 +62,8 @@ pub struct State {
     pub policies: Vec<Policy>,
     pub peer_authentications: Vec<PeerAuthentication>,
     pub services: Vec<Service>,
-    /// Route tables by Service (namespace, name).
-    pub routes: HashMap<(String, String), Arc<RouteTable>>,
+    /// Route tables by Service namespace, then name (nested: a per-request lookup borrows).
+    pub routes: HashMap<String, HashMap<String, Arc<RouteTable>>>,
     /// VIP and serving-Service lookups over `services`, built with them.
     service_index: service::Index,
 }
@@ -76,11 +76,17 @@ impl State {
                 return Err(Error::DuplicateAddress(old.ip));
             }
         }
-        let mut routes: HashMap<(String, String), Arc<RouteTable>> =
-            snap.routes.into_iter().map(|t| ((t.namespace.clone(), t.name.clone()), Arc::new(t))).collect();
+        let mut routes: HashMap<String, HashMap<String, Arc<RouteTable>>> = HashMap::new();
+        for t in snap.routes {
+            routes.entry(t.namespace.clone()).or_default().insert(t.name.clone(), Arc::new(t));
+        }
         // Services without routes get their implicit one once here, not per request.
         for s in snap.services.iter().filter(|s| s.ports.iter().any(|p| p.app_protocol().is_http())) {
-            routes.entry((s.namespace.clone(), s.name.clone())).or_insert_with(|| Arc::new(RouteTable::default_for(&s.namespace, &s.name)));
+            routes
+                .entry(s.namespace.clone())
+                .or_default()
+                .entry(s.name.clone())
+                .or_insert_with(|| Arc::new(RouteTable::default_for(&s.namespace, &s.name)));
         }
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
@@ -121,7 +127,8 @@ impl State {
     /// The route table of a Service; the implicit one when it has none.
     pub fn route_table(&self, namespace: &str, name: &str) -> Arc<RouteTable> {
         self.routes
-            .get(&(namespace.to_owned(), name.to_owned()))
+            .get(namespace)
+            .and_then(|n| n.get(name))
             .cloned()
             .unwrap_or_else(|| Arc::new(RouteTable::default_for(namespace, name)))
     }
@@ -149,7 +156,7 @@ impl State {
             services: self.services.clone(),
             routes: {
                 // Explicit tables only: the implicit ones are implied by the Services.
-                let mut r: Vec<RouteTable> = self.routes.values().filter(|t| !t.is_implicit()).map(|t| RouteTable::clone(t)).collect();
+                let mut r: Vec<RouteTable> = self.routes.values().flat_map(HashMap::values).filter(|t| !t.is_implicit()).map(|t| RouteTable::clone(t)).collect();
                 r.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
                 r
             },

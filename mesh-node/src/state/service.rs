@@ -96,15 +96,15 @@ pub struct Index {
     vips: HashMap<SocketAddr, (usize, usize)>,
     /// Endpoint address:port on the pod → (Service, port) serving it, first by namespace and name.
     serving: HashMap<SocketAddr, (usize, usize)>,
-    /// (namespace, name) → Service.
-    by_name: HashMap<(String, String), usize>,
+    /// namespace → name → Service (nested so a lookup borrows, never allocates).
+    by_name: HashMap<String, HashMap<String, usize>>,
 }
 
 impl Index {
     pub fn build(services: &[Service]) -> Self {
         let mut index = Self::default();
         for (i, s) in services.iter().enumerate() {
-            index.by_name.entry((s.namespace.clone(), s.name.clone())).or_insert(i);
+            index.by_name.entry(s.namespace.clone()).or_default().entry(s.name.clone()).or_insert(i);
             for (j, p) in s.ports.iter().enumerate().filter(|(_, p)| p.protocol == ServiceProtocol::Tcp) {
                 for vip in &s.vips {
                     index.vips.entry(SocketAddr::new(*vip, p.port)).or_insert((i, j));
@@ -131,7 +131,7 @@ impl Index {
     }
 
     pub fn by_name<'a>(&self, services: &'a [Service], namespace: &str, name: &str) -> Option<&'a Service> {
-        self.by_name.get(&(namespace.to_owned(), name.to_owned())).map(|&i| &services[i])
+        self.by_name.get(namespace).and_then(|n| n.get(name)).map(|&i| &services[i])
     }
 
     /// The Service a connection to a pod's `dst` (ip:port) is reaching: one with an endpoint at

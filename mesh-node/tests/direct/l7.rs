@@ -398,3 +398,32 @@ async fn websocket_upgrades_pass_through_both_daemons() {
         }
     }
 }
+
+/// Not a pass/fail check: prints the in-process cost of a small HTTP/1.1 request (run with
+/// `--release --ignored --nocapture`): everything (client, both daemons, pod) shares this one
+/// thread, so "mesh − direct" CPU is the daemons' cost per request.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "measurement, run explicitly"]
+async fn l7_request_cost() {
+    let (snap, b, _c) = topology("http").await;
+    let mesh = Mesh::start(snap, Opts::default()).await;
+    let cpu = || {
+        let stat = std::fs::read_to_string("/proc/self/stat").expect("stat");
+        let f: Vec<f64> = stat.rsplit_once(')').expect("stat").1.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+        (f[11] + f[12]) / 100.0
+    };
+    const N: u32 = 20_000;
+    for (name, via_mesh, vip) in [("direct", false, ""), ("mesh, remote endpoint", true, "198.19.0.81"), ("direct", false, ""), ("mesh, remote endpoint", true, "198.19.0.81")] {
+        let s = if via_mesh { dial_via(&mesh.n1, A, SocketAddr::new(ip(vip), 80)).await } else { tokio::net::TcpStream::connect(b.addr).await.expect("connect") };
+        let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.expect("handshake");
+        tokio::spawn(conn);
+        let (c0, t0) = (cpu(), std::time::Instant::now());
+        for _ in 0..N {
+            client.ready().await.expect("ready");
+            let resp = client.send_request(get("/")).await.expect("response");
+            let _ = resp.into_body().collect().await.expect("body");
+        }
+        let (secs, cpus) = (t0.elapsed().as_secs_f64(), cpu() - c0);
+        println!("{name:24} {:7.1} µs/request, {:5.0} requests/s, {:6.1} CPU-µs/request", secs * 1e6 / f64::from(N), f64::from(N) / secs, cpus * 1e6 / f64::from(N));
+    }
+}

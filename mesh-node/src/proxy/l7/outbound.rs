@@ -116,10 +116,11 @@ impl tokio::io::AsyncWrite for UpstreamIo {
 }
 
 impl Connect for Connector {
-    type Key = UpstreamKey;
+    /// Shared: built once per endpoint a client connection reaches, not per request.
+    type Key = Arc<UpstreamKey>;
     type Io = UpstreamIo;
 
-    async fn connect(&self, key: &UpstreamKey) -> Result<UpstreamIo, BoxError> {
+    async fn connect(&self, key: &Arc<UpstreamKey>) -> Result<UpstreamIo, BoxError> {
         let cfg = &self.inputs.cfg;
         match &key.via {
             Via::Plain => {
@@ -151,24 +152,31 @@ struct Upstream {
     /// The Service port the client connected to (backends without a port use it).
     port: u16,
     ipv4: bool,
-    seen: Arc<Mutex<HashMap<ReachedKey, Reached>>>,
+    /// Endpoint → the Services it was reached as part of (usually one), and what was learnt.
+    seen: Arc<Mutex<HashMap<SocketAddr, Vec<Reached>>>>,
 }
 
-/// An endpoint reached as part of a Service (namespace, name).
-type ReachedKey = (SocketAddr, String, String);
-
-/// What is remembered of an endpoint this connection reached.
+/// What is remembered of an endpoint this connection reached as part of a Service.
 #[derive(Clone)]
 struct Reached {
+    namespace: String,
+    name: String,
     peers: Arc<PeerLabels>,
-    /// The destination stack, for an endpoint on this node.
-    local: Option<BoxHttp>,
+    path: Path,
+}
+
+#[derive(Clone)]
+enum Path {
+    /// This node: the destination stack.
+    Local(BoxHttp),
+    /// Another node (HBONE) or an unmeshed endpoint (plain TCP), through the upstream pool.
+    Pool(Arc<UpstreamKey>),
 }
 
 impl Upstream {
     fn reached(&self, state: &State, service: &Service, endpoint: &crate::state::Endpoint, addr: SocketAddr) -> Reached {
-        let key = (addr, service.namespace.clone(), service.name.clone());
-        if let Some(r) = self.seen.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
+        let same = |r: &&Reached| r.namespace == service.namespace && r.name == service.name;
+        if let Some(r) = self.seen.lock().unwrap_or_else(PoisonError::into_inner).get(&addr).and_then(|v| v.iter().find(same)) {
             return r.clone();
         }
         let cfg = &self.inputs.cfg;
@@ -183,32 +191,29 @@ impl Upstream {
             &cfg.cluster_id,
         );
         set_service(&mut peers, Some(service), &cfg.cluster_domain);
-        let local = dst_w.filter(|w| endpoint.meshed && w.node == cfg.node_name && w.protocol == Protocol::Hbone).map(|w| {
+        let local = dst_w.filter(|w| endpoint.meshed && w.node == cfg.node_name && w.protocol == Protocol::Hbone);
+        let path = if let Some(w) = local {
             let caller = inbound::Caller { identity: Some(self.client_identity.clone()), workload: Some((*self.client).clone()), ip: self.client.ip };
-            inbound::local_stack(&self.inputs, &self.shared, state, caller, w, addr, "same-node")
-        });
-        let r = Reached { peers: Arc::new(peers), local };
+            Path::Local(inbound::local_stack(&self.inputs, &self.shared, state, caller, w, addr, "same-node"))
+        } else {
+            let via = match dst_id {
+                Some(dst_identity) if endpoint.meshed => {
+                    let ip = match cfg.hbone_dial {
+                        HboneDial::Pod => addr.ip(),
+                        HboneDial::Node => dst_w.map(|w| w.node_ip).or(endpoint.node_address).unwrap_or(addr.ip()),
+                    };
+                    Via::Hbone { dst_identity, hbone: SocketAddr::new(ip, cfg.hbone_port) }
+                }
+                _ => Via::Plain,
+            };
+            Path::Pool(Arc::new(UpstreamKey { client: self.client.ip, client_identity: self.client_identity.clone(), endpoint: addr, via }))
+        };
+        let r = Reached { namespace: service.namespace.clone(), name: service.name.clone(), peers: Arc::new(peers), path };
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         if seen.len() < 256 {
-            seen.insert(key, r.clone());
+            seen.entry(addr).or_default().push(r.clone());
         }
         r
-    }
-
-    /// How to reach a meshed endpoint on another node, or an unmeshed one.
-    fn via(&self, state: &State, endpoint: &crate::state::Endpoint, addr: SocketAddr) -> Via {
-        if !endpoint.meshed {
-            return Via::Plain;
-        }
-        let w = state.workload(addr.ip());
-        let dst_identity = endpoint.identity.as_deref().and_then(|i| i.parse::<Identity>().ok()).or_else(|| w.map(|w| state.identity(w)));
-        let Some(dst_identity) = dst_identity else { return Via::Plain };
-        let cfg = &self.inputs.cfg;
-        let ip = match cfg.hbone_dial {
-            HboneDial::Pod => addr.ip(),
-            HboneDial::Node => w.map(|w| w.node_ip).or(endpoint.node_address).unwrap_or(addr.ip()),
-        };
-        Via::Hbone { dst_identity, hbone: SocketAddr::new(ip, cfg.hbone_port) }
     }
 
     async fn send(self, req: Request<Body>) -> Response<Body> {
@@ -230,11 +235,9 @@ impl Upstream {
         };
         let (addr, endpoint) = (picked.addr, picked.endpoint);
         let reached = self.reached(&state, service, endpoint, addr);
-        let mut resp = if let Some(local) = &reached.local {
-            local.clone().oneshot(req).await.unwrap_or_else(|never| match never {})
-        } else {
-            let key = UpstreamKey { client: self.client.ip, client_identity: self.client_identity.clone(), endpoint: addr, via: self.via(&state, endpoint, addr) };
-            forward::send(&self.shared.upstreams, &key, inbound::version(port.app_protocol()), req).await
+        let mut resp = match &reached.path {
+            Path::Local(local) => local.clone().oneshot(req).await.unwrap_or_else(|never| match never {}),
+            Path::Pool(key) => forward::send(&self.shared.upstreams, key, inbound::version(port.app_protocol()), req).await,
         };
         resp.extensions_mut().insert(Peers(reached.peers));
         resp.extensions_mut().insert(UpstreamAddr(addr));
