@@ -2,6 +2,8 @@
 //! a mesh-node per node with the eBPF datapath, the sample app. Every assertion is on real
 //! traffic or real counters. Root only; `cargo xtask test` builds the binaries first.
 
+mod l7;
+
 use std::{
     net::SocketAddr,
     process::{Command, Stdio},
@@ -10,7 +12,7 @@ use std::{
 
 use mesh_tests::{
     LabSpec, require_root,
-    cluster::{APP_PORT, Binaries, Cluster, HTTP_PORT, METRICS_PORT, VIP},
+    cluster::{APP_PORT, Binaries, Cluster, HTTP_PORT, METRICS_PORT, TCP_SERVICE_PORT, VIP},
 };
 
 fn bins() -> Binaries {
@@ -27,7 +29,7 @@ fn cluster() -> Cluster {
 }
 
 fn vip() -> SocketAddr {
-    SocketAddr::from((VIP, 80))
+    SocketAddr::from((VIP, TCP_SERVICE_PORT))
 }
 
 fn who(line: &str) -> Option<&str> {

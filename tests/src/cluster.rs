@@ -3,9 +3,13 @@
 //! pods. Used by `cargo xtask lab up` and the end-to-end suite.
 //!
 //! Layout (2 nodes):
-//! - `n1p1` client (meshed, sa `client`), `n1p2` whoami (meshed), `n1p3` legacy (not meshed);
-//! - `n2p1`, `n2p2` whoami (meshed);
-//! - Service `demo/whoami`: VIP 198.19.0.10, TCP 80 → 8080 (whoami line + echo), 8081 (HTTP);
+//! - `n1p1` client (meshed, sa `client`), `n1p2` whoami v1.0 (meshed), `n1p3` legacy (not meshed);
+//! - `n2p1` whoami v1.0, `n2p2` whoami v1.1 (meshed);
+//! - Service `demo/whoami`: VIP 198.19.0.10, port 80 → 8081 (HTTP/1.1 and h2c, port name
+//!   `http`), 9090 (gRPC, `grpc`), 7000 → 8080 (TCP: whoami line + echo, `tcp-echo`);
+//!   `demo/whoami-v1` (198.19.0.11) and `demo/whoami-v2` (198.19.0.12): port 80 of the v1.0 and
+//!   v1.1 pods, for splits between Services; `demo/helloworld` (198.19.0.20, port 80, all
+//!   versions), the Service of Istio's Firefox canary example;
 //! - mesh-control at 198.18.0.254 (gRPC 15012) in the underlay namespace.
 
 use std::{
@@ -21,8 +25,16 @@ use crate::{Error, Lab, LabSpec, PodProcess, Spawn, sys};
 pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 pub const CONTROL_GRPC_PORT: u16 = 15012;
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+pub const VIP_V1: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
+pub const VIP_V2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
+pub const VIP_HELLOWORLD: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
+/// The sample app's ports on the pods.
 pub const APP_PORT: u16 = 8080;
 pub const HTTP_PORT: u16 = 8081;
+/// Service ports: HTTP on 80 (as users' Services have it), the TCP echo on 7000.
+pub const HTTP_SERVICE_PORT: u16 = 80;
+pub const TCP_SERVICE_PORT: u16 = 7000;
+pub const GRPC_PORT: u16 = 9090;
 pub const METRICS_PORT: u16 = 15020;
 
 /// Where the binaries are (`target/<profile>/`).
@@ -47,14 +59,16 @@ pub struct PodRole {
     pub app: &'static str,
     pub meshed: bool,
     pub serves: bool,
+    /// The `version` label (and what the app reports), for canaries.
+    pub version: &'static str,
 }
 
 pub const PODS: &[PodRole] = &[
-    PodRole { pod: "n1p1", name: "client", service_account: "client", app: "client", meshed: true, serves: false },
-    PodRole { pod: "n1p2", name: "whoami-1", service_account: "whoami", app: "whoami", meshed: true, serves: true },
-    PodRole { pod: "n1p3", name: "legacy", service_account: "legacy", app: "legacy", meshed: false, serves: false },
-    PodRole { pod: "n2p1", name: "whoami-2", service_account: "whoami", app: "whoami", meshed: true, serves: true },
-    PodRole { pod: "n2p2", name: "whoami-3", service_account: "whoami", app: "whoami", meshed: true, serves: true },
+    PodRole { pod: "n1p1", name: "client", service_account: "client", app: "client", meshed: true, serves: false, version: "" },
+    PodRole { pod: "n1p2", name: "whoami-1", service_account: "whoami", app: "whoami", meshed: true, serves: true, version: "v1.0" },
+    PodRole { pod: "n1p3", name: "legacy", service_account: "legacy", app: "legacy", meshed: false, serves: false, version: "" },
+    PodRole { pod: "n2p1", name: "whoami-2", service_account: "whoami", app: "whoami", meshed: true, serves: true, version: "v1.0" },
+    PodRole { pod: "n2p2", name: "whoami-3", service_account: "whoami", app: "whoami", meshed: true, serves: true, version: "v1.1" },
 ];
 
 pub struct Cluster {
@@ -78,16 +92,25 @@ fn cluster_yaml(lab: &Lab) -> String {
     for r in PODS {
         let pod = lab.pod(r.pod);
         let mode = if r.meshed { String::new() } else { ", mesh.dev/dataplane-mode: none".into() };
+        let version = if r.version.is_empty() { String::new() } else { format!(", version: {}", r.version) };
         let _ = write!(
             y,
-            "apiVersion: lab.mesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {}, namespace: demo, labels: {{app: {}{mode}}}}}\nspec: {{node: n{}, serviceAccount: {}, addresses: [{}]}}\n---\n",
+            "apiVersion: lab.mesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {}, namespace: demo, labels: {{app: {}{version}{mode}}}}}\nspec: {{node: n{}, serviceAccount: {}, addresses: [{}]}}\n---\n",
             r.name, r.app, pod.node, r.service_account, pod.ip
         );
     }
     let _ = write!(
         y,
-        "apiVersion: lab.mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: whoami, namespace: demo}}\nspec:\n  vips: [{VIP}]\n  selector: {{app: whoami}}\n  ports:\n  - {{name: tcp, port: 80, targetPort: {APP_PORT}}}\n  - {{name: http, port: {HTTP_PORT}, targetPort: {HTTP_PORT}}}\n"
+        "apiVersion: lab.mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: whoami, namespace: demo}}\nspec:\n  vips: [{VIP}]\n  selector: {{app: whoami}}\n  ports:\n  - {{name: http, port: {HTTP_SERVICE_PORT}, targetPort: {HTTP_PORT}}}\n  - {{name: grpc, port: {GRPC_PORT}, targetPort: {GRPC_PORT}}}\n  - {{name: tcp-echo, port: {TCP_SERVICE_PORT}, targetPort: {APP_PORT}}}\n"
     );
+    // One Service per version, for weighted splits between Services (Gateway API's way).
+    let versions = [("whoami-v1", VIP_V1, ", version: v1.0"), ("whoami-v2", VIP_V2, ", version: v1.1"), ("helloworld", VIP_HELLOWORLD, "")];
+    for (name, vip, version) in versions {
+        let _ = write!(
+            y,
+            "---\napiVersion: lab.mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  vips: [{vip}]\n  selector: {{app: whoami{version}}}\n  ports:\n  - {{name: http, port: {HTTP_SERVICE_PORT}, targetPort: {HTTP_PORT}}}\n"
+        );
+    }
     y
 }
 
@@ -129,8 +152,12 @@ impl Cluster {
         for r in PODS.iter().filter(|r| r.serves) {
             let pod = self.lab.pod(r.pod).clone();
             let node = format!("n{}", pod.node);
-            let (tcp, http) = (APP_PORT.to_string(), HTTP_PORT.to_string());
-            let args = ["serve", "--name", r.pod, "--node", node.as_str(), "--tcp", tcp.as_str(), "--http", http.as_str()];
+            let (tcp, http, grpc) = (APP_PORT.to_string(), HTTP_PORT.to_string(), GRPC_PORT.to_string());
+            let requests = self.request_log(r.pod).display().to_string();
+            let args = [
+                "serve", "--name", r.pod, "--node", node.as_str(), "--version", r.version, "--tcp", tcp.as_str(), "--http", http.as_str(),
+                "--grpc", grpc.as_str(), "--request-log", requests.as_str(),
+            ];
             let log = self.logs.join(format!("{}.log", r.pod));
             let whoami = self.bins.whoami.display().to_string();
             let mut spawn = Spawn::new(&pod.netns, &pod.cgroup, &whoami, &args);
@@ -241,6 +268,40 @@ impl Cluster {
         full.extend_from_slice(args);
         let out = self.lab.run_in_pod(pod, &self.bins.whoami.display().to_string(), &full)?;
         Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+    }
+
+    /// Resident memory of node `i`'s daemon (0-based), KiB.
+    pub fn daemon_rss_kib(&self, i: usize) -> u64 {
+        let Some(Some(p)) = self.daemons.get(i) else { return 0 };
+        let status = fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap_or_default();
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    }
+
+    /// Runs `program` in `pod` in the background, its output into `<logs>/<name>.log`.
+    pub fn spawn_in_pod_logged(&mut self, pod: &str, name: &str, program: &str, args: &[&str]) -> Result<(PodProcess, PathBuf), Error> {
+        let pod = self.lab.pod(pod).clone();
+        let log = self.logs.join(format!("{name}.log"));
+        let mut spawn = Spawn::new(&pod.netns, &pod.cgroup, program, args);
+        spawn.log = Some(&log);
+        Ok((self.lab.spawn(&spawn)?, log))
+    }
+
+    /// Where a serving pod logs every HTTP and gRPC request it receives (one JSON line each).
+    pub fn request_log(&self, pod: &str) -> PathBuf {
+        self.logs.join(format!("{pod}-requests.log"))
+    }
+
+    /// Writes routing YAML (HTTPRoute, VirtualService, ...) mesh-control picks up within its poll
+    /// interval.
+    pub fn apply_routes(&self, name: &str, yaml: &str) -> Result<(), Error> {
+        let dir = self.config_dir.join("routes");
+        sys::mkdir(&dir)?;
+        write_atomic(&dir.join(format!("{name}.yaml")), yaml)
+    }
+
+    pub fn delete_routes(&self, name: &str) -> Result<(), Error> {
+        let p = self.config_dir.join("routes").join(format!("{name}.yaml"));
+        fs::remove_file(&p).map_err(|source| Error::Io { path: p, source })
     }
 
     /// Writes a policy file mesh-control picks up within its poll interval.

@@ -116,6 +116,20 @@ impl PodProcess {
         std::mem::forget(self);
     }
 
+    /// Waits up to `timeout` for the process to exit (a client run in the background).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, Error> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Timeout { what: format!("pid {} to exit", self.child.id()), secs: timeout.as_secs() });
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for a line of output that contains `needle` (e.g. a readiness line).
     pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<String, Error> {
         if let Some(log) = self.log.clone() {

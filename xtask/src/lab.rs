@@ -14,7 +14,7 @@ use clap::Subcommand;
 use mesh_tests::{
     LabSpec,
     clean,
-    cluster::{APP_PORT, Binaries, Cluster, HTTP_PORT, METRICS_PORT, VIP},
+    cluster::{APP_PORT, Binaries, Cluster, HTTP_SERVICE_PORT, METRICS_PORT, TCP_SERVICE_PORT, VIP},
 };
 
 use crate::{require_root, root_dir, setup_and_build, sh, step};
@@ -93,11 +93,11 @@ fn up() -> Result<()> {
         println!("    {:<5} {:<9} sa={:<7} {:<15} node n{}  {meshed}", pod.name, role.name, role.service_account, pod.ip, pod.node);
     }
 
-    let vip = SocketAddr::from((VIP, 80));
+    let vip = SocketAddr::from((VIP, TCP_SERVICE_PORT));
     step(&format!("traffic: 12 connections from each client to Service demo/whoami {vip}"));
     let meshed = cluster.dial("n1p1", vip, &["--count", "12"])?;
     let legacy = cluster.dial("n1p3", vip, &["--count", "12"])?;
-    let http = cluster.lab.run_in_pod("n1p1", "curl", &["-s", "--max-time", "3", &format!("http://{VIP}:{HTTP_PORT}/hello")])?;
+    let http = cluster.lab.run_in_pod("n1p1", "curl", &["-s", "--max-time", "3", &format!("http://{VIP}:{HTTP_SERVICE_PORT}/hello")])?;
 
     step("policy: applying deploy/examples/policies/deny-client-to-whoami.yaml (DENY principal client)");
     let deny = fs::read_to_string(root_dir().join("deploy/examples/policies/deny-client-to-whoami.yaml"))?;
