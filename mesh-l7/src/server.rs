@@ -18,8 +18,10 @@ use crate::{body, layer::HttpService};
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Config {
     /// A client must send a request's headers within this after connecting or after the
-    /// previous response (HTTP/1.1).
-    pub header_read_timeout: Duration,
+    /// previous response (HTTP/1.1): hyper's timer also runs while a kept-alive connection is
+    /// idle, so it is the idle timeout too. `None` leaves idle closes to the client (the mesh's
+    /// own pools do their closing themselves).
+    pub header_read_timeout: Option<Duration>,
     /// Concurrent streams per HTTP/2 connection.
     pub max_concurrent_streams: u32,
     pub stream_window: u32,
@@ -28,8 +30,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
+        // An hour, as Envoy's idle timeout for downstream connections: a pod's HTTP client keeps
+        // idle connections far longer than hyper's 30 s default would allow it to.
         Self {
-            header_read_timeout: Duration::from_secs(30),
+            header_read_timeout: Some(Duration::from_hours(1)),
             max_concurrent_streams: 1000,
             stream_window: 1 << 20,
             connection_window: 4 << 20,

@@ -14,7 +14,7 @@ use clap::Subcommand;
 use mesh_tests::{
     LabSpec,
     clean,
-    cluster::{APP_PORT, Binaries, Cluster, HTTP_SERVICE_PORT, METRICS_PORT, TCP_SERVICE_PORT, VIP},
+    cluster::{APP_PORT, Binaries, Cluster, HTTP_SERVICE_PORT, METRICS_PORT, TCP_SERVICE_PORT, VIP, VIP_HELLOWORLD},
 };
 
 use crate::{require_root, root_dir, setup_and_build, sh, step};
@@ -94,10 +94,12 @@ fn up() -> Result<()> {
     }
 
     let vip = SocketAddr::from((VIP, TCP_SERVICE_PORT));
-    step(&format!("traffic: 12 connections from each client to Service demo/whoami {vip}"));
+    step(&format!("traffic: 12 connections from each client to Service demo/whoami {vip} (TCP)"));
     let meshed = cluster.dial("n1p1", vip, &["--count", "12"])?;
     let legacy = cluster.dial("n1p3", vip, &["--count", "12"])?;
-    let http = cluster.lab.run_in_pod("n1p1", "curl", &["-s", "--max-time", "3", &format!("http://{VIP}:{HTTP_SERVICE_PORT}/hello")])?;
+
+    step("L7: applying deploy/examples/routing/firefox-canary.yaml and weighted-split.yaml, and policies/deny-admin-writes.yaml");
+    let l7 = l7_demo(&cluster)?;
 
     step("policy: applying deploy/examples/policies/deny-client-to-whoami.yaml (DENY principal client)");
     let deny = fs::read_to_string(root_dir().join("deploy/examples/policies/deny-client-to-whoami.yaml"))?;
@@ -124,7 +126,7 @@ fn up() -> Result<()> {
     for (b, n) in tally(&legacy) {
         println!("      answered by {b:<22} {n:>3}");
     }
-    println!("  HTTP through the mesh: {}", String::from_utf8_lossy(&http.stdout).trim());
+    l7.print();
     println!("  identities seen by node n2 (destination reporter; principals, connection_security_policy):");
     for l in mtls.iter().take(4) {
         let pick = |k: &str| l.split(&format!("{k}=\"")).nth(1).and_then(|s| s.split('"').next()).unwrap_or("?").to_owned();
@@ -142,6 +144,7 @@ fn up() -> Result<()> {
     println!("  admin     nsenter --net=/run/netns/mesh-lab-n1 curl -s localhost:15000/config_dump");
     println!("  control   nsenter --net=/run/netns/mesh-lab-ul curl -s localhost:15014/status");
     println!("  policies  drop Istio-shaped YAML into {}/config/policies/ (applied live)", state_dir().display());
+    println!("  routes    drop HTTPRoute/GRPCRoute/VirtualService YAML into {}/config/routes/ (see deploy/examples/routing/)", state_dir().display());
     println!("  datapath  bpftool map dump pinned /sys/fs/bpf/mesh-lab/n1/MESH_SVC_V1");
     println!("  a pod     nsenter --net=/run/netns/mesh-lab-n1p1 {} connect {vip}", root_dir().join("target/debug/mesh-whoami").display());
     println!("  logs      {}/logs", state_dir().display());
@@ -152,6 +155,75 @@ fn up() -> Result<()> {
     if failed > 0 {
         bail!("some connections failed (see the report above and the logs)");
     }
+    if !l7.as_expected() {
+        bail!("the L7 demo did not behave as the report above says it should (see the logs)");
+    }
     let _ = APP_PORT;
     Ok(())
+}
+
+/// What the L7 part of the lab showed.
+struct L7Demo {
+    /// Versions that answered 20 requests with a Firefox User-Agent, and 20 from curl.
+    firefox: BTreeMap<String, usize>,
+    curl: BTreeMap<String, usize>,
+    /// Versions that answered 1,000 requests to Service whoami under the 90/10 split.
+    split: BTreeMap<String, usize>,
+    /// (status, body) of a denied write and of an allowed read.
+    denied: (String, String),
+    allowed: String,
+}
+
+fn versions_of(out: &std::process::Output) -> BTreeMap<String, usize> {
+    let mut t = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|j| j["version"].as_str().map(str::to_owned)).unwrap_or_else(|| "FAILED".into());
+        *t.entry(v).or_insert(0) += 1;
+    }
+    t
+}
+
+fn l7_demo(cluster: &Cluster) -> Result<L7Demo> {
+    let example = |p: &str| fs::read_to_string(root_dir().join("deploy/examples").join(p)).with_context(|| format!("reading deploy/examples/{p}"));
+    cluster.apply_routes("firefox-canary", &example("routing/firefox-canary.yaml")?)?;
+    cluster.apply_routes("weighted-split", &example("routing/weighted-split.yaml")?)?;
+    cluster.apply_policy("deny-admin-writes", &example("policies/deny-admin-writes.yaml")?)?;
+    std::thread::sleep(Duration::from_millis(800));
+    let hello = format!("http://{VIP_HELLOWORLD}:{HTTP_SERVICE_PORT}/");
+    let twenty: Vec<&str> = std::iter::repeat_n(hello.as_str(), 20).collect();
+    let curl = |args: &[&str]| cluster.lab.run_in_pod("n1p1", "curl", &[&["-sS", "--max-time", "5"][..], args].concat());
+    let firefox = versions_of(&curl(&[&["-A", "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0"][..], &twenty[..]].concat())?);
+    let curl_ua = versions_of(&curl(&twenty)?);
+    let whoami = cluster.bins.whoami.display().to_string();
+    let url = format!("http://{VIP}:{HTTP_SERVICE_PORT}/");
+    let out = cluster.lab.run_in_pod("n1p1", &whoami, &["http-load", "--url", &url, "--rate", "500", "--duration", "2"])?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("http-load: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let split = report["versions"].as_object().map(|m| m.iter().map(|(k, v)| (k.clone(), usize::try_from(v.as_u64().unwrap_or(0)).unwrap_or(0))).collect()).unwrap_or_default();
+    let admin = format!("http://{VIP}:{HTTP_SERVICE_PORT}/admin/users");
+    let denied = curl(&["-o", "/dev/stderr", "-w", "%{http_code}", "-X", "POST", &admin])?;
+    let allowed = curl(&["-o", "/dev/null", "-w", "%{http_code}", &admin])?;
+    Ok(L7Demo {
+        firefox,
+        curl: curl_ua,
+        split,
+        denied: (String::from_utf8_lossy(&denied.stdout).into_owned(), String::from_utf8_lossy(&denied.stderr).into_owned()),
+        allowed: String::from_utf8_lossy(&allowed.stdout).into_owned(),
+    })
+}
+
+impl L7Demo {
+    fn print(&self) {
+        let show = |t: &BTreeMap<String, usize>| t.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ");
+        println!("  HTTP (L7, routed by mesh-node n1 per request, parsed again by the destination node):");
+        println!("      canary (VirtualService helloworld): Firefox client -> {}; curl -> {}", show(&self.firefox), show(&self.curl));
+        println!("      90/10 split (HTTPRoute whoami -> whoami-v1/whoami-v2), {} requests: {}", self.split.values().sum::<usize>(), show(&self.split));
+        println!("      L7 policy deny-admin-writes: POST /admin/users -> {} {:?}; GET /admin/users -> {}", self.denied.0, self.denied.1, self.allowed);
+    }
+
+    fn as_expected(&self) -> bool {
+        let only = |t: &BTreeMap<String, usize>, v: &str| t.len() == 1 && t.contains_key(v);
+        let canary = self.split.get("v1.1").copied().unwrap_or(0);
+        let total: usize = self.split.values().sum();
+        only(&self.firefox, "v1.1") && only(&self.curl, "v1.0") && total > 0 && canary * 100 / total.max(1) <= 20 && self.denied.0 == "403" && self.allowed == "200"
+    }
 }

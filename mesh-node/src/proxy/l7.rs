@@ -28,7 +28,11 @@ use super::{Inputs, pool::Pool as HbonePool};
 
 /// What the HTTP paths share across connections.
 pub struct Shared {
+    /// For connections from pods (outbound, plaintext inbound).
     pub server: mesh_l7::server::Config,
+    /// For HTTP inside HBONE streams from other nodes' daemons: their pools close idle
+    /// connections themselves, a server-side idle close would race their next request.
+    pub tunnel_server: mesh_l7::server::Config,
     /// Outbound: connections per (client, endpoint), over HBONE or plain TCP.
     pub upstreams: mesh_l7::client::Pool<outbound::Connector>,
     /// To local pods (inbound and same-node), per (source address, pod).
@@ -40,6 +44,7 @@ impl Shared {
         let client = mesh_l7::client::Config::default();
         Arc::new(Self {
             server: mesh_l7::server::Config::default(),
+            tunnel_server: mesh_l7::server::Config { header_read_timeout: None, ..mesh_l7::server::Config::default() },
             upstreams: mesh_l7::client::Pool::new(outbound::Connector::new(inputs.clone(), hbone), client.clone()),
             pods: mesh_l7::client::Pool::new(inbound::PodConnector { connect_timeout: inputs.cfg.connect_timeout }, client),
         })

@@ -156,11 +156,11 @@ pub fn local_stack(inputs: &Inputs, shared: &Arc<Shared>, state: &State, caller:
 }
 
 /// Serves the requests of one connection (an HBONE stream or plaintext) to a local pod.
-pub async fn serve<I>(io: I, stack: BoxHttp, shared: &Shared, drain: &drain::Watcher)
+pub async fn serve<I>(io: I, stack: BoxHttp, cfg: &mesh_l7::server::Config, drain: &drain::Watcher)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    if let Err(e) = mesh_l7::server::serve(io, stack, &shared.server, drain.signaled()).await {
+    if let Err(e) = mesh_l7::server::serve(io, stack, cfg, drain.signaled()).await {
         tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
     }
 }
