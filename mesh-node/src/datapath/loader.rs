@@ -200,6 +200,26 @@ impl Datapath {
         Ok(())
     }
 
+    /// Removes the STRICT guard of every pod interface not in `keep` (pods that went away: their
+    /// interface is gone and its link with it, but the pin would stay). Returns the interfaces
+    /// whose guard was removed.
+    pub fn prune_pod_interfaces(&mut self, keep: &std::collections::BTreeSet<String>) -> Vec<String> {
+        let prefix = format!("{}@", names::PROG_TC_TO_POD);
+        let mut removed = Vec::new();
+        if let Some(dir) = self.link_pin("") {
+            for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(ifname) = name.strip_prefix(&prefix)
+                    && !keep.contains(ifname)
+                    && fs::remove_file(e.path()).is_ok()
+                {
+                    removed.push(ifname.to_owned());
+                }
+            }
+        }
+        removed
+    }
+
     /// Detaches every program attached by this process that is not pinned.
     pub fn detach(&mut self) {
         self.links.clear();
