@@ -39,7 +39,22 @@ fn start() -> KubeCluster {
 }
 
 fn kubectl(c: &KubeCluster, args: &[&str]) -> String {
-    c.kubectl_ok(args).unwrap_or_else(|e| panic!("{e}"))
+    c.kubectl_ok(args).unwrap_or_else(|e| panic!("{e}\n{}", diagnose(c)))
+}
+
+/// What a failed step prints: every pod, and the last lines of the mesh's own pods.
+fn diagnose(c: &KubeCluster) -> String {
+    let mut out = String::new();
+    for args in [
+        &["get", "pods", "-A", "-o", "wide"][..],
+        &["logs", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-node", "--tail=25", "--prefix"],
+        &["logs", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-control", "--tail=15", "--prefix"],
+        &["get", "events", "-A", "--field-selector=type=Warning"],
+    ] {
+        let o = c.kubectl(args);
+        out += &format!("$ kubectl {}\n{}{}\n", args.join(" "), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    }
+    out
 }
 
 #[test]

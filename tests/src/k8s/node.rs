@@ -2,6 +2,15 @@
 //! root), the bridge + host-local CNI on the lab node's pod bridge, a kubelet and kube-proxy, all
 //! inside the lab node's network namespace, so hostNetwork pods (mesh-node) get that namespace
 //! as their "host network" and each node has its own addresses, rules and routes.
+//!
+//! Each node also has a mount namespace of its own (pinned at `<dir>/mntns`), shared by its
+//! containerd and kubelet: mounts there are `rshared`, as under systemd (this machine's are
+//! private, and containerd refuses the DaemonSet's `HostToContainer` bpffs mount otherwise:
+//! "path /sys/fs/bpf is mounted on /sys/fs/bpf but it is not a shared or slave mount"); and the
+//! paths every kubelet and shim use whatever their configuration (`/var/log/pods`,
+//! `/var/log/containers`, `/run/containerd/s`) are a tmpfs per node, so one node's kubelet never
+//! garbage-collects the other's container logs as orphans. bpffs and cgroupfs are the host's
+//! (the same superblocks), so pins and cgroups are what the host sees.
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +37,17 @@ pub struct KubeNode {
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub processes: Vec<PodProcess>,
+    pub mount_ns: PathBuf,
+}
+
+/// Creates the node's mount namespace, pinned at `file` (see the module's comment).
+fn mount_namespace(file: &Path) -> Result<(), Error> {
+    sys::write(file, "")?;
+    // /run/containerd must exist to be mounted on; the host snapshot removes it if it was not.
+    sys::mkdir(Path::new("/run/containerd"))?;
+    let script = "mount --make-rshared / && mount -t tmpfs -o mode=755 mesh-logs /var/log && mkdir -p /var/log/pods /var/log/containers \
+                  && mount -t tmpfs -o mode=700 mesh-containerd /run/containerd";
+    sys::run("unshare", &[&format!("--mount={}", file.display()), "--propagation", "private", "sh", "-c", script]).map(drop)
 }
 
 /// containerd's configuration. `restrict_oom_score_adj` is not optional here: the VM's bounding
@@ -109,7 +129,9 @@ impl KubeNode {
         let proxy_kubeconfig = dir.join("kube-proxy.kubeconfig");
         sys::write(&proxy_kubeconfig, &super::pki::kubeconfig(shared.server, shared.ca, super::pki::PROXY_TOKEN))?;
 
-        let mut me = Self { name: name.clone(), dir: dir.to_path_buf(), socket: socket.clone(), processes: Vec::new() };
+        let mount_ns = dir.join("mntns");
+        mount_namespace(&mount_ns)?;
+        let mut me = Self { name: name.clone(), dir: dir.to_path_buf(), socket: socket.clone(), processes: Vec::new(), mount_ns };
         let config = dir.join("containerd.toml").display().to_string();
         me.spawn(lab, node, "containerd", "containerd", &["--config", &config])?;
         super::wait_for("containerd's socket", 30, || socket.exists().then_some(()))?;
@@ -174,16 +196,18 @@ impl KubeNode {
         let log = self.dir.join("logs").join(format!("{name}.log"));
         let mut spawn = Spawn::new(&node.netns, &node.system_cgroup, program, args);
         spawn.log = Some(&log);
+        spawn.mount_ns = Some(&self.mount_ns);
         self.processes.push(lab.spawn(&spawn)?);
         Ok(())
     }
 
-    /// `ctr` against this node's containerd, namespace `k8s.io` (the CRI's).
+    /// `ctr` against this node's containerd, namespace `k8s.io` (the CRI's), in the node's
+    /// mount namespace (where containerd's mounts are).
     pub fn ctr(&self, args: &[&str]) -> Result<String, Error> {
-        let address = self.socket.display().to_string();
-        let mut full = vec!["--address", address.as_str(), "--namespace", "k8s.io"];
+        let (ns, address) = (format!("--mount={}", self.mount_ns.display()), self.socket.display().to_string());
+        let mut full = vec![ns.as_str(), "ctr", "--address", address.as_str(), "--namespace", "k8s.io"];
         full.extend_from_slice(args);
-        sys::run("ctr", &full).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        sys::run("nsenter", &full).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
     pub fn log(&self, name: &str) -> PathBuf {
