@@ -15,7 +15,7 @@
 //! directories, the lab's namespaces, cgroups and pins, the kubelet's logs under /var/log, and
 //! the sysctls the kubelet rewrote. `cargo xtask clean` removes the leftovers of a crashed run.
 
-mod host;
+pub(crate) mod host;
 pub mod node;
 pub mod pki;
 
@@ -277,6 +277,15 @@ impl KubeCluster {
         let run = format!("{}{}", clean::PREFIX, self.lab.spec.run);
         done.extend(host::remove_v1(|name| name == run));
         remove_dir(&self.dir);
+        // What the deploy pins (MESH_BPF_PIN_DIR=/sys/fs/bpf/mesh/<node>) if its uninstall did
+        // not run (a failed test): the suite asserts the uninstall itself.
+        for n in &self.lab.nodes {
+            let pins = Path::new(sys::BPFFS).join("mesh").join(&n.name);
+            if std::fs::remove_dir_all(&pins).is_ok() {
+                done.push(format!("removed {}", pins.display()));
+            }
+        }
+        let _ = std::fs::remove_dir(Path::new(sys::BPFFS).join("mesh"));
         done.extend(self.host.restore());
         done
     }
