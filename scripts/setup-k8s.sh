@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Builds a real kube-apiserver + kube-controller-manager from Debian bookworm's `kubernetes`
-# source package, offline, with Debian's golang-go, and installs etcd-server, yamllint and
-# kubernetes-validate for the controller's integration tests and manifest checks.
+# Builds a real Kubernetes from Debian bookworm's `kubernetes` source package, offline, with
+# Debian's golang-go: kube-apiserver + kube-controller-manager (the controller's integration
+# tests) and kubelet + kube-scheduler + kube-proxy (the real nodes of the `k8s` suite). Installs
+# etcd-server, containerd, runc, the CNI plugins, yamllint and kubernetes-validate.
 # Idempotent: the binaries are cached outside the repo, keyed by the source version, in
-#   ${MESH_K8S_CACHE:-/var/cache/mesh}/k8s-<version>/bin/{kube-apiserver,kube-controller-manager}
-# Facts behind each step: ../shared/notes/k8s-and-tools.md. The Go build takes ~11 min on 2 cores
-# and runs under `nice -n 19` so it does not stall other work. Run as root.
+#   ${MESH_K8S_CACHE:-/var/cache/mesh}/k8s-<version>/bin/
+# and only missing ones are built. Facts behind each step: ../shared/notes/k8s-and-tools.md. The
+# Go build takes ~11 min on 2 cores for the first two and ~5 more for the node binaries; it runs
+# under `nice -n 19` so it does not stall other work. Run as root.
 set -euo pipefail
 
 say() { printf '\033[1msetup-k8s:\033[0m %s\n' "$*"; }
@@ -19,7 +21,10 @@ mkdir -p "$CACHE"
 # One run at a time (a background run of `cargo xtask test` may outlive a failed test run).
 exec 9>"$CACHE/setup-k8s.lock"
 flock 9
-PACKAGES=(golang-go etcd-server golang-github-modern-go-reflect2-dev rsync make dpkg-dev yamllint openssl python3-venv)
+# containerd/runc/CNI plugins: the container runtime of the test nodes; iptables + conntrack:
+# kube-proxy (iptables mode) inside each node's network namespace.
+PACKAGES=(golang-go etcd-server golang-github-modern-go-reflect2-dev rsync make dpkg-dev yamllint openssl python3-venv
+  containerd runc containernetworking-plugins iptables conntrack)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -65,8 +70,13 @@ VERSION=$(cat "$APT/version")
 [ -n "$VERSION" ] || { rm -f "$APT/version"; die "no kubernetes source package found"; }
 DIR=$CACHE/k8s-$VERSION
 BIN=$DIR/bin
-if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ]; then
-  say "kube-apiserver $VERSION present in $BIN"
+BINARIES=(kube-apiserver kube-controller-manager kubelet kube-scheduler kube-proxy)
+want=()
+for b in "${BINARIES[@]}"; do
+  [ -x "$BIN/$b" ] || want+=("$b")
+done
+if [ ${#want[@]} -eq 0 ]; then
+  say "Kubernetes $VERSION present in $BIN (${BINARIES[*]})"
   exit 0
 fi
 
@@ -88,13 +98,16 @@ R2_DST=$SRC/vendor/github.com/modern-go/reflect2
 [ -d "$R2_SRC" ] || die "$R2_SRC missing (package golang-github-modern-go-reflect2-dev)"
 rsync -a --delete --exclude '*_test.go' "$R2_SRC/" "$R2_DST/"
 
-say "building kube-apiserver + kube-controller-manager $VERSION (nice 19, ~11 min on 2 cores; log: $DIR/build.log)"
+what=$(printf 'cmd/%s ' "${want[@]}")
+say "building ${want[*]} $VERSION (nice 19, ~5 min per binary on 2 cores; log: $DIR/build.log)"
 started=$(date +%s)
 (cd "$SRC" && GOFLAGS=-mod=vendor GO111MODULE=on GOTOOLCHAIN=local GOPROXY=off \
-  nice -n 19 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" KUBE_BUILD_PLATFORMS=linux/amd64) \
+  nice -n 19 make WHAT="${what% }" KUBE_BUILD_PLATFORMS=linux/amd64) \
   >"$DIR/build.log" 2>&1 || die "build failed (log: $DIR/build.log)"
 mkdir -p "$BIN"
-cp "$SRC/_output/bin/kube-apiserver" "$SRC/_output/bin/kube-controller-manager" "$BIN/"
+for b in "${want[@]}"; do
+  cp "$SRC/_output/bin/$b" "$BIN/$b.tmp" && mv "$BIN/$b.tmp" "$BIN/$b"
+done
 say "built in $(( $(date +%s) - started )) s: $BIN"
 # The source tree is 1+ GB after the build; the binaries are all we need.
 rm -rf "$SRC/_output" "$DIR/dl"

@@ -20,6 +20,8 @@ pub const ENV_NODE_ADDRESS: &str = "MESH_NODE_ADDRESS";
 pub const ENV_CAPTURE_ADDR: &str = "MESH_CAPTURE_ADDR";
 pub const ENV_BYPASS: &str = "MESH_BYPASS";
 pub const ENV_POD_INTERFACES: &str = "MESH_POD_INTERFACES";
+pub const ENV_DAEMONSET: &str = "MESH_DAEMONSET";
+pub const ENV_KUBE_CA_FILE: &str = "MESH_KUBE_CA_FILE";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -32,8 +34,9 @@ pub enum Error {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Config {
     pub node_name: String,
-    /// cgroup v2 directory of this node's pods (attach point of the socket programs).
-    pub cgroup: PathBuf,
+    /// cgroup v2 directory of this node's pods (attach point of the socket programs); `None`:
+    /// the kubelet's pods cgroup the daemon runs in (`kubepods::discover`), resolved at start.
+    pub cgroup: Option<PathBuf>,
     /// bpffs directory for pinned maps.
     pub bpf_pin_dir: PathBuf,
     /// Static Service definitions (JSON), used until the control plane feeds the node.
@@ -51,6 +54,9 @@ pub struct Config {
     /// Host-side interfaces of this node's pods (comma-separated), where the kernel enforces
     /// PeerAuthentication STRICT; the CNI knows them (in the lab, the lab does).
     pub pod_interfaces: Vec<String>,
+    /// Uninstall at exit when the API server says the mesh is being removed (`removal`);
+    /// `MESH_DAEMONSET` names the DaemonSet (in `MESH_ROOT_NAMESPACE`).
+    pub removal: Option<crate::removal::Config>,
     /// The L4 proxy: identities, HBONE, authorization, metrics, admin (`app::config`).
     pub app: crate::app::Config,
 }
@@ -80,10 +86,7 @@ impl Config {
             var: ENV_NODE_NAME,
             hint: "the name of this node (spec.nodeName of its pods)",
         })?;
-        let cgroup = absolute(src, ENV_CGROUP)?.ok_or(Error::Missing {
-            var: ENV_CGROUP,
-            hint: "the cgroup v2 directory holding this node's pods",
-        })?;
+        let cgroup = absolute(src, ENV_CGROUP)?;
         let bpf_pin_dir = absolute(src, ENV_BPF_PIN_DIR)?.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh"));
         let services_file = absolute(src, ENV_SERVICES_FILE)?;
         let app = crate::app::Config::from_source(src, &node_name)?;
@@ -92,6 +95,15 @@ impl Config {
             Some(address) => {
                 if !address.starts_with("https://") {
                     return Err(Error::Invalid { var: ENV_CONTROL_ADDR, value: address, reason: "must be https://host:port".into() });
+                }
+                // The DaemonSet builds it from the Service's environment variables, which exist
+                // only if the Service did when the pod was created.
+                if address.contains("$(") {
+                    return Err(Error::Invalid {
+                        var: ENV_CONTROL_ADDR,
+                        value: address,
+                        reason: "contains an unexpanded $(VAR): Service mesh-control did not exist when this pod was created; apply the controller's manifest, then delete this pod".into(),
+                    });
                 }
                 let required = |var: &'static str, hint: &'static str| absolute(src, var)?.ok_or(Error::Missing { var, hint });
                 Some(crate::control::Config {
@@ -112,7 +124,23 @@ impl Config {
             Some(v) => return Err(Error::Invalid { var: ENV_BYPASS, value: v.into(), reason: "must be true or false".into() }),
         };
         let pod_interfaces = src.get(ENV_POD_INTERFACES).map_or_else(Vec::new, |v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect());
-        Ok(Self { node_name, cgroup, bpf_pin_dir, services_file, control, node_address, capture, bypass, pod_interfaces, app })
+        let removal = match src.get(ENV_DAEMONSET).filter(|v| !v.is_empty()) {
+            None => None,
+            Some(daemonset) => {
+                let token_file = control.as_ref().map(|c| c.token_file.clone()).ok_or(Error::Missing {
+                    var: ENV_CONTROL_TOKEN_FILE,
+                    hint: "MESH_DAEMONSET asks the API server with this node's ServiceAccount token",
+                })?;
+                let (host, port) = (src.get("KUBERNETES_SERVICE_HOST"), src.get("KUBERNETES_SERVICE_PORT"));
+                let (Some(host), Some(port)) = (host, port) else {
+                    return Err(Error::Missing { var: "KUBERNETES_SERVICE_HOST", hint: "set by the kubelet in every container; MESH_DAEMONSET needs the API server" });
+                };
+                let api = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+                let ca_file = absolute(src, ENV_KUBE_CA_FILE)?.unwrap_or_else(|| PathBuf::from("/var/run/mesh/token/ca.crt"));
+                Some(crate::removal::Config { namespace: app.root_namespace.clone(), daemonset, api, ca_file, token_file })
+            }
+        };
+        Ok(Self { node_name, cgroup, bpf_pin_dir, services_file, control, node_address, capture, bypass, pod_interfaces, removal, app })
     }
 }
 
@@ -144,6 +172,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_variable() {
+        let err = Config::from_source(&HashMap::from([(ENV_NODE_NAME, "n1"), (ENV_CONTROL_ADDR, "https://$(MESH_CONTROL_SERVICE_HOST):15012")])).unwrap_err();
+        assert!(err.to_string().contains("Service mesh-control did not exist"), "{err}");
         let err = Config::from_source(&HashMap::from([(ENV_CGROUP, "/x")])).unwrap_err();
         assert!(err.to_string().starts_with("MESH_NODE_NAME is required"), "{err}");
         let err = Config::from_source(&HashMap::from([(ENV_NODE_NAME, "n1"), (ENV_CGROUP, "relative")])).unwrap_err();

@@ -5,10 +5,15 @@
 //! identities and STRICT flags, and the part of AuthorizationPolicy the kernel can enforce.
 //! [`KernelSync::run`] re-applies it whenever the state changes and every few seconds (pods come
 //! and go without a state change), counting failures; the datapath writes only differences.
+//!
+//! The STRICT guard goes on each pod's host-side interface. With `MESH_POD_INTERFACES` the list
+//! is fixed (the lab); without it (a cluster) every rescan finds them: the interfaces of this
+//! namespace whose peer is in the network namespace of a pod cgroup's process (netlink's
+//! namespace ids, see `routing::netlink`). Guards of interfaces that went away are unpinned.
 
 mod translate;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -20,6 +25,7 @@ pub use translate::{Desired, translate};
 
 use crate::{
     datapath::{self, Datapath, NodeSpec, discover},
+    routing::Netlink,
     state::{State, StateRx},
 };
 
@@ -60,6 +66,7 @@ pub struct Metrics {
     sync_errors: Family<ErrorLabel, Counter>,
     services: Gauge,
     pods: Gauge,
+    interfaces: Gauge,
 }
 
 impl Metrics {
@@ -70,12 +77,14 @@ impl Metrics {
             sync_errors: Family::default(),
             services: Gauge::default(),
             pods: Gauge::default(),
+            interfaces: Gauge::default(),
         };
         registry.register("mesh_datapath_drops", "Operations the kernel datapath refused, by stable reason (cumulative)", m.drops.clone());
         registry.register("mesh_datapath_events", "Kernel datapath events: LB decisions, captures, bypass (cumulative)", m.events.clone());
         registry.register("mesh_datapath_sync_errors", "Failed applications of the desired state to the kernel, by kind", m.sync_errors.clone());
         registry.register("mesh_datapath_services", "Service VIP:port entries installed in the kernel", m.services.clone());
         registry.register("mesh_datapath_pods", "Pod cgroups of this node known to the kernel", m.pods.clone());
+        registry.register("mesh_datapath_pod_interfaces", "Pod interfaces carrying the STRICT guard", m.interfaces.clone());
         m
     }
 }
@@ -84,6 +93,9 @@ pub struct KernelSync {
     config: Config,
     datapath: Datapath,
     metrics: Metrics,
+    /// Pod interfaces found at each rescan (no `MESH_POD_INTERFACES`); `None` with a fixed list.
+    discovery: Option<Netlink>,
+    guarded: BTreeSet<String>,
 }
 
 impl KernelSync {
@@ -93,12 +105,52 @@ impl KernelSync {
         for ifname in &config.pod_interfaces {
             datapath.attach_pod_interface(ifname)?;
         }
-        Ok(Self { config, datapath, metrics })
+        let discovery = if config.pod_interfaces.is_empty() {
+            Some(Netlink::open().map_err(|source| datapath::Error::Syscall { what: "open a netlink socket to find pod interfaces", source })?)
+        } else {
+            None
+        };
+        let guarded = config.pod_interfaces.iter().cloned().collect();
+        Ok(Self { config, datapath, metrics, discovery, guarded })
+    }
+
+    /// Attaches the STRICT guard to pod interfaces that appeared and unpins those of interfaces
+    /// that went away. A failure is logged, counted and retried at the next rescan.
+    fn guard_pod_interfaces(&mut self, found: &std::collections::BTreeMap<PathBuf, discover::Found>) {
+        let Some(netlink) = &self.discovery else { return };
+        let links = match netlink.peer_links() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing interfaces failed; pod interfaces unchanged");
+                return;
+            }
+        };
+        let nsids: BTreeSet<i32> = found.values().filter_map(|f| netlink.netnsid_of_pid(f.pid).ok().flatten()).collect();
+        let want: BTreeSet<String> = links.into_iter().filter(|l| nsids.contains(&l.peer_netnsid)).map(|l| l.name).collect();
+        for ifname in want.difference(&self.guarded.clone()) {
+            match self.datapath.attach_pod_interface(ifname) {
+                Ok(()) => {
+                    tracing::info!(interface = %ifname, "STRICT guard attached to a new pod interface");
+                    self.guarded.insert(ifname.clone());
+                }
+                Err(e) => {
+                    self.metrics.sync_errors.get_or_create(&ErrorLabel { kind: "pod_interface".into() }).inc();
+                    tracing::warn!(interface = %ifname, error = %e, "attaching the STRICT guard failed (retried)");
+                }
+            }
+        }
+        for gone in self.datapath.prune_pod_interfaces(&want) {
+            tracing::info!(interface = %gone, "pod interface gone: its STRICT guard removed");
+        }
+        self.guarded.retain(|i| want.contains(i));
+        self.metrics.interfaces.set(i64::try_from(self.guarded.len()).unwrap_or(i64::MAX));
     }
 
     /// Applies the current state once; errors are logged, counted and returned.
     pub fn apply(&mut self, state: &State) -> Result<(), datapath::Error> {
-        let cgroups = discover::pod_cgroups(&self.config.cgroup).unwrap_or_default();
+        let found = discover::pod_processes(&self.config.cgroup).unwrap_or_default();
+        self.guard_pod_interfaces(&found);
+        let cgroups = found.into_iter().map(|(dir, f)| (dir, f.addresses)).collect();
         let mut desired = translate(state, &self.config.node_name, &cgroups);
         desired.services.extend(self.config.static_services.iter().cloned());
         let result = (|| {

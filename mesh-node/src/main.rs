@@ -1,5 +1,7 @@
 //! `mesh-node`: parse config (exit 64 when invalid), load and attach the datapath, install the
-//! configured Services, start the L4 proxy, run until SIGTERM/SIGINT, then drain.
+//! configured Services, start the L4 proxy, run until SIGTERM/SIGINT, then drain (and uninstall
+//! when the mesh is being removed, see `removal`). `mesh-node --uninstall` removes what a daemon
+//! leaves on the node; `--help` and `--version` say what they say.
 use std::process::ExitCode;
 
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use mesh_node::{
     identity::{CaClient, TestCa, ca::pem_certs},
     kernel_sync::{self, KernelSync},
     readiness::Ready,
-    routing,
+    removal, routing,
     services_file, state,
 };
 use prometheus_client::registry::Registry;
@@ -24,15 +26,59 @@ use rustls_pki_types::CertificateDer;
 /// sysexits.h EX_USAGE: the configuration is invalid.
 const EX_USAGE: u8 = 64;
 
+const HELP: &str = "mesh-node: the mesh's per-node daemon (eBPF datapath, HBONE/mTLS proxy, L7)
+
+usage: mesh-node              run; configured by MESH_* environment variables (see the README)
+       mesh-node --uninstall  remove what daemons left on this node: pinned programs, links and
+                              maps under MESH_BPF_PIN_DIR (default /sys/fs/bpf/mesh), and the
+                              policy-routing rules 15008/15009 with their table
+       mesh-node --version
+       mesh-node --help
+";
+
 fn main() -> ExitCode {
+    match std::env::args().nth(1).as_deref() {
+        None => {}
+        Some("--help" | "-h") => {
+            print!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Some("--version" | "-V") => {
+            println!("mesh-node {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Some("--uninstall") => {
+            let pin_dir = std::env::var_os(config::ENV_BPF_PIN_DIR).map_or_else(|| std::path::PathBuf::from("/sys/fs/bpf/mesh"), Into::into);
+            return match uninstall(&pin_dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mesh-node --uninstall: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(other) => {
+            eprintln!("mesh-node: unknown argument {other:?}\n\n{HELP}");
+            return ExitCode::from(EX_USAGE);
+        }
+    }
     keep_buffers_on_the_heap();
-    let config = match Config::from_source(&config::Env) {
+    let mut config = match Config::from_source(&config::Env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("mesh-node: invalid configuration: {e}");
             return ExitCode::from(EX_USAGE);
         }
     };
+    if config.cgroup.is_none() && config.app.datapath {
+        match mesh_node::kubepods::discover() {
+            Ok(dir) => config.cgroup = Some(dir),
+            Err(e) => {
+                eprintln!("mesh-node: invalid configuration: MESH_CGROUP is not set and {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        }
+    }
     let log = init_tracing(config.app.log_json);
     match run(&config, log) {
         Ok(()) => ExitCode::SUCCESS,
@@ -79,6 +125,20 @@ fn init_tracing(json: bool) -> LogControl {
     })
 }
 
+/// Removes pinned objects (which detaches the programs once no daemon holds them) and the
+/// routing rules; says what it removed.
+fn uninstall(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let pinned = walk_count(pin_dir);
+    Datapath::uninstall(pin_dir)?;
+    let rules = routing::Routes::uninstall()?;
+    println!("mesh-node --uninstall: removed {pinned} pinned objects under {} and {rules} routing rules (priorities 15008, 15009) with table 15008", pin_dir.display());
+    Ok(())
+}
+
+fn walk_count(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| if e.path().is_dir() { walk_count(&e.path()) } else { 1 }).sum()
+}
+
 fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(config)?, "starting");
     let datapath = if config.app.datapath { Some(load_datapath(config)?) } else { None };
@@ -120,7 +180,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
         if let Some(datapath) = datapath {
             let sync_config = kernel_sync::Config {
                 node_name: config.node_name.clone(),
-                cgroup: config.cgroup.clone(),
+                cgroup: config.cgroup.clone().expect("resolved at start"),
                 capture: config.capture,
                 hbone_port: config.app.inbound_addr.port(),
                 bypass: config.bypass,
@@ -149,10 +209,71 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
             "mesh-node ready node={} outbound={} inbound={} metrics={} admin={}",
             config.node_name, bound.outbound, bound.inbound, bound.metrics, bound.admin
         );
-        anyhow::Ok(bound.wait_termination().await?)
+        let removal = match &config.removal {
+            Some(cfg) => Some(Removal::start(cfg.clone())?),
+            None => None,
+        };
+        let drained = bound.wait_termination().await?;
+        let removed = match removal {
+            Some(r) => r.removed_for_good().await,
+            None => false,
+        };
+        anyhow::Ok((drained, removed))
     })?;
+    let (drained, removed) = drained;
     tracing::info!(drained, "shutting down");
+    if removed {
+        uninstall(&config.bpf_pin_dir)?;
+        tracing::info!("uninstalled: this node is left without the mesh's programs, pins and rules");
+    }
     Ok(())
+}
+
+/// The API check of `removal`, first made at start (so a refusal at exit means something).
+struct Removal {
+    checker: Arc<removal::Checker>,
+    answered_at_start: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Removal {
+    fn start(cfg: removal::Config) -> anyhow::Result<Self> {
+        let checker = Arc::new(removal::Checker::new(cfg)?);
+        let answered_at_start = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, flag) = (checker.clone(), answered_at_start.clone());
+        tokio::spawn(async move {
+            for attempt in 1..=30 {
+                let (ds, ns) = c.look().await;
+                if matches!((&ds, &ns), (removal::Seen::Present { .. }, removal::Seen::Present { .. })) {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!("the API server answers about this daemon's DaemonSet: it uninstalls when the mesh is removed");
+                    return;
+                }
+                if attempt == 30 {
+                    tracing::error!(daemonset = ?ds, namespace = ?ns, "cannot ask the API server about this daemon's DaemonSet: it will NOT uninstall itself when the mesh is removed (run `mesh-node --uninstall` on the node)");
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        });
+        Ok(Self { checker, answered_at_start })
+    }
+
+    async fn removed_for_good(&self) -> bool {
+        let (ds, ns) = self.checker.look().await;
+        match removal::decide(self.answered_at_start.load(std::sync::atomic::Ordering::Relaxed), &ds, &ns) {
+            removal::Verdict::Removed(why) => {
+                tracing::info!(why, "the mesh is being removed: uninstalling");
+                true
+            }
+            removal::Verdict::Staying => {
+                tracing::info!("the DaemonSet stays (restart or update): the datapath and rules stay for the next daemon");
+                false
+            }
+            removal::Verdict::Unknown(what) => {
+                tracing::warn!(what, "cannot tell whether the mesh is being removed: keeping the datapath (remove it with `mesh-node --uninstall`)");
+                false
+            }
+        }
+    }
 }
 
 /// The workload CA: the control plane's once it exists; until then a test CA whose root both
@@ -170,7 +291,7 @@ fn certificate_authority(cfg: &app::Config) -> anyhow::Result<(Arc<dyn CaClient>
 
 fn load_datapath(config: &Config) -> anyhow::Result<Datapath> {
     let mut datapath = Datapath::load(DatapathConfig {
-        cgroup: config.cgroup.clone(),
+        cgroup: config.cgroup.clone().expect("resolved at start"),
         pin_dir: Some(config.bpf_pin_dir.clone()),
     })?;
     datapath.attach()?;

@@ -1,5 +1,7 @@
-//! The metrics endpoint (`/metrics`, Prometheus text format) and the readiness probe
-//! (`/healthz/ready`), on their own port as in Istio (15020).
+//! The metrics endpoint (`/metrics`, Prometheus text format), the readiness probe
+//! (`/healthz/ready`) and the liveness probe (`/healthz/live`: the daemon's runtime answers; it
+//! does not depend on the controller, so a controller outage never restarts nodes), on their own
+//! port as in Istio (15020).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -44,6 +46,7 @@ impl Server {
                         }
                     }
                     "/healthz/ready" => ready_reply(&ready),
+                    "/healthz/live" => http_util::reply(StatusCode::OK, "text/plain", "live\n"),
                     _ => http_util::reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
                 }
             }

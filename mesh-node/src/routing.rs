@@ -143,6 +143,24 @@ impl Routes {
         Ok(Self { cfg, netlink, installed: BTreeMap::new(), metrics })
     }
 
+    /// `mesh-node --uninstall`: removes every rule of both priorities and the table's local
+    /// route, in both families; returns how many rules there were.
+    pub fn uninstall() -> Result<usize, Error> {
+        let netlink = Netlink::open().map_err(Error::Open)?;
+        let mut n = 0;
+        for family in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
+            for priority in [PRIORITY_HBONE, PRIORITY_TRANSPARENT] {
+                match netlink.flush_rules(family, priority, TABLE) {
+                    Ok(k) => n += k,
+                    Err(e) if family.is_ipv6() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+                    Err(source) => return Err(Error::Flush { priority, source }),
+                }
+            }
+            netlink.delete_local_default_route(family, TABLE).map_err(Error::LocalRoute)?;
+        }
+        Ok(n)
+    }
+
     /// Makes the installed rules equal to `want`; a rule that fails is retried at the next sync.
     /// Returns the rules installed now.
     pub fn sync(&mut self, want: &BTreeSet<Want>) -> usize {

@@ -71,6 +71,20 @@ pub fn clean_run(run: Option<&str>) -> Vec<String> {
             removed.push(format!("netns {ns}"));
         }
     }
+    // The k8s suite's clusters: mounts and state under /var/lib/mesh-<run>-k8s, and the cgroup v1
+    // directories the kubelet made (cgroup2's are above).
+    for e in fs::read_dir("/var/lib").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(run_dir) = name.strip_suffix("-k8s")
+            && matches(run_dir)
+        {
+            crate::k8s::host::unmount_below(&e.path());
+            if fs::remove_dir_all(e.path()).is_ok() {
+                removed.push(format!("cluster dir {}", e.path().display()));
+            }
+        }
+    }
+    removed.extend(crate::k8s::host::remove_v1(matches));
     if let Ok(entries) = fs::read_dir(BPFFS) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();

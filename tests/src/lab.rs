@@ -97,11 +97,13 @@ pub struct Spawn<'a> {
     /// Append stdout and stderr to this file instead of a pipe (for processes that must outlive
     /// the harness, like the daemons of `cargo xtask lab up`).
     pub log: Option<&'a Path>,
+    /// Also join this mount namespace (a bind-mounted nsfs file), e.g. a test node's own.
+    pub mount_ns: Option<&'a Path>,
 }
 
 impl<'a> Spawn<'a> {
     pub fn new(netns: &'a str, cgroup: &'a Path, program: &'a str, args: &'a [&'a str]) -> Self {
-        Self { netns, cgroup, program, args, env: &[], log: None }
+        Self { netns, cgroup, program, args, env: &[], log: None, mount_ns: None }
     }
 }
 
@@ -333,6 +335,12 @@ impl Lab {
     /// programs.
     pub fn spawn(&mut self, spec: &Spawn<'_>) -> Result<PodProcess, Error> {
         let mut cmd = in_netns_and_cgroup(spec.netns, spec.cgroup, spec.program, spec.args);
+        if let Some(ns) = spec.mount_ns {
+            // nsenter opens every namespace before entering any: the order of options is free.
+            let mut with_mount = Command::new("nsenter");
+            with_mount.arg(format!("--mount={}", ns.display())).args(cmd.get_args());
+            cmd = with_mount;
+        }
         cmd.envs(spec.env.iter().copied());
         let log = match spec.log {
             Some(path) => {

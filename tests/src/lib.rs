@@ -15,6 +15,8 @@
 
 pub mod clean;
 pub mod cluster;
+pub mod image;
+pub mod k8s;
 pub mod lab;
 pub mod sys;
 pub mod tools;

@@ -47,6 +47,9 @@ enum Task {
     Clean,
     /// Regenerate the CRDs (deploy/10-crds.yaml and the Helm chart's copy) from mesh-control's types.
     Crds,
+    /// Build the container images (mesh-node, mesh-control, mesh-whoami, mesh-pause) as OCI
+    /// archives in <target>/images/, for `ctr -n k8s.io images import` (no registry needed).
+    Images,
 }
 
 fn main() -> Result<()> {
@@ -57,6 +60,7 @@ fn main() -> Result<()> {
         Task::Lab { action } => lab::run(action),
         Task::Bench { only } => bench::run(only.as_deref()),
         Task::Crds => k8s::write_crds(),
+        Task::Images => images().map(drop),
         Task::Clean => {
             require_root("clean")?;
             for what in mesh_tests::clean::clean_all() {
@@ -69,6 +73,27 @@ fn main() -> Result<()> {
 
 pub fn root_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is one level down").to_path_buf()
+}
+
+/// cargo's target directory (`CARGO_TARGET_DIR` or `<root>/target`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root_dir().join("target"), PathBuf::from)
+}
+
+/// `cargo xtask images`: the binaries (debug profile, as the tests use them), then one OCI
+/// archive per image.
+pub fn images() -> Result<Vec<PathBuf>> {
+    lab::build_binaries()?;
+    step("images: OCI archives from the binaries and the shared libraries they need");
+    let out = target_dir().join("images");
+    let mut written = Vec::new();
+    for spec in mesh_tests::image::project_images(&target_dir().join("debug"), env!("CARGO_PKG_VERSION")) {
+        let path = mesh_tests::image::build(&spec, &out).with_context(|| format!("building image {}", spec.reference))?;
+        println!("    {:<22} {} ({} MiB)", spec.reference, path.display(), std::fs::metadata(&path)?.len() >> 20);
+        written.push(path);
+    }
+    println!("    import on a node: ctr -n k8s.io images import <archive> (the manifests use imagePullPolicy IfNotPresent)");
+    Ok(written)
 }
 
 pub fn require_root(what: &str) -> Result<()> {

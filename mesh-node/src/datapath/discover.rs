@@ -3,6 +3,8 @@
 //! the addresses of the network namespace of its first process name the pod. In Kubernetes every
 //! container cgroup of a pod (the pause container's included) maps to the pod's IP; cgroups of
 //! host-network processes map to node addresses, which are not workloads and are ignored.
+//! In a cluster this needs the host's PID namespace (`hostPID`): `cgroup.procs` lists only the
+//! PIDs the reader can see.
 
 use std::{
     collections::BTreeMap,
@@ -15,17 +17,30 @@ use std::{
 /// Every cgroup (directory) under `root`, inclusive, that holds processes, with the non-loopback,
 /// non-link-local addresses of that process's network namespace.
 pub fn pod_cgroups(root: &Path) -> io::Result<BTreeMap<PathBuf, Vec<IpAddr>>> {
+    Ok(pod_processes(root)?.into_iter().map(|(dir, p)| (dir, p.addresses)).collect())
+}
+
+/// A process of a cgroup and the addresses of its network namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub pid: u32,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// As [`pod_cgroups`], with the process each cgroup's addresses came from (its PID names the
+/// pod's network namespace, where its host-side interface leads).
+pub fn pod_processes(root: &Path) -> io::Result<BTreeMap<PathBuf, Found>> {
     let mut out = BTreeMap::new();
     walk(root, &mut out)?;
     Ok(out)
 }
 
-fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, Vec<IpAddr>>) -> io::Result<()> {
+fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, Found>) -> io::Result<()> {
     let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
     // A process may exit between listing and reading: try each until one answers.
     for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-        if let Some(addrs) = netns_addresses(pid) {
-            out.insert(dir.to_path_buf(), addrs);
+        if let Some(addresses) = netns_addresses(pid) {
+            out.insert(dir.to_path_buf(), Found { pid, addresses });
             break;
         }
     }

@@ -90,6 +90,21 @@ fn load_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<BorrowedFd
     })
 }
 
+/// Re-uses a pinned link if it still works; `false` when its attach point is gone (ENOLINK: the
+/// cgroup or interface was removed, e.g. a kubelet restarted with another cgroup root) after
+/// unpinning it, so the caller attaches afresh instead of failing forever.
+fn adopt_pinned(path: &Path, prog: BorrowedFd<'_>) -> Result<bool, Error> {
+    match update_pinned(path, prog) {
+        Ok(()) => Ok(true),
+        Err(Error::PinnedLink { source, .. }) if source.raw_os_error() == Some(libc::ENOLINK) => {
+            tracing::warn!(pin = %path.display(), "pinned link's attach point is gone: attaching afresh");
+            fs::remove_file(path).map_err(|source| Error::PinnedLink { path: path.to_path_buf(), source })?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Points an existing pinned link at a freshly loaded program (atomic: no detached moment).
 fn update_pinned(path: &Path, prog: BorrowedFd<'_>) -> Result<(), Error> {
     let pinned = |source| Error::PinnedLink { path: path.to_path_buf(), source };
@@ -142,7 +157,7 @@ impl Datapath {
             let pin = self.link_pin(name);
             let prog = load_program(&mut self.ebpf, name)?;
             match pin {
-                Some(path) if path.exists() => update_pinned(&path, prog)?,
+                Some(path) if path.exists() && adopt_pinned(&path, prog)? => {}
                 pin => {
                     let link = sys::link_create(prog, cgroup.as_fd(), attach_type)
                         .map_err(|source| Error::Attach { name, source })?;
@@ -182,8 +197,10 @@ impl Datapath {
         // TCX (kernel >= 6.6) needs no qdisc; older kernels need clsact (already-present is fine).
         let _ = tc::qdisc_add_clsact(ifname);
         let prog_fd = load_program(&mut self.ebpf, name)?;
-        if let Some(path) = pin.as_deref().filter(|p| p.exists()) {
-            return update_pinned(path, prog_fd);
+        if let Some(path) = pin.as_deref().filter(|p| p.exists())
+            && adopt_pinned(path, prog_fd)?
+        {
+            return Ok(());
         }
         let Some(Program::SchedClassifier(prog)) = self.ebpf.program_mut(name) else {
             return Err(Error::MissingProgram { name });
@@ -198,6 +215,26 @@ impl Datapath {
             None => self.tc_links.push(link),
         }
         Ok(())
+    }
+
+    /// Removes the STRICT guard of every pod interface not in `keep` (pods that went away: their
+    /// interface is gone and its link with it, but the pin would stay). Returns the interfaces
+    /// whose guard was removed.
+    pub fn prune_pod_interfaces(&mut self, keep: &std::collections::BTreeSet<String>) -> Vec<String> {
+        let prefix = format!("{}@", names::PROG_TC_TO_POD);
+        let mut removed = Vec::new();
+        if let Some(dir) = self.link_pin("") {
+            for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(ifname) = name.strip_prefix(&prefix)
+                    && !keep.contains(ifname)
+                    && fs::remove_file(e.path()).is_ok()
+                {
+                    removed.push(ifname.to_owned());
+                }
+            }
+        }
+        removed
     }
 
     /// Detaches every program attached by this process that is not pinned.

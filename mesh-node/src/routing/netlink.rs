@@ -1,5 +1,7 @@
 //! Just enough rtnetlink for [`super`]: add and delete policy-routing rules (`ip rule`), install
-//! one `local` default route in a table, and ask which interface routes to an address. Messages
+//! (and remove) one `local` default route in a table, and ask which interface routes to an
+//! address; and for pod discovery (`kernel_sync`), which interfaces lead into which pod's
+//! network namespace. Messages
 //! are built by hand (the uapi structs are 12 bytes each) so the daemon needs no `ip` binary and
 //! no netlink crate; constants are from `linux/rtnetlink.h` and `linux/fib_rules.h`.
 
@@ -18,7 +20,12 @@ const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
 const RTM_NEWRULE: u16 = 32;
 const RTM_DELRULE: u16 = 33;
+const RTM_DELROUTE: u16 = 25;
+const RTM_NEWNSID: u16 = 88;
+const RTM_GETNSID: u16 = 90;
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_REPLACE: u16 = 0x100;
@@ -44,6 +51,10 @@ const RT_SCOPE_HOST: u8 = 254;
 const RT_SCOPE_UNIVERSE: u8 = 0;
 const RTPROT_STATIC: u8 = 4;
 const IFLA_IFNAME: u16 = 3;
+const IFLA_LINK_NETNSID: u16 = 37;
+// net_namespace.h: RTM_GETNSID by process, answered with the namespace's id as seen from ours.
+const NETNSA_NSID: u16 = 1;
+const NETNSA_PID: u16 = 2;
 /// The loopback device has this index in every network namespace (`LOOPBACK_IFINDEX`).
 const LOOPBACK_IFINDEX: u32 = 1;
 
@@ -182,6 +193,14 @@ fn rule_msg(kind: u16, flags: u16, rule: &Rule) -> Msg {
     m
 }
 
+/// An interface of this namespace whose peer lives in another one (a pod's host-side veth):
+/// `peer_netnsid` is that namespace's id as this namespace knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerLink {
+    pub name: String,
+    pub peer_netnsid: i32,
+}
+
 /// A `NETLINK_ROUTE` socket of the daemon's network namespace.
 pub struct Netlink {
     fd: OwnedFd,
@@ -230,6 +249,59 @@ impl Netlink {
         let mut m = Msg::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, &h);
         m.attr(RTA_TABLE, &table.to_ne_bytes()).attr(RTA_OIF, &LOOPBACK_IFINDEX.to_ne_bytes());
         self.request(m).map(drop)
+    }
+
+    /// `ip route del local <any> dev lo table TABLE` (uninstall); absent is fine.
+    pub fn delete_local_default_route(&self, of: IpAddr, table: u32) -> io::Result<()> {
+        let mut h = [0u8; 12];
+        h[0] = family(of);
+        h[6] = RT_SCOPE_HOST;
+        h[7] = RTN_LOCAL;
+        let mut m = Msg::new(RTM_DELROUTE, 0, &h);
+        m.attr(RTA_TABLE, &table.to_ne_bytes()).attr(RTA_OIF, &LOOPBACK_IFINDEX.to_ne_bytes());
+        match self.request(m) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::ENOENT | libc::EAFNOSUPPORT)) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// Every interface whose peer is in another network namespace (`ip -d link` shows it as
+    /// `link-netnsid N`). Dumping links also makes the kernel assign those ids.
+    pub fn peer_links(&self) -> io::Result<Vec<PeerLink>> {
+        let mut m = Msg::new(RTM_GETLINK, NLM_F_DUMP, &[0u8; 16]);
+        m.0[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        let replies = self.request(m)?;
+        Ok(replies
+            .iter()
+            .filter(|(kind, _)| *kind == RTM_NEWLINK)
+            .filter_map(|(_, body)| {
+                let mut name = None;
+                let mut nsid = None;
+                for (k, v) in attributes(body.get(16..)?) {
+                    match k {
+                        IFLA_IFNAME => name = Some(String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned()),
+                        IFLA_LINK_NETNSID => nsid = Some(i32::from_ne_bytes(v.get(..4)?.try_into().ok()?)),
+                        _ => {}
+                    }
+                }
+                Some(PeerLink { name: name?, peer_netnsid: nsid? })
+            })
+            .collect())
+    }
+
+    /// The id this namespace gives the network namespace process `pid` is in, if it has one
+    /// (needs no access to the process beyond seeing its PID: no ptrace, unlike
+    /// `/proc/<pid>/ns/net`).
+    pub fn netnsid_of_pid(&self, pid: u32) -> io::Result<Option<i32>> {
+        // struct rtgenmsg { family } padded to 4 bytes.
+        let mut m = Msg::new(RTM_GETNSID, 0, &[0u8; 4]);
+        m.attr(NETNSA_PID, &pid.to_ne_bytes());
+        let replies = self.request(m)?;
+        Ok(replies
+            .iter()
+            .filter(|(kind, _)| *kind == RTM_NEWNSID)
+            .find_map(|(_, body)| attributes(body.get(4..)?).find(|(k, _)| *k == NETNSA_NSID).and_then(|(_, v)| Some(i32::from_ne_bytes(v.get(..4)?.try_into().ok()?))))
+            .filter(|id| *id >= 0))
     }
 
     /// The interface this host routes `addr` through (`ip route get`).
@@ -285,6 +357,10 @@ impl Netlink {
                 }
                 let body = &rest[HEADER..len];
                 if got_seq == seq {
+                    // The end of a dump (dumps are not acknowledged).
+                    if kind == NLMSG_DONE {
+                        return Ok(replies);
+                    }
                     if kind == NLMSG_ERROR {
                         let code = i32::from_ne_bytes(body.get(..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
                         return if code == 0 { Ok(replies) } else { Err(io::Error::from_raw_os_error(-code)) };

@@ -1,0 +1,191 @@
+//! The mesh as users receive it, on a real two-node Kubernetes (`mesh_tests::k8s`: kubelet,
+//! containerd and kube-proxy per node, in the lab's namespaces): `kubectl apply -f deploy/` with
+//! the images `cargo xtask images` builds, a namespace labelled for the mesh, the sample app as
+//! Deployments and a Service. Every assertion is on real traffic, real counters or the node's
+//! real state. Root only; `cargo xtask test` builds the binaries and Kubernetes first.
+//!
+//! One cluster, phases in order (each prints what it measured):
+//! 1. the DaemonSet and both controller replicas become Ready;
+//! 2. pods are meshed: mutual TLS between nodes (identities in the metrics, only TLS on the node
+//!    link), Service load balancing over pods on both nodes;
+//! 3. an AuthorizationPolicy applied with kubectl denies within a second and says `Accepted`;
+//! 4. a pod added to a Deployment is meshed within seconds of becoming Ready;
+//! 5. a rolling update of the DaemonSet under traffic (failed requests are reported, not hidden);
+//! 6. `kubectl delete` of everything leaves each node as it was found.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{image, k8s::KubeCluster, require_root};
+use support::{
+    NodeState, VERSION, capture, contains, demo_app, deploy, dial, eventually, get, has_port, images, metric, metrics, node_state,
+    pod_of, tally,
+};
+
+fn start() -> KubeCluster {
+    require_root();
+    let imgs = images();
+    let run = format!("k{:x}", std::process::id());
+    let c = KubeCluster::start(&run, 2, &imgs, &image::full_name(&format!("mesh-pause:{VERSION}"))).expect("the test cluster starts");
+    println!("two nodes Ready in {:.1?}", c.time_to_ready);
+    c
+}
+
+fn kubectl(c: &KubeCluster, args: &[&str]) -> String {
+    c.kubectl_ok(args).unwrap_or_else(|e| panic!("{e}\n{}", diagnose(c)))
+}
+
+/// What a failed step prints: every pod, and the last lines of the mesh's own pods.
+fn diagnose(c: &KubeCluster) -> String {
+    let mut out = String::new();
+    for args in [
+        &["get", "pods", "-A", "-o", "wide"][..],
+        &["logs", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-node", "--tail=25", "--prefix"],
+        &["logs", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-control", "--tail=15", "--prefix"],
+        &["get", "events", "-A", "--field-selector=type=Warning"],
+    ] {
+        let o = c.kubectl(args);
+        out += &format!("$ kubectl {}\n{}{}\n", args.join(" "), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    }
+    out
+}
+
+#[test]
+fn the_mesh_installed_with_kubectl_meshes_real_pods_on_two_nodes_and_uninstalls_cleanly() {
+    let c = start();
+    let before: Vec<NodeState> = (1..=2).map(|i| node_state(&c, i)).collect();
+
+    // 1. Install as the README says.
+    let started = Instant::now();
+    let deploy = deploy();
+    kubectl(&c, &["apply", "-f", &deploy.join("00-namespace.yaml").display().to_string()]);
+    kubectl(&c, &["apply", "-f", &deploy.display().to_string()]);
+    kubectl(&c, &["-n", "mesh-system", "rollout", "status", "deployment/mesh-control", "--timeout=120s"]);
+    kubectl(&c, &["-n", "mesh-system", "rollout", "status", "daemonset/mesh-node", "--timeout=120s"]);
+    let ready = get(&c, &["daemonset/mesh-node", "-n", "mesh-system"], "{.status.numberReady}");
+    assert_eq!(ready, "2", "mesh-node Ready on both nodes");
+    let replicas = get(&c, &["deployment/mesh-control", "-n", "mesh-system"], "{.status.readyReplicas}");
+    assert_eq!(replicas, "2", "both controller replicas Ready");
+    println!("deploy/: controller (2 replicas) and DaemonSet (2 nodes) Ready {:.1?} after kubectl apply", started.elapsed());
+
+    // 2. The sample app, meshed by its namespace's label.
+    let started = Instant::now();
+    c.apply(&demo_app()).expect("the sample app applies");
+    for d in ["whoami", "client", "legacy"] {
+        kubectl(&c, &["-n", "demo", "rollout", "status", &format!("deployment/{d}"), "--timeout=120s"]);
+    }
+    println!("sample app Ready in {:.1?}", started.elapsed());
+    let (client, legacy) = (pod_of(&c, "client"), pod_of(&c, "legacy"));
+    let vip = format!("{}:80", get(&c, &["service/whoami", "-n", "demo"], "{.spec.clusterIP}"));
+    let nodes_of: Vec<String> = get(&c, &["pods", "-n", "demo", "-l", "app=whoami"], "{.items[*].spec.nodeName}").split_whitespace().map(str::to_owned).collect();
+    assert!(nodes_of.contains(&"n1".into()) && nodes_of.contains(&"n2".into()), "whoami on both nodes: {nodes_of:?}");
+    // The workloads reach the nodes' daemons within a few seconds of being Ready.
+    eventually("the client's first connections", Duration::from_secs(20), || tally(&dial(&c, &client, &vip, 3, 2000)).get("FAILED").is_none());
+
+    let mut lines = Vec::new();
+    let pcap = capture(&c, 1, || lines = dial(&c, &client, &vip, 30, 3000));
+    let answered = tally(&lines);
+    println!("meshed client -> {vip}: {answered:?}");
+    assert!(!answered.contains_key("FAILED"), "{lines:?}");
+    let backends = get(&c, &["pods", "-n", "demo", "-l", "app=whoami"], "{.items[*].metadata.name}");
+    assert_eq!(answered.len(), 3, "every backend answered (both nodes): {answered:?} of {backends}");
+    assert!(has_port(&pcap, 15008), "cross-node traffic is HBONE on 15008");
+    assert!(!contains(&pcap, b"whoami name="), "no plaintext application bytes on the node link");
+    let m2 = metrics(&c, 2);
+    let mtls = metric(&m2, "istio_tcp_connections_opened_total", &[
+        "reporter=\"destination\"",
+        "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+        "destination_principal=\"spiffe://cluster.local/ns/demo/sa/whoami\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ]);
+    assert!(mtls > 0.0, "node n2 reports mutual-TLS connections client -> whoami with both identities:\n{m2}");
+    let plain = tally(&dial(&c, &legacy, &vip, 12, 3000));
+    assert!(!plain.contains_key("FAILED"), "the unmeshed client is balanced too: {plain:?}");
+    println!("unmeshed client -> {vip}: {plain:?}; identities seen on n2: {mtls} mTLS connections client -> whoami");
+
+    // 3. A policy applied with kubectl.
+    let deny = std::fs::read_to_string(deploy.join("examples/policies/deny-client-to-whoami.yaml")).expect("example policy");
+    let applied = Instant::now();
+    c.apply(&deny).expect("policy applies");
+    let took = eventually("the DENY to take effect", Duration::from_secs(5), || dial(&c, &client, &vip, 1, 2000).iter().all(|l| !l.starts_with("connected") || support::who(l).is_none()));
+    let name = get(&c, &["authorizationpolicies", "-n", "demo"], "{.items[0].metadata.name}");
+    let accepted = eventually("status Accepted=True", Duration::from_secs(10), || {
+        get(&c, &["authorizationpolicy", &name, "-n", "demo"], "{.status.conditions[?(@.type==\"Accepted\")].status}") == "True"
+    });
+    println!("AuthorizationPolicy {name}: denying {took:.1?} after kubectl apply (includes one kubectl exec), Accepted after {:.1?}", took + accepted);
+    assert!(applied.elapsed() < Duration::from_secs(10));
+    assert!(took < Duration::from_secs(1) + Duration::from_millis(1500), "denies within a second (plus the exec's own time): {took:?}");
+    kubectl(&c, &["delete", "authorizationpolicy", &name, "-n", "demo"]);
+    eventually("the DENY to go", Duration::from_secs(5), || tally(&dial(&c, &client, &vip, 3, 2000)).get("FAILED").is_none());
+
+    // 4. A pod added to a Deployment: meshed (known to its node's datapath) how long after Ready?
+    let pods_before = |i| metric(&metrics(&c, i), "mesh_datapath_pods", &[]);
+    let (p1, p2) = (pods_before(1), pods_before(2));
+    kubectl(&c, &["scale", "deployment/whoami", "-n", "demo", "--replicas=4"]);
+    let mut ready_at = None;
+    let mut meshed_at = None;
+    let scaled = Instant::now();
+    eventually("the fourth whoami pod Ready and meshed", Duration::from_secs(60), || {
+        if ready_at.is_none() && get(&c, &["deployment/whoami", "-n", "demo"], "{.status.readyReplicas}") == "4" {
+            ready_at = Some(scaled.elapsed());
+        }
+        if meshed_at.is_none() && pods_before(1) + pods_before(2) > p1 + p2 {
+            meshed_at = Some(scaled.elapsed());
+        }
+        ready_at.is_some() && meshed_at.is_some()
+    });
+    let (ready_at, meshed_at) = (ready_at.expect("ready"), meshed_at.expect("meshed"));
+    println!("scaled whoami to 4: Ready after {ready_at:.1?}, in its node's datapath after {meshed_at:.1?}");
+    assert!(meshed_at < ready_at + Duration::from_secs(5), "meshed within seconds of Ready");
+    let after = tally(&dial(&c, &client, &vip, 40, 3000));
+    assert_eq!(after.len(), 4, "the new pod gets connections through the mesh: {after:?}");
+
+    // 5. Rolling update of the DaemonSet under traffic.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            let (mut ok, mut failed) = (0usize, 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                for l in dial(&c, &client, &vip, 20, 1000) {
+                    if support::who(&l).is_some() { ok += 1 } else { failed += 1 }
+                }
+            }
+            (ok, failed)
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let rolled = Instant::now();
+        kubectl(&c, &["-n", "mesh-system", "rollout", "restart", "daemonset/mesh-node"]);
+        kubectl(&c, &["-n", "mesh-system", "rollout", "status", "daemonset/mesh-node", "--timeout=180s"]);
+        println!("DaemonSet rolling update took {:.1?}", rolled.elapsed());
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::Relaxed);
+        load.join().expect("load thread")
+    });
+    println!("during the DaemonSet rolling update: {failed} of {} meshed connections failed", ok + failed);
+    assert!(ok > 0, "traffic flowed during the update");
+    let back = tally(&dial(&c, &client, &vip, 20, 3000));
+    assert!(!back.contains_key("FAILED"), "after the update every connection succeeds: {back:?}");
+
+    // 6. Uninstall: kubectl delete of everything; each node is left as it was found.
+    let started = Instant::now();
+    kubectl(&c, &["delete", "namespace", "demo", "--wait=true", "--timeout=120s"]);
+    let out = c.kubectl(&["delete", "-f", &deploy.display().to_string(), "--wait=true", "--timeout=120s"]);
+    println!("kubectl delete -f deploy/: {}", String::from_utf8_lossy(&out.stdout).trim().replace('\n', "; "));
+    eventually("mesh-node pods gone", Duration::from_secs(90), || get(&c, &["pods", "-A", "-l", "app.kubernetes.io/name=mesh-node"], "{.items[*].metadata.name}").is_empty());
+    for i in 1..=2u8 {
+        let found = &before[usize::from(i - 1)];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node_state(&c, i) != *found && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(node_state(&c, i), *found, "node n{i} is not left as it was found");
+    }
+    println!("uninstalled in {:.1?}: no mesh rule, route table, cgroup program or pin left on either node", started.elapsed());
+}
