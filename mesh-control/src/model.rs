@@ -8,7 +8,7 @@ use ipnet::IpNet;
 pub type Labels = BTreeMap<String, String>;
 
 /// A namespace and a name: the key of services and policies.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NamespacedName {
     pub namespace: String,
     pub name: String,

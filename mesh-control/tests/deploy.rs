@@ -22,12 +22,33 @@ fn docs(text: &str) -> Vec<Value> {
 
 #[test]
 fn committed_crds_equal_crdgen_output() {
-    let generated = mesh_control::crd::yaml().expect("crdgen");
-    assert!(
-        read(&deploy().join("10-crds.yaml")) == generated,
-        "deploy/10-crds.yaml is stale: run `cargo xtask crds`"
-    );
-    assert!(read(&deploy().join("helm/mesh/crds/crds.yaml")) == generated, "deploy/helm/mesh/crds/crds.yaml is stale: run `cargo xtask crds`");
+    let ours = mesh_control::crd::yaml().expect("crdgen");
+    let gateway_api = mesh_control::crd::gateway_api_yaml().expect("crdgen --gateway-api");
+    for (path, generated) in [
+        ("10-crds.yaml", &ours),
+        ("helm/mesh/crds/crds.yaml", &ours),
+        ("11-gateway-api-crds.yaml", &gateway_api),
+        ("helm/mesh/crds/gateway-api-crds.yaml", &gateway_api),
+    ] {
+        assert!(read(&deploy().join(path)) == *generated, "deploy/{path} is stale: run `cargo xtask crds`");
+    }
+}
+
+#[test]
+fn routing_crds_keep_unknown_fields_so_the_controller_can_name_them() {
+    // Istio's `tcp`, a newer Gateway API field: the API server must not prune them, or the
+    // controller could not say they are not supported.
+    for (file, kinds) in [("10-crds.yaml", &["virtualservices", "destinationrules"][..]), ("11-gateway-api-crds.yaml", &["httproutes", "grpcroutes"][..])] {
+        for crd in docs(&read(&deploy().join(file))) {
+            let name = crd["metadata"]["name"].as_str().expect("name");
+            if kinds.iter().any(|k| name.starts_with(&format!("{k}."))) {
+                let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+                assert_eq!(spec["x-kubernetes-preserve-unknown-fields"], true, "{name}: spec");
+                let rules = if name.starts_with("virtualservices.") { &spec["properties"]["http"] } else { &spec["properties"]["rules"] };
+                assert_eq!(rules["items"]["x-kubernetes-preserve-unknown-fields"], true, "{name}: nested objects too");
+            }
+        }
+    }
 }
 
 /// Substitutes `{{ .Values.<path> }}` and `{{ .Release.Namespace }}`; panics on anything else.
