@@ -5,7 +5,9 @@
 //! header matches, then the most query parameter matches, then the oldest route, then
 //! namespace/name alphabetically, then rule and match order within a route. It leaves regular
 //! expressions to implementations; we put them after every prefix, longest pattern first, which
-//! is Istio's order (exact > prefix > regex, longer first within each). GRPCRoute matches are
+//! is Istio's order (exact > prefix > regex, longer first within each). As in Istio, `PathPrefix
+//! /` counts as no path match at all: it matches every path, so it comes after the regular
+//! expressions (a catch-all rule must not hide them). GRPCRoute matches are
 //! path matches by then (`/svc/method` Exact, `/svc` PathPrefix, a method alone a regex), which
 //! orders them as the GRPCRoute spec asks: more service characters first, then more method
 //! characters, then more headers.
@@ -36,7 +38,8 @@ impl Precedence {
     pub fn of(m: &Match, created: Option<Timestamp>, route: &NamespacedName, rule: u32, match_index: u32) -> Self {
         let (kind, len) = match &m.path {
             Some(StringMatch::Exact(p)) => (3, p.len()),
-            Some(StringMatch::PathPrefix(p) | StringMatch::Prefix(p)) => (2, p.trim_end_matches('/').len().max(1)),
+            Some(StringMatch::PathPrefix(p)) if p.trim_end_matches('/').is_empty() => (0, 0),
+            Some(StringMatch::PathPrefix(p) | StringMatch::Prefix(p)) => (2, p.trim_end_matches('/').len()),
             Some(StringMatch::Regex(p)) => (1, p.len()),
             Some(StringMatch::Present) | None => (0, 0),
         };
@@ -88,9 +91,10 @@ mod tests {
             }),
             ("prefix, one header", Match { headers: vec![header("a")], ..path(StringMatch::PathPrefix("/foo".into())) }),
             ("prefix", path(StringMatch::PathPrefix("/foo".into()))),
-            ("prefix /", path(StringMatch::PathPrefix("/".into()))),
             ("regex, longer", path(StringMatch::Regex("/foo/.*/bar".into()))),
             ("regex", path(StringMatch::Regex("/f.*".into()))),
+            ("prefix / with a header", Match { headers: vec![header("a")], ..path(StringMatch::PathPrefix("/".into())) }),
+            ("prefix / (every path)", path(StringMatch::PathPrefix("/".into()))),
         ];
         let keys: Vec<Precedence> = rows.iter().map(|(_, m)| Precedence::of(m, None, &route, 0, 0)).collect();
         for (i, pair) in keys.windows(2).enumerate() {
