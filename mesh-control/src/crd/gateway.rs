@@ -22,12 +22,17 @@ pub const API_VERSION: &str = "gateway.networking.k8s.io/v1";
 /// `apiVersion` of `ReferenceGrant` (the version every Gateway API release since v0.6 serves).
 pub const REFERENCE_GRANT_API_VERSION: &str = "gateway.networking.k8s.io/v1beta1";
 
+// `*.k8s.io` groups are protected: the API server refuses their CRDs without an
+// `api-approved.kubernetes.io` annotation. These are Gateway API's own kinds, so they carry
+// Gateway API's approval (the same annotation upstream's CRDs have).
+
 /// Routes HTTP requests; with a Service as parent (GAMMA), the requests clients send to it.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "gateway.networking.k8s.io",
     version = "v1",
     kind = "HTTPRoute",
+    annotation("api-approved.kubernetes.io", "https://github.com/kubernetes-sigs/gateway-api/pull/3328"),
     root = "HttpRoute",
     plural = "httproutes",
     namespaced,
@@ -52,6 +57,7 @@ pub struct HttpRouteSpec {
     group = "gateway.networking.k8s.io",
     version = "v1",
     kind = "GRPCRoute",
+    annotation("api-approved.kubernetes.io", "https://github.com/kubernetes-sigs/gateway-api/pull/3328"),
     root = "GrpcRoute",
     plural = "grpcroutes",
     namespaced,
@@ -77,6 +83,7 @@ pub struct GrpcRouteSpec {
     group = "gateway.networking.k8s.io",
     version = "v1beta1",
     kind = "ReferenceGrant",
+    annotation("api-approved.kubernetes.io", "https://github.com/kubernetes-sigs/gateway-api/pull/3328"),
     plural = "referencegrants",
     namespaced,
     shortname = "refgrant",
