@@ -186,8 +186,8 @@ pub fn yaml() -> Result<String, Error> {
     let crds = [
         AuthorizationPolicy::crd(),
         PeerAuthentication::crd(),
-        preserving_unknown_fields(networking::VirtualService::crd())?,
-        preserving_unknown_fields(networking::DestinationRule::crd())?,
+        preserving_unknown_fields(&networking::VirtualService::crd())?,
+        preserving_unknown_fields(&networking::DestinationRule::crd())?,
     ];
     to_yaml("cargo run -p mesh-control --bin crdgen", &crds)
 }
@@ -198,9 +198,9 @@ pub fn yaml() -> Result<String, Error> {
 pub fn gateway_api_yaml() -> Result<String, Error> {
     use kube::CustomResourceExt as _;
     let crds = [
-        preserving_unknown_fields(gateway::HttpRoute::crd())?,
-        preserving_unknown_fields(gateway::GrpcRoute::crd())?,
-        preserving_unknown_fields(gateway::ReferenceGrant::crd())?,
+        preserving_unknown_fields(&gateway::HttpRoute::crd())?,
+        preserving_unknown_fields(&gateway::GrpcRoute::crd())?,
+        preserving_unknown_fields(&gateway::ReferenceGrant::crd())?,
     ];
     to_yaml("cargo run -p mesh-control --bin crdgen -- --gateway-api", &crds)
 }
@@ -219,7 +219,7 @@ fn to_yaml(command: &str, crds: &[Crd]) -> Result<String, Error> {
 /// Marks every object of the `spec` schema `x-kubernetes-preserve-unknown-fields`: the API server
 /// then keeps fields our types do not have (Istio's `tcp`, an experimental Gateway API field, a
 /// typo), so [`read`] can name them in a condition instead of the server pruning them silently.
-fn preserving_unknown_fields(crd: Crd) -> Result<Crd, Error> {
+fn preserving_unknown_fields(crd: &Crd) -> Result<Crd, Error> {
     fn mark(schema: &mut serde_json::Value) {
         let Some(obj) = schema.as_object_mut() else { return };
         if let Some(props) = obj.get_mut("properties").and_then(serde_json::Value::as_object_mut) {
@@ -232,7 +232,7 @@ fn preserving_unknown_fields(crd: Crd) -> Result<Crd, Error> {
             }
         }
     }
-    let mut v = serde_json::to_value(&crd).map_err(|e| Error(e.to_string()))?;
+    let mut v = serde_json::to_value(crd).map_err(|e| Error(e.to_string()))?;
     for version in v["spec"]["versions"].as_array_mut().into_iter().flatten() {
         if let Some(spec) = version.pointer_mut("/schema/openAPIV3Schema/properties/spec") {
             mark(spec);

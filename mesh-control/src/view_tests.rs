@@ -108,7 +108,7 @@ fn diff_sends_changed_and_removed_resources_only() {
 
 #[test]
 fn every_node_gets_every_route_table_and_endpoints_carry_their_subsets() {
-    let extra = r#"
+    let extra = r"
 apiVersion: lab.mesh.dev/v1alpha1
 kind: Workload
 metadata: {name: whoami-v1, namespace: demo, labels: {app: whoami, version: v1}}
@@ -134,7 +134,7 @@ spec:
     mirror: {host: whoami}
     mirrorPercentage: {value: 5}
   - redirect: {uri: /v1, redirectCode: 308}
-"#;
+";
     let state = lab_state(extra);
     for node in ["n1", "n2", "n9"] {
         let v = node_view(&state, node, TD);

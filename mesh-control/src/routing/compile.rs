@@ -21,7 +21,7 @@ use mesh_l7::AppProtocol;
 
 use super::{
     ACCEPTED, Condition, Kind, ParentVerdict, RESOLVED_REFS, Routes, Verdict, VerdictStatus,
-    model::{Action, Backend, Match, Mirror, Route, RouteTable, Source, SourceKind},
+    model::{Action, Backend, HeaderModifier, Match, Mirror, Route, RouteTable, Source, SourceKind, Timeouts},
     precedence::Precedence,
     validate::{BackendRef, Destination, DestinationRule, GatewayRoute, GatewayRule, ParentTarget, VirtualService, VsAction, VsRule},
 };
@@ -109,19 +109,12 @@ fn default_route(table: &RouteTable) -> Route {
     Route {
         source: Source { kind, key: table.service.clone(), rule: 0, rule_name: Some("default".into()) },
         matches: Vec::new(),
-        request_headers: Default::default(),
-        response_headers: Default::default(),
+        request_headers: HeaderModifier::default(),
+        response_headers: HeaderModifier::default(),
         rewrite: None,
-        action: Action::Forward(vec![Backend {
-            service: table.service.clone(),
-            port: None,
-            subset: None,
-            weight: 1,
-            request_headers: Default::default(),
-            response_headers: Default::default(),
-        }]),
+        action: Action::Forward(vec![Backend::plain(table.service.clone(), None, 1)]),
         mirrors: Vec::new(),
-        timeouts: Default::default(),
+        timeouts: Timeouts::default(),
         retry: None,
         fault: None,
     }
@@ -363,7 +356,7 @@ fn gateway_action(rule: &GatewayRule, r: &GatewayRoute, grants: &[Grant], inv: &
 
 /// A backend that did not resolve, kept (for the config dump) with weight 0.
 fn unresolved(service: &NamespacedName, port: Option<u16>) -> Backend {
-    Backend { service: service.clone(), port, subset: None, weight: 0, request_headers: Default::default(), response_headers: Default::default() }
+    Backend::plain(service.clone(), port, 0)
 }
 
 fn virtual_services(

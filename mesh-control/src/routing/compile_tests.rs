@@ -163,7 +163,7 @@ fn a_route_in_the_client_namespace_is_a_consumer_route_and_others_keep_the_defau
     let d = &t.routes[0];
     assert!(d.matches.is_empty());
     assert_eq!((d.source.kind, d.source.rule_name.as_deref()), (SourceKind::HttpRoute, Some("default")));
-    assert_eq!(d.action, Action::Forward(vec![Backend { weight: 1, port: None, subset: None, service: NamespacedName::new("demo", "whoami"), request_headers: Default::default(), response_headers: Default::default() }]));
+    assert_eq!(d.action, Action::Forward(vec![Backend::plain(NamespacedName::new("demo", "whoami"), None, 1)]));
 
     // With producer routes too, those are the everyone-else routes.
     let producer = http_route("p", "2026-01-01T00:00:00Z", WHOAMI, "  - backendRefs: [{name: whoami-v1, port: 80}]");
@@ -334,9 +334,9 @@ fn virtualservice_placement_subsets_and_carried_fields_show_in_its_conditions() 
     assert_eq!(conditions(v), [("Accepted", true, "PartiallyEnforced"), ("ResolvedRefs", false, "SubsetNotFound")]);
     assert_eq!(message(v, "Accepted"), "spec.http[0].retries: carried, not enforced yet");
     assert_eq!(message(v, "ResolvedRefs"), "spec.http[0].route[0].destination.subset: no DestinationRule for Service demo/whoami defines subset \"v9\"");
-    let r = &table(&s, "demo/whoami").routes[0];
-    assert_eq!(r.retry.as_ref().map(|r| r.attempts), Some(3));
-    assert!(matches!(&r.action, Action::Forward(b) if b[0].subset.as_deref() == Some("v9")));
+    let route = &table(&s, "demo/whoami").routes[0];
+    assert_eq!(route.retry.as_ref().map(|r| r.attempts), Some(3));
+    assert!(matches!(&route.action, Action::Forward(b) if b[0].subset.as_deref() == Some("v9")));
     // A host that is not a Service: nothing applies.
     let s = state(&vs("demo", "  - route: [{destination: {host: whoami}}]").replace("whoami.demo]", "nothere]"));
     assert_eq!(conditions(verdict(&s, Kind::VirtualService, "demo/v"))[0], ("Accepted", false, "NoMatchingHost"));

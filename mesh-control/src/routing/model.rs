@@ -169,6 +169,13 @@ pub struct Backend {
     pub response_headers: HeaderModifier,
 }
 
+impl Backend {
+    /// All endpoints of a Service, without header changes.
+    pub fn plain(service: NamespacedName, port: Option<u16>, weight: u32) -> Self {
+        Self { service, port, subset: None, weight, request_headers: HeaderModifier::default(), response_headers: HeaderModifier::default() }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mirror {
     pub backend: Backend,

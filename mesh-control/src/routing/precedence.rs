@@ -70,8 +70,8 @@ mod tests {
         HeaderMatch { name: n.into(), value: StringMatch::Exact("x".into()), invert: false }
     }
 
-    fn ts(s: &str) -> Option<Timestamp> {
-        Some(s.parse().expect("timestamp"))
+    fn ts(s: &str) -> Timestamp {
+        s.parse().expect("timestamp")
     }
 
     /// Each row must come before every row below it.
@@ -106,8 +106,8 @@ mod tests {
     fn ties_go_to_the_oldest_route_then_by_name_then_rule_and_match_order() {
         let m = path(StringMatch::PathPrefix("/".into()));
         let (a, b) = (NamespacedName::new("demo", "a"), NamespacedName::new("demo", "b"));
-        let older_b = Precedence::of(&m, ts("2026-01-01T00:00:00Z"), &b, 0, 0);
-        let newer_a = Precedence::of(&m, ts("2026-02-01T00:00:00Z"), &a, 0, 0);
+        let older_b = Precedence::of(&m, Some(ts("2026-01-01T00:00:00Z")), &b, 0, 0);
+        let newer_a = Precedence::of(&m, Some(ts("2026-02-01T00:00:00Z")), &a, 0, 0);
         let undated_a = Precedence::of(&m, None, &a, 0, 0);
         assert!(older_b < newer_a && newer_a < undated_a, "oldest first; undated last");
         assert!(Precedence::of(&m, None, &a, 0, 0) < Precedence::of(&m, None, &b, 0, 0), "then namespace/name");

@@ -215,15 +215,15 @@ pub(crate) fn identity(meta: &kube::api::ObjectMeta) -> Identity {
     }
 }
 
-/// Fields the types do not know → [`Error::Unsupported`] for the first one, with a hint when we
-/// know what the user meant.
-pub(crate) fn no_unknown_fields(unknown: &[String], hint: impl Fn(&str) -> Option<&'static str>) -> Result<(), Error> {
+/// Fields the types do not know → [`Error::Unsupported`] for the first one (the others listed),
+/// with what `hint` can say about it.
+pub(crate) fn no_unknown_fields(unknown: &[String], hint: impl Fn(&str) -> &'static str) -> Result<(), Error> {
     match unknown.first() {
         None => Ok(()),
         Some(field) => {
             let leaf = field.rsplit('.').next().unwrap_or(field);
             let leaf = leaf.split('[').next().unwrap_or(leaf);
-            let what = hint(leaf).unwrap_or("the mesh does not know this field").to_owned();
+            let what = hint(leaf).to_owned();
             let more = if unknown.len() > 1 { format!(" (and {})", unknown[1..].join(", ")) } else { String::new() };
             Err(Error::Unsupported { field: field.clone(), what: what + &more })
         }
@@ -321,7 +321,7 @@ pub(crate) fn hostname(field: &str, value: &str, wildcard: bool) -> Result<Strin
     let ok = !name.is_empty()
         && name.len() <= 253
         && name.parse::<std::net::IpAddr>().is_err()
-        && name.split('.').all(|l| crate::validate::valid_dns_label(l));
+        && name.split('.').all(crate::validate::valid_dns_label);
     if ok { Ok(value.to_owned()) } else { Err(Error::Hostname { field: field.into(), value: value.into() }) }
 }
 

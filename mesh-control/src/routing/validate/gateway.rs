@@ -64,12 +64,12 @@ pub fn grpc_route(r: &Read<api::GrpcRoute>) -> Result<GatewayRoute, Error> {
 }
 
 /// What we can tell a user about fields of newer or experimental Gateway API channels.
-fn hint(field: &str) -> Option<&'static str> {
+fn hint(field: &str) -> &'static str {
     match field {
-        "sessionPersistence" => Some("session persistence is not implemented"),
-        "cors" | "externalAuth" => Some("this filter is not implemented"),
-        "useDefaultGateways" => Some("Gateways are not used by the mesh"),
-        _ => Some("a Gateway API field the mesh does not implement"),
+        "sessionPersistence" => "session persistence is not implemented",
+        "cors" | "externalAuth" => "this filter is not implemented",
+        "useDefaultGateways" => "Gateways are not used by the mesh",
+        _ => "a Gateway API field the mesh does not implement",
     }
 }
 
@@ -355,9 +355,10 @@ fn filters(list: &[api::RouteFilter], parent: &str, allowed: Allowed, namespace:
             return Err(Error::Unsupported { field: format!("{field}.type"), what: "ExtensionRef filters (the mesh has no extensions)".into() });
         }
         if !kinds.contains(&t) {
-            return Err(match set.iter().any(|(name, _)| *name == t) {
-                true => Error::Unsupported { field: format!("{field}.type"), what: format!("{t} filters here (allowed: {})", kinds.join(", ")) },
-                false => Error::UnknownValue { field: format!("{field}.type"), value: t.into(), expected: "a filter type of this route kind" },
+            return Err(if set.iter().any(|(name, _)| *name == t) {
+                Error::Unsupported { field: format!("{field}.type"), what: format!("{t} filters here (allowed: {})", kinds.join(", ")) }
+            } else {
+                Error::UnknownValue { field: format!("{field}.type"), value: t.into(), expected: "a filter type of this route kind" }
             });
         }
         let missing = || Error::Missing { field: field.clone(), what: "the field named by type" };

@@ -14,8 +14,8 @@ use crate::{
 };
 
 /// What we can tell a user porting Istio YAML about a field we do not implement.
-fn hint(field: &str) -> Option<&'static str> {
-    Some(match field {
+fn hint(field: &str) -> &'static str {
+    match field {
         "tcp" => "TCP routes (only spec.http is implemented)",
         "tls" => "TLS routes (only spec.http is implemented)",
         "delegate" => "delegation to other VirtualServices",
@@ -28,7 +28,7 @@ fn hint(field: &str) -> Option<&'static str> {
         "http2Error" => "HTTP/2 error aborts (use httpStatus)",
         "workloadSelector" => "workload selectors (a DestinationRule applies to every client of its host)",
         _ => "an Istio field the mesh does not implement",
-    })
+    }
 }
 
 /// An Istio host naming a Service: `name` (in `namespace`), `name.ns`, `name.ns.svc[.<domain>]`.
