@@ -199,6 +199,26 @@ pub struct PeerAuthentication {
     pub port_level: BTreeMap<u16, MtlsMode>,
 }
 
+/// A status condition as the controller decides it (policies, routing objects), before a source
+/// writes it as a Kubernetes `Condition` (with times and generations) or shows it on `/status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusCondition {
+    pub type_: &'static str,
+    pub status: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl StatusCondition {
+    pub fn yes(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { type_, status: true, reason, message: message.into() }
+    }
+
+    pub fn no(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { type_, status: false, reason, message: message.into() }
+    }
+}
+
 /// Does a policy with this scope, namespace and selector apply to the workload?
 pub fn applies_to(scope: Scope, namespace: &str, selector: &Labels, w: &Workload) -> bool {
     let selected = selector.iter().all(|(k, v)| w.labels.get(k) == Some(v));

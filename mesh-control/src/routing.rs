@@ -122,24 +122,8 @@ impl Kind {
 pub const ACCEPTED: &str = "Accepted";
 pub const RESOLVED_REFS: &str = "ResolvedRefs";
 
-/// One status condition, before it becomes a Kubernetes `Condition`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Condition {
-    pub type_: &'static str,
-    pub status: bool,
-    pub reason: &'static str,
-    pub message: String,
-}
-
-impl Condition {
-    pub fn yes(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { type_, status: true, reason, message: message.into() }
-    }
-
-    pub fn no(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { type_, status: false, reason, message: message.into() }
-    }
-}
+/// One status condition of a routing object.
+pub use crate::model::StatusCondition as Condition;
 
 /// What the controller says about one routing object.
 #[derive(Clone, Debug, PartialEq, Eq)]

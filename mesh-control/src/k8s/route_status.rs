@@ -9,7 +9,7 @@
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 
-use super::status::{Wanted, apply, conditions};
+use super::status::{apply, conditions};
 use crate::{
     crd::{
         PolicyStatus, Read,
@@ -22,14 +22,10 @@ use crate::{
 /// Our `controllerName` in `status.parents[]` (Gateway API's domain-prefixed form).
 pub const CONTROLLER_NAME: &str = "mesh.dev/mesh-control";
 
-fn wanted(cs: &[Condition]) -> Vec<Wanted> {
-    cs.iter().map(|c| Wanted { type_: c.type_, status: c.status, reason: c.reason, message: c.message.clone() }).collect()
-}
-
 /// The `status.conditions` of one of our kinds, or `None` when up to date (sans-IO).
 pub fn desired_conditions(cs: &[Condition], generation: Option<i64>, current: Option<&PolicyStatus>, now: Timestamp) -> Option<PolicyStatus> {
     let old = current.map_or(&[][..], |s| s.conditions.as_slice());
-    conditions(&wanted(cs), generation, old, now).map(|conditions| PolicyStatus { observed_generation: generation, conditions })
+    conditions(cs, generation, old, now).map(|conditions| PolicyStatus { observed_generation: generation, conditions })
 }
 
 /// The `status.parents` of a Gateway API route: other controllers' entries as they are, ours
@@ -41,7 +37,7 @@ pub fn desired_parents(parents: &[ParentVerdict], generation: Option<i64>, curre
     let mut entries: Vec<RouteParentStatus> = others.into_iter().cloned().collect();
     for p in parents {
         let old = ours.iter().find(|o| o.parent_ref == p.reference).map_or(&[][..], |o| o.conditions.as_slice());
-        let conditions = match conditions(&wanted(&p.conditions), generation, old, now) {
+        let conditions = match conditions(&p.conditions, generation, old, now) {
             Some(new) => {
                 changed = true;
                 new

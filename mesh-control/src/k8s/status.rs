@@ -15,7 +15,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use super::ca_secret::FIELD_MANAGER;
 use crate::{
     crd::{self, PolicyStatus},
-    model::NamespacedName,
+    model::{NamespacedName, StatusCondition},
     validate::{PolicyKind, Verdict},
 };
 
@@ -24,27 +24,18 @@ pub const ACCEPTED: &str = "Accepted";
 /// The status a verdict calls for, or `None` when `current` already says it (sans-IO).
 pub fn desired(v: &Verdict, current: Option<&PolicyStatus>, now: Timestamp) -> Option<PolicyStatus> {
     let wanted = match &v.result {
-        Ok(()) => Wanted { type_: ACCEPTED, status: true, reason: "Accepted", message: "the policy is valid and distributed to the nodes".into() },
-        Err(e) => Wanted { type_: ACCEPTED, status: false, reason: e.reason(), message: e.to_string() },
+        Ok(()) => StatusCondition::yes(ACCEPTED, "Accepted", "the policy is valid and distributed to the nodes"),
+        Err(e) => StatusCondition::no(ACCEPTED, e.reason(), e.to_string()),
     };
     let old = current.map_or(&[][..], |s| s.conditions.as_slice());
     let conditions = conditions(std::slice::from_ref(&wanted), v.generation, old, now)?;
     Some(PolicyStatus { observed_generation: v.generation, conditions })
 }
 
-/// A condition as the controller wants it, before it becomes a Kubernetes `Condition`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Wanted {
-    pub type_: &'static str,
-    pub status: bool,
-    pub reason: &'static str,
-    pub message: String,
-}
-
 /// The conditions to write, or `None` when `old` already says exactly `wanted` for this
 /// generation (so an unchanged object is never written: no write loop). A condition's
 /// transition time moves only when its status flips.
-pub fn conditions(wanted: &[Wanted], generation: Option<i64>, old: &[Condition], now: Timestamp) -> Option<Vec<Condition>> {
+pub fn conditions(wanted: &[StatusCondition], generation: Option<i64>, old: &[Condition], now: Timestamp) -> Option<Vec<Condition>> {
     let status = |b: bool| if b { "True" } else { "False" };
     let same = wanted.len() == old.len()
         && wanted.iter().zip(old).all(|(w, c)| {

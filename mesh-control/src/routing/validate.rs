@@ -356,6 +356,24 @@ pub(crate) fn header_modifier<'a>(
     })
 }
 
+/// A redirect's scheme: http or https.
+pub(crate) fn redirect_scheme(field: &str, value: Option<&str>) -> Result<Option<String>, Error> {
+    match value {
+        None => Ok(None),
+        Some(s @ ("http" | "https")) => Ok(Some(s.to_owned())),
+        Some(other) => Err(Error::UnknownValue { field: field.into(), value: other.into(), expected: "http or https" }),
+    }
+}
+
+/// A redirect's status code; `default` when absent (Gateway API: 302, Istio: 301).
+pub(crate) fn redirect_status(field: &str, value: Option<i64>, default: u16) -> Result<u16, Error> {
+    match value {
+        None => Ok(default),
+        Some(c @ (301 | 302 | 303 | 307 | 308)) => Ok(u16::try_from(c).expect("listed")),
+        Some(other) => Err(Error::UnknownValue { field: field.into(), value: other.to_string(), expected: "301, 302, 303, 307 or 308" }),
+    }
+}
+
 /// The path modifier of a rewrite or redirect.
 pub(crate) fn path_modifier(field: &str, kind_prefix: bool, value: &str) -> Result<PathModifier, Error> {
     // An empty prefix replacement is meaningful: it strips the matched prefix.

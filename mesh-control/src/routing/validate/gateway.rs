@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 
 use super::{
     BackendRef, Error, GatewayRoute, GatewayRule, Parent, ParentTarget, gep_duration, header_modifier, header_name, header_value,
-    hostname, identity, no_unknown_fields, path, path_modifier, port, regex, weight,
+    hostname, identity, no_unknown_fields, path, path_modifier, port, redirect_scheme, redirect_status, regex, weight,
 };
 use crate::{
     crd::{Read, gateway as api},
@@ -393,22 +393,12 @@ fn path_mod(p: &api::PathModifier, field: &str) -> Result<PathModifier, Error> {
 }
 
 fn redirect(r: &api::RequestRedirect, field: &str) -> Result<Redirect, Error> {
-    let scheme = match r.scheme.as_deref() {
-        None => None,
-        Some(s @ ("http" | "https")) => Some(s.to_owned()),
-        Some(other) => return Err(Error::UnknownValue { field: format!("{field}.scheme"), value: other.into(), expected: "http or https" }),
-    };
-    let status = match r.status_code {
-        None => 302,
-        Some(c @ (301 | 302 | 303 | 307 | 308)) => u16::try_from(c).expect("listed"),
-        Some(other) => return Err(Error::UnknownValue { field: format!("{field}.statusCode"), value: other.to_string(), expected: "301, 302, 303, 307 or 308" }),
-    };
     Ok(Redirect {
-        scheme,
+        scheme: redirect_scheme(&format!("{field}.scheme"), r.scheme.as_deref())?,
         hostname: r.hostname.as_deref().map(|h| hostname(&format!("{field}.hostname"), h, false)).transpose()?,
         path: r.path.as_ref().map(|p| path_mod(p, &format!("{field}.path"))).transpose()?,
         port: r.port.map(|p| port(&format!("{field}.port"), p.into())).transpose()?,
-        status,
+        status: redirect_status(&format!("{field}.statusCode"), r.status_code.map(i64::from), 302)?,
     })
 }
 

@@ -5,7 +5,7 @@
 
 use super::{
     Destination, DestinationRule, Error, VirtualService, VsAction, VsRule, dns_label, header_modifier, header_name, header_value, hostname,
-    identity, in_range, istio_duration, no_unknown_fields, path_modifier, percent_per_million, port, regex,
+    identity, in_range, istio_duration, no_unknown_fields, path_modifier, percent_per_million, port, redirect_scheme, redirect_status, regex,
 };
 use crate::{
     crd::{Read, networking as api},
@@ -286,22 +286,12 @@ fn redirect(r: &api::HttpRedirect, field: &str) -> Result<Redirect, Error> {
     if r.derive_port.is_some() && r.port.is_some() {
         return Err(Error::Conflict { field: field.into(), what: "port and derivePort exclude each other".into() });
     }
-    let scheme = match r.scheme.as_deref() {
-        None => None,
-        Some(s @ ("http" | "https")) => Some(s.to_owned()),
-        Some(other) => return Err(Error::UnknownValue { field: format!("{field}.scheme"), value: other.into(), expected: "http or https" }),
-    };
-    let status = match r.redirect_code {
-        None => 301,
-        Some(c @ (301 | 302 | 303 | 307 | 308)) => u16::try_from(c).expect("listed"),
-        Some(other) => return Err(Error::UnknownValue { field: format!("{field}.redirectCode"), value: other.to_string(), expected: "301, 302, 303, 307 or 308" }),
-    };
     Ok(Redirect {
-        scheme,
+        scheme: redirect_scheme(&format!("{field}.scheme"), r.scheme.as_deref())?,
         hostname: r.authority.as_deref().map(|a| hostname(&format!("{field}.authority"), a, false)).transpose()?,
         path: r.uri.as_deref().map(|u| path_modifier(&format!("{field}.uri"), false, u)).transpose()?,
         port: r.port.map(|p| port(&format!("{field}.port"), p)).transpose()?,
-        status,
+        status: redirect_status(&format!("{field}.redirectCode"), r.redirect_code, 301)?,
     })
 }
 
