@@ -296,7 +296,7 @@ fn the_firefox_canary_compiles_to_subset_routes_in_http_order() {
     assert_eq!(conditions(verdict(&s, Kind::VirtualService, "demo/whoami")), [("Accepted", true, "Accepted"), ("ResolvedRefs", true, "ResolvedRefs")]);
     let dr = verdict(&s, Kind::DestinationRule, "demo/whoami");
     assert_eq!(conditions(dr), [("Accepted", true, "PartiallyEnforced")]);
-    assert_eq!(message(dr, "Accepted"), "spec.trafficPolicy: carried, not enforced yet");
+    assert_eq!(message(dr, "Accepted"), "spec.trafficPolicy: accepted, not enforced yet");
     let subsets: Vec<&str> = s.routes.subsets[&NamespacedName::new("demo", "whoami")].iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(subsets, ["v1-0", "v1-1"]);
 }

@@ -326,7 +326,7 @@ fn destination_rules_carry_subsets_and_their_traffic_policy() {
     assert_eq!(d.subsets[1].1.get("version").map(String::as_str), Some("v1.1"));
     let policy: serde_json::Value = serde_json::from_str(d.traffic_policy_json.as_deref().expect("carried")).expect("JSON");
     assert_eq!(policy["loadBalancer"]["simple"], "ROUND_ROBIN");
-    assert_eq!(d.notes, ["spec.trafficPolicy: carried, not enforced yet", "spec.subsets[1].trafficPolicy: accepted, not carried or enforced yet"]);
+    assert_eq!(d.notes, ["spec.trafficPolicy: accepted, not enforced yet", "spec.subsets[1].trafficPolicy: accepted, not carried or enforced yet"]);
     assert_eq!(dr("spec:\n  host: whoami\n  subsets: [{name: a}, {name: a}]\n").expect_err("dup").to_string(), "spec.subsets: \"a\" is listed twice");
     assert_eq!(dr("spec:\n  host: whoami\n  subsets: [{name: v1.0}]\n").expect_err("name").reason(), "InvalidName");
     let e = dr("spec:\n  host: whoami\n  workloadSelector: {matchLabels: {app: x}}\n").expect_err("unknown");

@@ -90,7 +90,7 @@ pub fn destination_rule(r: &Read<api::DestinationRule>) -> Result<DestinationRul
     let host = host("spec.host", &o.spec.host, &id.key.namespace)?;
     let mut notes = Vec::new();
     let traffic_policy_json = o.spec.traffic_policy.as_ref().map(|p| {
-        notes.push("spec.trafficPolicy: carried, not enforced yet".to_owned());
+        notes.push("spec.trafficPolicy: accepted, not enforced yet".to_owned());
         p.to_string()
     });
     let mut subsets: Vec<(String, Labels)> = Vec::new();
