@@ -47,13 +47,30 @@ pub struct Routes {
 
 /// Validates and compiles every routing object (sans-IO).
 pub fn build(objects: &Objects, inventory: &Inventory) -> Routes {
-    let mut input = compile::Input { grants: compile::grants(&objects.reference_grants), ..compile::Input::default() };
+    let mut input = compile::Input {
+        grants: compile::grants(&objects.reference_grants),
+        ..compile::Input::default()
+    };
     let mut rejected = Vec::new();
     let gateway_routes = objects
         .http_routes
         .iter()
-        .map(|r| (&r.object.metadata, &r.object.spec.parent_refs, Kind::HttpRoute, validate::gateway::http_route(r)))
-        .chain(objects.grpc_routes.iter().map(|r| (&r.object.metadata, &r.object.spec.parent_refs, Kind::GrpcRoute, validate::gateway::grpc_route(r))));
+        .map(|r| {
+            (
+                &r.object.metadata,
+                &r.object.spec.parent_refs,
+                Kind::HttpRoute,
+                validate::gateway::http_route(r),
+            )
+        })
+        .chain(objects.grpc_routes.iter().map(|r| {
+            (
+                &r.object.metadata,
+                &r.object.spec.parent_refs,
+                Kind::GrpcRoute,
+                validate::gateway::grpc_route(r),
+            )
+        }));
     for (meta, parent_refs, kind, result) in gateway_routes {
         match result {
             Ok(route) => input.gateway_routes.push(route),
@@ -62,27 +79,49 @@ pub fn build(objects: &Objects, inventory: &Inventory) -> Routes {
                 let parents = validate::gateway::parents(parent_refs, &id.key.namespace)
                     .into_iter()
                     .filter(|p| !matches!(p.target, validate::ParentTarget::NotOurs))
-                    .map(|p| ParentVerdict { reference: p.reference, conditions: vec![Condition::no(ACCEPTED, e.gateway_reason(), e.to_string())] })
+                    .map(|p| ParentVerdict {
+                        reference: p.reference,
+                        conditions: vec![Condition::no(
+                            ACCEPTED,
+                            e.gateway_reason(),
+                            e.to_string(),
+                        )],
+                    })
                     .collect();
-                rejected.push(Verdict { kind, key: id.key, generation: id.generation, status: VerdictStatus::Parents(parents) });
+                rejected.push(Verdict {
+                    kind,
+                    key: id.key,
+                    generation: id.generation,
+                    status: VerdictStatus::Parents(parents),
+                });
             }
         }
     }
     for r in &objects.virtual_services {
         match validate::istio::virtual_service(r) {
             Ok(vs) => input.virtual_services.push(vs),
-            Err(e) => rejected.push(Verdict::rejected(Kind::VirtualService, &r.object.metadata, &e)),
+            Err(e) => rejected.push(Verdict::rejected(
+                Kind::VirtualService,
+                &r.object.metadata,
+                &e,
+            )),
         }
     }
     for r in &objects.destination_rules {
         match validate::istio::destination_rule(r) {
             Ok(dr) => input.destination_rules.push(dr),
-            Err(e) => rejected.push(Verdict::rejected(Kind::DestinationRule, &r.object.metadata, &e)),
+            Err(e) => rejected.push(Verdict::rejected(
+                Kind::DestinationRule,
+                &r.object.metadata,
+                &e,
+            )),
         }
     }
     let mut routes = compile::compile(&input, inventory);
     routes.verdicts.extend(rejected);
-    routes.verdicts.sort_by(|a, b| (a.kind, &a.key).cmp(&(b.kind, &b.key)));
+    routes
+        .verdicts
+        .sort_by(|a, b| (a.kind, &a.key).cmp(&(b.kind, &b.key)));
     routes
 }
 
@@ -152,7 +191,16 @@ pub struct ParentVerdict {
 impl Verdict {
     fn rejected(kind: Kind, meta: &kube::api::ObjectMeta, e: &validate::Error) -> Self {
         let id = validate::identity(meta);
-        Self { kind, key: id.key, generation: id.generation, status: VerdictStatus::Conditions(vec![Condition::no(ACCEPTED, e.reason(), e.to_string())]) }
+        Self {
+            kind,
+            key: id.key,
+            generation: id.generation,
+            status: VerdictStatus::Conditions(vec![Condition::no(
+                ACCEPTED,
+                e.reason(),
+                e.to_string(),
+            )]),
+        }
     }
 
     /// Every condition, flattened (for logs, metrics and `/status`).
@@ -165,7 +213,10 @@ impl Verdict {
 
     /// The reason of the first `Accepted=False`, if any.
     pub fn rejection(&self) -> Option<&'static str> {
-        self.conditions().into_iter().find(|c| c.type_ == ACCEPTED && !c.status).map(|c| c.reason)
+        self.conditions()
+            .into_iter()
+            .find(|c| c.type_ == ACCEPTED && !c.status)
+            .map(|c| c.reason)
     }
 }
 

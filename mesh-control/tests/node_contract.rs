@@ -81,17 +81,40 @@ spec:
 fn tables() -> BTreeMap<String, RouteTable> {
     let dir = tempfile::tempdir().expect("tempdir");
     let ex = deploy().join("examples");
-    for f in ["file-mode/cluster.yaml", "file-mode/routing-lab.yaml", "routing/firefox-canary.yaml", "routing/weighted-split.yaml", "routing/header-route.yaml", "routing/path-rewrite.yaml", "routing/mirror.yaml"] {
+    for f in [
+        "file-mode/cluster.yaml",
+        "file-mode/routing-lab.yaml",
+        "routing/firefox-canary.yaml",
+        "routing/weighted-split.yaml",
+        "routing/header-route.yaml",
+        "routing/path-rewrite.yaml",
+        "routing/mirror.yaml",
+    ] {
         std::fs::copy(ex.join(f), dir.path().join(f.replace('/', "-"))).expect("copy");
     }
     std::fs::write(dir.path().join("everything.yaml"), EVERYTHING).expect("write");
     let (state, errors) = mesh_control::filemode::load(dir.path(), "mesh-system");
     assert!(errors.is_empty(), "{errors:?}");
-    let rejected: Vec<_> = state.routes.verdicts.iter().filter(|v| v.rejection().is_some()).map(|v| (&v.key, v.conditions())).collect();
+    let rejected: Vec<_> = state
+        .routes
+        .verdicts
+        .iter()
+        .filter(|v| v.rejection().is_some())
+        .map(|v| (&v.key, v.conditions()))
+        .collect();
     assert!(rejected.is_empty(), "{rejected:#?}");
     let view = mesh_control::view::node_view(&state, "n1", "cluster.local");
-    let snapshot = mesh_node::control::convert::snapshot(view.into_values(), "n1", "198.18.0.1".parse().expect("ip")).expect("the node accepts every route table");
-    snapshot.routes.into_iter().map(|t| (format!("{}/{}", t.namespace, t.name), t)).collect()
+    let snapshot = mesh_node::control::convert::snapshot(
+        view.into_values(),
+        "n1",
+        "198.18.0.1".parse().expect("ip"),
+    )
+    .expect("the node accepts every route table");
+    snapshot
+        .routes
+        .into_iter()
+        .map(|t| (format!("{}/{}", t.namespace, t.name), t))
+        .collect()
 }
 
 fn request(path: &str, headers: &[(&str, &str)]) -> http::Request<()> {
@@ -104,11 +127,28 @@ fn request(path: &str, headers: &[(&str, &str)]) -> http::Request<()> {
 
 /// (kind/name#rule of the route taken, backends or the answer).
 fn route_for(t: &RouteTable, client_namespace: &str, req: &http::Request<()>) -> (String, String) {
-    let client = matching::Client { namespace: Some(client_namespace), labels: None };
+    let client = matching::Client {
+        namespace: Some(client_namespace),
+        labels: None,
+    };
     let view = matching::RequestView::of(req, 80, client);
     let m = matching::find(t.routes_for(Some(client_namespace)), &view).expect("a route matches");
     let action = match &m.route.action {
-        Action::Forward(b) => b.iter().map(|b| format!("{}{}={}", b.name, b.subset.as_deref().map(|s| format!("/{s}")).unwrap_or_default(), b.weight)).collect::<Vec<_>>().join(","),
+        Action::Forward(b) => b
+            .iter()
+            .map(|b| {
+                format!(
+                    "{}{}={}",
+                    b.name,
+                    b.subset
+                        .as_deref()
+                        .map(|s| format!("/{s}"))
+                        .unwrap_or_default(),
+                    b.weight
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(","),
         Action::Redirect(r) => format!("redirect {}", r.status),
         Action::Respond { status, .. } => format!("respond {status}"),
     };
@@ -118,36 +158,103 @@ fn route_for(t: &RouteTable, client_namespace: &str, req: &http::Request<()>) ->
 #[test]
 fn the_node_accepts_every_compiled_table_and_routes_as_the_examples_say() {
     let t = tables();
-    assert_eq!(t.keys().collect::<Vec<_>>(), ["demo/helloworld", "demo/httpbin", "demo/whoami", "demo/whoami-v1", "demo/whoami-v2"]);
+    assert_eq!(
+        t.keys().collect::<Vec<_>>(),
+        [
+            "demo/helloworld",
+            "demo/httpbin",
+            "demo/whoami",
+            "demo/whoami-v1",
+            "demo/whoami-v2"
+        ]
+    );
 
     let hello = &t["demo/helloworld"];
-    let firefox = request("/", &[("user-agent", "Mozilla/5.0 (X11; Linux x86_64; rv:140.0) Gecko/20100101 Firefox/140.0")]);
+    let firefox = request(
+        "/",
+        &[(
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64; rv:140.0) Gecko/20100101 Firefox/140.0",
+        )],
+    );
     assert_eq!(route_for(hello, "demo", &firefox).1, "helloworld/v1-1=100");
-    assert_eq!(route_for(hello, "demo", &request("/", &[("user-agent", "curl/8.0")])).1, "helloworld/v1-0=100");
+    assert_eq!(
+        route_for(hello, "demo", &request("/", &[("user-agent", "curl/8.0")])).1,
+        "helloworld/v1-0=100"
+    );
 
     let whoami = &t["demo/whoami"];
-    assert_eq!(route_for(whoami, "demo", &request("/v2/api", &[])).0, "HTTPRoute/demo/whoami-rewrite#0");
-    assert_eq!(route_for(whoami, "demo", &request("/", &[("x-canary", "true")])).1, "whoami-v2=1");
-    assert_eq!(route_for(whoami, "demo", &request("/", &[])).1, "whoami-v1=90,whoami-v2=10");
+    assert_eq!(
+        route_for(whoami, "demo", &request("/v2/api", &[])).0,
+        "HTTPRoute/demo/whoami-rewrite#0"
+    );
+    assert_eq!(
+        route_for(whoami, "demo", &request("/", &[("x-canary", "true")])).1,
+        "whoami-v2=1"
+    );
+    assert_eq!(
+        route_for(whoami, "demo", &request("/", &[])).1,
+        "whoami-v1=90,whoami-v2=10"
+    );
     // The consumer route: clients in namespace client only.
-    assert_eq!(route_for(whoami, "client", &request("/", &[])).0, "HTTPRoute/client/mine#0");
+    assert_eq!(
+        route_for(whoami, "client", &request("/", &[])).0,
+        "HTTPRoute/client/mine#0"
+    );
 
     let httpbin = &t["demo/httpbin"].routes[0];
-    assert_eq!((httpbin.mirrors[0].backend.subset.as_deref(), httpbin.mirrors[0].per_million), (Some("v2"), 1_000_000));
+    assert_eq!(
+        (
+            httpbin.mirrors[0].backend.subset.as_deref(),
+            httpbin.mirrors[0].per_million
+        ),
+        (Some("v2"), 1_000_000)
+    );
 
     let v1 = &t["demo/whoami-v1"];
-    let api = request("/api/v2/items?debug=1", &[("x-env", "prod"), ("x-user", "alice")]);
+    let api = request(
+        "/api/v2/items?debug=1",
+        &[("x-env", "prod"), ("x-user", "alice")],
+    );
     let mut post = api;
     *post.method_mut() = http::Method::POST;
-    assert_eq!(route_for(v1, "demo", &post), ("HTTPRoute/demo/everything#0".into(), "whoami-v1=3,missing=0".into()));
-    assert_eq!(route_for(v1, "demo", &request("/old/x", &[])).1, "redirect 308");
-    assert_eq!(route_for(v1, "demo", &request("/none", &[])).1, "respond 500");
+    assert_eq!(
+        route_for(v1, "demo", &post),
+        (
+            "HTTPRoute/demo/everything#0".into(),
+            "whoami-v1=3,missing=0".into()
+        )
+    );
+    assert_eq!(
+        route_for(v1, "demo", &request("/old/x", &[])).1,
+        "redirect 308"
+    );
+    assert_eq!(
+        route_for(v1, "demo", &request("/none", &[])).1,
+        "respond 500"
+    );
 
     let v2 = &t["demo/whoami-v2"];
-    assert_eq!(route_for(v2, "demo", &request("/", &[("x-teapot", "yes")])).1, "respond 418");
+    assert_eq!(
+        route_for(v2, "demo", &request("/", &[("x-teapot", "yes")])).1,
+        "respond 418"
+    );
     assert_eq!(route_for(v2, "demo", &request("/", &[])).1, "redirect 302");
     let first = &v2.routes[0];
-    assert_eq!(first.timeouts.request, Some(std::time::Duration::from_millis(500)));
-    assert_eq!(first.retry.as_ref().map(|r| (r.attempts, r.codes.clone())), Some((3, vec![503])));
-    assert_eq!(first.fault.as_ref().and_then(|f| f.abort_grpc_status.clone()).as_deref(), Some("UNAVAILABLE"));
+    assert_eq!(
+        first.timeouts.request,
+        Some(std::time::Duration::from_millis(500))
+    );
+    assert_eq!(
+        first.retry.as_ref().map(|r| (r.attempts, r.codes.clone())),
+        Some((3, vec![503]))
+    );
+    assert_eq!(
+        first
+            .fault
+            .as_ref()
+            .and_then(|f| f.abort_grpc_status.clone())
+            .as_deref(),
+        Some("UNAVAILABLE")
+    );
 }

@@ -32,7 +32,10 @@ pub const REFERENCE_GRANT_API_VERSION: &str = "gateway.networking.k8s.io/v1beta1
     group = "gateway.networking.k8s.io",
     version = "v1",
     kind = "HTTPRoute",
-    annotation("api-approved.kubernetes.io", "https://github.com/kubernetes-sigs/gateway-api/pull/3328"),
+    annotation(
+        "api-approved.kubernetes.io",
+        "https://github.com/kubernetes-sigs/gateway-api/pull/3328"
+    ),
     root = "HttpRoute",
     plural = "httproutes",
     namespaced,
@@ -57,7 +60,10 @@ pub struct HttpRouteSpec {
     group = "gateway.networking.k8s.io",
     version = "v1",
     kind = "GRPCRoute",
-    annotation("api-approved.kubernetes.io", "https://github.com/kubernetes-sigs/gateway-api/pull/3328"),
+    annotation(
+        "api-approved.kubernetes.io",
+        "https://github.com/kubernetes-sigs/gateway-api/pull/3328"
+    ),
     root = "GrpcRoute",
     plural = "grpcroutes",
     namespaced,
@@ -83,7 +89,10 @@ pub struct GrpcRouteSpec {
     group = "gateway.networking.k8s.io",
     version = "v1beta1",
     kind = "ReferenceGrant",
-    annotation("api-approved.kubernetes.io", "https://github.com/kubernetes-sigs/gateway-api/pull/3328"),
+    annotation(
+        "api-approved.kubernetes.io",
+        "https://github.com/kubernetes-sigs/gateway-api/pull/3328"
+    ),
     plural = "referencegrants",
     namespaced,
     shortname = "refgrant",

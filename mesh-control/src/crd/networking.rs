@@ -114,7 +114,11 @@ pub struct HttpRoute {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror_percentage: Option<Percent>,
     /// Istio's deprecated integer form of `mirrorPercentage`.
-    #[serde(default, rename = "mirror_percent", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "mirror_percent",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub mirror_percent: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<HttpMirrorPolicy>,

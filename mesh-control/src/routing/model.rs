@@ -74,7 +74,10 @@ pub enum Action {
 impl Action {
     /// What Gateway API asks for when no backend can be used.
     pub fn internal_error() -> Self {
-        Self::Respond { status: 500, body: String::new() }
+        Self::Respond {
+            status: 500,
+            body: String::new(),
+        }
     }
 }
 
@@ -172,7 +175,14 @@ pub struct Backend {
 impl Backend {
     /// All endpoints of a Service, without header changes.
     pub fn plain(service: NamespacedName, port: Option<u16>, weight: u32) -> Self {
-        Self { service, port, subset: None, weight, request_headers: HeaderModifier::default(), response_headers: HeaderModifier::default() }
+        Self {
+            service,
+            port,
+            subset: None,
+            weight,
+            request_headers: HeaderModifier::default(),
+            response_headers: HeaderModifier::default(),
+        }
     }
 }
 

@@ -14,34 +14,64 @@ use std::{sync::LazyLock, time::Duration};
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::model::{HeaderModifier, Match, PathModifier, Redirect, Retry, Fault, SourceKind, Timeouts, UrlRewrite};
-use crate::{crd, model::{Labels, NamespacedName}};
+use super::model::{
+    Fault, HeaderModifier, Match, PathModifier, Redirect, Retry, SourceKind, Timeouts, UrlRewrite,
+};
+use crate::{
+    crd,
+    model::{Labels, NamespacedName},
+};
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     #[error("{field}: regex {pattern:?} is invalid: {reason}")]
-    Regex { field: String, pattern: String, reason: String },
+    Regex {
+        field: String,
+        pattern: String,
+        reason: String,
+    },
     #[error("{field}: {value:?} is not a duration ({expected})")]
-    Duration { field: String, value: String, expected: &'static str },
+    Duration {
+        field: String,
+        value: String,
+        expected: &'static str,
+    },
     #[error("{field}: {value:?} is not a valid header name")]
     HeaderName { field: String, value: String },
     #[error("{field}: {value:?} is not a valid header value")]
     HeaderValue { field: String, value: String },
     #[error("{field}: {value} is out of range {min}-{max}")]
-    OutOfRange { field: String, value: i64, min: i64, max: i64 },
+    OutOfRange {
+        field: String,
+        value: i64,
+        min: i64,
+        max: i64,
+    },
     #[error("{field}: unknown value {value:?} (expected {expected})")]
-    UnknownValue { field: String, value: String, expected: &'static str },
+    UnknownValue {
+        field: String,
+        value: String,
+        expected: &'static str,
+    },
     #[error("{field}: path {value:?} {why}")]
-    Path { field: String, value: String, why: &'static str },
+    Path {
+        field: String,
+        value: String,
+        why: &'static str,
+    },
     #[error("{field}: {value:?} is not a valid hostname")]
     Hostname { field: String, value: String },
-    #[error("{field}: {value:?} is not a valid name (lower-case letters, digits and '-', at most 63)")]
+    #[error(
+        "{field}: {value:?} is not a valid name (lower-case letters, digits and '-', at most 63)"
+    )]
     Name { field: String, value: String },
     #[error("{field}: {what} is required")]
     Missing { field: String, what: &'static str },
     #[error("{field}: {name:?} is listed twice")]
     Duplicate { field: String, name: String },
-    #[error("{field}: the weights add up to {sum}; with more than one destination they must add up to 100")]
+    #[error(
+        "{field}: the weights add up to {sum}; with more than one destination they must add up to 100"
+    )]
     WeightSum { field: String, sum: i64 },
     #[error("{field}: {what}")]
     Conflict { field: String, what: String },
@@ -102,7 +132,11 @@ pub struct Parent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ParentTarget {
     /// A Service (GAMMA): ours.
-    Service { service: NamespacedName, port: Option<u16>, section: Option<String> },
+    Service {
+        service: NamespacedName,
+        port: Option<u16>,
+        section: Option<String>,
+    },
     /// Meant for the mesh but cannot be one (`kind: Service` without `group: ""`, another core
     /// kind): ours to report, `Accepted=False`.
     Invalid { why: String },
@@ -209,7 +243,10 @@ pub struct Identity {
 /// The identity of an object from its metadata.
 pub(crate) fn identity(meta: &kube::api::ObjectMeta) -> Identity {
     Identity {
-        key: NamespacedName::new(meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default()),
+        key: NamespacedName::new(
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        ),
         created: meta.creation_timestamp.as_ref().map(|t| t.0),
         generation: meta.generation,
     }
@@ -217,15 +254,25 @@ pub(crate) fn identity(meta: &kube::api::ObjectMeta) -> Identity {
 
 /// Fields the types do not know → [`Error::Unsupported`] for the first one (the others listed),
 /// with what `hint` can say about it.
-pub(crate) fn no_unknown_fields(unknown: &[String], hint: impl Fn(&str) -> &'static str) -> Result<(), Error> {
+pub(crate) fn no_unknown_fields(
+    unknown: &[String],
+    hint: impl Fn(&str) -> &'static str,
+) -> Result<(), Error> {
     match unknown.first() {
         None => Ok(()),
         Some(field) => {
             let leaf = field.rsplit('.').next().unwrap_or(field);
             let leaf = leaf.split('[').next().unwrap_or(leaf);
             let what = hint(leaf).to_owned();
-            let more = if unknown.len() > 1 { format!(" (and {})", unknown[1..].join(", ")) } else { String::new() };
-            Err(Error::Unsupported { field: field.clone(), what: what + &more })
+            let more = if unknown.len() > 1 {
+                format!(" (and {})", unknown[1..].join(", "))
+            } else {
+                String::new()
+            };
+            Err(Error::Unsupported {
+                field: field.clone(),
+                what: what + &more,
+            })
         }
     }
 }
@@ -235,7 +282,17 @@ pub(crate) fn no_unknown_fields(unknown: &[String], hint: impl Fn(&str) -> &'sta
 pub(crate) fn regex(field: &str, pattern: &str) -> Result<String, Error> {
     match mesh_l7::route::matching::StringMatch::regex(pattern) {
         Ok(_) => Ok(pattern.to_owned()),
-        Err(e) => Err(Error::Regex { field: field.into(), pattern: pattern.into(), reason: e.to_string().lines().last().unwrap_or_default().trim().to_owned() }),
+        Err(e) => Err(Error::Regex {
+            field: field.into(),
+            pattern: pattern.into(),
+            reason: e
+                .to_string()
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        }),
     }
 }
 
@@ -243,18 +300,31 @@ pub(crate) fn regex(field: &str, pattern: &str) -> Result<String, Error> {
 pub(crate) fn header_name(field: &str, name: &str) -> Result<String, Error> {
     http::HeaderName::from_bytes(name.as_bytes())
         .map(|n| n.as_str().to_owned())
-        .map_err(|_| Error::HeaderName { field: field.into(), value: name.into() })
+        .map_err(|_| Error::HeaderName {
+            field: field.into(),
+            value: name.into(),
+        })
 }
 
 pub(crate) fn header_value(field: &str, value: &str) -> Result<String, Error> {
-    http::HeaderValue::from_str(value).map(|_| value.to_owned()).map_err(|_| Error::HeaderValue { field: field.into(), value: value.into() })
+    http::HeaderValue::from_str(value)
+        .map(|_| value.to_owned())
+        .map_err(|_| Error::HeaderValue {
+            field: field.into(),
+            value: value.into(),
+        })
 }
 
 /// GEP-2257: 1 to 4 `<1-5 digits><h|m|s|ms>` parts ("10s", "500ms", "1h2m"); `None` for zero,
 /// which Gateway API uses to disable a timeout.
 pub(crate) fn gep_duration(field: &str, value: &str) -> Result<Option<Duration>, Error> {
-    static SYNTAX: LazyLock<regex::Regex> = LazyLock::new(|| regex::Regex::new(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$").expect("valid regex"));
-    let bad = || Error::Duration { field: field.into(), value: value.into(), expected: "GEP-2257: like \"10s\", \"500ms\", \"1h2m\"; \"0s\" disables" };
+    static SYNTAX: LazyLock<regex::Regex> =
+        LazyLock::new(|| regex::Regex::new(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$").expect("valid regex"));
+    let bad = || Error::Duration {
+        field: field.into(),
+        value: value.into(),
+        expected: "GEP-2257: like \"10s\", \"500ms\", \"1h2m\"; \"0s\" disables",
+    };
     if !SYNTAX.is_match(value) {
         return Err(bad());
     }
@@ -265,7 +335,11 @@ pub(crate) fn gep_duration(field: &str, value: &str) -> Result<Option<Duration>,
 
 /// Istio's durations (protobuf's "1.5s" and Go's "500ms", "1m30s"); `None` for zero.
 pub(crate) fn istio_duration(field: &str, value: &str) -> Result<Option<Duration>, Error> {
-    let bad = || Error::Duration { field: field.into(), value: value.into(), expected: "like \"10s\", \"0.5s\" or \"500ms\"; \"0s\" disables" };
+    let bad = || Error::Duration {
+        field: field.into(),
+        value: value.into(),
+        expected: "like \"10s\", \"0.5s\" or \"500ms\"; \"0s\" disables",
+    };
     let d: kube::core::Duration = value.trim().parse().map_err(|_| bad())?;
     if d.is_negative() {
         return Err(bad());
@@ -276,7 +350,16 @@ pub(crate) fn istio_duration(field: &str, value: &str) -> Result<Option<Duration
 
 /// A number in `min..=max`.
 pub(crate) fn in_range(field: &str, value: i64, min: i64, max: i64) -> Result<i64, Error> {
-    if (min..=max).contains(&value) { Ok(value) } else { Err(Error::OutOfRange { field: field.into(), value, min, max }) }
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(Error::OutOfRange {
+            field: field.into(),
+            value,
+            min,
+            max,
+        })
+    }
 }
 
 pub(crate) fn port(field: &str, value: i64) -> Result<u16, Error> {
@@ -291,9 +374,18 @@ pub(crate) fn weight(field: &str, value: i64) -> Result<u32, Error> {
 pub(crate) fn percent_per_million(field: &str, value: f64) -> Result<u32, Error> {
     if !(0.0..=100.0).contains(&value) {
         #[expect(clippy::cast_possible_truncation, reason = "only shown in the message")]
-        return Err(Error::OutOfRange { field: field.into(), value: value as i64, min: 0, max: 100 });
+        return Err(Error::OutOfRange {
+            field: field.into(),
+            value: value as i64,
+            min: 0,
+            max: 100,
+        });
     }
-    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "0..=100 × 10000 fits a u32")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "0..=100 × 10000 fits a u32"
+    )]
     Ok((value * 10_000.0).round() as u32)
 }
 
@@ -302,7 +394,12 @@ pub(crate) fn percent_per_million(field: &str, value: f64) -> Result<u32, Error>
 pub(crate) fn path(field: &str, value: &str) -> Result<String, Error> {
     let why = if !value.starts_with('/') {
         Some("must start with /")
-    } else if value.contains("//") || value.contains("/./") || value.contains("/../") || value.ends_with("/..") || value.ends_with("/.") {
+    } else if value.contains("//")
+        || value.contains("/./")
+        || value.contains("/../")
+        || value.ends_with("/..")
+        || value.ends_with("/.")
+    {
         Some("must not contain //, /./ or /../")
     } else if value.to_ascii_lowercase().contains("%2f") || value.contains('#') {
         Some("must not contain %2F or #")
@@ -310,24 +407,46 @@ pub(crate) fn path(field: &str, value: &str) -> Result<String, Error> {
         None
     };
     match why {
-        Some(why) => Err(Error::Path { field: field.into(), value: value.into(), why }),
+        Some(why) => Err(Error::Path {
+            field: field.into(),
+            value: value.into(),
+            why,
+        }),
         None => Ok(value.to_owned()),
     }
 }
 
 /// An RFC 1123 hostname (an optional `*.` first label where `wildcard`), not an IP.
 pub(crate) fn hostname(field: &str, value: &str, wildcard: bool) -> Result<String, Error> {
-    let name = if wildcard { value.strip_prefix("*.").unwrap_or(value) } else { value };
+    let name = if wildcard {
+        value.strip_prefix("*.").unwrap_or(value)
+    } else {
+        value
+    };
     let ok = !name.is_empty()
         && name.len() <= 253
         && name.parse::<std::net::IpAddr>().is_err()
         && name.split('.').all(crate::validate::valid_dns_label);
-    if ok { Ok(value.to_owned()) } else { Err(Error::Hostname { field: field.into(), value: value.into() }) }
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(Error::Hostname {
+            field: field.into(),
+            value: value.into(),
+        })
+    }
 }
 
 /// A DNS-1123 label (subset names, ports' section names).
 pub(crate) fn dns_label(field: &str, value: &str) -> Result<String, Error> {
-    if crate::validate::valid_dns_label(value) { Ok(value.to_owned()) } else { Err(Error::Name { field: field.into(), value: value.into() }) }
+    if crate::validate::valid_dns_label(value) {
+        Ok(value.to_owned())
+    } else {
+        Err(Error::Name {
+            field: field.into(),
+            value: value.into(),
+        })
+    }
 }
 
 /// Header modifier lists: valid, and no name twice in `set` or in `add`.
@@ -343,7 +462,10 @@ pub(crate) fn header_modifier<'a>(
             let f = format!("{field}.{list}[{i}]");
             let name = header_name(&format!("{f}.name"), name)?;
             if out.iter().any(|(n, _)| *n == name) {
-                return Err(Error::Duplicate { field: format!("{field}.{list}"), name });
+                return Err(Error::Duplicate {
+                    field: format!("{field}.{list}"),
+                    name,
+                });
             }
             out.push((name, header_value(&format!("{f}.value"), value)?));
         }
@@ -352,7 +474,11 @@ pub(crate) fn header_modifier<'a>(
     Ok(HeaderModifier {
         set: pairs("set", set.into_iter().collect())?,
         add: pairs("add", add.into_iter().collect())?,
-        remove: remove.iter().enumerate().map(|(i, n)| header_name(&format!("{field}.remove[{i}]"), n)).collect::<Result<_, _>>()?,
+        remove: remove
+            .iter()
+            .enumerate()
+            .map(|(i, n)| header_name(&format!("{field}.remove[{i}]"), n))
+            .collect::<Result<_, _>>()?,
     })
 }
 
@@ -361,7 +487,11 @@ pub(crate) fn redirect_scheme(field: &str, value: Option<&str>) -> Result<Option
     match value {
         None => Ok(None),
         Some(s @ ("http" | "https")) => Ok(Some(s.to_owned())),
-        Some(other) => Err(Error::UnknownValue { field: field.into(), value: other.into(), expected: "http or https" }),
+        Some(other) => Err(Error::UnknownValue {
+            field: field.into(),
+            value: other.into(),
+            expected: "http or https",
+        }),
     }
 }
 
@@ -370,15 +500,31 @@ pub(crate) fn redirect_status(field: &str, value: Option<i64>, default: u16) -> 
     match value {
         None => Ok(default),
         Some(c @ (301 | 302 | 303 | 307 | 308)) => Ok(u16::try_from(c).expect("listed")),
-        Some(other) => Err(Error::UnknownValue { field: field.into(), value: other.to_string(), expected: "301, 302, 303, 307 or 308" }),
+        Some(other) => Err(Error::UnknownValue {
+            field: field.into(),
+            value: other.to_string(),
+            expected: "301, 302, 303, 307 or 308",
+        }),
     }
 }
 
 /// The path modifier of a rewrite or redirect.
-pub(crate) fn path_modifier(field: &str, kind_prefix: bool, value: &str) -> Result<PathModifier, Error> {
+pub(crate) fn path_modifier(
+    field: &str,
+    kind_prefix: bool,
+    value: &str,
+) -> Result<PathModifier, Error> {
     // An empty prefix replacement is meaningful: it strips the matched prefix.
-    let value = if kind_prefix && value.is_empty() { String::new() } else { path(field, value)? };
-    Ok(if kind_prefix { PathModifier::Prefix(value) } else { PathModifier::Full(value) })
+    let value = if kind_prefix && value.is_empty() {
+        String::new()
+    } else {
+        path(field, value)?
+    };
+    Ok(if kind_prefix {
+        PathModifier::Prefix(value)
+    } else {
+        PathModifier::Full(value)
+    })
 }
 
 #[cfg(test)]

@@ -5,20 +5,31 @@ use std::time::Duration;
 
 use mesh_proto::config::v1 as pb;
 
-use crate::routing::model::{Action, Backend, HeaderModifier, Match, PathModifier, Route, RouteTable, StringMatch};
+use crate::routing::model::{
+    Action, Backend, HeaderModifier, Match, PathModifier, Route, RouteTable, StringMatch,
+};
 
 pub fn route_table(t: &RouteTable) -> pb::RouteTable {
     pb::RouteTable {
         namespace: t.service.namespace.clone(),
         name: t.service.name.clone(),
         routes: t.routes.iter().map(route).collect(),
-        consumers: t.consumers.iter().map(|(ns, rs)| pb::ConsumerRoutes { namespace: ns.clone(), routes: rs.iter().map(route).collect() }).collect(),
+        consumers: t
+            .consumers
+            .iter()
+            .map(|(ns, rs)| pb::ConsumerRoutes {
+                namespace: ns.clone(),
+                routes: rs.iter().map(route).collect(),
+            })
+            .collect(),
         traffic_policy_json: t.traffic_policy_json.clone().unwrap_or_default(),
     }
 }
 
 fn ms(d: Option<Duration>) -> u64 {
-    d.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1))
+    d.map_or(0, |d| {
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    })
 }
 
 fn route(r: &Route) -> pb::HttpRoute {
@@ -35,7 +46,14 @@ fn route(r: &Route) -> pb::HttpRoute {
             }),
             None,
         ),
-        Action::Respond { status, body } => (Vec::new(), None, Some(pb::DirectResponse { status: (*status).into(), body: body.clone() })),
+        Action::Respond { status, body } => (
+            Vec::new(),
+            None,
+            Some(pb::DirectResponse {
+                status: (*status).into(),
+                body: body.clone(),
+            }),
+        ),
     };
     pb::HttpRoute {
         source: Some(pb::RouteSource {
@@ -48,10 +66,20 @@ fn route(r: &Route) -> pb::HttpRoute {
         matches: r.matches.iter().map(route_match).collect(),
         request_headers: modifier(&r.request_headers),
         response_headers: modifier(&r.response_headers),
-        rewrite: r.rewrite.as_ref().map(|rw| pb::UrlRewrite { hostname: rw.hostname.clone().unwrap_or_default(), path: rw.path.as_ref().map(path_modifier) }),
+        rewrite: r.rewrite.as_ref().map(|rw| pb::UrlRewrite {
+            hostname: rw.hostname.clone().unwrap_or_default(),
+            path: rw.path.as_ref().map(path_modifier),
+        }),
         redirect,
         backends,
-        mirrors: r.mirrors.iter().map(|m| pb::Mirror { backend: Some(backend(&m.backend)), per_million: m.per_million }).collect(),
+        mirrors: r
+            .mirrors
+            .iter()
+            .map(|m| pb::Mirror {
+                backend: Some(backend(&m.backend)),
+                per_million: m.per_million,
+            })
+            .collect(),
         request_timeout_ms: ms(r.timeouts.request),
         backend_request_timeout_ms: ms(r.timeouts.backend_request),
         retry: r.retry.as_ref().map(|p| pb::RetryPolicy {
@@ -65,8 +93,16 @@ fn route(r: &Route) -> pb::HttpRoute {
             delay_per_million: f.delay.map_or(0, |(share, _)| share),
             delay_ms: ms(f.delay.map(|(_, d)| d)),
             abort_per_million: f.abort.as_ref().map_or(0, |a| a.per_million),
-            abort_http_status: f.abort.as_ref().and_then(|a| a.http_status).map_or(0, u32::from),
-            abort_grpc_status: f.abort.as_ref().and_then(|a| a.grpc_status.clone()).unwrap_or_default(),
+            abort_http_status: f
+                .abort
+                .as_ref()
+                .and_then(|a| a.http_status)
+                .map_or(0, u32::from),
+            abort_grpc_status: f
+                .abort
+                .as_ref()
+                .and_then(|a| a.grpc_status.clone())
+                .unwrap_or_default(),
         }),
         direct_response,
     }
@@ -80,15 +116,33 @@ fn string_match(m: &StringMatch) -> pb::StringMatch {
         StringMatch::Regex(v) => (pb::MatchKind::Regex, v.clone()),
         StringMatch::Present => (pb::MatchKind::Present, String::new()),
     };
-    pb::StringMatch { kind: kind.into(), value }
+    pb::StringMatch {
+        kind: kind.into(),
+        value,
+    }
 }
 
 fn route_match(m: &Match) -> pb::RouteMatch {
     pb::RouteMatch {
         path: m.path.as_ref().map(string_match),
         method: m.method.as_ref().map(string_match),
-        headers: m.headers.iter().map(|h| pb::HeaderMatch { name: h.name.clone(), value: Some(string_match(&h.value)), invert: h.invert }).collect(),
-        query_params: m.query_params.iter().map(|q| pb::QueryMatch { name: q.name.clone(), value: Some(string_match(&q.value)) }).collect(),
+        headers: m
+            .headers
+            .iter()
+            .map(|h| pb::HeaderMatch {
+                name: h.name.clone(),
+                value: Some(string_match(&h.value)),
+                invert: h.invert,
+            })
+            .collect(),
+        query_params: m
+            .query_params
+            .iter()
+            .map(|q| pb::QueryMatch {
+                name: q.name.clone(),
+                value: Some(string_match(&q.value)),
+            })
+            .collect(),
         port: m.port.map_or(0, u32::from),
         source_labels: m.source_labels.clone().into_iter().collect(),
         source_namespace: m.source_namespace.clone().unwrap_or_default(),
@@ -96,8 +150,19 @@ fn route_match(m: &Match) -> pb::RouteMatch {
 }
 
 fn modifier(m: &HeaderModifier) -> Option<pb::HeaderModifier> {
-    let pairs = |l: &[(String, String)]| l.iter().map(|(name, value)| pb::Header { name: name.clone(), value: value.clone() }).collect();
-    (!m.is_empty()).then(|| pb::HeaderModifier { set: pairs(&m.set), add: pairs(&m.add), remove: m.remove.clone() })
+    let pairs = |l: &[(String, String)]| {
+        l.iter()
+            .map(|(name, value)| pb::Header {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect()
+    };
+    (!m.is_empty()).then(|| pb::HeaderModifier {
+        set: pairs(&m.set),
+        add: pairs(&m.add),
+        remove: m.remove.clone(),
+    })
 }
 
 fn path_modifier(p: &PathModifier) -> pb::PathModifier {
@@ -105,7 +170,10 @@ fn path_modifier(p: &PathModifier) -> pb::PathModifier {
         PathModifier::Full(v) => (pb::PathModifierKind::Full, v.clone()),
         PathModifier::Prefix(v) => (pb::PathModifierKind::Prefix, v.clone()),
     };
-    pb::PathModifier { kind: kind.into(), value }
+    pb::PathModifier {
+        kind: kind.into(),
+        value,
+    }
 }
 
 fn backend(b: &Backend) -> pb::Backend {
