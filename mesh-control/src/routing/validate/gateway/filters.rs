@@ -205,19 +205,27 @@ fn path_mod(p: &api::PathModifier, field: &str) -> Result<PathModifier, Error> {
     )
 }
 
+/// The hostname and path both redirects and rewrites may replace.
+fn host_and_path(
+    host: Option<&str>,
+    path: Option<&api::PathModifier>,
+    field: &str,
+) -> Result<(Option<String>, Option<PathModifier>), Error> {
+    let host = host
+        .map(|h| hostname(&format!("{field}.hostname"), h, false))
+        .transpose()?;
+    let path = path
+        .map(|p| path_mod(p, &format!("{field}.path")))
+        .transpose()?;
+    Ok((host, path))
+}
+
 fn redirect(r: &api::RequestRedirect, field: &str) -> Result<Redirect, Error> {
+    let (hostname, path) = host_and_path(r.hostname.as_deref(), r.path.as_ref(), field)?;
     Ok(Redirect {
         scheme: redirect_scheme(&format!("{field}.scheme"), r.scheme.as_deref())?,
-        hostname: r
-            .hostname
-            .as_deref()
-            .map(|h| hostname(&format!("{field}.hostname"), h, false))
-            .transpose()?,
-        path: r
-            .path
-            .as_ref()
-            .map(|p| path_mod(p, &format!("{field}.path")))
-            .transpose()?,
+        hostname,
+        path,
         port: r
             .port
             .map(|p| port(&format!("{field}.port"), p.into()))
@@ -231,18 +239,8 @@ fn redirect(r: &api::RequestRedirect, field: &str) -> Result<Redirect, Error> {
 }
 
 fn rewrite(r: &api::UrlRewrite, field: &str) -> Result<UrlRewrite, Error> {
-    Ok(UrlRewrite {
-        hostname: r
-            .hostname
-            .as_deref()
-            .map(|h| hostname(&format!("{field}.hostname"), h, false))
-            .transpose()?,
-        path: r
-            .path
-            .as_ref()
-            .map(|p| path_mod(p, &format!("{field}.path")))
-            .transpose()?,
-    })
+    let (hostname, path) = host_and_path(r.hostname.as_deref(), r.path.as_ref(), field)?;
+    Ok(UrlRewrite { hostname, path })
 }
 
 fn mirror(
