@@ -359,3 +359,57 @@ async fn routing_crds_examples_status_and_distribution_against_a_real_apiserver(
         "{status:#}"
     );
 }
+
+/// A cluster without Gateway API: the controller starts and serves anyway, and picks routes up
+/// once the CRDs are installed (no restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_crds_installed_after_the_controller_started_are_picked_up() {
+    let c = Cluster::start();
+    for f in [
+        "00-namespace.yaml",
+        "10-crds.yaml",
+        "20-control.yaml",
+        "30-node.yaml",
+    ] {
+        c.kubectl_ok(&["apply", "-f", &deploy().join(f).display().to_string()]);
+    }
+    c.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/virtualservices.networking.mesh.dev",
+        "crd/authorizationpolicies.security.mesh.dev",
+    ]);
+    c.apply(SERVICES);
+    let ctl = start_controller(&c);
+    Cluster::eventually("controller ready without Gateway API", 30, || {
+        status_json(&ctl).filter(|s| s["version"].as_u64() > Some(0))
+    });
+
+    c.kubectl_ok(&[
+        "apply",
+        "-f",
+        &deploy()
+            .join("11-gateway-api-crds.yaml")
+            .display()
+            .to_string(),
+    ]);
+    c.kubectl_ok(
+        &[
+            &["wait", "--for=condition=Established", "--timeout=30s"][..],
+            &ROUTING_CRDS[..3],
+        ]
+        .concat(),
+    );
+    c.apply(
+        &std::fs::read_to_string(deploy().join("examples/routing/weighted-split.yaml"))
+            .expect("read"),
+    );
+    let p = Cluster::eventually("the route's status", 90, || {
+        let p = parents(&c, "httproute", "whoami-split");
+        (!p.is_empty()).then_some(p)
+    });
+    assert_eq!(p[0].2, "True/Accepted", "{p:?}");
+    let status = status_json(&ctl).expect("status");
+    assert_eq!(status["routeTables"], 1, "{status:#}");
+}
