@@ -135,9 +135,10 @@ fn document(doc: &serde_json::Value) -> Result<Document, Error> {
             p.metadata.namespace.get_or_insert_with(ns);
             Ok(Document::PeerAuthentication(Box::new(p)))
         }
-        (gateway::API_VERSION, "HTTPRoute") => Ok(Document::HttpRoute(Box::new(routing_object(doc, ns(), shape)?))),
+        // v1beta1 HTTPRoutes (older docs) have v1's shape; Kubernetes serves them as v1 too.
+        (gateway::API_VERSION | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => Ok(Document::HttpRoute(Box::new(routing_object(doc, ns(), shape)?))),
         (gateway::API_VERSION, "GRPCRoute") => Ok(Document::GrpcRoute(Box::new(routing_object(doc, ns(), shape)?))),
-        (gateway::REFERENCE_GRANT_API_VERSION, "ReferenceGrant") => {
+        (gateway::REFERENCE_GRANT_API_VERSION | "gateway.networking.k8s.io/v1", "ReferenceGrant") => {
             let mut g: gateway::ReferenceGrant = serde_json::from_value(doc.clone()).map_err(shape)?;
             g.metadata.namespace.get_or_insert_with(ns);
             Ok(Document::ReferenceGrant(Box::new(g)))
