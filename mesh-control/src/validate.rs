@@ -305,7 +305,7 @@ fn valid_pattern(v: &str, check: fn(&str) -> bool) -> bool {
     }
 }
 
-fn valid_dns_label(v: &str) -> bool {
+pub(crate) fn valid_dns_label(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 63
         && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -313,12 +313,12 @@ fn valid_dns_label(v: &str) -> bool {
         && !v.ends_with('-')
 }
 
-fn valid_label_key(k: &str) -> bool {
+pub(crate) fn valid_label_key(k: &str) -> bool {
     let name = k.rsplit_once('/').map_or(k, |(_, n)| n);
     !name.is_empty() && name.len() <= 63 && valid_label_value(name)
 }
 
-fn valid_label_value(v: &str) -> bool {
+pub(crate) fn valid_label_value(v: &str) -> bool {
     v.len() <= 63
         && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && v.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
