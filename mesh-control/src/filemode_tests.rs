@@ -120,6 +120,6 @@ spec: {}
     assert!(e.to_string().contains("networking.mesh.dev/v1alpha1 VirtualService/DestinationRule"), "{e}");
     let state = lab_state(docs.split("---").take(2).collect::<Vec<_>>().join("---").as_str());
     assert_eq!(state.routes.tables.len(), 1, "the v1beta1 route compiles");
-    let rejected = state.routes.verdicts.iter().find(|v| v.key.name == "v").and_then(crate::routing::Verdict::rejection);
+    let rejected = state.routes.verdicts.iter().find(|v| v.key.name == "v").and_then(routing::Verdict::rejection);
     assert_eq!(rejected, Some("UnsupportedField"));
 }
