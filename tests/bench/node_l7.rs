@@ -20,7 +20,10 @@
 //!   1 thread, 4 connections × 8 streams) as fast as they go; the daemons' CPU during each,
 //!   as requests per daemon CPU-second;
 //! - mesh only, for reference: the same HTTP/1.1 fixed-rate and wrk runs through a TCP port of the
-//!   same Service (`appProtocol: tcp`): the daemons' L4 path (HBONE relay, no HTTP parsing).
+//!   same Service (`appProtocol: tcp`): the daemons' L4 path (HBONE relay, no HTTP parsing);
+//! - mesh only: the fixed-rate runs again with both daemons moved (`taskset -a -p`) to CPU 0,
+//!   next to the client and the backend, and back: no request then waits for another vCPU to
+//!   wake from halt, which on this VM is most of the tail (see the results).
 //!
 //! The backend is `mesh-whoami serve --http` in n2p1 (one process per port: 8081 behind the
 //! Service's HTTP/1.1 port 80, 8082 behind its h2c port 81, 8083 behind its TCP port 82); every
@@ -44,6 +47,7 @@
 mod mesh;
 
 use std::{
+    fmt::Write as _,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
 };
@@ -101,32 +105,65 @@ struct Max {
 #[derive(Clone, Copy)]
 struct Cpu(f64, f64);
 
+/// Fixed-rate runs of one kind: latency percentiles and daemon CPU per 1,000 requests.
+#[derive(Default)]
+struct FixedSamples {
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    p999: Vec<f64>,
+    /// Daemon CPU milliseconds per 1,000 requests: (node 1, node 2).
+    cpu_per_k: Vec<(f64, f64)>,
+}
+
+impl FixedSamples {
+    fn push(&mut self, f: &Fixed, cpu: Cpu) -> String {
+        let k = per_k(cpu, f.requests);
+        self.p50.push(f.p50_us);
+        self.p99.push(f.p99_us);
+        self.p999.push(f.p999_us);
+        self.cpu_per_k.push(k);
+        format!("p50 {:.0} p99 {:.0} p99.9 {:.0} µs, CPU-ms/1k {:.0}+{:.0}", f.p50_us, f.p99_us, f.p999_us, k.0, k.1)
+    }
+
+    fn cpu_both(&self) -> Vec<f64> {
+        self.cpu_per_k.iter().map(|c| c.0 + c.1).collect()
+    }
+}
+
+/// As-fast-as-possible runs of one kind.
+#[derive(Default)]
+struct MaxSamples {
+    rps: Vec<f64>,
+    /// Requests per daemon CPU-second: (node 1, node 2, both together).
+    per_cpu: Vec<(f64, f64, f64)>,
+    /// Daemon core use (CPU-s per second, both daemons): 1.0 = CPU 1 full.
+    cores: Vec<f64>,
+}
+
+impl MaxSamples {
+    fn push(&mut self, m: &Max, cpu: Cpu, secs: u64) -> String {
+        #[expect(clippy::cast_precision_loss, reason = "seconds")]
+        let cores = (cpu.0 + cpu.1) / secs as f64;
+        self.rps.push(m.rps);
+        self.per_cpu.push(per_cpu(cpu, m.requests));
+        self.cores.push(cores);
+        format!("{:.0} req/s ({cores:.2} daemon cores)", m.rps)
+    }
+}
+
 #[derive(Default)]
 struct Samples {
-    h1_p50: Vec<f64>,
-    h1_p99: Vec<f64>,
-    h1_p999: Vec<f64>,
-    h2_p50: Vec<f64>,
-    h2_p99: Vec<f64>,
-    h2_p999: Vec<f64>,
-    /// Daemon CPU milliseconds per 1,000 requests at the fixed rate: (node 1, node 2).
-    h1_cpu_per_k: Vec<(f64, f64)>,
-    h2_cpu_per_k: Vec<(f64, f64)>,
-    wrk_rps: Vec<f64>,
-    h2load_rps: Vec<f64>,
-    /// Requests per daemon CPU-second: (node 1, node 2, both together).
-    wrk_per_cpu: Vec<(f64, f64, f64)>,
-    h2load_per_cpu: Vec<(f64, f64, f64)>,
-    /// Daemon core use during the max runs (CPU-s per second, both daemons): 1.0 = CPU 1 full.
-    wrk_core: Vec<f64>,
-    h2load_core: Vec<f64>,
+    h1: FixedSamples,
+    h2: FixedSamples,
+    wrk: MaxSamples,
+    h2load: MaxSamples,
     /// Mesh only: HTTP/1.1 through the Service's TCP port (L4 in both daemons).
-    l4_p50: Vec<f64>,
-    l4_p99: Vec<f64>,
-    l4_p999: Vec<f64>,
-    l4_cpu_per_k: Vec<(f64, f64)>,
-    l4_wrk_rps: Vec<f64>,
-    l4_wrk_per_cpu: Vec<(f64, f64, f64)>,
+    l4: FixedSamples,
+    l4_wrk: MaxSamples,
+    /// Mesh only: the fixed-rate runs again with the daemons moved to CPU 0, next to the client
+    /// and the backend: no request has to wake another (idle, halted) vCPU.
+    one_cpu_h1: FixedSamples,
+    one_cpu_h2: FixedSamples,
 }
 
 #[test]
@@ -140,6 +177,7 @@ fn node_l7_mesh_vs_direct() {
     let fixed_secs = env_num("MESH_BENCH_FIXED_SECS", 10);
     let max_secs = env_num("MESH_BENCH_MAX_SECS", 5);
     let perf_dir = std::env::var_os("MESH_BENCH_PERF").map(PathBuf::from);
+    let daemon_cpus = std::env::var("MESH_BENCH_DAEMON_CPUS").unwrap_or_else(|_| "1".into());
     println!("load average before: {}", loadavg());
 
     let m = MeshLab::start_with(Options { bench: true, http: true });
@@ -175,68 +213,48 @@ fn node_l7_mesh_vs_direct() {
             let (urls, s) = if meshed { (&mesh_urls, &mut mesh_s) } else { (&direct_urls, &mut direct_s) };
             let perf = |name: &str, secs: u64| perf_dir.as_ref().filter(|_| meshed && round == 0).map(|d| perf_record(&m, &d.join(format!("{name}.data")), secs));
             let profiling = perf("fixed-h1", tools.fixed_secs);
-            let (h1, cpu) = measured(&m, || tools.http_load(&m, &urls.h1, false));
+            let (f, cpu) = measured(&m, || tools.http_load(&m, &urls.h1, false));
             finish_perf(profiling);
-            s.h1_p50.push(h1.p50_us);
-            s.h1_p99.push(h1.p99_us);
-            s.h1_p999.push(h1.p999_us);
-            s.h1_cpu_per_k.push(per_k(cpu, h1.requests));
-            let (h2, cpu) = measured(&m, || tools.http_load(&m, &urls.h2, true));
-            s.h2_p50.push(h2.p50_us);
-            s.h2_p99.push(h2.p99_us);
-            s.h2_p999.push(h2.p999_us);
-            s.h2_cpu_per_k.push(per_k(cpu, h2.requests));
-
+            let mut line = format!("h1 {}", s.h1.push(&f, cpu));
+            let (f, cpu) = measured(&m, || tools.http_load(&m, &urls.h2, true));
+            let _ = write!(line, " | h2 {}", s.h2.push(&f, cpu));
             let profiling = perf("wrk", tools.max_secs);
-            let (wrk, wcpu) = measured(&m, || tools.wrk(&m, &urls.h1));
+            let (r, cpu) = measured(&m, || tools.wrk(&m, &urls.h1));
             finish_perf(profiling);
+            let _ = write!(line, " | wrk {}", s.wrk.push(&r, cpu, tools.max_secs));
             let profiling = perf("h2load", tools.max_secs);
-            let (h2l, hcpu) = measured(&m, || tools.h2load(&m, &urls.h2));
+            let (r, cpu) = measured(&m, || tools.h2load(&m, &urls.h2));
             finish_perf(profiling);
-            s.wrk_rps.push(wrk.rps);
-            s.h2load_rps.push(h2l.rps);
-            s.wrk_per_cpu.push(per_cpu(wcpu, wrk.requests));
-            s.h2load_per_cpu.push(per_cpu(hcpu, h2l.requests));
-            #[expect(clippy::cast_precision_loss, reason = "seconds")]
-            let secs = tools.max_secs as f64;
-            s.wrk_core.push((wcpu.0 + wcpu.1) / secs);
-            s.h2load_core.push((hcpu.0 + hcpu.1) / secs);
-            let mut l4 = String::new();
+            let _ = write!(line, " | h2load {}", s.h2load.push(&r, cpu, tools.max_secs));
             if let Some(url) = &urls.l4 {
-                let (fixed, cpu) = measured(&m, || tools.http_load(&m, url, false));
-                let (max, max_cpu) = measured(&m, || tools.wrk(&m, url));
-                let per_1k = per_k(cpu, fixed.requests);
-                s.l4_p50.push(fixed.p50_us);
-                s.l4_p99.push(fixed.p99_us);
-                s.l4_p999.push(fixed.p999_us);
-                s.l4_cpu_per_k.push(per_1k);
-                s.l4_wrk_rps.push(max.rps);
-                s.l4_wrk_per_cpu.push(per_cpu(max_cpu, max.requests));
-                l4 = format!(" | L4 port: h1 p50 {:.0} p99 {:.0} µs, CPU-ms/1k {:.1}+{:.1}, wrk {:.0} rps", fixed.p50_us, fixed.p99_us, per_1k.0, per_1k.1, max.rps);
+                let (f, cpu) = measured(&m, || tools.http_load(&m, url, false));
+                let _ = write!(line, " | L4 port: h1 {}", s.l4.push(&f, cpu));
+                let (r, cpu) = measured(&m, || tools.wrk(&m, url));
+                let _ = write!(line, ", wrk {}", s.l4_wrk.push(&r, cpu, tools.max_secs));
             }
-            println!(
-                "round {round} {:6}: h1 p50 {:5.0} p99 {:5.0} p99.9 {:5.0} µs, h2 p50 {:5.0} p99 {:5.0} p99.9 {:5.0} µs, daemon CPU-ms/1k h1 {:.1}+{:.1} h2 {:.1}+{:.1} | wrk {:6.0} rps ({:.2} daemon cores), h2load {:6.0} rps ({:.2} daemon cores){l4}",
-                if meshed { "mesh" } else { "direct" },
-                h1.p50_us,
-                h1.p99_us,
-                h1.p999_us,
-                h2.p50_us,
-                h2.p99_us,
-                h2.p999_us,
-                s.h1_cpu_per_k[round].0,
-                s.h1_cpu_per_k[round].1,
-                s.h2_cpu_per_k[round].0,
-                s.h2_cpu_per_k[round].1,
-                wrk.rps,
-                s.wrk_core[round],
-                h2l.rps,
-                s.h2load_core[round],
-            );
+            if meshed {
+                pin_daemons(&m, "0");
+                let (f, cpu) = measured(&m, || tools.http_load(&m, &urls.h1, false));
+                let _ = write!(line, " | daemons on CPU 0: h1 {}", s.one_cpu_h1.push(&f, cpu));
+                let (f, cpu) = measured(&m, || tools.http_load(&m, &urls.h2, true));
+                let _ = write!(line, ", h2 {}", s.one_cpu_h2.push(&f, cpu));
+                pin_daemons(&m, &daemon_cpus);
+            }
+            println!("round {round} {:6}: {line}", if meshed { "mesh" } else { "direct" });
         }
     }
     m.set_capture(true);
     println!("load average after: {}", loadavg());
     report(rounds, &mesh_s, &direct_s);
+}
+
+/// Moves both daemons (every thread) to `cpus`.
+fn pin_daemons(m: &MeshLab, cpus: &str) {
+    let pids = m.daemon_pids();
+    for pid in [pids.0, pids.1] {
+        let out = Command::new("taskset").args(["-a", "-p", "-c", cpus, &pid.to_string()]).output().expect("taskset");
+        assert!(out.status.success(), "taskset -a -p -c {cpus} {pid}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 /// Runs `f` and returns its result with the daemons' CPU seconds during it.
@@ -442,54 +460,59 @@ fn report(rounds: usize, mesh: &Samples, direct: &Samples) {
     let added = |what: &str, m: &[f64], d: &[f64]| {
         println!("| {what} | {} | {} | {:+.0} µs |", cell(m), cell(d), median(m) - median(d));
     };
-    println!("\n| at {RATE} req/s (median, min–max of {rounds}) | mesh | direct | added |\n|---|---|---|---|");
-    added("HTTP/1.1 p50, µs", &mesh.h1_p50, &direct.h1_p50);
-    added("HTTP/1.1 p99, µs", &mesh.h1_p99, &direct.h1_p99);
-    added("HTTP/1.1 p99.9, µs", &mesh.h1_p999, &direct.h1_p999);
-    added("h2c p50, µs", &mesh.h2_p50, &direct.h2_p50);
-    added("h2c p99, µs", &mesh.h2_p99, &direct.h2_p99);
-    added("h2c p99.9, µs", &mesh.h2_p999, &direct.h2_p999);
+    let latency = |title: &str, h1: &FixedSamples, h2: &FixedSamples| {
+        println!("\n| {title} (median, min–max of {rounds}) | mesh | direct | added |\n|---|---|---|---|");
+        added("HTTP/1.1 p50, µs", &h1.p50, &direct.h1.p50);
+        added("HTTP/1.1 p99, µs", &h1.p99, &direct.h1.p99);
+        added("HTTP/1.1 p99.9, µs", &h1.p999, &direct.h1.p999);
+        added("h2c p50, µs", &h2.p50, &direct.h2.p50);
+        added("h2c p99, µs", &h2.p99, &direct.h2.p99);
+        added("h2c p99.9, µs", &h2.p999, &direct.h2.p999);
+    };
+    latency(&format!("at {RATE} req/s, daemons on CPU 1"), &mesh.h1, &mesh.h2);
+    latency(&format!("at {RATE} req/s, daemons moved to CPU 0 (with client and backend)"), &mesh.one_cpu_h1, &mesh.one_cpu_h2);
 
     let ratio = |what: &str, m: &[f64], d: &[f64]| {
         println!("| {what} | {} | {} | {:.2}× |", cell(m), cell(d), median(m) / median(d));
     };
     println!("\n| maximum rate (median, min–max of {rounds}) | mesh | direct | mesh vs direct |\n|---|---|---|---|");
-    ratio(&format!("wrk HTTP/1.1, {WRK_CONNECTIONS} connections, req/s"), &mesh.wrk_rps, &direct.wrk_rps);
-    ratio(&format!("h2load h2c, {}×{} streams, req/s", H2LOAD.0, H2LOAD.1), &mesh.h2load_rps, &direct.h2load_rps);
+    ratio(&format!("wrk HTTP/1.1, {WRK_CONNECTIONS} connections, req/s"), &mesh.wrk.rps, &direct.wrk.rps);
+    ratio(&format!("h2load h2c, {}×{} streams, req/s", H2LOAD.0, H2LOAD.1), &mesh.h2load.rps, &direct.h2load.rps);
 
     let col = |v: &[(f64, f64)], i: usize| v.iter().map(|c| if i == 0 { c.0 } else { c.1 }).collect::<Vec<_>>();
     let col3 = |v: &[(f64, f64, f64)], i: usize| v.iter().map(|c| [c.0, c.1, c.2][i]).collect::<Vec<_>>();
-    let sum = |v: &[(f64, f64)]| v.iter().map(|c| c.0 + c.1).collect::<Vec<_>>();
-    let cpu_cell = |v: &[f64]| format!("{:.1} ({:.1}–{:.1})", median(v), v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(f64::NEG_INFINITY, f64::max));
     println!("\n| mesh daemons (median, min–max of {rounds}) | node-1 daemon | node-2 daemon | both |\n|---|---|---|---|");
-    for (what, v) in [("HTTP/1.1 at 1000 req/s: CPU-ms per 1,000 requests", &mesh.h1_cpu_per_k), ("h2c at 1000 req/s: CPU-ms per 1,000 requests", &mesh.h2_cpu_per_k)] {
-        println!("| {what} | {} | {} | {} |", cpu_cell(&col(v, 0)), cpu_cell(&col(v, 1)), cpu_cell(&sum(v)));
+    for (what, f) in [
+        ("HTTP/1.1 at 1000 req/s: CPU-ms per 1,000 requests", &mesh.h1),
+        ("h2c at 1000 req/s: CPU-ms per 1,000 requests", &mesh.h2),
+        ("HTTP/1.1 at 1000 req/s, daemons on CPU 0: CPU-ms per 1,000 requests", &mesh.one_cpu_h1),
+        ("h2c at 1000 req/s, daemons on CPU 0: CPU-ms per 1,000 requests", &mesh.one_cpu_h2),
+    ] {
+        println!("| {what} | {} | {} | {} |", cell(&col(&f.cpu_per_k, 0)), cell(&col(&f.cpu_per_k, 1)), cell(&f.cpu_both()));
     }
-    for (what, v) in [("wrk: requests per daemon CPU-second", &mesh.wrk_per_cpu), ("h2load: requests per daemon CPU-second", &mesh.h2load_per_cpu)] {
-        println!("| {what} | {} | {} | {} |", cell(&col3(v, 0)), cell(&col3(v, 1)), cell(&col3(v, 2)));
+    for (what, x) in [("wrk: requests per daemon CPU-second", &mesh.wrk), ("h2load: requests per daemon CPU-second", &mesh.h2load)] {
+        println!("| {what} | {} | {} | {} |", cell(&col3(&x.per_cpu, 0)), cell(&col3(&x.per_cpu, 1)), cell(&col3(&x.per_cpu, 2)));
     }
     println!("\n| mesh, HTTP/1.1 through the Service's TCP port (L4) vs its HTTP port (L7) | L4 | L7 | L7 − L4 |\n|---|---|---|---|");
-    let vs = |what: &str, l4: &[f64], l7: &[f64], unit: &str| println!("| {what} | {} | {} | {:+.0}{unit} |", cell(l4), cell(l7), median(l7) - median(l4));
-    vs("p50 at 1000 req/s, µs", &mesh.l4_p50, &mesh.h1_p50, " µs");
-    vs("p99 at 1000 req/s, µs", &mesh.l4_p99, &mesh.h1_p99, " µs");
-    vs("p99.9 at 1000 req/s, µs", &mesh.l4_p999, &mesh.h1_p999, " µs");
-    vs("both daemons, CPU-ms per 1,000 requests at 1000 req/s", &sum(&mesh.l4_cpu_per_k), &sum(&mesh.h1_cpu_per_k), "");
-    vs("wrk req/s", &mesh.l4_wrk_rps, &mesh.wrk_rps, "");
-    vs("wrk requests per CPU-second of both daemons", &col3(&mesh.l4_wrk_per_cpu, 2), &col3(&mesh.wrk_per_cpu, 2), "");
+    let vs = |what: &str, l4: &[f64], l7: &[f64]| println!("| {what} | {} | {} | {:+.0} |", cell(l4), cell(l7), median(l7) - median(l4));
+    vs("p50 at 1000 req/s, µs", &mesh.l4.p50, &mesh.h1.p50);
+    vs("p99 at 1000 req/s, µs", &mesh.l4.p99, &mesh.h1.p99);
+    vs("p99.9 at 1000 req/s, µs", &mesh.l4.p999, &mesh.h1.p999);
+    vs("both daemons, CPU-ms per 1,000 requests at 1000 req/s", &mesh.l4.cpu_both(), &mesh.h1.cpu_both());
+    vs("wrk req/s", &mesh.l4_wrk.rps, &mesh.wrk.rps);
+    vs("wrk requests per CPU-second of both daemons", &col3(&mesh.l4_wrk.per_cpu, 2), &col3(&mesh.wrk.per_cpu, 2));
+    let cores = |v: &[f64]| format!("{:.2} ({:.2}–{:.2})", median(v), v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(f64::NEG_INFINITY, f64::max));
     println!(
-        "\nDaemon cores in use during the max runs (both daemons, CPU-s per s): wrk {:.2} ({:.2}–{:.2}), h2load {:.2} ({:.2}–{:.2}).",
-        median(&mesh.wrk_core),
-        mesh.wrk_core.iter().copied().fold(f64::INFINITY, f64::min),
-        mesh.wrk_core.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        median(&mesh.h2load_core),
-        mesh.h2load_core.iter().copied().fold(f64::INFINITY, f64::min),
-        mesh.h2load_core.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        "\nDaemon cores in use during the max runs (both daemons, CPU-s per s): wrk {}, h2load {}, wrk on the L4 port {}.",
+        cores(&mesh.wrk.cores),
+        cores(&mesh.h2load.cores),
+        cores(&mesh.l4_wrk.cores)
     );
     println!(
         "Direct runs, daemons idle (sanity): CPU-ms per 1,000 requests h1 {:.1}, h2 {:.1}; daemon cores during wrk {:.2}.",
-        median(&sum(&direct.h1_cpu_per_k)),
-        median(&sum(&direct.h2_cpu_per_k)),
-        median(&direct.wrk_core)
+        median(&direct.h1.cpu_both()),
+        median(&direct.h2.cpu_both()),
+        median(&direct.wrk.cores)
     );
 }
 
