@@ -14,6 +14,7 @@ use std::{
 use crate::{
     manifest::{self, Document},
     model::{self, Inventory, Labels},
+    routing,
     snapshot::{FileError, Publisher},
     validate,
     view::State,
@@ -69,10 +70,16 @@ pub fn build(docs: Vec<Document>, root_namespace: &str) -> State {
     let mut inv = Inventory::default();
     let mut ns_labels: BTreeMap<String, Labels> = BTreeMap::new();
     let (mut authz, mut peer, mut services) = (Vec::new(), Vec::new(), Vec::new());
+    let mut objects = routing::Objects::default();
     for d in docs {
         match d {
             Document::AuthorizationPolicy(p) => authz.push(*p),
             Document::PeerAuthentication(p) => peer.push(*p),
+            Document::HttpRoute(r) => objects.http_routes.push(*r),
+            Document::GrpcRoute(r) => objects.grpc_routes.push(*r),
+            Document::ReferenceGrant(g) => objects.reference_grants.push(*g),
+            Document::VirtualService(v) => objects.virtual_services.push(*v),
+            Document::DestinationRule(d) => objects.destination_rules.push(*d),
             Document::Node { name, address } => {
                 inv.nodes.insert(name, address);
             }
@@ -93,7 +100,8 @@ pub fn build(docs: Vec<Document>, root_namespace: &str) -> State {
         let svc = model::Service { name: s.key.name.clone(), namespace: s.key.namespace.clone(), vips: s.vips, ports: s.ports, endpoints };
         inv.services.insert(s.key, svc);
     }
-    State { inventory: inv, policies: validate::policies(&authz, &peer, root_namespace) }
+    let routes = routing::build(&objects, &inv);
+    State { inventory: inv, policies: validate::policies(&authz, &peer, root_namespace), routes }
 }
 
 fn yaml_files(dir: &Path, errors: &mut Vec<FileError>) -> Vec<PathBuf> {
@@ -156,6 +164,7 @@ pub async fn watch(dir: PathBuf, root_namespace: String, interval: Duration, pub
                         tracing::warn!(kind = v.kind.as_str(), policy = %v.key, reason = e.reason(), "policy rejected: {e}");
                     }
                 }
+                routing::log_verdicts(&snap.state.routes.verdicts);
             }
             last = Some(now);
         }

@@ -89,3 +89,37 @@ fn a_half_written_file_keeps_its_last_good_documents() {
     let (after, _) = load_keeping(dir.path(), "mesh-system", &mut last_good);
     assert!(after.policies.authorization.is_empty(), "a deleted file's documents go away");
 }
+
+#[test]
+fn routing_documents_load_with_their_unknown_fields_and_older_gateway_api_versions() {
+    let docs = r#"
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata: {name: old, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: whoami}]
+  rules: [{backendRefs: [{name: whoami, port: 80}]}]
+---
+apiVersion: networking.mesh.dev/v1alpha1
+kind: VirtualService
+metadata: {name: v}
+spec: {hosts: [whoami], http: [{route: [{destination: {host: whoami}}], timout: 5s}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: forgot-to-port}
+spec: {}
+"#;
+    let parsed = manifest::parse(docs).expect("YAML");
+    let Ok(Document::HttpRoute(r)) = &parsed[0] else { panic!("an HTTPRoute: {:?}", parsed[0]) };
+    assert_eq!(r.object.metadata.name.as_deref(), Some("old"));
+    let Ok(Document::VirtualService(v)) = &parsed[1] else { panic!("a VirtualService") };
+    assert_eq!(v.object.metadata.namespace.as_deref(), Some("default"), "file mode's default namespace");
+    assert_eq!(v.unknown_fields, ["spec.http[0].timout"]);
+    let e = parsed[2].as_ref().expect_err("Istio's own apiVersion");
+    assert!(e.to_string().contains("networking.mesh.dev/v1alpha1 VirtualService/DestinationRule"), "{e}");
+    let state = lab_state(docs.split("---").take(2).collect::<Vec<_>>().join("---").as_str());
+    assert_eq!(state.routes.tables.len(), 1, "the v1beta1 route compiles");
+    let rejected = state.routes.verdicts.iter().find(|v| v.key.name == "v").and_then(routing::Verdict::rejection);
+    assert_eq!(rejected, Some("UnsupportedField"));
+}

@@ -18,6 +18,7 @@ mod fixtures;
 pub mod k8s;
 pub mod manifest;
 pub mod metrics;
+pub mod routing;
 pub mod model;
 pub mod server;
 pub mod snapshot;

@@ -1,13 +1,15 @@
-//! The YAML documents of file mode: the policy CRDs exactly as applied with kubectl, plus small
-//! descriptions of what Kubernetes would otherwise tell us (`lab.mesh.dev/v1alpha1` kinds `Node`,
-//! `Namespace`, `Workload`, `Service`). See `deploy/examples/` and the README for the format.
+//! The YAML documents of file mode: the policy and routing CRDs exactly as applied with kubectl
+//! (`security.mesh.dev`, `networking.mesh.dev`, Gateway API's `HTTPRoute`, `GRPCRoute`,
+//! `ReferenceGrant`), plus small descriptions of what Kubernetes would otherwise tell us
+//! (`lab.mesh.dev/v1alpha1` kinds `Node`, `Namespace`, `Workload`, `Service`). See
+//! `deploy/examples/` and the README for the format.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::Deserialize;
 
 use crate::{
-    crd,
+    crd::{self, Read, gateway, networking},
     model::{self, Labels, NamespacedName},
 };
 
@@ -20,7 +22,13 @@ pub enum Error {
     Yaml(String),
     #[error("{api_version}/{kind}: {source}")]
     Shape { api_version: String, kind: String, source: serde_json::Error },
-    #[error("unknown kind {kind:?} of apiVersion {api_version:?} (expected {} AuthorizationPolicy/PeerAuthentication or {LAB_API_VERSION} Node/Namespace/Workload/Service)", crd::API_VERSION)]
+    #[error(
+        "unknown kind {kind:?} of apiVersion {api_version:?} (expected {} AuthorizationPolicy/PeerAuthentication, {} VirtualService/DestinationRule, {} HTTPRoute/GRPCRoute, {} ReferenceGrant or {LAB_API_VERSION} Node/Namespace/Workload/Service)",
+        crd::API_VERSION,
+        networking::API_VERSION,
+        gateway::API_VERSION,
+        gateway::REFERENCE_GRANT_API_VERSION
+    )]
     UnknownKind { api_version: String, kind: String },
     #[error("{kind} {name}: {what}")]
     Invalid { kind: &'static str, name: String, what: String },
@@ -31,6 +39,11 @@ pub enum Error {
 pub enum Document {
     AuthorizationPolicy(Box<crd::AuthorizationPolicy>),
     PeerAuthentication(Box<crd::PeerAuthentication>),
+    HttpRoute(Box<Read<gateway::HttpRoute>>),
+    GrpcRoute(Box<Read<gateway::GrpcRoute>>),
+    ReferenceGrant(Box<gateway::ReferenceGrant>),
+    VirtualService(Box<Read<networking::VirtualService>>),
+    DestinationRule(Box<Read<networking::DestinationRule>>),
     Node { name: String, address: Option<IpAddr> },
     Namespace { name: String, labels: Labels },
     Workload(model::Workload),
@@ -122,6 +135,16 @@ fn document(doc: &serde_json::Value) -> Result<Document, Error> {
             p.metadata.namespace.get_or_insert_with(ns);
             Ok(Document::PeerAuthentication(Box::new(p)))
         }
+        // v1beta1 HTTPRoutes (older docs) have v1's shape; Kubernetes serves them as v1 too.
+        (gateway::API_VERSION | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => Ok(Document::HttpRoute(Box::new(routing_object(doc, ns(), shape)?))),
+        (gateway::API_VERSION, "GRPCRoute") => Ok(Document::GrpcRoute(Box::new(routing_object(doc, ns(), shape)?))),
+        (gateway::REFERENCE_GRANT_API_VERSION | "gateway.networking.k8s.io/v1", "ReferenceGrant") => {
+            let mut g: gateway::ReferenceGrant = serde_json::from_value(doc.clone()).map_err(shape)?;
+            g.metadata.namespace.get_or_insert_with(ns);
+            Ok(Document::ReferenceGrant(Box::new(g)))
+        }
+        (networking::API_VERSION, "VirtualService") => Ok(Document::VirtualService(Box::new(routing_object(doc, ns(), shape)?))),
+        (networking::API_VERSION, "DestinationRule") => Ok(Document::DestinationRule(Box::new(routing_object(doc, ns(), shape)?))),
         (LAB_API_VERSION, "Node") => {
             #[derive(serde::Deserialize, Default)]
             #[serde(deny_unknown_fields)]
@@ -170,6 +193,16 @@ fn document(doc: &serde_json::Value) -> Result<Document, Error> {
         }
         _ => Err(Error::UnknownKind { api_version, kind }),
     }
+}
+
+/// A routing object with its unknown fields (validation names them in its status).
+fn routing_object<K>(doc: &serde_json::Value, namespace: String, shape: impl Fn(serde_json::Error) -> Error) -> Result<Read<K>, Error>
+where
+    K: kube::Resource + serde::de::DeserializeOwned + serde::Serialize,
+{
+    let mut r: Read<K> = crd::read(doc).map_err(shape)?;
+    r.object.meta_mut().namespace.get_or_insert(namespace);
+    Ok(r)
 }
 
 fn named(kind: &'static str, name: String) -> Result<String, Error> {

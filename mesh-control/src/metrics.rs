@@ -34,6 +34,7 @@ pub struct Metrics {
     pub acks: Counter,
     pub nacks: Counter,
     pub policies_rejected: Family<RejectedLabels, Gauge>,
+    pub routes_rejected: Family<RejectedLabels, Gauge>,
     pub file_errors: Gauge,
     pub certificates_issued: Counter,
     pub node_certificates_issued: Counter,
@@ -50,11 +51,26 @@ impl Metrics {
         r.register("config_acks", "Config updates nodes acknowledged", m.acks.clone());
         r.register("config_nacks", "Config updates nodes rejected", m.nacks.clone());
         r.register("policies_rejected", "Policy objects currently rejected by validation", m.policies_rejected.clone());
+        r.register(
+            "routes_rejected",
+            "Routing objects (HTTPRoute, GRPCRoute, VirtualService, DestinationRule) currently not accepted (on some parent), by the first reason",
+            m.routes_rejected.clone(),
+        );
         r.register("config_file_errors", "Config-folder files or documents that could not be read (file mode)", m.file_errors.clone());
         r.register("certificates_issued", "Workload certificates signed", m.certificates_issued.clone());
         r.register("node_certificates_issued", "Node certificates signed (first start and renewals)", m.node_certificates_issued.clone());
         r.register("certificate_refusals", "Certificate requests refused", m.certificate_refusals.clone());
         m
+    }
+
+    /// Sets the rejected-route gauges from the current routing verdicts.
+    pub fn set_route_verdicts(&self, verdicts: &[crate::routing::Verdict]) {
+        self.routes_rejected.clear();
+        for v in verdicts {
+            if let Some(reason) = v.rejection() {
+                self.routes_rejected.get_or_create(&RejectedLabels { kind: v.kind.as_str(), reason }).inc();
+            }
+        }
     }
 
     /// Sets the rejected-policy gauges from the current verdicts.

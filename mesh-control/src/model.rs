@@ -8,7 +8,7 @@ use ipnet::IpNet;
 pub type Labels = BTreeMap<String, String>;
 
 /// A namespace and a name: the key of services and policies.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NamespacedName {
     pub namespace: String,
     pub name: String,
@@ -197,6 +197,26 @@ pub struct PeerAuthentication {
     pub selector: Labels,
     pub mode: MtlsMode,
     pub port_level: BTreeMap<u16, MtlsMode>,
+}
+
+/// A status condition as the controller decides it (policies, routing objects), before a source
+/// writes it as a Kubernetes `Condition` (with times and generations) or shows it on `/status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusCondition {
+    pub type_: &'static str,
+    pub status: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl StatusCondition {
+    pub fn yes(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { type_, status: true, reason, message: message.into() }
+    }
+
+    pub fn no(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { type_, status: false, reason, message: message.into() }
+    }
 }
 
 /// Does a policy with this scope, namespace and selector apply to the workload?

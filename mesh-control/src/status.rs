@@ -1,5 +1,6 @@
 //! The status endpoint (plain HTTP/1.1, meant for localhost or the pod network):
-//! - `GET /status`: JSON with the config version, every policy's verdict, file errors and nodes,
+//! - `GET /status`: JSON with the config version, every policy's and routing object's verdict
+//!   (conditions, per parent for Gateway API routes), file errors and nodes,
 //! - `GET /metrics`: Prometheus text,
 //! - `GET /ready`: 200 once a first config is published (readiness probe), else 503,
 //! - `GET /healthz`: 200 (liveness probe).
@@ -70,6 +71,7 @@ fn handle(req: &Request<Incoming>, s: &Sources) -> Response<Full<Bytes>> {
             let snap = s.publisher.current();
             s.metrics.config_version.set(i64::try_from(snap.version).unwrap_or(i64::MAX));
             s.metrics.set_verdicts(&snap.state.policies.verdicts);
+            s.metrics.set_route_verdicts(&snap.state.routes.verdicts);
             s.metrics.file_errors.set(i64::try_from(snap.file_errors.len()).unwrap_or(i64::MAX));
             reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", crate::metrics::encode(&s.registry))
         }
@@ -107,14 +109,40 @@ pub fn status_json(s: &Sources) -> String {
             })
         })
         .collect();
+    let routes: Vec<_> = snap.state.routes.verdicts.iter().map(route_json).collect();
     let nodes = s.nodes.lock().expect("not poisoned").clone();
     let doc = serde_json::json!({
         "version": snap.version,
         "workloads": snap.state.inventory.workloads.len(),
         "services": snap.state.inventory.services.len(),
+        "routeTables": snap.state.routes.tables.len(),
         "policies": policies,
+        "routes": routes,
         "fileErrors": snap.file_errors,
         "nodes": nodes,
     });
     serde_json::to_string_pretty(&doc).expect("JSON values serialize") + "\n"
+}
+
+/// One routing object's verdict: its conditions as its status has them (per parent for
+/// Gateway API routes), so file mode shows what `kubectl get -o yaml` would.
+fn route_json(v: &crate::routing::Verdict) -> serde_json::Value {
+    let conditions = |cs: &[crate::routing::Condition]| -> Vec<serde_json::Value> {
+        cs.iter()
+            .map(|c| serde_json::json!({"type": c.type_, "status": if c.status { "True" } else { "False" }, "reason": c.reason, "message": c.message}))
+            .collect()
+    };
+    let mut doc = serde_json::json!({
+        "kind": v.kind.as_str(),
+        "namespace": v.key.namespace,
+        "name": v.key.name,
+        "accepted": v.rejection().is_none(),
+    });
+    match &v.status {
+        crate::routing::VerdictStatus::Parents(ps) => {
+            doc["parents"] = ps.iter().map(|p| serde_json::json!({"parentRef": p.reference, "conditions": conditions(&p.conditions)})).collect();
+        }
+        crate::routing::VerdictStatus::Conditions(cs) => doc["conditions"] = conditions(cs).into(),
+    }
+    doc
 }

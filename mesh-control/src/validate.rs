@@ -36,6 +36,10 @@ pub enum Error {
     InvalidPath { field: String, value: String },
     #[error("{field}: a condition needs a key and values or notValues")]
     InvalidCondition { field: String },
+    #[error(
+        "{field}.key: unknown condition key {key:?} (supported: request.headers[<name>], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port; request.auth.* and connection.sni are accepted and fail closed until supported)"
+    )]
+    UnknownConditionKey { field: String, key: String },
     #[error("metadata.annotations[{key}]: {value:?} is not \"true\" or \"false\"")]
     InvalidAnnotation { key: String, value: String },
     #[error("selects the same workloads as {other}, which is older and wins; delete one of them or make the selectors differ")]
@@ -56,6 +60,7 @@ impl Error {
             Self::InvalidSelector { .. } => "InvalidSelector",
             Self::InvalidPath { .. } => "InvalidPath",
             Self::InvalidCondition { .. } => "InvalidCondition",
+            Self::UnknownConditionKey { .. } => "UnknownConditionKey",
             Self::InvalidAnnotation { .. } => "InvalidAnnotation",
             Self::ConflictingSelector { .. } => "ConflictingSelector",
         }
@@ -220,10 +225,36 @@ fn rule(r: &crd::Rule, field: &str) -> Result<model::Rule, Error> {
             if c.key.is_empty() || (c.values.is_empty() && c.not_values.is_empty()) {
                 return Err(Error::InvalidCondition { field: format!("{field}.when[{i}]") });
             }
+            if !known_condition_key(&c.key) {
+                return Err(Error::UnknownConditionKey { field: format!("{field}.when[{i}]"), key: c.key.clone() });
+            }
             Ok(model::Condition { key: c.key.clone(), values: c.values.clone(), not_values: c.not_values.clone() })
         })
         .collect::<Result<_, _>>()?;
     Ok(model::Rule { from, to, when })
+}
+
+/// Istio's condition keys. The nodes evaluate the request and connection attributes; JWT
+/// (`request.auth.*`) and SNI keys are Istio's too and reach the nodes, which fail closed on them
+/// (an ALLOW rule with one never matches, a DENY rule with one matches on its other parts).
+fn known_condition_key(key: &str) -> bool {
+    let header = key.strip_prefix("request.headers[").and_then(|h| h.strip_suffix(']')).is_some_and(|h| !h.is_empty());
+    let claim = key.strip_prefix("request.auth.claims[").and_then(|h| h.strip_suffix(']')).is_some_and(|h| !h.is_empty());
+    header
+        || claim
+        || matches!(
+            key,
+            "source.ip"
+                | "remote.ip"
+                | "source.namespace"
+                | "source.principal"
+                | "destination.ip"
+                | "destination.port"
+                | "request.auth.principal"
+                | "request.auth.audiences"
+                | "request.auth.presenter"
+                | "connection.sni"
+        )
 }
 
 fn source(s: &crd::Source, field: &str) -> Result<model::Source, Error> {
@@ -305,7 +336,7 @@ fn valid_pattern(v: &str, check: fn(&str) -> bool) -> bool {
     }
 }
 
-fn valid_dns_label(v: &str) -> bool {
+pub(crate) fn valid_dns_label(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 63
         && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -313,12 +344,12 @@ fn valid_dns_label(v: &str) -> bool {
         && !v.ends_with('-')
 }
 
-fn valid_label_key(k: &str) -> bool {
+pub(crate) fn valid_label_key(k: &str) -> bool {
     let name = k.rsplit_once('/').map_or(k, |(_, n)| n);
     !name.is_empty() && name.len() <= 63 && valid_label_value(name)
 }
 
-fn valid_label_value(v: &str) -> bool {
+pub(crate) fn valid_label_value(v: &str) -> bool {
     v.len() <= 63
         && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && v.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())

@@ -132,3 +132,16 @@ fn conflicting_peer_authentications_reject_the_younger_and_keep_the_rest() {
     assert_eq!(rejected, [("demo/bad".into(), "UnknownAction"), ("demo/a-younger".into(), "ConflictingSelector")]);
     assert_eq!(got.verdicts.len(), 5);
 }
+
+#[test]
+fn condition_keys_are_istios_and_unknown_ones_are_named() {
+    let with_key = |key: &str| format!("metadata: {{name: a, namespace: demo}}\nspec:\n  rules:\n  - when:\n    - key: \"{key}\"\n      values: [x]\n");
+    for key in ["request.headers[x-user]", "source.ip", "remote.ip", "source.namespace", "source.principal", "destination.ip", "destination.port", "request.auth.claims[iss]", "request.auth.principal", "connection.sni"] {
+        assert!(authorization_policy(&ap(&with_key(key)), ROOT).is_ok(), "{key} is one of Istio's keys");
+    }
+    for key in ["request.header[x-user]", "request.headers[]", "source.user", "destination.host"] {
+        let e = ap_err(&with_key(key));
+        assert_eq!(e.reason(), "UnknownConditionKey", "{key}");
+        assert!(e.to_string().starts_with("spec.rules[0].when[0].key: unknown condition key"), "{e}");
+    }
+}

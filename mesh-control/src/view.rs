@@ -5,8 +5,8 @@
 //! inbound HBONE to its source workload in metrics, and trusts a `forwarded` client address only
 //! when it belongs to the authenticated identity; ztunnel's workload set is the same), every
 //! Service with its endpoints (each endpoint says whether it is meshed, its node and identity),
-//! and the policies that apply to at least one of its meshed workloads, with those workloads'
-//! uids precomputed.
+//! the policies that apply to at least one of its meshed workloads, with those workloads' uids
+//! precomputed, and every route table (with each endpoint's DestinationRule subsets).
 //!
 //! This module is the proto boundary of the controller: domain types in, `mesh_proto` out.
 
@@ -16,14 +16,18 @@ use mesh_proto::config::v1 as pb;
 
 use crate::{
     model::{self, Action, Inventory, MtlsMode, Protocol, Scope, Workload},
+    routing::Routes,
     validate::Policies,
 };
+
+mod routes;
 
 /// Everything the controller knows, after validation.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct State {
     pub inventory: Inventory,
     pub policies: Policies,
+    pub routes: Routes,
 }
 
 /// (kind, key) → resource.
@@ -37,7 +41,12 @@ pub fn node_view(state: &State, node: &str, trust_domain: &str) -> View {
         insert(&mut view, pb::resource::Kind::Workload(workload(w, inv, trust_domain)));
     }
     for s in inv.services.values() {
-        insert(&mut view, pb::resource::Kind::Service(service(s, inv, trust_domain)));
+        let subsets = state.routes.subsets.get(&s.key()).map_or(&[][..], Vec::as_slice);
+        insert(&mut view, pb::resource::Kind::Service(service(s, subsets, inv, trust_domain)));
+    }
+    // Every node gets every route table: a client on any node may call the Service.
+    for t in state.routes.tables.values() {
+        insert(&mut view, pb::resource::Kind::RouteTable(routes::route_table(t)));
     }
     let applied = |scope, ns: &str, sel| -> Vec<String> {
         local.iter().filter(|w| w.meshed && model::applies_to(scope, ns, sel, w)).map(|w| w.uid.clone()).collect()
@@ -98,7 +107,9 @@ fn workload(w: &Workload, inv: &Inventory, trust_domain: &str) -> pb::Workload {
     }
 }
 
-fn service(s: &model::Service, inv: &Inventory, trust_domain: &str) -> pb::Service {
+/// `subsets`: the Service's DestinationRule subsets; an endpoint belongs to those whose labels its
+/// workload has.
+fn service(s: &model::Service, subsets: &[(String, model::Labels)], inv: &Inventory, trust_domain: &str) -> pb::Service {
     let protocol = |p: Protocol| match p {
         Protocol::Tcp => pb::Protocol::Tcp,
         Protocol::Udp => pb::Protocol::Udp,
@@ -133,7 +144,9 @@ fn service(s: &model::Service, inv: &Inventory, trust_domain: &str) -> pb::Servi
                     meshed: w.is_some_and(|w| w.meshed),
                     identity: w.filter(|w| w.meshed).map(|w| w.identity(trust_domain)).unwrap_or_default(),
                     node_address: w.map(|w| node_address(inv, &w.node)).unwrap_or_default(),
-                    subsets: Vec::new(),
+                    subsets: w
+                        .map(|w| subsets.iter().filter(|(_, l)| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))).map(|(n, _)| n.clone()).collect())
+                        .unwrap_or_default(),
                 }
             })
             .collect(),

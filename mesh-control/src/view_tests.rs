@@ -105,3 +105,56 @@ fn diff_sends_changed_and_removed_resources_only() {
     assert_eq!(upserts.len(), 1);
     assert_eq!(key_of(upserts[0].kind.as_ref().expect("kind")).key, "demo/whoami-deny");
 }
+
+#[test]
+fn every_node_gets_every_route_table_and_endpoints_carry_their_subsets() {
+    let extra = r"
+apiVersion: lab.mesh.dev/v1alpha1
+kind: Workload
+metadata: {name: whoami-v1, namespace: demo, labels: {app: whoami, version: v1}}
+spec: {node: n2, serviceAccount: whoami, addresses: [198.18.2.30]}
+---
+apiVersion: networking.mesh.dev/v1alpha1
+kind: DestinationRule
+metadata: {name: whoami, namespace: demo}
+spec:
+  host: whoami
+  subsets: [{name: v1, labels: {version: v1}}, {name: all, labels: {app: whoami}}]
+---
+apiVersion: networking.mesh.dev/v1alpha1
+kind: VirtualService
+metadata: {name: whoami, namespace: demo}
+spec:
+  hosts: [whoami]
+  http:
+  - match: [{uri: {prefix: /v1}}]
+    rewrite: {uri: /}
+    route: [{destination: {host: whoami, subset: v1}}]
+    timeout: 2s
+    mirror: {host: whoami}
+    mirrorPercentage: {value: 5}
+  - redirect: {uri: /v1, redirectCode: 308}
+";
+    let state = lab_state(extra);
+    for node in ["n1", "n2", "n9"] {
+        let v = node_view(&state, node, TD);
+        let t = v.get(&(pb::ResourceKind::RouteTable.into(), "demo/whoami".into())).unwrap_or_else(|| panic!("{node} gets the table"));
+        let Some(pb::resource::Kind::RouteTable(t)) = &t.kind else { panic!("a route table") };
+        let r0 = &t.routes[0];
+        let source = r0.source.as_ref().expect("source");
+        assert_eq!((source.kind.as_str(), source.name.as_str(), source.rule), ("VirtualService", "whoami", 0));
+        let m = &r0.matches[0];
+        assert_eq!(m.path.as_ref().map(|p| (p.kind, p.value.as_str())), Some((pb::MatchKind::Prefix.into(), "/v1")));
+        let rw = r0.rewrite.as_ref().and_then(|r| r.path.as_ref()).expect("rewrite");
+        assert_eq!((rw.kind, rw.value.as_str()), (pb::PathModifierKind::Prefix.into(), "/"));
+        assert_eq!((r0.backends[0].subset.as_str(), r0.backends[0].weight, r0.backends[0].port), ("v1", 100, 0));
+        assert_eq!((r0.request_timeout_ms, r0.mirrors[0].per_million), (2000, 50_000));
+        let rd = t.routes[1].redirect.as_ref().expect("redirect");
+        assert_eq!((rd.status_code, rd.path.as_ref().map(|p| p.kind)), (308, Some(pb::PathModifierKind::Full.into())));
+        assert!(t.routes[1].backends.is_empty() && t.routes[1].direct_response.is_none());
+    }
+    let v = node_view(&state, "n1", TD);
+    let Some(pb::resource::Kind::Service(svc)) = &v[&(pb::ResourceKind::Service.into(), "demo/whoami".into())].kind else { panic!("service") };
+    let subsets: Vec<(&str, Vec<&str>)> = svc.endpoints.iter().map(|e| (e.address.as_str(), e.subsets.iter().map(String::as_str).collect())).collect();
+    assert_eq!(subsets, [("198.18.1.10", vec!["all"]), ("198.18.2.10", vec!["all"]), ("198.18.2.30", vec!["v1", "all"])]);
+}

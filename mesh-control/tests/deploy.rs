@@ -22,12 +22,38 @@ fn docs(text: &str) -> Vec<Value> {
 
 #[test]
 fn committed_crds_equal_crdgen_output() {
-    let generated = mesh_control::crd::yaml().expect("crdgen");
-    assert!(
-        read(&deploy().join("10-crds.yaml")) == generated,
-        "deploy/10-crds.yaml is stale: run `cargo xtask crds`"
-    );
-    assert!(read(&deploy().join("helm/mesh/crds/crds.yaml")) == generated, "deploy/helm/mesh/crds/crds.yaml is stale: run `cargo xtask crds`");
+    let ours = mesh_control::crd::yaml().expect("crdgen");
+    let gateway_api = mesh_control::crd::gateway_api_yaml().expect("crdgen --gateway-api");
+    for (path, generated) in [
+        ("10-crds.yaml", &ours),
+        ("helm/mesh/crds/crds.yaml", &ours),
+        ("11-gateway-api-crds.yaml", &gateway_api),
+        ("helm/mesh/crds/gateway-api-crds.yaml", &gateway_api),
+    ] {
+        assert!(read(&deploy().join(path)) == *generated, "deploy/{path} is stale: run `cargo xtask crds`");
+    }
+}
+
+#[test]
+fn routing_crds_keep_unknown_fields_so_the_controller_can_name_them() {
+    // Istio's `tcp`, a newer Gateway API field: the API server must not prune them, or the
+    // controller could not say they are not supported.
+    for (file, kinds) in [("10-crds.yaml", &["virtualservices", "destinationrules"][..]), ("11-gateway-api-crds.yaml", &["httproutes", "grpcroutes"][..])] {
+        for crd in docs(&read(&deploy().join(file))) {
+            let name = crd["metadata"]["name"].as_str().expect("name");
+            if kinds.iter().any(|k| name.starts_with(&format!("{k}."))) {
+                let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+                assert_eq!(spec["x-kubernetes-preserve-unknown-fields"], true, "{name}: spec");
+                let list = match name.split('.').next() {
+                    Some("virtualservices") => "http",
+                    Some("destinationrules") => "subsets",
+                    _ => "rules",
+                };
+                let rules = &spec["properties"][list];
+                assert_eq!(rules["items"]["x-kubernetes-preserve-unknown-fields"], true, "{name}: nested objects too");
+            }
+        }
+    }
 }
 
 /// Substitutes `{{ .Values.<path> }}` and `{{ .Release.Namespace }}`; panics on anything else.
@@ -103,4 +129,71 @@ fn example_folder_loads_cleanly_and_invalid_examples_are_rejected_with_reasons()
     let reasons: Vec<&str> = state.policies.verdicts.iter().filter_map(|v| v.result.as_ref().err().map(mesh_control::validate::Error::reason)).collect();
     assert_eq!(reasons, ["InvalidPrincipal", "PortOutOfRange", "UnknownAction"]);
     assert!(state.policies.authorization.is_empty());
+    let routes: Vec<(String, Option<&str>)> = state.routes.verdicts.iter().map(|v| (v.key.name.clone(), v.rejection())).collect();
+    assert_eq!(
+        routes,
+        [("bad-regex".into(), Some("UnsupportedValue")), ("bad-tcp".into(), Some("UnsupportedField")), ("bad-weights".into(), Some("InvalidWeights"))]
+    );
+    assert!(state.routes.tables.is_empty());
+}
+
+/// The routing examples, on the file-mode lab plus `routing-lab.yaml`, all loaded together as a
+/// user would apply them: every object accepted, and the routes each example promises.
+#[test]
+fn routing_examples_load_together_and_compile_to_what_their_comments_say() {
+    use mesh_control::routing::model::{Action, PathModifier, StringMatch};
+    let ex = deploy().join("examples");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in ["file-mode/cluster.yaml", "file-mode/routing-lab.yaml"] {
+        std::fs::copy(ex.join(f), dir.path().join(f.replace('/', "-"))).expect("copy");
+    }
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(ex.join("routing")).expect("examples").map(|e| e.expect("entry").path()).collect();
+    examples.sort();
+    for p in &examples {
+        std::fs::copy(p, dir.path().join(p.file_name().expect("name"))).expect("copy");
+    }
+    let (state, errors) = mesh_control::filemode::load(dir.path(), "mesh-system");
+    assert!(errors.is_empty(), "{errors:?}");
+    let verdicts: Vec<(String, String, Option<&str>)> =
+        state.routes.verdicts.iter().map(|v| (v.kind.as_str().to_owned(), v.key.to_string(), v.rejection())).collect();
+    assert_eq!(
+        verdicts,
+        [
+            ("HTTPRoute".into(), "demo/whoami-header".into(), None),
+            ("HTTPRoute".into(), "demo/whoami-rewrite".into(), None),
+            ("HTTPRoute".into(), "demo/whoami-split".into(), None),
+            ("VirtualService".into(), "demo/helloworld".into(), None),
+            ("VirtualService".into(), "demo/httpbin".into(), None),
+            ("DestinationRule".into(), "demo/helloworld".into(), None),
+            ("DestinationRule".into(), "demo/httpbin".into(), None),
+        ]
+    );
+    let table = |name: &str| state.routes.tables.values().find(|t| t.service.name == name).unwrap_or_else(|| panic!("table {name}"));
+    // whoami: the /v2 prefix first, then the header match, then the split for everything else.
+    let whoami = table("whoami");
+    let names: Vec<&str> = whoami.routes.iter().map(|r| r.source.key.name.as_str()).collect();
+    assert_eq!(names, ["whoami-rewrite", "whoami-header", "whoami-split"]);
+    assert_eq!(whoami.routes[0].rewrite.as_ref().and_then(|r| r.path.clone()), Some(PathModifier::Prefix("/".into())));
+    let Action::Forward(split) = &whoami.routes[2].action else { panic!("forward") };
+    assert_eq!(split.iter().map(|b| (b.service.name.as_str(), b.weight)).collect::<Vec<_>>(), [("whoami-v1", 90), ("whoami-v2", 10)]);
+    assert!(whoami.routes.iter().all(|r| r.matches.iter().all(|m| m.port == Some(80))), "parentRef port 80");
+    // helloworld: Firefox → v1-1, else v1-0.
+    let hello = table("helloworld");
+    assert_eq!(hello.routes[0].matches[0].headers[0].value, StringMatch::Regex(".*Firefox.*".into()));
+    let subset = |r: &mesh_control::routing::model::Route| match &r.action {
+        Action::Forward(b) => b[0].subset.clone().unwrap_or_default(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((subset(&hello.routes[0]), subset(&hello.routes[1])), ("v1-1".into(), "v1-0".into()));
+    // httpbin: served by v1, all mirrored to v2.
+    let httpbin = &table("httpbin").routes[0];
+    assert_eq!((subset(httpbin), httpbin.mirrors[0].backend.subset.as_deref(), httpbin.mirrors[0].per_million), ("v1".into(), Some("v2"), 1_000_000));
+    // The subsets select the versioned pods.
+    let view = mesh_control::view::node_view(&state, "n1", "cluster.local");
+    let svc = view.values().find_map(|r| match &r.kind {
+        Some(mesh_proto::config::v1::resource::Kind::Service(s)) if s.name == "helloworld" => Some(s.clone()),
+        _ => None,
+    });
+    let subsets: Vec<(String, Vec<String>)> = svc.expect("helloworld").endpoints.into_iter().map(|e| (e.address, e.subsets)).collect();
+    assert_eq!(subsets, [("198.18.1.13".into(), vec!["v1-0".into()]), ("198.18.2.13".into(), vec!["v1-1".into()])]);
 }

@@ -17,16 +17,8 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 
 /// Removes hop-by-hop headers. An upgrade request keeps `Connection: upgrade` and `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == UPGRADE))
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if headers.contains_key(CONNECTION) {
+        strip_named(headers, keep_upgrade);
     }
     for n in [KEEP_ALIVE, PROXY_CONNECTION, TRANSFER_ENCODING] {
         headers.remove(n);
@@ -42,11 +34,31 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Removes the headers the `Connection` header names (hop-by-hop by declaration).
+fn strip_named(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+}
+
 /// Puts the request in the form `version` needs: HTTP/2 carries the authority in the URI
 /// (`:authority`, no `Host`), HTTP/1.1 in `Host` with an origin-form target.
 pub fn prepare_request(req: &mut Request<Body>, version: client::Version) {
     let upgrade = version == client::Version::Http1 && client::is_upgrade(req);
     strip_hop_by_hop(req.headers_mut(), upgrade);
+    if version == client::Version::Http1 && req.uri().authority().is_none() && req.headers().contains_key(HOST) {
+        // Already what HTTP/1.1 sends: origin form and a Host header (the common case).
+        *req.version_mut() = Version::HTTP_11;
+        return;
+    }
     let authority = req.uri().authority().cloned().or_else(|| {
         req.headers()
             .get(HOST)

@@ -127,13 +127,19 @@ impl<S> Record<S> {
 
 /// What the access log says about the request, captured before it goes on.
 struct RequestInfo {
+    /// What the access log prints, captured only while it is on (`MESH_LOG` may turn the
+    /// `access` target off, and then a request costs no string copies).
+    log: Option<LogInfo>,
+    protocol: &'static str,
+    received: Arc<AtomicU64>,
+    start: Instant,
+}
+
+struct LogInfo {
     method: http::Method,
     authority: Option<String>,
     path: String,
     version: http::Version,
-    protocol: &'static str,
-    received: Arc<AtomicU64>,
-    start: Instant,
 }
 
 impl<S> tower::Service<Request<Body>> for Record<S>
@@ -154,7 +160,7 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let received = Arc::new(AtomicU64::new(0));
-        let info = RequestInfo {
+        let log = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| LogInfo {
             method: req.method().clone(),
             authority: crate::route::filter::authority(&req).map(str::to_owned),
             path: req
@@ -162,6 +168,9 @@ where
                 .path_and_query()
                 .map_or_else(|| "/".to_owned(), ToString::to_string),
             version: req.version(),
+        });
+        let info = RequestInfo {
+            log,
             protocol: protocol::request_protocol(req.headers()),
             received: received.clone(),
             start: Instant::now(),
@@ -273,6 +282,7 @@ impl Done {
             h.request_bytes.observe(received as f64);
             h.response_bytes.observe(sent as f64);
         }
+        let Some(log) = &self.info.log else { return };
         tracing::info!(
             target: "access",
             kind = r.kind,
@@ -280,10 +290,10 @@ impl Done {
             src.workload = %peers.source_workload,
             src.namespace = %peers.source_workload_namespace,
             src.identity = %peers.source_principal,
-            method = %self.info.method,
-            authority = self.info.authority.as_deref().unwrap_or("-"),
-            path = %self.info.path,
-            protocol = ?self.info.version,
+            method = %log.method,
+            authority = log.authority.as_deref().unwrap_or("-"),
+            path = %log.path,
+            protocol = ?log.version,
             status = self.status,
             grpc_status = %grpc,
             flags,

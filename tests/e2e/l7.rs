@@ -73,10 +73,21 @@ fn firefox_canary_weighted_split_rewrite_and_mirror_with_real_clients() {
     eventually("the canary route to reach node 1", Duration::from_secs(3), || {
         versions(&curl_json(&c, &[&["-A", FIREFOX][..], &urls[..2]].concat())) == BTreeMap::from([("v1.1".to_owned(), 2)])
     });
+    // HTTP/1.1: 20 requests on one kept-alive connection. HTTP/2: Debian's curl 7.88.1 fails the
+    // second request of a reused h2c connection with any hyper server ("Error in the HTTP2
+    // framing layer", also straight to the app without the mesh), so one request per curl;
+    // h2load below puts many streams on one connection.
+    let each = |proto: &str, ua: &str| -> Vec<serde_json::Value> {
+        if proto == "--http1.1" {
+            curl_json(&c, &[&[proto, "-A", ua][..], &urls[..]].concat())
+        } else {
+            urls.iter().flat_map(|u| curl_json(&c, &[proto, "-A", ua, u])).collect()
+        }
+    };
     for proto in ["--http1.1", "--http2-prior-knowledge"] {
-        let firefox = curl_json(&c, &[&[proto, "-A", FIREFOX][..], &urls[..]].concat());
+        let firefox = each(proto, FIREFOX);
         assert_eq!(versions(&firefox), BTreeMap::from([("v1.1".to_owned(), 20)]), "{proto}: every Firefox request to v1.1");
-        let others = curl_json(&c, &[&[proto, "-A", "curl/7.88"][..], &urls[..]].concat());
+        let others = each(proto, "curl/7.88");
         assert_eq!(versions(&others), BTreeMap::from([("v1.0".to_owned(), 20)]), "{proto}: every other request to v1.0");
         let pods: std::collections::BTreeSet<&str> = others.iter().filter_map(|a| a["pod"].as_str()).collect();
         assert_eq!(pods.len(), 2, "{proto}: v1.0 requests are balanced per request over both v1.0 pods (nodes 1 and 2): {pods:?}");
@@ -137,7 +148,13 @@ fn firefox_canary_weighted_split_rewrite_and_mirror_with_real_clients() {
             .expect("promtool (Debian package prometheus)");
         std::io::Write::write_all(&mut promtool.stdin.take().expect("stdin"), text.as_bytes()).expect("write");
         let out = promtool.wait_with_output().expect("promtool");
-        assert!(out.status.success(), "node {node}: promtool check metrics: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        // promtool exits 3 for lint findings (1 for a parse error). Istio's own name carries
+        // milliseconds, which the linter flags; dashboards need the name as Istio spells it,
+        // so that one finding is expected and any other fails the test.
+        let istio_unit = |l: &str| l.starts_with("istio_request_duration_milliseconds use base unit \"seconds\"");
+        let clean = out.status.success() || (out.status.code() == Some(3) && said.lines().all(|l| l.trim().is_empty() || istio_unit(l)));
+        assert!(clean, "node {node}: promtool check metrics ({}): {said}", out.status);
     }
 }
 

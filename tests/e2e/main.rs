@@ -155,7 +155,10 @@ fn traffic_between_nodes_is_mutual_tls_on_the_wire_with_the_expected_identities(
         "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
         "destination_principal=\"spiffe://cluster.local/ns/demo/sa/whoami\"",
         "connection_security_policy=\"mutual_tls\"",
-        "destination_service=\"whoami.demo.svc.cluster.local\"",
+        // The request went to the pod's address, which serves two Services on that port
+        // (whoami and helloworld); like ztunnel's inbound guess, the daemon names one of them,
+        // the first by namespace and name, so both nodes agree.
+        "destination_service=\"helloworld.demo.svc.cluster.local\"",
     ] {
         assert!(line.contains(expected), "{expected} missing in {line}");
     }

@@ -316,7 +316,9 @@ impl Cluster {
 
     /// Keeps everything running after this handle is gone (`lab up`).
     pub fn persist(mut self) {
-        self.control.take().map(PodProcess::detach);
+        if let Some(control) = self.control.take() {
+            control.detach();
+        }
         for d in self.daemons.drain(..).flatten() {
             d.detach();
         }

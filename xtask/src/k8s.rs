@@ -59,7 +59,8 @@ pub fn setup() -> Result<()> {
 
 /// The manifests kubernetes-validate checks: every built-in kind we ship (the Helm templates are
 /// checked by rendering them, in mesh-control's `deploy` test).
-const MANIFESTS: [&str; 4] = ["deploy/00-namespace.yaml", "deploy/10-crds.yaml", "deploy/20-control.yaml", "deploy/30-node.yaml"];
+const MANIFESTS: [&str; 5] =
+    ["deploy/00-namespace.yaml", "deploy/10-crds.yaml", "deploy/11-gateway-api-crds.yaml", "deploy/20-control.yaml", "deploy/30-node.yaml"];
 
 pub fn manifest_checks() -> Result<()> {
     step("deploy/: yamllint, kubernetes-validate --strict (offline)");
@@ -81,18 +82,26 @@ pub fn run() -> Result<()> {
 
 /// `cargo xtask crds`: writes crdgen's output where `mesh-control/tests/deploy.rs` expects it.
 pub fn write_crds() -> Result<()> {
-    step("crds: cargo run -p mesh-control --bin crdgen");
-    let out = Command::new("cargo")
-        .args(["run", "--quiet", "--locked", "-p", "mesh-control", "--bin", "crdgen"])
-        .current_dir(root_dir())
-        .output()
-        .context("running crdgen")?;
-    if !out.status.success() {
-        bail!("crdgen failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    for path in ["deploy/10-crds.yaml", "deploy/helm/mesh/crds/crds.yaml"] {
-        std::fs::write(root_dir().join(path), &out.stdout).with_context(|| format!("writing {path}"))?;
-        println!("    wrote {path}");
+    // Ours, and the Gateway API kinds we read (a separate file: clusters with Gateway API skip it).
+    let outputs: [(&[&str], [&str; 2]); 2] = [
+        (&[], ["deploy/10-crds.yaml", "deploy/helm/mesh/crds/crds.yaml"]),
+        (&["--gateway-api"], ["deploy/11-gateway-api-crds.yaml", "deploy/helm/mesh/crds/gateway-api-crds.yaml"]),
+    ];
+    for (args, paths) in outputs {
+        step(&format!("crds: cargo run -p mesh-control --bin crdgen -- {}", args.join(" ")));
+        let out = Command::new("cargo")
+            .args(["run", "--quiet", "--locked", "-p", "mesh-control", "--bin", "crdgen", "--"])
+            .args(args)
+            .current_dir(root_dir())
+            .output()
+            .context("running crdgen")?;
+        if !out.status.success() {
+            bail!("crdgen failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        for path in paths {
+            std::fs::write(root_dir().join(path), &out.stdout).with_context(|| format!("writing {path}"))?;
+            println!("    wrote {path}");
+        }
     }
     Ok(())
 }

@@ -24,9 +24,7 @@ pub fn run(filter: Option<&str>) -> Result<()> {
 
     step("checking that nothing was left behind");
     let left = mesh_tests::clean::clean_all();
-    let bpftool = Command::new("bpftool").args(["prog", "list"]).output()?;
-    let progs = String::from_utf8_lossy(&bpftool.stdout);
-    let stray: Vec<&str> = progs.lines().filter(|l| l.contains(" name mesh_")).collect();
+    let stray = stray_programs()?;
     result?;
     if !left.is_empty() {
         bail!("tests left these behind (now removed): {}", left.join(", "));
@@ -53,4 +51,19 @@ fn run_suites(filter: Option<&str>) -> Result<()> {
         cmd.arg(f);
     }
     sh(&mut cmd)
+}
+
+/// Mesh programs still loaded. A tc program on a veth inside a deleted namespace lives until the
+/// kernel's asynchronous namespace cleanup runs, so a few seconds are allowed for that.
+fn stray_programs() -> Result<Vec<String>> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let bpftool = Command::new("bpftool").args(["prog", "list"]).output()?;
+        let progs = String::from_utf8_lossy(&bpftool.stdout);
+        let stray: Vec<String> = progs.lines().filter(|l| l.contains(" name mesh_")).map(str::to_owned).collect();
+        if stray.is_empty() || Instant::now() > deadline {
+            return Ok(stray);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

@@ -1,6 +1,13 @@
 //! Kubernetes discovery: one reflector per kind (Nodes, Namespaces, Pods, Services,
-//! EndpointSlices, and both policy CRDs). Any change rebuilds the state from the stores (after a
-//! short debounce), validates the policies, publishes, and writes policy status conditions.
+//! EndpointSlices, both policy CRDs, and the routing kinds). Any change rebuilds the state from
+//! the stores (after a short debounce), validates policies and routes, publishes, and writes
+//! status.
+//!
+//! The routing kinds are optional: a cluster may not have Gateway API (or may not have applied
+//! our newer CRDs yet). A kind the API server does not serve at start is still watched (the
+//! watcher retries, and picks it up once its CRD is installed), but startup does not wait for it.
+//! They are read as dynamic objects and typed by [`crd::read`], which keeps the fields our types
+//! do not know, so validation can name them.
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,8 +23,14 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
-use super::status;
-use crate::{crd, snapshot::Publisher, validate, view::State};
+use super::{route_status, status};
+use crate::{
+    crd::{self, gateway, networking},
+    routing,
+    snapshot::Publisher,
+    validate,
+    view::State,
+};
 
 pub struct Config {
     pub root_namespace: String,
@@ -61,6 +74,63 @@ struct Stores {
     slices: Store<DynamicObject>,
     authz: Store<crd::AuthorizationPolicy>,
     peer: Store<crd::PeerAuthentication>,
+    http_routes: Optional,
+    grpc_routes: Optional,
+    reference_grants: Optional,
+    virtual_services: Optional,
+    destination_rules: Optional,
+}
+
+/// A routing kind's store; startup waits for it only if the kind was served at start.
+struct Optional {
+    store: Store<DynamicObject>,
+    wait: bool,
+}
+
+impl Optional {
+    async fn ready(&self) {
+        if self.wait {
+            let _ = self.store.wait_until_ready().await;
+        }
+    }
+
+    /// The objects, typed; one that does not fit its type (the CRD's schema should prevent it)
+    /// is logged and left out.
+    fn read<K: DeserializeOwned + serde::Serialize>(&self) -> Vec<crd::Read<K>> {
+        self.store
+            .state()
+            .iter()
+            .filter_map(|o| {
+                let value = serde_json::to_value(&**o).ok()?;
+                crd::read(&value).map_err(|e| tracing::warn!(object = ?o.metadata.name, namespace = ?o.metadata.namespace, "unreadable routing object: {e}")).ok()
+            })
+            .collect()
+    }
+}
+
+/// (group, version, kind, plural) of the routing kinds.
+const HTTP_ROUTES: (&str, &str, &str, &str) = (gateway::GROUP, "v1", "HTTPRoute", "httproutes");
+const GRPC_ROUTES: (&str, &str, &str, &str) = (gateway::GROUP, "v1", "GRPCRoute", "grpcroutes");
+const REFERENCE_GRANTS: (&str, &str, &str, &str) = (gateway::GROUP, "v1beta1", "ReferenceGrant", "referencegrants");
+const VIRTUAL_SERVICES: (&str, &str, &str, &str) = (networking::GROUP, "v1alpha1", "VirtualService", "virtualservices");
+const DESTINATION_RULES: (&str, &str, &str, &str) = (networking::GROUP, "v1alpha1", "DestinationRule", "destinationrules");
+
+async fn reflect_optional(client: &Client, (group, version, kind, plural): (&str, &str, &str, &str)) -> (Optional, BoxStream<'static, ()>) {
+    let served = match client.list_api_group_resources(&format!("{group}/{version}")).await {
+        Ok(list) => list.resources.iter().any(|r| r.name == plural),
+        Err(kube::Error::Api(e)) if e.code == 404 => false,
+        Err(e) => {
+            tracing::warn!(kind, "discovering {group}/{version} failed, assuming it is served: {e}");
+            true
+        }
+    };
+    if !served {
+        let file = if group == gateway::GROUP { "deploy/11-gateway-api-crds.yaml (or upstream Gateway API)" } else { "deploy/10-crds.yaml" };
+        tracing::warn!(kind, "{group}/{version} {plural} are not served (CRD not installed: {file}); watching until they are");
+    }
+    let ar = ApiResource::from_gvk_with_plural(&kube::api::GroupVersionKind::gvk(group, version, kind), plural);
+    let (store, stream) = reflect_api(Api::<DynamicObject>::all_with(client.clone(), &ar), ar);
+    (Optional { store, wait: served }, stream)
 }
 
 fn owned<K>(store: &Store<K>) -> Vec<K>
@@ -81,10 +151,25 @@ impl Stores {
             self.slices.wait_until_ready(),
             self.authz.wait_until_ready(),
             self.peer.wait_until_ready(),
+            self.http_routes.ready(),
+            self.grpc_routes.ready(),
+            self.reference_grants.ready(),
+            self.virtual_services.ready(),
+            self.destination_rules.ready(),
         );
     }
 
-    fn state(&self, root_namespace: &str) -> State {
+    fn routing_objects(&self) -> routing::Objects {
+        routing::Objects {
+            http_routes: self.http_routes.read(),
+            grpc_routes: self.grpc_routes.read(),
+            reference_grants: self.reference_grants.read::<gateway::ReferenceGrant>().into_iter().map(|r| r.object).collect(),
+            virtual_services: self.virtual_services.read(),
+            destination_rules: self.destination_rules.read(),
+        }
+    }
+
+    fn state(&self, root_namespace: &str, objects: &routing::Objects) -> State {
         let inventory = super::translate::inventory(
             &owned(&self.nodes),
             &owned(&self.namespaces),
@@ -93,7 +178,8 @@ impl Stores {
             &self.slices.state().iter().filter_map(|o| as_slice(o)).collect::<Vec<_>>(),
         );
         let policies = validate::policies(&owned(&self.authz), &owned(&self.peer), root_namespace);
-        State { inventory, policies }
+        let routes = routing::build(objects, &inventory);
+        State { inventory, policies, routes }
     }
 }
 
@@ -130,8 +216,26 @@ pub async fn run(client: Client, config: Config, publisher: Publisher) {
     let (slices, s5) = reflect_api(Api::<DynamicObject>::all_with(client.clone(), &slice_api), slice_api);
     let (authz, s6) = reflect::<crd::AuthorizationPolicy>(&client);
     let (peer, s7) = reflect::<crd::PeerAuthentication>(&client);
-    let stores = Arc::new(Stores { nodes, namespaces, pods, services, slices, authz, peer });
-    let mut events = futures::stream::select_all([s1, s2, s3, s4, s5, s6, s7]);
+    let (http_routes, s8) = reflect_optional(&client, HTTP_ROUTES).await;
+    let (grpc_routes, s9) = reflect_optional(&client, GRPC_ROUTES).await;
+    let (reference_grants, s10) = reflect_optional(&client, REFERENCE_GRANTS).await;
+    let (virtual_services, s11) = reflect_optional(&client, VIRTUAL_SERVICES).await;
+    let (destination_rules, s12) = reflect_optional(&client, DESTINATION_RULES).await;
+    let stores = Arc::new(Stores {
+        nodes,
+        namespaces,
+        pods,
+        services,
+        slices,
+        authz,
+        peer,
+        http_routes,
+        grpc_routes,
+        reference_grants,
+        virtual_services,
+        destination_rules,
+    });
+    let mut events = futures::stream::select_all([s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12]);
     // notify_one keeps a permit when nobody waits, so no change is lost while we publish.
     let changed = Arc::new(tokio::sync::Notify::new());
     let publish = {
@@ -155,10 +259,14 @@ pub async fn run(client: Client, config: Config, publisher: Publisher) {
 }
 
 async fn publish_once(client: &Client, stores: &Stores, config: &Config, publisher: &Publisher) {
-    let state = stores.state(&config.root_namespace);
+    let objects = stores.routing_objects();
+    let state = stores.state(&config.root_namespace, &objects);
     let verdicts = state.policies.verdicts.clone();
+    let route_verdicts = state.routes.verdicts.clone();
     if let Some(version) = publisher.publish(state, Vec::new()) {
         tracing::info!(version, "cluster state changed");
+        routing::log_verdicts(&route_verdicts);
     }
     status::write_all(client, &verdicts, &owned(&stores.authz), &owned(&stores.peer)).await;
+    route_status::write_all(client, &route_verdicts, &objects).await;
 }

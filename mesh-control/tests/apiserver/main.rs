@@ -1,8 +1,10 @@
-//! mesh-control against a REAL kube-apiserver (see `cluster.rs`). Built only with the
-//! `apiserver-tests` feature; `cargo xtask test` runs `scripts/setup-k8s.sh` and then this target:
+//! mesh-control against a REAL kube-apiserver (see `cluster.rs`; routing in `routing.rs`). Built
+//! only with the `apiserver-tests` feature; `cargo xtask test` runs `scripts/setup-k8s.sh` and
+//! then this target:
 //!   cargo test -p mesh-control --features apiserver-tests --test apiserver
 
 mod cluster;
+mod routing;
 
 use std::{
     collections::BTreeMap,

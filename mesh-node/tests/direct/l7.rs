@@ -427,3 +427,17 @@ async fn l7_request_cost() {
         println!("{name:24} {:7.1} µs/request, {:5.0} requests/s, {:6.1} CPU-µs/request", secs * 1e6 / f64::from(N), f64::from(N) / secs, cpus * 1e6 / f64::from(N));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_clients_reach_http1_backends() {
+    let (snap, b, c) = topology("http").await;
+    let mesh = Mesh::start(snap, Opts::default()).await;
+    let client = h2_client(&mesh).await;
+    for i in 0..20 {
+        let (status, body) = text(client.clone().send_request(get(&format!("/h{i}"))).await.expect("response")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let seen: Vec<Seen> = b.seen.lock().expect("lock").iter().chain(c.seen.lock().expect("lock").iter()).cloned().collect();
+    assert_eq!(seen.len(), 20);
+    assert!(seen.iter().all(|s| s.version == http::Version::HTTP_11 && s.host == "web.default"), "HTTP/1.1 upstream with the authority as Host: {seen:?}");
+}

@@ -36,6 +36,8 @@ fn route(r: &pb::HttpRoute, what: &str) -> Result<Route, Error> {
         "HTTPRoute" => SourceKind::HttpRoute,
         "GRPCRoute" => SourceKind::GrpcRoute,
         "VirtualService" => SourceKind::VirtualService,
+        // The controller's implicit route (e.g. for clients without consumer routes).
+        "default" => SourceKind::Default,
         other => return Err(invalid(format!("{what}: unknown route source kind {other:?}"))),
     };
     let source = RouteSource { kind, namespace: s.namespace, name: s.name, rule: s.rule, rule_name: (!s.rule_name.is_empty()).then_some(s.rule_name) };

@@ -153,7 +153,7 @@ struct Upstream {
     port: u16,
     ipv4: bool,
     /// Endpoint → the Services it was reached as part of (usually one), and what was learnt.
-    seen: Arc<Mutex<HashMap<SocketAddr, Vec<Reached>>>>,
+    seen: Arc<Mutex<HashMap<SocketAddr, Vec<Arc<Reached>>>>>,
 }
 
 /// What is remembered of an endpoint this connection reached as part of a Service.
@@ -174,8 +174,8 @@ enum Path {
 }
 
 impl Upstream {
-    fn reached(&self, state: &State, service: &Service, endpoint: &crate::state::Endpoint, addr: SocketAddr) -> Reached {
-        let same = |r: &&Reached| r.namespace == service.namespace && r.name == service.name;
+    fn reached(&self, state: &State, service: &Service, endpoint: &crate::state::Endpoint, addr: SocketAddr) -> Arc<Reached> {
+        let same = |r: &&Arc<Reached>| r.namespace == service.namespace && r.name == service.name;
         if let Some(r) = self.seen.lock().unwrap_or_else(PoisonError::into_inner).get(&addr).and_then(|v| v.iter().find(same)) {
             return r.clone();
         }
@@ -208,7 +208,7 @@ impl Upstream {
             };
             Path::Pool(Arc::new(UpstreamKey { client: self.client.ip, client_identity: self.client_identity.clone(), endpoint: addr, via }))
         };
-        let r = Reached { namespace: service.namespace.clone(), name: service.name.clone(), peers: Arc::new(peers), path };
+        let r = Arc::new(Reached { namespace: service.namespace.clone(), name: service.name.clone(), peers: Arc::new(peers), path });
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         if seen.len() < 256 {
             seen.entry(addr).or_default().push(r.clone());
@@ -239,7 +239,7 @@ impl Upstream {
             Path::Local(local) => local.clone().oneshot(req).await.unwrap_or_else(|never| match never {}),
             Path::Pool(key) => forward::send(&self.shared.upstreams, key, inbound::version(port.app_protocol()), req).await,
         };
-        resp.extensions_mut().insert(Peers(reached.peers));
+        resp.extensions_mut().insert(Peers(reached.peers.clone()));
         resp.extensions_mut().insert(UpstreamAddr(addr));
         resp
     }

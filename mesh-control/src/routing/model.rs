@@ -1,0 +1,225 @@
+//! The route model of the controller: what validation makes of the four routing kinds, and the
+//! per-Service route tables compilation makes of that. It mirrors `RouteTable` of
+//! `mesh/config/v1/config.proto` (the contract with the nodes, whose comments define the
+//! semantics) in domain types; `view` turns it into the proto.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use crate::model::{Labels, NamespacedName};
+
+/// The routes of one Service, in evaluation order (first match wins).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteTable {
+    pub service: NamespacedName,
+    /// Producer routes: for every client.
+    pub routes: Vec<Route>,
+    /// Consumer routes by client namespace: they replace `routes` for those clients.
+    pub consumers: BTreeMap<String, Vec<Route>>,
+    /// The DestinationRule's `trafficPolicy` as JSON (carried, not enforced yet).
+    pub traffic_policy_json: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SourceKind {
+    HttpRoute,
+    GrpcRoute,
+    VirtualService,
+}
+
+impl SourceKind {
+    /// The Kubernetes kind (the proto's `RouteSource.kind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HttpRoute => "HTTPRoute",
+            Self::GrpcRoute => "GRPCRoute",
+            Self::VirtualService => "VirtualService",
+        }
+    }
+}
+
+/// Where a route came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub kind: SourceKind,
+    pub key: NamespacedName,
+    /// `rules[i]` / `http[i]`.
+    pub rule: u32,
+    pub rule_name: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub source: Source,
+    /// Alternatives; empty: every request.
+    pub matches: Vec<Match>,
+    pub request_headers: HeaderModifier,
+    pub response_headers: HeaderModifier,
+    pub rewrite: Option<UrlRewrite>,
+    pub action: Action,
+    pub mirrors: Vec<Mirror>,
+    pub timeouts: Timeouts,
+    /// Carried, not enforced yet.
+    pub retry: Option<Retry>,
+    /// Carried, not enforced yet.
+    pub fault: Option<Fault>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Forward(Vec<Backend>),
+    Redirect(Redirect),
+    Respond { status: u16, body: String },
+}
+
+impl Action {
+    /// What Gateway API asks for when no backend can be used.
+    pub fn internal_error() -> Self {
+        Self::Respond {
+            status: 500,
+            body: String::new(),
+        }
+    }
+}
+
+/// Every set field must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Match {
+    pub path: Option<StringMatch>,
+    pub method: Option<StringMatch>,
+    pub headers: Vec<HeaderMatch>,
+    pub query_params: Vec<QueryMatch>,
+    /// Service port the request arrived on.
+    pub port: Option<u16>,
+    pub source_labels: Labels,
+    pub source_namespace: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StringMatch {
+    Exact(String),
+    /// Plain string prefix (VirtualService `prefix`).
+    Prefix(String),
+    /// Gateway API `PathPrefix`: whole path segments.
+    PathPrefix(String),
+    /// RE2 syntax; the node anchors it (`^(?:...)$`).
+    Regex(String),
+    /// Headers and query parameters: present, any value.
+    Present,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderMatch {
+    /// Lower case.
+    pub name: String,
+    pub value: StringMatch,
+    /// VirtualService `withoutHeaders`.
+    pub invert: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueryMatch {
+    pub name: String,
+    pub value: StringMatch,
+}
+
+/// Set (replace), add (append), remove, in that order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderModifier {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderModifier {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathModifier {
+    /// Replace the whole path.
+    Full(String),
+    /// Replace what the matching prefix matched (the whole path after another kind of match).
+    Prefix(String),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UrlRewrite {
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+    pub port: Option<u16>,
+    /// 301, 302, 303, 307 or 308.
+    pub status: u16,
+}
+
+/// A Service (all its endpoints, or one subset) and port on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub service: NamespacedName,
+    /// `None`: the port the request arrived on.
+    pub port: Option<u16>,
+    pub subset: Option<String>,
+    pub weight: u32,
+    pub request_headers: HeaderModifier,
+    pub response_headers: HeaderModifier,
+}
+
+impl Backend {
+    /// All endpoints of a Service, without header changes.
+    pub fn plain(service: NamespacedName, port: Option<u16>, weight: u32) -> Self {
+        Self {
+            service,
+            port,
+            subset: None,
+            weight,
+            request_headers: HeaderModifier::default(),
+            response_headers: HeaderModifier::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mirror {
+    pub backend: Backend,
+    /// Share of requests mirrored, in millionths.
+    pub per_million: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// The whole request, retries included; `None`: none.
+    pub request: Option<Duration>,
+    /// One attempt to a backend.
+    pub backend_request: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Retry {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    /// Istio `retryOn` conditions.
+    pub retry_on: Vec<String>,
+    pub codes: Vec<u16>,
+    pub backoff: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fault {
+    pub delay: Option<(u32, Duration)>,
+    pub abort: Option<Abort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Abort {
+    pub per_million: u32,
+    pub http_status: Option<u16>,
+    pub grpc_status: Option<String>,
+}
