@@ -44,7 +44,7 @@ struct Samples {
 #[ignore = "benchmark: run explicitly with --ignored (see the module doc)"]
 fn node_l4_mesh_vs_direct() {
     mesh_tests::require_root();
-    let mut m = MeshLab::start_with(Options { bench: true });
+    let mut m = MeshLab::start_with(Options { bench: true, ..Options::default() });
     let server = m.lab.pod("n2p1").ip;
     let _iperf = m.lab.spawn_in_pod("n2p1", "taskset", &["-c", "0", "iperf3", "-s", "-p", "5201"]).expect("iperf3 -s");
     std::thread::sleep(Duration::from_millis(300));

@@ -12,8 +12,25 @@ use mesh_tests::{Lab, LabSpec, PodProcess, Spawn};
 
 pub const WHOAMI: &str = env!("CARGO_BIN_EXE_mesh-whoami");
 
-/// `target/<profile>/mesh-node`, next to this test's `deps/` directory.
+/// Where the L7 benchmark's HTTP Service listens (`Options::http`): inside the lab's
+/// 198.18.0.0/16, so n1p1's route sends it to node 1 where the capture takes it, but on no subnet:
+/// without the capture it is unreachable.
+pub const HTTP_VIP: &str = "198.18.200.10";
+/// The Service's HTTP/1.1 port (`appProtocol: http`) and the backend's port behind it.
+pub const HTTP1_PORT: (u16, u16) = (80, 8081);
+/// The Service's HTTP/2 port (`appProtocol: kubernetes.io/h2c`) and the backend's port behind it.
+pub const H2_PORT: (u16, u16) = (81, 8082);
+/// A TCP port of the same Service (`appProtocol: tcp`: the L4 path, HTTP not parsed) in front of
+/// a third HTTP backend port, so the same HTTP client can measure L4 against L7.
+pub const TCP_PORT: (u16, u16) = (82, 8083);
+
+/// `target/<profile>/mesh-node`, next to this test's `deps/` directory, or `MESH_BENCH_NODE_BIN`
+/// (benchmarks compare another build of the daemon with the same harness).
 fn mesh_node_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESH_BENCH_NODE_BIN").map(PathBuf::from) {
+        assert!(p.exists(), "MESH_BENCH_NODE_BIN={} does not exist", p.display());
+        return p;
+    }
     let exe = std::env::current_exe().expect("test executable");
     let p = exe.parent().and_then(std::path::Path::parent).expect("target/<profile>").join("mesh-node");
     assert!(p.exists(), "{} missing: build it with `cargo build -p mesh-node` (cargo xtask test does)", p.display());
@@ -24,13 +41,17 @@ pub struct MeshLab {
     pub lab: Lab,
     dir: PathBuf,
     daemons: Vec<PodProcess>,
-    _server: PodProcess,
+    _servers: Vec<PodProcess>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Options {
     /// Daemons pinned to CPU 1 with access logs off (`MESH_LOG=warn`).
     pub bench: bool,
+    /// An HTTP Service (`HTTP_VIP`, ports `HTTP1_PORT`, `H2_PORT` and `TCP_PORT`) whose one
+    /// endpoint is n2p1, where `mesh-whoami serve --http` answers on each target port (pinned to
+    /// CPU 0 with `bench`).
+    pub http: bool,
 }
 
 /// The capture stand-in for one meshed pod of node 1: its TCP goes to the outbound port.
@@ -59,7 +80,23 @@ pub fn curl_in(netns: &str, url: &str) -> String {
     String::from_utf8_lossy(&sh("ip", &["netns", "exec", netns, "curl", "-sS", "--max-time", "5", url]).stdout).into_owned()
 }
 
-fn config(lab: &Lab) -> String {
+/// The HTTP Service of `Options::http`: n2p1 on node 2 is its endpoint, reached over HBONE.
+fn http_service(lab: &Lab) -> String {
+    let port = |name: &str, (port, target): (u16, u16), app: &str| {
+        format!(r#"{{"name":"{name}","port":{port},"protocol":"TCP","targetPort":{target},"appProtocol":"{app}"}}"#)
+    };
+    format!(
+        r#"{{"name":"bench","namespace":"default","vips":["{HTTP_VIP}"],"ports":[{},{},{}],
+"endpoints":[{{"address":"{}","ports":{{}},"healthy":true,"node":"n2","nodeAddress":"{}","meshed":true,"identity":"spiffe://cluster.local/ns/default/sa/b"}}]}}"#,
+        port("http", HTTP1_PORT, "http"),
+        port("http2", H2_PORT, "kubernetes.io/h2c"),
+        port("tcp", TCP_PORT, "tcp"),
+        lab.pod("n2p1").ip,
+        lab.node(2).underlay_ip,
+    )
+}
+
+fn config(lab: &Lab, opts: Options) -> String {
     let w = |pod: &str, sa: &str, node: u8, protocol: &str| {
         format!(
             r#"{{"name":"{pod}","namespace":"default","serviceAccount":"{sa}","workloadName":"{sa}","ip":"{}","node":"n{node}","nodeIp":"{}","labels":{{"app":"{sa}"}},"protocol":"{protocol}"}}"#,
@@ -70,11 +107,13 @@ fn config(lab: &Lab) -> String {
     format!(
         r#"{{"workloads":[{},{},{},{}],
 "policies":[{{"name":"deny-d","namespace":"default","action":"DENY","rules":[{{"from":[{{"principals":["cluster.local/ns/default/sa/d"]}}]}}]}}],
-"peerAuthentications":[{{"name":"strict","namespace":"default","mode":"STRICT"}}]}}"#,
+"peerAuthentications":[{{"name":"strict","namespace":"default","mode":"STRICT"}}],
+"services":[{}]}}"#,
         w("n1p1", "a", 1, "HBONE"),
         w("n1p2", "d", 1, "HBONE"),
         w("n1p3", "plain", 1, "TCP"),
         w("n2p1", "b", 2, "HBONE"),
+        if opts.http { http_service(lab) } else { String::new() },
     )
 }
 
@@ -90,7 +129,7 @@ impl MeshLab {
         let ca = TestCa::generate(Duration::from_hours(1)).expect("ca");
         let (ca_cert, ca_key, cfg) = (dir.join("ca.pem"), dir.join("ca.key"), dir.join("config.json"));
         ca.write_pem(&ca_cert, &ca_key).expect("write CA");
-        std::fs::write(&cfg, config(&lab)).expect("write config");
+        std::fs::write(&cfg, config(&lab, opts)).expect("write config");
 
         // Capture stand-ins (see the suite's doc).
         let n1 = lab.node(1).netns.clone();
@@ -137,9 +176,19 @@ impl MeshLab {
             let ns = lab.node(i).netns.clone();
             wait_ready(&ns);
         }
-        let mut server = lab.spawn_in_pod("n2p1", WHOAMI, &["serve", "--name", "n2p1", "--tcp", "8080"]).expect("server");
-        server.wait_for_line("listening", Duration::from_secs(5)).expect("server ready");
-        Self { lab, dir, daemons, _server: server }
+        let mut servers = vec![lab.spawn_in_pod("n2p1", WHOAMI, &["serve", "--name", "n2p1", "--tcp", "8080"]).expect("server")];
+        if opts.http {
+            for (_, port) in [HTTP1_PORT, H2_PORT, TCP_PORT] {
+                let port = port.to_string();
+                let serve = [WHOAMI, "serve", "--name", "n2p1", "--http", port.as_str()];
+                let server = if opts.bench { lab.spawn_in_pod("n2p1", "taskset", &[&["-c", "0"], &serve[..]].concat()) } else { lab.spawn_in_pod("n2p1", serve[0], &serve[1..]) };
+                servers.push(server.expect("HTTP server"));
+            }
+        }
+        for server in &mut servers {
+            server.wait_for_line("listening", Duration::from_secs(5)).expect("server ready");
+        }
+        Self { lab, dir, daemons, _servers: servers }
     }
 
     /// Turns the capture of n1p1's traffic on (through the mesh) or off (direct): node 1's

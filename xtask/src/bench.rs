@@ -40,8 +40,21 @@ pub fn run(only: Option<&str>) -> Result<()> {
         ]))?;
         ran = true;
     }
+    if only.is_none_or(|o| o == "node-l7") {
+        // HTTP through two daemons (mesh-l7 on both) vs direct: fixed-rate latency
+        // (mesh-whoami http-load, HTTP/1.1 and h2c), maximum rate (wrk, h2load) and daemon CPU
+        // per request. An ignored test of mesh-tests that prints its tables; runs are recorded
+        // in bench/results/node-l7.md with their commits (it writes no file itself).
+        step("bench: node daemon L7 (HTTP/1.1 and h2c through two daemons vs direct)");
+        sh(Command::new("cargo").args(["build", "--release", "--locked", "-p", "mesh-node", "--bins"]))?;
+        sh(Command::new("cargo").args([
+            "test", "--release", "--locked", "-p", "mesh-tests", "--features", "privileged", "--test", "bench-node-l7", "--", "--ignored",
+            "--nocapture", "--test-threads=1",
+        ]))?;
+        ran = true;
+    }
     if !ran {
-        bail!("unknown benchmark {only:?}: expected one of: datapath, node");
+        bail!("unknown benchmark {only:?}: expected one of: datapath, node, node-l7");
     }
     Ok(())
 }
@@ -55,7 +68,7 @@ pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
-    if v.len() % 2 == 0 { (v[mid - 1] + v[mid]) / 2.0 } else { v[mid] }
+    if v.len().is_multiple_of(2) { f64::midpoint(v[mid - 1], v[mid]) } else { v[mid] }
 }
 
 /// "median (min–max)" of repeated measurements.
