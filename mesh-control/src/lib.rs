@@ -12,6 +12,7 @@ pub mod auth;
 pub mod ca;
 pub mod client;
 pub mod crd;
+pub mod election;
 pub mod filemode;
 #[cfg(test)]
 mod fixtures;

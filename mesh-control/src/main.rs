@@ -8,6 +8,7 @@ use clap::Parser;
 use mesh_control::{
     auth::{Authenticator, NodeIds},
     ca::{self, Ca},
+    election::{Leadership, Timing},
     filemode, k8s,
     metrics::Metrics,
     server::{Server, Shared},
@@ -62,8 +63,17 @@ struct Args {
     /// modes name it in node certificates.
     #[arg(long, env = "MESH_CONTROL_NODE_SERVICE_ACCOUNT", default_value = "mesh-node")]
     node_service_account: String,
+    /// Kubernetes mode: this replica's name in the leader Lease (the Deployment sets the pod
+    /// name; default `<hostname>-<pid>`).
+    #[arg(long, env = "MESH_CONTROL_POD_NAME")]
+    pod_name: Option<String>,
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     log: String,
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
 }
 
 fn default_sans() -> Vec<String> {
@@ -98,22 +108,35 @@ async fn run(config: Args) -> Result<()> {
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
     let nodes = Arc::default();
-    let (ca, auth, source) = if let Some(dir) = config.config_dir.clone() {
+    // Kubernetes mode elects a leader among the replicas; the election stops (and releases the
+    // Lease) when we do.
+    let (stop_election, election_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut election_task = None;
+    let (ca, auth, source, leadership, election) = if let Some(dir) = config.config_dir.clone() {
         let ca = Ca::load_or_create(&config.state_dir.join("ca"), &config.trust_domain)?;
         let token_dir = config.node_token_dir.clone().unwrap_or_else(|| config.state_dir.join("node-tokens"));
         let source = tokio::spawn(filemode::watch(dir, config.root_namespace.clone(), Duration::from_millis(config.poll_ms), publisher.clone()));
-        (ca, Authenticator::Files { dir: token_dir }, source)
+        (Arc::new(ca), Authenticator::Files { dir: token_dir }, source, Leadership::alone(), "none (file mode: a single controller)".to_owned())
     } else {
         let client = kube::Client::try_default().await.context("connecting to Kubernetes")?;
-        let ca = k8s::ca_secret::load_or_create(&client, &config.root_namespace, &config.trust_domain).await?;
-        let auth = Authenticator::Kubernetes(k8s::token::Reviewer::new(client.clone(), &config.root_namespace, &config.node_service_account));
-        let cfg = k8s::discovery::Config { root_namespace: config.root_namespace.clone() };
+        let ns = config.root_namespace.clone();
+        let identity = config.pod_name.clone().unwrap_or_else(default_identity);
+        let (lead_tx, leadership) = Leadership::channel();
+        let elector = k8s::lease::Elector::new(client.clone(), &ns, &identity, Timing::DEFAULT);
+        election_task = Some(tokio::spawn(elector.run(lead_tx, async move {
+            let _ = election_stopped.await;
+        })));
+        let ca = Arc::new(k8s::ca_secret::load_or_create(&client, &ns, &config.trust_domain, &leadership).await?);
+        tokio::spawn(k8s::ca_secret::publish_while_leading(client.clone(), ns.clone(), Arc::clone(&ca), leadership.clone()));
+        let auth = Authenticator::Kubernetes(k8s::token::Reviewer::new(client.clone(), &ns, &config.node_service_account));
+        let cfg = k8s::discovery::Config { root_namespace: ns.clone(), leadership: leadership.clone(), metrics: metrics.clone() };
         let source = tokio::spawn(k8s::discovery::run(client, cfg, publisher.clone()));
-        (ca, auth, source)
+        let election = format!("Lease {ns}/{} as {identity}", k8s::lease::LEASE_NAME);
+        (ca, auth, source, leadership, election)
     };
     let shared = Shared {
         publisher: publisher.clone(),
-        ca: Arc::new(ca),
+        ca,
         auth: Arc::new(auth),
         metrics: metrics.clone(),
         nodes: Arc::clone(&nodes),
@@ -122,13 +145,18 @@ async fn run(config: Args) -> Result<()> {
         node_ttl: Duration::from_secs(config.node_cert_ttl_seconds),
     };
     let grpc = Server::new(config.grpc_addr, &config.tls_sans, shared).await?;
-    let status = StatusServer::new(config.status_addr, Sources { publisher, nodes, registry: Arc::new(registry), metrics }).await?;
+    let status = StatusServer::new(config.status_addr, Sources { publisher, nodes, registry: Arc::new(registry), metrics, leadership, election }).await?;
     tracing::info!(grpc = %grpc.local_addr(), status = %status.local_addr(), "mesh-control started");
     tokio::select! {
         r = grpc.run() => r.context("gRPC server stopped")?,
         () = status.run() => {}
         r = source => r.context("config source stopped")?,
         () = shutdown_signal() => tracing::info!("stopping on signal"),
+    }
+    // Hand the Lease over (the other replica takes it at its next read, not after 15 s).
+    let _ = stop_election.send(());
+    if let Some(task) = election_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     Ok(())
 }

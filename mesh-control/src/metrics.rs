@@ -39,6 +39,9 @@ pub struct Metrics {
     pub certificates_issued: Counter,
     pub node_certificates_issued: Counter,
     pub certificate_refusals: Family<ReasonLabels, Counter>,
+    /// 1 while this replica holds the leader Lease (set at each scrape from `election`).
+    pub leader: Gauge,
+    pub status_writes: Counter,
 }
 
 impl Metrics {
@@ -60,6 +63,8 @@ impl Metrics {
         r.register("certificates_issued", "Workload certificates signed", m.certificates_issued.clone());
         r.register("node_certificates_issued", "Node certificates signed (first start and renewals)", m.node_certificates_issued.clone());
         r.register("certificate_refusals", "Certificate requests refused", m.certificate_refusals.clone());
+        r.register("leader", "1 while this replica is the leader (writes status, creates the CA Secret), else 0", m.leader.clone());
+        r.register("status_writes", "Status subresource writes this replica made (only the leader writes)", m.status_writes.clone());
         m
     }
 

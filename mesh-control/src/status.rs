@@ -1,5 +1,5 @@
 //! The status endpoint (plain HTTP/1.1, meant for localhost or the pod network):
-//! - `GET /status`: JSON with the config version, every policy's and routing object's verdict
+//! - `GET /status`: JSON with the config version, whether this replica leads, every policy's and routing object's verdict
 //!   (conditions, per parent for Gateway API routes), file errors and nodes,
 //! - `GET /metrics`: Prometheus text,
 //! - `GET /ready`: 200 once a first config is published (readiness probe), else 503,
@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::{metrics::Metrics, server::NodeStatuses, snapshot::Publisher};
+use crate::{election::Leadership, metrics::Metrics, server::NodeStatuses, snapshot::Publisher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -29,6 +29,10 @@ pub struct Sources {
     pub nodes: NodeStatuses,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    pub leadership: Leadership,
+    /// How this replica is elected, for `/status` (e.g. "Lease mesh-system/mesh-control-leader
+    /// as mesh-control-7d9f-abcde", or "none (file mode)").
+    pub election: String,
 }
 
 pub struct StatusServer {
@@ -73,6 +77,7 @@ fn handle(req: &Request<Incoming>, s: &Sources) -> Response<Full<Bytes>> {
             s.metrics.set_verdicts(&snap.state.policies.verdicts);
             s.metrics.set_route_verdicts(&snap.state.routes.verdicts);
             s.metrics.file_errors.set(i64::try_from(snap.file_errors.len()).unwrap_or(i64::MAX));
+            s.metrics.leader.set(i64::from(s.leadership.is_leader()));
             reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", crate::metrics::encode(&s.registry))
         }
         "/ready" if s.publisher.current().version > 0 => reply(StatusCode::OK, "text/plain", "ready\n".into()),
@@ -113,6 +118,8 @@ pub fn status_json(s: &Sources) -> String {
     let nodes = s.nodes.lock().expect("not poisoned").clone();
     let doc = serde_json::json!({
         "version": snap.version,
+        "leader": s.leadership.is_leader(),
+        "election": s.election,
         "workloads": snap.state.inventory.workloads.len(),
         "services": snap.state.inventory.services.len(),
         "routeTables": snap.state.routes.tables.len(),

@@ -1,7 +1,11 @@
 //! Checks of `deploy/` that need no cluster: the committed CRDs equal crdgen's output, the Helm
-//! chart renders to the plain manifests, and the example policies load (or are rejected) as their
-//! comments say. (No helm CLI exists here: the chart's templates use only `{{ .Values.* }}` and
-//! `{{ .Release.Namespace }}`, which `render` below substitutes; anything else fails the test.)
+//! chart renders to the plain manifests with its defaults and to what a values file asks
+//! otherwise, its values schema refuses bad values, and the example policies load (or are
+//! rejected) as their comments say. (No helm CLI exists here: `deploy/helm.rs` renders the
+//! chart and checks the schema, and refuses anything outside the subset it implements.)
+
+#[path = "deploy/helm.rs"]
+mod helm;
 
 use std::path::{Path, PathBuf};
 
@@ -56,43 +60,165 @@ fn routing_crds_keep_unknown_fields_so_the_controller_can_name_them() {
     }
 }
 
-/// Substitutes `{{ .Values.<path> }}` and `{{ .Release.Namespace }}`; panics on anything else.
-fn render(template: &str, values: &Value, namespace: &str) -> String {
-    let mut out = String::new();
-    let mut rest = template;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let end = rest[start..].find("}}").expect("unclosed {{") + start;
-        let expr = rest[start + 2..end].trim();
-        let value = if expr == ".Release.Namespace" {
-            namespace.to_owned()
-        } else {
-            let path = expr.strip_prefix(".Values.").unwrap_or_else(|| panic!("unsupported template expression {expr:?}"));
-            let v = path.split('.').fold(values, |v, k| &v[k]);
-            v.as_str().unwrap_or_else(|| panic!("value {path} missing or not a string")).to_owned()
-        };
-        out.push_str(&value);
-        rest = &rest[end + 2..];
+fn chart_dir() -> PathBuf {
+    deploy().join("helm/mesh")
+}
+
+fn default_values() -> Value {
+    serde_saphyr::from_str(&read(&chart_dir().join("values.yaml"))).expect("values")
+}
+
+/// The chart's manifests rendered with `values` in `namespace`, in file order.
+fn render_chart(values: &Value, namespace: &str) -> Vec<Value> {
+    let rendered = helm::Chart::load(&chart_dir()).render(values, namespace);
+    ["config.yaml", "control.yaml", "node.yaml"].iter().flat_map(|t| docs(&rendered[*t])).collect()
+}
+
+/// The paths (`a.b[0].c`) where `a` and `b` differ.
+fn differences(a: &Value, b: &Value, path: &str, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for k in x.keys().chain(y.keys().filter(|k| !x.contains_key(*k))) {
+                differences(x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null), &format!("{path}.{k}"), out);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                differences(p, q, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ if a != b => out.push(path.to_owned()),
+        _ => {}
     }
-    out + rest
 }
 
 #[test]
-fn helm_chart_renders_the_plain_manifests() {
-    let chart = deploy().join("helm/mesh");
-    let values: Value = serde_saphyr::from_str(&read(&chart.join("values.yaml"))).expect("values");
-    let mut rendered = Vec::new();
-    for t in ["control.yaml", "node.yaml"] {
-        rendered.extend(docs(&render(&read(&chart.join("templates").join(t)), &values, "mesh-system")));
-    }
-    let mut plain = Vec::new();
+fn helm_chart_with_default_values_renders_exactly_the_plain_manifests() {
+    let rendered = render_chart(&default_values(), "mesh-system");
+    // The plain manifests, less the Namespace (`helm install --create-namespace` makes it).
+    let mut plain: Vec<Value> = docs(&read(&deploy().join("00-namespace.yaml"))).into_iter().filter(|d| d["kind"] != "Namespace").collect();
     for f in ["20-control.yaml", "30-node.yaml"] {
         plain.extend(docs(&read(&deploy().join(f))));
     }
     assert_eq!(rendered.len(), plain.len());
     for (r, p) in rendered.iter().zip(&plain) {
-        assert_eq!(r, p, "chart and plain manifest differ for {} {}", p["kind"], p["metadata"]["name"]);
+        let mut diff = Vec::new();
+        differences(r, p, "", &mut diff);
+        assert!(diff.is_empty(), "chart and plain manifest differ for {} {} at {diff:?}", p["kind"], p["metadata"]["name"]);
     }
+}
+
+/// What a platform team sets (`ci/overrides-values.yaml`, also chart-testing's convention): every
+/// value lands where it should, and nothing else changes.
+#[test]
+fn helm_chart_renders_a_platform_teams_overrides_and_nothing_else_changes() {
+    let over: Value = serde_saphyr::from_str(&read(&chart_dir().join("ci/overrides-values.yaml"))).expect("values");
+    let values = helm::merge(&default_values(), &over);
+    let schema: Value = serde_json::from_str(&read(&chart_dir().join("values.schema.json"))).expect("schema");
+    assert_eq!(helm::validate(&schema, &values), Vec::<String>::new());
+    let base = render_chart(&default_values(), "platform-mesh");
+    let custom = render_chart(&values, "platform-mesh");
+    let find = |docs: &[Value], kind: &str| docs.iter().find(|d| d["kind"] == kind).cloned().unwrap_or_else(|| panic!("{kind}"));
+    let (deploy, ds, cm) = (find(&custom, "Deployment"), find(&custom, "DaemonSet"), find(&custom, "ConfigMap"));
+    assert_eq!(cm["data"]["trustDomain"], "prod.example.com");
+    assert_eq!(deploy["spec"]["replicas"], 3);
+    let pod = &deploy["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!((c["image"].as_str(), c["imagePullPolicy"].as_str()), (Some("registry.example.com/mesh/mesh-control:0.1.1"), Some("Always")));
+    assert_eq!(pod["nodeSelector"], serde_json::json!({"node-role.kubernetes.io/control-plane": ""}));
+    assert_eq!(pod["tolerations"][0]["key"], "node-role.kubernetes.io/control-plane");
+    // Helm merges maps: the override's nodeAffinity joins the default podAntiAffinity (a values
+    // file drops that with `podAntiAffinity: null`).
+    assert_eq!(pod["affinity"]["nodeAffinity"], over["control"]["affinity"]["nodeAffinity"]);
+    assert_eq!(pod["affinity"]["podAntiAffinity"], default_values()["control"]["affinity"]["podAntiAffinity"], "maps merge");
+    assert_eq!(c["resources"], over["control"]["resources"]);
+    let env = |c: &Value, name: &str| c["env"].as_array().expect("env").iter().find(|e| e["name"] == name).expect("env var")["value"].clone();
+    assert_eq!(env(c, "MESH_LOG"), "debug");
+    let pod = &ds["spec"]["template"]["spec"];
+    let n = &pod["containers"][0];
+    assert_eq!((n["image"].as_str(), n["imagePullPolicy"].as_str()), (Some("registry.example.com/mesh/mesh-node:0.1.0"), Some("Always")));
+    assert_eq!(env(n, "MESH_LOG"), "info,mesh_node=debug");
+    assert_eq!(pod["tolerations"], over["node"]["tolerations"], "the list replaced, not appended");
+    assert_eq!(pod["nodeSelector"], serde_json::json!({"kubernetes.io/os": "linux"}));
+    assert_eq!(pod["priorityClassName"], "mesh-critical");
+    assert_eq!(n["resources"]["limits"]["memory"], "2Gi");
+
+    let mut changed = Vec::new();
+    for (b, c) in base.iter().zip(&custom) {
+        let mut diff = Vec::new();
+        differences(b, c, "", &mut diff);
+        changed.extend(diff.into_iter().map(|p| format!("{} {}", c["kind"].as_str().unwrap_or_default(), p)));
+    }
+    let expected = [
+        "ConfigMap .data.trustDomain",
+        "Deployment .spec.replicas",
+        "Deployment .spec.template.spec.nodeSelector",
+        "Deployment .spec.template.spec.tolerations",
+        "Deployment .spec.template.spec.affinity.nodeAffinity",
+        "Deployment .spec.template.spec.containers[0].image",
+        "Deployment .spec.template.spec.containers[0].imagePullPolicy",
+        "Deployment .spec.template.spec.containers[0].env[3].value",
+        "Deployment .spec.template.spec.containers[0].resources.requests.cpu",
+        "Deployment .spec.template.spec.containers[0].resources.requests.memory",
+        "Deployment .spec.template.spec.containers[0].resources.limits.memory",
+        "DaemonSet .spec.template.spec.priorityClassName",
+        "DaemonSet .spec.template.spec.nodeSelector",
+        // One toleration replaces the default one: compared field by field.
+        "DaemonSet .spec.template.spec.tolerations[0].effect",
+        "DaemonSet .spec.template.spec.tolerations[0].key",
+        "DaemonSet .spec.template.spec.tolerations[0].operator",
+        "DaemonSet .spec.template.spec.tolerations[0].value",
+        "DaemonSet .spec.template.spec.containers[0].image",
+        "DaemonSet .spec.template.spec.containers[0].imagePullPolicy",
+        "DaemonSet .spec.template.spec.containers[0].env[12].value",
+        "DaemonSet .spec.template.spec.containers[0].resources.limits.memory",
+    ];
+    let mut got: Vec<&str> = changed.iter().map(String::as_str).collect();
+    let mut want = expected.to_vec();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    // The release namespace reaches every namespaced object and the node's namespace rule.
+    for d in &custom {
+        if let Some(ns) = d["metadata"]["namespace"].as_str() {
+            assert_eq!(ns, "platform-mesh", "{} {}", d["kind"], d["metadata"]["name"]);
+        }
+    }
+    let node_role = custom.iter().find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "mesh-node").expect("ClusterRole mesh-node");
+    assert_eq!(node_role["rules"][0]["resourceNames"][0], "platform-mesh");
+}
+
+/// Typos and wrong types in a values file are refused by values.schema.json (Helm validates it
+/// before rendering). The same cases run through Python's jsonschema in `cargo xtask test`.
+#[test]
+fn values_schema_accepts_the_defaults_and_rejects_typos_and_wrong_types() {
+    let schema: Value = serde_json::from_str(&read(&chart_dir().join("values.schema.json"))).expect("schema");
+    assert_eq!(helm::validate(&schema, &default_values()), Vec::<String>::new());
+    let cases: Vec<Value> = docs(&read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/deploy/bad-values.yaml")));
+    assert!(cases.len() >= 8, "{} cases", cases.len());
+    for case in cases {
+        let values = helm::merge(&default_values(), &case["values"]);
+        let errors = helm::validate(&schema, &values);
+        let expect = case["expect"].as_str().expect("expect");
+        assert!(errors.iter().any(|e| e.contains(expect)), "{}: wanted an error containing {expect:?}, got {errors:?}", case["values"]);
+    }
+}
+
+#[test]
+fn helm_notes_say_what_was_installed_and_how_to_mesh_a_namespace() {
+    let notes = &helm::Chart::load(&chart_dir()).render(&default_values(), "platform-mesh")["NOTES.txt"];
+    for wanted in [
+        "installed in namespace platform-mesh",
+        "2 replica(s) of mesh-control:0.1.0",
+        "DaemonSet of mesh-node:0.1.0",
+        "kubectl label namespace <namespace> mesh.dev/dataplane-mode=ambient",
+        "kubectl -n platform-mesh rollout status daemonset/mesh-node",
+        "get lease mesh-control-leader",
+        "spiffe://cluster.local/ns/<namespace>/sa/<service account>",
+    ] {
+        assert!(notes.contains(wanted), "NOTES.txt lacks {wanted:?}:\n{notes}");
+    }
+    assert!(!notes.contains("{{"), "{notes}");
 }
 
 #[test]

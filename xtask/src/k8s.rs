@@ -2,7 +2,8 @@
 //! 1. `scripts/setup-k8s.sh`: kube-apiserver + kube-controller-manager built from Debian's source
 //!    package (cached in /var/cache/mesh/k8s-<version>/, ~11 min the first time, niced), etcd,
 //!    yamllint, kubernetes-validate. Runs outside the cargo lock: it builds Go, not Rust.
-//! 2. Offline manifest checks: yamllint and `kubernetes-validate --strict` on deploy/.
+//! 2. Offline manifest checks: yamllint and `kubernetes-validate --strict` on deploy/, and the
+//!    chart's values.schema.json by Python's jsonschema (`scripts/check-values-schema.py`).
 //! 3. The integration suite against a real apiserver on loopback
 //!    (`cargo test -p mesh-control --features apiserver-tests --test apiserver`).
 
@@ -66,7 +67,13 @@ pub fn manifest_checks() -> Result<()> {
     step("deploy/: yamllint, kubernetes-validate --strict (offline)");
     sh(Command::new("yamllint").args(["--strict", "-c", "scripts/yamllint.yaml", "deploy/"]))?;
     let validate = format!("{}/venv/bin/kubernetes-validate", cache());
-    sh(Command::new(validate).args(["--strict", "--kubernetes-version", "1.33.0"]).args(MANIFESTS))
+    sh(Command::new(validate).args(["--strict", "--kubernetes-version", "1.33.0"]).args(MANIFESTS))?;
+    // The chart's values schema, by Python's jsonschema (kubernetes-validate's dependency) too.
+    step("deploy/helm/mesh/values.schema.json: jsonschema (draft 7) on the chart's values files");
+    sh(Command::new(format!("{}/venv/bin/python", cache()))
+        .arg(root_dir().join("scripts/check-values-schema.py"))
+        .arg(root_dir().join("deploy/helm/mesh"))
+        .arg(root_dir().join("mesh-control/tests/deploy/bad-values.yaml")))
 }
 
 pub fn apiserver_suite() -> Result<()> {

@@ -1,7 +1,9 @@
 //! Kubernetes discovery: one reflector per kind (Nodes, Namespaces, Pods, Services,
 //! EndpointSlices, both policy CRDs, and the routing kinds). Any change rebuilds the state from
-//! the stores (after a short debounce), validates policies and routes, publishes, and writes
-//! status.
+//! the stores (after a short debounce), validates policies and routes, publishes, and — on the
+//! leader only (`election`) — writes status. Every replica publishes (and so serves nodes); a
+//! replica that becomes the leader rebuilds at once, so statuses that went stale while nobody
+//! led are written.
 //!
 //! The routing kinds are optional: a cluster may not have Gateway API (or may not have applied
 //! our newer CRDs yet). A kind the API server does not serve at start is still watched (the
@@ -26,6 +28,8 @@ use serde::de::DeserializeOwned;
 use super::{route_status, status};
 use crate::{
     crd::{self, gateway, networking},
+    election::Leadership,
+    metrics::Metrics,
     routing,
     snapshot::Publisher,
     validate,
@@ -34,6 +38,9 @@ use crate::{
 
 pub struct Config {
     pub root_namespace: String,
+    /// Status is written only while this says we lead.
+    pub leadership: Leadership,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Coalesces bursts of events (a rollout touches pods, slices and services at once).
@@ -238,6 +245,7 @@ pub async fn run(client: Client, config: Config, publisher: Publisher) {
     let mut events = futures::stream::select_all([s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12]);
     // notify_one keeps a permit when nobody waits, so no change is lost while we publish.
     let changed = Arc::new(tokio::sync::Notify::new());
+    let (on_gain, mut leadership) = (Arc::clone(&changed), config.leadership.clone());
     let publish = {
         let changed = Arc::clone(&changed);
         async move {
@@ -255,7 +263,18 @@ pub async fn run(client: Client, config: Config, publisher: Publisher) {
             changed.notify_one();
         }
     };
-    tokio::join!(publish, drive);
+    let gained = async move {
+        let mut leading = leadership.is_leader();
+        loop {
+            leadership.changed().await;
+            let now = leadership.is_leader();
+            if now && !leading {
+                on_gain.notify_one();
+            }
+            leading = now;
+        }
+    };
+    tokio::join!(publish, drive, gained);
 }
 
 async fn publish_once(client: &Client, stores: &Stores, config: &Config, publisher: &Publisher) {
@@ -267,6 +286,9 @@ async fn publish_once(client: &Client, stores: &Stores, config: &Config, publish
         tracing::info!(version, "cluster state changed");
         routing::log_verdicts(&route_verdicts);
     }
-    status::write_all(client, &verdicts, &owned(&stores.authz), &owned(&stores.peer)).await;
-    route_status::write_all(client, &route_verdicts, &objects).await;
+    if config.leadership.is_leader() {
+        let policies = status::write_all(client, &config.leadership, &verdicts, &owned(&stores.authz), &owned(&stores.peer)).await;
+        let routes = route_status::write_all(client, &config.leadership, &route_verdicts, &objects).await;
+        config.metrics.status_writes.inc_by(u64::try_from(policies + routes).unwrap_or(u64::MAX));
+    }
 }

@@ -16,6 +16,7 @@ use crate::{
         gateway::{self, RouteParentStatus, RouteStatus},
         networking,
     },
+    election::Leadership,
     routing::{Condition, Kind, Objects, ParentVerdict, Verdict, VerdictStatus},
 };
 
@@ -81,38 +82,40 @@ fn find<'a, K: kube::Resource>(
     })
 }
 
-/// Writes every verdict's status that is out of date.
-pub async fn write_all(client: &Client, verdicts: &[Verdict], objects: &Objects) {
+/// Writes every verdict's status that is out of date while `leadership` says we lead (checked
+/// before each write); returns how many writes succeeded.
+pub async fn write_all(client: &Client, leadership: &Leadership, verdicts: &[Verdict], objects: &Objects) -> usize {
     let now = Timestamp::now();
-    for v in verdicts {
+    let mut written = 0;
+    for v in verdicts.iter().take_while(|_| leadership.is_leader()) {
         let (key, generation) = (&v.key, v.generation);
         match (&v.status, v.kind) {
             (VerdictStatus::Parents(ps), Kind::HttpRoute) => {
                 if let Some(s) = find(&objects.http_routes, key)
                     .and_then(|o| desired_parents(ps, generation, o.status.as_ref(), now))
                 {
-                    apply::<gateway::HttpRoute>(client, key, &s).await;
+                    written += usize::from(apply::<gateway::HttpRoute>(client, key, &s).await);
                 }
             }
             (VerdictStatus::Parents(ps), Kind::GrpcRoute) => {
                 if let Some(s) = find(&objects.grpc_routes, key)
                     .and_then(|o| desired_parents(ps, generation, o.status.as_ref(), now))
                 {
-                    apply::<gateway::GrpcRoute>(client, key, &s).await;
+                    written += usize::from(apply::<gateway::GrpcRoute>(client, key, &s).await);
                 }
             }
             (VerdictStatus::Conditions(cs), Kind::VirtualService) => {
                 if let Some(s) = find(&objects.virtual_services, key)
                     .and_then(|o| desired_conditions(cs, generation, o.status.as_ref(), now))
                 {
-                    apply::<networking::VirtualService>(client, key, &s).await;
+                    written += usize::from(apply::<networking::VirtualService>(client, key, &s).await);
                 }
             }
             (VerdictStatus::Conditions(cs), Kind::DestinationRule) => {
                 if let Some(s) = find(&objects.destination_rules, key)
                     .and_then(|o| desired_conditions(cs, generation, o.status.as_ref(), now))
                 {
-                    apply::<networking::DestinationRule>(client, key, &s).await;
+                    written += usize::from(apply::<networking::DestinationRule>(client, key, &s).await);
                 }
             }
             _ => {
@@ -120,6 +123,7 @@ pub async fn write_all(client: &Client, verdicts: &[Verdict], objects: &Objects)
             }
         }
     }
+    written
 }
 
 #[cfg(test)]

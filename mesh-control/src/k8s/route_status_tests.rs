@@ -150,7 +150,7 @@ async fn write_all_patches_stale_route_and_virtualservice_statuses_by_server_sid
             )]),
         },
     ];
-    let writer = tokio::spawn(async move { write_all(&client, &verdicts, &objects).await });
+    let writer = tokio::spawn(async move { write_all(&client, &Leadership::alone(), &verdicts, &objects).await });
     let (method, uri, body, send) = next_request(&mut api).await;
     assert_eq!(method, http::Method::PATCH);
     assert_eq!(

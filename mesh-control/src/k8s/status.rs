@@ -15,6 +15,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use super::ca_secret::FIELD_MANAGER;
 use crate::{
     crd::{self, PolicyStatus},
+    election::Leadership,
     model::{NamespacedName, StatusCondition},
     validate::{PolicyKind, Verdict},
 };
@@ -62,22 +63,34 @@ pub fn conditions(wanted: &[StatusCondition], generation: Option<i64>, old: &[Co
     )
 }
 
-pub async fn write_all(client: &Client, verdicts: &[Verdict], authz: &[crd::AuthorizationPolicy], peer: &[crd::PeerAuthentication]) {
-    for v in verdicts {
-        match v.kind {
+/// Writes every policy status that is out of date while `leadership` says we lead (checked
+/// before each write: a lost lead stops them at once); returns how many writes succeeded.
+pub async fn write_all(
+    client: &Client,
+    leadership: &Leadership,
+    verdicts: &[Verdict],
+    authz: &[crd::AuthorizationPolicy],
+    peer: &[crd::PeerAuthentication],
+) -> usize {
+    let mut written = 0;
+    for v in verdicts.iter().take_while(|_| leadership.is_leader()) {
+        let ok = match v.kind {
             PolicyKind::AuthorizationPolicy => write(client, v, authz, |o| o.status.as_ref()).await,
             PolicyKind::PeerAuthentication => write(client, v, peer, |o| o.status.as_ref()).await,
-        }
+        };
+        written += usize::from(ok);
     }
+    written
 }
 
-async fn write<K>(client: &Client, v: &Verdict, objects: &[K], status_of: impl Fn(&K) -> Option<&PolicyStatus>)
+async fn write<K>(client: &Client, v: &Verdict, objects: &[K], status_of: impl Fn(&K) -> Option<&PolicyStatus>) -> bool
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
 {
-    let Some(obj) = find(objects, &v.key) else { return };
-    if let Some(status) = desired(v, status_of(obj), Timestamp::now()) {
-        apply::<K>(client, &v.key, &status).await;
+    let Some(obj) = find(objects, &v.key) else { return false };
+    match desired(v, status_of(obj), Timestamp::now()) {
+        Some(status) => apply::<K>(client, &v.key, &status).await,
+        None => false,
     }
 }
 
@@ -87,8 +100,9 @@ fn find<'a, K: Resource>(objects: &'a [K], key: &NamespacedName) -> Option<&'a K
 }
 
 /// Writes `status` by server-side apply on the status subresource (forced: the controller owns
-/// the status). A failure is logged and retried with the next change.
-pub async fn apply<K>(client: &Client, key: &NamespacedName, status: &impl Serialize)
+/// the status). A failure is logged and retried with the next change. Returns whether it was
+/// written.
+pub async fn apply<K>(client: &Client, key: &NamespacedName, status: &impl Serialize) -> bool
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
 {
@@ -96,8 +110,14 @@ where
     let patch = serde_json::json!({ "apiVersion": K::api_version(&()), "kind": kind, "status": status });
     let api: Api<K> = Api::namespaced(client.clone(), &key.namespace);
     match api.patch_status(&key.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await {
-        Ok(_) => tracing::debug!(%kind, object = %key, "status written"),
-        Err(e) => tracing::warn!(%kind, object = %key, "writing status failed: {e}"),
+        Ok(_) => {
+            tracing::debug!(%kind, object = %key, "status written");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(%kind, object = %key, "writing status failed: {e}");
+            false
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //!   cargo test -p mesh-control --features apiserver-tests --test apiserver
 
 mod cluster;
+mod election;
 mod routing;
 
 use std::{
@@ -55,6 +56,9 @@ fn deploy_manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         &["create", "tokenreviews.authentication.k8s.io"],
         &["get", "secret/mesh-ca", "-n", "mesh-system"],
         &["patch", "configmap/mesh-root-cert", "-n", "mesh-system"],
+        &["create", "leases.coordination.k8s.io", "-n", "mesh-system"],
+        &["get", "lease/mesh-control-leader", "-n", "mesh-system"],
+        &["update", "lease/mesh-control-leader", "-n", "mesh-system"],
     ] {
         assert!(can("mesh-control", allowed), "mesh-control should be allowed to {allowed:?}");
     }
@@ -66,6 +70,11 @@ fn deploy_manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         &["list", "secrets", "-n", "mesh-system"],
         &["get", "secrets", "-n", "kube-system"],
         &["delete", "services", "-n", "demo"],
+        &["update", "lease/kube-controller-manager", "-n", "mesh-system"],
+        &["get", "lease/other", "-n", "mesh-system"],
+        &["delete", "lease/mesh-control-leader", "-n", "mesh-system"],
+        &["list", "leases.coordination.k8s.io", "-n", "mesh-system"],
+        &["update", "lease/mesh-control-leader", "-n", "kube-system"],
     ] {
         assert!(!can("mesh-control", denied), "mesh-control must not be allowed to {denied:?}");
     }
@@ -100,13 +109,19 @@ fn free_port() -> u16 {
 }
 
 fn start_controller(c: &Cluster) -> Controller {
+    start_replica(c, "mesh-control-0")
+}
+
+/// A controller replica named `name` in the leader Lease (as the Deployment names its pods).
+fn start_replica(c: &Cluster, name: &str) -> Controller {
     let token = c.kubectl_ok(&["create", "token", "mesh-control", "-n", "mesh-system", "--duration=1h"]);
-    let kubeconfig = c.kubeconfig_for("mesh-control", token.trim());
+    let kubeconfig = c.kubeconfig_for(name, token.trim());
     let (grpc, status) = (free_port(), free_port());
-    let log = std::fs::File::create(c.dir.path().join("mesh-control.log")).expect("log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(c.dir.path().join(format!("{name}.log"))).expect("log");
     let child = Command::new(env!("CARGO_BIN_EXE_mesh-control"))
         .args(["--kubernetes", &format!("--grpc-addr=127.0.0.1:{grpc}"), &format!("--status-addr=127.0.0.1:{status}"), "--tls-san=localhost"])
         .env("KUBECONFIG", kubeconfig)
+        .env("MESH_CONTROL_POD_NAME", name)
         .env("MESH_LOG", "info,mesh_control=debug")
         .stdout(log.try_clone().expect("dup"))
         .stderr(log)
@@ -115,13 +130,19 @@ fn start_controller(c: &Cluster) -> Controller {
     Controller { child, grpc, status }
 }
 
-fn status_json(ctl: &Controller) -> Option<serde_json::Value> {
+/// GET `path` on a controller's status port: the body, if it answered 200.
+fn http_get(ctl: &Controller, path: &str) -> Option<String> {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", ctl.status)).ok()?;
-    s.write_all(b"GET /status HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
-    serde_json::from_str(body.split_once("\r\n\r\n")?.1).ok()
+    let (head, body) = body.split_once("\r\n\r\n")?;
+    (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_owned())
+}
+
+fn status_json(ctl: &Controller) -> Option<serde_json::Value> {
+    serde_json::from_str(&http_get(ctl, "/status")?).ok()
 }
 
 const WORKLOADS: &str = "
