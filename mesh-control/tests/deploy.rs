@@ -290,6 +290,7 @@ fn routing_examples_load_together_and_compile_to_what_their_comments_say() {
             ("HTTPRoute".into(), "demo/whoami-split".into(), None),
             ("VirtualService".into(), "demo/helloworld".into(), None),
             ("VirtualService".into(), "demo/httpbin".into(), None),
+            ("VirtualService".into(), "demo/whoami-v2".into(), None),
             ("DestinationRule".into(), "demo/helloworld".into(), None),
             ("DestinationRule".into(), "demo/httpbin".into(), None),
         ]
@@ -314,6 +315,12 @@ fn routing_examples_load_together_and_compile_to_what_their_comments_say() {
     // httpbin: served by v1, all mirrored to v2.
     let httpbin = &table("httpbin").routes[0];
     assert_eq!((subset(httpbin), httpbin.mirrors[0].backend.subset.as_deref(), httpbin.mirrors[0].per_million), ("v1".into(), Some("v2"), 1_000_000));
+    // whoami-v2: jason's requests delayed 7 s, 10 % of the others aborted with 500.
+    let faults: Vec<_> = table("whoami-v2").routes.iter().map(|r| r.fault.clone().expect("fault")).collect();
+    let delay = faults[0].delay.expect("delay");
+    assert_eq!((delay.0, delay.1), (1_000_000, std::time::Duration::from_secs(7)));
+    let abort = faults[1].abort.clone().expect("abort");
+    assert_eq!((abort.per_million, abort.http_status), (100_000, Some(500)));
     // The subsets select the versioned pods.
     let view = mesh_control::view::node_view(&state, "n1", "cluster.local");
     let svc = view.values().find_map(|r| match &r.kind {

@@ -22,6 +22,8 @@ pub enum ResponseFlag {
     UpstreamRequestTimeout,
     /// The client went away before the response was complete.
     DownstreamConnectionTermination,
+    /// A fault injection aborted the request (its status is the configured one).
+    FaultInjected,
     /// The route sent a redirect or a direct response (Envoy reports these without a flag; we
     /// keep "-" in metrics and say it in the access log).
     Direct,
@@ -37,6 +39,7 @@ impl ResponseFlag {
             Self::UpstreamRemoteReset => "UR",
             Self::UpstreamRequestTimeout => "UT",
             Self::DownstreamConnectionTermination => "DC",
+            Self::FaultInjected => "FI",
             Self::Direct => "-",
         }
     }
@@ -50,7 +53,8 @@ impl ResponseFlag {
             Self::NoHealthyUpstream
             | Self::UpstreamConnectionFailure
             | Self::UpstreamRemoteReset
-            | Self::DownstreamConnectionTermination => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::DownstreamConnectionTermination
+            | Self::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -65,6 +69,7 @@ impl ResponseFlag {
                 "upstream connect error or disconnect/reset before headers. reset reason: remote reset"
             }
             Self::UpstreamRequestTimeout => "upstream request timeout",
+            Self::FaultInjected => "fault filter abort",
             Self::NoRoute | Self::DownstreamConnectionTermination | Self::Direct => "",
         }
     }
@@ -82,6 +87,28 @@ impl ResponseFlag {
         }
         r.extensions_mut().insert(self);
         r
+    }
+}
+
+/// Marks a response whose request a fault injection delayed (`DI`); it joins any other flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DelayInjected;
+
+/// The `response_flags` value: `-`, one flag, or with an injected delay both, comma-separated in
+/// Envoy's order (`DC` first, then the upstream flags, then `DI`, then `FI`).
+pub fn label(flag: Option<ResponseFlag>, delayed: bool) -> &'static str {
+    use ResponseFlag as F;
+    match (flag, delayed) {
+        (None | Some(F::Direct), false) => "-",
+        (Some(f), false) => f.as_str(),
+        (None | Some(F::Direct), true) => "DI",
+        (Some(F::DownstreamConnectionTermination), true) => "DC,DI",
+        (Some(F::NoHealthyUpstream), true) => "UH,DI",
+        (Some(F::UpstreamRequestTimeout), true) => "UT,DI",
+        (Some(F::UpstreamRemoteReset), true) => "UR,DI",
+        (Some(F::UpstreamConnectionFailure), true) => "UF,DI",
+        (Some(F::NoRoute), true) => "NR,DI",
+        (Some(F::FaultInjected), true) => "DI,FI",
     }
 }
 

@@ -54,7 +54,10 @@ fn strip_named(headers: &mut HeaderMap, keep_upgrade: bool) {
 pub fn prepare_request(req: &mut Request<Body>, version: client::Version) {
     let upgrade = version == client::Version::Http1 && client::is_upgrade(req);
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    if version == client::Version::Http1 && req.uri().authority().is_none() && req.headers().contains_key(HOST) {
+    if version == client::Version::Http1
+        && req.uri().authority().is_none()
+        && req.headers().contains_key(HOST)
+    {
         // Already what HTTP/1.1 sends: origin form and a Host header (the common case).
         *req.version_mut() = Version::HTTP_11;
         return;
@@ -136,9 +139,15 @@ pub fn splice_upgrade(client: Option<hyper::upgrade::OnUpgrade>, resp: &mut Resp
 /// Sends `req` upstream through `pool` the way the next hop needs it, splicing an upgrade when
 /// the upstream switches protocols. Failures become the proxy's own response with its flag
 /// (`UF`, `UR`).
-pub async fn send<C: client::Connect>(pool: &client::Pool<C>, key: &C::Key, version: client::Version, mut req: Request<Body>) -> Response<Body> {
+pub async fn send<C: client::Connect>(
+    pool: &client::Pool<C>,
+    key: &C::Key,
+    version: client::Version,
+    mut req: Request<Body>,
+) -> Response<Body> {
     prepare_request(&mut req, version);
-    let client_upgrade = (version == client::Version::Http1 && client::is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = (version == client::Version::Http1 && client::is_upgrade(&req))
+        .then(|| hyper::upgrade::on(&mut req));
     match pool.send(key, version, req).await {
         Ok(mut resp) => {
             prepare_response(&mut resp);

@@ -1,5 +1,5 @@
 //! The request layers, each a small tower `Service` wrapper with a test of its own. Outbound
-//! (source node), outside-in: [`crate::record`] → [`router`] → [`timeout`] → [`filters`] →
+//! (source node), outside-in: [`crate::record`] → [`router`] → [`fault`] → [`timeout`] → [`filters`] →
 //! [`mirror`] → [`split`] → the node's upstream. Inbound (destination node): [`crate::record`]
 //! → [`authorize`] → the node's connection to the local pod.
 //!
@@ -7,6 +7,7 @@
 //! stacks are infallible and the record layer sees every outcome.
 
 pub mod authorize;
+pub mod fault;
 pub mod filters;
 pub mod mirror;
 pub mod router;

@@ -26,7 +26,7 @@ use http_body::{Body as _, Frame, SizeHint};
 
 use crate::{
     body::{self, Body, BodyError},
-    flags::ResponseFlag,
+    flags::{self, DelayInjected, ResponseFlag},
     metrics::{Handles, PeerLabels, RequestLabels, RequestMetrics},
     protocol,
     route::Selected,
@@ -189,6 +189,7 @@ where
                 info,
                 status: parts.status.as_u16(),
                 flag: parts.extensions.get::<ResponseFlag>().copied(),
+                delayed: parts.extensions.get::<DelayInjected>().is_some(),
                 peers: parts.extensions.get::<Peers>().map(|p| p.0.clone()),
                 upstream: parts.extensions.get::<Upstream>().map(|u| u.0),
                 route: parts.extensions.get::<Selected>().cloned(),
@@ -250,6 +251,7 @@ struct Done {
     info: RequestInfo,
     status: u16,
     flag: Option<ResponseFlag>,
+    delayed: bool,
     peers: Option<Arc<PeerLabels>>,
     upstream: Option<SocketAddr>,
     route: Option<Selected>,
@@ -264,7 +266,7 @@ impl Done {
             None if !complete => Some(ResponseFlag::DownstreamConnectionTermination),
             None => None,
         };
-        let flags = flag.map_or("-", ResponseFlag::as_str);
+        let flags = flags::label(flag, self.delayed);
         let peers = self.peers.as_ref().unwrap_or(&r.base);
         let grpc = match (&self.grpc, self.info.protocol) {
             (Some(g), _) => g.clone(),

@@ -60,7 +60,9 @@ impl RouteTable {
 
     /// Whether this is [`RouteTable::default_for`]'s table (no route resource attaches).
     pub fn is_implicit(&self) -> bool {
-        self.consumers.is_empty() && self.routes.len() == 1 && self.routes[0].source.kind == SourceKind::Default
+        self.consumers.is_empty()
+            && self.routes.len() == 1
+            && self.routes[0].source.kind == SourceKind::Default
     }
 
     /// The routes a client in `client_namespace` sees.
@@ -181,7 +183,7 @@ pub struct Route {
     /// Carried, not executed yet (resilience work).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
-    /// Carried, not executed yet (resilience work).
+    /// Delays and aborts injected before the request goes upstream ([`crate::layer::fault`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<FaultInjection>,
 }

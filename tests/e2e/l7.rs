@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use mesh_tests::{
-    cluster::{Cluster, GRPC_PORT, METRICS_PORT, VIP, VIP_HELLOWORLD, VIP_V1},
+    cluster::{Cluster, GRPC_PORT, METRICS_PORT, VIP, VIP_HELLOWORLD, VIP_V1, VIP_V2},
     tools,
     whoami::load::Report,
 };
@@ -236,4 +236,37 @@ fn a_route_change_applies_within_a_second_without_dropping_a_request() {
     assert_eq!(r.ok, r.scheduled, "all 2xx: {r:?}");
     assert!(r.versions.contains_key("v1.0") && r.versions.contains_key("v1.1"), "the load saw both sides of the change: {:?}", r.versions);
     println!("route change applied in {took:?}; {} requests during it, 0 failed", r.scheduled);
+}
+
+/// VirtualService `fault` on whoami-v2: 50 % of requests delayed 200 ms, 30 % aborted with 503.
+const FAULT: &str = "apiVersion: networking.mesh.dev/v1alpha1\nkind: VirtualService\nmetadata: {name: whoami-v2-faults, namespace: demo}\nspec:\n  hosts: [whoami-v2]\n  http:\n  - fault:\n      delay: {percentage: {value: 50}, fixedDelay: 200ms}\n      abort: {percentage: {value: 30}, httpStatus: 503}\n    route: [{destination: {host: whoami-v2}}]\n";
+
+#[test]
+fn fault_injection_delays_and_aborts_the_configured_shares() {
+    let c = cluster();
+    let url = format!("http://{VIP_V2}/");
+    c.apply_routes("faults", FAULT).expect("apply faults");
+    eventually("the fault to reach node 1", Duration::from_secs(3), || {
+        let out = c.lab.run_in_pod("n1p1", &curl_bin(), &["-s", "-o", "/dev/null", "-w", "%{http_code}\n", &url, &url, &url, &url, &url, &url, &url, &url]).expect("curl");
+        String::from_utf8_lossy(&out.stdout).contains("503")
+    });
+    let flagged = |m: &str, flags: &str| {
+        sample(m, &["istio_requests_total{", "reporter=\"source\"", "destination_service=\"whoami-v2.demo.svc.cluster.local\"", &format!("response_flags=\"{flags}\"")])
+    };
+    let before = metrics(&c, 1);
+    let r = load(&c, &["--url", &url, "--rate", "200", "--duration", "10", "--connections", "64"]);
+    let after = metrics(&c, 1);
+    c.delete_routes("faults").expect("delete faults");
+    let total = r.scheduled as f64;
+    let aborted = r.status.get("503").copied().unwrap_or(0) as f64;
+    assert_eq!(r.errors, 0, "every request answered: {r:?}");
+    assert!((aborted / total - 0.30).abs() <= 0.03, "30 % ± 3 aborted: {aborted} of {total}");
+    // Flags as Istio reports them: DI delayed and forwarded, FI aborted at once, DI,FI both.
+    let delta = |flags: &str| flagged(&after, flags) - flagged(&before, flags);
+    let (di, fi, both) = (delta("DI"), delta("FI"), delta("DI,FI"));
+    assert!(((di + both) / total - 0.50).abs() <= 0.03, "50 % ± 3 delayed: DI {di} + DI,FI {both} of {total}");
+    assert_eq!(fi + both, aborted, "every 503 is flagged FI");
+    // The latency distribution shows the delay: well under half the requests are fast.
+    assert!((200_000..400_000).contains(&r.p90_us), "p90 {} µs: the 200 ms delay", r.p90_us);
+    println!("faults: {aborted} of {total} aborted (FI {fi}, DI,FI {both}), {di} delayed and served; p50 {} µs, p90 {} µs", r.p50_us, r.p90_us);
 }

@@ -586,7 +586,6 @@ fn a_virtualservice_with_every_supported_field() {
         v.notes,
         [
             "spec.http[0].retries: carried, not enforced yet",
-            "spec.http[0].fault: carried, not enforced yet",
             "spec.http[0].corsPolicy: ignored: CORS is not implemented"
         ]
     );
@@ -619,6 +618,7 @@ fn invalid_virtualservices_are_rejected_naming_the_field() {
         ("spec:\n  hosts: [whoami]\n  http: [{route: [{destination: {host: a}}], timeout: soon}]\n".into(), "spec.http[0].timeout: \"soon\" is not a duration", "InvalidDuration"),
         ("spec:\n  hosts: [whoami]\n  http: [{route: [{destination: {host: a}}], retries: {attempts: 2, retryOn: \"5xx,99\"}}]\n".into(), "spec.http[0].retries.retryOn[1]: 99 is out of range 100-599", "OutOfRange"),
         ("spec:\n  hosts: [whoami]\n  http: [{route: [{destination: {host: a}}], fault: {abort: {percentage: {value: 5}}}}]\n".into(), "spec.http[0].fault.abort: httpStatus or grpcStatus is required", "MissingField"),
+        ("spec:\n  hosts: [whoami]\n  http: [{route: [{destination: {host: a}}], fault: {abort: {grpcStatus: UNAVAIL, percentage: {value: 5}}}}]\n".into(), "spec.http[0].fault.abort.grpcStatus: unknown value \"UNAVAIL\"", "UnknownValue"),
         ("spec:\n  hosts: [whoami]\n  http: [{route: [{destination: {host: a}}], mirror: {host: s}, mirrorPercentage: {value: 101}}]\n".into(), "spec.http[0].mirrorPercentage.value: 101 is out of range 0-100", "OutOfRange"),
         ("spec:\n  hosts: [whoami]\n  http: [{route: [{destination: {host: a}}], rewrite: {uriRegexRewrite: {match: a, rewrite: b}}}]\n".into(), "spec.http[0].rewrite.uriRegexRewrite: not supported: regex rewrites", "UnsupportedField"),
         ("spec:\n  hosts: [whoami]\n  http: [{route: [{destination: {host: a}}], headers: {request: {set: {\"bad name\": x}}}}]\n".into(), "spec.http[0].headers.request.set[0].name", "InvalidHeader"),

@@ -308,9 +308,6 @@ fn rule(
         .as_ref()
         .map(|f| fault(f, &format!("{field}.fault")))
         .transpose()?;
-    if fault.is_some() {
-        notes.push(format!("{field}.fault: carried, not enforced yet"));
-    }
     if h.cors_policy.is_some() {
         notes.push(format!(
             "{field}.corsPolicy: ignored: CORS is not implemented"
@@ -681,6 +678,15 @@ fn fault(f: &api::HttpFaultInjection, field: &str) -> Result<Fault, Error> {
                     });
                 }
                 _ => {}
+            }
+            if let Some(g) = &a.grpc_status
+                && mesh_l7::layer::fault::grpc_code(g).is_none()
+            {
+                return Err(Error::UnknownValue {
+                    field: format!("{af}.grpcStatus"),
+                    value: g.clone(),
+                    expected: "a gRPC status name such as UNAVAILABLE, or its number 0-16",
+                });
             }
             Ok(Abort {
                 per_million: share(a.percentage.as_ref(), None, &af)?,

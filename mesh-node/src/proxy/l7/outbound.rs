@@ -21,6 +21,7 @@ use mesh_l7::{
     forward,
     layer::{
         BoxHttp,
+        fault::Fault,
         filters::Filters,
         mirror::Mirror,
         router::{ClientInfo, Router},
@@ -298,7 +299,7 @@ where
         ipv4: target.vip.is_ipv4(),
         seen: Arc::default(),
     };
-    let stack = Record::new(Router::new(Timeout::new(Filters::new(Mirror::new(Split::new(upstream)))), Arc::new(lookup), target.port, info), recorder);
+    let stack = Record::new(Router::new(Fault::new(Timeout::new(Filters::new(Mirror::new(Split::new(upstream))))), Arc::new(lookup), target.port, info), recorder);
     if let Err(e) = mesh_l7::server::serve(client, stack, &shared.server, drain.signaled()).await {
         tracing::debug!(%peer, error = %e, "outbound HTTP connection ended with an error");
     }
