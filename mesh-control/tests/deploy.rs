@@ -290,6 +290,7 @@ fn routing_examples_load_together_and_compile_to_what_their_comments_say() {
             ("HTTPRoute".into(), "demo/whoami-split".into(), None),
             ("VirtualService".into(), "demo/helloworld".into(), None),
             ("VirtualService".into(), "demo/httpbin".into(), None),
+            ("VirtualService".into(), "demo/whoami-v1".into(), None),
             ("VirtualService".into(), "demo/whoami-v2".into(), None),
             ("DestinationRule".into(), "demo/helloworld".into(), None),
             ("DestinationRule".into(), "demo/httpbin".into(), None),
@@ -315,6 +316,11 @@ fn routing_examples_load_together_and_compile_to_what_their_comments_say() {
     // httpbin: served by v1, all mirrored to v2.
     let httpbin = &table("httpbin").routes[0];
     assert_eq!((subset(httpbin), httpbin.mirrors[0].backend.subset.as_deref(), httpbin.mirrors[0].per_million), ("v1".into(), Some("v2"), 1_000_000));
+    // whoami-v1: 10 s in all, 2 s per try, 3 retries on gateway errors and failed connections.
+    let v1 = &table("whoami-v1").routes[0];
+    let retry = v1.retry.clone().expect("retry");
+    assert_eq!((retry.attempts, retry.per_try_timeout, v1.timeouts.request), (3, Some(std::time::Duration::from_secs(2)), Some(std::time::Duration::from_secs(10))));
+    assert_eq!(retry.retry_on, ["gateway-error", "connect-failure", "refused-stream"]);
     // whoami-v2: jason's requests delayed 7 s, 10 % of the others aborted with 500.
     let faults: Vec<_> = table("whoami-v2").routes.iter().map(|r| r.fault.clone().expect("fault")).collect();
     let delay = faults[0].delay.expect("delay");

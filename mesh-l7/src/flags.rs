@@ -94,26 +94,81 @@ impl ResponseFlag {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DelayInjected;
 
-/// The `response_flags` value: `-`, one flag, or with an injected delay both, comma-separated in
-/// Envoy's order (`DC` first, then the upstream flags, then `DI`, then `FI`).
-pub fn label(flag: Option<ResponseFlag>, delayed: bool) -> &'static str {
+/// The `response_flags` value: `-`, or every flag that applies, comma-separated in Envoy's
+/// order (`DC`, the upstream flags, `URX`, `NR`, `DI`, `FI`), e.g. `UF,URX` or `UT,DI`.
+pub fn label(flag: Option<ResponseFlag>, delayed: bool, retries_exhausted: bool) -> &'static str {
     use ResponseFlag as F;
-    match (flag, delayed) {
-        (None | Some(F::Direct), false) => "-",
-        (Some(f), false) => f.as_str(),
-        (None | Some(F::Direct), true) => "DI",
-        (Some(F::DownstreamConnectionTermination), true) => "DC,DI",
-        (Some(F::NoHealthyUpstream), true) => "UH,DI",
-        (Some(F::UpstreamRequestTimeout), true) => "UT,DI",
-        (Some(F::UpstreamRemoteReset), true) => "UR,DI",
-        (Some(F::UpstreamConnectionFailure), true) => "UF,DI",
-        (Some(F::NoRoute), true) => "NR,DI",
-        (Some(F::FaultInjected), true) => "DI,FI",
+    let flag = flag.filter(|f| *f != F::Direct);
+    match (flag, delayed, retries_exhausted) {
+        (None, false, false) => return "-",
+        (Some(f), false, false) => return f.as_str(),
+        _ => {}
     }
+    let order = |f: F| match f {
+        F::DownstreamConnectionTermination => 0,
+        F::NoHealthyUpstream => 1,
+        F::UpstreamRequestTimeout => 2,
+        F::UpstreamRemoteReset => 3,
+        F::UpstreamConnectionFailure => 4,
+        F::NoRoute => 6,
+        F::FaultInjected => 8,
+        F::Direct => 9,
+    };
+    let mut parts: Vec<(u8, &'static str)> =
+        flag.map(|f| (order(f), f.as_str())).into_iter().collect();
+    if retries_exhausted {
+        parts.push((5, "URX"));
+    }
+    if delayed {
+        parts.push((7, "DI"));
+    }
+    parts.sort_unstable();
+    let joined = parts.iter().map(|(_, s)| *s).collect::<Vec<_>>().join(",");
+    intern(joined)
+}
+
+/// A combination's string, made once: there are only a few dozen, and metric labels want
+/// `&'static str`.
+fn intern(s: String) -> &'static str {
+    static SEEN: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().expect("flags lock");
+    if let Some(found) = seen.iter().find(|x| **x == s) {
+        return found;
+    }
+    let leaked: &'static str = Box::leak(s.into_boxed_str());
+    seen.push(leaked);
+    leaked
 }
 
 impl fmt::Display for ResponseFlag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn combined_flags_in_envoys_order() {
+        use ResponseFlag as F;
+        assert_eq!(label(None, false, false), "-");
+        assert_eq!(label(Some(F::Direct), false, false), "-");
+        assert_eq!(
+            label(Some(F::UpstreamConnectionFailure), false, true),
+            "UF,URX"
+        );
+        assert_eq!(label(Some(F::UpstreamRequestTimeout), true, false), "UT,DI");
+        assert_eq!(label(Some(F::FaultInjected), true, false), "DI,FI");
+        assert_eq!(label(None, true, true), "URX,DI");
+        assert_eq!(
+            label(Some(F::DownstreamConnectionTermination), true, false),
+            "DC,DI"
+        );
+        assert!(
+            std::ptr::eq(label(None, true, false), label(None, true, false)),
+            "interned"
+        );
     }
 }

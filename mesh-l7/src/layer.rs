@@ -1,6 +1,6 @@
 //! The request layers, each a small tower `Service` wrapper with a test of its own. Outbound
 //! (source node), outside-in: [`crate::record`] → [`router`] → [`fault`] → [`timeout`] → [`filters`] →
-//! [`mirror`] → [`split`] → the node's upstream. Inbound (destination node): [`crate::record`]
+//! [`mirror`] → [`retry`] → [`split`] → the node's upstream. Inbound (destination node): [`crate::record`]
 //! → [`authorize`] → the node's connection to the local pod.
 //!
 //! Every layer answers errors itself (a response with a [`crate::flags::ResponseFlag`]), so the
@@ -10,6 +10,7 @@ pub mod authorize;
 pub mod fault;
 pub mod filters;
 pub mod mirror;
+pub mod retry;
 pub mod router;
 pub mod split;
 pub mod timeout;

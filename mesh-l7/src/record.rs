@@ -27,6 +27,7 @@ use http_body::{Body as _, Frame, SizeHint};
 use crate::{
     body::{self, Body, BodyError},
     flags::{self, DelayInjected, ResponseFlag},
+    layer::retry::{Attempts, RetriesExhausted},
     metrics::{Handles, PeerLabels, RequestLabels, RequestMetrics},
     protocol,
     route::Selected,
@@ -190,6 +191,8 @@ where
                 status: parts.status.as_u16(),
                 flag: parts.extensions.get::<ResponseFlag>().copied(),
                 delayed: parts.extensions.get::<DelayInjected>().is_some(),
+                exhausted: parts.extensions.get::<RetriesExhausted>().is_some(),
+                attempts: parts.extensions.get::<Attempts>().copied(),
                 peers: parts.extensions.get::<Peers>().map(|p| p.0.clone()),
                 upstream: parts.extensions.get::<Upstream>().map(|u| u.0),
                 route: parts.extensions.get::<Selected>().cloned(),
@@ -252,6 +255,8 @@ struct Done {
     status: u16,
     flag: Option<ResponseFlag>,
     delayed: bool,
+    exhausted: bool,
+    attempts: Option<Attempts>,
     peers: Option<Arc<PeerLabels>>,
     upstream: Option<SocketAddr>,
     route: Option<Selected>,
@@ -266,7 +271,7 @@ impl Done {
             None if !complete => Some(ResponseFlag::DownstreamConnectionTermination),
             None => None,
         };
-        let flags = flags::label(flag, self.delayed);
+        let flags = flags::label(flag, self.delayed, self.exhausted);
         let peers = self.peers.as_ref().unwrap_or(&r.base);
         let grpc = match (&self.grpc, self.info.protocol) {
             (Some(g), _) => g.clone(),
@@ -305,6 +310,8 @@ impl Done {
             dst.workload = %peers.destination_workload,
             dst.identity = %peers.destination_principal,
             route = %self.route.as_ref().map_or_else(|| "-".to_owned(), |s| s.route().source.to_string()),
+            attempts = self.attempts.map_or(1, |a| a.count),
+            not_retried = self.attempts.and_then(|a| a.not_retried).unwrap_or("-"),
             bytes_received = received,
             bytes_sent = sent,
             "request complete"

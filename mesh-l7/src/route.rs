@@ -180,7 +180,7 @@ pub struct Route {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<Mirror>,
     pub timeouts: Timeouts,
-    /// Carried, not executed yet (resilience work).
+    /// Retries of failed attempts ([`crate::layer::retry`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
     /// Delays and aborts injected before the request goes upstream ([`crate::layer::fault`]).

@@ -270,3 +270,50 @@ fn fault_injection_delays_and_aborts_the_configured_shares() {
     assert!((200_000..400_000).contains(&r.p90_us), "p90 {} µs: the 200 ms delay", r.p90_us);
     println!("faults: {aborted} of {total} aborted (FI {fi}, DI,FI {both}), {di} delayed and served; p50 {} µs, p90 {} µs", r.p50_us, r.p90_us);
 }
+
+/// VirtualService `retries` (`retryOn: 5xx`, 3 retries) on whoami-v1 and on whoami-v2.
+const RETRIES: &str = "apiVersion: networking.mesh.dev/v1alpha1\nkind: VirtualService\nmetadata: {name: whoami-v1-retries, namespace: demo}\nspec:\n  hosts: [whoami-v1]\n  http:\n  - retries: {attempts: 3, retryOn: 5xx}\n    route: [{destination: {host: whoami-v1}}]\n---\napiVersion: networking.mesh.dev/v1alpha1\nkind: VirtualService\nmetadata: {name: whoami-v2-retries, namespace: demo}\nspec:\n  hosts: [whoami-v2]\n  http:\n  - retries: {attempts: 3, retryOn: 5xx}\n    route: [{destination: {host: whoami-v2}}]\n";
+
+/// Requests the client pod's calls made the backends answer (both nodes' destination reporter).
+fn backend_requests(c: &Cluster) -> f64 {
+    [1, 2].iter().map(|n| sample(&metrics(c, *n), &["istio_requests_total{", "reporter=\"destination\"", "source_workload=\"client\""])).sum()
+}
+
+#[test]
+fn retries_hide_a_flaky_backend_and_the_budget_caps_them() {
+    let c = cluster();
+    c.apply_routes("retries", RETRIES).expect("apply retries");
+    for vip in [VIP_V1, VIP_V2] {
+        let mut probe = 0;
+        eventually("the retry policy to reach node 1", Duration::from_secs(3), || {
+            probe += 1;
+            // Fails once per distinct query: a 200 means the mesh retried it.
+            let url = format!("http://{vip}/flaky/1/503?probe={probe}");
+            let out = c.lab.run_in_pod("n1p1", &curl_bin(), &["-s", "-o", "/dev/null", "-w", "%{http_code}", &url]).expect("curl");
+            String::from_utf8_lossy(&out.stdout) == "200"
+        });
+    }
+    // A backend failing 10 % of requests: the client sees (nearly) none of it.
+    let before = backend_requests(&c);
+    let flaky = load(&c, &["--url", &format!("http://{VIP_V1}/random/10/503"), "--rate", "200", "--duration", "10", "--connections", "16"]);
+    let extra = backend_requests(&c) - before - flaky.scheduled as f64;
+    let n = flaky.scheduled as f64;
+    assert!(flaky.ok as f64 >= n * 0.999, "≥ 99.9 % success with retries: {} of {n}: {:?}", flaky.ok, flaky.status);
+    assert!(extra >= n * 0.05 && extra <= n * 0.2 + 100.0, "retries ≈ 11 % of the load: {extra} for {n}");
+    // A backend failing every request: retries stop at the budget (20 % of requests + 10/s)
+    // instead of quadrupling the load, and each answer is flagged URX.
+    let m1 = metrics(&c, 1);
+    let before = backend_requests(&c);
+    let down = load(&c, &["--url", &format!("http://{VIP_V2}/random/100/503"), "--rate", "100", "--duration", "10", "--connections", "16"]);
+    let extra_down = backend_requests(&c) - before - down.scheduled as f64;
+    let n = down.scheduled as f64;
+    c.delete_routes("retries").expect("delete retries");
+    assert_eq!(down.status.get("503").copied(), Some(down.scheduled), "every request fails: {:?}", down.status);
+    // The budget is a 10 s sliding window holding a reserve of 10/s × 10 s: over a 10 s run
+    // that straddles two windows, at most 20 % of the requests + 10/s × (10 s + 10 s).
+    assert!(extra_down <= n * 0.2 + 200.0 + 20.0, "budgeted retries: {extra_down} for {n} (3 allowed per request: up to {})", 3.0 * n);
+    assert!(extra_down >= n * 0.1, "retries did run: {extra_down}");
+    let urx = |m: &str| sample(m, &["istio_requests_total{", "reporter=\"source\"", "destination_service=\"whoami-v2.demo.svc.cluster.local\"", "response_flags=\"URX\""]);
+    assert_eq!(urx(&metrics(&c, 1)) - urx(&m1), n, "every exhausted request flagged URX");
+    println!("retries: flaky backend {} of {} ok with {extra} retries; dead backend {extra_down} retries for {n} requests", flaky.ok, flaky.scheduled);
+}

@@ -330,7 +330,7 @@ pub struct HttpRouteTimeouts {
     pub backend_request: Option<String>,
 }
 
-/// GEP-1731 retries: carried to the nodes, not executed yet.
+/// GEP-1731 retries, executed by the nodes (`mesh_l7::layer::retry`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteRetry {

@@ -236,7 +236,7 @@ pub struct HttpRewrite {
     pub authority: Option<String>,
 }
 
-/// Carried to the nodes, not executed yet.
+/// Retries, executed by the source node: attempts, perTryTimeout, retryOn, backoff.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRetry {
@@ -251,7 +251,7 @@ pub struct HttpRetry {
     pub backoff: Option<String>,
 }
 
-/// Carried to the nodes, not executed yet.
+/// Delays and aborts injected by the source node.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct HttpFaultInjection {
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -146,7 +146,7 @@ async fn write_all_patches_stale_route_and_virtualservice_statuses_by_server_sid
             status: VerdictStatus::Conditions(vec![Condition::yes(
                 "Accepted",
                 "PartiallyEnforced",
-                "spec.http[0].retries: carried, not enforced yet",
+                "spec.http[0].corsPolicy: ignored: CORS is not implemented",
             )]),
         },
     ];
@@ -183,7 +183,7 @@ async fn write_all_patches_stale_route_and_virtualservice_statuses_by_server_sid
         ),
         (
             Some("PartiallyEnforced"),
-            Some("spec.http[0].retries: carried, not enforced yet"),
+            Some("spec.http[0].corsPolicy: ignored: CORS is not implemented"),
             Some(5)
         )
     );

@@ -587,7 +587,7 @@ fn virtualservice_placement_subsets_and_carried_fields_show_in_its_conditions() 
     // Retries are carried, named in the message; an unknown subset is carried and flagged.
     let s = state(&vs(
         "demo",
-        "  - route: [{destination: {host: whoami, subset: v9}}]\n    retries: {attempts: 3, perTryTimeout: 2s}",
+        "  - route: [{destination: {host: whoami, subset: v9}}]\n    retries: {attempts: 3, perTryTimeout: 2s}\n    corsPolicy: {allowOrigins: [{exact: x}]}",
     ));
     let v = verdict(&s, Kind::VirtualService, "demo/v");
     assert_eq!(
@@ -599,7 +599,7 @@ fn virtualservice_placement_subsets_and_carried_fields_show_in_its_conditions() 
     );
     assert_eq!(
         message(v, "Accepted"),
-        "spec.http[0].retries: carried, not enforced yet"
+        "spec.http[0].corsPolicy: ignored: CORS is not implemented"
     );
     assert_eq!(
         message(v, "ResolvedRefs"),

@@ -115,8 +115,7 @@ fn an_httproute_keeps_every_field_with_upstream_defaults() {
     assert_eq!(
         r.notes,
         [
-            "spec.hostnames: not matched: a route attached to a Service applies to every request sent to the Service, whatever its Host",
-            "spec.rules[0].retry: carried, not enforced yet"
+            "spec.hostnames: not matched: a route attached to a Service applies to every request sent to the Service, whatever its Host"
         ]
     );
 }
@@ -585,7 +584,6 @@ fn a_virtualservice_with_every_supported_field() {
     assert_eq!(
         v.notes,
         [
-            "spec.http[0].retries: carried, not enforced yet",
             "spec.http[0].corsPolicy: ignored: CORS is not implemented"
         ]
     );
@@ -617,6 +615,7 @@ fn invalid_virtualservices_are_rejected_naming_the_field() {
         ("spec:\n  hosts: [whoami]\n  http: [{redirect: {derivePort: FROM_PROTOCOL_DEFAULT}}]\n".into(), "spec.http[0].redirect.derivePort: not supported", "UnsupportedField"),
         ("spec:\n  hosts: [whoami]\n  http: [{route: [{destination: {host: a}}], timeout: soon}]\n".into(), "spec.http[0].timeout: \"soon\" is not a duration", "InvalidDuration"),
         ("spec:\n  hosts: [whoami]\n  http: [{route: [{destination: {host: a}}], retries: {attempts: 2, retryOn: \"5xx,99\"}}]\n".into(), "spec.http[0].retries.retryOn[1]: 99 is out of range 100-599", "OutOfRange"),
+        ("spec:\n  hosts: [whoami]\n  http: [{route: [{destination: {host: a}}], retries: {attempts: 2, retryOn: \"5xx,retriable-headers\"}}]\n".into(), "spec.http[0].retries.retryOn[1]: unknown value \"retriable-headers\"", "UnknownValue"),
         ("spec:\n  hosts: [whoami]\n  http: [{route: [{destination: {host: a}}], fault: {abort: {percentage: {value: 5}}}}]\n".into(), "spec.http[0].fault.abort: httpStatus or grpcStatus is required", "MissingField"),
         ("spec:\n  hosts: [whoami]\n  http: [{route: [{destination: {host: a}}], fault: {abort: {grpcStatus: UNAVAIL, percentage: {value: 5}}}}]\n".into(), "spec.http[0].fault.abort.grpcStatus: unknown value \"UNAVAIL\"", "UnknownValue"),
         ("spec:\n  hosts: [whoami]\n  http: [{route: [{destination: {host: a}}], mirror: {host: s}, mirrorPercentage: {value: 101}}]\n".into(), "spec.http[0].mirrorPercentage.value: 101 is out of range 0-100", "OutOfRange"),

@@ -201,8 +201,9 @@ async fn routing_crds_examples_status_and_distribution_against_a_real_apiserver(
     c.apply(
         &std::fs::read_to_string(deploy().join("examples/invalid/bad-routes.yaml")).expect("read"),
     );
-    // A VirtualService with retries, for another host (the Firefox one owns helloworld).
-    c.apply("apiVersion: networking.mesh.dev/v1alpha1\nkind: VirtualService\nmetadata: {name: retrying, namespace: demo}\nspec:\n  hosts: [whoami-v1]\n  http:\n  - route: [{destination: {host: whoami-v1}}]\n    retries: {attempts: 3, perTryTimeout: 2s}\n");
+    // A VirtualService with retries (enforced) and CORS (not implemented: named in the status),
+    // for another host (the Firefox one owns helloworld).
+    c.apply("apiVersion: networking.mesh.dev/v1alpha1\nkind: VirtualService\nmetadata: {name: retrying, namespace: demo}\nspec:\n  hosts: [whoami-v1]\n  http:\n  - route: [{destination: {host: whoami-v1}}]\n    retries: {attempts: 3, perTryTimeout: 2s}\n    corsPolicy: {allowOrigins: [{exact: x}]}\n");
 
     let ctl = start_controller(&c);
     let whoami_split = Cluster::eventually("whoami-split status", 30, || {
@@ -259,7 +260,7 @@ async fn routing_crds_examples_status_and_distribution_against_a_real_apiserver(
     });
     assert_eq!(
         accepted(&c, "virtualservice", "retrying"),
-        "True/PartiallyEnforced: spec.http[0].retries: carried, not enforced yet"
+        "True/PartiallyEnforced: spec.http[0].corsPolicy: ignored: CORS is not implemented"
     );
     assert_eq!(
         accepted(&c, "virtualservice", "helloworld"),

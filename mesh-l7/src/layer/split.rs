@@ -115,7 +115,13 @@ where
             }
         };
         modify_headers(req.headers_mut(), &chosen.backend().request_headers);
-        let per_try = chosen.selected.route().timeouts.backend_request;
+        // One attempt: a retry policy's `perTryTimeout`, else the route's backend timeout.
+        let route = chosen.selected.route();
+        let per_try = route
+            .retry
+            .as_ref()
+            .and_then(|r| r.per_try_timeout)
+            .or(route.timeouts.backend_request);
         limit(self.inner.call(req), per_try)
             .map(move |Ok(mut resp)| {
                 modify_headers(resp.headers_mut(), &chosen.backend().response_headers);

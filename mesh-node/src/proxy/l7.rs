@@ -37,6 +37,8 @@ pub struct Shared {
     pub upstreams: mesh_l7::client::Pool<outbound::Connector>,
     /// To local pods (inbound and same-node), per (source address, pod).
     pub pods: mesh_l7::client::Pool<inbound::PodConnector>,
+    /// Retry budgets per Service, shared by every client connection of this daemon.
+    pub retry_budgets: Arc<mesh_l7::layer::retry::Budgets>,
 }
 
 impl Shared {
@@ -47,6 +49,7 @@ impl Shared {
             tunnel_server: mesh_l7::server::Config { header_read_timeout: None, ..mesh_l7::server::Config::default() },
             upstreams: mesh_l7::client::Pool::new(outbound::Connector::new(inputs.clone(), hbone), client.clone()),
             pods: mesh_l7::client::Pool::new(inbound::PodConnector { connect_timeout: inputs.cfg.connect_timeout }, client),
+            retry_budgets: Arc::default(),
         })
     }
 

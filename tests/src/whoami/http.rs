@@ -7,6 +7,7 @@
 //! | `POST` or `PUT /upload` | `{"bytes":N,"sha256":"<hex>"}`, the body hashed as it streams in |
 //! | `/status/<code>` (200..=599) | that status, with the JSON below |
 //! | `/flaky/<n>/<code>` | `<code>` for the first `n` requests with this path and query, then the JSON below |
+//! | `/random/<percent>/<code>` | `<code>` for about `percent` % of requests (drawn per request), else the JSON below |
 //! | `/delay/<ms>` | the JSON below after `ms` milliseconds (at most 300 s) |
 //! | `/bytes/<n>` | `n` bytes, `abc..z` repeated, streamed in chunks (no Content-Length) |
 //! | anything else | `200` (or `--http-status`) and [`Seen`] as JSON, one line |
@@ -103,6 +104,12 @@ async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Resu
         // Keyed by path and query, so each test (or request id) gets its own count.
         let attempt = app.attempt(&format!("{path}?{}", seen.query));
         return Ok(json(if attempt <= times { code } else { ok }, &app, &seen));
+    }
+    if let Some(spec) = path.strip_prefix("/random/") {
+        let Some((percent, code)) = spec.split_once('/').and_then(|(p, code)| Some((p.parse::<u32>().ok().filter(|p| *p <= 100)?, status(code)?))) else {
+            return Ok(text(StatusCode::BAD_REQUEST, &app, &format!("/random/<percent>/<code> needs 0..=100 and a code in 200..=599, not {spec:?}")));
+        };
+        return Ok(json(if fastrand::u32(0..100) < percent { code } else { ok }, &app, &seen));
     }
     if let Some(ms) = path.strip_prefix("/delay/") {
         let Ok(ms) = ms.parse::<u64>() else {

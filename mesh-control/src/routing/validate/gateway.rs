@@ -223,9 +223,6 @@ fn http_rule(
         .as_ref()
         .map(|r| retry(r, &format!("{field}.retry")))
         .transpose()?;
-    if retry.is_some() {
-        notes.push(format!("{field}.retry: carried, not enforced yet"));
-    }
     Ok(GatewayRule {
         index: index(i),
         name: rule.name.clone(),

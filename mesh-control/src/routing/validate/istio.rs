@@ -300,9 +300,6 @@ fn rule(
         .as_ref()
         .map(|r| retries(r, &format!("{field}.retries")))
         .transpose()?;
-    if retry.is_some() {
-        notes.push(format!("{field}.retries: carried, not enforced yet"));
-    }
     let fault = h
         .fault
         .as_ref()
@@ -587,6 +584,23 @@ fn mirrors(
     Ok(out)
 }
 
+/// The `retryOn` conditions the nodes execute (`mesh_l7::layer::retry::retriable`).
+const RETRY_ON: [&str; 13] = [
+    "5xx",
+    "gateway-error",
+    "reset",
+    "reset-before-request",
+    "connect-failure",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
 fn retries(r: &api::HttpRetry, field: &str) -> Result<Retry, Error> {
     let mut retry = Retry {
         attempts: u32::try_from(r.attempts.map_or(Ok(0), |a| {
@@ -621,7 +635,14 @@ fn retries(r: &api::HttpRetry, field: &str) -> Result<Retry, Error> {
                 u16::try_from(in_range(&format!("{field}.retryOn[{i}]"), code, 100, 599)?)
                     .expect("in range"),
             ),
-            Err(_) => retry.retry_on.push(cond.to_owned()),
+            Err(_) if RETRY_ON.contains(&cond) => retry.retry_on.push(cond.to_owned()),
+            Err(_) => {
+                return Err(Error::UnknownValue {
+                    field: format!("{field}.retryOn[{i}]"),
+                    value: cond.to_owned(),
+                    expected: "5xx, gateway-error, reset, reset-before-request, connect-failure, retriable-4xx, refused-stream, retriable-status-codes, cancelled, deadline-exceeded, internal, resource-exhausted, unavailable, or a status code",
+                });
+            }
         }
     }
     Ok(retry)

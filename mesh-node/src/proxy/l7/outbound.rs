@@ -24,6 +24,7 @@ use mesh_l7::{
         fault::Fault,
         filters::Filters,
         mirror::Mirror,
+        retry::Retry,
         router::{ClientInfo, Router},
         split::{Chosen, Split},
         timeout::Timeout,
@@ -299,7 +300,7 @@ where
         ipv4: target.vip.is_ipv4(),
         seen: Arc::default(),
     };
-    let stack = Record::new(Router::new(Fault::new(Timeout::new(Filters::new(Mirror::new(Split::new(upstream))))), Arc::new(lookup), target.port, info), recorder);
+    let stack = Record::new(Router::new(Fault::new(Timeout::new(Filters::new(Mirror::new(Retry::new(Split::new(upstream), shared.retry_budgets.clone()))))), Arc::new(lookup), target.port, info), recorder);
     if let Err(e) = mesh_l7::server::serve(client, stack, &shared.server, drain.signaled()).await {
         tracing::debug!(%peer, error = %e, "outbound HTTP connection ended with an error");
     }
