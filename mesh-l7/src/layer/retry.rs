@@ -149,17 +149,17 @@ impl<S: HttpService> tower::Service<Request<Body>> for Retry<S> {
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let selected = req.extensions().get::<Selected>().cloned();
-        let policy = selected
-            .as_ref()
-            .and_then(|s| s.route().retry.clone())
-            .filter(|p| p.attempts > 0);
-        let (Some(policy), Some(selected)) = (policy, selected) else {
+        // The common case, no policy, costs one lookup.
+        let policy = req.extensions().get::<Selected>().and_then(|s| {
+            let p = s.route().retry.as_ref().filter(|p| p.attempts > 0)?;
+            Some((
+                p.clone(),
+                self.budgets.get(&s.table.namespace, &s.table.name),
+            ))
+        });
+        let Some((policy, budget)) = policy else {
             return self.inner.call(req).boxed();
         };
-        let budget = self
-            .budgets
-            .get(&selected.table.namespace, &selected.table.name);
         budget.deposit();
         let inner = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, inner);
