@@ -1,7 +1,8 @@
 //! The route's request timeout (Gateway API `timeouts.request`, VirtualService `timeout`): no
 //! response headers within it → 504 `UT`. Response bodies stream on without a deadline, so a
 //! long download or a gRPC stream is not cut once it has begun (Envoy would cut it; a stream
-//! that must end belongs to the application's own deadline, e.g. `grpc-timeout`).
+//! that must end belongs to the application's own deadline). A gRPC client's `grpc-timeout`
+//! header bounds the wait for response headers too, when it is shorter than the route's.
 
 use std::{
     convert::Infallible,
@@ -61,12 +62,40 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let d = req
+        let route = req
             .extensions()
             .get::<Selected>()
             .and_then(|s| s.route().timeouts.request);
+        // A gRPC client's own deadline bounds the call too (the shorter one wins).
+        let grpc = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| grpc_timeout(v.as_bytes()));
+        let d = match (route, grpc) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         limit(self.inner.call(req), d)
     }
+}
+
+/// A `grpc-timeout` header's value: at most 8 digits and a unit (`H`, `M`, `S`, `m`, `u`,
+/// `n`), as gRPC over HTTP/2 defines it; anything else is ignored.
+pub fn grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -103,5 +132,33 @@ mod tests {
             .await
             .expect("infallible");
         assert_eq!(resp.status(), StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_grpc_deadline_shorter_than_the_route_wins() {
+        let slow = tower::service_fn(|_req: Request<Body>| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok::<_, Infallible>(Response::new(body::empty()))
+        });
+        let mut r = route("r", vec![], forward(&[("whoami", 1)]));
+        r.timeouts.request = Some(Duration::from_secs(10));
+        let mut req = selected(r);
+        req.headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("1500m"));
+        let start = tokio::time::Instant::now();
+        let resp = Timeout::new(slow).oneshot(req).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(start.elapsed(), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn grpc_timeout_values() {
+        assert_eq!(grpc_timeout(b"100m"), Some(Duration::from_millis(100)));
+        assert_eq!(grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout(b"1H"), Some(Duration::from_hours(1)));
+        assert_eq!(grpc_timeout(b"5u"), Some(Duration::from_micros(5)));
+        assert_eq!(grpc_timeout(b"123456789m"), None, "at most 8 digits");
+        assert_eq!(grpc_timeout(b"10x"), None);
+        assert_eq!(grpc_timeout(b"m"), None);
     }
 }
