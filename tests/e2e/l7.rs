@@ -139,15 +139,7 @@ fn firefox_canary_weighted_split_rewrite_and_mirror_with_real_clients() {
     let m2 = metrics(&c, 2);
     assert!(sample(&m2, &["istio_requests_total{", "reporter=\"destination\"", "source_workload=\"client\"", "destination_version=\"v1.1\"", "response_code=\"200\"", "connection_security_policy=\"mutual_tls\""]) >= 100.0, "destination reporter");
     for (node, text) in [(1, &m1), (2, &m2)] {
-        let mut promtool = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("promtool (Debian package prometheus)");
-        std::io::Write::write_all(&mut promtool.stdin.take().expect("stdin"), text.as_bytes()).expect("write");
-        let out = promtool.wait_with_output().expect("promtool");
+        let out = tools::promtool_check(text);
         let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         // promtool exits 3 for lint findings (1 for a parse error). Istio's own name carries
         // milliseconds, which the linter flags; dashboards need the name as Istio spells it,

@@ -53,7 +53,7 @@ fn pod_to_pod_across_nodes_is_encrypted_authorized_and_measured() {
     assert!(line.ends_with(" 3"), "three connections: {line}");
     assert!(metrics.contains("mesh_authz_denials_total{reason=\"deny_policy\"} 1"), "{metrics}");
     assert!(metrics.contains("mesh_authz_denials_total{reason=\"strict_mtls\"} 1"), "{metrics}");
-    let check = mesh::promtool_check(&metrics);
+    let check = mesh_tests::tools::promtool_check(&metrics);
     assert!(check.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
 }
 

@@ -1,7 +1,6 @@
 //! A lab with two mesh-node daemons, a shared test CA, local config and iptables capture.
 
 use std::{
-    io::Write as _,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     time::Duration,
@@ -266,19 +265,6 @@ impl MeshLab {
         std::thread::sleep(Duration::from_millis(500));
         Capture { child, file }
     }
-}
-
-/// `promtool check metrics` on an exposition.
-pub fn promtool_check(metrics: &str) -> Output {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus)");
-    child.stdin.take().expect("stdin").write_all(metrics.as_bytes()).expect("write");
-    child.wait_with_output().expect("promtool")
 }
 
 fn wait_ready(netns: &str) {

@@ -4,8 +4,9 @@
 //! message, never silently.
 
 use std::{
+    io::Write as _,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Output, Stdio},
 };
 
 /// Where `scripts/setup.sh` links grpcurl (it is not put on PATH).
@@ -72,4 +73,21 @@ pub fn h2load() -> Result<PathBuf, Error> {
 /// wrk (Debian's `wrk`).
 pub fn wrk() -> Result<PathBuf, Error> {
     on_path("wrk").ok_or(Error::NotFound { tool: "wrk" })
+}
+
+/// `promtool check metrics` (Debian package prometheus) on an exposition: exit 0 when clean,
+/// 3 with lint findings, 1 when it does not parse.
+///
+/// # Panics
+/// When promtool is not installed or cannot be fed (a test then fails saying so).
+pub fn promtool_check(metrics: &str) -> Output {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus)");
+    child.stdin.take().expect("stdin").write_all(metrics.as_bytes()).expect("write");
+    child.wait_with_output().expect("promtool")
 }

@@ -58,9 +58,9 @@ pub struct Route {
     pub action: Action,
     pub mirrors: Vec<Mirror>,
     pub timeouts: Timeouts,
-    /// Carried, not enforced yet.
+    /// Executed by the source node (`mesh_l7::layer::retry`).
     pub retry: Option<Retry>,
-    /// Carried, not enforced yet.
+    /// Executed by the source node (`mesh_l7::layer::fault`).
     pub fault: Option<Fault>,
 }
 

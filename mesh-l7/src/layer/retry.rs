@@ -49,13 +49,19 @@ pub struct Attempts {
 /// multiple of its load.
 #[derive(Default)]
 pub struct Budgets {
-    by_service: Mutex<HashMap<(String, String), Arc<TpsBudget>>>,
+    /// By namespace, then name: found by `&str` without allocating.
+    by_service: Mutex<HashMap<String, HashMap<String, Arc<TpsBudget>>>>,
 }
 
 impl Budgets {
     fn get(&self, namespace: &str, name: &str) -> Arc<TpsBudget> {
         let mut m = self.by_service.lock().expect("budgets lock");
-        m.entry((namespace.to_owned(), name.to_owned()))
+        if let Some(b) = m.get(namespace).and_then(|n| n.get(name)) {
+            return b.clone();
+        }
+        m.entry(namespace.to_owned())
+            .or_default()
+            .entry(name.to_owned())
             .or_insert_with(|| Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)))
             .clone()
     }
@@ -102,19 +108,13 @@ pub fn retriable(policy: &RetryPolicy, resp: &Response<Body>) -> bool {
         .headers()
         .get("grpc-status")
         .and_then(|v| v.to_str().ok());
-    let defaults = DEFAULT_CONDITIONS.map(str::to_owned);
-    let conditions: &[String] = if policy.retry_on.is_empty() {
-        &defaults
-    } else {
-        &policy.retry_on
-    };
     let default_codes = [503];
     let codes: &[u16] = if policy.codes.is_empty() && policy.retry_on.is_empty() {
         &default_codes
     } else {
         &policy.codes
     };
-    conditions.iter().any(|c| match c.as_str() {
+    let holds = |c: &str| match c {
         "5xx" => status >= 500 || reset || connect,
         "gateway-error" => matches!(status, 502..=504) || reset || connect,
         // Our upstream reports a refused stream as a reset before any response.
@@ -125,7 +125,13 @@ pub fn retriable(policy: &RetryPolicy, resp: &Response<Body>) -> bool {
         other => GRPC_CONDITIONS
             .iter()
             .any(|(name, code)| *name == other && grpc == Some(*code)),
-    }) || (!policy.codes.is_empty() && codes.contains(&status))
+    };
+    let condition = if policy.retry_on.is_empty() {
+        DEFAULT_CONDITIONS.iter().any(|c| holds(c))
+    } else {
+        policy.retry_on.iter().any(|c| holds(c))
+    };
+    condition || (!policy.codes.is_empty() && codes.contains(&status))
 }
 
 /// Exponential backoff with full jitter: a random wait below `base × 2^(retry-1)`, capped at
@@ -168,8 +174,7 @@ impl<S: HttpService> tower::Service<Request<Body>> for Retry<S> {
             let replay = Replay::new(body);
             let mut attempt = 1;
             loop {
-                let mut req = Request::from_parts(parts.clone(), replay.attempt_body());
-                *req.extensions_mut() = parts.extensions.clone();
+                let req = Request::from_parts(parts.clone(), replay.attempt_body());
                 let mut resp = inner.call(req).await?;
                 if !retriable(&policy, &resp) {
                     resp.extensions_mut().insert(Attempts {
