@@ -50,6 +50,8 @@ fn diagnose(c: &KubeCluster) -> String {
         &["logs", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-node", "--tail=25", "--prefix"],
         &["logs", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-control", "--tail=15", "--prefix"],
         &["get", "events", "-A", "--field-selector=type=Warning"],
+        // A namespace stuck in Terminating says why in its conditions.
+        &["get", "namespaces", "-o", "custom-columns=NAME:.metadata.name,PHASE:.status.phase,CONDITIONS:.status.conditions[*].message"],
     ] {
         let o = c.kubectl(args);
         out += &format!("$ kubectl {}\n{}{}\n", args.join(" "), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
