@@ -59,6 +59,26 @@ fn diagnose(c: &KubeCluster) -> String {
     out
 }
 
+/// Why a namespace is stuck in Terminating: its status, every object left in it, and what the
+/// controller-manager's namespace controller logged about it.
+fn namespace_diagnosis(c: &KubeCluster, ns: &str) -> String {
+    let mut out = diagnose(c);
+    let o = c.kubectl(&["get", "namespace", ns, "-o", "yaml"]);
+    out += &format!("$ kubectl get namespace {ns} -o yaml\n{}\n", String::from_utf8_lossy(&o.stdout));
+    let kinds = c.kubectl(&["api-resources", "--namespaced=true", "--verbs=list", "-o", "name"]);
+    for kind in String::from_utf8_lossy(&kinds.stdout).lines() {
+        let o = c.kubectl(&["get", kind, "-n", ns, "-o", "name", "--ignore-not-found"]);
+        let left = String::from_utf8_lossy(&o.stdout);
+        if !left.trim().is_empty() || !o.status.success() {
+            out += &format!("left in {ns}: {kind}: {} {}\n", left.trim().replace('\n', " "), String::from_utf8_lossy(&o.stderr).trim());
+        }
+    }
+    let log = std::fs::read_to_string(c.log("kube-controller-manager")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("namespace")).collect();
+    out += &format!("kube-controller-manager, last lines about namespaces:\n{}\n", lines[lines.len().saturating_sub(30)..].join("\n"));
+    out
+}
+
 #[test]
 fn the_mesh_installed_with_kubectl_meshes_real_pods_on_two_nodes_and_uninstalls_cleanly() {
     let c = start();
@@ -177,7 +197,9 @@ fn the_mesh_installed_with_kubectl_meshes_real_pods_on_two_nodes_and_uninstalls_
 
     // 6. Uninstall: kubectl delete of everything; each node is left as it was found.
     let started = Instant::now();
-    kubectl(&c, &["delete", "namespace", "demo", "--wait=true", "--timeout=120s"]);
+    let out = c.kubectl(&["delete", "namespace", "demo", "--wait=true", "--timeout=120s"]);
+    assert!(out.status.success(), "kubectl delete namespace demo: {}\n{}", String::from_utf8_lossy(&out.stderr), namespace_diagnosis(&c, "demo"));
+    println!("namespace demo deleted in {:.1?}", started.elapsed());
     let out = c.kubectl(&["delete", "-f", &deploy.display().to_string(), "--wait=true", "--timeout=120s"]);
     println!("kubectl delete -f deploy/: {}", String::from_utf8_lossy(&out.stdout).trim().replace('\n', "; "));
     eventually("mesh-node pods gone", Duration::from_secs(90), || get(&c, &["pods", "-A", "-l", "app.kubernetes.io/name=mesh-node"], "{.items[*].metadata.name}").is_empty());

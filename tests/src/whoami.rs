@@ -194,6 +194,7 @@ pub fn serve(opts: &ServeOpts) -> ExitCode {
 }
 
 fn serve_all(opts: &ServeOpts) -> Result<(), String> {
+    exit_on_termination()?;
     let log = opts.request_log.as_deref().map(|path| RequestLog::open(path).map_err(|e| format!("open --request-log {path:?}: {e}")));
     let app = App::new(opts.id.clone(), opts.faults.clone(), log.transpose()?);
     // The L7 servers share one runtime; the L4 ones keep their thread per connection.
@@ -239,5 +240,23 @@ fn serve_all(opts: &ServeOpts) -> Result<(), String> {
     if opts.http.is_some() || opts.grpc.is_some() {
         runtime.block_on(std::future::pending::<()>());
     }
+    Ok(())
+}
+
+/// In a container the server is PID 1, which gets no default action for SIGTERM: without this the
+/// kubelet waits the whole grace period and then kills it, and a namespace deletion waits with it.
+/// The signals are blocked before any other thread starts (threads inherit the mask), and one
+/// thread waits for them and exits.
+fn exit_on_termination() -> Result<(), String> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block().map_err(|e| format!("blocking SIGTERM: {e}"))?;
+    thread::spawn(move || {
+        let signal = set.wait();
+        println!("exiting on {signal:?}");
+        std::process::exit(0);
+    });
     Ok(())
 }
