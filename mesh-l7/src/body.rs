@@ -47,3 +47,49 @@ where
 {
     b.map_err(|e| BodyError(e.into())).boxed_unsync()
 }
+
+pin_project_lite::pin_project! {
+    /// A body that keeps `value` alive until it has been read to its end or dropped.
+    struct Holding<T> {
+        #[pin]
+        body: Body,
+        value: Option<T>,
+    }
+}
+
+impl<T> http_body::Body for Holding<T> {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        let this = self.project();
+        let polled = this.body.poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            this.value.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// `body`, keeping `value` (a guard: a permit, a counter) until the body ends or is dropped.
+pub fn holding<T: Send + 'static>(body: Body, value: T) -> Body {
+    if http_body::Body::is_end_stream(&body) {
+        return body;
+    }
+    Holding {
+        body,
+        value: Some(value),
+    }
+    .boxed_unsync()
+}

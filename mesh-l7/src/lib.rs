@@ -7,11 +7,14 @@
 //! to a request.
 
 pub mod body;
+pub mod circuit;
 pub mod client;
 pub mod flags;
 pub mod forward;
 pub mod layer;
 pub mod metrics;
+pub mod outlier;
+pub mod policy;
 pub mod protocol;
 pub mod record;
 pub mod route;

@@ -12,6 +12,8 @@ use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
 use serde::Serialize;
 
+use crate::policy::TrafficPolicy;
+
 /// The routes of one Service (its parent). A Service with no routes has no table: its HTTP ports
 /// get [`RouteTable::default_for`].
 #[derive(Clone, Debug, Serialize)]
@@ -23,9 +25,18 @@ pub struct RouteTable {
     /// Consumer routes by client namespace: they replace `routes` for those clients (GAMMA).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub consumers: BTreeMap<String, Vec<Route>>,
-    /// The DestinationRule's `trafficPolicy`, carried and shown, not enforced yet.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub traffic_policy: Option<serde_json::Value>,
+    /// The DestinationRule's `trafficPolicy`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "shared::option"
+    )]
+    pub traffic_policy: Option<Arc<TrafficPolicy>>,
+    /// Subsets with a policy of their own (already laid over `traffic_policy`).
+    #[serde(
+        skip_serializing_if = "BTreeMap::is_empty",
+        serialize_with = "shared::map"
+    )]
+    pub subset_policies: BTreeMap<String, Arc<TrafficPolicy>>,
 }
 
 impl RouteTable {
@@ -55,12 +66,22 @@ impl RouteTable {
             routes: vec![route],
             consumers: BTreeMap::new(),
             traffic_policy: None,
+            subset_policies: BTreeMap::new(),
         }
+    }
+
+    /// The policy for requests to `subset` (or the Service as a whole).
+    pub fn policy(&self, subset: Option<&str>) -> Option<&Arc<TrafficPolicy>> {
+        subset
+            .and_then(|s| self.subset_policies.get(s))
+            .or(self.traffic_policy.as_ref())
     }
 
     /// Whether this is [`RouteTable::default_for`]'s table (no route resource attaches).
     pub fn is_implicit(&self) -> bool {
         self.consumers.is_empty()
+            && self.traffic_policy.is_none()
+            && self.subset_policies.is_empty()
             && self.routes.len() == 1
             && self.routes[0].source.kind == SourceKind::Default
     }
@@ -210,7 +231,40 @@ pub struct Timeouts {
     pub backend_request: Option<Duration>,
 }
 
-mod opt_ms {
+/// Serializing `Arc`s without serde's `rc` feature (which would rebuild every crate using serde).
+mod shared {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use serde::{Serialize, Serializer};
+
+    #[expect(
+        clippy::ref_option,
+        reason = "serde's `with` passes a reference to the field"
+    )]
+    pub fn option<T: Serialize, S: Serializer>(
+        v: &Option<Arc<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        v.as_deref().serialize(s)
+    }
+
+    pub fn map<T: Serialize, S: Serializer>(
+        v: &BTreeMap<String, Arc<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_map(v.iter().map(|(k, v)| (k, &**v)))
+    }
+}
+
+pub(crate) mod ms {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+}
+
+pub(crate) mod opt_ms {
     use std::time::Duration;
 
     #[expect(

@@ -96,19 +96,38 @@ pub fn compile(input: &Input, inv: &Inventory) -> Routes {
 
     let mut tables: BTreeMap<NamespacedName, RouteTable> = BTreeMap::new();
     for ((service, slot), routes) in slots {
-        let table = tables.entry(service.clone()).or_insert_with(|| RouteTable {
-            traffic_policy_json: rules
-                .get(&service)
-                .and_then(|d| d.traffic_policy_json.clone()),
-            service,
-            ..RouteTable::default()
-        });
+        let table = tables
+            .entry(service.clone())
+            .or_insert_with(|| RouteTable {
+                service,
+                ..RouteTable::default()
+            });
         match slot {
             Slot::Producer => table.routes = routes,
             Slot::Consumer(ns) => {
                 table.consumers.insert(ns, routes);
             }
         }
+    }
+    // A traffic policy applies with or without routes: a Service with only a policy gets a
+    // table with the default route to carry it.
+    for (service, rule) in &rules {
+        if rule.traffic_policy.is_none() && rule.subset_policies.is_empty() {
+            continue;
+        }
+        let table = tables
+            .entry(service.clone())
+            .or_insert_with(|| RouteTable {
+                service: service.clone(),
+                ..RouteTable::default()
+            });
+        table.traffic_policy.clone_from(&rule.traffic_policy);
+        let base = rule.traffic_policy.clone().unwrap_or_default();
+        table.subset_policies = rule
+            .subset_policies
+            .iter()
+            .map(|(name, p)| (name.clone(), base.overlaid_by(p)))
+            .collect();
     }
     for table in tables.values_mut() {
         if table.routes.is_empty() {

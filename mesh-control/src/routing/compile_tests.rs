@@ -500,9 +500,12 @@ fn the_firefox_canary_compiles_to_subset_routes_in_http_order() {
         (Some("v1-1".into()), Some("v1-0".into()))
     );
     assert!(t.routes[1].matches.is_empty());
-    let policy: serde_json::Value =
-        serde_json::from_str(t.traffic_policy_json.as_deref().expect("carried")).expect("JSON");
-    assert_eq!(policy["loadBalancer"]["simple"], "LEAST_REQUEST");
+    assert_eq!(
+        t.traffic_policy
+            .as_ref()
+            .and_then(|p| p.load_balancer.clone()),
+        Some(crate::routing::model::LoadBalancer::LeastRequest)
+    );
     assert_eq!(
         conditions(verdict(&s, Kind::VirtualService, "demo/whoami")),
         [
@@ -511,11 +514,7 @@ fn the_firefox_canary_compiles_to_subset_routes_in_http_order() {
         ]
     );
     let dr = verdict(&s, Kind::DestinationRule, "demo/whoami");
-    assert_eq!(conditions(dr), [("Accepted", true, "PartiallyEnforced")]);
-    assert_eq!(
-        message(dr, "Accepted"),
-        "spec.trafficPolicy: accepted, not enforced yet"
-    );
+    assert_eq!(conditions(dr), [("Accepted", true, "Accepted")]);
     let subsets: Vec<&str> = s.routes.subsets[&NamespacedName::new("demo", "whoami")]
         .iter()
         .map(|(n, _)| n.as_str())
@@ -660,5 +659,50 @@ fn destination_rules_must_live_with_their_service_and_the_oldest_wins() {
     assert!(
         s.routes.tables.is_empty(),
         "subsets alone make no route table"
+    );
+}
+
+#[test]
+fn a_traffic_policy_without_routes_gets_a_default_table_and_subsets_replace_whole_settings() {
+    let s = state(
+        r"
+apiVersion: networking.mesh.dev/v1alpha1
+kind: DestinationRule
+metadata: {name: whoami-v1, namespace: demo}
+spec:
+  host: whoami-v1
+  trafficPolicy:
+    connectionPool: {http: {http2MaxRequests: 10}}
+    outlierDetection: {consecutive5xxErrors: 2}
+  subsets:
+  - name: canary
+    labels: {version: v1.1}
+    trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}
+",
+    );
+    let t = table(&s, "demo/whoami-v1");
+    assert_eq!(t.routes.len(), 1, "the default route");
+    let policy = t.traffic_policy.as_ref().expect("policy");
+    assert_eq!(
+        policy
+            .connection_pool
+            .as_ref()
+            .and_then(|c| c.http2_max_requests),
+        Some(10)
+    );
+    let canary = &t.subset_policies["canary"];
+    let pool = canary.connection_pool.as_ref().expect("the subset's own pool");
+    assert_eq!(
+        (pool.max_connections, pool.http2_max_requests),
+        (Some(1), None),
+        "connectionPool replaced whole"
+    );
+    assert_eq!(
+        canary.outlier_detection, policy.outlier_detection,
+        "outlierDetection inherited"
+    );
+    assert_eq!(
+        conditions(verdict(&s, Kind::DestinationRule, "demo/whoami-v1")),
+        [("Accepted", true, "Accepted")]
     );
 }

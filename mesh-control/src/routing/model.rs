@@ -15,8 +15,10 @@ pub struct RouteTable {
     pub routes: Vec<Route>,
     /// Consumer routes by client namespace: they replace `routes` for those clients.
     pub consumers: BTreeMap<String, Vec<Route>>,
-    /// The DestinationRule's `trafficPolicy` as JSON (carried, not enforced yet).
-    pub traffic_policy_json: Option<String>,
+    /// The DestinationRule's `trafficPolicy`: how the clients' nodes treat the endpoints.
+    pub traffic_policy: Option<TrafficPolicy>,
+    /// Subsets with a `trafficPolicy` of their own, already laid over the Service's.
+    pub subset_policies: BTreeMap<String, TrafficPolicy>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -222,4 +224,65 @@ pub struct Abort {
     pub per_million: u32,
     pub http_status: Option<u16>,
     pub grpc_status: Option<String>,
+}
+
+/// A DestinationRule's `trafficPolicy`, validated. Executed by the source node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrafficPolicy {
+    pub load_balancer: Option<LoadBalancer>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+impl TrafficPolicy {
+    /// A subset's policy over the Service's: Istio replaces each of the three settings whole.
+    #[must_use]
+    pub fn overlaid_by(&self, subset: &TrafficPolicy) -> TrafficPolicy {
+        TrafficPolicy {
+            load_balancer: subset.load_balancer.clone().or_else(|| self.load_balancer.clone()),
+            connection_pool: subset.connection_pool.clone().or_else(|| self.connection_pool.clone()),
+            outlier_detection: subset.outlier_detection.clone().or_else(|| self.outlier_detection.clone()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadBalancer {
+    RoundRobin,
+    LeastRequest,
+    Random,
+    /// Maglev over the key's hash, with a table of `table_size` (prime) entries.
+    ConsistentHash { key: HashKey, table_size: u32 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    Header(String),
+    /// With a TTL the node sets the cookie when the request has none.
+    Cookie { name: String, path: Option<String>, ttl: Option<Duration> },
+    SourceIp,
+    QueryParameter(String),
+}
+
+/// Limits per Service (or subset) on each client node; `None`: no limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionPool {
+    pub max_connections: Option<u32>,
+    pub connect_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub http1_max_pending_requests: Option<u32>,
+    pub http2_max_requests: Option<u32>,
+    pub max_requests_per_connection: Option<u32>,
+    pub max_retries: Option<u32>,
+}
+
+/// Envoy's outlier detection as Istio configures it; a count of 0 disables that trigger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutlierDetection {
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway: u32,
+    pub interval: Duration,
+    pub base_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+    pub min_health_percent: u32,
 }

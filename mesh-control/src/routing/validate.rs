@@ -9,13 +9,15 @@
 
 pub mod gateway;
 pub mod istio;
+pub mod traffic_policy;
 
-use std::{sync::LazyLock, time::Duration};
+use std::{collections::BTreeMap, sync::LazyLock, time::Duration};
 
 use k8s_openapi::jiff::Timestamp;
 
 use super::model::{
-    Fault, HeaderModifier, Match, PathModifier, Redirect, Retry, SourceKind, Timeouts, UrlRewrite,
+    Fault, HeaderModifier, Match, PathModifier, Redirect, Retry, SourceKind, Timeouts,
+    TrafficPolicy, UrlRewrite,
 };
 use crate::{
     crd,
@@ -226,8 +228,10 @@ pub struct Destination {
 pub struct DestinationRule {
     pub id: Identity,
     pub host: NamespacedName,
-    pub traffic_policy_json: Option<String>,
+    pub traffic_policy: Option<TrafficPolicy>,
     pub subsets: Vec<(String, Labels)>,
+    /// Subsets with a `trafficPolicy` of their own (not yet laid over the Service's).
+    pub subset_policies: BTreeMap<String, TrafficPolicy>,
     pub notes: Vec<String>,
 }
 

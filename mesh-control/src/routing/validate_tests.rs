@@ -646,16 +646,20 @@ fn destination_rules_carry_subsets_and_their_traffic_policy() {
         d.subsets[1].1.get("version").map(String::as_str),
         Some("v1.1")
     );
-    let policy: serde_json::Value =
-        serde_json::from_str(d.traffic_policy_json.as_deref().expect("carried")).expect("JSON");
-    assert_eq!(policy["loadBalancer"]["simple"], "ROUND_ROBIN");
     assert_eq!(
-        d.notes,
-        [
-            "spec.trafficPolicy: accepted, not enforced yet",
-            "spec.subsets[1].trafficPolicy: accepted, not carried or enforced yet"
-        ]
+        d.traffic_policy
+            .as_ref()
+            .and_then(|p| p.load_balancer.clone()),
+        Some(crate::routing::model::LoadBalancer::RoundRobin)
     );
+    assert_eq!(
+        d.subset_policies["v1-1"]
+            .connection_pool
+            .as_ref()
+            .and_then(|c| c.max_connections),
+        Some(10)
+    );
+    assert!(d.notes.is_empty(), "{:?}", d.notes);
     assert_eq!(
         dr("spec:\n  host: whoami\n  subsets: [{name: a}, {name: a}]\n")
             .expect_err("dup")
@@ -753,9 +757,14 @@ fn unknown_fields_are_named_with_their_path() {
         e.to_string(),
         "spec.http[0].timout: not supported: an Istio field the mesh does not implement (and spec.http[1].route[0].destination.subsett)"
     );
-    // Empty values and free-form fields are not unknown.
+    // Empty values and free-form fields are not unknown; traffic policy fields are typed.
     let r = read::<net::DestinationRule>(
-        "metadata: {name: d}\nspec: {host: a, exportTo: [], trafficPolicy: {anything: {goes: 1}}}\n",
+        "metadata: {name: d}\nspec: {host: a, exportTo: [], trafficPolicy: {connectionPool: {tcp: {tcpKeepalive: {time: 7200s}}}, portLevelSettings: [{port: {number: 80}}]}}\n",
     );
-    assert!(r.unknown_fields.is_empty(), "{:?}", r.unknown_fields);
+    assert_eq!(r.unknown_fields, ["spec.trafficPolicy.portLevelSettings"]);
+    let e = istio::destination_rule(&r).expect_err("unknown field");
+    assert_eq!(
+        e.to_string(),
+        "spec.trafficPolicy.portLevelSettings: not supported: per-port traffic policies (the policy applies to every port of the host)"
+    );
 }

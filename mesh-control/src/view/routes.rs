@@ -6,7 +6,8 @@ use std::time::Duration;
 use mesh_proto::config::v1 as pb;
 
 use crate::routing::model::{
-    Action, Backend, HeaderModifier, Match, PathModifier, Route, RouteTable, StringMatch,
+    Action, Backend, ConnectionPool, HashKey, HeaderModifier, LoadBalancer, Match,
+    OutlierDetection, PathModifier, Route, RouteTable, StringMatch, TrafficPolicy,
 };
 
 pub fn route_table(t: &RouteTable) -> pb::RouteTable {
@@ -22,7 +23,70 @@ pub fn route_table(t: &RouteTable) -> pb::RouteTable {
                 routes: rs.iter().map(route).collect(),
             })
             .collect(),
-        traffic_policy_json: t.traffic_policy_json.clone().unwrap_or_default(),
+        traffic_policy: t.traffic_policy.as_ref().map(traffic_policy),
+        subset_policies: t
+            .subset_policies
+            .iter()
+            .map(|(name, p)| (name.clone(), traffic_policy(p)))
+            .collect(),
+    }
+}
+
+fn traffic_policy(p: &TrafficPolicy) -> pb::TrafficPolicy {
+    pb::TrafficPolicy {
+        load_balancer: p.load_balancer.as_ref().map(load_balancer),
+        connection_pool: p.connection_pool.as_ref().map(connection_pool),
+        outlier_detection: p.outlier_detection.as_ref().map(outlier_detection),
+    }
+}
+
+fn load_balancer(lb: &LoadBalancer) -> pb::LoadBalancer {
+    use pb::load_balancer::HashKey as Key;
+    let (algorithm, hash_key, table_size) = match lb {
+        LoadBalancer::RoundRobin => (pb::LbAlgorithm::RoundRobin, None, 0),
+        LoadBalancer::LeastRequest => (pb::LbAlgorithm::LeastRequest, None, 0),
+        LoadBalancer::Random => (pb::LbAlgorithm::Random, None, 0),
+        LoadBalancer::ConsistentHash { key, table_size } => {
+            let key = match key {
+                HashKey::Header(h) => Key::Header(h.clone()),
+                HashKey::Cookie { name, path, ttl } => Key::Cookie(pb::HashCookie {
+                    name: name.clone(),
+                    path: path.clone().unwrap_or_default(),
+                    ttl_ms: ms(*ttl),
+                }),
+                HashKey::SourceIp => Key::SourceIp(true),
+                HashKey::QueryParameter(q) => Key::QueryParameter(q.clone()),
+            };
+            (pb::LbAlgorithm::ConsistentHash, Some(key), *table_size)
+        }
+    };
+    pb::LoadBalancer {
+        algorithm: algorithm.into(),
+        hash_key,
+        table_size,
+    }
+}
+
+fn connection_pool(c: &ConnectionPool) -> pb::ConnectionPool {
+    pb::ConnectionPool {
+        max_connections: c.max_connections.unwrap_or(0),
+        connect_timeout_ms: ms(c.connect_timeout),
+        idle_timeout_ms: ms(c.idle_timeout),
+        http1_max_pending_requests: c.http1_max_pending_requests.unwrap_or(0),
+        http2_max_requests: c.http2_max_requests.unwrap_or(0),
+        max_requests_per_connection: c.max_requests_per_connection.unwrap_or(0),
+        max_retries: c.max_retries.unwrap_or(0),
+    }
+}
+
+fn outlier_detection(o: &OutlierDetection) -> pb::OutlierDetection {
+    pb::OutlierDetection {
+        consecutive_5xx: o.consecutive_5xx,
+        consecutive_gateway: o.consecutive_gateway,
+        interval_ms: ms(Some(o.interval)),
+        base_ejection_time_ms: ms(Some(o.base_ejection_time)),
+        max_ejection_percent: o.max_ejection_percent,
+        min_health_percent: o.min_health_percent,
     }
 }
 

@@ -7,8 +7,10 @@ use super::{
     Destination, DestinationRule, Error, VirtualService, VsAction, VsRule, dns_label,
     header_modifier, header_name, header_value, hostname, identity, in_range, istio_duration,
     no_unknown_fields, path_modifier, percent_per_million, port, redirect_scheme, redirect_status,
-    regex,
+    regex, traffic_policy,
 };
+use std::collections::BTreeMap;
+
 use crate::{
     crd::{Read, networking as api},
     model::{Labels, NamespacedName},
@@ -35,6 +37,15 @@ fn hint(field: &str) -> &'static str {
         "http2Error" => "HTTP/2 error aborts (use httpStatus)",
         "workloadSelector" => {
             "workload selectors (a DestinationRule applies to every client of its host)"
+        }
+        "portLevelSettings" => {
+            "per-port traffic policies (the policy applies to every port of the host)"
+        }
+        "localityLbSetting" => "locality-aware load balancing",
+        "tunnel" => "tunnelling to a destination through a proxy",
+        "proxyProtocol" => "PROXY protocol to the destination",
+        "consecutiveLocalOriginFailures" | "splitExternalLocalOriginErrors" => {
+            "local-origin failure counting (connect failures count as gateway errors)"
         }
         _ => "an Istio field the mesh does not implement",
     }
@@ -145,11 +156,14 @@ pub fn destination_rule(r: &Read<api::DestinationRule>) -> Result<DestinationRul
     }
     let host = host("spec.host", &o.spec.host, &id.key.namespace)?;
     let mut notes = Vec::new();
-    let traffic_policy_json = o.spec.traffic_policy.as_ref().map(|p| {
-        notes.push("spec.trafficPolicy: accepted, not enforced yet".to_owned());
-        p.to_string()
-    });
+    let traffic_policy = o
+        .spec
+        .traffic_policy
+        .as_ref()
+        .map(|p| traffic_policy::traffic_policy(p, "spec.trafficPolicy", &mut notes))
+        .transpose()?;
     let mut subsets: Vec<(String, Labels)> = Vec::new();
+    let mut subset_policies = BTreeMap::new();
     for (i, s) in o.spec.subsets.iter().enumerate() {
         let field = format!("spec.subsets[{i}]");
         let name = dns_label(&format!("{field}.name"), &s.name)?;
@@ -160,18 +174,22 @@ pub fn destination_rule(r: &Read<api::DestinationRule>) -> Result<DestinationRul
             });
         }
         labels(&s.labels, &format!("{field}.labels"))?;
-        if s.traffic_policy.is_some() {
-            notes.push(format!(
-                "{field}.trafficPolicy: accepted, not carried or enforced yet"
-            ));
+        if let Some(p) = &s.traffic_policy {
+            let p = traffic_policy::traffic_policy(
+                p,
+                &format!("{field}.trafficPolicy"),
+                &mut notes,
+            )?;
+            subset_policies.insert(name.clone(), p);
         }
         subsets.push((name, s.labels.clone()));
     }
     Ok(DestinationRule {
         id,
         host,
-        traffic_policy_json,
+        traffic_policy,
         subsets,
+        subset_policies,
         notes,
     })
 }

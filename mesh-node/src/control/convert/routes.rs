@@ -3,9 +3,10 @@
 //! everything already; an error here means a controller bug or version skew, and the whole
 //! update is refused (NACK) rather than half applied.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use http::{HeaderName, HeaderValue};
+use mesh_l7::policy::{ConnectionPool, HashKey, LoadBalancer, OutlierDetection, TrafficPolicy};
 use mesh_l7::route::{
     Action, Backend, FaultInjection, HeaderModifier, Mirror, PathModifier, RequestRedirect, RetryPolicy, Route, RouteSource, RouteTable,
     SourceKind, Timeouts, UrlRewrite,
@@ -22,12 +23,65 @@ pub fn route_table(t: &pb::RouteTable) -> Result<RouteTable, Error> {
     for c in &t.consumers {
         consumers.insert(c.namespace.clone(), routes(&c.routes)?);
     }
-    let traffic_policy = if t.traffic_policy_json.is_empty() {
-        None
-    } else {
-        Some(serde_json::from_str(&t.traffic_policy_json).map_err(|e| invalid(format!("{what}: trafficPolicy: {e}")))?)
+    let policy = t.traffic_policy.as_ref().map(|p| traffic_policy(p, &what)).transpose()?.map(Arc::new);
+    let mut subset_policies = BTreeMap::new();
+    for (subset, p) in &t.subset_policies {
+        subset_policies.insert(subset.clone(), Arc::new(traffic_policy(p, &format!("{what}: subset {subset}"))?));
+    }
+    Ok(RouteTable { namespace: t.namespace.clone(), name: t.name.clone(), routes: routes(&t.routes)?, consumers, traffic_policy: policy, subset_policies })
+}
+
+fn traffic_policy(p: &pb::TrafficPolicy, what: &str) -> Result<TrafficPolicy, Error> {
+    let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
+    let limit = |v: u32| (v > 0).then_some(v);
+    let load_balancer = match &p.load_balancer {
+        None => None,
+        Some(lb) => match pb::LbAlgorithm::try_from(lb.algorithm) {
+            Ok(pb::LbAlgorithm::Unspecified) => None,
+            Ok(pb::LbAlgorithm::RoundRobin) => Some(LoadBalancer::RoundRobin),
+            Ok(pb::LbAlgorithm::LeastRequest) => Some(LoadBalancer::LeastRequest),
+            Ok(pb::LbAlgorithm::Random) => Some(LoadBalancer::Random),
+            Ok(pb::LbAlgorithm::ConsistentHash) => {
+                use pb::load_balancer::HashKey as Key;
+                let key = match &lb.hash_key {
+                    Some(Key::Header(h)) => HashKey::Header(header_name(h, what)?.as_str().to_owned()),
+                    Some(Key::Cookie(c)) => HashKey::Cookie { name: c.name.clone(), path: (!c.path.is_empty()).then(|| c.path.clone()), ttl: ms(c.ttl_ms) },
+                    Some(Key::SourceIp(_)) => HashKey::SourceIp,
+                    Some(Key::QueryParameter(q)) => HashKey::QueryParameter(q.clone()),
+                    None => return Err(invalid(format!("{what}: consistent hash without a key"))),
+                };
+                if lb.table_size == 0 {
+                    return Err(invalid(format!("{what}: consistent hash with a table of 0 entries")));
+                }
+                Some(LoadBalancer::ConsistentHash { key, table_size: lb.table_size })
+            }
+            Err(_) => return Err(invalid(format!("{what}: unknown load-balancing algorithm {}", lb.algorithm))),
+        },
     };
-    Ok(RouteTable { namespace: t.namespace.clone(), name: t.name.clone(), routes: routes(&t.routes)?, consumers, traffic_policy })
+    let connection_pool = p.connection_pool.as_ref().map_or_else(ConnectionPool::default, |c| ConnectionPool {
+        max_connections: limit(c.max_connections),
+        connect_timeout: ms(c.connect_timeout_ms),
+        idle_timeout: ms(c.idle_timeout_ms),
+        http1_max_pending_requests: limit(c.http1_max_pending_requests),
+        http2_max_requests: limit(c.http2_max_requests),
+        max_requests_per_connection: limit(c.max_requests_per_connection),
+        max_retries: limit(c.max_retries),
+    });
+    let outlier_detection = match &p.outlier_detection {
+        None => None,
+        Some(o) if o.interval_ms == 0 || o.base_ejection_time_ms == 0 || o.max_ejection_percent > 100 || o.min_health_percent > 100 => {
+            return Err(invalid(format!("{what}: outlier detection with a zero interval or ejection time, or a share above 100 %")));
+        }
+        Some(o) => Some(OutlierDetection {
+            consecutive_5xx: o.consecutive_5xx,
+            consecutive_gateway: o.consecutive_gateway,
+            interval: Duration::from_millis(o.interval_ms),
+            base_ejection_time: Duration::from_millis(o.base_ejection_time_ms),
+            max_ejection_percent: o.max_ejection_percent,
+            min_health_percent: o.min_health_percent,
+        }),
+    };
+    Ok(TrafficPolicy { load_balancer, connection_pool, outlier_detection })
 }
 
 fn route(r: &pb::HttpRoute, what: &str) -> Result<Route, Error> {
