@@ -18,6 +18,8 @@ pub enum ResponseFlag {
     UpstreamConnectionFailure,
     /// The endpoint reset or closed the connection before answering: 503.
     UpstreamRemoteReset,
+    /// A circuit breaker's limit (DestinationRule `connectionPool`) refused the request: 503.
+    UpstreamOverflow,
     /// The route's timeout passed: 504.
     UpstreamRequestTimeout,
     /// The client went away before the response was complete.
@@ -37,6 +39,7 @@ impl ResponseFlag {
             Self::NoHealthyUpstream => "UH",
             Self::UpstreamConnectionFailure => "UF",
             Self::UpstreamRemoteReset => "UR",
+            Self::UpstreamOverflow => "UO",
             Self::UpstreamRequestTimeout => "UT",
             Self::DownstreamConnectionTermination => "DC",
             Self::FaultInjected => "FI",
@@ -53,6 +56,7 @@ impl ResponseFlag {
             Self::NoHealthyUpstream
             | Self::UpstreamConnectionFailure
             | Self::UpstreamRemoteReset
+            | Self::UpstreamOverflow
             | Self::DownstreamConnectionTermination
             | Self::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -67,6 +71,9 @@ impl ResponseFlag {
             }
             Self::UpstreamRemoteReset => {
                 "upstream connect error or disconnect/reset before headers. reset reason: remote reset"
+            }
+            Self::UpstreamOverflow => {
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
             }
             Self::UpstreamRequestTimeout => "upstream request timeout",
             Self::FaultInjected => "fault filter abort",
@@ -109,7 +116,7 @@ pub fn label(flag: Option<ResponseFlag>, delayed: bool, retries_exhausted: bool)
         F::NoHealthyUpstream => 1,
         F::UpstreamRequestTimeout => 2,
         F::UpstreamRemoteReset => 3,
-        F::UpstreamConnectionFailure => 4,
+        F::UpstreamConnectionFailure | F::UpstreamOverflow => 4,
         F::NoRoute => 6,
         F::FaultInjected => 8,
         F::Direct => 9,

@@ -14,6 +14,7 @@ pub use config::Config;
 
 use crate::{
     admin::{Admin, LogControl},
+    balance::cluster::Clusters,
     drain,
     identity::{CaClient, CertMetrics, CertStore},
     metrics,
@@ -47,12 +48,13 @@ pub async fn build(
     state: StateRx,
     log: Option<LogControl>,
 ) -> Result<Bound, proxy::Error> {
-    build_with(cfg, ca, roots, state, log, Registry::default(), Ready::default()).await
+    build_with(cfg, ca, roots, state, log, Registry::default(), Ready::default(), Arc::default()).await
 }
 
 /// [`build`] with a registry and readiness the caller already populated (the daemon registers
 /// its control-plane and datapath metrics, and readiness blocks for "config synced" and
-/// "datapath attached", before the proxies start).
+/// "datapath attached", before the proxies start), and the clusters the kernel sync follows.
+#[expect(clippy::too_many_arguments, reason = "the daemon's one call site hands over what it built")]
 pub async fn build_with(
     cfg: &Config,
     ca: Arc<dyn CaClient>,
@@ -61,6 +63,7 @@ pub async fn build_with(
     log: Option<LogControl>,
     mut registry: Registry,
     ready: Ready,
+    clusters: Arc<Clusters>,
 ) -> Result<Bound, proxy::Error> {
     let certs = CertStore::new(ca, roots, CertMetrics::new(&mut registry));
     let inputs = Inputs {
@@ -73,7 +76,7 @@ pub async fn build_with(
     let (shutdown, _) = watch::channel(false);
 
     let pool = Pool::new(inputs.clone());
-    let http = proxy::l7::Shared::new(&inputs, pool.clone());
+    let http = proxy::l7::Shared::new(&inputs, pool.clone(), clusters.clone());
     let outbound = Outbound::new(cfg.outbound_addr, inputs.clone(), pool.clone(), http.clone()).await?;
     let inbound = Inbound::new(cfg.inbound_addr, inputs.clone(), http.clone()).await?;
     let inbound_plain = InboundPlain::new(cfg.inbound_plain_addr, inputs.clone(), http.clone()).await?;
@@ -104,6 +107,7 @@ pub async fn build_with(
     tokio::spawn(certs.run(stop(&watcher)));
     tokio::spawn(pool.run_reaper(stop(&watcher)));
     tokio::spawn(http.run_reaper(stop(&watcher)));
+    tokio::spawn(clusters.run_sweeper(stop(&watcher)));
     tokio::spawn(outbound.run(watcher.clone()));
     tokio::spawn(inbound.run(watcher.clone()));
     tokio::spawn(inbound_plain.run(watcher.clone()));

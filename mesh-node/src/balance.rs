@@ -6,7 +6,14 @@
 //! and the algorithm; the kernel then executes its tables and the daemon [`pick`]s with the same
 //! distribution.
 
-use std::net::SocketAddr;
+pub mod cluster;
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+};
+
+use mesh_l7::policy::{LoadBalancer, TrafficPolicy};
 
 use crate::{
     datapath::LoadBalancing,
@@ -23,10 +30,15 @@ pub struct Candidate<'s> {
     pub weight: u32,
 }
 
-/// The algorithm for a Service port: weighted random for every Service today; DestinationRule
-/// `loadBalancer` policies will be chosen here when they are enforced.
-pub fn algorithm(_service: &Service, _port: &ServicePort) -> LoadBalancing {
-    LoadBalancing::Random
+/// The kernel's algorithm for a Service port: Maglev when the Service's DestinationRule asks
+/// for consistent hashing (the kernel hashes the client socket's network namespace and port, so
+/// one pod's connections stick), weighted random otherwise (the kernel cannot count requests or
+/// take turns; the daemon's HTTP picks do, in [`cluster`]).
+pub fn algorithm(_service: &Service, _port: &ServicePort, policy: Option<&TrafficPolicy>) -> LoadBalancing {
+    match policy.and_then(|p| p.load_balancer.as_ref()) {
+        Some(LoadBalancer::ConsistentHash { .. }) => LoadBalancing::Maglev,
+        _ => LoadBalancing::Random,
+    }
 }
 
 /// Every endpoint of `service` in the address family of `ipv4` and in `subset` (when given),
@@ -59,17 +71,19 @@ pub fn pick<'s>(candidates: impl Iterator<Item = Candidate<'s>> + Clone, random:
     None
 }
 
-/// [`pick`] with a fresh random value.
-pub fn pick_one<'s>(service: &'s Service, port: &'s ServicePort, ipv4: bool, subset: Option<&'s str>) -> Option<Candidate<'s>> {
-    pick(candidates(service, port, ipv4, subset), fastrand::u64(..))
+/// [`pick`] with a fresh random value, leaving out endpoints outlier detection ejected (the
+/// TCP path's pick: it has no per-request state).
+pub fn pick_one<'s>(service: &'s Service, port: &'s ServicePort, ipv4: bool, subset: Option<&'s str>, ejected: Option<&HashSet<IpAddr>>) -> Option<Candidate<'s>> {
+    let all = candidates(service, port, ipv4, subset);
+    match ejected {
+        Some(out) => pick(all.filter(|c| !out.contains(&c.addr.ip())), fastrand::u64(..)).or_else(|| pick(candidates(service, port, ipv4, subset), fastrand::u64(..))),
+        None => pick(all, fastrand::u64(..)),
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        collections::{BTreeMap, HashMap},
-        net::IpAddr,
-    };
+    use std::collections::{BTreeMap, HashMap};
 
     use super::*;
     use crate::state::ServiceProtocol;

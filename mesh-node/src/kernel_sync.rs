@@ -21,7 +21,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-pub use translate::{Desired, translate};
+pub use translate::{Desired, translate, translate_with};
 
 use crate::{
     datapath::{self, Datapath, NodeSpec, discover},
@@ -96,6 +96,8 @@ pub struct KernelSync {
     /// Pod interfaces found at each rescan (no `MESH_POD_INTERFACES`); `None` with a fixed list.
     discovery: Option<Netlink>,
     guarded: BTreeSet<String>,
+    /// The HTTP path's clusters, whose ejections the kernel's tables follow.
+    clusters: Option<Arc<crate::balance::cluster::Clusters>>,
 }
 
 impl KernelSync {
@@ -111,7 +113,7 @@ impl KernelSync {
             None
         };
         let guarded = config.pod_interfaces.iter().cloned().collect();
-        Ok(Self { config, datapath, metrics, discovery, guarded })
+        Ok(Self { config, datapath, metrics, discovery, guarded, clusters: None })
     }
 
     /// Attaches the STRICT guard to pod interfaces that appeared and unpins those of interfaces
@@ -151,7 +153,9 @@ impl KernelSync {
         let found = discover::pod_processes(&self.config.cgroup).unwrap_or_default();
         self.guard_pod_interfaces(&found);
         let cgroups = found.into_iter().map(|(dir, f)| (dir, f.addresses)).collect();
-        let mut desired = translate(state, &self.config.node_name, &cgroups);
+        let clusters = self.clusters.clone();
+        let ejected = move |s: &crate::state::Service| clusters.as_ref().and_then(|c| c.ejected(&s.namespace, &s.name));
+        let mut desired = translate_with(state, &self.config.node_name, &cgroups, &ejected);
         desired.services.extend(self.config.static_services.iter().cloned());
         let result = (|| {
             self.datapath.sync_services(&desired.services)?;
@@ -183,12 +187,27 @@ impl KernelSync {
     }
 
     /// Re-applies on every state change and every [`RESCAN`], until the state sender is gone.
+    /// Re-applies on ejection changes too: an endpoint outlier detection ejects leaves the
+    /// kernel's tables within a sweep.
+    pub fn with_ejections(mut self, clusters: Arc<crate::balance::cluster::Clusters>) -> Self {
+        self.clusters = Some(clusters);
+        self
+    }
+
     pub async fn run(mut self, mut state_rx: StateRx) {
+        let mut ejections = self.clusters.as_ref().map(|c| c.subscribe());
         loop {
             let state: Arc<State> = state_rx.borrow_and_update().clone();
             let _ = self.apply(&state);
+            let ejections_changed = async {
+                match ejections.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = state_rx.changed() => if changed.is_err() { return },
+                true = ejections_changed => {}
                 () = tokio::time::sleep(RESCAN) => {}
             }
         }

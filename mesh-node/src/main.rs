@@ -177,6 +177,8 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
                 certificate_authority(&config.app)?
             }
         };
+        // The HTTP path's clusters: their outlier ejections steer the kernel's tables too.
+        let clusters = Arc::new(mesh_node::balance::cluster::Clusters::default());
         if let Some(datapath) = datapath {
             let sync_config = kernel_sync::Config {
                 node_name: config.node_name.clone(),
@@ -190,7 +192,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
                     None => Vec::new(),
                 },
             };
-            let sync = KernelSync::new(sync_config, datapath, kernel_sync::Metrics::new(&mut registry))?;
+            let sync = KernelSync::new(sync_config, datapath, kernel_sync::Metrics::new(&mut registry))?.with_ejections(clusters.clone());
             tokio::spawn(sync.run(state_rx.clone()));
         }
         if config.app.hbone_redirect {
@@ -204,7 +206,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
             )?;
             tokio::spawn(routes.run(state_rx.clone()));
         }
-        let bound = app::build_with(&config.app, ca, roots, state_rx, Some(log), registry, ready).await?;
+        let bound = app::build_with(&config.app, ca, roots, state_rx, Some(log), registry, ready, clusters).await?;
         println!(
             "mesh-node ready node={} outbound={} inbound={} metrics={} admin={}",
             config.node_name, bound.outbound, bound.inbound, bound.metrics, bound.admin

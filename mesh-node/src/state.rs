@@ -125,6 +125,11 @@ impl State {
     }
 
     /// The route table of a Service; the implicit one when it has none.
+    /// The traffic policy of `subset` of a Service (or of the whole Service), if it has one.
+    pub fn traffic_policy(&self, namespace: &str, name: &str, subset: Option<&str>) -> Option<&Arc<mesh_l7::policy::TrafficPolicy>> {
+        self.routes.get(namespace).and_then(|n| n.get(name)).and_then(|t| t.policy(subset))
+    }
+
     pub fn route_table(&self, namespace: &str, name: &str) -> Arc<RouteTable> {
         self.routes
             .get(namespace)

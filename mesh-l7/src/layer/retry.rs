@@ -9,7 +9,10 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -50,11 +53,36 @@ pub struct Attempts {
 #[derive(Default)]
 pub struct Budgets {
     /// By namespace, then name: found by `&str` without allocating.
-    by_service: Mutex<HashMap<String, HashMap<String, Arc<TpsBudget>>>>,
+    by_service: Mutex<HashMap<String, HashMap<String, Arc<ServiceRetries>>>>,
+}
+
+/// One Service's retry budget, and its retries in flight (DestinationRule
+/// `connectionPool.http.maxRetries` caps them).
+struct ServiceRetries {
+    budget: TpsBudget,
+    active: AtomicU32,
+}
+
+/// One retry in flight, counted until dropped.
+struct Retrying(Arc<ServiceRetries>);
+
+impl Drop for Retrying {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ServiceRetries {
+    /// A retry may start if fewer than `max` are in flight (`None`: no limit).
+    fn start(self: &Arc<Self>, max: Option<u32>) -> Option<Retrying> {
+        let before = self.active.fetch_add(1, Ordering::Relaxed);
+        let retrying = Retrying(self.clone());
+        (!max.is_some_and(|m| before >= m)).then_some(retrying)
+    }
 }
 
 impl Budgets {
-    fn get(&self, namespace: &str, name: &str) -> Arc<TpsBudget> {
+    fn get(&self, namespace: &str, name: &str) -> Arc<ServiceRetries> {
         let mut m = self.by_service.lock().expect("budgets lock");
         if let Some(b) = m.get(namespace).and_then(|n| n.get(name)) {
             return b.clone();
@@ -62,7 +90,12 @@ impl Budgets {
         m.entry(namespace.to_owned())
             .or_default()
             .entry(name.to_owned())
-            .or_insert_with(|| Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)))
+            .or_insert_with(|| {
+                Arc::new(ServiceRetries {
+                    budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
+                    active: AtomicU32::new(0),
+                })
+            })
             .clone()
     }
 }
@@ -158,21 +191,28 @@ impl<S: HttpService> tower::Service<Request<Body>> for Retry<S> {
         // The common case, no policy, costs one lookup.
         let policy = req.extensions().get::<Selected>().and_then(|s| {
             let p = s.route().retry.as_ref().filter(|p| p.attempts > 0)?;
+            let max_retries = s
+                .table
+                .traffic_policy
+                .as_ref()
+                .and_then(|t| t.connection_pool.max_retries);
             Some((
                 p.clone(),
                 self.budgets.get(&s.table.namespace, &s.table.name),
+                max_retries,
             ))
         });
-        let Some((policy, budget)) = policy else {
+        let Some((policy, retries, max_retries)) = policy else {
             return self.inner.call(req).boxed();
         };
-        budget.deposit();
+        retries.budget.deposit();
         let inner = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, inner);
         async move {
             let (parts, body) = req.into_parts();
             let replay = Replay::new(body);
             let mut attempt = 1;
+            let mut _retrying = None;
             loop {
                 let req = Request::from_parts(parts.clone(), replay.attempt_body());
                 let mut resp = inner.call(req).await?;
@@ -187,10 +227,13 @@ impl<S: HttpService> tower::Service<Request<Body>> for Retry<S> {
                     Some("attempts")
                 } else if !replay.replayable() {
                     Some("request body above the replay buffer")
-                } else if !budget.withdraw() {
+                } else if !retries.budget.withdraw() {
                     Some("retry budget")
                 } else {
-                    None
+                    _retrying = retries.start(max_retries);
+                    _retrying
+                        .is_none()
+                        .then_some("circuit breaker: maxRetries retries in flight")
                 };
                 if let Some(why) = stop {
                     resp.extensions_mut().insert(RetriesExhausted);

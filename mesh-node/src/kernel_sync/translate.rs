@@ -1,9 +1,10 @@
 //! State → kernel desired state. Pure: no I/O, so every branch has a unit test.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
     path::PathBuf,
+    sync::Arc,
     time::Duration,
 };
 
@@ -11,7 +12,7 @@ use crate::{
     authz::{self, Action, Mode, Policy},
     balance,
     datapath::{BackendSpec, DenyRule, EndpointSpec, PodSpec, Protocol, ServiceSpec},
-    state::{Protocol as WorkloadProtocol, ServiceProtocol, State, Workload},
+    state::{Protocol as WorkloadProtocol, Service, ServiceProtocol, State, Workload},
 };
 
 /// What the kernel should hold.
@@ -33,7 +34,16 @@ impl Ids {
     }
 }
 
+/// Addresses a Service's endpoints are ejected at (outlier detection), by the Service.
+pub type Ejected<'a> = &'a dyn Fn(&Service) -> Option<Arc<HashSet<IpAddr>>>;
+
 pub fn translate(state: &State, node: &str, cgroups: &BTreeMap<PathBuf, Vec<IpAddr>>) -> Desired {
+    translate_with(state, node, cgroups, &|_| None)
+}
+
+/// [`translate`], leaving ejected endpoints out of the Services' tables (they stay endpoints:
+/// a client already connected keeps its connection).
+pub fn translate_with(state: &State, node: &str, cgroups: &BTreeMap<PathBuf, Vec<IpAddr>>, ejected: Ejected<'_>) -> Desired {
     let identity_of = |w: &Workload| state.identity(w).to_string();
     let mut all: BTreeSet<String> = state.workloads.values().map(identity_of).collect();
     for s in &state.services {
@@ -76,27 +86,42 @@ pub fn translate(state: &State, node: &str, cgroups: &BTreeMap<PathBuf, Vec<IpAd
     }
 
     Desired {
-        services: services(state),
+        services: services(state, ejected),
         pods,
         endpoints: endpoints.into_values().collect(),
         deny: deny_rules(state, &local, &ids),
     }
 }
 
-fn services(state: &State) -> Vec<ServiceSpec> {
+fn services(state: &State, ejected: Ejected<'_>) -> Vec<ServiceSpec> {
     let mut out = Vec::new();
     for s in &state.services {
+        let out_now = ejected(s);
+        let policy = state.traffic_policy(&s.namespace, &s.name, None).map(|p| &**p);
         for vip in &s.vips {
             for port in &s.ports {
-                // The same candidates, weights and algorithm the daemon's own picks use.
-                let backends = balance::candidates(s, port, vip.is_ipv4(), None)
-                    .map(|c| BackendSpec { addr: c.addr.ip(), port: c.addr.port(), weight: c.weight, healthy: c.endpoint.healthy })
+                // The same candidates, weights, ejections and algorithm the daemon's picks use.
+                let backends: Vec<BackendSpec> = balance::candidates(s, port, vip.is_ipv4(), None)
+                    .map(|c| BackendSpec {
+                        addr: c.addr.ip(),
+                        port: c.addr.port(),
+                        weight: c.weight,
+                        healthy: c.endpoint.healthy && !out_now.as_ref().is_some_and(|o| o.contains(&c.addr.ip())),
+                    })
                     .collect();
+                // Ejections never leave a Service with nothing (the daemon's panic rule).
+                let backends = if out_now.is_some() && !backends.iter().any(|b| b.healthy) {
+                    balance::candidates(s, port, vip.is_ipv4(), None)
+                        .map(|c| BackendSpec { addr: c.addr.ip(), port: c.addr.port(), weight: c.weight, healthy: c.endpoint.healthy })
+                        .collect()
+                } else {
+                    backends
+                };
                 let protocol = match port.protocol {
                     ServiceProtocol::Tcp => Protocol::Tcp,
                     ServiceProtocol::Udp => Protocol::Udp,
                 };
-                out.push(ServiceSpec { vip: *vip, port: port.port, protocol, backends, lb: balance::algorithm(s, port), affinity: None::<Duration> });
+                out.push(ServiceSpec { vip: *vip, port: port.port, protocol, backends, lb: balance::algorithm(s, port, policy), affinity: None::<Duration> });
             }
         }
     }

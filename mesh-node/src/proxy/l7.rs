@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub use tunnel::TunnelIo;
 
 use super::{Inputs, pool::Pool as HbonePool};
+use crate::balance::cluster::Clusters;
 
 /// What the HTTP paths share across connections.
 pub struct Shared {
@@ -39,10 +40,12 @@ pub struct Shared {
     pub pods: mesh_l7::client::Pool<inbound::PodConnector>,
     /// Retry budgets per Service, shared by every client connection of this daemon.
     pub retry_budgets: Arc<mesh_l7::layer::retry::Budgets>,
+    /// Per Service (or subset): balancing state, circuit breaker, outlier detection.
+    pub clusters: Arc<Clusters>,
 }
 
 impl Shared {
-    pub fn new(inputs: &Inputs, hbone: Arc<HbonePool>) -> Arc<Self> {
+    pub fn new(inputs: &Inputs, hbone: Arc<HbonePool>, clusters: Arc<Clusters>) -> Arc<Self> {
         let client = mesh_l7::client::Config::default();
         Arc::new(Self {
             server: mesh_l7::server::Config::default(),
@@ -50,6 +53,7 @@ impl Shared {
             upstreams: mesh_l7::client::Pool::new(outbound::Connector::new(inputs.clone(), hbone), client.clone()),
             pods: mesh_l7::client::Pool::new(inbound::PodConnector { connect_timeout: inputs.cfg.connect_timeout }, client),
             retry_budgets: Arc::default(),
+            clusters,
         })
     }
 

@@ -109,7 +109,7 @@ impl Handler {
                 record.close(received, sent, None);
                 return Ok(());
             }
-            Some((service, port)) => match balance::pick_one(service, port, orig_dst.is_ipv4(), None) {
+            Some((service, port)) => match balance::pick_one(service, port, orig_dst.is_ipv4(), None, self.http.clusters.ejected(&service.namespace, &service.name).as_deref()) {
                 Some(c) => c.addr,
                 None => orig_dst,
             },

@@ -11,6 +11,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
+    time::Duration,
 };
 
 use futures::future::BoxFuture;
@@ -29,7 +30,10 @@ use mesh_l7::{
         split::{Chosen, Split},
         timeout::Timeout,
     },
+    flags::ResponseFlag,
     metrics::{PeerLabels, SecurityPolicy},
+    outlier::Outcome,
+    policy::{HashKey, LoadBalancer},
     record::{Peers, Record, Recorder, Upstream as UpstreamAddr},
 };
 use tokio::net::TcpStream;
@@ -37,7 +41,8 @@ use tower::ServiceExt as _;
 
 use super::{Shared, TunnelIo, inbound};
 use crate::{
-    balance, drain,
+    balance::{self, cluster::hash_bytes},
+    drain,
     identity::Identity,
     proxy::{
         HboneDial, Inputs, hbone,
@@ -65,6 +70,8 @@ pub struct UpstreamKey {
     pub client_identity: Identity,
     pub endpoint: SocketAddr,
     pub via: Via,
+    /// The Service's `connectionPool.tcp.connectTimeout`, when it sets one.
+    pub connect_timeout: Option<Duration>,
 }
 
 /// Makes upstream connections for the outbound HTTP pool.
@@ -126,7 +133,7 @@ impl Connect for Connector {
         let cfg = &self.inputs.cfg;
         match &key.via {
             Via::Plain => {
-                let tcp = tokio::time::timeout(cfg.connect_timeout, socket::connect(None, key.endpoint))
+                let tcp = tokio::time::timeout(key.connect_timeout.unwrap_or(cfg.connect_timeout), socket::connect(None, key.endpoint))
                     .await
                     .map_err(|_| format!("timed out connecting to {}", key.endpoint))??;
                 Ok(UpstreamIo::Tcp(tcp))
@@ -136,7 +143,10 @@ impl Connect for Connector {
                 let src_w = state.workload(key.client).ok_or_else(|| format!("client {} is no longer a workload of this node", key.client))?.clone();
                 let hkey = HboneKey { src: key.client_identity.clone(), dst: dst_identity.clone(), addr: *hbone };
                 let req = || hbone::connect_request(key.endpoint, key.client, &src_w, &cfg.cluster_id, &hbone::traceparent());
-                let opened = self.hbone.open(&hkey, req).await?;
+                let opened = match key.connect_timeout {
+                    Some(t) => tokio::time::timeout(t, self.hbone.open(&hkey, req)).await.map_err(|_| format!("timed out connecting to {} (connectTimeout)", key.endpoint))??,
+                    None => self.hbone.open(&hkey, req).await?,
+                };
                 Ok(UpstreamIo::Tunnel(Box::new(TunnelIo::new(opened.send, opened.recv, Some(opened.slot)))))
             }
         }
@@ -176,7 +186,7 @@ enum Path {
 }
 
 impl Upstream {
-    fn reached(&self, state: &State, service: &Service, endpoint: &crate::state::Endpoint, addr: SocketAddr) -> Arc<Reached> {
+    fn reached(&self, state: &State, service: &Service, endpoint: &crate::state::Endpoint, addr: SocketAddr, connect_timeout: Option<Duration>) -> Arc<Reached> {
         let same = |r: &&Arc<Reached>| r.namespace == service.namespace && r.name == service.name;
         if let Some(r) = self.seen.lock().unwrap_or_else(PoisonError::into_inner).get(&addr).and_then(|v| v.iter().find(same)) {
             return r.clone();
@@ -208,7 +218,7 @@ impl Upstream {
                 }
                 _ => Via::Plain,
             };
-            Path::Pool(Arc::new(UpstreamKey { client: self.client.ip, client_identity: self.client_identity.clone(), endpoint: addr, via }))
+            Path::Pool(Arc::new(UpstreamKey { client: self.client.ip, client_identity: self.client_identity.clone(), endpoint: addr, via, connect_timeout }))
         };
         let r = Arc::new(Reached { namespace: service.namespace.clone(), name: service.name.clone(), peers: Arc::new(peers), path });
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
@@ -232,18 +242,91 @@ impl Upstream {
         let Some(port) = service.ports.iter().find(|p| p.port == port_number && p.protocol == crate::state::ServiceProtocol::Tcp) else {
             return forward::no_healthy_upstream();
         };
-        let Some(picked) = balance::pick_one(service, port, self.ipv4, backend.subset.as_deref()) else {
+        let subset = backend.subset.as_deref();
+        let clusters = &self.shared.clusters;
+        let cluster = clusters.get(&backend.namespace, &backend.name, subset, state.traffic_policy(&backend.namespace, &backend.name, subset));
+        let version = inbound::version(port.app_protocol());
+        let admitted = match &cluster.breaker {
+            None => None,
+            Some(breaker) => match breaker.admit(version == mesh_l7::client::Version::Http1).await {
+                Ok(admitted) => Some(admitted),
+                Err(overflow) => {
+                    tracing::debug!(service = %format!("{}/{}", backend.namespace, backend.name), %overflow, "request refused");
+                    return ResponseFlag::UpstreamOverflow.response();
+                }
+            },
+        };
+        let (hash, set_cookie) = match cluster.load_balancer() {
+            Some(LoadBalancer::ConsistentHash { key, .. }) => request_hash(key, &req, self.client.ip),
+            _ => (None, None),
+        };
+        let ejected = clusters.ejected(&backend.namespace, &backend.name);
+        let Some(picked) = cluster.pick(balance::candidates(service, port, self.ipv4, subset), ejected.as_deref(), hash) else {
             return forward::no_healthy_upstream();
         };
         let (addr, endpoint) = (picked.addr, picked.endpoint);
-        let reached = self.reached(&state, service, endpoint, addr);
+        let connect_timeout = cluster.policy().and_then(|p| p.connection_pool.connect_timeout);
+        let reached = self.reached(&state, service, endpoint, addr, connect_timeout);
+        let in_flight = cluster.begin(addr);
         let mut resp = match &reached.path {
             Path::Local(local) => local.clone().oneshot(req).await.unwrap_or_else(|never| match never {}),
-            Path::Pool(key) => forward::send(&self.shared.upstreams, key, inbound::version(port.app_protocol()), req).await,
+            Path::Pool(key) => forward::send(&self.shared.upstreams, key, version, req).await,
         };
+        in_flight.answered();
+        let outcome = match resp.extensions().get::<ResponseFlag>() {
+            Some(ResponseFlag::UpstreamConnectionFailure | ResponseFlag::UpstreamRemoteReset) => Outcome::Failure,
+            _ => Outcome::Status(resp.status().as_u16()),
+        };
+        if cluster.observe(addr, outcome) {
+            tracing::info!(service = %format!("{}/{}", backend.namespace, backend.name), endpoint = %addr, "endpoint ejected by outlier detection");
+            clusters.ejections_changed();
+        }
+        if let Some(cookie) = set_cookie {
+            resp.headers_mut().append(http::header::SET_COOKIE, cookie);
+        }
         resp.extensions_mut().insert(Peers(reached.peers.clone()));
         resp.extensions_mut().insert(UpstreamAddr(addr));
-        resp
+        // The request counts as outstanding (balancing) and holds its breaker slots until its
+        // response body has been read.
+        resp.map(|body| mesh_l7::body::holding(body, (in_flight, admitted)))
+    }
+}
+
+/// The consistent-hash value of a request (`None`: it has no such key, and is balanced at
+/// random), and the cookie to set when the key is a cookie with a TTL the request lacked.
+fn request_hash(key: &HashKey, req: &Request<Body>, client: IpAddr) -> (Option<u64>, Option<http::HeaderValue>) {
+    match key {
+        HashKey::Header(name) => (req.headers().get(name.as_str()).map(|v| hash_bytes(v.as_bytes())), None),
+        HashKey::SourceIp => (
+            Some(match client {
+                IpAddr::V4(v4) => hash_bytes(&v4.octets()),
+                IpAddr::V6(v6) => hash_bytes(&v6.octets()),
+            }),
+            None,
+        ),
+        HashKey::QueryParameter(name) => {
+            let value = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| k == name).map(|(_, v)| v)));
+            (value.map(|v| hash_bytes(v.as_bytes())), None)
+        }
+        HashKey::Cookie { name, path, ttl } => {
+            let found = req
+                .headers()
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|c| c.trim().split_once('=').filter(|(k, _)| k == name).map(|(_, v)| v.to_owned()));
+            match (found, ttl) {
+                (Some(v), _) => (Some(hash_bytes(v.as_bytes())), None),
+                (None, None) => (None, None),
+                // Envoy's way: make the cookie, hash on it, and hand it to the client.
+                (None, Some(ttl)) => {
+                    let value = format!("{:016x}", fastrand::u64(..));
+                    let cookie = format!("{name}=\"{value}\"; Max-Age={}; Path={}; HttpOnly", ttl.as_secs(), path.as_deref().unwrap_or("/"));
+                    (Some(hash_bytes(format!("\"{value}\"").as_bytes())), http::HeaderValue::from_str(&cookie).ok())
+                }
+            }
+        }
     }
 }
 

@@ -1,0 +1,371 @@
+//! What the HTTP path remembers per Service (or subset) on this node, Envoy's "cluster": the
+//! load-balancing state its policy needs (round-robin position, each endpoint's outstanding
+//! requests and latency, the Maglev table), its circuit breaker and its outlier detector. A
+//! cluster is rebuilt when its policy changes (a config update), so limits and counters always
+//! belong to one policy.
+//!
+//! Ejections are shared beyond HTTP: [`Clusters::ejected`] gives the endpoints a Service's
+//! clusters ejected, which the kernel's tables and the TCP path leave out too, and
+//! [`Clusters::subscribe`] wakes the kernel sync when that set changes.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex, PoisonError, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use mesh_common::lb::mix64;
+use mesh_l7::{
+    circuit::Breaker,
+    outlier::{Detector, Outcome},
+    policy::{LoadBalancer, TrafficPolicy},
+};
+use tokio::sync::watch;
+
+use super::Candidate;
+use crate::datapath::{BackendSpec, tables};
+
+/// Latency estimate of an endpoint nothing is known about yet (linkerd's default).
+const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// How fast a latency estimate forgets (linkerd's peak-EWMA decay).
+const DECAY: Duration = Duration::from_secs(10);
+/// How often ejections are checked for their end.
+pub const SWEEP: Duration = Duration::from_millis(250);
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    namespace: String,
+    name: String,
+    subset: Option<String>,
+}
+
+/// Every cluster of this node's HTTP path.
+pub struct Clusters {
+    clusters: Mutex<HashMap<Key, Arc<Cluster>>>,
+    /// Per Service ("namespace/name"): the addresses its clusters have ejected.
+    ejected: RwLock<HashMap<String, Arc<HashSet<IpAddr>>>>,
+    changes: watch::Sender<u64>,
+}
+
+impl Default for Clusters {
+    fn default() -> Self {
+        Self { clusters: Mutex::default(), ejected: RwLock::default(), changes: watch::Sender::new(0) }
+    }
+}
+
+impl Clusters {
+    /// The cluster of `subset` of a Service, for `policy` (the one in force now).
+    pub fn get(&self, namespace: &str, name: &str, subset: Option<&str>, policy: Option<&Arc<TrafficPolicy>>) -> Arc<Cluster> {
+        let key = Key { namespace: namespace.to_owned(), name: name.to_owned(), subset: subset.map(str::to_owned) };
+        let mut clusters = self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = clusters.get(&key)
+            && same_policy(c.policy.as_ref(), policy)
+        {
+            return c.clone();
+        }
+        let c = Arc::new(Cluster::new(policy.cloned()));
+        clusters.insert(key, c.clone());
+        c
+    }
+
+    /// Addresses of `namespace/name`'s endpoints that outlier detection has ejected.
+    pub fn ejected(&self, namespace: &str, name: &str) -> Option<Arc<HashSet<IpAddr>>> {
+        let ejected = self.ejected.read().unwrap_or_else(PoisonError::into_inner);
+        if ejected.is_empty() {
+            return None;
+        }
+        ejected.get(&format!("{namespace}/{name}")).cloned()
+    }
+
+    /// Bumped whenever [`Clusters::ejected`] changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Recomputes the ejected sets and tells subscribers (after an ejection or a return).
+    pub fn ejections_changed(&self) {
+        let mut by_service: HashMap<String, HashSet<IpAddr>> = HashMap::new();
+        {
+            let clusters = self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
+            for (key, c) in clusters.iter() {
+                let Some(detector) = &c.outlier else { continue };
+                let endpoints = c.endpoints.load(Ordering::Relaxed);
+                if let Some(out) = detector.ejected(endpoints) {
+                    by_service.entry(format!("{}/{}", key.namespace, key.name)).or_default().extend(out.iter().map(SocketAddr::ip));
+                }
+            }
+        }
+        let by_service = by_service.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        *self.ejected.write().unwrap_or_else(PoisonError::into_inner) = by_service;
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// Ends ejections whose time is up, every [`SWEEP`], until `stop`; drops clusters whose
+    /// policy is gone.
+    pub async fn run_sweeper(self: Arc<Self>, stop: impl Future<Output = ()>) {
+        let mut tick = tokio::time::interval(SWEEP);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    let changed = {
+                        let clusters = self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
+                        clusters.values().filter_map(|c| c.outlier.as_ref()).fold(false, |changed, d| d.sweep(now) | changed)
+                    };
+                    if changed {
+                        self.ejections_changed();
+                    }
+                }
+                () = &mut stop => return,
+            }
+        }
+    }
+}
+
+fn same_policy(a: Option<&Arc<TrafficPolicy>>, b: Option<&Arc<TrafficPolicy>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+        _ => false,
+    }
+}
+
+/// One Service's (or subset's) state on this node.
+pub struct Cluster {
+    policy: Option<Arc<TrafficPolicy>>,
+    pub breaker: Option<Arc<Breaker>>,
+    pub outlier: Option<Detector>,
+    next: AtomicUsize,
+    loads: Mutex<HashMap<SocketAddr, Load>>,
+    maglev: Mutex<Option<Maglev>>,
+    /// Endpoints of the cluster at the last pick (outlier detection's share limits need it).
+    endpoints: AtomicUsize,
+}
+
+struct Load {
+    outstanding: u32,
+    /// Peak-EWMA latency, in nanoseconds.
+    rtt_ns: f64,
+    updated: Instant,
+}
+
+struct Maglev {
+    members: Vec<SocketAddr>,
+    table: Vec<usize>,
+}
+
+/// What a request hashes on, for consistent hashing (computed by the caller from the request).
+pub type RequestHash = Option<u64>;
+
+impl Cluster {
+    fn new(policy: Option<Arc<TrafficPolicy>>) -> Self {
+        let p = policy.as_deref();
+        let pool = p.map(|p| &p.connection_pool).filter(|c| c.max_connections.is_some() || c.http1_max_pending_requests.is_some() || c.http2_max_requests.is_some());
+        Self {
+            breaker: pool.map(|c| Arc::new(Breaker::new(c))),
+            outlier: p.and_then(|p| p.outlier_detection.clone()).map(Detector::new),
+            policy,
+            next: AtomicUsize::new(0),
+            loads: Mutex::default(),
+            maglev: Mutex::default(),
+            endpoints: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn policy(&self) -> Option<&TrafficPolicy> {
+        self.policy.as_deref()
+    }
+
+    pub fn load_balancer(&self) -> Option<&LoadBalancer> {
+        self.policy().and_then(|p| p.load_balancer.as_ref())
+    }
+
+    /// The endpoint for one request among `candidates` (healthy, weighted, not ejected), by the
+    /// cluster's algorithm; `hash` is the request's consistent-hash key when it has one.
+    pub fn pick<'s>(&self, candidates: impl Iterator<Item = Candidate<'s>> + Clone, ejected: Option<&HashSet<IpAddr>>, hash: RequestHash) -> Option<Candidate<'s>> {
+        let all = candidates.clone().count();
+        self.endpoints.store(all, Ordering::Relaxed);
+        let live: Vec<Candidate<'s>> = candidates.filter(|c| c.endpoint.healthy && c.weight > 0 && !ejected.is_some_and(|e| e.contains(&c.addr.ip()))).collect();
+        match live.len() {
+            0 => return None,
+            1 => return Some(live[0]),
+            _ => {}
+        }
+        match self.load_balancer() {
+            Some(LoadBalancer::Random) => super::pick(live.iter().copied(), fastrand::u64(..)),
+            Some(LoadBalancer::RoundRobin) => {
+                let total: u64 = live.iter().map(|c| u64::from(c.weight)).sum();
+                super::pick(live.iter().copied(), self.next.fetch_add(1, Ordering::Relaxed) as u64 % total)
+            }
+            Some(LoadBalancer::ConsistentHash { table_size, .. }) => match hash {
+                Some(h) => self.by_hash(&live, *table_size, h),
+                None => super::pick(live.iter().copied(), fastrand::u64(..)),
+            },
+            Some(LoadBalancer::LeastRequest) | None => Some(self.least_loaded(&live)),
+        }
+    }
+
+    /// Power of two choices: the cheaper of two random endpoints, cost = latency estimate ×
+    /// (outstanding requests + 1).
+    fn least_loaded<'s>(&self, live: &[Candidate<'s>]) -> Candidate<'s> {
+        let a = fastrand::usize(..live.len());
+        let mut b = fastrand::usize(..live.len() - 1);
+        if b >= a {
+            b += 1;
+        }
+        let loads = self.loads.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let cost = |c: &Candidate<'_>| {
+            loads.get(&c.addr).map_or(DEFAULT_RTT.as_nanos() as f64, |l| l.decayed(now) * f64::from(l.outstanding + 1)) / f64::from(c.weight.max(1))
+        };
+        if cost(&live[b]) < cost(&live[a]) { live[b] } else { live[a] }
+    }
+
+    fn by_hash<'s>(&self, live: &[Candidate<'s>], table_size: u32, hash: u64) -> Option<Candidate<'s>> {
+        let mut maglev = self.maglev.lock().unwrap_or_else(PoisonError::into_inner);
+        let members: Vec<SocketAddr> = live.iter().map(|c| c.addr).collect();
+        if maglev.as_ref().is_none_or(|m| m.members != members) {
+            let specs: Vec<BackendSpec> = live.iter().map(|c| BackendSpec { addr: c.addr.ip(), port: c.addr.port(), weight: c.weight, healthy: true }).collect();
+            *maglev = Some(Maglev { table: tables::maglev(&specs, table_size), members });
+        }
+        let m = maglev.as_ref().expect("just built");
+        let slot = usize::try_from(hash % m.table.len().max(1) as u64).expect("fits");
+        m.table.get(slot).map(|&i| live[i])
+    }
+
+    /// A request to `addr` starts: counted as outstanding until the returned guard is dropped.
+    pub fn begin(self: &Arc<Self>, addr: SocketAddr) -> InFlight {
+        let mut loads = self.loads.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        loads.entry(addr).or_insert(Load { outstanding: 0, rtt_ns: DEFAULT_RTT.as_nanos() as f64, updated: now }).outstanding += 1;
+        InFlight { cluster: self.clone(), addr, started: now }
+    }
+
+    /// Outlier detection's count of one outcome of `addr`; `true`: the endpoint was just ejected.
+    pub fn observe(&self, addr: SocketAddr, outcome: Outcome) -> bool {
+        self.outlier.as_ref().is_some_and(|d| d.observe(addr, outcome, self.endpoints.load(Ordering::Relaxed), Instant::now()))
+    }
+}
+
+impl Load {
+    /// The estimate decayed towards zero for the time without news (so an endpoint that was
+    /// slow once gets tried again).
+    fn decayed(&self, now: Instant) -> f64 {
+        let elapsed = now.duration_since(self.updated).as_secs_f64();
+        self.rtt_ns * (-elapsed / DECAY.as_secs_f64()).exp()
+    }
+}
+
+/// One request in flight to an endpoint, for least-request balancing.
+pub struct InFlight {
+    cluster: Arc<Cluster>,
+    addr: SocketAddr,
+    started: Instant,
+}
+
+impl InFlight {
+    /// The response headers arrived: the latency feeds the endpoint's peak EWMA.
+    pub fn answered(&self) {
+        let now = Instant::now();
+        let rtt = now.duration_since(self.started).as_nanos() as f64;
+        let mut loads = self.cluster.loads.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(l) = loads.get_mut(&self.addr) {
+            let decayed = l.decayed(now);
+            l.rtt_ns = if rtt > decayed { rtt } else { decayed + (rtt - decayed) * (1.0 - (-now.duration_since(l.updated).as_secs_f64() / DECAY.as_secs_f64()).exp()) };
+            l.updated = now;
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut loads = self.cluster.loads.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(l) = loads.get_mut(&self.addr) {
+            l.outstanding = l.outstanding.saturating_sub(1);
+            // Forget endpoints idle long enough for their estimate to be noise (bounds the map).
+            if l.outstanding == 0 && l.updated.elapsed() > DECAY * 6 {
+                loads.remove(&self.addr);
+            }
+        }
+    }
+}
+
+/// A stable 64-bit hash of a consistent-hash key's bytes (the same on every node).
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    u64::from(mix64(h)) << 32 | u64::from(mix64(h.rotate_left(29)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::state::Endpoint;
+
+    fn endpoints(n: u8) -> Vec<Endpoint> {
+        (1..=n)
+            .map(|i| Endpoint {
+                address: IpAddr::from([198, 18, 2, i]),
+                ports: BTreeMap::new(),
+                healthy: true,
+                node: "n2".into(),
+                node_address: None,
+                meshed: true,
+                identity: None,
+                subsets: Vec::new(),
+            })
+            .collect()
+    }
+
+    fn candidates(eps: &[Endpoint]) -> impl Iterator<Item = Candidate<'_>> + Clone {
+        eps.iter().map(|e| Candidate { endpoint: e, addr: SocketAddr::new(e.address, 8080), weight: 1 })
+    }
+
+    fn cluster(lb: Option<LoadBalancer>) -> Arc<Cluster> {
+        Arc::new(Cluster::new(Some(Arc::new(TrafficPolicy { load_balancer: lb, ..TrafficPolicy::default() }))))
+    }
+
+    #[test]
+    fn round_robin_takes_turns_and_skips_ejected_endpoints() {
+        let eps = endpoints(3);
+        let c = cluster(Some(LoadBalancer::RoundRobin));
+        let picks: Vec<u8> = (0..6).map(|_| c.pick(candidates(&eps), None, None).expect("pick").addr.ip().to_string().rsplit('.').next().expect("octet").parse().expect("n")).collect();
+        assert_eq!(picks, [1, 2, 3, 1, 2, 3]);
+        let ejected = HashSet::from([IpAddr::from([198, 18, 2, 2])]);
+        assert!((0..10).all(|_| c.pick(candidates(&eps), Some(&ejected), None).expect("pick").addr.ip() != IpAddr::from([198, 18, 2, 2])));
+    }
+
+    #[test]
+    fn least_request_prefers_the_endpoint_with_fewer_outstanding_requests() {
+        let eps = endpoints(2);
+        let c = cluster(None);
+        let busy = SocketAddr::from(([198, 18, 2, 1], 8080));
+        let _held: Vec<InFlight> = (0..10).map(|_| c.begin(busy)).collect();
+        let picks = (0..100).filter(|_| c.pick(candidates(&eps), None, None).expect("pick").addr == busy).count();
+        assert_eq!(picks, 0, "with two endpoints P2C always compares both");
+    }
+
+    #[test]
+    fn consistent_hash_keeps_keys_on_their_endpoint_and_moves_about_one_nth() {
+        let eps = endpoints(5);
+        let c = cluster(Some(LoadBalancer::ConsistentHash { key: mesh_l7::policy::HashKey::SourceIp, table_size: 65_537 }));
+        let keys: Vec<u64> = (0..2000u32).map(|k| hash_bytes(format!("user-{k}").as_bytes())).collect();
+        let before: Vec<SocketAddr> = keys.iter().map(|k| c.pick(candidates(&eps), None, Some(*k)).expect("pick").addr).collect();
+        let again: Vec<SocketAddr> = keys.iter().map(|k| c.pick(candidates(&eps), None, Some(*k)).expect("pick").addr).collect();
+        assert_eq!(before, again, "the same key, the same endpoint");
+        let more = endpoints(6);
+        let after: Vec<SocketAddr> = keys.iter().map(|k| c.pick(candidates(&more), None, Some(*k)).expect("pick").addr).collect();
+        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+        // Ideal: 1/6 of the keys move to the new endpoint.
+        assert!((250..=420).contains(&moved), "{moved} of 2000 keys moved");
+    }
+}
