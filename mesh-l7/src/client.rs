@@ -90,6 +90,19 @@ impl Error {
 struct Idle {
     sender: http1::SendRequest<Body>,
     since: Instant,
+    /// Requests this connection has carried.
+    uses: u32,
+    idle_timeout: Duration,
+}
+
+/// Per-request settings of the HTTP/1.1 connection that carries it (a Service's
+/// `connectionPool`), as a request extension: a connection that has carried `max_requests` is
+/// closed instead of pooled, and an idle one is closed after `idle_timeout` (instead of the
+/// pool's). HTTP/2 connections are shared by many requests and keep the pool's settings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_requests: Option<u32>,
+    pub idle_timeout: Option<Duration>,
 }
 
 type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
@@ -147,14 +160,19 @@ impl<C: Connect> Pool<C> {
     }
 
     async fn send_h1(&self, key: &C::Key, mut req: Request<Body>) -> Result<Response<Body>, Error> {
+        let limits = req
+            .extensions()
+            .get::<ConnectionLimits>()
+            .copied()
+            .unwrap_or_default();
         // A pooled connection may have been closed by the peer since; hyper gives the request
         // back when it was not written, and it goes out on a fresh connection.
-        while let Some(mut sender) = self.take_idle(key) {
+        while let Some((mut sender, uses)) = self.take_idle(key) {
             if sender.ready().await.is_err() {
                 continue;
             }
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.recycle(key, sender, resp)),
+                Ok(resp) => return Ok(self.recycle(key, sender, uses + 1, limits, resp)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => return Err(Error::Reset(e.into_error())),
@@ -177,7 +195,7 @@ impl<C: Connect> Pool<C> {
             }
         });
         let resp = sender.send_request(req).await.map_err(Error::Reset)?;
-        Ok(self.recycle(key, sender, resp))
+        Ok(self.recycle(key, sender, 1, limits, resp))
     }
 
     async fn send_upgrade(
@@ -244,7 +262,7 @@ impl<C: Connect> Pool<C> {
         Ok(resp.map(crate::body::boxed))
     }
 
-    fn take_idle(&self, key: &C::Key) -> Option<http1::SendRequest<Body>> {
+    fn take_idle(&self, key: &C::Key) -> Option<(http1::SendRequest<Body>, u32)> {
         let mut idle = self
             .inner
             .idle
@@ -252,8 +270,8 @@ impl<C: Connect> Pool<C> {
             .unwrap_or_else(PoisonError::into_inner);
         let stack = idle.get_mut(key)?;
         while let Some(c) = stack.pop() {
-            if !c.sender.is_closed() && c.since.elapsed() < self.inner.cfg.idle_timeout {
-                return Some(c.sender);
+            if !c.sender.is_closed() && c.since.elapsed() < c.idle_timeout {
+                return Some((c.sender, c.uses));
             }
         }
         idle.remove(key);
@@ -265,11 +283,17 @@ impl<C: Connect> Pool<C> {
         &self,
         key: &C::Key,
         sender: http1::SendRequest<Body>,
+        uses: u32,
+        limits: ConnectionLimits,
         resp: Response<Incoming>,
     ) -> Response<Body> {
+        if limits.max_requests.is_some_and(|max| uses >= max) {
+            // Used up: closed when the response is done with it (dropping the sender).
+            return resp.map(crate::body::boxed);
+        }
         if resp.body().is_end_stream() {
             // No body (204, 304, Content-Length: 0): nothing will poll it to its end.
-            self.put_idle(key.clone(), sender);
+            self.put_idle(key.clone(), sender, uses, limits);
             return resp.map(crate::body::boxed);
         }
         let pool = self.clone();
@@ -277,13 +301,21 @@ impl<C: Connect> Pool<C> {
         resp.map(|body| {
             crate::body::boxed(Recycle {
                 body,
-                on_end: Some(Box::new(move |sender| pool.put_idle(key, sender))),
+                on_end: Some(Box::new(move |sender| {
+                    pool.put_idle(key, sender, uses, limits);
+                })),
                 sender: Some(sender),
             })
         })
     }
 
-    fn put_idle(&self, key: C::Key, sender: http1::SendRequest<Body>) {
+    fn put_idle(
+        &self,
+        key: C::Key,
+        sender: http1::SendRequest<Body>,
+        uses: u32,
+        limits: ConnectionLimits,
+    ) {
         let mut idle = self
             .inner
             .idle
@@ -294,19 +326,20 @@ impl<C: Connect> Pool<C> {
             stack.push(Idle {
                 sender,
                 since: Instant::now(),
+                uses,
+                idle_timeout: limits.idle_timeout.unwrap_or(self.inner.cfg.idle_timeout),
             });
         }
     }
 
     /// Drops idle connections past the idle timeout or closed; run periodically.
     pub fn reap(&self) {
-        let timeout = self.inner.cfg.idle_timeout;
         self.inner
             .idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|_, stack| {
-                stack.retain(|c| !c.sender.is_closed() && c.since.elapsed() < timeout);
+                stack.retain(|c| !c.sender.is_closed() && c.since.elapsed() < c.idle_timeout);
                 !stack.is_empty()
             });
         self.inner

@@ -157,3 +157,49 @@ async fn a_failed_connect_is_upstream_connection_failure() {
         .expect_err("refused");
     assert_eq!(err.flag(), ResponseFlag::UpstreamConnectionFailure);
 }
+
+#[tokio::test]
+async fn a_connection_is_closed_after_max_requests_and_not_reused_past_its_idle_timeout() {
+    let lo = Loopback::default();
+    let pool = Pool::new(lo.clone(), Config::default());
+    let limited = |path: &str, limits: ConnectionLimits| {
+        let mut req = get(path, Version::Http1);
+        req.extensions_mut().insert(limits);
+        req
+    };
+    let two = ConnectionLimits {
+        max_requests: Some(2),
+        idle_timeout: None,
+    };
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let resp = pool
+            .send(&"a", Version::Http1, limited("/", two))
+            .await
+            .expect("response");
+        seen.push(text(resp).await);
+    }
+    assert_eq!(seen, ["1", "2", "1", "2"], "two requests per connection");
+    assert_eq!(lo.connects.load(Ordering::SeqCst), 2);
+
+    let short = ConnectionLimits {
+        max_requests: None,
+        idle_timeout: Some(Duration::from_millis(50)),
+    };
+    let resp = pool
+        .send(&"b", Version::Http1, limited("/", short))
+        .await
+        .expect("response");
+    assert_eq!(text(resp).await, "1");
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let resp = pool
+        .send(&"b", Version::Http1, limited("/", short))
+        .await
+        .expect("response");
+    assert_eq!(
+        text(resp).await,
+        "1",
+        "the idle connection was too old: a new one"
+    );
+    assert_eq!(lo.connects.load(Ordering::SeqCst), 4);
+}

@@ -24,7 +24,7 @@ fn curl_bin() -> String {
 }
 
 /// `curl` in the client pod; the JSON lines the app answered (one per URL).
-fn curl_json(c: &Cluster, args: &[&str]) -> Vec<serde_json::Value> {
+pub(super) fn curl_json(c: &Cluster, args: &[&str]) -> Vec<serde_json::Value> {
     let mut full = vec!["-sS", "--max-time", "10"];
     full.extend_from_slice(args);
     let out = c.lab.run_in_pod("n1p1", &curl_bin(), &full).expect("curl");
@@ -44,7 +44,7 @@ fn versions(answers: &[serde_json::Value]) -> BTreeMap<String, usize> {
 }
 
 /// `mesh-whoami http-load` in the client pod.
-fn load(c: &Cluster, args: &[&str]) -> Report {
+pub(super) fn load(c: &Cluster, args: &[&str]) -> Report {
     let mut full = vec!["http-load"];
     full.extend_from_slice(args);
     let out = c.lab.run_in_pod("n1p1", &c.bins.whoami.display().to_string(), &full).expect("http-load");
@@ -52,11 +52,11 @@ fn load(c: &Cluster, args: &[&str]) -> Report {
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("http-load output ({e}): {text} {}", String::from_utf8_lossy(&out.stderr)))
 }
 
-fn metrics(c: &Cluster, node: u8) -> String {
+pub(super) fn metrics(c: &Cluster, node: u8) -> String {
     c.curl_on_node(node, &format!("http://127.0.0.1:{METRICS_PORT}/metrics")).expect("metrics")
 }
 
-fn sample(text: &str, needles: &[&str]) -> f64 {
+pub(super) fn sample(text: &str, needles: &[&str]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#') && needles.iter().all(|n| l.contains(n)))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))

@@ -3,6 +3,7 @@
 //! traffic or real counters. Root only; `cargo xtask test` builds the binaries first.
 
 mod l7;
+mod resilience;
 
 use std::{
     net::SocketAddr,

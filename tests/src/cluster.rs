@@ -80,7 +80,8 @@ pub struct Cluster {
     pub logs: PathBuf,
     pub control: Option<PodProcess>,
     pub daemons: Vec<Option<PodProcess>>,
-    pub apps: Vec<PodProcess>,
+    /// The sample app's process, by pod.
+    pub apps: std::collections::BTreeMap<String, PodProcess>,
 }
 
 fn cluster_yaml(lab: &Lab) -> String {
@@ -135,7 +136,7 @@ impl Cluster {
             sys::mkdir(&d)?;
         }
         let lab = Lab::build(spec)?;
-        let mut cluster = Self { lab, bins, config_dir, state_dir, logs, control: None, daemons: Vec::new(), apps: Vec::new() };
+        let mut cluster = Self { lab, bins, config_dir, state_dir, logs, control: None, daemons: Vec::new(), apps: std::collections::BTreeMap::new() };
         cluster.boot()?;
         Ok(cluster)
     }
@@ -150,26 +151,33 @@ impl Cluster {
         }
         self.start_control()?;
         for r in PODS.iter().filter(|r| r.serves) {
-            let pod = self.lab.pod(r.pod).clone();
-            let node = format!("n{}", pod.node);
-            let (tcp, http, grpc) = (APP_PORT.to_string(), HTTP_PORT.to_string(), GRPC_PORT.to_string());
-            let requests = self.request_log(r.pod).display().to_string();
-            let args = [
-                "serve", "--name", r.pod, "--node", node.as_str(), "--version", r.version, "--tcp", tcp.as_str(), "--http", http.as_str(),
-                "--grpc", grpc.as_str(), "--request-log", requests.as_str(),
-            ];
-            let log = self.logs.join(format!("{}.log", r.pod));
-            let whoami = self.bins.whoami.display().to_string();
-            let mut spawn = Spawn::new(&pod.netns, &pod.cgroup, &whoami, &args);
-            spawn.log = Some(&log);
-            let mut p = self.lab.spawn(&spawn)?;
-            p.wait_for_line("listening http", Duration::from_secs(5))?;
-            self.apps.push(p);
+            self.start_app(r.pod)?;
         }
         for i in 1..=u8::try_from(self.lab.nodes.len()).expect("few nodes") {
             self.daemons.push(None);
             self.start_node(i)?;
         }
+        Ok(())
+    }
+
+    /// (Re)starts the sample app in `pod` (one of [`PODS`] that serves).
+    pub fn start_app(&mut self, pod_name: &str) -> Result<(), Error> {
+        let r = PODS.iter().find(|r| r.pod == pod_name && r.serves).expect("a serving pod");
+        let pod = self.lab.pod(r.pod).clone();
+        let node = format!("n{}", pod.node);
+        let (tcp, http, grpc) = (APP_PORT.to_string(), HTTP_PORT.to_string(), GRPC_PORT.to_string());
+        let requests = self.request_log(r.pod).display().to_string();
+        let args = [
+            "serve", "--name", r.pod, "--node", node.as_str(), "--version", r.version, "--tcp", tcp.as_str(), "--http", http.as_str(),
+            "--grpc", grpc.as_str(), "--request-log", requests.as_str(),
+        ];
+        let log = self.logs.join(format!("{}.log", r.pod));
+        let whoami = self.bins.whoami.display().to_string();
+        let mut spawn = Spawn::new(&pod.netns, &pod.cgroup, &whoami, &args);
+        spawn.log = Some(&log);
+        let mut p = self.lab.spawn(&spawn)?;
+        p.wait_for_line("listening http", Duration::from_secs(5))?;
+        self.apps.insert(pod_name.to_owned(), p);
         Ok(())
     }
 
@@ -322,7 +330,7 @@ impl Cluster {
         for d in self.daemons.drain(..).flatten() {
             d.detach();
         }
-        for a in self.apps.drain(..) {
+        for a in std::mem::take(&mut self.apps).into_values() {
             a.detach();
         }
         let lab = std::mem::replace(&mut self.lab, Lab::placeholder());

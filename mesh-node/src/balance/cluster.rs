@@ -33,6 +33,8 @@ use crate::datapath::{BackendSpec, tables};
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// How fast a latency estimate forgets (linkerd's peak-EWMA decay).
 const DECAY: Duration = Duration::from_secs(10);
+/// How much cheaper an endpoint must be to win a least-request comparison.
+const TIE: f64 = 3.0;
 /// How often ejections are checked for their end.
 pub const SWEEP: Duration = Duration::from_millis(250);
 
@@ -210,8 +212,12 @@ impl Cluster {
         }
     }
 
-    /// Power of two choices: the cheaper of two random endpoints, cost = latency estimate ×
-    /// (outstanding requests + 1).
+    /// Power of two choices: of two random endpoints, the one with the markedly lower cost =
+    /// latency estimate × (outstanding requests + 1). Costs within [`TIE`] of each other count
+    /// as equal and the first (random) one wins: pure peak-EWMA sends every request to the
+    /// fastest endpoint (a same-node pod is a little faster than one across the network), which
+    /// starves the others of the measurements that would bring them back; this keeps Envoy's
+    /// even spread among similar endpoints and still steers away from slow or busy ones.
     fn least_loaded<'s>(&self, live: &[Candidate<'s>]) -> Candidate<'s> {
         let a = fastrand::usize(..live.len());
         let mut b = fastrand::usize(..live.len() - 1);
@@ -221,9 +227,9 @@ impl Cluster {
         let loads = self.loads.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         let cost = |c: &Candidate<'_>| {
-            loads.get(&c.addr).map_or(DEFAULT_RTT.as_nanos() as f64, |l| l.decayed(now) * f64::from(l.outstanding + 1)) / f64::from(c.weight.max(1))
+            loads.get(&c.addr).map_or(DEFAULT_RTT.as_nanos() as f64, |l| l.decayed(now).max(1.0) * f64::from(l.outstanding + 1)) / f64::from(c.weight.max(1))
         };
-        if cost(&live[b]) < cost(&live[a]) { live[b] } else { live[a] }
+        if cost(&live[b]) * TIE < cost(&live[a]) { live[b] } else { live[a] }
     }
 
     fn by_hash<'s>(&self, live: &[Candidate<'s>], table_size: u32, hash: u64) -> Option<Candidate<'s>> {
@@ -349,9 +355,19 @@ mod tests {
         let eps = endpoints(2);
         let c = cluster(None);
         let busy = SocketAddr::from(([198, 18, 2, 1], 8080));
-        let _held: Vec<InFlight> = (0..10).map(|_| c.begin(busy)).collect();
+        let held: Vec<InFlight> = (0..10).map(|_| c.begin(busy)).collect();
         let picks = (0..100).filter(|_| c.pick(candidates(&eps), None, None).expect("pick").addr == busy).count();
         assert_eq!(picks, 0, "with two endpoints P2C always compares both");
+        // Both idle and about as fast: an even spread, not everything to the faster one.
+        for h in &held {
+            h.answered();
+        }
+        drop(held);
+        let other = c.begin(SocketAddr::from(([198, 18, 2, 2], 8080)));
+        other.answered();
+        drop(other);
+        let picks = (0..1000).filter(|_| c.pick(candidates(&eps), None, None).expect("pick").addr == busy).count();
+        assert!((400..=600).contains(&picks), "similar endpoints share: {picks} of 1000");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 use http::{Request, Response};
 use mesh_l7::{
     body::{Body, BoxError},
-    client::Connect,
+    client::{Connect, ConnectionLimits},
     forward,
     layer::{
         BoxHttp,
@@ -268,6 +268,10 @@ impl Upstream {
         let connect_timeout = cluster.policy().and_then(|p| p.connection_pool.connect_timeout);
         let reached = self.reached(&state, service, endpoint, addr, connect_timeout);
         let in_flight = cluster.begin(addr);
+        let mut req = req;
+        if let Some(pool) = cluster.policy().map(|p| &p.connection_pool).filter(|c| c.max_requests_per_connection.is_some() || c.idle_timeout.is_some()) {
+            req.extensions_mut().insert(ConnectionLimits { max_requests: pool.max_requests_per_connection, idle_timeout: pool.idle_timeout });
+        }
         let mut resp = match &reached.path {
             Path::Local(local) => local.clone().oneshot(req).await.unwrap_or_else(|never| match never {}),
             Path::Pool(key) => forward::send(&self.shared.upstreams, key, version, req).await,

@@ -1,0 +1,110 @@
+//! DestinationRule traffic policies through the whole mesh, applied as the repository's example
+//! files: circuit breaking (503 `UO` at once), outlier detection (an app killed under load is
+//! ejected from the HTTP picks and from the kernel's table for L4 clients, and comes back after
+//! its ejection time), and consistent hashing (a user sticks to one endpoint).
+
+use std::{collections::BTreeMap, time::Duration};
+
+use mesh_tests::cluster::{TCP_SERVICE_PORT, VIP, VIP_V1, VIP_V2};
+
+use super::{
+    answered, cluster, eventually,
+    l7::{curl_json, load, metrics, sample},
+};
+
+const CIRCUIT_BREAKER: &str = include_str!("../../deploy/examples/routing/circuit-breaker.yaml");
+const OUTLIER: &str = include_str!("../../deploy/examples/routing/outlier-detection.yaml");
+const CONSISTENT_HASH: &str = include_str!("../../deploy/examples/routing/consistent-hash.yaml");
+
+#[test]
+fn the_circuit_breaker_answers_overflow_at_once_with_uo() {
+    let c = cluster();
+    c.apply_routes("circuit-breaker", CIRCUIT_BREAKER).expect("apply");
+    let overflowed = || {
+        let r = load(&c, &["--url", &format!("http://{VIP_V2}/delay/100"), "--rate", "40", "--duration", "1", "--connections", "8"]);
+        r.status.get("503").copied().unwrap_or(0) > 0
+    };
+    eventually("the connection pool limits to reach node 1", Duration::from_secs(5), overflowed);
+    // Istio's task: one connection and one pending request, 8 clients asking 40 requests/s of
+    // 100 ms each. One connection carries at most ~10 requests/s: the rest overflow, at once.
+    let m1 = metrics(&c, 1);
+    let r = load(&c, &["--url", &format!("http://{VIP_V2}/delay/100"), "--rate", "40", "--duration", "3", "--connections", "8"]);
+    let (ok, overflow) = (r.ok, r.status.get("503").copied().unwrap_or(0));
+    let uo = |m: &str| sample(m, &["istio_requests_total{", "reporter=\"source\"", "destination_service=\"whoami-v2.demo.svc.cluster.local\"", "response_flags=\"UO\""]);
+    let counted = uo(&metrics(&c, 1)) - uo(&m1);
+    c.delete_routes("circuit-breaker").expect("delete");
+    assert_eq!(ok + overflow, r.scheduled, "every request answered, 2xx or 503: {r:?}");
+    assert!(ok <= 3 * 11 + 2, "one connection, 100 ms per request: at most ~10/s get through, {ok} did: {r:?}");
+    assert!(ok >= 10, "requests do get through: {r:?}");
+    assert!(overflow >= r.scheduled / 2, "most overflow: {overflow} of {}", r.scheduled);
+    assert_eq!(counted, overflow as f64, "each overflow is counted with response_flags=\"UO\"");
+    // An overflow is answered without waiting for the connection: far below the 100 ms a
+    // request that got through takes.
+    assert!(r.p50_us < 100_000, "the median answer (an overflow) came at once: {} µs", r.p50_us);
+    println!("circuit breaker: {ok} of {} through, {overflow} UO, median {} µs", r.scheduled, r.p50_us);
+}
+
+#[test]
+fn outlier_detection_ejects_a_killed_backend_for_http_and_kernel_clients_and_lets_it_back() {
+    let mut c = cluster();
+    c.apply_routes("outlier", OUTLIER).expect("apply");
+    std::thread::sleep(Duration::from_secs(1)); // the policy reaches the nodes (no visible effect to wait for)
+    let l4 = |c: &mesh_tests::cluster::Cluster| answered(&c.dial("n1p3", format!("{VIP}:{TCP_SERVICE_PORT}").parse().expect("addr"), &["--count", "30"]).expect("dial"));
+    let before = l4(&c);
+    assert!(before.contains_key("n2p1") && !before.contains_key("FAILED"), "the unmeshed client reaches every endpoint through the kernel: {before:?}");
+
+    // The app in n2p1 dies under a steady load from the meshed client.
+    let app = c.apps.remove("n2p1").expect("the app of n2p1");
+    let steady = std::thread::scope(|s| {
+        let run = s.spawn(|| load(&c, &["--url", &format!("http://{VIP}/"), "--rate", "100", "--duration", "4", "--connections", "4"]));
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(app); // killed
+        run.join().expect("load")
+    });
+    let failed = steady.scheduled - steady.ok;
+    assert!(failed <= 8, "3 gateway errors in a row eject it (a few more were in flight): {failed} failed: {steady:?}");
+    assert!(steady.ok >= steady.scheduled - 8, "{steady:?}");
+    let after = load(&c, &["--url", &format!("http://{VIP}/"), "--rate", "100", "--duration", "2", "--connections", "4"]);
+    assert_eq!((after.ok, after.pods.get("n2p1").copied()), (after.scheduled, None), "ejected: no request goes to it: {after:?}");
+    assert!(after.pods.get("n1p2").is_some_and(|n| *n >= 40) && after.pods.get("n2p2").is_some_and(|n| *n >= 40), "the other two share the load: {:?}", after.pods);
+    // The kernel's table for the Service lost it too: every L4 connection succeeds.
+    let kernel = l4(&c);
+    assert!(!kernel.contains_key("FAILED") && !kernel.contains_key("n2p1"), "the kernel stopped balancing to it: {kernel:?}");
+
+    // Back up: after the 10 s ejection it gets requests again (and from the kernel).
+    c.start_app("n2p1").expect("restart the app");
+    let back = eventually("the endpoint to come back after baseEjectionTime", Duration::from_secs(12), || {
+        load(&c, &["--url", &format!("http://{VIP}/"), "--rate", "100", "--duration", "1", "--connections", "4"]).pods.contains_key("n2p1")
+    });
+    assert!(l4(&c).contains_key("n2p1"), "back in the kernel's table");
+    c.delete_routes("outlier").expect("delete");
+    println!("outlier detection: {failed} of {} requests failed when the app died; back {back:.1?} after the restart; kernel clients: {kernel:?}", steady.scheduled);
+}
+
+#[test]
+fn consistent_hashing_keeps_each_user_on_one_endpoint() {
+    let c = cluster();
+    c.apply_routes("hash", CONSISTENT_HASH).expect("apply");
+    let url = format!("http://{VIP_V1}/");
+    let pods_of = |user: &str| -> Vec<String> {
+        curl_json(&c, &["--http1.1", "-H", &format!("x-user: {user}"), &url, &url, &url, &url])
+            .iter()
+            .map(|a| a["pod"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    };
+    eventually("the hash policy to reach node 1", Duration::from_secs(5), || {
+        (0..5).all(|u| {
+            let p = pods_of(&format!("probe-{u}"));
+            p.iter().all(|x| *x == p[0])
+        })
+    });
+    let mut spread: BTreeMap<String, usize> = BTreeMap::new();
+    for u in 0..24 {
+        let pods = pods_of(&format!("user-{u}"));
+        assert!(pods.iter().all(|p| *p == pods[0]), "user-{u} moved between endpoints: {pods:?}");
+        *spread.entry(pods[0].clone()).or_default() += 1;
+    }
+    c.delete_routes("hash").expect("delete");
+    assert_eq!(spread.len(), 2, "users spread over both endpoints of whoami-v1: {spread:?}");
+    println!("consistent hash: 24 users × 4 requests, each on one endpoint; users per endpoint {spread:?}");
+}
