@@ -53,8 +53,20 @@ pub fn run(only: Option<&str>) -> Result<()> {
         ]))?;
         ran = true;
     }
+    if only.is_none_or(|o| o == "l7-policies") {
+        // Traffic policies configured but not firing vs none, through the whole mesh (file-mode
+        // controller, both daemons, eBPF): fixed-rate latency and wrk's maximum rate. Runs are
+        // recorded in bench/results/l7-policies.md (it writes no file itself).
+        step("bench: L7 policies configured but idle vs none (whole mesh)");
+        sh(Command::new("cargo").args(["build", "--release", "--locked", "-p", "mesh-node", "-p", "mesh-control", "--bins"]))?;
+        sh(Command::new("cargo").args([
+            "test", "--release", "--locked", "-p", "mesh-tests", "--features", "privileged", "--test", "bench-l7-policies", "--", "--ignored",
+            "--nocapture", "--test-threads=1",
+        ]))?;
+        ran = true;
+    }
     if !ran {
-        bail!("unknown benchmark {only:?}: expected one of: datapath, node, node-l7");
+        bail!("unknown benchmark {only:?}: expected one of: datapath, node, node-l7, l7-policies");
     }
     Ok(())
 }
