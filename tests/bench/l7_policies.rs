@@ -11,6 +11,9 @@
 //! cargo xtask bench --only l7-policies
 //! ```
 //!
+//! Pinning as the node-l7 benchmark: both daemons on CPU 1 (their access log off: `MESH_LOG`
+//! warn), the load generators on CPU 0; the sample app is not pinned.
+//!
 //! Per run: `mesh-whoami http-load` at a fixed 1,000 requests/s for 10 s (HTTP/1.1, 16
 //! keep-alive connections; latency from each request's due time), then `wrk` (1 thread, 32
 //! connections, 5 s) as fast as it goes. Runs go ABBA (none, policies, policies, none, ...) so
@@ -67,23 +70,33 @@ struct Samples {
 fn l7_policies_configured_but_idle_vs_none() {
     mesh_tests::require_root();
     let wrk = mesh_tests::tools::wrk().expect("wrk").display().to_string();
-    let rounds = env_num("MESH_BENCH_ROUNDS", 4);
+    let rounds = env_num("MESH_BENCH_ROUNDS", 6);
     let fixed_secs = env_num("MESH_BENCH_FIXED_SECS", 10).to_string();
     let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
     let spec = LabSpec::for_test(&[3, 2]);
     let base = std::env::temp_dir().join(format!("mesh-{}-bench", spec.run));
-    let c = Cluster::start(spec, Binaries::in_dir(&release), &base).expect("start the mesh");
+    let mut c = Cluster::start(spec, Binaries::in_dir(&release), &base).expect("start the mesh");
+    // As the node-l7 benchmark: no per-request access log, daemons on CPU 1, clients on CPU 0.
+    c.node_log = "warn".into();
+    for i in 1..=2 {
+        c.stop_node(i);
+        c.start_node(i).expect("restart the daemon");
+        let pid = c.daemons[usize::from(i - 1)].as_ref().expect("daemon").child.id().to_string();
+        let out = std::process::Command::new("taskset").args(["-a", "-p", "-c", "1", &pid]).output().expect("taskset");
+        assert!(out.status.success(), "taskset: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let c = c;
     let url = format!("http://{VIP_V2}/");
     let whoami = c.bins.whoami.display().to_string();
     let fixed = |secs: &str| -> Report {
-        let out = c.lab.run_in_pod("n1p1", &whoami, &["http-load", "--url", &url, "--rate", "1000", "--duration", secs, "--connections", "16"]).expect("http-load");
+        let out = c.lab.run_in_pod("n1p1", "taskset", &["-c", "0", &whoami, "http-load", "--url", &url, "--rate", "1000", "--duration", secs, "--connections", "16"]).expect("http-load");
         let text = String::from_utf8_lossy(&out.stdout);
         let r: Report = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("http-load output ({e}): {text}"));
         assert_eq!((r.ok, r.errors), (r.scheduled, 0), "every request answered 2xx: {r:?}");
         r
     };
     let max_rps = || -> f64 {
-        let out = c.lab.run_in_pod("n1p1", &wrk, &["-t1", "-c32", "-d5s", &url]).expect("wrk");
+        let out = c.lab.run_in_pod("n1p1", "taskset", &["-c", "0", &wrk, "-t1", "-c32", "-d5s", &url]).expect("wrk");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(!text.contains("Non-2xx") && !text.contains("Socket errors"), "wrk saw failures: {text}");
         text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("wrk output: {text}"))
@@ -92,7 +105,8 @@ fn l7_policies_configured_but_idle_vs_none() {
         if on {
             c.apply_routes("policies", POLICIES).expect("apply");
         } else {
-            c.delete_routes("policies").expect("delete");
+            // Absent at the start; every later call removes what the previous one applied.
+            let _ = c.delete_routes("policies");
         }
         // File mode reaches the nodes within a second; then a short warm-up on the new config.
         std::thread::sleep(Duration::from_millis(1500));
@@ -118,7 +132,7 @@ fn l7_policies_configured_but_idle_vs_none() {
             println!("round {round} {:8}: fixed 1000/s p50 {} µs p99 {} µs | wrk {rps:.0} req/s", if on { "policies" } else { "none" }, r.p50_us, r.p99_us);
         }
     }
-    c.delete_routes("policies").expect("delete");
+    let _ = c.delete_routes("policies");
     println!();
     println!("| (medians of {rounds} runs each, same lab, ABBA) | no policy | every policy, idle | ratio / difference |");
     println!("|---|---|---|---|");

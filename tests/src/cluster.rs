@@ -80,6 +80,9 @@ pub struct Cluster {
     pub logs: PathBuf,
     pub control: Option<PodProcess>,
     pub daemons: Vec<Option<PodProcess>>,
+    /// `MESH_LOG` of the node daemons started from now on ("info": every connection and
+    /// request in the access log; benchmarks use "warn").
+    pub node_log: String,
     /// The sample app's process, by pod.
     pub apps: std::collections::BTreeMap<String, PodProcess>,
 }
@@ -136,7 +139,7 @@ impl Cluster {
             sys::mkdir(&d)?;
         }
         let lab = Lab::build(spec)?;
-        let mut cluster = Self { lab, bins, config_dir, state_dir, logs, control: None, daemons: Vec::new(), apps: std::collections::BTreeMap::new() };
+        let mut cluster = Self { lab, bins, config_dir, state_dir, logs, control: None, daemons: Vec::new(), apps: std::collections::BTreeMap::new(), node_log: "info".into() };
         cluster.boot()?;
         Ok(cluster)
     }
@@ -228,7 +231,7 @@ impl Cluster {
             ("MESH_POD_INTERFACES", interfaces.join(",")),
             // Pods see their clients' real addresses (policy routing brings replies back).
             ("MESH_INBOUND_TRANSPARENT", "true".into()),
-            ("MESH_LOG", "info".into()),
+            ("MESH_LOG", self.node_log.clone()),
         ];
         let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let log = self.logs.join(format!("mesh-node-{}.log", node.name));
