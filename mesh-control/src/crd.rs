@@ -188,6 +188,7 @@ pub fn yaml() -> Result<String, Error> {
         PeerAuthentication::crd(),
         preserving_unknown_fields(&networking::VirtualService::crd())?,
         preserving_unknown_fields(&networking::DestinationRule::crd())?,
+        preserving_unknown_fields(&networking::LocalRateLimit::crd())?,
     ];
     to_yaml("cargo run -p mesh-control --bin crdgen", &crds)
 }

@@ -80,6 +80,7 @@ pub fn build(docs: Vec<Document>, root_namespace: &str) -> State {
             Document::ReferenceGrant(g) => objects.reference_grants.push(*g),
             Document::VirtualService(v) => objects.virtual_services.push(*v),
             Document::DestinationRule(d) => objects.destination_rules.push(*d),
+            Document::LocalRateLimit(d) => objects.local_rate_limits.push(*d),
             Document::Node { name, address } => {
                 inv.nodes.insert(name, address);
             }

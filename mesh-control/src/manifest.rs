@@ -23,7 +23,7 @@ pub enum Error {
     #[error("{api_version}/{kind}: {source}")]
     Shape { api_version: String, kind: String, source: serde_json::Error },
     #[error(
-        "unknown kind {kind:?} of apiVersion {api_version:?} (expected {} AuthorizationPolicy/PeerAuthentication, {} VirtualService/DestinationRule, {} HTTPRoute/GRPCRoute, {} ReferenceGrant or {LAB_API_VERSION} Node/Namespace/Workload/Service)",
+        "unknown kind {kind:?} of apiVersion {api_version:?} (expected {} AuthorizationPolicy/PeerAuthentication, {} VirtualService/DestinationRule/LocalRateLimit, {} HTTPRoute/GRPCRoute, {} ReferenceGrant or {LAB_API_VERSION} Node/Namespace/Workload/Service)",
         crd::API_VERSION,
         networking::API_VERSION,
         gateway::API_VERSION,
@@ -44,6 +44,7 @@ pub enum Document {
     ReferenceGrant(Box<gateway::ReferenceGrant>),
     VirtualService(Box<Read<networking::VirtualService>>),
     DestinationRule(Box<Read<networking::DestinationRule>>),
+    LocalRateLimit(Box<Read<networking::LocalRateLimit>>),
     Node { name: String, address: Option<IpAddr> },
     Namespace { name: String, labels: Labels },
     Workload(model::Workload),
@@ -145,6 +146,7 @@ fn document(doc: &serde_json::Value) -> Result<Document, Error> {
         }
         (networking::API_VERSION, "VirtualService") => Ok(Document::VirtualService(Box::new(routing_object(doc, ns(), shape)?))),
         (networking::API_VERSION, "DestinationRule") => Ok(Document::DestinationRule(Box::new(routing_object(doc, ns(), shape)?))),
+        (networking::API_VERSION, "LocalRateLimit") => Ok(Document::LocalRateLimit(Box::new(routing_object(doc, ns(), shape)?))),
         (LAB_API_VERSION, "Node") => {
             #[derive(serde::Deserialize, Default)]
             #[serde(deny_unknown_fields)]

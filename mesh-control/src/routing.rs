@@ -32,6 +32,7 @@ pub struct Objects {
     pub reference_grants: Vec<gateway::ReferenceGrant>,
     pub virtual_services: Vec<Read<networking::VirtualService>>,
     pub destination_rules: Vec<Read<networking::DestinationRule>>,
+    pub local_rate_limits: Vec<Read<networking::LocalRateLimit>>,
 }
 
 /// The outcome of routing: part of the published state.
@@ -117,6 +118,16 @@ pub fn build(objects: &Objects, inventory: &Inventory) -> Routes {
             )),
         }
     }
+    for r in &objects.local_rate_limits {
+        match validate::rate_limit::local_rate_limit(r) {
+            Ok(l) => input.local_rate_limits.push(l),
+            Err(e) => rejected.push(Verdict::rejected(
+                Kind::LocalRateLimit,
+                &r.object.metadata,
+                &e,
+            )),
+        }
+    }
     let mut routes = compile::compile(&input, inventory);
     routes.verdicts.extend(rejected);
     routes
@@ -145,6 +156,7 @@ pub enum Kind {
     GrpcRoute,
     VirtualService,
     DestinationRule,
+    LocalRateLimit,
 }
 
 impl Kind {
@@ -154,6 +166,7 @@ impl Kind {
             Self::GrpcRoute => "GRPCRoute",
             Self::VirtualService => "VirtualService",
             Self::DestinationRule => "DestinationRule",
+            Self::LocalRateLimit => "LocalRateLimit",
         }
     }
 }

@@ -20,6 +20,7 @@ fn every_object_gets_one_verdict_sorted_by_kind_and_key_valid_or_not() {
         virtual_services: vec![doc(
             "metadata: {name: v, namespace: demo}\nspec: {hosts: [whoami], http: [{route: [{destination: {host: whoami}}]}], tcp: [{}]}\n",
         )],
+        local_rate_limits: Vec::new(),
         destination_rules: vec![doc(
             "metadata: {name: d, namespace: demo}\nspec: {host: whoami}\n",
         )],

@@ -297,6 +297,7 @@ fn routing_examples_load_together_and_compile_to_what_their_comments_say() {
             ("DestinationRule".into(), "demo/whoami".into(), None),
             ("DestinationRule".into(), "demo/whoami-v1".into(), None),
             ("DestinationRule".into(), "demo/whoami-v2".into(), None),
+            ("LocalRateLimit".into(), "demo/whoami-v2".into(), None),
         ]
     );
     // The traffic policies: outlier detection on whoami, Maglev on whoami-v1, Istio's circuit
@@ -306,6 +307,8 @@ fn routing_examples_load_together_and_compile_to_what_their_comments_say() {
     };
     assert_eq!(policy("whoami").outlier_detection.map(|o| (o.consecutive_gateway, o.base_ejection_time.as_secs(), o.max_ejection_percent)), Some((3, 10, 50)));
     assert!(matches!(policy("whoami-v1").load_balancer, Some(mesh_control::routing::model::LoadBalancer::ConsistentHash { .. })));
+    let limit = state.routes.tables.values().find(|t| t.service.name == "whoami-v2").and_then(|t| t.rate_limit.clone()).expect("rate limit");
+    assert_eq!((limit.max_tokens, limit.tokens_per_fill, limit.fill_interval.as_secs()), (100, 100, 1));
     let pool = policy("whoami-v2").connection_pool.expect("pool");
     assert_eq!((pool.max_connections, pool.http1_max_pending_requests, pool.max_requests_per_connection), (Some(1), Some(1), Some(1)));
     let table = |name: &str| state.routes.tables.values().find(|t| t.service.name == name).unwrap_or_else(|| panic!("table {name}"));

@@ -26,6 +26,8 @@ pub enum ResponseFlag {
     DownstreamConnectionTermination,
     /// A fault injection aborted the request (its status is the configured one).
     FaultInjected,
+    /// A local rate limit refused the request: 429.
+    RateLimited,
     /// The route sent a redirect or a direct response (Envoy reports these without a flag; we
     /// keep "-" in metrics and say it in the access log).
     Direct,
@@ -43,6 +45,7 @@ impl ResponseFlag {
             Self::UpstreamRequestTimeout => "UT",
             Self::DownstreamConnectionTermination => "DC",
             Self::FaultInjected => "FI",
+            Self::RateLimited => "RL",
             Self::Direct => "-",
         }
     }
@@ -51,6 +54,7 @@ impl ResponseFlag {
     pub fn status(self) -> StatusCode {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamRequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Direct => StatusCode::OK,
             Self::NoHealthyUpstream
@@ -77,6 +81,7 @@ impl ResponseFlag {
             }
             Self::UpstreamRequestTimeout => "upstream request timeout",
             Self::FaultInjected => "fault filter abort",
+            Self::RateLimited => "local_rate_limited",
             Self::NoRoute | Self::DownstreamConnectionTermination | Self::Direct => "",
         }
     }
@@ -120,6 +125,7 @@ pub fn label(flag: Option<ResponseFlag>, delayed: bool, retries_exhausted: bool)
         F::NoRoute => 6,
         F::FaultInjected => 8,
         F::Direct => 9,
+        F::RateLimited => 10,
     };
     let mut parts: Vec<(u8, &'static str)> =
         flag.map(|f| (order(f), f.as_str())).into_iter().collect();

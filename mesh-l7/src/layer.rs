@@ -1,7 +1,7 @@
 //! The request layers, each a small tower `Service` wrapper with a test of its own. Outbound
 //! (source node), outside-in: [`crate::record`] → [`router`] → [`fault`] → [`timeout`] → [`filters`] →
 //! [`mirror`] → [`retry`] → [`split`] → the node's upstream. Inbound (destination node): [`crate::record`]
-//! → [`authorize`] → the node's connection to the local pod.
+//! → [`authorize`] → [`rate_limit`] → the node's connection to the local pod.
 //!
 //! Every layer answers errors itself (a response with a [`crate::flags::ResponseFlag`]), so the
 //! stacks are infallible and the record layer sees every outcome.
@@ -10,6 +10,7 @@ pub mod authorize;
 pub mod fault;
 pub mod filters;
 pub mod mirror;
+pub mod rate_limit;
 pub mod retry;
 pub mod router;
 pub mod split;

@@ -91,3 +91,24 @@ pub struct OutlierDetection {
     pub max_ejection_percent: u32,
     pub min_health_percent: u32,
 }
+
+/// A `LocalRateLimit`: a token bucket per destination pod (or per pod and key), Envoy's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    pub max_tokens: u32,
+    pub tokens_per_fill: u32,
+    #[serde(with = "crate::route::ms")]
+    pub fill_interval: Duration,
+    pub key: RateLimitKey,
+    pub max_keys: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RateLimitKey {
+    None,
+    SourcePrincipal,
+    /// Lower case.
+    RequestHeader(String),
+}

@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
 use serde::Serialize;
 
-use crate::policy::TrafficPolicy;
+use crate::policy::{RateLimit, TrafficPolicy};
 
 /// The routes of one Service (its parent). A Service with no routes has no table: its HTTP ports
 /// get [`RouteTable::default_for`].
@@ -37,6 +37,12 @@ pub struct RouteTable {
         serialize_with = "shared::map"
     )]
     pub subset_policies: BTreeMap<String, Arc<TrafficPolicy>>,
+    /// A `LocalRateLimit` on the Service's pods (enforced by their nodes).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "shared::option"
+    )]
+    pub rate_limit: Option<Arc<RateLimit>>,
 }
 
 impl RouteTable {
@@ -67,6 +73,7 @@ impl RouteTable {
             consumers: BTreeMap::new(),
             traffic_policy: None,
             subset_policies: BTreeMap::new(),
+            rate_limit: None,
         }
     }
 
@@ -82,6 +89,7 @@ impl RouteTable {
         self.consumers.is_empty()
             && self.traffic_policy.is_none()
             && self.subset_policies.is_empty()
+            && self.rate_limit.is_none()
             && self.routes.len() == 1
             && self.routes[0].source.kind == SourceKind::Default
     }

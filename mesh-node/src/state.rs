@@ -66,6 +66,8 @@ pub struct State {
     pub routes: HashMap<String, HashMap<String, Arc<RouteTable>>>,
     /// VIP and serving-Service lookups over `services`, built with them.
     service_index: service::Index,
+    /// Pod address → the `LocalRateLimit` of a Service it serves ("namespace/name", the limit).
+    rate_limits: HashMap<IpAddr, (Arc<str>, Arc<mesh_l7::policy::RateLimit>)>,
 }
 
 impl State {
@@ -88,7 +90,16 @@ impl State {
                 .entry(s.name.clone())
                 .or_insert_with(|| Arc::new(RouteTable::default_for(&s.namespace, &s.name)));
         }
+        let mut rate_limits = HashMap::new();
+        for s in &snap.services {
+            let Some(limit) = routes.get(&s.namespace).and_then(|n| n.get(&s.name)).and_then(|t| t.rate_limit.clone()) else { continue };
+            let scope: Arc<str> = Arc::from(format!("{}/{}", s.namespace, s.name));
+            for e in &s.endpoints {
+                rate_limits.entry(e.address).or_insert_with(|| (scope.clone(), limit.clone()));
+            }
+        }
         Ok(Self {
+            rate_limits,
             trust_domain: trust_domain.to_owned(),
             root_namespace: root_namespace.to_owned(),
             workloads,
@@ -124,12 +135,17 @@ impl State {
         self.serving(dst).map_or(mesh_l7::AppProtocol::Tcp, |(_, p)| p.app_protocol())
     }
 
-    /// The route table of a Service; the implicit one when it has none.
     /// The traffic policy of `subset` of a Service (or of the whole Service), if it has one.
     pub fn traffic_policy(&self, namespace: &str, name: &str, subset: Option<&str>) -> Option<&Arc<mesh_l7::policy::TrafficPolicy>> {
         self.routes.get(namespace).and_then(|n| n.get(name)).and_then(|t| t.policy(subset))
     }
 
+    /// The `LocalRateLimit` on the pod at `ip` (of a Service it serves), with its Service.
+    pub fn rate_limit_at(&self, ip: IpAddr) -> Option<&(Arc<str>, Arc<mesh_l7::policy::RateLimit>)> {
+        self.rate_limits.get(&ip)
+    }
+
+    /// The route table of a Service; the implicit one when it has none.
     pub fn route_table(&self, namespace: &str, name: &str) -> Arc<RouteTable> {
         self.routes
             .get(namespace)

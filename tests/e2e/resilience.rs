@@ -1,11 +1,15 @@
 //! DestinationRule traffic policies through the whole mesh, applied as the repository's example
 //! files: circuit breaking (503 `UO` at once), outlier detection (an app killed under load is
 //! ejected from the HTTP picks and from the kernel's table for L4 clients, and comes back after
-//! its ejection time), and consistent hashing (a user sticks to one endpoint).
+//! its ejection time), consistent hashing (a user sticks to one endpoint), and a local rate limit
+//! (429 `RL` beyond the bucket, counted per source).
 
 use std::{collections::BTreeMap, time::Duration};
 
-use mesh_tests::cluster::{TCP_SERVICE_PORT, VIP, VIP_V1, VIP_V2};
+use mesh_tests::{
+    cluster::{TCP_SERVICE_PORT, VIP, VIP_V1, VIP_V2},
+    tools,
+};
 
 use super::{
     answered, cluster, eventually,
@@ -15,6 +19,7 @@ use super::{
 const CIRCUIT_BREAKER: &str = include_str!("../../deploy/examples/routing/circuit-breaker.yaml");
 const OUTLIER: &str = include_str!("../../deploy/examples/routing/outlier-detection.yaml");
 const CONSISTENT_HASH: &str = include_str!("../../deploy/examples/routing/consistent-hash.yaml");
+const RATE_LIMIT: &str = include_str!("../../deploy/examples/routing/rate-limit.yaml");
 
 #[test]
 fn the_circuit_breaker_answers_overflow_at_once_with_uo() {
@@ -107,4 +112,30 @@ fn consistent_hashing_keeps_each_user_on_one_endpoint() {
     c.delete_routes("hash").expect("delete");
     assert_eq!(spread.len(), 2, "users spread over both endpoints of whoami-v1: {spread:?}");
     println!("consistent hash: 24 users × 4 requests, each on one endpoint; users per endpoint {spread:?}");
+}
+
+#[test]
+fn a_local_rate_limit_passes_its_rate_and_answers_the_rest_429() {
+    let c = cluster();
+    c.apply_routes("rate-limit", RATE_LIMIT).expect("apply");
+    let url = format!("http://{VIP_V2}/");
+    eventually("the rate limit to reach node 2", Duration::from_secs(5), || {
+        load(&c, &["--url", &url, "--rate", "400", "--duration", "1", "--connections", "8"]).status.contains_key("429")
+    });
+    std::thread::sleep(Duration::from_millis(1100)); // a full bucket again
+    let m2 = metrics(&c, 2);
+    // 100 per second with bursts of 100, offered 300 per second for 10 s.
+    let r = load(&c, &["--url", &url, "--rate", "300", "--duration", "10", "--connections", "8"]);
+    let (ok, limited) = (r.ok, r.status.get("429").copied().unwrap_or(0));
+    let rl = |m: &str| sample(m, &["istio_requests_total{", "reporter=\"destination\"", "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"", "response_code=\"429\"", "response_flags=\"RL\""]);
+    let counted = rl(&metrics(&c, 2)) - rl(&m2);
+    let headers = c.lab.run_in_pod("n1p1", &tools::curl().expect("curl").display().to_string(), &["-sS", "-o", "/dev/null", "-D", "-", &url]).expect("curl");
+    c.delete_routes("rate-limit").expect("delete");
+    assert_eq!(ok + limited, r.scheduled, "every request answered 2xx or 429: {r:?}");
+    // The first second's burst (100) plus 100 per second: 1,000 to 1,100 in 10 s, ± 5 %.
+    assert!((950..=1155).contains(&ok), "100/s (+ one burst) passed: {ok} of {}", r.scheduled);
+    assert_eq!(counted, limited as f64, "each 429 counted at the destination for the client's identity with flag RL");
+    let text = String::from_utf8_lossy(&headers.stdout).to_lowercase();
+    assert!(text.contains("x-ratelimit-limit: 100") && text.contains("x-ratelimit-remaining:"), "{text}");
+    println!("rate limit: {ok} of {} passed in 10 s at 300/s offered ({:.1}/s), {limited} answered 429 RL", r.scheduled, ok as f64 / 10.0);
 }

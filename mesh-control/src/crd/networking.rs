@@ -466,3 +466,65 @@ pub struct HeaderOperations {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remove: Vec<String>,
 }
+
+/// A token bucket per destination pod of a Service (Envoy's local rate limit, as Istio users
+/// configure it through an EnvoyFilter), enforced by the destination node: requests beyond it
+/// get `429` with flag `RL`. Optionally one bucket per source principal or request header value.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "networking.mesh.dev",
+    version = "v1alpha1",
+    kind = "LocalRateLimit",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "lrl",
+    category = "mesh",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalRateLimitSpec {
+    /// The Service (in this namespace) whose pods are limited: `[{kind: Service, name: ...}]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<PolicyTargetReference>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_bucket: Option<TokenBucket>,
+    /// One bucket per key instead of one per pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_key: Option<RateLimitKey>,
+    /// Most keyed buckets kept per pod (default 10000); requests with further keys share one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_keys: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyTargetReference {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    pub kind: String,
+    pub name: String,
+}
+
+/// Envoy's `token_bucket`: starts full with `maxTokens`; every `fillInterval` adds
+/// `tokensPerFill` (default `maxTokens`), up to `maxTokens`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenBucket {
+    pub max_tokens: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_fill: Option<i64>,
+    pub fill_interval: String,
+}
+
+/// Exactly one of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitKey {
+    /// `true`: one bucket per authenticated source identity (plaintext callers share one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_principal: Option<bool>,
+    /// One bucket per value of this request header (requests without it share one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_header: Option<String>,
+}

@@ -86,6 +86,7 @@ struct Stores {
     reference_grants: Optional,
     virtual_services: Optional,
     destination_rules: Optional,
+    local_rate_limits: Optional,
 }
 
 /// A routing kind's store; startup waits for it only if the kind was served at start.
@@ -121,6 +122,7 @@ const GRPC_ROUTES: (&str, &str, &str, &str) = (gateway::GROUP, "v1", "GRPCRoute"
 const REFERENCE_GRANTS: (&str, &str, &str, &str) = (gateway::GROUP, "v1beta1", "ReferenceGrant", "referencegrants");
 const VIRTUAL_SERVICES: (&str, &str, &str, &str) = (networking::GROUP, "v1alpha1", "VirtualService", "virtualservices");
 const DESTINATION_RULES: (&str, &str, &str, &str) = (networking::GROUP, "v1alpha1", "DestinationRule", "destinationrules");
+const LOCAL_RATE_LIMITS: (&str, &str, &str, &str) = (networking::GROUP, "v1alpha1", "LocalRateLimit", "localratelimits");
 
 async fn reflect_optional(client: &Client, (group, version, kind, plural): (&str, &str, &str, &str)) -> (Optional, BoxStream<'static, ()>) {
     let served = match client.list_api_group_resources(&format!("{group}/{version}")).await {
@@ -163,6 +165,7 @@ impl Stores {
             self.reference_grants.ready(),
             self.virtual_services.ready(),
             self.destination_rules.ready(),
+            self.local_rate_limits.ready(),
         );
     }
 
@@ -173,6 +176,7 @@ impl Stores {
             reference_grants: self.reference_grants.read::<gateway::ReferenceGrant>().into_iter().map(|r| r.object).collect(),
             virtual_services: self.virtual_services.read(),
             destination_rules: self.destination_rules.read(),
+            local_rate_limits: self.local_rate_limits.read(),
         }
     }
 
@@ -228,6 +232,7 @@ pub async fn run(client: Client, config: Config, publisher: Publisher) {
     let (reference_grants, s10) = reflect_optional(&client, REFERENCE_GRANTS).await;
     let (virtual_services, s11) = reflect_optional(&client, VIRTUAL_SERVICES).await;
     let (destination_rules, s12) = reflect_optional(&client, DESTINATION_RULES).await;
+    let (local_rate_limits, s13) = reflect_optional(&client, LOCAL_RATE_LIMITS).await;
     let stores = Arc::new(Stores {
         nodes,
         namespaces,
@@ -241,8 +246,9 @@ pub async fn run(client: Client, config: Config, publisher: Publisher) {
         reference_grants,
         virtual_services,
         destination_rules,
+        local_rate_limits,
     });
-    let mut events = futures::stream::select_all([s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12]);
+    let mut events = futures::stream::select_all([s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13]);
     // notify_one keeps a permit when nobody waits, so no change is lost while we publish.
     let changed = Arc::new(tokio::sync::Notify::new());
     let (on_gain, mut leadership) = (Arc::clone(&changed), config.leadership.clone());

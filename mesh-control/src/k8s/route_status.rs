@@ -118,6 +118,13 @@ pub async fn write_all(client: &Client, leadership: &Leadership, verdicts: &[Ver
                     written += usize::from(apply::<networking::DestinationRule>(client, key, &s).await);
                 }
             }
+            (VerdictStatus::Conditions(cs), Kind::LocalRateLimit) => {
+                if let Some(s) = find(&objects.local_rate_limits, key)
+                    .and_then(|o| desired_conditions(cs, generation, o.status.as_ref(), now))
+                {
+                    written += usize::from(apply::<networking::LocalRateLimit>(client, key, &s).await);
+                }
+            }
             _ => {
                 tracing::error!(kind = v.kind.as_str(), object = %key, "verdict shape does not fit the kind (a bug)");
             }

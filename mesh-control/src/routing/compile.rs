@@ -21,9 +21,13 @@ mod gateway_api;
 mod istio;
 
 use super::{
-    ACCEPTED, Condition, RESOLVED_REFS, Routes,
-    model::{Action, Backend, HeaderModifier, Route, RouteTable, Source, SourceKind, Timeouts},
-    validate::{DestinationRule, GatewayRoute, Identity, VirtualService},
+    ACCEPTED, Condition, Kind, RESOLVED_REFS, Routes, Verdict, VerdictStatus,
+    model::{
+        Action, Backend, HeaderModifier, RateLimit, Route, RouteTable, Source, SourceKind, Timeouts,
+    },
+    validate::{
+        DestinationRule, GatewayRoute, Identity, VirtualService, rate_limit::LocalRateLimit,
+    },
 };
 use crate::{
     crd::gateway,
@@ -36,6 +40,7 @@ pub struct Input {
     pub gateway_routes: Vec<GatewayRoute>,
     pub virtual_services: Vec<VirtualService>,
     pub destination_rules: Vec<DestinationRule>,
+    pub local_rate_limits: Vec<LocalRateLimit>,
     pub grants: Vec<Grant>,
 }
 
@@ -128,6 +133,15 @@ pub fn compile(input: &Input, inv: &Inventory) -> Routes {
             .iter()
             .map(|(name, p)| (name.clone(), base.overlaid_by(p)))
             .collect();
+    }
+    for (service, limit) in rate_limits(&input.local_rate_limits, inv, &mut verdicts) {
+        tables
+            .entry(service.clone())
+            .or_insert_with(|| RouteTable {
+                service,
+                ..RouteTable::default()
+            })
+            .rate_limit = Some(limit);
     }
     for table in tables.values_mut() {
         if table.routes.is_empty() {
@@ -238,3 +252,41 @@ fn unresolved(service: &NamespacedName, port: Option<u16>) -> Backend {
 #[cfg(test)]
 #[path = "compile_tests.rs"]
 mod tests;
+
+/// The LocalRateLimit of each Service (its namespace's oldest; a Service that does not exist
+/// gets none).
+fn rate_limits(
+    list: &[LocalRateLimit],
+    inv: &Inventory,
+    verdicts: &mut Vec<Verdict>,
+) -> BTreeMap<NamespacedName, RateLimit> {
+    let mut winners: BTreeMap<NamespacedName, (NamespacedName, RateLimit)> = BTreeMap::new();
+    for l in oldest_first(list, |l| &l.id) {
+        let condition = if !inv.services.contains_key(&l.service) {
+            Condition::no(
+                ACCEPTED,
+                "NoMatchingHost",
+                format!("spec.targetRefs[0]: Service {} not found", l.service),
+            )
+        } else if let Some((older, _)) = winners.get(&l.service) {
+            Condition::no(
+                ACCEPTED,
+                "Conflicted",
+                format!(
+                    "LocalRateLimit {older} (older) already limits Service {}",
+                    l.service
+                ),
+            )
+        } else {
+            winners.insert(l.service.clone(), (l.id.key.clone(), l.limit.clone()));
+            accepted(&[], "enforced by the nodes of the Service's pods")
+        };
+        verdicts.push(Verdict {
+            kind: Kind::LocalRateLimit,
+            key: l.id.key.clone(),
+            generation: l.id.generation,
+            status: VerdictStatus::Conditions(vec![condition]),
+        });
+    }
+    winners.into_iter().map(|(s, (_, l))| (s, l)).collect()
+}

@@ -19,6 +19,8 @@ pub struct RouteTable {
     pub traffic_policy: Option<TrafficPolicy>,
     /// Subsets with a `trafficPolicy` of their own, already laid over the Service's.
     pub subset_policies: BTreeMap<String, TrafficPolicy>,
+    /// A `LocalRateLimit` on the Service's pods, enforced by their nodes.
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -285,4 +287,23 @@ pub struct OutlierDetection {
     pub base_ejection_time: Duration,
     pub max_ejection_percent: u32,
     pub min_health_percent: u32,
+}
+
+/// A token bucket per destination pod (or per pod and key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub max_tokens: u32,
+    pub tokens_per_fill: u32,
+    pub fill_interval: Duration,
+    pub key: RateLimitKey,
+    pub max_keys: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RateLimitKey {
+    /// One bucket per pod.
+    None,
+    SourcePrincipal,
+    /// Lower case.
+    RequestHeader(String),
 }

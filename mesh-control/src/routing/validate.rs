@@ -9,6 +9,7 @@
 
 pub mod gateway;
 pub mod istio;
+pub mod rate_limit;
 pub mod traffic_policy;
 
 use std::{collections::BTreeMap, sync::LazyLock, time::Duration};

@@ -7,7 +7,7 @@ use mesh_proto::config::v1 as pb;
 
 use crate::routing::model::{
     Action, Backend, ConnectionPool, HashKey, HeaderModifier, LoadBalancer, Match,
-    OutlierDetection, PathModifier, Route, RouteTable, StringMatch, TrafficPolicy,
+    OutlierDetection, PathModifier, RateLimitKey, Route, RouteTable, StringMatch, TrafficPolicy,
 };
 
 pub fn route_table(t: &RouteTable) -> pb::RouteTable {
@@ -29,6 +29,17 @@ pub fn route_table(t: &RouteTable) -> pb::RouteTable {
             .iter()
             .map(|(name, p)| (name.clone(), traffic_policy(p)))
             .collect(),
+        local_rate_limit: t.rate_limit.as_ref().map(|l| pb::LocalRateLimit {
+            max_tokens: l.max_tokens,
+            tokens_per_fill: l.tokens_per_fill,
+            fill_interval_ms: ms(Some(l.fill_interval)),
+            key: match &l.key {
+                RateLimitKey::None => None,
+                RateLimitKey::SourcePrincipal => Some(pb::local_rate_limit::Key::SourcePrincipal(true)),
+                RateLimitKey::RequestHeader(h) => Some(pb::local_rate_limit::Key::RequestHeader(h.clone())),
+            },
+            max_keys: l.max_keys,
+        }),
     }
 }
 

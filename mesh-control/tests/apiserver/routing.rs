@@ -12,6 +12,7 @@ const ROUTING_CRDS: [&str; 5] = [
     "crd/referencegrants.gateway.networking.k8s.io",
     "crd/virtualservices.networking.mesh.dev",
     "crd/destinationrules.networking.mesh.dev",
+    "crd/localratelimits.networking.mesh.dev",
 ];
 
 /// The Services the routing examples name (selectors match no pod: routes need Services only).

@@ -42,6 +42,8 @@ pub struct Shared {
     pub retry_budgets: Arc<mesh_l7::layer::retry::Budgets>,
     /// Per Service (or subset): balancing state, circuit breaker, outlier detection.
     pub clusters: Arc<Clusters>,
+    /// Local rate limits' token buckets, per limited pod (and key).
+    pub rate_limits: Arc<mesh_l7::layer::rate_limit::Buckets>,
 }
 
 impl Shared {
@@ -54,6 +56,7 @@ impl Shared {
             pods: mesh_l7::client::Pool::new(inbound::PodConnector { connect_timeout: inputs.cfg.connect_timeout }, client),
             retry_budgets: Arc::default(),
             clusters,
+            rate_limits: Arc::default(),
         })
     }
 

@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use http::{HeaderName, HeaderValue};
-use mesh_l7::policy::{ConnectionPool, HashKey, LoadBalancer, OutlierDetection, TrafficPolicy};
+use mesh_l7::policy::{ConnectionPool, HashKey, LoadBalancer, OutlierDetection, RateLimit, RateLimitKey, TrafficPolicy};
 use mesh_l7::route::{
     Action, Backend, FaultInjection, HeaderModifier, Mirror, PathModifier, RequestRedirect, RetryPolicy, Route, RouteSource, RouteTable,
     SourceKind, Timeouts, UrlRewrite,
@@ -28,7 +28,20 @@ pub fn route_table(t: &pb::RouteTable) -> Result<RouteTable, Error> {
     for (subset, p) in &t.subset_policies {
         subset_policies.insert(subset.clone(), Arc::new(traffic_policy(p, &format!("{what}: subset {subset}"))?));
     }
-    Ok(RouteTable { namespace: t.namespace.clone(), name: t.name.clone(), routes: routes(&t.routes)?, consumers, traffic_policy: policy, subset_policies })
+    let rate_limit = t.local_rate_limit.as_ref().map(|l| rate_limit(l, &what)).transpose()?.map(Arc::new);
+    Ok(RouteTable { namespace: t.namespace.clone(), name: t.name.clone(), routes: routes(&t.routes)?, consumers, traffic_policy: policy, subset_policies, rate_limit })
+}
+
+fn rate_limit(l: &pb::LocalRateLimit, what: &str) -> Result<RateLimit, Error> {
+    if l.max_tokens == 0 || l.tokens_per_fill == 0 || l.fill_interval_ms == 0 || l.max_keys == 0 {
+        return Err(invalid(format!("{what}: local rate limit with a zero bucket, fill, interval or key count")));
+    }
+    let key = match &l.key {
+        None => RateLimitKey::None,
+        Some(pb::local_rate_limit::Key::SourcePrincipal(_)) => RateLimitKey::SourcePrincipal,
+        Some(pb::local_rate_limit::Key::RequestHeader(h)) => RateLimitKey::RequestHeader(header_name(h, what)?.as_str().to_owned()),
+    };
+    Ok(RateLimit { max_tokens: l.max_tokens, tokens_per_fill: l.tokens_per_fill, fill_interval: Duration::from_millis(l.fill_interval_ms), key, max_keys: l.max_keys })
 }
 
 fn traffic_policy(p: &pb::TrafficPolicy, what: &str) -> Result<TrafficPolicy, Error> {

@@ -17,7 +17,9 @@ use mesh_l7::{
     layer::{
         BoxHttp,
         authorize::{Authorize, AuthorizeLayer, Denied},
+        rate_limit::{Buckets, Decision, Limiter, RateLimitLayer},
     },
+    policy::RateLimitKey,
     metrics::SecurityPolicy,
     record::{Record, Recorder},
 };
@@ -104,6 +106,30 @@ impl Authorize for NodeAuthz {
     }
 }
 
+/// The node's side of local rate limiting: the limit on the pod (from the latest config) and
+/// the bucket key of each request.
+struct NodeLimiter {
+    inputs: Inputs,
+    buckets: Arc<Buckets>,
+    /// The caller's SPIFFE identity; `None` for plaintext (which then shares one bucket).
+    caller: Option<String>,
+    pod: IpAddr,
+}
+
+impl Limiter for NodeLimiter {
+    fn check(&self, req: &Request<Body>) -> Option<Decision> {
+        let state = self.inputs.state.borrow().clone();
+        let (service, limit) = state.rate_limit_at(self.pod)?;
+        let key = match &limit.key {
+            RateLimitKey::None => None,
+            RateLimitKey::SourcePrincipal => Some(self.caller.as_deref().unwrap_or("")),
+            RateLimitKey::RequestHeader(h) => Some(req.headers().get(h.as_str()).and_then(|v| v.to_str().ok()).unwrap_or("")),
+        };
+        let scope = format!("{service}@{}", self.pod);
+        Some(self.buckets.take(&scope, limit, key, std::time::Instant::now()))
+    }
+}
+
 /// Forwards to one local pod through the shared pod pool.
 #[derive(Clone)]
 struct ToPod {
@@ -151,8 +177,9 @@ pub fn local_stack(inputs: &Inputs, shared: &Arc<Shared>, state: &State, caller:
         key: PodKey { src: pod_source(inputs, state, caller.ip), dst },
         version: version(state.app_protocol_at(dst)),
     };
+    let limiter = NodeLimiter { inputs: inputs.clone(), buckets: shared.rate_limits.clone(), caller: caller.identity.as_ref().map(Identity::to_string), pod: dst.ip() };
     let authz = NodeAuthz { inputs: inputs.clone(), caller, dst: dst_w.clone(), dst_port: dst.port() };
-    BoxHttp::new(Record::new(AuthorizeLayer::new(to_pod, Arc::new(authz)), recorder))
+    BoxHttp::new(Record::new(AuthorizeLayer::new(RateLimitLayer::new(to_pod, Arc::new(limiter)), Arc::new(authz)), recorder))
 }
 
 /// Serves the requests of one connection (an HBONE stream or plaintext) to a local pod.
