@@ -12,7 +12,10 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -45,6 +48,9 @@ struct Host {
 pub struct Detector {
     cfg: OutlierDetection,
     hosts: Mutex<HashMap<SocketAddr, Host>>,
+    /// `hosts.len()`, readable without the lock: the common case (a success, no endpoint with
+    /// a history) takes no lock at all.
+    tracked: AtomicUsize,
 }
 
 impl Detector {
@@ -52,6 +58,7 @@ impl Detector {
         Self {
             cfg,
             hosts: Mutex::default(),
+            tracked: AtomicUsize::new(0),
         }
     }
 
@@ -71,12 +78,19 @@ impl Detector {
             Outcome::Status(s) => ((500..600).contains(&s), matches!(s, 502..=504)),
             Outcome::Failure => (true, true),
         };
+        if !is_5xx && self.tracked.load(Ordering::Relaxed) == 0 {
+            return false; // the common case: a success, and no endpoint with a history
+        }
         let mut hosts = self.hosts.lock().expect("outlier lock");
         if !is_5xx && !hosts.contains_key(&addr) {
-            return false; // the common case: a success from an endpoint with no history
+            return false;
         }
         let ejected_now = hosts.values().filter(|h| h.ejected_until.is_some()).count();
-        let h = hosts.entry(addr).or_default();
+        if !hosts.contains_key(&addr) {
+            hosts.insert(addr, Host::default());
+            self.tracked.store(hosts.len(), Ordering::Relaxed);
+        }
+        let h = hosts.get_mut(&addr).expect("just inserted");
         if h.ejected_until.is_some() {
             return false; // requests already in flight when it was ejected
         }
@@ -137,6 +151,7 @@ impl Detector {
                 || h.consecutive_5xx > 0
                 || h.consecutive_gateway > 0
         });
+        self.tracked.store(hosts.len(), Ordering::Relaxed);
         changed
     }
 

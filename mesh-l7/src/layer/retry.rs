@@ -255,9 +255,10 @@ impl<S: HttpService> tower::Service<Request<Body>> for Retry<S> {
 
 /// The request body of every attempt: what earlier attempts read is kept and replayed, then
 /// the rest of the client's body follows (and is kept too), until the kept bytes pass the limit.
+/// `None` for a request without a body (most of them): nothing to keep, no lock to take.
 #[derive(Clone)]
 struct Replay {
-    shared: Arc<Mutex<Kept>>,
+    shared: Option<Arc<Mutex<Kept>>>,
 }
 
 struct Kept {
@@ -272,30 +273,37 @@ struct Kept {
 
 impl Replay {
     fn new(body: Body) -> Self {
-        let rest = (!http_body::Body::is_end_stream(&body)).then_some(body);
+        if http_body::Body::is_end_stream(&body) {
+            return Self { shared: None };
+        }
         Self {
-            shared: Arc::new(Mutex::new(Kept {
-                rest,
+            shared: Some(Arc::new(Mutex::new(Kept {
+                rest: Some(body),
                 chunks: Vec::new(),
                 trailers: None,
                 len: 0,
                 overflow: false,
-            })),
+            }))),
         }
     }
 
     fn replayable(&self) -> bool {
-        !self.shared.lock().expect("replay lock").overflow
+        self.shared
+            .as_ref()
+            .is_none_or(|s| !s.lock().expect("replay lock").overflow)
     }
 
     fn attempt_body(&self) -> Body {
-        let kept = self.shared.lock().expect("replay lock");
+        let Some(shared) = &self.shared else {
+            return body::empty();
+        };
+        let kept = shared.lock().expect("replay lock");
         if kept.rest.is_none() && kept.chunks.is_empty() && kept.trailers.is_none() {
             return body::empty();
         }
         drop(kept);
         body::boxed(AttemptBody {
-            shared: self.shared.clone(),
+            shared: shared.clone(),
             next: 0,
             trailers_sent: false,
         })

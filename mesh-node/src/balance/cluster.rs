@@ -38,16 +38,13 @@ const TIE: f64 = 3.0;
 /// How often ejections are checked for their end.
 pub const SWEEP: Duration = Duration::from_millis(250);
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Key {
-    namespace: String,
-    name: String,
-    subset: Option<String>,
-}
+/// Namespace → Service name → subset ("" for the whole Service): found by `&str` without
+/// allocating, once per request.
+type ByService = HashMap<String, HashMap<String, HashMap<String, Arc<Cluster>>>>;
 
 /// Every cluster of this node's HTTP path.
 pub struct Clusters {
-    clusters: Mutex<HashMap<Key, Arc<Cluster>>>,
+    clusters: Mutex<ByService>,
     /// Per Service ("namespace/name"): the addresses its clusters have ejected.
     ejected: RwLock<HashMap<String, Arc<HashSet<IpAddr>>>>,
     changes: watch::Sender<u64>,
@@ -62,15 +59,15 @@ impl Default for Clusters {
 impl Clusters {
     /// The cluster of `subset` of a Service, for `policy` (the one in force now).
     pub fn get(&self, namespace: &str, name: &str, subset: Option<&str>, policy: Option<&Arc<TrafficPolicy>>) -> Arc<Cluster> {
-        let key = Key { namespace: namespace.to_owned(), name: name.to_owned(), subset: subset.map(str::to_owned) };
+        let subset = subset.unwrap_or("");
         let mut clusters = self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = clusters.get(&key)
+        if let Some(c) = clusters.get(namespace).and_then(|n| n.get(name)).and_then(|s| s.get(subset))
             && same_policy(c.policy.as_ref(), policy)
         {
             return c.clone();
         }
         let c = Arc::new(Cluster::new(policy.cloned()));
-        clusters.insert(key, c.clone());
+        clusters.entry(namespace.to_owned()).or_default().entry(name.to_owned()).or_default().insert(subset.to_owned(), c.clone());
         c
     }
 
@@ -93,11 +90,12 @@ impl Clusters {
         let mut by_service: HashMap<String, HashSet<IpAddr>> = HashMap::new();
         {
             let clusters = self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
-            for (key, c) in clusters.iter() {
-                let Some(detector) = &c.outlier else { continue };
-                let endpoints = c.endpoints.load(Ordering::Relaxed);
-                if let Some(out) = detector.ejected(endpoints) {
-                    by_service.entry(format!("{}/{}", key.namespace, key.name)).or_default().extend(out.iter().map(SocketAddr::ip));
+            for (namespace, names) in clusters.iter() {
+                for (name, c) in names.iter().flat_map(|(name, subsets)| subsets.values().map(move |c| (name, c))) {
+                    let Some(detector) = &c.outlier else { continue };
+                    if let Some(out) = detector.ejected(c.endpoints.load(Ordering::Relaxed)) {
+                        by_service.entry(format!("{namespace}/{name}")).or_default().extend(out.iter().map(SocketAddr::ip));
+                    }
                 }
             }
         }
@@ -106,8 +104,8 @@ impl Clusters {
         self.changes.send_modify(|v| *v += 1);
     }
 
-    /// Ends ejections whose time is up, every [`SWEEP`], until `stop`; drops clusters whose
-    /// policy is gone.
+    /// Ends ejections whose time is up, every [`SWEEP`], until `stop`. (Clusters stay, one per
+    /// Service and subset ever requested: bounded by the config.)
     pub async fn run_sweeper(self: Arc<Self>, stop: impl Future<Output = ()>) {
         let mut tick = tokio::time::interval(SWEEP);
         tokio::pin!(stop);
@@ -117,7 +115,7 @@ impl Clusters {
                     let now = Instant::now();
                     let changed = {
                         let clusters = self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
-                        clusters.values().filter_map(|c| c.outlier.as_ref()).fold(false, |changed, d| d.sweep(now) | changed)
+                        clusters.values().flat_map(HashMap::values).flat_map(HashMap::values).filter_map(|c| c.outlier.as_ref()).fold(false, |changed, d| d.sweep(now) | changed)
                     };
                     if changed {
                         self.ejections_changed();

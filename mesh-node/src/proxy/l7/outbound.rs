@@ -155,8 +155,19 @@ impl Connect for Connector {
 
 /// Where a client's requests go once a backend is chosen. One per client connection: it
 /// remembers the labels and same-node stacks of the endpoints it reached.
+/// Cheap to clone (one `Arc`): the stack's layers clone their inner service per request.
 #[derive(Clone)]
-struct Upstream {
+struct Upstream(Arc<UpstreamInner>);
+
+impl std::ops::Deref for Upstream {
+    type Target = UpstreamInner;
+
+    fn deref(&self) -> &UpstreamInner {
+        &self.0
+    }
+}
+
+struct UpstreamInner {
     inputs: Inputs,
     shared: Arc<Shared>,
     client: Arc<Workload>,
@@ -378,7 +389,7 @@ where
     );
     set_service(&mut base, Some(target.service), &inputs.cfg.cluster_domain);
     let recorder = Recorder::new(inputs.metrics.requests.clone(), Arc::new(base), "outbound", peer);
-    let upstream = Upstream {
+    let upstream = Upstream(Arc::new(UpstreamInner {
         inputs: inputs.clone(),
         shared: shared.clone(),
         client: Arc::new(src_w.clone()),
@@ -386,7 +397,7 @@ where
         port: target.port,
         ipv4: target.vip.is_ipv4(),
         seen: Arc::default(),
-    };
+    }));
     let stack = Record::new(Router::new(Fault::new(Timeout::new(Filters::new(Mirror::new(Retry::new(Split::new(upstream), shared.retry_budgets.clone()))))), Arc::new(lookup), target.port, info), recorder);
     if let Err(e) = mesh_l7::server::serve(client, stack, &shared.server, drain.signaled()).await {
         tracing::debug!(%peer, error = %e, "outbound HTTP connection ended with an error");
