@@ -360,8 +360,11 @@ async fn large_uploads_stream_through_and_a_slow_backend_times_out_with_504() {
     assert_eq!((status, body.as_str()), (StatusCode::OK, "b /upload 67108864"));
     client.ready().await.expect("ready");
     let req = Request::get("/slow").header("host", "web.default").body(StreamBody::new(futures::stream::iter(Vec::new()))).expect("request");
+    let started = std::time::Instant::now();
     let (status, body) = text(client.send_request(req).await.expect("response")).await;
+    let took = started.elapsed();
     assert_eq!((status, body.as_str()), (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"));
+    assert!(took >= Duration::from_millis(300) && took <= Duration::from_millis(330), "504 at the configured 300 ms ± 10 %: {took:?}");
     eventually("504 reported with UT", async || {
         let (_, m) = http_get(mesh.n1.bound.metrics, "/metrics").await;
         sample(&m, &["istio_requests_total{", "response_code=\"504\"", "response_flags=\"UT\""]) == Some(1.0)
