@@ -6,7 +6,7 @@
 
 use super::*;
 
-const ROUTING_CRDS: [&str; 5] = [
+const ROUTING_CRDS: [&str; 6] = [
     "crd/httproutes.gateway.networking.k8s.io",
     "crd/grpcroutes.gateway.networking.k8s.io",
     "crd/referencegrants.gateway.networking.k8s.io",
