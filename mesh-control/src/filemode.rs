@@ -162,7 +162,7 @@ pub async fn watch(dir: PathBuf, root_namespace: String, interval: Duration, pub
                 }
                 for v in &snap.state.policies.verdicts {
                     if let Err(e) = &v.result {
-                        tracing::warn!(kind = v.kind.as_str(), policy = %v.key, reason = e.reason(), "policy rejected: {e}");
+                        tracing::warn!(kind = v.kind.as_str(), policy = %v.key, reason = e.reason(), "policy rejected: {}", v.message());
                     }
                 }
                 routing::log_verdicts(&snap.state.routes.verdicts);

@@ -110,7 +110,7 @@ pub fn status_json(s: &Sources) -> String {
                 "name": v.key.name,
                 "accepted": v.result.is_ok(),
                 "reason": v.result.as_ref().err().map_or("Accepted", crate::validate::Error::reason),
-                "message": v.result.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+                "message": v.message(),
             })
         })
         .collect();

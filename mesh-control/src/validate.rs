@@ -44,6 +44,8 @@ pub enum Error {
     InvalidAnnotation { key: String, value: String },
     #[error("selects the same workloads as {other}, which is older and wins; delete one of them or make the selectors differ")]
     ConflictingSelector { other: String },
+    #[error("{field}: not supported: {what}")]
+    Unsupported { field: String, what: &'static str },
 }
 
 impl Error {
@@ -63,6 +65,7 @@ impl Error {
             Self::UnknownConditionKey { .. } => "UnknownConditionKey",
             Self::InvalidAnnotation { .. } => "InvalidAnnotation",
             Self::ConflictingSelector { .. } => "ConflictingSelector",
+            Self::Unsupported { .. } => "UnsupportedField",
         }
     }
 }
@@ -89,6 +92,20 @@ pub struct Verdict {
     pub key: NamespacedName,
     pub generation: Option<i64>,
     pub result: Result<(), Error>,
+    /// For an AuthorizationPolicy that cannot be applied as written: what is enforced instead
+    /// (it fails closed), for the status message.
+    pub enforced_as: Option<&'static str>,
+}
+
+impl Verdict {
+    /// The status message: the error, and what is enforced instead when the policy fails closed.
+    pub fn message(&self) -> String {
+        match (&self.result, self.enforced_as) {
+            (Ok(()), _) => String::new(),
+            (Err(e), None) => e.to_string(),
+            (Err(e), Some(instead)) => format!("{e}; enforced as {instead} (fails closed)"),
+        }
+    }
 }
 
 /// The accepted policies plus one verdict per object.
@@ -109,15 +126,21 @@ pub fn policies(
     for p in authz {
         let key = key_of(p);
         let result = authorization_policy(p, root_namespace);
+        let (policy, enforced_as) = match &result {
+            Ok(policy) => (policy.clone(), None),
+            Err(_) => {
+                let (policy, instead) = fail_closed(p, root_namespace);
+                (policy, Some(instead))
+            }
+        };
         out.verdicts.push(Verdict {
             kind: PolicyKind::AuthorizationPolicy,
             key: key.clone(),
             generation: p.metadata.generation,
             result: result.as_ref().map(|_| ()).map_err(Clone::clone),
+            enforced_as,
         });
-        if let Ok(policy) = result {
-            out.authorization.insert(key, policy);
-        }
+        out.authorization.insert(key, policy);
     }
     // Oldest first (then by name), so that of two conflicting PeerAuthentications the older one
     // wins, as in Istio, whatever order they arrive in.
@@ -141,6 +164,7 @@ pub fn policies(
             key: key.clone(),
             generation: p.metadata.generation,
             result: result.as_ref().map(|_| ()).map_err(Clone::clone),
+            enforced_as: None,
         });
         if let Ok(policy) = result {
             out.peer_authentication.insert(key, policy);
@@ -151,6 +175,22 @@ pub fn policies(
 
 fn key_of(o: &impl kube::Resource) -> NamespacedName {
     NamespacedName::new(o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default())
+}
+
+/// What an AuthorizationPolicy that cannot be applied as written enforces instead: never more
+/// access than it would have given. An ALLOW (or dry-run, or AUDIT) policy still selects its
+/// workloads but matches nothing, so they accept only what other ALLOW policies allow; a DENY
+/// (or an unknown action, such as Istio's CUSTOM) denies every request to them. An invalid
+/// selector selects the policy's whole namespace.
+fn fail_closed(p: &crd::AuthorizationPolicy, root_namespace: &str) -> (model::AuthorizationPolicy, &'static str) {
+    let key = key_of(p);
+    let (scope, selector) = scope(p.spec.selector.as_ref(), &key.namespace, root_namespace)
+        .unwrap_or_else(|_| (if key.namespace == root_namespace { Scope::Mesh } else { Scope::Namespace }, model::Labels::new()));
+    let (action, rules, instead) = match p.spec.action.as_deref() {
+        None | Some("ALLOW" | "AUDIT") => (Action::Allow, Vec::new(), "an ALLOW policy that matches nothing: its workloads accept only what other ALLOW policies allow"),
+        _ => (Action::Deny, vec![model::Rule::default()], "a DENY of every request to its workloads"),
+    };
+    (model::AuthorizationPolicy { name: key.name, namespace: key.namespace, scope, selector, action, dry_run: false, rules }, instead)
 }
 
 pub fn authorization_policy(p: &crd::AuthorizationPolicy, root_namespace: &str) -> Result<model::AuthorizationPolicy, Error> {
@@ -265,6 +305,16 @@ fn source(s: &crd::Source, field: &str) -> Result<model::Source, Error> {
         each(list, field, name, |v, f| if valid_pattern(v, valid_dns_label) { Ok(v.to_owned()) } else { Err(Error::InvalidNamespace { field: f, value: v.into() }) })
     };
     let blocks = |list: &[String], name: &str| each(list, field, name, ip_block);
+    for (list, name, what) in [
+        (&s.request_principals, "requestPrincipals", "JWT principals (no RequestAuthentication yet)"),
+        (&s.not_request_principals, "notRequestPrincipals", "JWT principals (no RequestAuthentication yet)"),
+        (&s.remote_ip_blocks, "remoteIpBlocks", "remote (X-Forwarded-For) addresses; use ipBlocks"),
+        (&s.not_remote_ip_blocks, "notRemoteIpBlocks", "remote (X-Forwarded-For) addresses; use notIpBlocks"),
+    ] {
+        if !list.is_empty() {
+            return Err(Error::Unsupported { field: format!("{field}.{name}"), what });
+        }
+    }
     Ok(model::Source {
         principals: principals(&s.principals, "principals")?,
         not_principals: principals(&s.not_principals, "notPrincipals")?,

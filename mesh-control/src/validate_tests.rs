@@ -123,7 +123,7 @@ fn conflicting_peer_authentications_reject_the_younger_and_keep_the_rest() {
     let got = policies(&[bad, good], &[younger, other_ns, older], ROOT);
     let keys: Vec<String> = got.peer_authentication.keys().map(ToString::to_string).collect();
     assert_eq!(keys, ["demo/b-older", "other/c"]);
-    assert_eq!(got.authorization.keys().map(ToString::to_string).collect::<Vec<_>>(), ["demo/good"]);
+    assert_eq!(got.authorization.keys().map(ToString::to_string).collect::<Vec<_>>(), ["demo/bad", "demo/good"], "the invalid one is enforced, closed");
     let rejected: Vec<(String, &str)> = got
         .verdicts
         .iter()
@@ -144,4 +144,25 @@ fn condition_keys_are_istios_and_unknown_ones_are_named() {
         assert_eq!(e.reason(), "UnknownConditionKey", "{key}");
         assert!(e.to_string().starts_with("spec.rules[0].when[0].key: unknown condition key"), "{e}");
     }
+}
+
+#[test]
+fn an_authorization_policy_that_cannot_be_applied_fails_closed() {
+    // Istio's "only requests with a JWT" and a principal with the spiffe:// prefix typo: each
+    // used to be pruned or dropped, leaving the workloads open to every client.
+    let jwt_only = ap("metadata: {name: jwt, namespace: demo}\nspec:\n  selector: {matchLabels: {app: api}}\n  rules:\n  - from:\n    - source: {requestPrincipals: [\"*\"]}\n");
+    let typo = ap("metadata: {name: typo, namespace: demo}\nspec:\n  rules:\n  - from:\n    - source: {principals: [\"spiffe://cluster.local/ns/demo/sa/client\"]}\n");
+    let bad_deny = ap("metadata: {name: deny, namespace: demo}\nspec:\n  action: DENY\n  selector: {matchLabels: {app: db}}\n  rules:\n  - from:\n    - source: {remoteIpBlocks: [10.0.0.0/8]}\n");
+    let got = policies(&[jwt_only, typo, bad_deny], &[], ROOT);
+    let jwt = &got.authorization[&NamespacedName::new("demo", "jwt")];
+    assert_eq!((jwt.action, jwt.rules.len(), jwt.scope, jwt.selector.get("app").map(String::as_str)), (Action::Allow, 0, Scope::Workload, Some("api")), "ALLOW that matches nothing, on its workloads");
+    let typo = &got.authorization[&NamespacedName::new("demo", "typo")];
+    assert_eq!((typo.action, typo.rules.len(), typo.scope), (Action::Allow, 0, Scope::Namespace));
+    let deny = &got.authorization[&NamespacedName::new("demo", "deny")];
+    assert_eq!((deny.action, deny.rules.clone()), (Action::Deny, vec![model::Rule::default()]), "DENY of everything");
+    let messages: Vec<(String, &str, String)> = got.verdicts.iter().map(|v| (v.key.to_string(), v.result.as_ref().err().map_or("", Error::reason), v.message())).collect();
+    assert_eq!(messages[0].1, "UnsupportedField");
+    assert!(messages[0].2.starts_with("spec.rules[0].from[0].source.requestPrincipals: not supported") && messages[0].2.ends_with("(fails closed)"), "{messages:?}");
+    assert_eq!(messages[1].1, "InvalidPrincipal");
+    assert!(messages[2].2.contains("enforced as a DENY of every request to its workloads"), "{messages:?}");
 }

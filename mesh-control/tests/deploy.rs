@@ -254,7 +254,11 @@ fn example_folder_loads_cleanly_and_invalid_examples_are_rejected_with_reasons()
     assert!(errors.is_empty(), "{errors:?}");
     let reasons: Vec<&str> = state.policies.verdicts.iter().filter_map(|v| v.result.as_ref().err().map(mesh_control::validate::Error::reason)).collect();
     assert_eq!(reasons, ["InvalidPrincipal", "PortOutOfRange", "UnknownAction"]);
-    assert!(state.policies.authorization.is_empty());
+    // Each invalid AuthorizationPolicy is still enforced, closed: ALLOW matching nothing, or
+    // DENY of everything (the unknown action).
+    let enforced: Vec<(String, mesh_control::model::Action, usize)> = state.policies.authorization.values().map(|p| (p.name.clone(), p.action, p.rules.len())).collect();
+    assert!(enforced.iter().all(|(_, a, n)| (*a == mesh_control::model::Action::Allow && *n == 0) || (*a == mesh_control::model::Action::Deny && *n == 1)), "{enforced:?}");
+    assert_eq!(enforced.len(), 3, "{enforced:?}");
     let routes: Vec<(String, Option<&str>)> = state.routes.verdicts.iter().map(|v| (v.key.name.clone(), v.rejection())).collect();
     assert_eq!(
         routes,

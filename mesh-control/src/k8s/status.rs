@@ -26,7 +26,7 @@ pub const ACCEPTED: &str = "Accepted";
 pub fn desired(v: &Verdict, current: Option<&PolicyStatus>, now: Timestamp) -> Option<PolicyStatus> {
     let wanted = match &v.result {
         Ok(()) => StatusCondition::yes(ACCEPTED, "Accepted", "the policy is valid and distributed to the nodes"),
-        Err(e) => StatusCondition::no(ACCEPTED, e.reason(), e.to_string()),
+        Err(e) => StatusCondition::no(ACCEPTED, e.reason(), v.message()),
     };
     let old = current.map_or(&[][..], |s| s.conditions.as_slice());
     let conditions = conditions(std::slice::from_ref(&wanted), v.generation, old, now)?;

@@ -2,7 +2,7 @@ use super::*;
 use crate::{model::NamespacedName, validate::Error};
 
 fn verdict(result: Result<(), Error>, generation: i64) -> Verdict {
-    Verdict { kind: PolicyKind::AuthorizationPolicy, key: NamespacedName::new("demo", "p"), generation: Some(generation), result }
+    Verdict { kind: PolicyKind::AuthorizationPolicy, key: NamespacedName::new("demo", "p"), generation: Some(generation), result, enforced_as: None }
 }
 
 fn ts(s: &str) -> Timestamp {
@@ -38,7 +38,7 @@ async fn write_all_patches_only_stale_statuses_by_server_side_apply() {
         p.status = status;
         p
     };
-    let bad = Verdict { kind: PolicyKind::AuthorizationPolicy, key: NamespacedName::new("demo", "bad"), generation: Some(2), result: Err(Error::UnknownAction { value: "NOPE".into() }) };
+    let bad = Verdict { kind: PolicyKind::AuthorizationPolicy, key: NamespacedName::new("demo", "bad"), generation: Some(2), result: Err(Error::UnknownAction { value: "NOPE".into() }), enforced_as: None };
     let good = Verdict { key: NamespacedName::new("demo", "good"), result: Ok(()), ..bad.clone() };
     // "good" already says Accepted=True for generation 2: no request for it.
     let current = desired(&good, None, ts("2026-01-01T00:00:00Z"));
@@ -63,7 +63,7 @@ async fn a_failed_status_write_is_logged_and_does_not_stop_the_others() {
     use crate::fixtures::{api_error, json_response, mock_client, next_request};
     let (client, mut api) = mock_client();
     let obj = |name: &str| -> crd::AuthorizationPolicy { serde_saphyr::from_str(&format!("metadata: {{name: {name}, namespace: demo}}\nspec: {{}}")).expect("yaml") };
-    let v = |name: &str| Verdict { kind: PolicyKind::AuthorizationPolicy, key: NamespacedName::new("demo", name), generation: None, result: Ok(()) };
+    let v = |name: &str| Verdict { kind: PolicyKind::AuthorizationPolicy, key: NamespacedName::new("demo", name), generation: None, result: Ok(()), enforced_as: None };
     let objects = [obj("a"), obj("b")];
     let writer = tokio::spawn(async move { write_all(&client, &Leadership::alone(), &[v("a"), v("b")], &objects, &[]).await });
     let (_, uri, _, send) = next_request(&mut api).await;
@@ -82,7 +82,7 @@ async fn only_the_leader_writes_and_a_lead_lost_between_writes_stops_the_rest() 
         fixtures::{json_response, mock_client, next_request},
     };
     let obj = |name: &str| -> crd::AuthorizationPolicy { serde_saphyr::from_str(&format!("metadata: {{name: {name}, namespace: demo}}\nspec: {{}}")).expect("yaml") };
-    let v = |name: &str| Verdict { kind: PolicyKind::AuthorizationPolicy, key: NamespacedName::new("demo", name), generation: None, result: Ok(()) };
+    let v = |name: &str| Verdict { kind: PolicyKind::AuthorizationPolicy, key: NamespacedName::new("demo", name), generation: None, result: Ok(()), enforced_as: None };
 
     // A follower: every status is stale, and not one request is made.
     let (client, mut api) = mock_client();
