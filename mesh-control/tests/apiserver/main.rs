@@ -316,12 +316,18 @@ async fn controller_serves_per_node_views_policy_status_and_certificates_from_a_
     assert!(workloads.contains(&("demo/whoami-2".into(), "n2".into(), true)), "{workloads:?}");
     assert!(workloads.iter().all(|(_, node, meshed)| node == "n1" || *meshed), "{workloads:?}");
 
-    // A valid and an invalid policy: the valid one reaches n1, the invalid one gets
-    // Accepted=False and is not distributed.
+    // A valid policy and invalid ones: the valid one reaches n1; the invalid ones get
+    // Accepted=False and are distributed as what they fail closed to.
     c.apply(&std::fs::read_to_string(deploy().join("examples/invalid/bad-policies.yaml")).expect("read"));
     c.apply("apiVersion: security.mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: whoami-deny, namespace: demo}\nspec:\n  selector: {matchLabels: {app: whoami}}\n  action: DENY\n  rules: [{to: [{operation: {ports: [\"8080\"]}}]}]\n");
     n1.until("the valid policy", |v| v.contains_key(&(pb::ResourceKind::AuthorizationPolicy.into(), "demo/whoami-deny".into()))).await;
-    assert!(!n1.view.keys().any(|(_, k)| k.starts_with("demo/bad-")), "rejected policies are not distributed");
+    n1.until("the invalid policies, closed", |v| v.keys().filter(|(_, k)| k.starts_with("demo/bad-")).count() == 3).await;
+    let policy = |name: &str| match n1.view.get(&(pb::ResourceKind::AuthorizationPolicy.into(), format!("demo/{name}"))).and_then(|r| r.kind.clone()) {
+        Some(pb::resource::Kind::AuthorizationPolicy(p)) => (p.action, p.rules.len()),
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(policy("bad-principal"), (pb::Action::Allow.into(), 0), "ALLOW matching nothing");
+    assert_eq!(policy("bad-action"), (pb::Action::Deny.into(), 1), "DENY of everything");
     Cluster::eventually("status conditions", 20, || (condition(&c, "whoami-deny") == "True/Accepted").then_some(()));
     assert_eq!(condition(&c, "bad-port"), "False/PortOutOfRange");
     assert_eq!(condition(&c, "bad-principal"), "False/InvalidPrincipal");

@@ -59,7 +59,9 @@ pub fn connect_request(dst: SocketAddr, src_ip: IpAddr, src: &Workload, cluster:
     req
 }
 
-/// The client address from `forwarded: for=...` (first element), if any.
+/// The client address from `forwarded: for=...` (first element), if any. RFC 7239 nodes: an
+/// address, optionally with a port (`for="198.18.1.2:4711"`, which ztunnel sends, or
+/// `for="[fd00::1]:4711"`).
 pub fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
     let v = headers.get(FORWARDED)?.to_str().ok()?;
     let first = v.split(',').next()?;
@@ -68,8 +70,10 @@ pub fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
         k.eq_ignore_ascii_case("for").then_some(v)
     })?;
     let v = for_.trim_matches('"');
-    let v = v.strip_prefix('[').and_then(|v| v.split_once(']').map(|(ip, _)| ip)).unwrap_or(v);
-    v.parse().ok()
+    if let Some(v6) = v.strip_prefix('[') {
+        return v6.split_once(']').and_then(|(ip, _)| ip.parse().ok());
+    }
+    v.parse().ok().or_else(|| v.parse::<std::net::SocketAddrV4>().ok().map(|a| IpAddr::V4(*a.ip())))
 }
 
 #[cfg(test)]
@@ -91,7 +95,11 @@ mod tests {
         }
         let mut h = HeaderMap::new();
         h.insert(FORWARDED, HeaderValue::from_static("proto=https;For=\"198.18.1.2:4711\", for=1.2.3.4"));
-        assert_eq!(forwarded_for(&h), None, "ip:port without brackets is not an address");
+        assert_eq!(forwarded_for(&h), Some("198.18.1.2".parse().expect("ip")), "ztunnel's quoted ip:port");
+        h.insert(FORWARDED, HeaderValue::from_static("for=\"[fd00::1]:4711\""));
+        assert_eq!(forwarded_for(&h), Some("fd00::1".parse().expect("ip")));
+        h.insert(FORWARDED, HeaderValue::from_static("for=unknown"));
+        assert_eq!(forwarded_for(&h), None, "an obfuscated node is no address");
         h.insert(FORWARDED, HeaderValue::from_static("for=198.18.1.2;proto=https, for=1.2.3.4"));
         assert_eq!(forwarded_for(&h), Some("198.18.1.2".parse().expect("ip")));
     }

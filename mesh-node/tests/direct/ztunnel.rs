@@ -8,8 +8,9 @@
 //!   a client certificate from the mesh root, speaks HTTP/2 (ALPN h2), and accepts a CONNECT only
 //!   when the `:authority` IP is the address dialed;
 //! - ztunnel as the *client*: it dials the pod's address without SNI, presents its workload's
-//!   certificate, verifies the server's SPIFFE identity, and sends CONNECT with `baggage` and
-//!   `traceparent` but no `forwarded`.
+//!   certificate, verifies the server's SPIFFE identity, and sends CONNECT with `baggage`,
+//!   `traceparent` and `forwarded: for="<ip>:<port>"` (quoted, with the port, as a real ztunnel
+//!   was measured to send), which the node reads as the client's address.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -218,6 +219,7 @@ async fn ztunnel_connect(
             .version(http::Version::HTTP_2)
             .header("baggage", "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=a,service.name=a")
             .header("traceparent", "00-0123456789abcdef0123456789abcdef-0123456789abcdef-01")
+            .header("forwarded", format!("for=\"{src}:40123\""))
             .body(Empty::<Bytes>::new())
             .expect("request");
         let resp = sender.send_request(req).await.expect("response");
