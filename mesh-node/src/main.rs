@@ -178,7 +178,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
             }
         };
         // The HTTP path's clusters: their outlier ejections steer the kernel's tables too.
-        let clusters = Arc::new(mesh_node::balance::cluster::Clusters::default());
+        let clusters = Arc::new(mesh_node::balance::cluster::Clusters::new(&mut registry));
         if let Some(datapath) = datapath {
             let sync_config = kernel_sync::Config {
                 node_name: config.node_name.clone(),

@@ -75,6 +75,9 @@ fn outlier_detection_ejects_a_killed_backend_for_http_and_kernel_clients_and_let
     // The kernel's table for the Service lost it too: every L4 connection succeeds.
     let kernel = l4(&c);
     assert!(!kernel.contains_key("FAILED") && !kernel.contains_key("n2p1"), "the kernel stopped balancing to it: {kernel:?}");
+    let m1 = metrics(&c, 1);
+    assert!(sample(&m1, &["mesh_outlier_ejections_total{", "service=\"demo/whoami\""]) >= 1.0, "the ejection is counted");
+    assert_eq!(sample(&m1, &["mesh_outlier_ejected_endpoints{", "service=\"demo/whoami\""]), 1.0, "one endpoint out now");
 
     // Back up: after the 10 s ejection it gets requests again (and from the kernel).
     c.start_app("n2p1").expect("restart the app");

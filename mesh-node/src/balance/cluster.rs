@@ -24,6 +24,11 @@ use mesh_l7::{
     outlier::{Detector, Outcome},
     policy::{LoadBalancer, TrafficPolicy},
 };
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 use tokio::sync::watch;
 
 use super::Candidate;
@@ -48,15 +53,42 @@ pub struct Clusters {
     /// Per Service ("namespace/name"): the addresses its clusters have ejected.
     ejected: RwLock<HashMap<String, Arc<HashSet<IpAddr>>>>,
     changes: watch::Sender<u64>,
+    metrics: Metrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+/// `mesh_outlier_ejections_total` and `mesh_outlier_ejected_endpoints`, by Service.
+#[derive(Default)]
+struct Metrics {
+    ejections: Family<ServiceLabel, Counter>,
+    ejected: Family<ServiceLabel, Gauge>,
 }
 
 impl Default for Clusters {
+    /// Metrics not registered anywhere (tests, the in-process daemon).
     fn default() -> Self {
-        Self { clusters: Mutex::default(), ejected: RwLock::default(), changes: watch::Sender::new(0) }
+        Self { clusters: Mutex::default(), ejected: RwLock::default(), changes: watch::Sender::new(0), metrics: Metrics::default() }
     }
 }
 
 impl Clusters {
+    /// With the outlier-detection metrics in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let c = Self::default();
+        registry.register("mesh_outlier_ejections", "Endpoints ejected by outlier detection (DestinationRule outlierDetection), by Service", c.metrics.ejections.clone());
+        registry.register("mesh_outlier_ejected_endpoints", "Endpoints currently ejected by outlier detection (left out of HTTP, TCP and kernel balancing), by Service", c.metrics.ejected.clone());
+        c
+    }
+
+    /// Counts an ejection of one of `namespace/name`'s endpoints.
+    pub fn count_ejection(&self, namespace: &str, name: &str) {
+        self.metrics.ejections.get_or_create(&ServiceLabel { service: format!("{namespace}/{name}") }).inc();
+    }
+
     /// The cluster of `subset` of a Service, for `policy` (the one in force now).
     pub fn get(&self, namespace: &str, name: &str, subset: Option<&str>, policy: Option<&Arc<TrafficPolicy>>) -> Arc<Cluster> {
         let subset = subset.unwrap_or("");
@@ -98,6 +130,10 @@ impl Clusters {
                     }
                 }
             }
+        }
+        self.metrics.ejected.clear();
+        for (service, out) in &by_service {
+            self.metrics.ejected.get_or_create(&ServiceLabel { service: service.clone() }).set(i64::try_from(out.len()).unwrap_or(i64::MAX));
         }
         let by_service = by_service.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
         *self.ejected.write().unwrap_or_else(PoisonError::into_inner) = by_service;

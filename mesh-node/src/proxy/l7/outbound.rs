@@ -294,6 +294,7 @@ impl Upstream {
         };
         if cluster.observe(addr, outcome) {
             tracing::info!(service = %format!("{}/{}", backend.namespace, backend.name), endpoint = %addr, "endpoint ejected by outlier detection");
+            clusters.count_ejection(&backend.namespace, &backend.name);
             clusters.ejections_changed();
         }
         if let Some(cookie) = set_cookie {
