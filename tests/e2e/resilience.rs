@@ -20,6 +20,16 @@ const CIRCUIT_BREAKER: &str = include_str!("../../deploy/examples/routing/circui
 const OUTLIER: &str = include_str!("../../deploy/examples/routing/outlier-detection.yaml");
 const CONSISTENT_HASH: &str = include_str!("../../deploy/examples/routing/consistent-hash.yaml");
 const RATE_LIMIT: &str = include_str!("../../deploy/examples/routing/rate-limit.yaml");
+const COOKIE_HASH: &str = "apiVersion: networking.mesh.dev/v1alpha1
+kind: DestinationRule
+metadata: {name: whoami-v1-cookie, namespace: demo}
+spec:
+  host: whoami-v1
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpCookie: {name: session, ttl: 3600s}
+";
 
 #[test]
 fn the_circuit_breaker_answers_overflow_at_once_with_uo() {
@@ -114,7 +124,29 @@ fn consistent_hashing_keeps_each_user_on_one_endpoint() {
     }
     c.delete_routes("hash").expect("delete");
     assert_eq!(spread.len(), 2, "users spread over both endpoints of whoami-v1: {spread:?}");
-    println!("consistent hash: 24 users × 4 requests, each on one endpoint; users per endpoint {spread:?}");
+
+    // A cookie with a TTL: the first answer sets it, and requests carrying it stick.
+    c.apply_routes("cookie", COOKIE_HASH).expect("apply");
+    let curl = tools::curl().expect("curl").display().to_string();
+    let session = || -> Option<String> {
+        let out = c.lab.run_in_pod("n1p1", &curl, &["-sS", "-o", "/dev/null", "-D", "-", &url]).expect("curl");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().starts_with("set-cookie: session=").then(|| l["set-cookie: ".len()..].split(';').next().unwrap_or_default().to_owned()))
+    };
+    let mut cookie = None;
+    eventually("the cookie policy to reach node 1", Duration::from_secs(5), || {
+        cookie = session();
+        cookie.is_some()
+    });
+    let cookie = cookie.expect("a Set-Cookie");
+    let mut sticky: BTreeMap<String, usize> = BTreeMap::new();
+    for a in curl_json(&c, &["--http1.1", "-H", &format!("cookie: {cookie}"), &url, &url, &url, &url, &url, &url]) {
+        *sticky.entry(a["pod"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
+    }
+    c.delete_routes("cookie").expect("delete");
+    assert_eq!(sticky.len(), 1, "requests with the generated cookie ({cookie}) stick to one endpoint: {sticky:?}");
+    println!("consistent hash: 24 users × 4 requests, each on one endpoint; users per endpoint {spread:?}; generated cookie {cookie} → {sticky:?}");
 }
 
 #[test]
