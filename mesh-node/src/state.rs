@@ -66,7 +66,8 @@ pub struct State {
     pub routes: HashMap<String, HashMap<String, Arc<RouteTable>>>,
     /// VIP and serving-Service lookups over `services`, built with them.
     service_index: service::Index,
-    /// Pod address → the `LocalRateLimit` of a Service it serves ("namespace/name", the limit).
+    /// Pod address → the `LocalRateLimit` of a Service it serves: its buckets' scope
+    /// ("namespace/name@pod"), the limit.
     rate_limits: HashMap<IpAddr, (Arc<str>, Arc<mesh_l7::policy::RateLimit>)>,
 }
 
@@ -93,9 +94,8 @@ impl State {
         let mut rate_limits = HashMap::new();
         for s in &snap.services {
             let Some(limit) = routes.get(&s.namespace).and_then(|n| n.get(&s.name)).and_then(|t| t.rate_limit.clone()) else { continue };
-            let scope: Arc<str> = Arc::from(format!("{}/{}", s.namespace, s.name));
             for e in &s.endpoints {
-                rate_limits.entry(e.address).or_insert_with(|| (scope.clone(), limit.clone()));
+                rate_limits.entry(e.address).or_insert_with(|| (Arc::from(format!("{}/{}@{}", s.namespace, s.name, e.address)), limit.clone()));
             }
         }
         Ok(Self {
@@ -140,7 +140,7 @@ impl State {
         self.routes.get(namespace).and_then(|n| n.get(name)).and_then(|t| t.policy(subset))
     }
 
-    /// The `LocalRateLimit` on the pod at `ip` (of a Service it serves), with its Service.
+    /// The `LocalRateLimit` on the pod at `ip` (of a Service it serves), with its buckets' scope.
     pub fn rate_limit_at(&self, ip: IpAddr) -> Option<&(Arc<str>, Arc<mesh_l7::policy::RateLimit>)> {
         self.rate_limits.get(&ip)
     }

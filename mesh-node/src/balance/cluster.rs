@@ -51,7 +51,7 @@ type ByService = HashMap<String, HashMap<String, HashMap<String, Arc<Cluster>>>>
 pub struct Clusters {
     clusters: Mutex<ByService>,
     /// Per Service ("namespace/name"): the addresses its clusters have ejected.
-    ejected: RwLock<HashMap<String, Arc<HashSet<IpAddr>>>>,
+    ejected: RwLock<HashMap<String, HashMap<String, Arc<HashSet<IpAddr>>>>>,
     changes: watch::Sender<u64>,
     metrics: Metrics,
 }
@@ -105,11 +105,7 @@ impl Clusters {
 
     /// Addresses of `namespace/name`'s endpoints that outlier detection has ejected.
     pub fn ejected(&self, namespace: &str, name: &str) -> Option<Arc<HashSet<IpAddr>>> {
-        let ejected = self.ejected.read().unwrap_or_else(PoisonError::into_inner);
-        if ejected.is_empty() {
-            return None;
-        }
-        ejected.get(&format!("{namespace}/{name}")).cloned()
+        self.ejected.read().unwrap_or_else(PoisonError::into_inner).get(namespace).and_then(|n| n.get(name)).cloned()
     }
 
     /// Bumped whenever [`Clusters::ejected`] changes.
@@ -119,23 +115,25 @@ impl Clusters {
 
     /// Recomputes the ejected sets and tells subscribers (after an ejection or a return).
     pub fn ejections_changed(&self) {
-        let mut by_service: HashMap<String, HashSet<IpAddr>> = HashMap::new();
+        let mut by_service: HashMap<String, HashMap<String, HashSet<IpAddr>>> = HashMap::new();
         {
             let clusters = self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
             for (namespace, names) in clusters.iter() {
                 for (name, c) in names.iter().flat_map(|(name, subsets)| subsets.values().map(move |c| (name, c))) {
                     let Some(detector) = &c.outlier else { continue };
                     if let Some(out) = detector.ejected(c.endpoints.load(Ordering::Relaxed)) {
-                        by_service.entry(format!("{namespace}/{name}")).or_default().extend(out.iter().map(SocketAddr::ip));
+                        by_service.entry(namespace.clone()).or_default().entry(name.clone()).or_default().extend(out.iter().map(SocketAddr::ip));
                     }
                 }
             }
         }
         self.metrics.ejected.clear();
-        for (service, out) in &by_service {
-            self.metrics.ejected.get_or_create(&ServiceLabel { service: service.clone() }).set(i64::try_from(out.len()).unwrap_or(i64::MAX));
+        for (namespace, names) in &by_service {
+            for (name, out) in names {
+                self.metrics.ejected.get_or_create(&ServiceLabel { service: format!("{namespace}/{name}") }).set(i64::try_from(out.len()).unwrap_or(i64::MAX));
+            }
         }
-        let by_service = by_service.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        let by_service = by_service.into_iter().map(|(ns, names)| (ns, names.into_iter().map(|(n, v)| (n, Arc::new(v))).collect())).collect();
         *self.ejected.write().unwrap_or_else(PoisonError::into_inner) = by_service;
         self.changes.send_modify(|v| *v += 1);
     }
@@ -224,9 +222,12 @@ impl Cluster {
     /// The endpoint for one request among `candidates` (healthy, weighted, not ejected), by the
     /// cluster's algorithm; `hash` is the request's consistent-hash key when it has one.
     pub fn pick<'s>(&self, candidates: impl Iterator<Item = Candidate<'s>> + Clone, ejected: Option<&HashSet<IpAddr>>, hash: RequestHash) -> Option<Candidate<'s>> {
-        let all = candidates.clone().count();
+        let mut all = 0;
+        let live: Vec<Candidate<'s>> = candidates
+            .inspect(|_| all += 1)
+            .filter(|c| c.endpoint.healthy && c.weight > 0 && !ejected.is_some_and(|e| e.contains(&c.addr.ip())))
+            .collect();
         self.endpoints.store(all, Ordering::Relaxed);
-        let live: Vec<Candidate<'s>> = candidates.filter(|c| c.endpoint.healthy && c.weight > 0 && !ejected.is_some_and(|e| e.contains(&c.addr.ip()))).collect();
         match live.len() {
             0 => return None,
             1 => return Some(live[0]),
@@ -268,10 +269,10 @@ impl Cluster {
 
     fn by_hash<'s>(&self, live: &[Candidate<'s>], table_size: u32, hash: u64) -> Option<Candidate<'s>> {
         let mut maglev = self.maglev.lock().unwrap_or_else(PoisonError::into_inner);
-        let members: Vec<SocketAddr> = live.iter().map(|c| c.addr).collect();
-        if maglev.as_ref().is_none_or(|m| m.members != members) {
+        // Rebuilt only when the live endpoints change; the check allocates nothing.
+        if maglev.as_ref().is_none_or(|m| !m.members.iter().eq(live.iter().map(|c| &c.addr))) {
             let specs: Vec<BackendSpec> = live.iter().map(|c| BackendSpec { addr: c.addr.ip(), port: c.addr.port(), weight: c.weight, healthy: true }).collect();
-            *maglev = Some(Maglev { table: tables::maglev(&specs, table_size), members });
+            *maglev = Some(Maglev { table: tables::maglev(&specs, table_size), members: live.iter().map(|c| c.addr).collect() });
         }
         let m = maglev.as_ref().expect("just built");
         let slot = usize::try_from(hash % m.table.len().max(1) as u64).expect("fits");

@@ -101,22 +101,21 @@ fn services(state: &State, ejected: Ejected<'_>) -> Vec<ServiceSpec> {
         for vip in &s.vips {
             for port in &s.ports {
                 // The same candidates, weights, ejections and algorithm the daemon's picks use.
-                let backends: Vec<BackendSpec> = balance::candidates(s, port, vip.is_ipv4(), None)
-                    .map(|c| BackendSpec {
-                        addr: c.addr.ip(),
-                        port: c.addr.port(),
-                        weight: c.weight,
-                        healthy: c.endpoint.healthy && !out_now.as_ref().is_some_and(|o| o.contains(&c.addr.ip())),
-                    })
-                    .collect();
-                // Ejections never leave a Service with nothing (the daemon's panic rule).
-                let backends = if out_now.is_some() && !backends.iter().any(|b| b.healthy) {
+                let spec = |ejected: Option<&HashSet<IpAddr>>| -> Vec<BackendSpec> {
                     balance::candidates(s, port, vip.is_ipv4(), None)
-                        .map(|c| BackendSpec { addr: c.addr.ip(), port: c.addr.port(), weight: c.weight, healthy: c.endpoint.healthy })
+                        .map(|c| BackendSpec {
+                            addr: c.addr.ip(),
+                            port: c.addr.port(),
+                            weight: c.weight,
+                            healthy: c.endpoint.healthy && !ejected.is_some_and(|o| o.contains(&c.addr.ip())),
+                        })
                         .collect()
-                } else {
-                    backends
                 };
+                let mut backends = spec(out_now.as_deref());
+                // Ejections never leave a Service with nothing (the daemon's panic rule).
+                if out_now.is_some() && !backends.iter().any(|b| b.healthy) {
+                    backends = spec(None);
+                }
                 let protocol = match port.protocol {
                     ServiceProtocol::Tcp => Protocol::Tcp,
                     ServiceProtocol::Udp => Protocol::Udp,

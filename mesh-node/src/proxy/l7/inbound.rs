@@ -119,14 +119,13 @@ struct NodeLimiter {
 impl Limiter for NodeLimiter {
     fn check(&self, req: &Request<Body>) -> Option<Decision> {
         let state = self.inputs.state.borrow().clone();
-        let (service, limit) = state.rate_limit_at(self.pod)?;
+        let (scope, limit) = state.rate_limit_at(self.pod)?;
         let key = match &limit.key {
             RateLimitKey::None => None,
             RateLimitKey::SourcePrincipal => Some(self.caller.as_deref().unwrap_or("")),
             RateLimitKey::RequestHeader(h) => Some(req.headers().get(h.as_str()).and_then(|v| v.to_str().ok()).unwrap_or("")),
         };
-        let scope = format!("{service}@{}", self.pod);
-        Some(self.buckets.take(&scope, limit, key, std::time::Instant::now()))
+        Some(self.buckets.take(scope, limit, key, std::time::Instant::now()))
     }
 }
 
