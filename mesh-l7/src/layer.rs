@@ -1,11 +1,12 @@
 //! The request layers, each a small tower `Service` wrapper with a test of its own. Outbound
 //! (source node), outside-in: [`crate::record`] → [`router`] → [`fault`] → [`timeout`] → [`filters`] →
 //! [`mirror`] → [`retry`] → [`split`] → the node's upstream. Inbound (destination node): [`crate::record`]
-//! → [`authorize`] → [`rate_limit`] → the node's connection to the local pod.
+//! → [`authenticate`] → [`authorize`] → [`rate_limit`] → the node's connection to the local pod.
 //!
 //! Every layer answers errors itself (a response with a [`crate::flags::ResponseFlag`]), so the
 //! stacks are infallible and the record layer sees every outcome.
 
+pub mod authenticate;
 pub mod authorize;
 pub mod fault;
 pub mod filters;

@@ -10,6 +10,7 @@ pub mod body;
 pub mod circuit;
 pub mod client;
 pub mod flags;
+pub mod jwt;
 pub mod forward;
 pub mod layer;
 pub mod metrics;
