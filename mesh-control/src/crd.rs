@@ -94,8 +94,8 @@ pub struct Source {
     pub ip_blocks: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ip_blocks: Vec<String>,
-    /// Istio's JWT principals (`iss/sub`): typed so the API server keeps them and validation can
-    /// refuse them by name (no RequestAuthentication yet); the policy then fails closed.
+    /// Istio's JWT principals (`iss/sub`) of a request's token
+    /// (`*`: any valid token), verified by a `RequestAuthentication`; HTTP requests only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub request_principals: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -175,7 +175,69 @@ pub struct Mtls {
     pub mode: Option<String>,
 }
 
-/// Status of both policy kinds: an `Accepted` condition written by the controller.
+/// Which end-user JWTs the selected workloads accept, Istio's `RequestAuthentication`. A request
+/// with a token must carry a valid one (else 401); one without passes with no request principal,
+/// unless an AuthorizationPolicy requires one.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "security.mesh.dev",
+    version = "v1alpha1",
+    kind = "RequestAuthentication",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "ra",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+/// Istio's `JWTRule`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtRule {
+    #[serde(default)]
+    pub issuer: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// The JWK set inline, as a JSON string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_headers: Vec<JwtHeader>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_params: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_cookies: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_original_token: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_payload_to_header: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct JwtHeader {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ClaimToHeader {
+    pub header: String,
+    pub claim: String,
+}
+
+/// Status of the policy kinds: an `Accepted` condition written by the controller.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyStatus {
@@ -196,6 +258,7 @@ pub fn yaml() -> Result<String, Error> {
     let crds = [
         AuthorizationPolicy::crd(),
         PeerAuthentication::crd(),
+        preserving_unknown_fields(&RequestAuthentication::crd())?,
         preserving_unknown_fields(&networking::VirtualService::crd())?,
         preserving_unknown_fields(&networking::DestinationRule::crd())?,
         preserving_unknown_fields(&networking::LocalRateLimit::crd())?,

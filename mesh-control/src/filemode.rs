@@ -69,12 +69,13 @@ pub fn load_keeping(dir: &Path, root_namespace: &str, last_good: &mut LastGood) 
 pub fn build(docs: Vec<Document>, root_namespace: &str) -> State {
     let mut inv = Inventory::default();
     let mut ns_labels: BTreeMap<String, Labels> = BTreeMap::new();
-    let (mut authz, mut peer, mut services) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut authz, mut peer, mut request_authn, mut services) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut objects = routing::Objects::default();
     for d in docs {
         match d {
             Document::AuthorizationPolicy(p) => authz.push(*p),
             Document::PeerAuthentication(p) => peer.push(*p),
+            Document::RequestAuthentication(r) => request_authn.push(*r),
             Document::HttpRoute(r) => objects.http_routes.push(*r),
             Document::GrpcRoute(r) => objects.grpc_routes.push(*r),
             Document::ReferenceGrant(g) => objects.reference_grants.push(*g),
@@ -102,7 +103,7 @@ pub fn build(docs: Vec<Document>, root_namespace: &str) -> State {
         inv.services.insert(s.key, svc);
     }
     let routes = routing::build(&objects, &inv);
-    State { inventory: inv, policies: validate::policies(&authz, &peer, root_namespace), routes }
+    State { inventory: inv, policies: validate::policies(&authz, &peer, &request_authn, root_namespace), routes }
 }
 
 fn yaml_files(dir: &Path, errors: &mut Vec<FileError>) -> Vec<PathBuf> {

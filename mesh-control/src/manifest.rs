@@ -23,7 +23,7 @@ pub enum Error {
     #[error("{api_version}/{kind}: {source}")]
     Shape { api_version: String, kind: String, source: serde_json::Error },
     #[error(
-        "unknown kind {kind:?} of apiVersion {api_version:?} (expected {} AuthorizationPolicy/PeerAuthentication, {} VirtualService/DestinationRule/LocalRateLimit, {} HTTPRoute/GRPCRoute, {} ReferenceGrant or {LAB_API_VERSION} Node/Namespace/Workload/Service)",
+        "unknown kind {kind:?} of apiVersion {api_version:?} (expected {} AuthorizationPolicy/PeerAuthentication/RequestAuthentication, {} VirtualService/DestinationRule/LocalRateLimit, {} HTTPRoute/GRPCRoute, {} ReferenceGrant or {LAB_API_VERSION} Node/Namespace/Workload/Service)",
         crd::API_VERSION,
         networking::API_VERSION,
         gateway::API_VERSION,
@@ -39,6 +39,7 @@ pub enum Error {
 pub enum Document {
     AuthorizationPolicy(Box<crd::AuthorizationPolicy>),
     PeerAuthentication(Box<crd::PeerAuthentication>),
+    RequestAuthentication(Box<Read<crd::RequestAuthentication>>),
     HttpRoute(Box<Read<gateway::HttpRoute>>),
     GrpcRoute(Box<Read<gateway::GrpcRoute>>),
     ReferenceGrant(Box<gateway::ReferenceGrant>),
@@ -136,6 +137,7 @@ fn document(doc: &serde_json::Value) -> Result<Document, Error> {
             p.metadata.namespace.get_or_insert_with(ns);
             Ok(Document::PeerAuthentication(Box::new(p)))
         }
+        (crd::API_VERSION, "RequestAuthentication") => Ok(Document::RequestAuthentication(Box::new(routing_object(doc, ns(), shape)?))),
         // v1beta1 HTTPRoutes (older docs) have v1's shape; Kubernetes serves them as v1 too.
         (gateway::API_VERSION | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => Ok(Document::HttpRoute(Box::new(routing_object(doc, ns(), shape)?))),
         (gateway::API_VERSION, "GRPCRoute") => Ok(Document::GrpcRoute(Box::new(routing_object(doc, ns(), shape)?))),

@@ -159,6 +159,8 @@ pub struct Source {
     pub not_namespaces: Vec<String>,
     pub ip_blocks: Vec<IpNet>,
     pub not_ip_blocks: Vec<IpNet>,
+    pub request_principals: Vec<String>,
+    pub not_request_principals: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -197,6 +199,44 @@ pub struct PeerAuthentication {
     pub selector: Labels,
     pub mode: MtlsMode,
     pub port_level: BTreeMap<u16, MtlsMode>,
+}
+
+/// A validated `RequestAuthentication`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestAuthentication {
+    pub name: String,
+    pub namespace: String,
+    pub scope: Scope,
+    pub selector: Labels,
+    pub rules: Vec<JwtRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JwtRule {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub jwks: Jwks,
+    /// (header name, prefix).
+    pub from_headers: Vec<(String, String)>,
+    pub from_params: Vec<String>,
+    pub from_cookies: Vec<String>,
+    pub forward_original_token: bool,
+    pub output_payload_to_header: Option<String>,
+    /// (header, claim).
+    pub output_claim_to_headers: Vec<(String, String)>,
+}
+
+/// Where a rule's keys are: a URI each node fetches, or the JWK set inline (checked to parse).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Jwks {
+    Uri(String),
+    Inline(String),
+}
+
+impl Default for Jwks {
+    fn default() -> Self {
+        Self::Inline(String::new())
+    }
 }
 
 /// A status condition as the controller decides it (policies, routing objects), before a source

@@ -37,7 +37,7 @@ pub enum Error {
     #[error("{field}: a condition needs a key and values or notValues")]
     InvalidCondition { field: String },
     #[error(
-        "{field}.key: unknown condition key {key:?} (supported: request.headers[<name>], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port; request.auth.* and connection.sni are accepted and fail closed until supported)"
+        "{field}.key: unknown condition key {key:?} (supported: request.headers[<name>], request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[<name>]..., source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port; connection.sni is accepted and fails closed until supported)"
     )]
     UnknownConditionKey { field: String, key: String },
     #[error("metadata.annotations[{key}]: {value:?} is not \"true\" or \"false\"")]
@@ -46,6 +46,12 @@ pub enum Error {
     ConflictingSelector { other: String },
     #[error("{field}: not supported: {what}")]
     Unsupported { field: String, what: &'static str },
+    #[error("{field}: request principal {value:?} must be <issuer>/<subject>, or use one * at its start or end")]
+    InvalidRequestPrincipal { field: String, value: String },
+    #[error("{field}: unknown field (not one of Istio's, or not implemented by this mesh)")]
+    UnknownField { field: String },
+    #[error("{field}: {problem}")]
+    InvalidJwtRule { field: String, problem: String },
 }
 
 impl Error {
@@ -66,6 +72,9 @@ impl Error {
             Self::InvalidAnnotation { .. } => "InvalidAnnotation",
             Self::ConflictingSelector { .. } => "ConflictingSelector",
             Self::Unsupported { .. } => "UnsupportedField",
+            Self::InvalidRequestPrincipal { .. } => "InvalidRequestPrincipal",
+            Self::UnknownField { .. } => "UnknownField",
+            Self::InvalidJwtRule { .. } => "InvalidJwtRule",
         }
     }
 }
@@ -74,6 +83,7 @@ impl Error {
 pub enum PolicyKind {
     AuthorizationPolicy,
     PeerAuthentication,
+    RequestAuthentication,
 }
 
 impl PolicyKind {
@@ -81,6 +91,7 @@ impl PolicyKind {
         match self {
             Self::AuthorizationPolicy => "AuthorizationPolicy",
             Self::PeerAuthentication => "PeerAuthentication",
+            Self::RequestAuthentication => "RequestAuthentication",
         }
     }
 }
@@ -113,6 +124,7 @@ impl Verdict {
 pub struct Policies {
     pub authorization: BTreeMap<NamespacedName, model::AuthorizationPolicy>,
     pub peer_authentication: BTreeMap<NamespacedName, model::PeerAuthentication>,
+    pub request_authentication: BTreeMap<NamespacedName, model::RequestAuthentication>,
     pub verdicts: Vec<Verdict>,
 }
 
@@ -120,6 +132,7 @@ pub struct Policies {
 pub fn policies(
     authz: &[crd::AuthorizationPolicy],
     peer: &[crd::PeerAuthentication],
+    request_authn: &[crd::Read<crd::RequestAuthentication>],
     root_namespace: &str,
 ) -> Policies {
     let mut out = Policies::default();
@@ -168,6 +181,20 @@ pub fn policies(
         });
         if let Ok(policy) = result {
             out.peer_authentication.insert(key, policy);
+        }
+    }
+    for r in request_authn {
+        let key = key_of(&r.object);
+        let result = jwt::request_authentication(r, root_namespace);
+        out.verdicts.push(Verdict {
+            kind: PolicyKind::RequestAuthentication,
+            key: key.clone(),
+            generation: r.object.metadata.generation,
+            result: result.as_ref().map(|_| ()).map_err(Clone::clone),
+            enforced_as: result.is_err().then_some(jwt::NOT_APPLIED),
+        });
+        if let Ok(policy) = result {
+            out.request_authentication.insert(key, policy);
         }
     }
     out
@@ -275,7 +302,8 @@ fn rule(r: &crd::Rule, field: &str) -> Result<model::Rule, Error> {
 }
 
 /// Istio's condition keys. The nodes evaluate the request and connection attributes; JWT
-/// (`request.auth.*`) and SNI keys are Istio's too and reach the nodes, which fail closed on them
+/// keys (`request.auth.*`) need a token verified by a RequestAuthentication; the SNI key is Istio's
+/// too and reaches the nodes, which fail closed on it
 /// (an ALLOW rule with one never matches, a DENY rule with one matches on its other parts).
 fn known_condition_key(key: &str) -> bool {
     let header = key.strip_prefix("request.headers[").and_then(|h| h.strip_suffix(']')).is_some_and(|h| !h.is_empty());
@@ -305,9 +333,10 @@ fn source(s: &crd::Source, field: &str) -> Result<model::Source, Error> {
         each(list, field, name, |v, f| if valid_pattern(v, valid_dns_label) { Ok(v.to_owned()) } else { Err(Error::InvalidNamespace { field: f, value: v.into() }) })
     };
     let blocks = |list: &[String], name: &str| each(list, field, name, ip_block);
+    let request_principals = |list: &[String], name: &str| -> Result<Vec<String>, Error> {
+        each(list, field, name, |v, f| if valid_request_principal(v) { Ok(v.to_owned()) } else { Err(Error::InvalidRequestPrincipal { field: f, value: v.into() }) })
+    };
     for (list, name, what) in [
-        (&s.request_principals, "requestPrincipals", "JWT principals (no RequestAuthentication yet)"),
-        (&s.not_request_principals, "notRequestPrincipals", "JWT principals (no RequestAuthentication yet)"),
         (&s.remote_ip_blocks, "remoteIpBlocks", "remote (X-Forwarded-For) addresses; use ipBlocks"),
         (&s.not_remote_ip_blocks, "notRemoteIpBlocks", "remote (X-Forwarded-For) addresses; use notIpBlocks"),
     ] {
@@ -322,6 +351,8 @@ fn source(s: &crd::Source, field: &str) -> Result<model::Source, Error> {
         not_namespaces: namespaces(&s.not_namespaces, "notNamespaces")?,
         ip_blocks: blocks(&s.ip_blocks, "ipBlocks")?,
         not_ip_blocks: blocks(&s.not_ip_blocks, "notIpBlocks")?,
+        request_principals: request_principals(&s.request_principals, "requestPrincipals")?,
+        not_request_principals: request_principals(&s.not_request_principals, "notRequestPrincipals")?,
     })
 }
 
@@ -377,6 +408,17 @@ fn valid_principal(v: &str) -> bool {
         if !td.is_empty() && valid_dns_label(ns) && !sa.is_empty() && !sa.contains(char::is_whitespace))
 }
 
+/// `<issuer>/<subject>` (the issuer may contain `/`), `*`, or such a string with one `*` at its
+/// start or end.
+fn valid_request_principal(v: &str) -> bool {
+    if v == "*" {
+        return true;
+    }
+    let stars = v.matches('*').count();
+    let wildcard = stars == 1 && (v.starts_with('*') || v.ends_with('*'));
+    !v.is_empty() && !v.contains(char::is_whitespace) && (stars == 0 && v.contains('/') || wildcard && v.len() > 1)
+}
+
 /// An exact name, `*`, or a name fragment with one `*` at its start or end (`kube-*`).
 fn valid_pattern(v: &str, check: fn(&str) -> bool) -> bool {
     match v.strip_prefix('*').or_else(|| v.strip_suffix('*')) {
@@ -405,6 +447,8 @@ pub(crate) fn valid_label_value(v: &str) -> bool {
         && v.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
         && v.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
 }
+
+mod jwt;
 
 #[cfg(test)]
 #[path = "validate_tests.rs"]

@@ -120,7 +120,7 @@ fn conflicting_peer_authentications_reject_the_younger_and_keep_the_rest() {
     let bad = ap("metadata: {name: bad, namespace: demo}\nspec: {action: NOPE}");
     let good = ap("metadata: {name: good, namespace: demo}\nspec: {action: DENY}");
     // Input order must not matter.
-    let got = policies(&[bad, good], &[younger, other_ns, older], ROOT);
+    let got = policies(&[bad, good], &[younger, other_ns, older], &[], ROOT);
     let keys: Vec<String> = got.peer_authentication.keys().map(ToString::to_string).collect();
     assert_eq!(keys, ["demo/b-older", "other/c"]);
     assert_eq!(got.authorization.keys().map(ToString::to_string).collect::<Vec<_>>(), ["demo/bad", "demo/good"], "the invalid one is enforced, closed");
@@ -148,12 +148,12 @@ fn condition_keys_are_istios_and_unknown_ones_are_named() {
 
 #[test]
 fn an_authorization_policy_that_cannot_be_applied_fails_closed() {
-    // Istio's "only requests with a JWT" and a principal with the spiffe:// prefix typo: each
-    // used to be pruned or dropped, leaving the workloads open to every client.
-    let jwt_only = ap("metadata: {name: jwt, namespace: demo}\nspec:\n  selector: {matchLabels: {app: api}}\n  rules:\n  - from:\n    - source: {requestPrincipals: [\"*\"]}\n");
+    // An Istio field this mesh does not implement and a principal with the spiffe:// prefix
+    // typo: each used to be pruned or dropped, leaving the workloads open to every client.
+    let jwt_only = ap("metadata: {name: jwt, namespace: demo}\nspec:\n  selector: {matchLabels: {app: api}}\n  rules:\n  - from:\n    - source: {notRemoteIpBlocks: [10.0.0.0/8]}\n");
     let typo = ap("metadata: {name: typo, namespace: demo}\nspec:\n  rules:\n  - from:\n    - source: {principals: [\"spiffe://cluster.local/ns/demo/sa/client\"]}\n");
     let bad_deny = ap("metadata: {name: deny, namespace: demo}\nspec:\n  action: DENY\n  selector: {matchLabels: {app: db}}\n  rules:\n  - from:\n    - source: {remoteIpBlocks: [10.0.0.0/8]}\n");
-    let got = policies(&[jwt_only, typo, bad_deny], &[], ROOT);
+    let got = policies(&[jwt_only, typo, bad_deny], &[], &[], ROOT);
     let jwt = &got.authorization[&NamespacedName::new("demo", "jwt")];
     assert_eq!((jwt.action, jwt.rules.len(), jwt.scope, jwt.selector.get("app").map(String::as_str)), (Action::Allow, 0, Scope::Workload, Some("api")), "ALLOW that matches nothing, on its workloads");
     let typo = &got.authorization[&NamespacedName::new("demo", "typo")];
@@ -162,7 +162,80 @@ fn an_authorization_policy_that_cannot_be_applied_fails_closed() {
     assert_eq!((deny.action, deny.rules.clone()), (Action::Deny, vec![model::Rule::default()]), "DENY of everything");
     let messages: Vec<(String, &str, String)> = got.verdicts.iter().map(|v| (v.key.to_string(), v.result.as_ref().err().map_or("", Error::reason), v.message())).collect();
     assert_eq!(messages[0].1, "UnsupportedField");
-    assert!(messages[0].2.starts_with("spec.rules[0].from[0].source.requestPrincipals: not supported") && messages[0].2.ends_with("(fails closed)"), "{messages:?}");
+    assert!(messages[0].2.starts_with("spec.rules[0].from[0].source.notRemoteIpBlocks: not supported") && messages[0].2.ends_with("(fails closed)"), "{messages:?}");
     assert_eq!(messages[1].1, "InvalidPrincipal");
     assert!(messages[2].2.contains("enforced as a DENY of every request to its workloads"), "{messages:?}");
+}
+
+fn ra(yaml: &str) -> crd::Read<crd::RequestAuthentication> {
+    let value: serde_json::Value = serde_saphyr::from_str(yaml).expect("test YAML parses");
+    crd::read(&value).expect("reads")
+}
+
+const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k","x":"WKn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis","y":"y77t-RvAHRKTsSGdIYUfweuOvwrvDD-Q3Hv5J0fSKbE"}]}"#;
+
+#[test]
+fn request_authentication_translates_istios_fields() {
+    let r = ra(&format!(
+        r#"
+apiVersion: security.mesh.dev/v1alpha1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: api}}}}
+  jwtRules:
+  - issuer: https://idp.example
+    audiences: [orders]
+    jwksUri: https://idp.example/.well-known/jwks.json
+    fromHeaders: [{{name: x-jwt, prefix: "Token "}}]
+    fromParams: [token]
+    forwardOriginalToken: true
+    outputPayloadToHeader: x-jwt-payload
+    outputClaimToHeaders: [{{header: x-sub, claim: sub}}]
+  - issuer: other
+    jwks: '{JWKS}'
+"#
+    ));
+    let got = policies(&[], &[], &[r], ROOT);
+    assert!(got.verdicts.iter().all(|v| v.result.is_ok()), "{:?}", got.verdicts);
+    let p = &got.request_authentication[&NamespacedName::new("demo", "jwt")];
+    assert_eq!((p.scope, p.rules.len()), (Scope::Workload, 2));
+    let r = &p.rules[0];
+    assert_eq!(r.jwks, model::Jwks::Uri("https://idp.example/.well-known/jwks.json".into()));
+    assert_eq!(r.from_headers, vec![("x-jwt".to_owned(), "Token ".to_owned())]);
+    assert!(r.forward_original_token);
+    assert_eq!(r.output_claim_to_headers, vec![("x-sub".to_owned(), "sub".to_owned())]);
+    assert!(matches!(p.rules[1].jwks, model::Jwks::Inline(_)));
+}
+
+#[test]
+fn request_authentication_errors_name_the_field() {
+    let cases = [
+        ("  - issuer: a\n    jwksUri: https://a/k\n    timeout: 5s\n", "spec.jwtRules[0].timeout: unknown field"),
+        ("  - jwksUri: https://a/k\n", "spec.jwtRules[0].issuer: an issuer is required"),
+        ("  - issuer: a\n", "spec.jwtRules[0].jwksUri: not supported: OpenID discovery"),
+        ("  - issuer: a\n    jwksUri: https://a/k\n    jwks: '{}'\n", "spec.jwtRules[0].jwks: set one of jwks and jwksUri"),
+        ("  - issuer: a\n    jwks: '{\"keys\": []}'\n", "spec.jwtRules[0].jwks: the JWK set has no key"),
+        ("  - issuer: a\n    jwksUri: ftp://a/k\n", "spec.jwtRules[0].jwksUri: \"ftp://a/k\" must be an http:// or https:// URI"),
+        ("  - issuer: a\n    jwksUri: https://a/k\n    fromHeaders: [{name: \"bad header\"}]\n", "spec.jwtRules[0].fromHeaders[0].name: \"bad header\" is not a header name"),
+        ("  - issuer: a\n    jwksUri: https://a/k\n  - issuer: a\n    jwksUri: https://b/k\n", "spec.jwtRules[1].issuer: issuer \"a\" appears in two rules"),
+    ];
+    for (rules, want) in cases {
+        let r = ra(&format!("apiVersion: security.mesh.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {{name: r, namespace: demo}}\nspec:\n  jwtRules:\n{rules}"));
+        let got = policies(&[], &[], &[r], ROOT);
+        let v = &got.verdicts[0];
+        assert!(v.message().starts_with(want), "want {want:?}, got {:?}", v.message());
+        assert!(v.message().contains("policies requiring one deny them"), "says what is enforced instead: {}", v.message());
+        assert!(got.request_authentication.is_empty());
+    }
+}
+
+#[test]
+fn request_principals_are_checked() {
+    let ok = ap("metadata: {name: p, namespace: demo}\nspec:\n  rules:\n  - from:\n    - source: {requestPrincipals: [\"*\", \"https://idp/alice\", \"https://idp/*\"], notRequestPrincipals: [\"*@evil\"]}\n");
+    let got = authorization_policy(&ok, ROOT).expect("valid");
+    assert_eq!(got.rules[0].from[0].request_principals.len(), 3);
+    let e = ap_err("metadata: {name: p, namespace: demo}\nspec:\n  rules:\n  - from:\n    - source: {requestPrincipals: [\"alice\"]}\n");
+    assert_eq!(e.reason(), "InvalidRequestPrincipal");
+    assert!(e.to_string().starts_with("spec.rules[0].from[0].source.requestPrincipals[0]"), "{e}");
 }

@@ -63,6 +63,12 @@ pub fn node_view(state: &State, node: &str, trust_domain: &str) -> View {
             insert(&mut view, pb::resource::Kind::PeerAuthentication(peer_authentication(p, uids)));
         }
     }
+    for p in state.policies.request_authentication.values() {
+        let uids = applied(p.scope, &p.namespace, &p.selector);
+        if !uids.is_empty() {
+            insert(&mut view, pb::resource::Kind::RequestAuthentication(request_authentication(p, uids)));
+        }
+    }
     view
 }
 
@@ -201,6 +207,8 @@ fn authorization_policy(p: &model::AuthorizationPolicy, workload_uids: Vec<Strin
                         not_namespaces: s.not_namespaces.clone(),
                         ip_blocks: blocks(&s.ip_blocks),
                         not_ip_blocks: blocks(&s.not_ip_blocks),
+                        request_principals: s.request_principals.clone(),
+                        not_request_principals: s.not_request_principals.clone(),
                     })
                     .collect(),
                 to: r
@@ -236,6 +244,38 @@ fn peer_authentication(p: &model::PeerAuthentication, workload_uids: Vec<String>
         selector: p.selector.clone().into_iter().collect(),
         mode: mode(p.mode),
         port_level_mtls: p.port_level.iter().map(|(k, v)| (u32::from(*k), mode(*v))).collect(),
+        workload_uids,
+    }
+}
+
+fn request_authentication(p: &model::RequestAuthentication, workload_uids: Vec<String>) -> pb::RequestAuthentication {
+    pb::RequestAuthentication {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        scope: scope(p.scope),
+        selector: p.selector.clone().into_iter().collect(),
+        jwt_rules: p
+            .rules
+            .iter()
+            .map(|r| {
+                let (jwks_uri, jwks) = match &r.jwks {
+                    model::Jwks::Uri(u) => (u.clone(), String::new()),
+                    model::Jwks::Inline(set) => (String::new(), set.clone()),
+                };
+                pb::JwtRule {
+                    issuer: r.issuer.clone(),
+                    audiences: r.audiences.clone(),
+                    jwks_uri,
+                    jwks,
+                    from_headers: r.from_headers.iter().map(|(name, prefix)| pb::JwtHeader { name: name.clone(), prefix: prefix.clone() }).collect(),
+                    from_params: r.from_params.clone(),
+                    from_cookies: r.from_cookies.clone(),
+                    forward_original_token: r.forward_original_token,
+                    output_payload_to_header: r.output_payload_to_header.clone().unwrap_or_default(),
+                    output_claim_to_headers: r.output_claim_to_headers.iter().map(|(header, claim)| pb::ClaimToHeader { header: header.clone(), claim: claim.clone() }).collect(),
+                }
+            })
+            .collect(),
         workload_uids,
     }
 }

@@ -11,7 +11,7 @@
 //! token whose issuer no provider reading that location has is refused ("issuer is not
 //! configured"), as Envoy does.
 
-use std::{collections::HashSet, fmt, sync::Arc};
+use std::{borrow::Borrow, collections::HashSet, fmt, sync::Arc};
 
 use base64::Engine as _;
 use http::{HeaderName, HeaderValue, Request};
@@ -81,20 +81,20 @@ pub trait KeySource: Send + Sync {
 /// A JWK set, with each usable key and the algorithms it may verify.
 #[derive(Clone)]
 pub struct KeySet {
-    keys: Vec<Key>,
+    entries: Vec<Key>,
 }
 
 #[derive(Clone)]
 struct Key {
     kid: Option<String>,
     algorithms: &'static [Algorithm],
-    key: DecodingKey,
+    decoding: DecodingKey,
 }
 
 impl fmt::Debug for KeySet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kids: Vec<&str> = self
-            .keys
+            .entries
             .iter()
             .map(|k| k.kid.as_deref().unwrap_or("-"))
             .collect();
@@ -136,26 +136,26 @@ impl KeySet {
                     }
                     None => family,
                 };
-                let key = DecodingKey::from_jwk(jwk).ok()?;
+                let decoding = DecodingKey::from_jwk(jwk).ok()?;
                 Some(Key {
                     kid: jwk.common.key_id.clone(),
                     algorithms,
-                    key,
+                    decoding,
                 })
             })
             .collect();
         if keys.is_empty() {
             return Err(KeySetError::NoUsableKey);
         }
-        Ok(Self { keys })
+        Ok(Self { entries: keys })
     }
 
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.entries.is_empty()
     }
 
     fn candidates<'a>(
@@ -163,7 +163,7 @@ impl KeySet {
         kid: Option<&'a str>,
         alg: Algorithm,
     ) -> impl Iterator<Item = &'a Key> + 'a {
-        self.keys.iter().filter(move |k| {
+        self.entries.iter().filter(move |k| {
             k.algorithms.contains(&alg) && (kid.is_none() || k.kid.as_deref() == kid)
         })
     }
@@ -276,8 +276,8 @@ const DEFAULT_PARAM: &str = "access_token";
 /// the verified token (the request is also rewritten as the provider says: token removed unless
 /// `forward_original_token`, payload and claims copied to headers), `Err` when a token is there
 /// and is not valid.
-pub fn authenticate<B>(
-    providers: &[Provider],
+pub fn authenticate<B, P: Borrow<Provider>>(
+    providers: &[P],
     keys: &dyn KeySource,
     req: &mut Request<B>,
 ) -> Result<Option<RequestAuth>, Error> {
@@ -289,6 +289,7 @@ pub fn authenticate<B>(
     // The provider for this issuer that reads the location the token was found at.
     let provider = providers[index..]
         .iter()
+        .map(Borrow::borrow)
         .find(|p| p.issuer == issuer && reads(p, found))
         .ok_or(Error::IssuerNotConfigured)?;
     let claims = verify(provider, keys, &token)?;
@@ -299,12 +300,12 @@ pub fn authenticate<B>(
 
 /// The first token in the request, where it was, and the index of the first provider reading
 /// that place.
-fn find_token<'a, B>(
-    providers: &'a [Provider],
+fn find_token<'a, B, P: Borrow<Provider>>(
+    providers: &'a [P],
     req: &Request<B>,
 ) -> Option<(String, Found<'a>, usize)> {
     static AUTHORIZATION: HeaderName = http::header::AUTHORIZATION;
-    for (i, p) in providers.iter().enumerate() {
+    for (i, p) in providers.iter().map(Borrow::borrow).enumerate() {
         let defaults =
             p.from_headers.is_empty() && p.from_params.is_empty() && p.from_cookies.is_empty();
         if defaults {
@@ -427,7 +428,7 @@ fn verify(
     let mut tried = false;
     for key in set.candidates(header.kid.as_deref(), header.alg) {
         tried = true;
-        match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation) {
+        match jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, &validation) {
             Ok(data) => {
                 check_audience(&provider.audiences, &data.claims)?;
                 return Ok(data.claims);
@@ -495,15 +496,15 @@ fn apply<B>(
     req: &mut Request<B>,
 ) {
     let headers = req.headers_mut();
-    if !provider.forward_original_token {
-        if let Found::Header(name) = found {
-            headers.remove(name);
-        }
+    if let (false, Found::Header(name)) = (provider.forward_original_token, found) {
+        headers.remove(name);
     }
-    if let Some(h) = &provider.output_payload_to_header {
-        if let Ok(v) = HeaderValue::from_str(payload_b64) {
-            headers.insert(h.clone(), v);
-        }
+    if let Some((h, Ok(v))) = provider
+        .output_payload_to_header
+        .as_ref()
+        .map(|h| (h, HeaderValue::from_str(payload_b64)))
+    {
+        headers.insert(h.clone(), v);
     }
     for c in &provider.output_claim_to_headers {
         let path: Vec<&str> = c.claim.split('.').collect();
@@ -526,6 +527,10 @@ fn apply<B>(
 /// sets, and tokens signed with them.
 #[cfg(any(test, feature = "testing"))]
 pub mod testing {
+    #![expect(
+        clippy::missing_panics_doc,
+        reason = "test keys: a failure is the test's failure"
+    )]
     use base64::Engine as _;
     use ring::{
         rand::SystemRandom,

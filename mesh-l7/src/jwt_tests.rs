@@ -37,7 +37,7 @@ fn provider(keys: &[&SigningKey]) -> Provider {
     }
 }
 
-fn claims(extra: Value) -> Value {
+fn claims(extra: &Value) -> Value {
     let mut c = json!({"iss": ISS, "sub": "alice", "aud": "orders", "exp": now() + 600, "groups": ["dev", "ops"], "azp": "web"});
     c.as_object_mut()
         .expect("object")
@@ -59,7 +59,7 @@ fn run(providers: &[Provider], req: &mut Request<()>) -> Result<Option<RequestAu
 #[test]
 fn a_valid_token_gives_istios_principal_claims_and_is_removed_from_the_request() {
     let key = SigningKey::generate("k1");
-    let mut req = bearer(&key.sign(&claims(json!({}))));
+    let mut req = bearer(&key.sign(&claims(&json!({}))));
     let auth = run(&[provider(&[&key])], &mut req)
         .expect("valid")
         .expect("a token");
@@ -99,22 +99,22 @@ fn the_matrix_of_invalid_tokens_each_with_envoys_reason() {
     let cases = [
         (
             "expired",
-            key.sign(&claims(json!({"exp": now() - 120}))),
+            key.sign(&claims(&json!({"exp": now() - 120}))),
             Error::Expired,
         ),
         (
             "not yet valid",
-            key.sign(&claims(json!({"nbf": now() + 600}))),
+            key.sign(&claims(&json!({"nbf": now() + 600}))),
             Error::NotYetValid,
         ),
         (
             "wrong issuer",
-            key.sign(&claims(json!({"iss": "https://evil.example"}))),
+            key.sign(&claims(&json!({"iss": "https://evil.example"}))),
             Error::IssuerNotConfigured,
         ),
         (
             "wrong audience",
-            key.sign(&claims(json!({"aud": ["billing"]}))),
+            key.sign(&claims(&json!({"aud": ["billing"]}))),
             Error::AudienceNotAllowed,
         ),
         (
@@ -124,12 +124,12 @@ fn the_matrix_of_invalid_tokens_each_with_envoys_reason() {
         ),
         (
             "signed by another key with the same kid",
-            other.sign(&claims(json!({}))),
+            other.sign(&claims(&json!({}))),
             Error::VerificationFailed,
         ),
         (
             "unknown kid",
-            SigningKey::generate("k9").sign(&claims(json!({}))),
+            SigningKey::generate("k9").sign(&claims(&json!({}))),
             Error::UnknownKey,
         ),
         ("not a JWT", "abc.def".to_owned(), Error::Malformed),
@@ -141,7 +141,7 @@ fn the_matrix_of_invalid_tokens_each_with_envoys_reason() {
     assert!(
         run(
             &p,
-            &mut bearer(&key.sign(&claims(json!({"exp": now() - 30}))))
+            &mut bearer(&key.sign(&claims(&json!({"exp": now() - 30}))))
         )
         .is_ok()
     );
@@ -150,10 +150,10 @@ fn the_matrix_of_invalid_tokens_each_with_envoys_reason() {
 #[test]
 fn a_tampered_payload_fails_verification() {
     let key = SigningKey::generate("k1");
-    let token = key.sign(&claims(json!({})));
+    let token = key.sign(&claims(&json!({})));
     let mut parts: Vec<&str> = token.split('.').collect();
     let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(claims(json!({"sub": "admin"})).to_string());
+        .encode(claims(&json!({"sub": "admin"})).to_string());
     parts[1] = &forged;
     assert_eq!(
         run(&[provider(&[&key])], &mut bearer(&parts.join("."))),
@@ -169,7 +169,7 @@ fn alg_none_and_hmac_with_a_public_key_are_refused() {
     let none = format!(
         "{}.{}.",
         b64(json!({"alg": "none", "kid": "k1"})),
-        b64(claims(json!({})))
+        b64(claims(&json!({})))
     );
     assert_eq!(run(&p, &mut bearer(&none)), Err(Error::Malformed));
     // HS256 "signed" with the public key's bytes: no key of the set admits HS256.
@@ -178,7 +178,7 @@ fn alg_none_and_hmac_with_a_public_key_are_refused() {
             kid: Some("k1".into()),
             ..jsonwebtoken::Header::new(Algorithm::HS256)
         },
-        &claims(json!({})),
+        &claims(&json!({})),
         &jsonwebtoken::EncodingKey::from_secret(key.jwk()["x"].as_str().expect("x").as_bytes()),
     )
     .expect("sign");
@@ -196,16 +196,16 @@ fn keys_from_a_uri_come_from_the_source_and_an_unknown_kid_asks_it_to_refresh() 
     }];
     let mut source = Fetched::default();
     assert_eq!(
-        authenticate(&p, &source, &mut bearer(&old.sign(&claims(json!({}))))),
+        authenticate(&p, &source, &mut bearer(&old.sign(&claims(&json!({}))))),
         Err(Error::KeysUnavailable)
     );
     source.sets.insert(
         uri.into(),
         Arc::new(KeySet::parse(&jwks(&[&old])).expect("jwks")),
     );
-    assert!(authenticate(&p, &source, &mut bearer(&old.sign(&claims(json!({}))))).is_ok());
+    assert!(authenticate(&p, &source, &mut bearer(&old.sign(&claims(&json!({}))))).is_ok());
     assert_eq!(
-        authenticate(&p, &source, &mut bearer(&new.sign(&claims(json!({}))))),
+        authenticate(&p, &source, &mut bearer(&new.sign(&claims(&json!({}))))),
         Err(Error::UnknownKey)
     );
     assert_eq!(*source.refresh.lock().expect("lock"), vec![uri.to_owned()]);
@@ -229,7 +229,7 @@ fn custom_locations_and_outputs() {
         }],
         ..provider(&[&key])
     };
-    let token = key.sign(&claims(json!({})));
+    let token = key.sign(&claims(&json!({})));
     let mut header = Request::get("/")
         .header("x-jwt", &token)
         .body(())

@@ -76,7 +76,8 @@ pub async fn build_with(
     let (shutdown, _) = watch::channel(false);
 
     let pool = Pool::new(inputs.clone());
-    let http = proxy::l7::Shared::new(&inputs, pool.clone(), clusters.clone());
+    let jwks = crate::authn::JwksCache::new(cfg.proxy.jwks_refresh, &mut registry);
+    let http = proxy::l7::Shared::new(&inputs, pool.clone(), clusters.clone(), jwks.clone());
     let outbound = Outbound::new(cfg.outbound_addr, inputs.clone(), pool.clone(), http.clone()).await?;
     let inbound = Inbound::new(cfg.inbound_addr, inputs.clone(), http.clone()).await?;
     let inbound_plain = InboundPlain::new(cfg.inbound_plain_addr, inputs.clone(), http.clone()).await?;
@@ -98,6 +99,7 @@ pub async fn build_with(
         trigger,
         deadline: cfg.drain_deadline,
     };
+    let jwks_state = state.clone();
     tokio::spawn(follow_state(state, certs.clone(), cfg.proxy.node_name.clone(), ready.clone()));
     let stop = |w: &drain::Watcher| {
         let w = w.clone();
@@ -108,6 +110,7 @@ pub async fn build_with(
     tokio::spawn(pool.run_reaper(stop(&watcher)));
     tokio::spawn(http.run_reaper(stop(&watcher)));
     tokio::spawn(clusters.run_sweeper(stop(&watcher)));
+    tokio::spawn(jwks.run(jwks_state, stop(&watcher)));
     tokio::spawn(outbound.run(watcher.clone()));
     tokio::spawn(inbound.run(watcher.clone()));
     tokio::spawn(inbound_plain.run(watcher.clone()));

@@ -15,6 +15,6 @@ mod policy;
 mod tests;
 
 pub use eval::{Conn, Decision, DenyReason, DryRun, HttpRequest, Verdict, evaluate};
-pub(crate) use eval::applies;
+pub(crate) use eval::{applies, selects};
 pub use peer_auth::{Mode, PeerAuthentication, mode_for};
 pub use policy::{Action, Condition, Destination, Policy, Rule, Source};

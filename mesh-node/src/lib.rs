@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authn;
 pub mod authz;
 pub mod balance;
 pub mod config;

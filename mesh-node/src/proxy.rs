@@ -86,6 +86,8 @@ pub struct Config {
     pub hbone_dial: HboneDial,
     /// The cluster's DNS domain, for Istio's `destination_service` label (`<svc>.<ns>.svc.<domain>`).
     pub cluster_domain: String,
+    /// How often JWK sets from `jwksUri`s are fetched again (Istio's default: 20 minutes).
+    pub jwks_refresh: Duration,
 }
 
 /// Where outbound HBONE connections are dialed.
@@ -130,6 +132,7 @@ impl Default for Config {
             transparent: false,
             hbone_dial: HboneDial::Pod,
             cluster_domain: "cluster.local".into(),
+            jwks_refresh: Duration::from_mins(20),
         }
     }
 }

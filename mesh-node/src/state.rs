@@ -50,6 +50,9 @@ pub struct Snapshot {
     /// (the local config file has none); shown in the config dump.
     #[serde(default, skip_deserializing)]
     pub routes: Vec<RouteTable>,
+    /// RequestAuthentications (JWT providers); only the control plane sends them.
+    #[serde(default, skip_deserializing)]
+    pub request_authentications: Vec<crate::authn::RequestAuthentication>,
 }
 
 /// One consistent view, indexed for the per-connection lookups.
@@ -61,6 +64,8 @@ pub struct State {
     pub workloads: HashMap<IpAddr, Workload>,
     pub policies: Vec<Policy>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// End-user JWT providers (`crate::authn`).
+    pub request_authn: Vec<crate::authn::RequestAuthentication>,
     pub services: Vec<Service>,
     /// Route tables by Service namespace, then name (nested: a per-request lookup borrows).
     pub routes: HashMap<String, HashMap<String, Arc<RouteTable>>>,
@@ -105,6 +110,7 @@ impl State {
             workloads,
             policies: snap.policies,
             peer_authentications: snap.peer_authentications,
+            request_authn: snap.request_authentications,
             service_index: service::Index::build(&snap.services),
             services: snap.services,
             routes,
@@ -181,6 +187,7 @@ impl State {
                 r.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
                 r
             },
+            request_authentications: self.request_authn.clone(),
         }
     }
 }

@@ -49,6 +49,7 @@ pub fn resource_key(kind: &config::v1::resource::Kind) -> config::v1::ResourceKe
         K::AuthorizationPolicy(p) => (ResourceKind::AuthorizationPolicy, format!("{}/{}", p.namespace, p.name)),
         K::PeerAuthentication(p) => (ResourceKind::PeerAuthentication, format!("{}/{}", p.namespace, p.name)),
         K::RouteTable(t) => (ResourceKind::RouteTable, format!("{}/{}", t.namespace, t.name)),
+        K::RequestAuthentication(p) => (ResourceKind::RequestAuthentication, format!("{}/{}", p.namespace, p.name)),
     };
     config::v1::ResourceKey { kind: kind.into(), key }
 }

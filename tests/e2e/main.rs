@@ -186,9 +186,16 @@ fn authorization_policy_applies_live_by_principal() {
     eprintln!("policy change took effect in {took:?}");
     assert!(took < Duration::from_secs(2), "a policy change must apply within ~1 s, took {took:?}");
 
-    // Istio's "only requests with a valid JWT" rule: the mesh has no RequestAuthentication yet,
-    // so the policy is refused by name and fails closed (it used to be pruned into allow-all).
+    // Istio's "only requests with a valid JWT" rule on a TCP port: no connection can carry a
+    // token, so it matches nothing and denies (Istio's semantics; it used to be pruned into
+    // allow-all).
     c.apply_policy("jwt-only", JWT_ONLY).expect("apply");
+    eventually("the JWT-only ALLOW policy to deny TCP connections", Duration::from_secs(3), || {
+        c.dial("n1p1", vip(), &["--timeout-ms", "1000"]).expect("dial").iter().all(|l| who(l).is_none())
+    });
+    c.delete_policy("jwt-only").expect("delete");
+    // An Istio field this mesh does not implement: refused by name, and the policy fails closed.
+    c.apply_policy("remote-ip", REMOTE_IP_ONLY).expect("apply");
     eventually("the refused ALLOW policy to deny (fail closed)", Duration::from_secs(3), || {
         c.dial("n1p1", vip(), &["--timeout-ms", "1000"]).expect("dial").iter().all(|l| who(l).is_none())
     });
@@ -196,9 +203,9 @@ fn authorization_policy_applies_live_by_principal() {
     let ul = format!("--net=/run/netns/{}{}-ul", mesh_tests::clean::PREFIX, c.lab.spec.run);
     let out = Command::new("nsenter").args([ul.as_str(), "curl", "-fsS", "--max-time", "3", "http://127.0.0.1:15014/status"]).output().expect("curl");
     let status = String::from_utf8_lossy(&out.stdout).into_owned();
-    c.delete_policy("jwt-only").expect("delete");
+    c.delete_policy("remote-ip").expect("delete");
     eventually("the refused policy to go away", Duration::from_secs(3), || c.dial("n1p1", vip(), &[]).expect("dial").iter().all(|l| who(l).is_some()));
-    assert!(status.contains("requestPrincipals: not supported") && status.contains("fails closed"), "the status says what is refused and what is enforced: {status}");
+    assert!(status.contains("remoteIpBlocks: not supported") && status.contains("fails closed"), "the status says what is refused and what is enforced: {status}");
 }
 
 const JWT_ONLY: &str = "apiVersion: security.mesh.dev/v1alpha1
@@ -210,6 +217,17 @@ spec:
   rules:
   - from:
     - source: {requestPrincipals: [\"*\"]}
+";
+
+const REMOTE_IP_ONLY: &str = "apiVersion: security.mesh.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: whoami-remote-ip, namespace: demo}
+spec:
+  selector: {matchLabels: {app: whoami}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {remoteIpBlocks: [198.18.0.0/16]}
 ";
 
 #[test]

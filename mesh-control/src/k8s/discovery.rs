@@ -81,6 +81,8 @@ struct Stores {
     slices: Store<DynamicObject>,
     authz: Store<crd::AuthorizationPolicy>,
     peer: Store<crd::PeerAuthentication>,
+    /// Read as JSON, so fields its type does not have are named in its status, not lost.
+    request_authn: Optional,
     http_routes: Optional,
     grpc_routes: Optional,
     reference_grants: Optional,
@@ -110,7 +112,7 @@ impl Optional {
             .iter()
             .filter_map(|o| {
                 let value = serde_json::to_value(&**o).ok()?;
-                crd::read(&value).map_err(|e| tracing::warn!(object = ?o.metadata.name, namespace = ?o.metadata.namespace, "unreadable routing object: {e}")).ok()
+                crd::read(&value).map_err(|e| tracing::warn!(object = ?o.metadata.name, namespace = ?o.metadata.namespace, "unreadable object: {e}")).ok()
             })
             .collect()
     }
@@ -123,6 +125,7 @@ const REFERENCE_GRANTS: (&str, &str, &str, &str) = (gateway::GROUP, "v1beta1", "
 const VIRTUAL_SERVICES: (&str, &str, &str, &str) = (networking::GROUP, "v1alpha1", "VirtualService", "virtualservices");
 const DESTINATION_RULES: (&str, &str, &str, &str) = (networking::GROUP, "v1alpha1", "DestinationRule", "destinationrules");
 const LOCAL_RATE_LIMITS: (&str, &str, &str, &str) = (networking::GROUP, "v1alpha1", "LocalRateLimit", "localratelimits");
+const REQUEST_AUTHENTICATIONS: (&str, &str, &str, &str) = (crd::GROUP, crd::VERSION, "RequestAuthentication", "requestauthentications");
 
 async fn reflect_optional(client: &Client, (group, version, kind, plural): (&str, &str, &str, &str)) -> (Optional, BoxStream<'static, ()>) {
     let served = match client.list_api_group_resources(&format!("{group}/{version}")).await {
@@ -160,6 +163,7 @@ impl Stores {
             self.slices.wait_until_ready(),
             self.authz.wait_until_ready(),
             self.peer.wait_until_ready(),
+            self.request_authn.ready(),
             self.http_routes.ready(),
             self.grpc_routes.ready(),
             self.reference_grants.ready(),
@@ -188,7 +192,7 @@ impl Stores {
             &owned(&self.services),
             &self.slices.state().iter().filter_map(|o| as_slice(o)).collect::<Vec<_>>(),
         );
-        let policies = validate::policies(&owned(&self.authz), &owned(&self.peer), root_namespace);
+        let policies = validate::policies(&owned(&self.authz), &owned(&self.peer), &self.request_authn.read(), root_namespace);
         let routes = routing::build(objects, &inventory);
         State { inventory, policies, routes }
     }
@@ -233,6 +237,7 @@ pub async fn run(client: Client, config: Config, publisher: Publisher) {
     let (virtual_services, s11) = reflect_optional(&client, VIRTUAL_SERVICES).await;
     let (destination_rules, s12) = reflect_optional(&client, DESTINATION_RULES).await;
     let (local_rate_limits, s13) = reflect_optional(&client, LOCAL_RATE_LIMITS).await;
+    let (request_authn, s14) = reflect_optional(&client, REQUEST_AUTHENTICATIONS).await;
     let stores = Arc::new(Stores {
         nodes,
         namespaces,
@@ -241,6 +246,7 @@ pub async fn run(client: Client, config: Config, publisher: Publisher) {
         slices,
         authz,
         peer,
+        request_authn,
         http_routes,
         grpc_routes,
         reference_grants,
@@ -248,7 +254,7 @@ pub async fn run(client: Client, config: Config, publisher: Publisher) {
         destination_rules,
         local_rate_limits,
     });
-    let mut events = futures::stream::select_all([s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13]);
+    let mut events = futures::stream::select_all([s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14]);
     // notify_one keeps a permit when nobody waits, so no change is lost while we publish.
     let changed = Arc::new(tokio::sync::Notify::new());
     let (on_gain, mut leadership) = (Arc::clone(&changed), config.leadership.clone());
@@ -293,7 +299,8 @@ async fn publish_once(client: &Client, stores: &Stores, config: &Config, publish
         routing::log_verdicts(&route_verdicts);
     }
     if config.leadership.is_leader() {
-        let policies = status::write_all(client, &config.leadership, &verdicts, &owned(&stores.authz), &owned(&stores.peer)).await;
+        let request_authn: Vec<crd::RequestAuthentication> = stores.request_authn.read().into_iter().map(|r| r.object).collect();
+        let policies = status::write_all(client, &config.leadership, &verdicts, &owned(&stores.authz), &owned(&stores.peer), &request_authn).await;
         let routes = route_status::write_all(client, &config.leadership, &route_verdicts, &objects).await;
         config.metrics.status_writes.inc_by(u64::try_from(policies + routes).unwrap_or(u64::MAX));
     }

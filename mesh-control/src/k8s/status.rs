@@ -71,12 +71,14 @@ pub async fn write_all(
     verdicts: &[Verdict],
     authz: &[crd::AuthorizationPolicy],
     peer: &[crd::PeerAuthentication],
+    request_authn: &[crd::RequestAuthentication],
 ) -> usize {
     let mut written = 0;
     for v in verdicts.iter().take_while(|_| leadership.is_leader()) {
         let ok = match v.kind {
             PolicyKind::AuthorizationPolicy => write(client, v, authz, |o| o.status.as_ref()).await,
             PolicyKind::PeerAuthentication => write(client, v, peer, |o| o.status.as_ref()).await,
+            PolicyKind::RequestAuthentication => write(client, v, request_authn, |o| o.status.as_ref()).await,
         };
         written += usize::from(ok);
     }

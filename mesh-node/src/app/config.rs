@@ -33,6 +33,7 @@ pub const ENV_WORKER_THREADS: &str = "MESH_WORKER_THREADS";
 pub const ENV_HBONE_DIAL: &str = "MESH_HBONE_DIAL";
 pub const ENV_CLUSTER_DOMAIN: &str = "MESH_CLUSTER_DOMAIN";
 pub const ENV_HBONE_REDIRECT: &str = "MESH_HBONE_REDIRECT";
+pub const ENV_JWKS_REFRESH_SECS: &str = "MESH_JWKS_REFRESH_SECS";
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Config {
@@ -132,6 +133,10 @@ impl Config {
                 transparent: boolean(src, ENV_TRANSPARENT, false)?,
                 hbone_dial: parse(src, ENV_HBONE_DIAL, d.hbone_dial)?,
                 cluster_domain: src.get(ENV_CLUSTER_DOMAIN).unwrap_or(d.cluster_domain),
+                jwks_refresh: match secs(src, ENV_JWKS_REFRESH_SECS, d.jwks_refresh.as_secs())? {
+                    r if r.is_zero() => return Err(Error::Invalid { var: ENV_JWKS_REFRESH_SECS, value: "0".into(), reason: "must be at least 1".into() }),
+                    r => r,
+                },
             },
             trust_domain: src.get(ENV_TRUST_DOMAIN).unwrap_or_else(|| "cluster.local".into()),
             root_namespace: src.get(ENV_ROOT_NAMESPACE).unwrap_or_else(|| "mesh-system".into()),

@@ -4,6 +4,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
 
+use mesh_l7::jwt::RequestAuth;
+
 use super::policy::{Action, Condition, Destination, Policy, Rule, Source};
 use crate::{identity::Identity, state::Workload};
 
@@ -29,6 +31,8 @@ pub struct HttpRequest<'a> {
     /// `:authority` / `Host`.
     pub host: Option<&'a str>,
     pub headers: &'a http::HeaderMap,
+    /// The request's verified JWT, if it carried one (`crate::authn`).
+    pub auth: Option<&'a RequestAuth>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,12 +77,14 @@ pub struct Verdict {
 }
 
 pub(crate) fn applies(p: &Policy, root_namespace: &str, dst: &Workload) -> bool {
-    let ns_ok = p.namespace == root_namespace || p.namespace == dst.namespace;
-    ns_ok && p.selector.as_ref().is_none_or(|sel| selects(sel, &dst.labels))
+    selects(&p.namespace, p.selector.as_ref(), root_namespace, dst)
 }
 
-fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+/// Istio's selection of a policy in `namespace` with `selector`: one in the root namespace
+/// applies mesh-wide, another to its own namespace; the selector (if any) narrows by labels.
+pub(crate) fn selects(namespace: &str, selector: Option<&BTreeMap<String, String>>, root_namespace: &str, dst: &Workload) -> bool {
+    let ns_ok = namespace == root_namespace || namespace == dst.namespace;
+    ns_ok && selector.is_none_or(|sel| sel.iter().all(|(k, v)| dst.labels.get(k) == Some(v)))
 }
 
 /// Istio string match: `*` (any value present), `prefix*`, `*suffix`, or exact.
@@ -99,10 +105,22 @@ fn any_match(patterns: &[String], value: Option<&str>) -> bool {
     value.is_some_and(|v| patterns.iter().any(|p| string_match(p.strip_prefix("spiffe://").unwrap_or(p), v)))
 }
 
-fn source_matches(s: &Source, c: &Conn<'_>) -> bool {
+fn source_matches(s: &Source, c: &Conn<'_>, action: Action) -> bool {
     let principal = c.src_identity.map(Identity::principal);
     let namespace = c.src_identity.map(|i| i.namespace.as_str());
-    (s.principals.is_empty() || any_match(&s.principals, principal.as_deref()))
+    let request_principals = match c.http {
+        // Istio's request principal `<iss>/<sub>`; a request without a token has none, so it
+        // matches no `requestPrincipals` (not even "*") and every `notRequestPrincipals`.
+        Some(r) => {
+            let p = r.auth.map(|a| a.principal.as_str());
+            (s.request_principals.is_empty() || s.request_principals.iter().any(|pat| p.is_some_and(|p| string_match(pat, p))))
+                && !s.not_request_principals.iter().any(|pat| p.is_some_and(|p| string_match(pat, p)))
+        }
+        // Not HTTP: fail closed.
+        None => !s.needs_request() || action == Action::Deny,
+    };
+    request_principals
+        && (s.principals.is_empty() || any_match(&s.principals, principal.as_deref()))
         && !any_match(&s.not_principals, principal.as_deref())
         && (s.namespaces.is_empty() || any_match(&s.namespaces, namespace))
         && !any_match(&s.not_namespaces, namespace)
@@ -157,7 +175,19 @@ fn condition_matches(k: &Condition, c: &Conn<'_>, action: Action) -> bool {
         (k.values.is_empty() || value.is_some_and(|v| matches_any(&k.values, v, false))) && !value.is_some_and(|v| matches_any(&k.not_values, v, false))
     };
     let ips = |ip: IpAddr| (k.values.is_empty() || ip_matches(&k.values, ip)) && !ip_matches(&k.not_values, ip);
+    let auth = c.http.and_then(|r| r.auth);
+    // JWT attributes: absent without a token (matching no value, excluded by none).
+    let claims = |values: Vec<&str>| {
+        (k.values.is_empty() || values.iter().any(|v| matches_any(&k.values, v, false))) && !values.iter().any(|v| matches_any(&k.not_values, v, false))
+    };
     match k.key.as_str() {
+        "request.auth.principal" if c.http.is_some() => strings(auth.map(|a| a.principal.as_str())),
+        "request.auth.audiences" if c.http.is_some() => claims(auth.map(|a| a.audiences.iter().map(String::as_str).collect()).unwrap_or_default()),
+        "request.auth.presenter" if c.http.is_some() => strings(auth.and_then(|a| a.presenter.as_deref())),
+        key if c.http.is_some() && key.starts_with("request.auth.claims[") => {
+            let path = claim_path(key);
+            claims(auth.zip(path).map(|(a, p)| a.claim(&p)).unwrap_or_default())
+        }
         "source.ip" | "remote.ip" => ips(c.src_ip),
         "destination.ip" => ips(c.dst.ip),
         "source.namespace" => strings(c.src_identity.map(|i| i.namespace.as_str())),
@@ -169,15 +199,21 @@ fn condition_matches(k: &Condition, c: &Conn<'_>, action: Action) -> bool {
                 (k.values.is_empty() || values.iter().any(|v| matches_any(&k.values, v, false)))
                     && !values.iter().any(|v| matches_any(&k.not_values, v, false))
             }
-            // Not HTTP, or an attribute this node does not have (JWT claims: `request.auth.*`):
-            // fail closed.
+            // Not HTTP, or an attribute this node does not have (`connection.sni`): fail closed.
             _ => action == Action::Deny,
         },
     }
 }
 
+/// `request.auth.claims[a][b]` → `["a", "b"]`; `None` if malformed.
+fn claim_path(key: &str) -> Option<Vec<&str>> {
+    let inner = key.strip_prefix("request.auth.claims[")?.strip_suffix(']')?;
+    let path: Vec<&str> = inner.split("][").collect();
+    path.iter().all(|p| !p.is_empty() && !p.contains(['[', ']'])).then_some(path)
+}
+
 fn rule_matches(r: &Rule, c: &Conn<'_>, action: Action) -> bool {
-    (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, c)))
+    (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, c, action)))
         && (r.to.is_empty() || r.to.iter().any(|d| destination_matches(d, c, action)))
         && r.when.iter().all(|k| condition_matches(k, c, action))
 }

@@ -49,7 +49,7 @@ pub struct Rule {
 impl Rule {
     /// Whether anything in the rule needs the request (HTTP) to be evaluated.
     pub fn needs_request(&self) -> bool {
-        self.to.iter().any(Destination::has_l7) || self.when.iter().any(Condition::needs_request)
+        self.from.iter().any(Source::needs_request) || self.to.iter().any(Destination::has_l7) || self.when.iter().any(Condition::needs_request)
     }
 }
 
@@ -95,6 +95,18 @@ pub struct Source {
     pub ip_blocks: Vec<IpNet>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ip_blocks: Vec<IpNet>,
+    /// `<iss>/<sub>` of the request's verified JWT (`crate::authn`): HTTP requests only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_request_principals: Vec<String>,
+}
+
+impl Source {
+    /// Request principals come from a request's token: a TCP connection has none to check.
+    pub fn needs_request(&self) -> bool {
+        !(self.request_principals.is_empty() && self.not_request_principals.is_empty())
+    }
 }
 
 /// Istio's `to.operation`. `methods`, `paths` and `hosts` (and their negations) are L7: they are

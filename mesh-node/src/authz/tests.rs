@@ -189,8 +189,8 @@ fn l7_decision_table() {
     };
     let mut headers = http::HeaderMap::new();
     headers.insert("x-user", http::HeaderValue::from_static("alice"));
-    let get = |path: &'static str| Some(HttpRequest { method: "GET", path, host: Some("whoami.demo:8081"), headers: &headers });
-    let post = Some(HttpRequest { method: "POST", path: "/api/v1", host: Some("whoami.demo:8081"), headers: &headers });
+    let get = |path: &'static str| Some(HttpRequest { method: "GET", path, host: Some("whoami.demo:8081"), headers: &headers, auth: None });
+    let post = Some(HttpRequest { method: "POST", path: "/api/v1", host: Some("whoami.demo:8081"), headers: &headers, auth: None });
     let web: Identity = "spiffe://cluster.local/ns/prod/sa/web".parse().expect("identity");
     let rows: Vec<(&str, Action, Rule, Option<HttpRequest<'_>>, Decision)> = vec![
         ("ALLOW GET, GET", Action::Allow, op(|d| d.methods = vec!["GET".into()]), get("/"), allow()),
@@ -213,17 +213,68 @@ fn l7_decision_table() {
         ("ALLOW source.namespace condition", Action::Allow, when("source.namespace", &["prod"], &[]), None, allow()),
         ("ALLOW source.principal condition misses", Action::Allow, when("source.principal", &["cluster.local/ns/dev/*"], &[]), get("/"), no_match()),
         ("ALLOW destination.port condition", Action::Allow, when("destination.port", &["8080"], &[]), None, allow()),
-        ("ALLOW JWT claim condition never matches (no JWT support yet)", Action::Allow, when("request.auth.claims[iss]", &["*"], &[]), get("/"), no_match()),
+        ("ALLOW JWT claim condition without a token misses", Action::Allow, when("request.auth.claims[iss]", &["*"], &[]), get("/"), no_match()),
         ("DENY POST, POST", Action::Deny, op(|d| d.methods = vec!["POST".into()]), post, denied_by("prod", "p")),
         ("DENY POST, GET", Action::Deny, op(|d| d.methods = vec!["POST".into()]), get("/"), allow()),
         ("DENY path on TCP denies on its L4 part", Action::Deny, op(|d| d.paths = vec!["/admin*".into()]), None, denied_by("prod", "p")),
         ("DENY path with another port on TCP spares it", Action::Deny, op(|d| { d.paths = vec!["/admin*".into()]; d.ports = vec![9090]; }), None, allow()),
-        ("DENY JWT condition denies (fail closed)", Action::Deny, when("request.auth.claims[iss]", &["x"], &[]), get("/"), denied_by("prod", "p")),
+        ("DENY JWT condition on TCP denies (fail closed)", Action::Deny, when("request.auth.claims[iss]", &["x"], &[]), None, denied_by("prod", "p")),
+        ("DENY JWT condition without a token spares it", Action::Deny, when("request.auth.claims[iss]", &["x"], &[]), get("/"), allow()),
     ];
     let dst = wl("prod", "db");
     for (what, action, rule, http, want) in rows {
         let policies = [pol("prod", "p", action, vec![rule])];
         let conn = Conn { src_identity: Some(&web), src_ip: "198.18.1.11".parse().expect("ip"), dst: &dst, dst_port: 8080, http };
+        assert_eq!(evaluate(&policies, ROOT, &conn).decision, want, "case {what:?}");
+    }
+}
+
+/// JWT attributes (`requestPrincipals`, `request.auth.*`): each row a rule, the request's token
+/// (or none, or a TCP connection) and the decision.
+#[test]
+fn jwt_decision_table() {
+    use mesh_l7::jwt::RequestAuth;
+    let claims = serde_json::json!({"iss": "https://idp", "sub": "alice", "groups": ["dev", "ops"], "org": {"team": "pay"}});
+    let alice = RequestAuth {
+        principal: "https://idp/alice".into(),
+        audiences: vec!["orders".into()],
+        presenter: Some("web".into()),
+        claims: claims.as_object().expect("object").clone(),
+    };
+    let headers = http::HeaderMap::new();
+    let req = |auth: Option<&'static RequestAuth>| Some(HttpRequest { method: "GET", path: "/", host: None, headers: &headers, auth });
+    let alice: &'static RequestAuth = Box::leak(Box::new(alice));
+    let from = |f: fn(&mut Source)| {
+        let mut s = Source::default();
+        f(&mut s);
+        Rule { from: vec![s], ..Rule::default() }
+    };
+    let when = |key: &str, values: &[&str]| Rule {
+        when: vec![Condition { key: key.into(), values: values.iter().map(|s| (*s).into()).collect(), not_values: Vec::new() }],
+        ..Rule::default()
+    };
+    let rows: Vec<(&str, Action, Rule, Option<HttpRequest<'_>>, Decision)> = vec![
+        ("requestPrincipals * with a token", Action::Allow, from(|s| s.request_principals = vec!["*".into()]), req(Some(alice)), allow()),
+        ("requestPrincipals * without a token", Action::Allow, from(|s| s.request_principals = vec!["*".into()]), req(None), no_match()),
+        ("requestPrincipals * on TCP fails closed", Action::Allow, from(|s| s.request_principals = vec!["*".into()]), None, no_match()),
+        ("exact principal", Action::Allow, from(|s| s.request_principals = vec!["https://idp/alice".into()]), req(Some(alice)), allow()),
+        ("another subject", Action::Allow, from(|s| s.request_principals = vec!["https://idp/bob".into()]), req(Some(alice)), no_match()),
+        ("issuer prefix", Action::Allow, from(|s| s.request_principals = vec!["https://idp/*".into()]), req(Some(alice)), allow()),
+        ("DENY notRequestPrincipals * without a token", Action::Deny, from(|s| s.not_request_principals = vec!["*".into()]), req(None), denied_by("prod", "p")),
+        ("DENY notRequestPrincipals * with a token", Action::Deny, from(|s| s.not_request_principals = vec!["*".into()]), req(Some(alice)), allow()),
+        ("DENY requestPrincipals on TCP denies", Action::Deny, from(|s| s.request_principals = vec!["*".into()]), None, denied_by("prod", "p")),
+        ("claim in a list", Action::Allow, when("request.auth.claims[groups]", &["ops"]), req(Some(alice)), allow()),
+        ("claim not in the list", Action::Allow, when("request.auth.claims[groups]", &["admin"]), req(Some(alice)), no_match()),
+        ("nested claim", Action::Allow, when("request.auth.claims[org][team]", &["pay"]), req(Some(alice)), allow()),
+        ("claim without a token", Action::Allow, when("request.auth.claims[groups]", &["ops"]), req(None), no_match()),
+        ("request.auth.principal", Action::Allow, when("request.auth.principal", &["https://idp/alice"]), req(Some(alice)), allow()),
+        ("request.auth.audiences", Action::Allow, when("request.auth.audiences", &["orders"]), req(Some(alice)), allow()),
+        ("request.auth.presenter", Action::Allow, when("request.auth.presenter", &["mobile"]), req(Some(alice)), no_match()),
+    ];
+    let dst = wl("prod", "db");
+    for (what, action, rule, http, want) in rows {
+        let policies = [pol("prod", "p", action, vec![rule])];
+        let conn = Conn { src_identity: None, src_ip: "198.18.1.11".parse().expect("ip"), dst: &dst, dst_port: 8080, http };
         assert_eq!(evaluate(&policies, ROOT, &conn).decision, want, "case {what:?}");
     }
 }

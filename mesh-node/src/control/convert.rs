@@ -8,6 +8,7 @@
 //! - PeerAuthentication with mode UNSET inherits, so it is dropped; port-level modes are not
 //!   enforced yet (the workload-level mode applies to every port).
 //! - Route tables become `mesh_l7` routes (`routes`): regexes are compiled here, once.
+//! - RequestAuthentications become JWT providers; inline key sets are parsed here, once.
 
 mod routes;
 
@@ -22,6 +23,7 @@ use mesh_proto::config::v1 as pb;
 
 use super::Error;
 use crate::{
+    authn::RequestAuthentication,
     authz::{Action, Condition, Destination, Mode, PeerAuthentication, Policy, Rule, Source},
     state::{Endpoint, Protocol, Service, ServicePort, ServiceProtocol, Snapshot, Workload},
 };
@@ -66,6 +68,7 @@ pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, node: &str, o
             Some(pb::resource::Kind::AuthorizationPolicy(p)) => snap.policies.push(policy(&p)?),
             Some(pb::resource::Kind::PeerAuthentication(p)) => snap.peer_authentications.extend(peer_authentication(&p)?),
             Some(pb::resource::Kind::RouteTable(t)) => snap.routes.push(routes::route_table(&t)?),
+            Some(pb::resource::Kind::RequestAuthentication(r)) => snap.request_authentications.push(request_authentication(&r)?),
             None => return Err(invalid("resource without a kind")),
         }
     }
@@ -181,6 +184,8 @@ fn policy(p: &pb::AuthorizationPolicy) -> Result<Policy, Error> {
                     not_namespaces: s.not_namespaces.clone(),
                     ip_blocks: nets(&s.ip_blocks, &what)?,
                     not_ip_blocks: nets(&s.not_ip_blocks, &what)?,
+                    request_principals: s.request_principals.clone(),
+                    not_request_principals: s.not_request_principals.clone(),
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -217,6 +222,36 @@ fn peer_authentication(p: &pb::PeerAuthentication) -> Result<Option<PeerAuthenti
     };
     let selector = (!p.selector.is_empty()).then(|| p.selector.clone().into_iter().collect());
     Ok(Some(PeerAuthentication { name: p.name.clone(), namespace: p.namespace.clone(), selector, mode }))
+}
+
+fn request_authentication(r: &pb::RequestAuthentication) -> Result<RequestAuthentication, Error> {
+    use mesh_l7::jwt::{ClaimToHeader, HeaderLocation, Jwks, KeySet, Provider};
+    let what = format!("RequestAuthentication {}/{}", r.namespace, r.name);
+    let header = |name: &str| http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid(format!("{what}: {name:?} is not a header name")));
+    let providers = r
+        .jwt_rules
+        .iter()
+        .map(|j| {
+            let jwks = match (j.jwks_uri.is_empty(), j.jwks.is_empty()) {
+                (false, true) => Jwks::Uri(j.jwks_uri.clone()),
+                (true, false) => Jwks::Inline(std::sync::Arc::new(KeySet::parse(&j.jwks).map_err(|e| invalid(format!("{what}: issuer {}: {e}", j.issuer)))?)),
+                _ => return Err(invalid(format!("{what}: issuer {}: exactly one of jwks_uri and jwks", j.issuer))),
+            };
+            Ok(Provider {
+                issuer: j.issuer.clone(),
+                audiences: j.audiences.clone(),
+                from_headers: j.from_headers.iter().map(|h| Ok(HeaderLocation { name: header(&h.name)?, prefix: h.prefix.clone() })).collect::<Result<_, Error>>()?,
+                from_params: j.from_params.clone(),
+                from_cookies: j.from_cookies.clone(),
+                forward_original_token: j.forward_original_token,
+                output_payload_to_header: (!j.output_payload_to_header.is_empty()).then(|| header(&j.output_payload_to_header)).transpose()?,
+                output_claim_to_headers: j.output_claim_to_headers.iter().map(|c| Ok(ClaimToHeader { header: header(&c.header)?, claim: c.claim.clone() })).collect::<Result<_, Error>>()?,
+                jwks,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let selector = (!r.selector.is_empty()).then(|| r.selector.clone().into_iter().collect());
+    Ok(RequestAuthentication { name: r.name.clone(), namespace: r.namespace.clone(), selector, providers: providers.into() })
 }
 
 /// An unspecified address, for callers that do not know their own (tests).

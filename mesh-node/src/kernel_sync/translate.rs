@@ -229,7 +229,7 @@ mod tests {
                     Endpoint { address: IpAddr::from([198, 18, 2, 12]), ports: BTreeMap::from([(80, 9090)]), healthy: false, node: "n2".into(), node_address: None, meshed: true, identity: Some("spiffe://cluster.local/ns/demo/sa/whoami".into()), subsets: Vec::new() },
                 ],
             }],
-            routes: Vec::new(),
+            ..Snapshot::default()
         };
         State::build("cluster.local", "mesh-system", snap).expect("state")
     }

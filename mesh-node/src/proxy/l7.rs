@@ -44,10 +44,12 @@ pub struct Shared {
     pub clusters: Arc<Clusters>,
     /// Local rate limits' token buckets, per limited pod (and key).
     pub rate_limits: Arc<mesh_l7::layer::rate_limit::Buckets>,
+    /// JWK sets fetched for RequestAuthentications.
+    pub jwks: Arc<crate::authn::JwksCache>,
 }
 
 impl Shared {
-    pub fn new(inputs: &Inputs, hbone: Arc<HbonePool>, clusters: Arc<Clusters>) -> Arc<Self> {
+    pub fn new(inputs: &Inputs, hbone: Arc<HbonePool>, clusters: Arc<Clusters>, jwks: Arc<crate::authn::JwksCache>) -> Arc<Self> {
         let client = mesh_l7::client::Config::default();
         Arc::new(Self {
             server: mesh_l7::server::Config::default(),
@@ -57,6 +59,7 @@ impl Shared {
             retry_budgets: Arc::default(),
             clusters,
             rate_limits: Arc::default(),
+            jwks,
         })
     }
 

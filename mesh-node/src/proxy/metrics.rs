@@ -123,6 +123,8 @@ pub struct Metrics {
     pub tls_errors: Family<DirectionLabel, Counter>,
     pub denials: Family<ReasonLabel, Counter>,
     pub dry_run_denials: Counter,
+    /// Requests refused for an invalid JWT, by `mesh_l7::jwt::Error` label.
+    pub jwt_failures: Family<ReasonLabel, Counter>,
     /// Istio's request metrics (HTTP ports).
     pub requests: Arc<mesh_l7::metrics::RequestMetrics>,
 }
@@ -140,6 +142,7 @@ impl Metrics {
             tls_errors: Family::default(),
             denials: Family::default(),
             dry_run_denials: Counter::default(),
+            jwt_failures: Family::default(),
             requests: Arc::new(mesh_l7::metrics::RequestMetrics::new(registry)),
         };
         registry.register("istio_tcp_connections_opened", "TCP connections opened", m.opened.clone());
@@ -156,6 +159,7 @@ impl Metrics {
             "Connections a dry-run or AUDIT policy matched (not enforced)",
             m.dry_run_denials.clone(),
         );
+        registry.register("mesh_jwt_failures", "Requests refused with 401 for an invalid JWT (RequestAuthentication), by reason", m.jwt_failures.clone());
         m
     }
 

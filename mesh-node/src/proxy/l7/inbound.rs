@@ -12,10 +12,12 @@ use std::{
 use http::Request;
 use mesh_l7::{
     AppProtocol,
+    jwt::{self, RequestAuth},
     body::{Body, BoxError},
     client::{self, Connect},
     layer::{
         BoxHttp,
+        authenticate::{Authenticate, AuthenticateLayer},
         authorize::{Authorize, AuthorizeLayer, Denied},
         rate_limit::{Buckets, Decision, Limiter, RateLimitLayer},
     },
@@ -30,13 +32,14 @@ use tokio::{
 
 use super::Shared;
 use crate::{
+    authn::{self, JwksCache},
     authz,
     drain,
     identity::Identity,
     proxy::{
         Inputs,
         authorize::{authorize, pod_source},
-        metrics::{Peer, Reporter, peer_labels, set_service},
+        metrics::{Peer, ReasonLabel, Reporter, peer_labels, set_service},
         socket,
     },
     state::{State, Workload},
@@ -94,6 +97,7 @@ impl Authorize for NodeAuthz {
             path: req.uri().path(),
             host: mesh_l7::route::filter::authority(req),
             headers: req.headers(),
+            auth: req.extensions().get::<RequestAuth>(),
         };
         let conn = authz::Conn {
             src_identity: self.caller.identity.as_ref(),
@@ -103,6 +107,33 @@ impl Authorize for NodeAuthz {
             http: Some(http),
         };
         authorize(&self.inputs, &state, &conn).map_err(|reason| Denied { reason })
+    }
+}
+
+/// The node's side of end-user authentication: the JWT providers of the RequestAuthentications
+/// selecting the local workload (from the latest config), with keys from the node's cache.
+struct NodeAuthn {
+    inputs: Inputs,
+    jwks: Arc<JwksCache>,
+    dst: Workload,
+}
+
+impl Authenticate for NodeAuthn {
+    fn authenticate(&self, req: &mut Request<Body>) -> Result<Option<RequestAuth>, jwt::Error> {
+        let state = self.inputs.state.borrow().clone();
+        if state.request_authn.is_empty() {
+            return Ok(None);
+        }
+        let providers = authn::providers_for(&state.request_authn, &state.root_namespace, &self.dst);
+        if providers.is_empty() {
+            return Ok(None);
+        }
+        let result = jwt::authenticate(&providers, &*self.jwks, req);
+        if let Err(e) = &result {
+            self.inputs.metrics.jwt_failures.get_or_create(&ReasonLabel { reason: e.as_label() }).inc();
+            tracing::info!(reason = e.as_label(), dst = %self.dst.ip, path = req.uri().path(), "request refused: {e}");
+        }
+        result
     }
 }
 
@@ -158,7 +189,7 @@ pub fn version(protocol: AppProtocol) -> client::Version {
 }
 
 /// The destination stack for requests from `caller` to the local workload `dst_w` at `dst`:
-/// record (destination reporter) → authorize → the pod.
+/// record (destination reporter) → authenticate (JWT) → authorize → rate limit → the pod.
 pub fn local_stack(inputs: &Inputs, shared: &Arc<Shared>, state: &State, caller: Caller, dst_w: &Workload, dst: SocketAddr, kind: &'static str) -> BoxHttp {
     let mtls = if caller.identity.is_some() { SecurityPolicy::mutual_tls } else { SecurityPolicy::unknown };
     let dst_id = state.identity(dst_w);
@@ -177,8 +208,10 @@ pub fn local_stack(inputs: &Inputs, shared: &Arc<Shared>, state: &State, caller:
         version: version(state.app_protocol_at(dst)),
     };
     let limiter = NodeLimiter { inputs: inputs.clone(), buckets: shared.rate_limits.clone(), caller: caller.identity.as_ref().map(Identity::to_string), pod: dst.ip() };
+    let authn = NodeAuthn { inputs: inputs.clone(), jwks: shared.jwks.clone(), dst: dst_w.clone() };
     let authz = NodeAuthz { inputs: inputs.clone(), caller, dst: dst_w.clone(), dst_port: dst.port() };
-    BoxHttp::new(Record::new(AuthorizeLayer::new(RateLimitLayer::new(to_pod, Arc::new(limiter)), Arc::new(authz)), recorder))
+    let authorized = AuthorizeLayer::new(RateLimitLayer::new(to_pod, Arc::new(limiter)), Arc::new(authz));
+    BoxHttp::new(Record::new(AuthenticateLayer::new(authorized, Arc::new(authn)), recorder))
 }
 
 /// Serves the requests of one connection (an HBONE stream or plaintext) to a local pod.
