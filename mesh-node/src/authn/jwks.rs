@@ -64,9 +64,9 @@ struct Entry {
 }
 
 impl Entry {
-    /// When this URI should be fetched next.
-    fn due(&self, refresh: Duration) -> Instant {
-        let Some(attempted) = self.attempted else { return Instant::now() };
+    /// When this URI should be fetched next (`now` if it never was).
+    fn due(&self, refresh: Duration, now: Instant) -> Instant {
+        let Some(attempted) = self.attempted else { return now };
         let backoff = Duration::from_secs(1 << self.failures.min(6)).min(MAX_BACKOFF);
         match (self.fetched, self.failures) {
             (_, f) if f > 0 => attempted + backoff,
@@ -117,14 +117,16 @@ impl JwksCache {
                     entries.entry(uri.clone()).or_default();
                 }
                 let now = Instant::now();
-                entries.iter().filter(|(_, e)| e.due(self.refresh) <= now).map(|(u, _)| u.clone()).collect()
+                entries.iter().filter(|(_, e)| e.due(self.refresh, now) <= now).map(|(u, _)| u.clone()).collect()
             };
             for uri in due {
                 let result = tokio::time::timeout(FETCH_TIMEOUT, fetch(&uri)).await.unwrap_or(Err(Error::Timeout(FETCH_TIMEOUT)));
                 self.record(&uri, result);
             }
-            let next = self.entries.read().ok().and_then(|e| e.values().map(|e| e.due(self.refresh)).min());
-            let sleep = next.map_or(Duration::from_hours(1), |t| t.saturating_duration_since(Instant::now()));
+            let now = Instant::now();
+            let next = self.entries.read().ok().and_then(|e| e.values().map(|e| e.due(self.refresh, now)).min());
+            // Never spin: a fetch just made is never due again within this floor.
+            let sleep = next.map_or(Duration::from_hours(1), |t| t.saturating_duration_since(now)).max(Duration::from_millis(50));
             tokio::select! {
                 r = state.changed() => if r.is_err() { return },
                 () = self.wake.notified() => {}
@@ -227,23 +229,86 @@ fn client_config() -> Result<Arc<rustls::ClientConfig>, Error> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use mesh_l7::jwt::{Jwks, Provider, testing};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
     use super::*;
+    use crate::{
+        authn::RequestAuthentication,
+        state::{Snapshot, State},
+    };
+
+    /// A key server on loopback answering every request with the current `body`.
+    async fn key_server(body: Arc<Mutex<String>>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let body = body.lock().expect("lock").clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}/jwks.json")
+    }
+
+    #[tokio::test]
+    async fn fetches_what_the_policies_name_and_refetches_on_an_unknown_key() {
+        let (a, b) = (testing::SigningKey::generate("a"), testing::SigningKey::generate("b"));
+        let body = Arc::new(Mutex::new(testing::jwks(&[&a])));
+        let uri = key_server(body.clone()).await;
+        let provider = Provider {
+            issuer: "iss".into(),
+            audiences: Vec::new(),
+            from_headers: Vec::new(),
+            from_params: Vec::new(),
+            from_cookies: Vec::new(),
+            forward_original_token: false,
+            output_payload_to_header: None,
+            output_claim_to_headers: Vec::new(),
+            jwks: Jwks::Uri(uri.clone()),
+        };
+        let ra = RequestAuthentication { name: "r".into(), namespace: "demo".into(), selector: None, providers: vec![provider].into() };
+        let snap = Snapshot { request_authentications: vec![ra], ..Snapshot::default() };
+        let state = State::build("cluster.local", "mesh-system", snap).expect("state");
+        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(state));
+        let cache = JwksCache::new(Duration::from_mins(20), &mut Registry::default());
+        tokio::spawn(cache.clone().run(rx, std::future::pending()));
+        let kids = |cache: &JwksCache| cache.keys(&uri).map(|k| format!("{k:?}"));
+        for _ in 0..100 {
+            if kids(&cache).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(kids(&cache).as_deref(), Some("KeySet { kids: [\"a\"] }"), "fetched at once");
+        *body.lock().expect("lock") = testing::jwks(&[&b]);
+        cache.unknown_key(&uri);
+        tokio::time::sleep(MIN_REFETCH + Duration::from_millis(500)).await;
+        assert_eq!(kids(&cache).as_deref(), Some("KeySet { kids: [\"b\"] }"), "refetched within {MIN_REFETCH:?} of an unknown key");
+    }
 
     #[test]
     fn schedule_fetches_refreshes_backs_off_and_refetches_early_on_an_unknown_key() {
         let refresh = Duration::from_mins(20);
         let mut e = Entry::default();
-        assert!(e.due(refresh) <= Instant::now(), "a new URI is fetched at once");
         let t = Instant::now();
+        assert_eq!(e.due(refresh, t), t, "a new URI is fetched at once");
         e.attempted = Some(t);
         e.failures = 3;
-        assert_eq!(e.due(refresh), t + Duration::from_secs(8), "failures back off");
+        assert_eq!(e.due(refresh, t), t + Duration::from_secs(8), "failures back off");
         e.failures = 30;
-        assert_eq!(e.due(refresh), t + MAX_BACKOFF);
+        assert_eq!(e.due(refresh, t), t + MAX_BACKOFF);
         e.failures = 0;
         e.fetched = Some(t);
-        assert_eq!(e.due(refresh), t + refresh);
+        assert_eq!(e.due(refresh, t), t + refresh);
         e.refetch = true;
-        assert_eq!(e.due(refresh), t + MIN_REFETCH, "a rotated key is looked for soon, not at once");
+        assert_eq!(e.due(refresh, t), t + MIN_REFETCH, "a rotated key is looked for soon, not at once");
     }
 }
