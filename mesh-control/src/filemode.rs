@@ -82,7 +82,10 @@ pub fn build(docs: Vec<Document>, root_namespace: &str) -> State {
             Document::VirtualService(v) => objects.virtual_services.push(*v),
             Document::DestinationRule(d) => objects.destination_rules.push(*d),
             Document::LocalRateLimit(d) => objects.local_rate_limits.push(*d),
-            Document::Node { name, address } => {
+            Document::Node { name, address, labels } => {
+                if let Some(l) = model::locality(&labels) {
+                    inv.localities.insert(name.clone(), l);
+                }
                 inv.nodes.insert(name, address);
             }
             Document::Namespace { name, labels } => {

@@ -46,7 +46,9 @@ pub enum Document {
     VirtualService(Box<Read<networking::VirtualService>>),
     DestinationRule(Box<Read<networking::DestinationRule>>),
     LocalRateLimit(Box<Read<networking::LocalRateLimit>>),
-    Node { name: String, address: Option<IpAddr> },
+    /// `metadata.labels` may carry `topology.kubernetes.io/region` and `zone`, as a
+    /// Kubernetes node does.
+    Node { name: String, address: Option<IpAddr>, labels: Labels },
     Namespace { name: String, labels: Labels },
     Workload(model::Workload),
     Service(ServiceDoc),
@@ -156,7 +158,7 @@ fn document(doc: &serde_json::Value) -> Result<Document, Error> {
                 address: Option<IpAddr>,
             }
             let s: NodeSpec = if spec.is_null() { NodeSpec::default() } else { serde_json::from_value(spec).map_err(shape)? };
-            Ok(Document::Node { name: named("Node", meta.name)?, address: s.address })
+            Ok(Document::Node { name: named("Node", meta.name)?, address: s.address, labels: meta.labels })
         }
         (LAB_API_VERSION, "Namespace") => Ok(Document::Namespace { name: named("Namespace", meta.name)?, labels: meta.labels }),
         (LAB_API_VERSION, "Workload") => {

@@ -109,9 +109,19 @@ pub struct Inventory {
     /// Node name → the address other nodes reach its daemon at (HBONE, 15008): the Kubernetes
     /// InternalIP, or `spec.address` in file mode. `None` when not known.
     pub nodes: BTreeMap<String, Option<IpAddr>>,
+    /// Node name → `<region>/<zone>` from its `topology.kubernetes.io/region` and `zone` labels
+    /// (nodes without either are absent).
+    pub localities: BTreeMap<String, String>,
     /// By uid.
     pub workloads: BTreeMap<String, Workload>,
     pub services: BTreeMap<NamespacedName, Service>,
+}
+
+/// `<region>/<zone>` from a node's labels, `None` when it has neither.
+pub fn locality(labels: &Labels) -> Option<String> {
+    let region = labels.get("topology.kubernetes.io/region").map_or("", String::as_str);
+    let zone = labels.get("topology.kubernetes.io/zone").map_or("", String::as_str);
+    (!region.is_empty() || !zone.is_empty()).then(|| format!("{region}/{zone}"))
 }
 
 /// Where a policy applies.

@@ -110,6 +110,7 @@ fn workload(w: &Workload, inv: &Inventory, trust_domain: &str) -> pb::Workload {
         healthy: w.healthy,
         identity: w.identity(trust_domain),
         node_address: node_address(inv, &w.node),
+        locality: inv.localities.get(&w.node).cloned().unwrap_or_default(),
     }
 }
 
@@ -150,6 +151,7 @@ fn service(s: &model::Service, subsets: &[(String, model::Labels)], inv: &Invent
                     meshed: w.is_some_and(|w| w.meshed),
                     identity: w.filter(|w| w.meshed).map(|w| w.identity(trust_domain)).unwrap_or_default(),
                     node_address: w.map(|w| node_address(inv, &w.node)).unwrap_or_default(),
+                    locality: w.and_then(|w| inv.localities.get(&w.node)).cloned().unwrap_or_default(),
                     subsets: w
                         .map(|w| subsets.iter().filter(|(_, l)| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))).map(|(n, _)| n.clone()).collect())
                         .unwrap_or_default(),

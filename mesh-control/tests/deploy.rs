@@ -300,6 +300,8 @@ fn routing_examples_load_together_and_compile_to_what_their_comments_say() {
             ("DestinationRule".into(), "demo/httpbin".into(), None),
             ("DestinationRule".into(), "demo/whoami".into(), None),
             ("DestinationRule".into(), "demo/whoami-v1".into(), None),
+            // An alternative policy for the same host as consistent-hash.yaml: the older wins.
+            ("DestinationRule".into(), "demo/whoami-v1-locality".into(), Some("Conflicted")),
             ("DestinationRule".into(), "demo/whoami-v2".into(), None),
             ("LocalRateLimit".into(), "demo/whoami-v2".into(), None),
         ]

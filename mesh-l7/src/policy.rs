@@ -19,6 +19,10 @@ pub struct TrafficPolicy {
     pub connection_pool: ConnectionPool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
+    /// Prefer endpoints in the client's zone, then region (Istio: on with outlier detection
+    /// unless `localityLbSetting.enabled: false`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub locality_failover: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -71,13 +71,39 @@ pub fn pick<'s>(candidates: impl Iterator<Item = Candidate<'s>> + Clone, random:
     None
 }
 
-/// [`pick`] with a fresh random value, leaving out endpoints outlier detection ejected (the
-/// TCP path's pick: it has no per-request state).
-pub fn pick_one<'s>(service: &'s Service, port: &'s ServicePort, ipv4: bool, subset: Option<&'s str>, ejected: Option<&HashSet<IpAddr>>) -> Option<Candidate<'s>> {
+/// [`pick`] with a fresh random value, leaving out endpoints outlier detection ejected, and
+/// preferring the client's locality when given (the TCP path's pick: it has no per-request
+/// state).
+pub fn pick_one<'s>(
+    service: &'s Service,
+    port: &'s ServicePort,
+    ipv4: bool,
+    subset: Option<&'s str>,
+    ejected: Option<&HashSet<IpAddr>>,
+    locality: Option<&str>,
+) -> Option<Candidate<'s>> {
     let all = candidates(service, port, ipv4, subset);
-    match ejected {
-        Some(out) => pick(all.filter(|c| !out.contains(&c.addr.ip())), fastrand::u64(..)).or_else(|| pick(candidates(service, port, ipv4, subset), fastrand::u64(..))),
-        None => pick(all, fastrand::u64(..)),
+    let live = all.clone().filter(|c| c.endpoint.healthy && c.weight > 0 && !ejected.is_some_and(|out| out.contains(&c.addr.ip())));
+    let best = locality.map_or(0, |l| live.clone().map(|c| locality_priority(l, c.endpoint.locality.as_deref())).min().unwrap_or(0));
+    let preferred = live.filter(|c| locality.is_none_or(|l| locality_priority(l, c.endpoint.locality.as_deref()) == best));
+    // Everything ejected (or unhealthy): any endpoint rather than none.
+    pick(preferred, fastrand::u64(..)).or_else(|| pick(all, fastrand::u64(..)))
+}
+
+/// Istio's locality priority of an endpoint for a client in `client` (`<region>/<zone>`): 0 in
+/// the same zone of the same region, 1 in the same region, 2 elsewhere or unknown. Requests go
+/// to the lowest priority that has a healthy endpoint, so they fail over zone, then region.
+pub fn locality_priority(client: &str, endpoint: Option<&str>) -> u8 {
+    let Some(endpoint) = endpoint else { return 2 };
+    let split = |l: &str| -> (String, String) {
+        let (r, z) = l.split_once('/').unwrap_or((l, ""));
+        (r.to_owned(), z.to_owned())
+    };
+    let ((cr, cz), (er, ez)) = (split(client), split(endpoint));
+    match (cr == er, cz == ez) {
+        (true, true) => 0,
+        (true, false) => 1,
+        _ => 2,
     }
 }
 
@@ -98,6 +124,7 @@ mod tests {
             meshed: true,
             identity: None,
             subsets: subsets.iter().map(|s| (*s).to_owned()).collect(),
+            locality: None,
         };
         Service {
             name: "whoami".into(),

@@ -257,6 +257,7 @@ mod tests {
             node_ip: "198.18.0.1".parse().expect("ip"),
             labels: BTreeMap::new(),
             protocol,
+            locality: None,
         }
     }
 

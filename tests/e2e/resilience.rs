@@ -1,8 +1,9 @@
 //! DestinationRule traffic policies through the whole mesh, applied as the repository's example
 //! files: circuit breaking (503 `UO` at once), outlier detection (an app killed under load is
 //! ejected from the HTTP picks and from the kernel's table for L4 clients, and comes back after
-//! its ejection time), consistent hashing (a user sticks to one endpoint), and a local rate limit
-//! (429 `RL` beyond the bucket, counted per source).
+//! its ejection time), consistent hashing (a user sticks to one endpoint), a local rate limit
+//! (429 `RL` beyond the bucket, counted per source), and locality failover (requests stay in the
+//! client's zone until it has no healthy endpoint).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -173,4 +174,38 @@ fn a_local_rate_limit_passes_its_rate_and_answers_the_rest_429() {
     let text = String::from_utf8_lossy(&headers.stdout).to_lowercase();
     assert!(text.contains("x-ratelimit-limit: 100") && text.contains("x-ratelimit-remaining:"), "{text}");
     println!("rate limit: {ok} of {} passed in 10 s at 300/s offered ({:.1}/s), {limited} answered 429 RL", r.scheduled, ok as f64 / 10.0);
+}
+
+const LOCALITY: &str = include_str!("../../deploy/examples/routing/locality-failover.yaml");
+
+#[test]
+fn locality_failover_keeps_requests_in_the_zone_and_fails_over_when_it_has_no_healthy_endpoint() {
+    let mut c = cluster();
+    // n1 (the client n1p1 and whoami-v1's n1p2) in zone-a, n2 (whoami-v1's n2p1) in zone-b.
+    c.set_localities(&[("n1", "region-1", "zone-a"), ("n2", "region-1", "zone-b")]).expect("label the nodes");
+    c.apply_routes("locality", LOCALITY).expect("apply");
+    let url = format!("http://{VIP_V1}/");
+    let run = |c: &mesh_tests::cluster::Cluster, secs: &str| load(c, &["--url", &url, "--rate", "100", "--duration", secs, "--connections", "4"]);
+    eventually("the zones and the policy to reach node 1", Duration::from_secs(5), || run(&c, "0.3").pods.keys().eq(["n1p2"]));
+    let local = run(&c, "2");
+    assert_eq!((local.ok, local.pods.get("n1p2").copied()), (local.scheduled, Some(local.scheduled)), "every request stays in zone-a: {local:?}");
+
+    // zone-a's only endpoint dies: ejected, requests fail over to zone-b.
+    let app = c.apps.remove("n1p2").expect("the app of n1p2");
+    let failing = std::thread::scope(|s| {
+        let during = s.spawn(|| run(&c, "3"));
+        std::thread::sleep(Duration::from_millis(1000));
+        drop(app);
+        during.join().expect("load")
+    });
+    let failed = failing.scheduled - failing.ok;
+    assert!(failed <= 8, "3 gateway errors eject it, the rest fail over: {failed} failed: {failing:?}");
+    let over = run(&c, "2");
+    assert_eq!((over.ok, over.pods.get("n2p1").copied()), (over.scheduled, Some(over.scheduled)), "all in zone-b now: {over:?}");
+
+    // Back after its ejection time: requests return to the client's zone.
+    c.start_app("n1p2").expect("restart the app");
+    let back = eventually("requests to return to zone-a", Duration::from_secs(10), || run(&c, "0.5").pods.keys().eq(["n1p2"]));
+    c.delete_routes("locality").expect("delete");
+    println!("locality failover: {} requests in zone-a; {failed} of {} failed when it died, then {} in zone-b; back in zone-a {back:.1?} after the restart", local.ok, failing.scheduled, over.ok);
 }

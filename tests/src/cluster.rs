@@ -87,10 +87,14 @@ pub struct Cluster {
     pub apps: std::collections::BTreeMap<String, PodProcess>,
 }
 
-fn cluster_yaml(lab: &Lab) -> String {
+/// `localities`: (node, region, zone) labels to give nodes (none: no node has a locality).
+fn cluster_yaml(lab: &Lab, localities: &[(&str, &str, &str)]) -> String {
     let mut y = String::from("# Written by the lab (mesh_tests::cluster).\n");
     for node in &lab.nodes {
-        let _ = write!(y, "apiVersion: lab.mesh.dev/v1alpha1\nkind: Node\nmetadata: {{name: {}}}\nspec: {{address: {}}}\n---\n", node.name, node.underlay_ip);
+        let labels = localities.iter().find(|(n, _, _)| *n == node.name).map_or(String::new(), |(_, region, zone)| {
+            format!(", labels: {{topology.kubernetes.io/region: {region}, topology.kubernetes.io/zone: {zone}}}")
+        });
+        let _ = write!(y, "apiVersion: lab.mesh.dev/v1alpha1\nkind: Node\nmetadata: {{name: {}{labels}}}\nspec: {{address: {}}}\n---\n", node.name, node.underlay_ip);
     }
     y.push_str("apiVersion: lab.mesh.dev/v1alpha1\nkind: Namespace\nmetadata: {name: demo, labels: {mesh.dev/dataplane-mode: ambient}}\n---\n");
     for r in PODS {
@@ -147,7 +151,7 @@ impl Cluster {
     fn boot(&mut self) -> Result<(), Error> {
         let ul = format!("{}{}-ul", crate::clean::PREFIX, self.lab.spec.run);
         sys::ip_in(&ul, &["addr", "add", &format!("{CONTROL_IP}/24"), "dev", "br0"])?;
-        write_atomic(&self.config_dir.join("cluster.yaml"), &cluster_yaml(&self.lab))?;
+        write_atomic(&self.config_dir.join("cluster.yaml"), &cluster_yaml(&self.lab, &[]))?;
         for node in &self.lab.nodes {
             let token = format!("{}-{}-{}", self.lab.spec.run, node.name, std::process::id());
             sys::write(&self.state_dir.join("node-tokens").join(format!("{}.token", node.name)), &token)?;
@@ -316,6 +320,12 @@ impl Cluster {
     }
 
     /// Writes a policy file mesh-control picks up within its poll interval.
+    /// Labels nodes with `topology.kubernetes.io/region` and `zone`, as a cluster's nodes are:
+    /// (node, region, zone).
+    pub fn set_localities(&self, localities: &[(&str, &str, &str)]) -> Result<(), Error> {
+        write_atomic(&self.config_dir.join("cluster.yaml"), &cluster_yaml(&self.lab, localities))
+    }
+
     pub fn apply_policy(&self, name: &str, yaml: &str) -> Result<(), Error> {
         write_atomic(&self.config_dir.join("policies").join(format!("{name}.yaml")), yaml)
     }

@@ -86,8 +86,9 @@ pub struct Subset {
     pub traffic_policy: Option<TrafficPolicy>,
 }
 
-/// Istio's `TrafficPolicy`. `portLevelSettings`, `tunnel`, `proxyProtocol` and
-/// `loadBalancer.localityLbSetting` are not implemented: the object is refused naming them.
+/// Istio's `TrafficPolicy`. `portLevelSettings`, `tunnel`, `proxyProtocol` and the
+/// `localityLbSetting` fields other than `enabled` are not implemented: the object is refused
+/// naming them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicy {
@@ -113,6 +114,16 @@ pub struct LoadBalancerSettings {
     /// Accepted, not used: endpoints get their full share at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_duration_secs: Option<String>,
+    /// Only `enabled`: locality failover is on whenever outlier detection is (Istio's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality_lb_setting: Option<LocalityLbSetting>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalityLbSetting {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
 }
 
 /// Exactly one key: `httpHeaderName`, `httpCookie`, `useSourceIp`, `httpQueryParameterName`.

@@ -22,6 +22,7 @@ pub fn inventory(nodes: &[Node], namespaces: &[Namespace], pods: &[Pod], service
     let ns_labels: BTreeMap<String, Labels> = namespaces.iter().map(|n| (n.name_any(), n.labels().clone())).collect();
     let mut inv = Inventory {
         nodes: nodes.iter().map(|n| (n.name_any(), internal_ip(n))).collect(),
+        localities: nodes.iter().filter_map(|n| Some((n.name_any(), model::locality(n.labels())?))).collect(),
         ..Inventory::default()
     };
     for p in pods {

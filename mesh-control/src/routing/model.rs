@@ -234,6 +234,9 @@ pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancer>,
     pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
+    /// `loadBalancer.localityLbSetting.enabled: false`: no locality preference even with
+    /// outlier detection.
+    pub locality_lb_disabled: bool,
 }
 
 impl TrafficPolicy {
@@ -244,6 +247,7 @@ impl TrafficPolicy {
             load_balancer: subset.load_balancer.clone().or_else(|| self.load_balancer.clone()),
             connection_pool: subset.connection_pool.clone().or_else(|| self.connection_pool.clone()),
             outlier_detection: subset.outlier_detection.clone().or_else(|| self.outlier_detection.clone()),
+            locality_lb_disabled: if subset.load_balancer.is_some() { subset.locality_lb_disabled } else { self.locality_lb_disabled },
         }
     }
 }

@@ -48,6 +48,7 @@ fn traffic_policy(p: &TrafficPolicy) -> pb::TrafficPolicy {
         load_balancer: p.load_balancer.as_ref().map(load_balancer),
         connection_pool: p.connection_pool.as_ref().map(connection_pool),
         outlier_detection: p.outlier_detection.as_ref().map(outlier_detection),
+        locality_lb_disabled: p.locality_lb_disabled,
     }
 }
 

@@ -22,6 +22,7 @@ fn wl(ns: &str, app: &str) -> Workload {
         node_ip: "198.18.0.2".parse().expect("ip"),
         labels: BTreeMap::from([("app".into(), app.into())]),
         protocol: Protocol::Hbone,
+        locality: None,
     }
 }
 

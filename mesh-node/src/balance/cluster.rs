@@ -221,13 +221,20 @@ impl Cluster {
 
     /// The endpoint for one request among `candidates` (healthy, weighted, not ejected), by the
     /// cluster's algorithm; `hash` is the request's consistent-hash key when it has one.
-    pub fn pick<'s>(&self, candidates: impl Iterator<Item = Candidate<'s>> + Clone, ejected: Option<&HashSet<IpAddr>>, hash: RequestHash) -> Option<Candidate<'s>> {
+    pub fn pick<'s>(&self, candidates: impl Iterator<Item = Candidate<'s>> + Clone, ejected: Option<&HashSet<IpAddr>>, hash: RequestHash, client_locality: Option<&str>) -> Option<Candidate<'s>> {
         let mut all = 0;
-        let live: Vec<Candidate<'s>> = candidates
+        let mut live: Vec<Candidate<'s>> = candidates
             .inspect(|_| all += 1)
             .filter(|c| c.endpoint.healthy && c.weight > 0 && !ejected.is_some_and(|e| e.contains(&c.addr.ip())))
             .collect();
         self.endpoints.store(all, Ordering::Relaxed);
+        // Locality failover: only the closest healthy ones (same zone, else region, else any).
+        if let Some(client) = client_locality.filter(|_| self.policy().is_some_and(|p| p.locality_failover)) {
+            let priority = |c: &Candidate<'_>| super::locality_priority(client, c.endpoint.locality.as_deref());
+            if let Some(best) = live.iter().map(priority).min() {
+                live.retain(|c| priority(c) == best);
+            }
+        }
         match live.len() {
             0 => return None,
             1 => return Some(live[0]),
@@ -363,6 +370,7 @@ mod tests {
                 meshed: true,
                 identity: None,
                 subsets: Vec::new(),
+                locality: None,
             })
             .collect()
     }
@@ -379,10 +387,10 @@ mod tests {
     fn round_robin_takes_turns_and_skips_ejected_endpoints() {
         let eps = endpoints(3);
         let c = cluster(Some(LoadBalancer::RoundRobin));
-        let picks: Vec<u8> = (0..6).map(|_| c.pick(candidates(&eps), None, None).expect("pick").addr.ip().to_string().rsplit('.').next().expect("octet").parse().expect("n")).collect();
+        let picks: Vec<u8> = (0..6).map(|_| c.pick(candidates(&eps), None, None, None).expect("pick").addr.ip().to_string().rsplit('.').next().expect("octet").parse().expect("n")).collect();
         assert_eq!(picks, [1, 2, 3, 1, 2, 3]);
         let ejected = HashSet::from([IpAddr::from([198, 18, 2, 2])]);
-        assert!((0..10).all(|_| c.pick(candidates(&eps), Some(&ejected), None).expect("pick").addr.ip() != IpAddr::from([198, 18, 2, 2])));
+        assert!((0..10).all(|_| c.pick(candidates(&eps), Some(&ejected), None, None).expect("pick").addr.ip() != IpAddr::from([198, 18, 2, 2])));
     }
 
     #[test]
@@ -391,7 +399,7 @@ mod tests {
         let c = cluster(None);
         let busy = SocketAddr::from(([198, 18, 2, 1], 8080));
         let held: Vec<InFlight> = (0..10).map(|_| c.begin(busy)).collect();
-        let picks = (0..100).filter(|_| c.pick(candidates(&eps), None, None).expect("pick").addr == busy).count();
+        let picks = (0..100).filter(|_| c.pick(candidates(&eps), None, None, None).expect("pick").addr == busy).count();
         assert_eq!(picks, 0, "with two endpoints P2C always compares both");
         // Both idle and about as fast: an even spread, not everything to the faster one.
         for h in &held {
@@ -401,7 +409,7 @@ mod tests {
         let other = c.begin(SocketAddr::from(([198, 18, 2, 2], 8080)));
         other.answered();
         drop(other);
-        let picks = (0..1000).filter(|_| c.pick(candidates(&eps), None, None).expect("pick").addr == busy).count();
+        let picks = (0..1000).filter(|_| c.pick(candidates(&eps), None, None, None).expect("pick").addr == busy).count();
         assert!((400..=600).contains(&picks), "similar endpoints share: {picks} of 1000");
     }
 
@@ -410,13 +418,74 @@ mod tests {
         let eps = endpoints(5);
         let c = cluster(Some(LoadBalancer::ConsistentHash { key: mesh_l7::policy::HashKey::SourceIp, table_size: 65_537 }));
         let keys: Vec<u64> = (0..2000u32).map(|k| hash_bytes(format!("user-{k}").as_bytes())).collect();
-        let before: Vec<SocketAddr> = keys.iter().map(|k| c.pick(candidates(&eps), None, Some(*k)).expect("pick").addr).collect();
-        let again: Vec<SocketAddr> = keys.iter().map(|k| c.pick(candidates(&eps), None, Some(*k)).expect("pick").addr).collect();
+        let before: Vec<SocketAddr> = keys.iter().map(|k| c.pick(candidates(&eps), None, Some(*k), None).expect("pick").addr).collect();
+        let again: Vec<SocketAddr> = keys.iter().map(|k| c.pick(candidates(&eps), None, Some(*k), None).expect("pick").addr).collect();
         assert_eq!(before, again, "the same key, the same endpoint");
         let more = endpoints(6);
-        let after: Vec<SocketAddr> = keys.iter().map(|k| c.pick(candidates(&more), None, Some(*k)).expect("pick").addr).collect();
+        let after: Vec<SocketAddr> = keys.iter().map(|k| c.pick(candidates(&more), None, Some(*k), None).expect("pick").addr).collect();
         let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
         // Ideal: 1/6 of the keys move to the new endpoint.
         assert!((250..=420).contains(&moved), "{moved} of 2000 keys moved");
+    }
+}
+
+#[cfg(test)]
+mod locality_tests {
+    use std::collections::BTreeMap;
+
+    use mesh_l7::policy::OutlierDetection;
+
+    use super::*;
+    use crate::{balance::locality_priority, state::Endpoint};
+
+    fn endpoint(last: u8, locality: &str) -> Endpoint {
+        Endpoint {
+            address: IpAddr::from([198, 18, 2, last]),
+            ports: BTreeMap::new(),
+            healthy: true,
+            node: String::new(),
+            node_address: None,
+            meshed: true,
+            identity: None,
+            subsets: Vec::new(),
+            locality: Some(locality.to_owned()),
+        }
+    }
+
+    #[test]
+    fn priorities_are_zone_then_region_then_anywhere() {
+        assert_eq!(locality_priority("r1/z1", Some("r1/z1")), 0);
+        assert_eq!(locality_priority("r1/z1", Some("r1/z2")), 1);
+        assert_eq!(locality_priority("r1/z1", Some("r2/z1")), 2);
+        assert_eq!(locality_priority("r1/z1", None), 2);
+    }
+
+    #[test]
+    fn requests_stay_in_the_clients_zone_and_fail_over_zone_then_region() {
+        let eps = [endpoint(1, "r1/z1"), endpoint(2, "r1/z2"), endpoint(3, "r2/z1")];
+        let outlier = OutlierDetection {
+            consecutive_5xx: 5,
+            consecutive_gateway: 0,
+            interval: Duration::from_secs(1),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 100,
+            min_health_percent: 0,
+        };
+        let policy = |failover| Arc::new(TrafficPolicy { outlier_detection: Some(outlier.clone()), locality_failover: failover, ..TrafficPolicy::default() });
+        let c = Cluster::new(Some(policy(true)));
+        let all = || eps.iter().map(|e| Candidate { endpoint: e, addr: SocketAddr::new(e.address, 8080), weight: 1 });
+        let picks = |ejected: &HashSet<IpAddr>, client: Option<&str>| -> HashSet<u8> {
+            (0..200).map(|_| c.pick(all(), Some(ejected), None, client).expect("pick").addr.ip().to_string().rsplit('.').next().expect("octet").parse().expect("n")).collect()
+        };
+        let none = HashSet::new();
+        assert_eq!(picks(&none, Some("r1/z1")), HashSet::from([1]), "the client's zone only");
+        let z1_out = HashSet::from([IpAddr::from([198, 18, 2, 1])]);
+        assert_eq!(picks(&z1_out, Some("r1/z1")), HashSet::from([2]), "then its region");
+        let r1_out = HashSet::from([IpAddr::from([198, 18, 2, 1]), IpAddr::from([198, 18, 2, 2])]);
+        assert_eq!(picks(&r1_out, Some("r1/z1")), HashSet::from([3]), "then anywhere");
+        assert_eq!(picks(&none, None).len(), 3, "a client without a locality: no preference");
+        let off = Cluster::new(Some(policy(false)));
+        let spread: HashSet<IpAddr> = (0..200).map(|_| off.pick(all(), None, None, Some("r1/z1")).expect("pick").addr.ip()).collect();
+        assert_eq!(spread.len(), 3, "localityLbSetting.enabled: false spreads over all");
     }
 }

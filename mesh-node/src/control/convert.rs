@@ -89,6 +89,7 @@ pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, node: &str, o
             node_ip,
             labels: BTreeMap::new(),
             protocol: Protocol::Hbone,
+            locality: e.locality.clone(),
         });
     }
     Ok(snap)
@@ -113,6 +114,7 @@ fn workloads(w: &pb::Workload, node: &str, own_address: IpAddr) -> Result<Vec<Wo
                 node_ip,
                 labels: w.labels.clone().into_iter().collect(),
                 protocol: if w.meshed { Protocol::Hbone } else { Protocol::Tcp },
+                locality: (!w.locality.is_empty()).then(|| w.locality.clone()),
             })
         })
         .collect()
@@ -149,6 +151,7 @@ fn service(s: &pb::Service) -> Result<Service, Error> {
                 meshed: e.meshed,
                 identity: (!e.identity.is_empty()).then(|| e.identity.clone()),
                 subsets: e.subsets.clone(),
+                locality: (!e.locality.is_empty()).then(|| e.locality.clone()),
             })
         })
         .collect::<Result<_, Error>>()?;

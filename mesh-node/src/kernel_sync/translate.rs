@@ -207,6 +207,7 @@ mod tests {
             node_ip: IpAddr::from([198, 18, 0, 1]),
             labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
             protocol: if meshed { WorkloadProtocol::Hbone } else { WorkloadProtocol::Tcp },
+            locality: None,
         }
     }
 
@@ -225,8 +226,8 @@ mod tests {
                 vips: vec![IpAddr::from([198, 19, 0, 10])],
                 ports: vec![ServicePort { name: String::new(), port: 80, protocol: ServiceProtocol::Tcp, target_port: 8080, app_protocol: None }],
                 endpoints: vec![
-                    Endpoint { address: IpAddr::from([198, 18, 2, 11]), ports: BTreeMap::new(), healthy: true, node: "n2".into(), node_address: None, meshed: true, identity: Some("spiffe://cluster.local/ns/demo/sa/whoami".into()), subsets: Vec::new() },
-                    Endpoint { address: IpAddr::from([198, 18, 2, 12]), ports: BTreeMap::from([(80, 9090)]), healthy: false, node: "n2".into(), node_address: None, meshed: true, identity: Some("spiffe://cluster.local/ns/demo/sa/whoami".into()), subsets: Vec::new() },
+                    Endpoint { address: IpAddr::from([198, 18, 2, 11]), ports: BTreeMap::new(), healthy: true, node: "n2".into(), node_address: None, meshed: true, identity: Some("spiffe://cluster.local/ns/demo/sa/whoami".into()), subsets: Vec::new(), locality: None },
+                    Endpoint { address: IpAddr::from([198, 18, 2, 12]), ports: BTreeMap::from([(80, 9090)]), healthy: false, node: "n2".into(), node_address: None, meshed: true, identity: Some("spiffe://cluster.local/ns/demo/sa/whoami".into()), subsets: Vec::new(), locality: None },
                 ],
             }],
             ..Snapshot::default()

@@ -109,10 +109,14 @@ impl Handler {
                 record.close(received, sent, None);
                 return Ok(());
             }
-            Some((service, port)) => match balance::pick_one(service, port, orig_dst.is_ipv4(), None, self.http.clusters.ejected(&service.namespace, &service.name).as_deref()) {
+            Some((service, port)) => {
+                let failover = state.traffic_policy(&service.namespace, &service.name, None).is_some_and(|p| p.locality_failover);
+                let locality = src_w.locality.as_deref().filter(|_| failover);
+                match balance::pick_one(service, port, orig_dst.is_ipv4(), None, self.http.clusters.ejected(&service.namespace, &service.name).as_deref(), locality) {
                 Some(c) => c.addr,
                 None => orig_dst,
-            },
+                }
+            }
             None => orig_dst,
         };
         // The listener itself (its bound address is often 0.0.0.0): a loop, not a destination.

@@ -63,6 +63,9 @@ pub struct Endpoint {
     /// DestinationRule subsets of the Service this endpoint belongs to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subsets: Vec<String>,
+    /// `<region>/<zone>` of its node, when known (locality failover).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -156,6 +159,7 @@ mod tests {
             meshed: true,
             identity: None,
             subsets: Vec::new(),
+            locality: None,
         };
         Service {
             name: "whoami".into(),

@@ -28,6 +28,9 @@ pub struct Workload {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub protocol: Protocol,
+    /// `<region>/<zone>` of its node, when known (locality failover).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<String>,
 }
 
 impl Workload {

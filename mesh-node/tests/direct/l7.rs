@@ -116,6 +116,7 @@ fn endpoint(pod: &HttpPod, node: &str, subsets: &[&str]) -> Endpoint {
         meshed: true,
         identity: Some(format!("spiffe://{TD}/ns/default/sa/{}", if node == "n2" { "b" } else { "c" })),
         subsets: subsets.iter().map(|s| (*s).to_owned()).collect(),
+        locality: None,
     }
 }
 

@@ -51,6 +51,7 @@ pub fn workload(name: &str, addr: &str, node: &str, node_ip: &str) -> Workload {
         node_ip: ip(node_ip),
         labels: BTreeMap::from([("app".into(), name.into())]),
         protocol: Protocol::Hbone,
+        locality: None,
     }
 }
 
@@ -70,6 +71,7 @@ pub fn service(name: &str, addr: &str, target_port: u16) -> Service {
             meshed: true,
             identity: None,
             subsets: Vec::new(),
+            locality: None,
         }],
     }
 }

@@ -41,7 +41,8 @@ fn hint(field: &str) -> &'static str {
         "portLevelSettings" => {
             "per-port traffic policies (the policy applies to every port of the host)"
         }
-        "localityLbSetting" => "locality-aware load balancing",
+        "distribute" => "weighted distribution between localities (failover by priority is what the mesh does)",
+        "failover" | "failoverPriority" => "explicit failover orders (the mesh fails over zone, then region)",
         "tunnel" => "tunnelling to a destination through a proxy",
         "proxyProtocol" => "PROXY protocol to the destination",
         "consecutiveLocalOriginFailures" | "splitExternalLocalOriginErrors" => {

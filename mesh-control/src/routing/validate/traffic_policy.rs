@@ -35,6 +35,12 @@ pub fn traffic_policy(
         }
     }
     Ok(TrafficPolicy {
+        locality_lb_disabled: p
+            .load_balancer
+            .as_ref()
+            .and_then(|lb| lb.locality_lb_setting.as_ref())
+            .and_then(|l| l.enabled)
+            == Some(false),
         load_balancer: p
             .load_balancer
             .as_ref()
@@ -421,5 +427,13 @@ tls: {mode: ISTIO_MUTUAL}
                 .starts_with("spec.trafficPolicy.outlierDetection.interval")
         );
         assert!(e("tls: {mode: SIMPLE}").starts_with("spec.trafficPolicy.tls.mode"));
+    }
+
+    #[test]
+    fn locality_failover_is_on_unless_disabled() {
+        let (p, _) = parse("outlierDetection: {consecutive5xxErrors: 1}\n").expect("valid");
+        assert!(!p.locality_lb_disabled, "Istio's default");
+        let (p, _) = parse("loadBalancer: {localityLbSetting: {enabled: false}}\n").expect("valid");
+        assert!(p.locality_lb_disabled);
     }
 }

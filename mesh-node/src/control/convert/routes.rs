@@ -94,7 +94,8 @@ fn traffic_policy(p: &pb::TrafficPolicy, what: &str) -> Result<TrafficPolicy, Er
             min_health_percent: o.min_health_percent,
         }),
     };
-    Ok(TrafficPolicy { load_balancer, connection_pool, outlier_detection })
+    let locality_failover = outlier_detection.is_some() && !p.locality_lb_disabled;
+    Ok(TrafficPolicy { load_balancer, connection_pool, outlier_detection, locality_failover })
 }
 
 fn route(r: &pb::HttpRoute, what: &str) -> Result<Route, Error> {

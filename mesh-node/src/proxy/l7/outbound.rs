@@ -272,7 +272,8 @@ impl Upstream {
             _ => (None, None),
         };
         let ejected = clusters.ejected(&backend.namespace, &backend.name);
-        let Some(picked) = cluster.pick(balance::candidates(service, port, self.ipv4, subset), ejected.as_deref(), hash) else {
+        let locality = state.workload(self.client.ip).and_then(|w| w.locality.as_deref());
+        let Some(picked) = cluster.pick(balance::candidates(service, port, self.ipv4, subset), ejected.as_deref(), hash, locality) else {
             return forward::no_healthy_upstream();
         };
         let (addr, endpoint) = (picked.addr, picked.endpoint);
