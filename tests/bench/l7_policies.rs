@@ -4,8 +4,9 @@
 //! alternating in one run between no policy and every policy configured at once:
 //! a DestinationRule with least-request balancing, connection-pool limits far above the load
 //! and outlier detection, and a VirtualService with a timeout, retries on 5xx and a fault
-//! injection of 0 % (so each request passes every layer, and none fires). Root only, ignored
-//! by default:
+//! injection of 0 % (so each request passes every layer, and none fires), a LocalRateLimit far
+//! above the load, a RequestAuthentication (the requests carry no token) and an ALLOW policy
+//! matching every GET (an L7 rule evaluated per request). Root only, ignored by default:
 //!
 //! ```sh
 //! cargo xtask bench --only l7-policies
@@ -52,6 +53,30 @@ spec:
       delay: {percentage: {value: 0}, fixedDelay: 1s}
       abort: {percentage: {value: 0}, httpStatus: 503}
     route: [{destination: {host: whoami-v2}}]
+---
+apiVersion: networking.mesh.dev/v1alpha1
+kind: LocalRateLimit
+metadata: {name: whoami-v2, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, name: whoami-v2}]
+  tokenBucket: {maxTokens: 1000000, tokensPerFill: 1000000, fillInterval: 1s}
+---
+apiVersion: security.mesh.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: whoami-v2-gets, namespace: demo}
+spec:
+  selector: {matchLabels: {app: whoami, version: v1.1}}
+  rules:
+  - to: [{operation: {methods: [GET]}}]
+---
+apiVersion: security.mesh.dev/v1alpha1
+kind: RequestAuthentication
+metadata: {name: whoami-v2-jwt, namespace: demo}
+spec:
+  selector: {matchLabels: {app: whoami, version: v1.1}}
+  jwtRules:
+  - issuer: https://idp.mesh.test
+    jwks: 'JWKS'
 ";
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -101,9 +126,10 @@ fn l7_policies_configured_but_idle_vs_none() {
         assert!(!text.contains("Non-2xx") && !text.contains("Socket errors"), "wrk saw failures: {text}");
         text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("wrk output: {text}"))
     };
+    let policies = POLICIES.replace("JWKS", &mesh_l7::jwt::testing::jwks(&[&mesh_l7::jwt::testing::SigningKey::generate("bench")]));
     let set = |on: bool| {
         if on {
-            c.apply_routes("policies", POLICIES).expect("apply");
+            c.apply_routes("policies", &policies).expect("apply");
         } else {
             // Absent at the start; every later call removes what the previous one applied.
             let _ = c.delete_routes("policies");

@@ -39,9 +39,9 @@ fn invalid(field: String, problem: impl Into<String>) -> Error {
 }
 
 fn jwt_rule(r: &crd::JwtRule, field: &str) -> Result<model::JwtRule, Error> {
-    if r.issuer.trim().is_empty() {
+    let Some(issuer) = r.issuer.as_deref().filter(|i| !i.trim().is_empty()) else {
         return Err(invalid(format!("{field}.issuer"), "an issuer is required"));
-    }
+    };
     let jwks = match (&r.jwks_uri, &r.jwks) {
         (Some(_), Some(_)) => return Err(invalid(format!("{field}.jwks"), "set one of jwks and jwksUri, not both")),
         (None, None) => {
@@ -80,7 +80,7 @@ fn jwt_rule(r: &crd::JwtRule, field: &str) -> Result<model::JwtRule, Error> {
         output_claim_to_headers.push((name, c.claim.clone()));
     }
     Ok(model::JwtRule {
-        issuer: r.issuer.clone(),
+        issuer: issuer.to_owned(),
         audiences: r.audiences.clone(),
         jwks,
         from_headers,
