@@ -15,6 +15,7 @@ pub const ENV_CONTROL_ADDR: &str = "MESH_CONTROL_ADDR";
 pub const ENV_CONTROL_SERVER_NAME: &str = "MESH_CONTROL_SERVER_NAME";
 pub const ENV_CONTROL_ROOT_CERT: &str = "MESH_CONTROL_ROOT_CERT";
 pub const ENV_CONTROL_TOKEN_FILE: &str = "MESH_CONTROL_TOKEN_FILE";
+pub const ENV_LAST_CONFIG_FILE: &str = "MESH_LAST_CONFIG_FILE";
 pub const ENV_CONTROL_NODE_CERT_TTL_SECS: &str = "MESH_CONTROL_NODE_CERT_TTL_SECS";
 pub const ENV_NODE_ADDRESS: &str = "MESH_NODE_ADDRESS";
 pub const ENV_CAPTURE_ADDR: &str = "MESH_CAPTURE_ADDR";
@@ -112,6 +113,7 @@ impl Config {
                     token_file: required(ENV_CONTROL_TOKEN_FILE, "this node's credential file")?,
                     node_cert_ttl: std::time::Duration::from_secs(parsed(src, ENV_CONTROL_NODE_CERT_TTL_SECS, "a number of seconds (0: the controller's default)")?.unwrap_or(0)),
                     node_name: node_name.clone(),
+                    last_config: absolute(src, ENV_LAST_CONFIG_FILE)?,
                     address,
                 })
             }

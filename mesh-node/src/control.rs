@@ -11,6 +11,7 @@
 
 mod ca;
 pub mod convert;
+pub mod last_config;
 mod node_cert;
 mod stream;
 
@@ -70,6 +71,9 @@ pub struct Config {
     pub node_name: String,
     /// Requested node certificate lifetime (zero: the controller's default).
     pub node_cert_ttl: Duration,
+    /// Where the last applied config is kept (`last_config`), to enforce it at once after a
+    /// restart, before (or without) the control plane.
+    pub last_config: Option<PathBuf>,
 }
 
 impl Config {

@@ -194,7 +194,15 @@ impl KernelSync {
         self
     }
 
-    pub async fn run(mut self, mut state_rx: StateRx) {
+    /// `hold`: the current state is a placeholder (no config yet): leave the kernel's pinned
+    /// state as the previous daemon left it until the first real one arrives.
+    pub async fn run(mut self, mut state_rx: StateRx, hold: bool) {
+        if hold {
+            tracing::info!("no config yet: the kernel keeps its last state until the control plane's first update");
+            if state_rx.changed().await.is_err() {
+                return;
+            }
+        }
         let mut ejections = self.clusters.as_ref().map(|c| c.subscribe());
         loop {
             let state: Arc<State> = state_rx.borrow_and_update().clone();

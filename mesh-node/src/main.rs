@@ -152,9 +152,33 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
     let drained = rt.block_on(async {
         let mut registry = Registry::default();
         let ready = Ready::default();
-        let snapshot = match &config.app.local_config {
-            Some(path) => state::read_file(path)?,
-            None => state::Snapshot::default(),
+        // With a control plane: the config this node last applied, if it was saved, so that a
+        // restart enforces it at once (and keeps enforcing it while the controller is away).
+        let saved = match config.control.as_ref().and_then(|c| c.last_config.as_deref()) {
+            Some(path) => match mesh_node::control::last_config::load(path) {
+                Ok(Some((version, resources))) => match mesh_node::control::convert::snapshot(resources, &config.node_name, config.node_address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))) {
+                    Ok(snap) => {
+                        tracing::info!(version, file = %path.display(), "enforcing the last applied config until the control plane answers");
+                        Some(snap)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, file = %path.display(), "the saved config does not convert; starting without it");
+                        None
+                    }
+                },
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the saved config failed; starting without it");
+                    None
+                }
+            },
+            None => None,
+        };
+        let placeholder = config.control.is_some() && saved.is_none();
+        let snapshot = match (&config.app.local_config, saved) {
+            (_, Some(snap)) => snap,
+            (Some(path), None) => state::read_file(path)?,
+            (None, None) => state::Snapshot::default(),
         };
         let state = state::State::build(&config.app.trust_domain, &config.app.root_namespace, snapshot)?;
         let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(state));
@@ -167,7 +191,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
                 tokio::spawn(renewer.run());
                 let root = std::fs::read_to_string(&control.root_cert)?;
                 let own = config.node_address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-                let client = ConfigClient::new(connection.clone(), &config.node_name, own, &config.app.trust_domain, &config.app.root_namespace, metrics);
+                let client = ConfigClient::new(connection.clone(), &config.node_name, own, &config.app.trust_domain, &config.app.root_namespace, metrics).saving_to(control.last_config.clone());
                 let synced = ready.register("control-plane config");
                 tokio::spawn(client.run(state_tx, move || drop(synced)));
                 (Arc::new(GrpcCa::new(connection, config.app.cert_ttl)), pem_certs(&root))
@@ -193,7 +217,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
                 },
             };
             let sync = KernelSync::new(sync_config, datapath, kernel_sync::Metrics::new(&mut registry))?.with_ejections(clusters.clone());
-            tokio::spawn(sync.run(state_rx.clone()));
+            tokio::spawn(sync.run(state_rx.clone(), placeholder));
         }
         if config.app.hbone_redirect {
             let routes = routing::Routes::new(
@@ -226,6 +250,9 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
     tracing::info!(drained, "shutting down");
     if removed {
         uninstall(&config.bpf_pin_dir)?;
+        if let Some(path) = config.control.as_ref().and_then(|c| c.last_config.as_deref()) {
+            let _ = std::fs::remove_file(path);
+        }
         tracing::info!("uninstalled: this node is left without the mesh's programs, pins and rules");
     }
     Ok(())

@@ -110,6 +110,7 @@ fn config(c: &Controller, token: &str) -> Config {
         token_file: c.dir.path().join("node.token"),
         node_name: "n1".into(),
         node_cert_ttl: Duration::ZERO,
+        last_config: None,
     }
 }
 
@@ -145,13 +146,19 @@ async fn node_receives_its_view_live_and_certificates_from_the_controller_ca() {
     tokio::spawn(renewer.run());
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(State::default()));
     let (synced_tx, synced_rx) = tokio::sync::oneshot::channel();
-    let client = ConfigClient::new(connection.clone(), "n1", IpAddr::from([198, 18, 0, 1]), "cluster.local", "mesh-system", metrics);
+    let saved = c.dir.path().join("last-config.pb");
+    let client = ConfigClient::new(connection.clone(), "n1", IpAddr::from([198, 18, 0, 1]), "cluster.local", "mesh-system", metrics).saving_to(Some(saved.clone()));
     tokio::spawn(client.run(tx, move || {
         let _ = synced_tx.send(());
     }));
     tokio::time::timeout(Duration::from_secs(5), synced_rx).await.expect("first sync").expect("signal");
 
     let state = wait_for(&mut rx, "the snapshot", |s| !s.services.is_empty()).await;
+    // What a restarted daemon starts from: the applied config, converted the same way.
+    let (version, resources) = mesh_node::control::last_config::load(&saved).expect("readable").expect("saved after the first update");
+    assert!(version >= 1);
+    let restored = mesh_node::control::convert::snapshot(resources, "n1", IpAddr::from([198, 18, 0, 1])).expect("converts");
+    assert_eq!(restored.services.len(), state.services.len(), "the saved config holds the Services");
     let client_w = state.workload(IpAddr::from([198, 18, 1, 11])).expect("own workload");
     assert_eq!((client_w.protocol, client_w.node.as_str()), (Protocol::Hbone, "n1"));
     // A remote pod arrives only as a Service endpoint, and still tells where to tunnel.

@@ -14,7 +14,7 @@ use std::{
 
 use mesh_tests::{
     LabSpec, require_root,
-    cluster::{APP_PORT, Binaries, Cluster, HTTP_PORT, METRICS_PORT, TCP_SERVICE_PORT, VIP},
+    cluster::{APP_PORT, Binaries, Cluster, HTTP_PORT, METRICS_PORT, TCP_SERVICE_PORT, VIP, VIP_V2},
 };
 
 fn bins() -> Binaries {
@@ -289,6 +289,58 @@ fn node_daemon_restart_keeps_kernel_served_connections_and_recovers_the_mesh() {
     let after = answered(&c.dial("n1p1", vip(), &["--count", "10"]).expect("dial"));
     assert!(!after.contains_key("FAILED"), "the mesh recovers after the restart: {after:?}");
     eprintln!("daemon restart: {failures} of {total} meshed requests failed while mesh-node was down; the kernel-served connection survived");
+}
+
+const STRICT_V1: &str = "apiVersion: security.mesh.dev/v1alpha1
+kind: PeerAuthentication
+metadata: {name: whoami-v1-strict, namespace: demo}
+spec:
+  selector: {matchLabels: {app: whoami, version: v1.0}}
+  mtls: {mode: STRICT}
+";
+
+/// Issue 14's "no gap on restart": both daemons killed (SIGKILL) and restarted while the
+/// controller is down. Probes every ~10 ms (each a new plaintext connection) never get through
+/// to a STRICT pod, and the kernel still balances a Service VIP for an unmeshed client after the
+/// restart: each daemon starts from the last config it applied (saved on disk), and the kernel
+/// keeps its pinned state meanwhile.
+#[test]
+fn daemons_killed_and_restarted_without_the_controller_keep_enforcing_the_last_config() {
+    let mut c = cluster();
+    c.apply_policy("strict-v1", STRICT_V1).expect("apply");
+    let strict_pod = SocketAddr::from((c.lab.pod("n2p1").ip, APP_PORT));
+    eventually("STRICT on whoami v1.0 in the kernel", Duration::from_secs(5), || {
+        c.dial("n1p3", strict_pod, &["--timeout-ms", "300"]).expect("dial").iter().all(|l| l.contains("ETIMEDOUT"))
+    });
+    let curl = mesh_tests::tools::curl().expect("curl").display().to_string();
+    let balanced = |c: &Cluster| {
+        let out = c.lab.run_in_pod("n1p3", &curl, &["-sS", "--max-time", "2", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP_V2}/")]).expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(balanced(&c), "200", "the unmeshed client reaches whoami-v2 through the kernel's VIP");
+    c.stop_control();
+    // The prober: a new plaintext connection to the STRICT pod every ~10 ms, each line logged.
+    let whoami = c.bins.whoami.display().to_string();
+    let script = format!("while true; do {whoami} connect {strict_pod} --timeout-ms 100; sleep 0.01; done");
+    let (prober, probe_log) = c.spawn_in_pod_logged("n1p3", "strict-prober", "sh", &["-c", &script]).expect("start the prober");
+    std::thread::sleep(Duration::from_millis(300));
+    c.stop_node(1);
+    c.stop_node(2);
+    c.spawn_node(1).expect("restart n1 without the controller");
+    c.spawn_node(2).expect("restart n2 without the controller");
+    std::thread::sleep(Duration::from_secs(2));
+    drop(prober);
+    let log = std::fs::read_to_string(&probe_log).expect("probe log");
+    let probes = log.lines().filter(|l| !l.trim().is_empty()).count();
+    let leaks: Vec<&str> = log.lines().filter(|l| who(l).is_some()).collect();
+    assert!(leaks.is_empty(), "plaintext got through to a STRICT pod across the restart: {leaks:?}");
+    assert!(probes >= 10, "the prober ran throughout: {probes} probes");
+    eventually("the kernel to balance the VIP after the restart, controller still down", Duration::from_secs(3), || balanced(&c) == "200");
+    for n in 1..=2 {
+        let log = std::fs::read_to_string(c.logs.join(format!("mesh-node-n{n}.log"))).unwrap_or_default();
+        assert!(log.contains("enforcing the last applied config"), "n{n} started from its saved config");
+    }
+    println!("restart without the controller: {probes} STRICT probes across the kill and restart, none got through; the VIP kept balancing");
 }
 
 #[test]

@@ -220,6 +220,13 @@ impl Cluster {
 
     /// (Re)starts the mesh-node of node `i` (1-based) and waits until it is ready.
     pub fn start_node(&mut self, i: u8) -> Result<(), Error> {
+        self.spawn_node(i)?;
+        self.wait_ready(i)
+    }
+
+    /// (Re)starts the mesh-node of node `i` and waits until it serves (listeners bound), not
+    /// until it is ready: without the controller it never is.
+    pub fn spawn_node(&mut self, i: u8) -> Result<(), Error> {
         let node = self.lab.node(i).clone();
         let interfaces: Vec<String> = self.lab.pods.iter().filter(|p| p.node == i).map(|p| p.host_if.clone()).collect();
         let vars: Vec<(&str, String)> = vec![
@@ -230,6 +237,7 @@ impl Cluster {
             ("MESH_CONTROL_SERVER_NAME", CONTROL_IP.to_string()),
             ("MESH_CONTROL_ROOT_CERT", self.state_dir.join("ca/root.crt").display().to_string()),
             ("MESH_CONTROL_TOKEN_FILE", self.state_dir.join("node-tokens").join(format!("{}.token", node.name)).display().to_string()),
+            ("MESH_LAST_CONFIG_FILE", self.state_dir.join(format!("{}-last-config.pb", node.name)).display().to_string()),
             ("MESH_NODE_ADDRESS", node.underlay_ip.to_string()),
             ("MESH_CAPTURE_ADDR", format!("{}:15001", node.pod_gateway)),
             ("MESH_POD_INTERFACES", interfaces.join(",")),
@@ -246,7 +254,7 @@ impl Cluster {
         let mut p = self.lab.spawn(&spawn)?;
         p.wait_for_line("mesh-node ready", Duration::from_secs(20))?;
         self.daemons[usize::from(i - 1)] = Some(p);
-        self.wait_ready(i)
+        Ok(())
     }
 
     pub fn stop_node(&mut self, i: u8) {

@@ -12,7 +12,7 @@ use prometheus_client::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Connection, Error, convert};
+use super::{Connection, Error, convert, last_config};
 use crate::state::{State, StateTx};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -57,6 +57,8 @@ pub struct ConfigClient {
     trust_domain: String,
     root_namespace: String,
     metrics: Metrics,
+    /// Where each applied config is saved (`last_config`).
+    last_config: Option<std::path::PathBuf>,
 }
 
 type Resources = BTreeMap<(i32, String), pb::Resource>;
@@ -83,7 +85,15 @@ impl ConfigClient {
             trust_domain: trust_domain.into(),
             root_namespace: root_namespace.into(),
             metrics,
+            last_config: None,
         }
+    }
+
+    /// Saves every applied config to `path`, for the next start (`last_config`).
+    #[must_use]
+    pub fn saving_to(mut self, path: Option<std::path::PathBuf>) -> Self {
+        self.last_config = path;
+        self
     }
 
     /// Runs forever: every applied update replaces the state in `state_tx`; `on_first_sync` is
@@ -151,6 +161,11 @@ impl ConfigClient {
                     self.metrics.applied.inc();
                     self.metrics.version.set(i64::try_from(update.version).unwrap_or(i64::MAX));
                     tracing::info!(version = update.version, full = update.full, resources = resources.len(), "config applied");
+                    if let Some(path) = &self.last_config {
+                        if let Err(e) = last_config::save(path, update.version, resources.values()) {
+                            tracing::warn!(error = %e, "saving the applied config failed: a restart without the control plane would start from an older one");
+                        }
+                    }
                     if let Some(f) = on_first_sync.take() {
                         f();
                     }
