@@ -301,9 +301,9 @@ spec:
 
 /// Issue 14's "no gap on restart": both daemons killed (SIGKILL) and restarted while the
 /// controller is down. Probes every ~10 ms (each a new plaintext connection) never get through
-/// to a STRICT pod, and the kernel still balances a Service VIP for an unmeshed client after the
-/// restart: each daemon starts from the last config it applied (saved on disk), and the kernel
-/// keeps its pinned state meanwhile.
+/// to a STRICT pod; after the restart the kernel still balances a Service VIP for an unmeshed
+/// client, and each daemon runs the policies and Services it last applied (its config dump shows
+/// them), from the file it saved; the kernel keeps its pinned state meanwhile.
 #[test]
 fn daemons_killed_and_restarted_without_the_controller_keep_enforcing_the_last_config() {
     let mut c = cluster();
@@ -313,11 +313,11 @@ fn daemons_killed_and_restarted_without_the_controller_keep_enforcing_the_last_c
         c.dial("n1p3", strict_pod, &["--timeout-ms", "300"]).expect("dial").iter().all(|l| l.contains("ETIMEDOUT"))
     });
     let curl = mesh_tests::tools::curl().expect("curl").display().to_string();
-    let balanced = |c: &Cluster| {
-        let out = c.lab.run_in_pod("n1p3", &curl, &["-sS", "--max-time", "2", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP_V2}/")]).expect("curl");
+    let get = |c: &Cluster, path: &str| {
+        let out = c.lab.run_in_pod("n1p3", &curl, &["-sS", "--max-time", "2", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP_V2}{path}")]).expect("curl");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert_eq!(balanced(&c), "200", "the unmeshed client reaches whoami-v2 through the kernel's VIP");
+    assert_eq!(get(&c, "/"), "200", "the unmeshed client reaches whoami-v2 through the kernel's VIP");
     c.stop_control();
     // The prober: a new plaintext connection to the STRICT pod every ~10 ms, each line logged.
     let whoami = c.bins.whoami.display().to_string();
@@ -335,7 +335,12 @@ fn daemons_killed_and_restarted_without_the_controller_keep_enforcing_the_last_c
     let leaks: Vec<&str> = log.lines().filter(|l| who(l).is_some()).collect();
     assert!(leaks.is_empty(), "plaintext got through to a STRICT pod across the restart: {leaks:?}");
     assert!(probes >= 10, "the prober ran throughout: {probes} probes");
-    eventually("the kernel to balance the VIP after the restart, controller still down", Duration::from_secs(3), || balanced(&c) == "200");
+    eventually("the kernel to balance the VIP after the restart, controller still down", Duration::from_secs(3), || get(&c, "/") == "200");
+    // The daemons' own state (proxy-side policies and Services) came from the saved config.
+    for n in 1..=2 {
+        let dump = c.curl_on_node(n, "http://127.0.0.1:15000/config_dump").expect("config dump");
+        assert!(dump.contains("whoami-v1-strict") && dump.contains("whoami-v2"), "n{n} runs its last config: {}", &dump[..dump.len().min(300)]);
+    }
     for n in 1..=2 {
         let log = std::fs::read_to_string(c.logs.join(format!("mesh-node-n{n}.log"))).unwrap_or_default();
         assert!(log.contains("enforcing the last applied config"), "n{n} started from its saved config");
