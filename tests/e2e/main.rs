@@ -195,6 +195,7 @@ fn authorization_policy_applies_live_by_principal() {
         c.dial("n1p1", vip(), &["--timeout-ms", "1000"]).expect("dial").iter().all(|l| who(l).is_none())
     });
     c.delete_policy("jwt-only").expect("delete");
+    eventually("the JWT-only policy to go away", Duration::from_secs(3), || c.dial("n1p1", vip(), &[]).expect("dial").iter().all(|l| who(l).is_some()));
     // An Istio field this mesh does not implement: refused by name, and the policy fails closed.
     c.apply_policy("remote-ip", REMOTE_IP_ONLY).expect("apply");
     eventually("the refused ALLOW policy to deny (fail closed)", Duration::from_secs(3), || {
