@@ -44,6 +44,24 @@ pub struct Provider {
     pub jwks: Jwks,
 }
 
+impl Provider {
+    /// A provider of `issuer` with `jwks` and Istio's defaults: any audience, the default token
+    /// locations, the token removed, no outputs.
+    pub fn new(issuer: impl Into<String>, jwks: Jwks) -> Self {
+        Self {
+            issuer: issuer.into(),
+            audiences: Vec::new(),
+            from_headers: Vec::new(),
+            from_params: Vec::new(),
+            from_cookies: Vec::new(),
+            forward_original_token: false,
+            output_payload_to_header: None,
+            output_claim_to_headers: Vec::new(),
+            jwks,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeaderLocation {
     pub name: HeaderName,

@@ -25,15 +25,11 @@ impl KeySource for Fetched {
 
 fn provider(keys: &[&SigningKey]) -> Provider {
     Provider {
-        issuer: ISS.into(),
         audiences: vec!["orders".into()],
-        from_headers: Vec::new(),
-        from_params: Vec::new(),
-        from_cookies: Vec::new(),
-        forward_original_token: false,
-        output_payload_to_header: None,
-        output_claim_to_headers: Vec::new(),
-        jwks: Jwks::Inline(Arc::new(KeySet::parse(&jwks(keys)).expect("jwks"))),
+        ..Provider::new(
+            ISS,
+            Jwks::Inline(Arc::new(KeySet::parse(&jwks(keys)).expect("jwks"))),
+        )
     }
 }
 

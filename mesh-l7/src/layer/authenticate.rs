@@ -119,17 +119,10 @@ mod tests {
     #[tokio::test]
     async fn invalid_tokens_get_401_and_valid_ones_carry_their_principal_inward() {
         let key = SigningKey::generate("k");
-        let provider = Provider {
-            issuer: "iss".into(),
-            audiences: Vec::new(),
-            from_headers: Vec::new(),
-            from_params: Vec::new(),
-            from_cookies: Vec::new(),
-            forward_original_token: false,
-            output_payload_to_header: None,
-            output_claim_to_headers: Vec::new(),
-            jwks: Jwks::Inline(Arc::new(KeySet::parse(&jwks(&[&key])).expect("jwks"))),
-        };
+        let provider = Provider::new(
+            "iss",
+            Jwks::Inline(Arc::new(KeySet::parse(&jwks(&[&key])).expect("jwks"))),
+        );
         let svc = AuthenticateLayer::new(principal_echo(), Arc::new(Providers(vec![provider])));
         let call = |token: Option<String>| {
             let svc = svc.clone();

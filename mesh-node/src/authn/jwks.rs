@@ -263,17 +263,7 @@ mod tests {
         let (a, b) = (testing::SigningKey::generate("a"), testing::SigningKey::generate("b"));
         let body = Arc::new(Mutex::new(testing::jwks(&[&a])));
         let uri = key_server(body.clone()).await;
-        let provider = Provider {
-            issuer: "iss".into(),
-            audiences: Vec::new(),
-            from_headers: Vec::new(),
-            from_params: Vec::new(),
-            from_cookies: Vec::new(),
-            forward_original_token: false,
-            output_payload_to_header: None,
-            output_claim_to_headers: Vec::new(),
-            jwks: Jwks::Uri(uri.clone()),
-        };
+        let provider = Provider::new("iss", Jwks::Uri(uri.clone()));
         let ra = RequestAuthentication { name: "r".into(), namespace: "demo".into(), selector: None, providers: vec![provider].into() };
         let snap = Snapshot { request_authentications: vec![ra], ..Snapshot::default() };
         let state = State::build("cluster.local", "mesh-system", snap).expect("state");

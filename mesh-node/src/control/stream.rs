@@ -161,10 +161,8 @@ impl ConfigClient {
                     self.metrics.applied.inc();
                     self.metrics.version.set(i64::try_from(update.version).unwrap_or(i64::MAX));
                     tracing::info!(version = update.version, full = update.full, resources = resources.len(), "config applied");
-                    if let Some(path) = &self.last_config {
-                        if let Err(e) = last_config::save(path, update.version, resources.values()) {
-                            tracing::warn!(error = %e, "saving the applied config failed: a restart without the control plane would start from an older one");
-                        }
+                    if let Some(Err(e)) = self.last_config.as_ref().map(|path| last_config::save(path, update.version, resources.values())) {
+                        tracing::warn!(error = %e, "saving the applied config failed: a restart without the control plane would start from an older one");
                     }
                     if let Some(f) = on_first_sync.take() {
                         f();
