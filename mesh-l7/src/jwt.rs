@@ -60,6 +60,11 @@ impl Provider {
             jwks,
         }
     }
+
+    /// No location configured: Istio's defaults (`Authorization: Bearer`, `access_token`).
+    fn default_locations(&self) -> bool {
+        self.from_headers.is_empty() && self.from_params.is_empty() && self.from_cookies.is_empty()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -324,9 +329,7 @@ fn find_token<'a, B, P: Borrow<Provider>>(
 ) -> Option<(String, Found<'a>, usize)> {
     static AUTHORIZATION: HeaderName = http::header::AUTHORIZATION;
     for (i, p) in providers.iter().map(Borrow::borrow).enumerate() {
-        let defaults =
-            p.from_headers.is_empty() && p.from_params.is_empty() && p.from_cookies.is_empty();
-        if defaults {
+        if p.default_locations() {
             if let Some(t) = header_token(req, &AUTHORIZATION, "Bearer ") {
                 return Some((t, Found::Header(&AUTHORIZATION), i));
             }
@@ -356,8 +359,7 @@ fn find_token<'a, B, P: Borrow<Provider>>(
 
 /// Whether `p` looks for tokens where one was found.
 fn reads(p: &Provider, found: Found<'_>) -> bool {
-    let defaults =
-        p.from_headers.is_empty() && p.from_params.is_empty() && p.from_cookies.is_empty();
+    let defaults = p.default_locations();
     match found {
         Found::Header(name) => {
             if defaults {

@@ -95,11 +95,8 @@ pub fn pick_one<'s>(
 /// to the lowest priority that has a healthy endpoint, so they fail over zone, then region.
 pub fn locality_priority(client: &str, endpoint: Option<&str>) -> u8 {
     let Some(endpoint) = endpoint else { return 2 };
-    let split = |l: &str| -> (String, String) {
-        let (r, z) = l.split_once('/').unwrap_or((l, ""));
-        (r.to_owned(), z.to_owned())
-    };
-    let ((cr, cz), (er, ez)) = (split(client), split(endpoint));
+    // Called per candidate on each request: compare the halves in place.
+    let ((cr, cz), (er, ez)) = (client.split_once('/').unwrap_or((client, "")), endpoint.split_once('/').unwrap_or((endpoint, "")));
     match (cr == er, cz == ez) {
         (true, true) => 0,
         (true, false) => 1,

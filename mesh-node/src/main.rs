@@ -154,26 +154,19 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
         let ready = Ready::default();
         // With a control plane: the config this node last applied, if it was saved, so that a
         // restart enforces it at once (and keeps enforcing it while the controller is away).
-        let saved = match config.control.as_ref().and_then(|c| c.last_config.as_deref()) {
-            Some(path) => match mesh_node::control::last_config::load(path) {
-                Ok(Some((version, resources))) => match mesh_node::control::convert::snapshot(resources, &config.node_name, config.node_address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))) {
-                    Ok(snap) => {
-                        tracing::info!(version, file = %path.display(), "enforcing the last applied config until the control plane answers");
-                        Some(snap)
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, file = %path.display(), "the saved config does not convert; starting without it");
-                        None
-                    }
-                },
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the saved config failed; starting without it");
-                    None
-                }
-            },
-            None => None,
-        };
+        let own = config.node_address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let saved_file = config.control.as_ref().and_then(|c| c.last_config.as_deref());
+        let saved = saved_file.and_then(|path| match mesh_node::control::last_config::load_snapshot(path, &config.node_name, own) {
+            Ok(Some((version, snap))) => {
+                tracing::info!(version, file = %path.display(), "enforcing the last applied config until the control plane answers");
+                Some(snap)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "the saved config cannot be used; starting without it");
+                None
+            }
+        });
         let placeholder = config.control.is_some() && saved.is_none();
         let snapshot = match (&config.app.local_config, saved) {
             (_, Some(snap)) => snap,
@@ -190,7 +183,6 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
                 let (connection, renewer) = Connection::new(control, &metrics)?;
                 tokio::spawn(renewer.run());
                 let root = std::fs::read_to_string(&control.root_cert)?;
-                let own = config.node_address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
                 let client = ConfigClient::new(connection.clone(), &config.node_name, own, &config.app.trust_domain, &config.app.root_namespace, metrics).saving_to(control.last_config.clone());
                 let synced = ready.register("control-plane config");
                 tokio::spawn(client.run(state_tx, move || drop(synced)));

@@ -155,9 +155,8 @@ async fn node_receives_its_view_live_and_certificates_from_the_controller_ca() {
 
     let state = wait_for(&mut rx, "the snapshot", |s| !s.services.is_empty()).await;
     // What a restarted daemon starts from: the applied config, converted the same way.
-    let (version, resources) = mesh_node::control::last_config::load(&saved).expect("readable").expect("saved after the first update");
+    let (version, restored) = mesh_node::control::last_config::load_snapshot(&saved, "n1", IpAddr::from([198, 18, 0, 1])).expect("readable and converts").expect("saved after the first update");
     assert!(version >= 1);
-    let restored = mesh_node::control::convert::snapshot(resources, "n1", IpAddr::from([198, 18, 0, 1])).expect("converts");
     assert_eq!(restored.services.len(), state.services.len(), "the saved config holds the Services");
     let client_w = state.workload(IpAddr::from([198, 18, 1, 11])).expect("own workload");
     assert_eq!((client_w.protocol, client_w.node.as_str()), (Protocol::Hbone, "n1"));

@@ -26,6 +26,12 @@ pub enum Error {
         #[source]
         source: prost::DecodeError,
     },
+    #[error("{path}: the saved config does not convert: {source}")]
+    Convert {
+        path: PathBuf,
+        #[source]
+        source: super::Error,
+    },
 }
 
 /// Writes `resources` at `version` to `path` (a temporary file renamed over it, so a crash
@@ -49,6 +55,14 @@ pub fn load(path: &Path) -> Result<Option<(u64, Vec<pb::Resource>)>, Error> {
     };
     let update = pb::ConfigUpdate::decode(bytes.as_slice()).map_err(|source| Error::Decode { path: path.to_owned(), source })?;
     Ok(Some((update.version, update.upserts)))
+}
+
+/// [`load`], converted as a config update is (`convert::snapshot`, for `node` at `own_address`):
+/// the saved version and the snapshot to start from.
+pub fn load_snapshot(path: &Path, node: &str, own_address: std::net::IpAddr) -> Result<Option<(u64, crate::state::Snapshot)>, Error> {
+    let Some((version, resources)) = load(path)? else { return Ok(None) };
+    let snap = super::convert::snapshot(resources, node, own_address).map_err(|source| Error::Convert { path: path.to_owned(), source })?;
+    Ok(Some((version, snap)))
 }
 
 #[cfg(test)]
