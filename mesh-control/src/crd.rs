@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub mod gateway;
 pub mod networking;
+pub mod telemetry;
 
 /// API group of every mesh CRD.
 pub const GROUP: &str = "security.mesh.dev";
@@ -262,6 +263,7 @@ pub fn yaml() -> Result<String, Error> {
         preserving_unknown_fields(&networking::VirtualService::crd())?,
         preserving_unknown_fields(&networking::DestinationRule::crd())?,
         preserving_unknown_fields(&networking::LocalRateLimit::crd())?,
+        preserving_unknown_fields(&telemetry::Telemetry::crd())?,
     ];
     to_yaml("cargo run -p mesh-control --bin crdgen", &crds)
 }

@@ -71,11 +71,20 @@ pub fn build(docs: Vec<Document>, root_namespace: &str) -> State {
     let mut ns_labels: BTreeMap<String, Labels> = BTreeMap::new();
     let (mut authz, mut peer, mut request_authn, mut services) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut objects = routing::Objects::default();
+    let (mut telemetry, mut mesh_config) = (Vec::new(), None);
     for d in docs {
         match d {
             Document::AuthorizationPolicy(p) => authz.push(*p),
             Document::PeerAuthentication(p) => peer.push(*p),
             Document::RequestAuthentication(r) => request_authn.push(*r),
+            Document::Telemetry(t) => telemetry.push(*t),
+            Document::MeshConfig { namespace, config } => {
+                if namespace == root_namespace {
+                    mesh_config = Some(config);
+                } else {
+                    tracing::warn!(namespace, "ConfigMap {} outside the root namespace {root_namespace} ignored", crate::crd::telemetry::MESH_CONFIG_MAP);
+                }
+            }
             Document::HttpRoute(r) => objects.http_routes.push(*r),
             Document::GrpcRoute(r) => objects.grpc_routes.push(*r),
             Document::ReferenceGrant(g) => objects.reference_grants.push(*g),
@@ -106,7 +115,10 @@ pub fn build(docs: Vec<Document>, root_namespace: &str) -> State {
         inv.services.insert(s.key, svc);
     }
     let routes = routing::build(&objects, &inv);
-    State { inventory: inv, policies: validate::policies(&authz, &peer, &request_authn, root_namespace), routes }
+    let mut policies = validate::policies(&authz, &peer, &request_authn, root_namespace);
+    let mesh = validate::telemetry::mesh_config(&mesh_config.unwrap_or_default());
+    validate::telemetry::apply(&mut policies, &telemetry, &mesh, root_namespace);
+    State { inventory: inv, policies, routes }
 }
 
 fn yaml_files(dir: &Path, errors: &mut Vec<FileError>) -> Vec<PathBuf> {

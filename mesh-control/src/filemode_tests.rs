@@ -37,7 +37,7 @@ fn bad_documents_are_reported_and_the_rest_still_loads() {
     std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
     std::fs::write(
         dir.path().join("policies/p.yaml"),
-        "apiVersion: security.mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: demo}\nspec: {action: DENY}\n---\napiVersion: lab.mesh.dev/v1alpha1\nkind: Workload\nmetadata: {name: w, namespace: demo}\nspec: {node: n1, addresses: [not-an-ip]}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+        "apiVersion: security.mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: demo}\nspec: {action: DENY}\n---\napiVersion: lab.mesh.dev/v1alpha1\nkind: Workload\nmetadata: {name: w, namespace: demo}\nspec: {node: n1, addresses: [not-an-ip]}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
     )
     .expect("write");
     std::fs::write(dir.path().join("broken.yml"), "a: [unclosed").expect("write");
@@ -49,8 +49,25 @@ fn bad_documents_are_reported_and_the_rest_still_loads() {
     let mut got: Vec<(String, Option<usize>)> =
         errors.iter().map(|e| (e.file.file_name().expect("name").to_string_lossy().into_owned(), e.document)).collect();
     got.sort();
-    assert_eq!(got, [("broken.yml".into(), None), ("p.yaml".into(), Some(1)), ("p.yaml".into(), Some(2))]);
-    assert!(errors.iter().any(|e| e.message.contains("unknown kind \"ConfigMap\"")), "{errors:?}");
+    assert_eq!(got, [("broken.yml".into(), None), ("p.yaml".into(), Some(1)), ("p.yaml".into(), Some(2)), ("p.yaml".into(), Some(3))]);
+    assert!(errors.iter().any(|e| e.message.contains("unknown kind \"Deployment\"")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.message.contains("ConfigMap x: the only ConfigMap read is \"mesh-config\"")), "{errors:?}");
+}
+
+#[test]
+fn mesh_config_and_telemetry_reach_the_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("lab.yaml"), LAB).expect("write");
+    std::fs::write(
+        dir.path().join("telemetry.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: mesh-config, namespace: mesh-system}\ndata:\n  mesh: |\n    extensionProviders:\n    - name: zipkin\n      zipkin: {service: zipkin.mesh-system, port: 9411}\n---\napiVersion: telemetry.mesh.dev/v1alpha1\nkind: Telemetry\nmetadata: {name: mesh-default, namespace: mesh-system}\nspec:\n  tracing: [{providers: [{name: zipkin}], randomSamplingPercentage: 100}]\n",
+    )
+    .expect("write");
+    let (state, errors) = load(dir.path(), "mesh-system");
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(state.policies.mesh_config.tracing_providers.contains_key("zipkin"));
+    let t = &state.policies.telemetry[&model::NamespacedName::new("mesh-system", "mesh-default")];
+    assert_eq!((t.scope, t.tracing[0].sampling_ppm), (model::Scope::Mesh, Some(1_000_000)));
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use serde::Deserialize;
 
 use crate::{
-    crd::{self, Read, gateway, networking},
+    crd::{self, Read, gateway, networking, telemetry},
     model::{self, Labels, NamespacedName},
 };
 
@@ -23,11 +23,13 @@ pub enum Error {
     #[error("{api_version}/{kind}: {source}")]
     Shape { api_version: String, kind: String, source: serde_json::Error },
     #[error(
-        "unknown kind {kind:?} of apiVersion {api_version:?} (expected {} AuthorizationPolicy/PeerAuthentication/RequestAuthentication, {} VirtualService/DestinationRule/LocalRateLimit, {} HTTPRoute/GRPCRoute, {} ReferenceGrant or {LAB_API_VERSION} Node/Namespace/Workload/Service)",
+        "unknown kind {kind:?} of apiVersion {api_version:?} (expected {} AuthorizationPolicy/PeerAuthentication/RequestAuthentication, {} VirtualService/DestinationRule/LocalRateLimit, {} HTTPRoute/GRPCRoute, {} ReferenceGrant, {} Telemetry, v1 ConfigMap {} or {LAB_API_VERSION} Node/Namespace/Workload/Service)",
         crd::API_VERSION,
         networking::API_VERSION,
         gateway::API_VERSION,
-        gateway::REFERENCE_GRANT_API_VERSION
+        gateway::REFERENCE_GRANT_API_VERSION,
+        telemetry::API_VERSION,
+        telemetry::MESH_CONFIG_MAP
     )]
     UnknownKind { api_version: String, kind: String },
     #[error("{kind} {name}: {what}")]
@@ -46,6 +48,9 @@ pub enum Document {
     VirtualService(Box<Read<networking::VirtualService>>),
     DestinationRule(Box<Read<networking::DestinationRule>>),
     LocalRateLimit(Box<Read<networking::LocalRateLimit>>),
+    Telemetry(Box<Read<telemetry::Telemetry>>),
+    /// The ConfigMap `mesh-config`'s `mesh` key, parsed (Istio's MeshConfig providers).
+    MeshConfig { namespace: String, config: telemetry::MeshConfig },
     /// `metadata.labels` may carry `topology.kubernetes.io/region` and `zone`, as a
     /// Kubernetes node does.
     Node { name: String, address: Option<IpAddr>, labels: Labels },
@@ -151,6 +156,17 @@ fn document(doc: &serde_json::Value) -> Result<Document, Error> {
         (networking::API_VERSION, "VirtualService") => Ok(Document::VirtualService(Box::new(routing_object(doc, ns(), shape)?))),
         (networking::API_VERSION, "DestinationRule") => Ok(Document::DestinationRule(Box::new(routing_object(doc, ns(), shape)?))),
         (networking::API_VERSION, "LocalRateLimit") => Ok(Document::LocalRateLimit(Box::new(routing_object(doc, ns(), shape)?))),
+        (telemetry::API_VERSION, "Telemetry") => Ok(Document::Telemetry(Box::new(routing_object(doc, ns(), shape)?))),
+        ("v1", "ConfigMap") => {
+            let name = named("ConfigMap", meta.name)?;
+            let invalid = |what: String| Error::Invalid { kind: "ConfigMap", name: name.clone(), what };
+            if name != telemetry::MESH_CONFIG_MAP {
+                return Err(invalid(format!("the only ConfigMap read is {:?} (the mesh config)", telemetry::MESH_CONFIG_MAP)));
+            }
+            let text = doc.pointer(&format!("/data/{}", telemetry::MESH_CONFIG_KEY)).and_then(|v| v.as_str()).unwrap_or_default();
+            let config = mesh_config(text).map_err(invalid)?;
+            Ok(Document::MeshConfig { namespace: ns(), config })
+        }
         (LAB_API_VERSION, "Node") => {
             #[derive(serde::Deserialize, Default)]
             #[serde(deny_unknown_fields)]
@@ -199,6 +215,15 @@ fn document(doc: &serde_json::Value) -> Result<Document, Error> {
         }
         _ => Err(Error::UnknownKind { api_version, kind }),
     }
+}
+
+/// The mesh config from the text of the ConfigMap's `mesh` key (empty: no providers).
+pub fn mesh_config(text: &str) -> Result<telemetry::MeshConfig, String> {
+    if text.trim().is_empty() {
+        return Ok(telemetry::MeshConfig::default());
+    }
+    let value: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| format!("data.{} is not YAML: {e}", telemetry::MESH_CONFIG_KEY))?;
+    serde_json::from_value(value).map_err(|e| format!("data.{}: {e} (read: extensionProviders, defaultProviders)", telemetry::MESH_CONFIG_KEY))
 }
 
 /// A routing object with its unknown fields (validation names them in its status).

@@ -289,3 +289,68 @@ pub fn meshed(namespace_labels: Option<&Labels>, pod_labels: &Labels) -> bool {
         _ => namespace_labels.and_then(|l| l.get(mode)).is_some_and(|v| v == "ambient"),
     }
 }
+
+/// A validated `Telemetry`: what it sets, each field `None` when inherited from the enclosing
+/// scope (mesh → namespace → workload, the most specific that sets a field wins).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Telemetry {
+    pub name: String,
+    pub namespace: String,
+    pub scope: Scope,
+    pub selector: Labels,
+    pub tracing: Vec<TracingRule>,
+    /// `accessLogging[].disabled` (`None`: inherited).
+    pub access_log_disabled: Option<bool>,
+}
+
+/// Which side of a request a tracing rule applies to (Istio's `match.mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TracingMode {
+    ClientAndServer,
+    Client,
+    Server,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TracingRule {
+    pub mode: TracingMode,
+    /// The one provider's name (Istio allows one), checked against the mesh config.
+    pub provider: Option<String>,
+    /// `randomSamplingPercentage` in millionths (100 % = 1,000,000), so the model stays `Eq`.
+    pub sampling_ppm: Option<u32>,
+    pub disable_span_reporting: Option<bool>,
+    pub custom_tags: BTreeMap<String, CustomTag>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CustomTag {
+    Literal(String),
+    /// A variable of the node daemon's environment.
+    Environment { name: String, default: Option<String> },
+    Header { name: String, default: Option<String> },
+}
+
+/// The tracing providers of the mesh config, by name, and the default one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshConfig {
+    pub tracing_providers: BTreeMap<String, TracingProvider>,
+    pub default_tracing_provider: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TracingProvider {
+    pub protocol: TraceProtocol,
+    /// A Service host (`zipkin.istio-system.svc.cluster.local`, `zipkin.istio-system`) or an IP.
+    pub service: String,
+    pub port: u16,
+    /// 0: unlimited.
+    pub max_tag_length: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TraceProtocol {
+    /// Zipkin JSON v2, POSTed to this path.
+    Zipkin { path: String },
+    /// OTLP over gRPC.
+    OpenTelemetry,
+}

@@ -52,6 +52,8 @@ pub enum Error {
     UnknownField { field: String },
     #[error("{field}: {problem}")]
     InvalidJwtRule { field: String, problem: String },
+    #[error("{field}: {problem}")]
+    InvalidTelemetry { field: String, problem: String },
 }
 
 impl Error {
@@ -75,6 +77,7 @@ impl Error {
             Self::InvalidRequestPrincipal { .. } => "InvalidRequestPrincipal",
             Self::UnknownField { .. } => "UnknownField",
             Self::InvalidJwtRule { .. } => "InvalidJwtRule",
+            Self::InvalidTelemetry { .. } => "InvalidTelemetry",
         }
     }
 }
@@ -84,6 +87,7 @@ pub enum PolicyKind {
     AuthorizationPolicy,
     PeerAuthentication,
     RequestAuthentication,
+    Telemetry,
 }
 
 impl PolicyKind {
@@ -92,6 +96,7 @@ impl PolicyKind {
             Self::AuthorizationPolicy => "AuthorizationPolicy",
             Self::PeerAuthentication => "PeerAuthentication",
             Self::RequestAuthentication => "RequestAuthentication",
+            Self::Telemetry => "Telemetry",
         }
     }
 }
@@ -125,6 +130,9 @@ pub struct Policies {
     pub authorization: BTreeMap<NamespacedName, model::AuthorizationPolicy>,
     pub peer_authentication: BTreeMap<NamespacedName, model::PeerAuthentication>,
     pub request_authentication: BTreeMap<NamespacedName, model::RequestAuthentication>,
+    /// Added by [`telemetry::apply`].
+    pub telemetry: BTreeMap<NamespacedName, model::Telemetry>,
+    pub mesh_config: model::MeshConfig,
     pub verdicts: Vec<Verdict>,
 }
 
@@ -449,6 +457,7 @@ pub(crate) fn valid_label_value(v: &str) -> bool {
 }
 
 mod jwt;
+pub mod telemetry;
 
 #[cfg(test)]
 #[path = "validate_tests.rs"]

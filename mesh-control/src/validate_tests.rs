@@ -239,3 +239,92 @@ fn request_principals_are_checked() {
     assert_eq!(e.reason(), "InvalidRequestPrincipal");
     assert!(e.to_string().starts_with("spec.rules[0].from[0].source.requestPrincipals[0]"), "{e}");
 }
+
+fn telemetry_of(yaml: &str) -> crd::Read<crd::telemetry::Telemetry> {
+    let value: serde_json::Value = serde_saphyr::from_str(yaml).expect("test YAML parses");
+    crd::read(&value).expect("reads")
+}
+
+const MESH_CONFIG: &str = "
+extensionProviders:
+- name: zipkin
+  zipkin: {service: zipkin.mesh-system.svc.cluster.local, port: 9411}
+- name: otel
+  opentelemetry: {service: otel.observability, port: 4317}
+- name: otel-http
+  opentelemetry: {service: otel.observability, port: 4318, http: {path: /v1/traces}}
+- name: sky
+  skywalking: {service: sky.observability, port: 11800}
+defaultProviders:
+  tracing: [zipkin]
+";
+
+fn mesh() -> telemetry::MeshConfigCheck {
+    telemetry::mesh_config(&crate::manifest::mesh_config(MESH_CONFIG).expect("mesh config parses"))
+}
+
+#[test]
+fn mesh_config_keeps_zipkin_and_otlp_and_names_what_it_refuses() {
+    let m = mesh();
+    assert_eq!(m.config.tracing_providers.keys().collect::<Vec<_>>(), ["otel", "zipkin"]);
+    assert_eq!(m.config.tracing_providers["zipkin"].protocol, model::TraceProtocol::Zipkin { path: "/api/v2/spans".into() });
+    assert_eq!(m.config.tracing_providers["zipkin"].port, 9411);
+    assert_eq!(m.config.default_tracing_provider.as_deref(), Some("zipkin"));
+    assert!(m.refused["otel-http"].contains("OTLP over HTTP is not exported"), "{:?}", m.refused);
+    assert!(m.refused["sky"].contains("\"skywalking\" is not supported"), "{:?}", m.refused);
+    let err = crate::manifest::mesh_config("extensionProviders: []\nenableTracing: true\n").expect_err("unknown key");
+    assert!(err.contains("enableTracing"), "{err}");
+}
+
+#[test]
+fn telemetry_translates_istios_tracing_fields() {
+    let t = telemetry_of(
+        "apiVersion: telemetry.mesh.dev/v1alpha1
+kind: Telemetry
+metadata: {name: t, namespace: demo}
+spec:
+  selector: {matchLabels: {app: whoami}}
+  tracing:
+  - providers: [{name: otel}]
+    randomSamplingPercentage: 12.5
+    customTags:
+      team: {literal: {value: payments}}
+      user: {header: {name: X-User, defaultValue: anonymous}}
+      pod: {environment: {name: POD_NAME}}
+  - match: {mode: SERVER}
+    disableSpanReporting: true
+  accessLogging:
+  - disabled: true
+",
+    );
+    let got = telemetry::telemetry(&t, &mesh(), "mesh-system").expect("valid");
+    assert_eq!(got.scope, Scope::Workload);
+    assert_eq!(got.access_log_disabled, Some(true));
+    assert_eq!(got.tracing.len(), 2);
+    let r = &got.tracing[0];
+    assert_eq!((r.mode, r.provider.as_deref(), r.sampling_ppm), (model::TracingMode::ClientAndServer, Some("otel"), Some(125_000)));
+    assert_eq!(r.custom_tags["team"], model::CustomTag::Literal("payments".into()));
+    assert_eq!(r.custom_tags["user"], model::CustomTag::Header { name: "x-user".into(), default: Some("anonymous".into()) });
+    assert_eq!(r.custom_tags["pod"], model::CustomTag::Environment { name: "POD_NAME".into(), default: None });
+    assert_eq!((got.tracing[1].mode, got.tracing[1].disable_span_reporting), (model::TracingMode::Server, Some(true)));
+}
+
+#[test]
+fn telemetry_refusals_name_the_field() {
+    let cases = [
+        ("tracing: [{providers: [{name: nope}]}]", "spec.tracing[0].providers[0]: no tracing provider \"nope\""),
+        ("tracing: [{providers: [{name: sky}]}]", "provider \"sky\" is refused in the mesh config"),
+        ("tracing: [{providers: [{name: zipkin}, {name: otel}]}]", "spec.tracing[0].providers: one provider per tracing entry"),
+        ("tracing: [{randomSamplingPercentage: 101}]", "spec.tracing[0].randomSamplingPercentage: 101 is outside 0-100"),
+        ("tracing: [{match: {mode: BOTH}}]", "spec.tracing[0].match.mode: unknown mode \"BOTH\""),
+        ("tracing: [{}, {match: {mode: CLIENT_AND_SERVER}}]", "spec.tracing[1].match.mode: two tracing entries"),
+        ("tracing: [{customTags: {t: {literal: {value: a}, header: {name: b}}}}]", "spec.tracing[0].customTags[t]: set exactly one"),
+        ("accessLogging: [{providers: [{name: otel}]}]", "spec.accessLogging[0].providers: provider \"otel\""),
+        ("metrics: [{providers: [{name: prometheus}]}]", "spec.metrics: unknown field"),
+    ];
+    for (spec, want) in cases {
+        let t = telemetry_of(&format!("apiVersion: telemetry.mesh.dev/v1alpha1\nkind: Telemetry\nmetadata: {{name: t, namespace: demo}}\nspec:\n  {spec}\n"));
+        let e = telemetry::telemetry(&t, &mesh(), "mesh-system").expect_err(spec);
+        assert!(e.to_string().starts_with(want) || e.to_string().contains(want), "{spec}: {e}");
+    }
+}

@@ -69,7 +69,76 @@ pub fn node_view(state: &State, node: &str, trust_domain: &str) -> View {
             insert(&mut view, pb::resource::Kind::RequestAuthentication(request_authentication(p, uids)));
         }
     }
+    for t in state.policies.telemetry.values() {
+        let uids = applied(t.scope, &t.namespace, &t.selector);
+        if !uids.is_empty() {
+            insert(&mut view, pb::resource::Kind::Telemetry(telemetry(t, uids)));
+        }
+    }
+    let mesh = &state.policies.mesh_config;
+    if !mesh.tracing_providers.is_empty() {
+        insert(&mut view, pb::resource::Kind::MeshConfig(mesh_config(mesh)));
+    }
     view
+}
+
+fn telemetry(t: &model::Telemetry, workload_uids: Vec<String>) -> pb::Telemetry {
+    let source = |name: &str, default: &Option<String>| pb::TagSource { name: name.to_owned(), default_value: default.clone() };
+    pb::Telemetry {
+        name: t.name.clone(),
+        namespace: t.namespace.clone(),
+        scope: scope(t.scope),
+        selector: t.selector.clone().into_iter().collect(),
+        tracing: t
+            .tracing
+            .iter()
+            .map(|r| pb::TracingRule {
+                mode: match r.mode {
+                    model::TracingMode::ClientAndServer => pb::TracingMode::ClientAndServer,
+                    model::TracingMode::Client => pb::TracingMode::Client,
+                    model::TracingMode::Server => pb::TracingMode::Server,
+                }
+                .into(),
+                provider: r.provider.clone(),
+                sampling_ppm: r.sampling_ppm,
+                disable_span_reporting: r.disable_span_reporting,
+                custom_tags: r
+                    .custom_tags
+                    .iter()
+                    .map(|(k, v)| {
+                        let source = match v {
+                            model::CustomTag::Literal(l) => pb::custom_tag::Source::Literal(l.clone()),
+                            model::CustomTag::Environment { name, default } => pb::custom_tag::Source::Environment(source(name, default)),
+                            model::CustomTag::Header { name, default } => pb::custom_tag::Source::Header(source(name, default)),
+                        };
+                        (k.clone(), pb::CustomTag { source: Some(source) })
+                    })
+                    .collect(),
+            })
+            .collect(),
+        access_log_disabled: t.access_log_disabled,
+        workload_uids,
+    }
+}
+
+fn mesh_config(m: &model::MeshConfig) -> pb::MeshConfig {
+    pb::MeshConfig {
+        tracing_providers: m
+            .tracing_providers
+            .iter()
+            .map(|(name, p)| pb::TracingProvider {
+                name: name.clone(),
+                service: p.service.clone(),
+                port: u32::from(p.port),
+                max_tag_length: p.max_tag_length,
+                protocol: Some(match &p.protocol {
+                    model::TraceProtocol::Zipkin { path } => pb::tracing_provider::Protocol::ZipkinPath(path.clone()),
+                    model::TraceProtocol::OpenTelemetry => pb::tracing_provider::Protocol::Opentelemetry(true),
+                }),
+            })
+            .collect(),
+        default_tracing_provider: m.default_tracing_provider.clone().unwrap_or_default(),
+    }
 }
 
 fn insert(view: &mut View, kind: pb::resource::Kind) {

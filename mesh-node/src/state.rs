@@ -53,6 +53,12 @@ pub struct Snapshot {
     /// RequestAuthentications (JWT providers); only the control plane sends them.
     #[serde(default, skip_deserializing)]
     pub request_authentications: Vec<crate::authn::RequestAuthentication>,
+    /// Telemetries (tracing, access log) and the mesh config's tracing providers; only the
+    /// control plane sends them.
+    #[serde(default, skip_deserializing)]
+    pub telemetry: Vec<crate::telemetry::policy::Telemetry>,
+    #[serde(default, skip_deserializing)]
+    pub mesh_tracing: crate::telemetry::policy::MeshTracing,
 }
 
 /// One consistent view, indexed for the per-connection lookups.
@@ -66,6 +72,9 @@ pub struct State {
     pub peer_authentications: Vec<PeerAuthentication>,
     /// End-user JWT providers (`crate::authn`).
     pub request_authn: Vec<crate::authn::RequestAuthentication>,
+    /// Tracing and access-log settings (`crate::telemetry::policy`).
+    pub telemetry: Vec<crate::telemetry::policy::Telemetry>,
+    pub mesh_tracing: crate::telemetry::policy::MeshTracing,
     pub services: Vec<Service>,
     /// Route tables by Service namespace, then name (nested: a per-request lookup borrows).
     pub routes: HashMap<String, HashMap<String, Arc<RouteTable>>>,
@@ -111,6 +120,8 @@ impl State {
             policies: snap.policies,
             peer_authentications: snap.peer_authentications,
             request_authn: snap.request_authentications,
+            telemetry: snap.telemetry,
+            mesh_tracing: snap.mesh_tracing,
             service_index: service::Index::build(&snap.services),
             services: snap.services,
             routes,
@@ -188,6 +199,8 @@ impl State {
                 r
             },
             request_authentications: self.request_authn.clone(),
+            telemetry: self.telemetry.clone(),
+            mesh_tracing: self.mesh_tracing.clone(),
         }
     }
 }

@@ -38,8 +38,11 @@ pub fn authenticate_node<T>(
     Ok(())
 }
 
+/// The key of the one `MeshConfig` resource.
+pub const MESH_CONFIG_KEY: &str = "mesh";
+
 /// The key of a config resource, as `mesh/config/v1/config.proto` defines it: workloads by uid,
-/// everything else by "<namespace>/<name>". The one definition both ends of the stream use, so
+/// the mesh config by [`MESH_CONFIG_KEY`], everything else by "<namespace>/<name>". The one definition both ends of the stream use, so
 /// the controller's diffs and the node's view can never disagree.
 pub fn resource_key(kind: &config::v1::resource::Kind) -> config::v1::ResourceKey {
     use config::v1::{ResourceKind, resource::Kind as K};
@@ -50,6 +53,8 @@ pub fn resource_key(kind: &config::v1::resource::Kind) -> config::v1::ResourceKe
         K::PeerAuthentication(p) => (ResourceKind::PeerAuthentication, format!("{}/{}", p.namespace, p.name)),
         K::RouteTable(t) => (ResourceKind::RouteTable, format!("{}/{}", t.namespace, t.name)),
         K::RequestAuthentication(p) => (ResourceKind::RequestAuthentication, format!("{}/{}", p.namespace, p.name)),
+        K::Telemetry(t) => (ResourceKind::Telemetry, format!("{}/{}", t.namespace, t.name)),
+        K::MeshConfig(_) => (ResourceKind::MeshConfig, MESH_CONFIG_KEY.to_owned()),
     };
     config::v1::ResourceKey { kind: kind.into(), key }
 }

@@ -1,5 +1,6 @@
 //! Kubernetes discovery: one reflector per kind (Nodes, Namespaces, Pods, Services,
-//! EndpointSlices, both policy CRDs, and the routing kinds). Any change rebuilds the state from
+//! EndpointSlices, the policy CRDs, the routing kinds, Telemetry and the root namespace's
+//! ConfigMap `mesh-config`). Any change rebuilds the state from
 //! the stores (after a short debounce), validates policies and routes, publishes, and — on the
 //! leader only (`election`) — writes status. Every replica publishes (and so serves nodes); a
 //! replica that becomes the leader rebuilds at once, so statuses that went stale while nobody
@@ -15,7 +16,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::{StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{ConfigMap, Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -27,7 +28,7 @@ use serde::de::DeserializeOwned;
 
 use super::{route_status, status};
 use crate::{
-    crd::{self, gateway, networking},
+    crd::{self, gateway, networking, telemetry},
     election::Leadership,
     metrics::Metrics,
     routing,
@@ -89,6 +90,9 @@ struct Stores {
     virtual_services: Optional,
     destination_rules: Optional,
     local_rate_limits: Optional,
+    telemetry: Optional,
+    /// The ConfigMap `mesh-config` of the root namespace (Istio's MeshConfig providers).
+    mesh_config: Store<ConfigMap>,
 }
 
 /// A routing kind's store; startup waits for it only if the kind was served at start.
@@ -126,6 +130,7 @@ const VIRTUAL_SERVICES: (&str, &str, &str, &str) = (networking::GROUP, "v1alpha1
 const DESTINATION_RULES: (&str, &str, &str, &str) = (networking::GROUP, "v1alpha1", "DestinationRule", "destinationrules");
 const LOCAL_RATE_LIMITS: (&str, &str, &str, &str) = (networking::GROUP, "v1alpha1", "LocalRateLimit", "localratelimits");
 const REQUEST_AUTHENTICATIONS: (&str, &str, &str, &str) = (crd::GROUP, crd::VERSION, "RequestAuthentication", "requestauthentications");
+const TELEMETRIES: (&str, &str, &str, &str) = (telemetry::GROUP, "v1alpha1", "Telemetry", "telemetries");
 
 async fn reflect_optional(client: &Client, (group, version, kind, plural): (&str, &str, &str, &str)) -> (Optional, BoxStream<'static, ()>) {
     let served = match client.list_api_group_resources(&format!("{group}/{version}")).await {
@@ -170,6 +175,8 @@ impl Stores {
             self.virtual_services.ready(),
             self.destination_rules.ready(),
             self.local_rate_limits.ready(),
+            self.telemetry.ready(),
+            self.mesh_config.wait_until_ready(),
         );
     }
 
@@ -192,9 +199,22 @@ impl Stores {
             &owned(&self.services),
             &self.slices.state().iter().filter_map(|o| as_slice(o)).collect::<Vec<_>>(),
         );
-        let policies = validate::policies(&owned(&self.authz), &owned(&self.peer), &self.request_authn.read(), root_namespace);
+        let mut policies = validate::policies(&owned(&self.authz), &owned(&self.peer), &self.request_authn.read(), root_namespace);
+        validate::telemetry::apply(&mut policies, &self.telemetry.read(), &self.mesh_config(), root_namespace);
         let routes = routing::build(objects, &inventory);
         State { inventory, policies, routes }
+    }
+}
+
+impl Stores {
+    /// The mesh config's providers; a ConfigMap that does not parse is logged and read as empty.
+    fn mesh_config(&self) -> validate::telemetry::MeshConfigCheck {
+        let text = self.mesh_config.state().first().and_then(|cm| cm.data.as_ref()?.get(telemetry::MESH_CONFIG_KEY).cloned()).unwrap_or_default();
+        let config = crate::manifest::mesh_config(&text).unwrap_or_else(|e| {
+            tracing::warn!("ConfigMap {}: {e}; no tracing providers", telemetry::MESH_CONFIG_MAP);
+            telemetry::MeshConfig::default()
+        });
+        validate::telemetry::mesh_config(&config)
     }
 }
 
@@ -238,6 +258,19 @@ pub async fn run(client: Client, config: Config, publisher: Publisher) {
     let (destination_rules, s12) = reflect_optional(&client, DESTINATION_RULES).await;
     let (local_rate_limits, s13) = reflect_optional(&client, LOCAL_RATE_LIMITS).await;
     let (request_authn, s14) = reflect_optional(&client, REQUEST_AUTHENTICATIONS).await;
+    let (telemetry, s15) = reflect_optional(&client, TELEMETRIES).await;
+    let (mesh_config, s16) = {
+        let api = Api::<ConfigMap>::namespaced(client.clone(), &config.root_namespace);
+        let writer = reflector::store::Writer::default();
+        let reader = writer.as_reader();
+        let selector = watcher::Config::default().fields(&format!("metadata.name={}", telemetry::MESH_CONFIG_MAP));
+        let stream = watcher(api, selector).default_backoff().reflect(writer).map(|event| {
+            if let Err(e) = event {
+                tracing::warn!("watch error on ConfigMap {} (retrying): {e}", telemetry::MESH_CONFIG_MAP);
+            }
+        });
+        (reader, stream.boxed())
+    };
     let stores = Arc::new(Stores {
         nodes,
         namespaces,
@@ -253,8 +286,10 @@ pub async fn run(client: Client, config: Config, publisher: Publisher) {
         virtual_services,
         destination_rules,
         local_rate_limits,
+        telemetry,
+        mesh_config,
     });
-    let mut events = futures::stream::select_all([s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14]);
+    let mut events = futures::stream::select_all([s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16]);
     // notify_one keeps a permit when nobody waits, so no change is lost while we publish.
     let changed = Arc::new(tokio::sync::Notify::new());
     let (on_gain, mut leadership) = (Arc::clone(&changed), config.leadership.clone());
@@ -300,7 +335,8 @@ async fn publish_once(client: &Client, stores: &Stores, config: &Config, publish
     }
     if config.leadership.is_leader() {
         let request_authn: Vec<crd::RequestAuthentication> = stores.request_authn.read().into_iter().map(|r| r.object).collect();
-        let policies = status::write_all(client, &config.leadership, &verdicts, &owned(&stores.authz), &owned(&stores.peer), &request_authn).await;
+        let telemetry: Vec<telemetry::Telemetry> = stores.telemetry.read().into_iter().map(|r| r.object).collect();
+        let policies = status::write_all(client, &config.leadership, &verdicts, &owned(&stores.authz), &owned(&stores.peer), &request_authn, &telemetry).await;
         let routes = route_status::write_all(client, &config.leadership, &route_verdicts, &objects).await;
         config.metrics.status_writes.inc_by(u64::try_from(policies + routes).unwrap_or(u64::MAX));
     }

@@ -72,6 +72,7 @@ pub async fn write_all(
     authz: &[crd::AuthorizationPolicy],
     peer: &[crd::PeerAuthentication],
     request_authn: &[crd::RequestAuthentication],
+    telemetry: &[crd::telemetry::Telemetry],
 ) -> usize {
     let mut written = 0;
     for v in verdicts.iter().take_while(|_| leadership.is_leader()) {
@@ -79,6 +80,7 @@ pub async fn write_all(
             PolicyKind::AuthorizationPolicy => write(client, v, authz, |o| o.status.as_ref()).await,
             PolicyKind::PeerAuthentication => write(client, v, peer, |o| o.status.as_ref()).await,
             PolicyKind::RequestAuthentication => write(client, v, request_authn, |o| o.status.as_ref()).await,
+            PolicyKind::Telemetry => write(client, v, telemetry, |o| o.status.as_ref()).await,
         };
         written += usize::from(ok);
     }

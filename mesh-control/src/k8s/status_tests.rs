@@ -43,7 +43,7 @@ async fn write_all_patches_only_stale_statuses_by_server_side_apply() {
     // "good" already says Accepted=True for generation 2: no request for it.
     let current = desired(&good, None, ts("2026-01-01T00:00:00Z"));
     let objects = [policy("bad", "NOPE", None), policy("good", "ALLOW", current)];
-    let writer = tokio::spawn(async move { write_all(&client, &Leadership::alone(), &[bad, good], &objects, &[], &[]).await });
+    let writer = tokio::spawn(async move { write_all(&client, &Leadership::alone(), &[bad, good], &objects, &[], &[], &[]).await });
 
     let (method, uri, body, send) = next_request(&mut api).await;
     assert_eq!(method, http::Method::PATCH);
@@ -65,7 +65,7 @@ async fn a_failed_status_write_is_logged_and_does_not_stop_the_others() {
     let obj = |name: &str| -> crd::AuthorizationPolicy { serde_saphyr::from_str(&format!("metadata: {{name: {name}, namespace: demo}}\nspec: {{}}")).expect("yaml") };
     let v = |name: &str| Verdict { kind: PolicyKind::AuthorizationPolicy, key: NamespacedName::new("demo", name), generation: None, result: Ok(()), enforced_as: None };
     let objects = [obj("a"), obj("b")];
-    let writer = tokio::spawn(async move { write_all(&client, &Leadership::alone(), &[v("a"), v("b")], &objects, &[], &[]).await });
+    let writer = tokio::spawn(async move { write_all(&client, &Leadership::alone(), &[v("a"), v("b")], &objects, &[], &[], &[]).await });
     let (_, uri, _, send) = next_request(&mut api).await;
     assert!(uri.contains("/authorizationpolicies/a/status"), "{uri}");
     send.send_response(json_response(403, &api_error(403, "Forbidden")));
@@ -88,7 +88,7 @@ async fn only_the_leader_writes_and_a_lead_lost_between_writes_stops_the_rest() 
     let (client, mut api) = mock_client();
     let (_election, follower) = Leadership::channel();
     let objects = [obj("a"), obj("b")];
-    let written = write_all(&client, &follower, &[v("a"), v("b")], &objects, &[], &[]).await;
+    let written = write_all(&client, &follower, &[v("a"), v("b")], &objects, &[], &[], &[]).await;
     drop(client);
     assert_eq!(written, 0);
     assert!(api.next_request().await.is_none(), "a follower writes nothing");
@@ -97,7 +97,7 @@ async fn only_the_leader_writes_and_a_lead_lost_between_writes_stops_the_rest() 
     let (client, mut api) = mock_client();
     let (election, leadership) = Leadership::channel();
     election.send_replace(Lead::LeaderUntil(tokio::time::Instant::now() + std::time::Duration::from_secs(10)));
-    let writer = tokio::spawn(async move { write_all(&client, &leadership, &[v("a"), v("b")], &objects, &[], &[]).await });
+    let writer = tokio::spawn(async move { write_all(&client, &leadership, &[v("a"), v("b")], &objects, &[], &[], &[]).await });
     let (_, uri, body, send) = next_request(&mut api).await;
     assert!(uri.contains("/authorizationpolicies/a/status"), "{uri}");
     election.send_replace(Lead::Follower);

@@ -9,6 +9,7 @@
 //!   enforced yet (the workload-level mode applies to every port).
 //! - Route tables become `mesh_l7` routes (`routes`): regexes are compiled here, once.
 //! - RequestAuthentications become JWT providers; inline key sets are parsed here, once.
+//! - Telemetries and the mesh config's tracing providers become `crate::telemetry::policy` types.
 
 mod routes;
 
@@ -26,6 +27,7 @@ use crate::{
     authn::RequestAuthentication,
     authz::{Action, Condition, Destination, Mode, PeerAuthentication, Policy, Rule, Source},
     state::{Endpoint, Protocol, Service, ServicePort, ServiceProtocol, Snapshot, Workload},
+    telemetry::policy,
 };
 
 fn invalid(what: impl Into<String>) -> Error {
@@ -69,6 +71,8 @@ pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, node: &str, o
             Some(pb::resource::Kind::PeerAuthentication(p)) => snap.peer_authentications.extend(peer_authentication(&p)?),
             Some(pb::resource::Kind::RouteTable(t)) => snap.routes.push(routes::route_table(&t)?),
             Some(pb::resource::Kind::RequestAuthentication(r)) => snap.request_authentications.push(request_authentication(&r)?),
+            Some(pb::resource::Kind::Telemetry(t)) => snap.telemetry.push(telemetry(&t)),
+            Some(pb::resource::Kind::MeshConfig(m)) => snap.mesh_tracing = mesh_tracing(&m)?,
             None => return Err(invalid("resource without a kind")),
         }
     }
@@ -255,6 +259,66 @@ fn request_authentication(r: &pb::RequestAuthentication) -> Result<RequestAuthen
         .collect::<Result<Vec<_>, Error>>()?;
     let selector = (!r.selector.is_empty()).then(|| r.selector.clone().into_iter().collect());
     Ok(RequestAuthentication { name: r.name.clone(), namespace: r.namespace.clone(), selector, providers: providers.into() })
+}
+
+fn telemetry(t: &pb::Telemetry) -> policy::Telemetry {
+    let tag = |s: &pb::TagSource| (s.name.clone(), s.default_value.clone());
+    policy::Telemetry {
+        name: t.name.clone(),
+        namespace: t.namespace.clone(),
+        selector: (!t.selector.is_empty()).then(|| t.selector.clone().into_iter().collect()),
+        tracing: t
+            .tracing
+            .iter()
+            .map(|r| policy::TracingRule {
+                mode: match r.mode() {
+                    pb::TracingMode::ClientAndServer => policy::Mode::ClientAndServer,
+                    pb::TracingMode::Client => policy::Mode::Client,
+                    pb::TracingMode::Server => policy::Mode::Server,
+                },
+                provider: r.provider.clone(),
+                sampling_percent: r.sampling_ppm.map(|ppm| f64::from(ppm) / 10_000.0),
+                disable_span_reporting: r.disable_span_reporting,
+                custom_tags: r
+                    .custom_tags
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        let source = match v.source.as_ref()? {
+                            pb::custom_tag::Source::Literal(l) => policy::TagSource::Literal(l.clone()),
+                            pb::custom_tag::Source::Environment(e) => {
+                                let (name, default) = tag(e);
+                                policy::TagSource::Environment { name, default }
+                            }
+                            pb::custom_tag::Source::Header(h) => {
+                                let (name, default) = tag(h);
+                                policy::TagSource::Header { name, default }
+                            }
+                        };
+                        Some((k.clone(), source))
+                    })
+                    .collect(),
+            })
+            .collect(),
+        access_log_disabled: t.access_log_disabled,
+    }
+}
+
+fn mesh_tracing(m: &pb::MeshConfig) -> Result<policy::MeshTracing, Error> {
+    let providers = m
+        .tracing_providers
+        .iter()
+        .map(|p| {
+            let what = format!("tracing provider {}", p.name);
+            let protocol = match &p.protocol {
+                Some(pb::tracing_provider::Protocol::ZipkinPath(path)) => policy::Protocol::Zipkin { path: path.clone() },
+                Some(pb::tracing_provider::Protocol::Opentelemetry(_)) => policy::Protocol::OpenTelemetry,
+                None => return Err(invalid(format!("{what}: no protocol"))),
+            };
+            let provider = policy::Provider { name: p.name.clone(), service: p.service.clone(), port: port(p.port, &what)?, max_tag_length: p.max_tag_length, protocol };
+            Ok((p.name.clone(), provider))
+        })
+        .collect::<Result<_, Error>>()?;
+    Ok(policy::MeshTracing { providers, default_provider: (!m.default_tracing_provider.is_empty()).then(|| m.default_tracing_provider.clone()) })
 }
 
 /// An unspecified address, for callers that do not know their own (tests).
