@@ -7,6 +7,7 @@
 //! - [`ws`]: the WebSocket echo behind `/ws`, and `ws-client`.
 //! - [`grpc`]: the `whoami.v1.Whoami` gRPC service (`tests/proto/whoami.proto`) and `grpc-call`.
 //! - [`load`]: `http-load`, a fixed-rate, coordinated-omission-safe HTTP load generator.
+//! - [`zipkin`]: a Zipkin-compatible span collector (JSON v2 in, Zipkin's query API out).
 //!
 //! Every L7 request a server receives can be written to a request log ([`RequestLog`]), which
 //! is how tests see what reached a backend (mirrors, rewrites, header filters).
@@ -16,6 +17,7 @@ pub mod http;
 pub mod l4;
 pub mod load;
 pub mod ws;
+pub mod zipkin;
 
 use std::{
     collections::{BTreeMap, HashMap},

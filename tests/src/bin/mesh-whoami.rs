@@ -17,6 +17,9 @@
 //!   connection with `orig=IP:PORT peer=IP:PORT` from getsockopt(SO_ORIGINAL_DST), or
 //!   `orig=none (error)`.
 //!
+//! - `zipkin --listen ADDR`: a Zipkin-compatible collector keeping spans in memory
+//!   (`POST /api/v2/spans`, `GET /api/v2/traces`, `GET /api/v2/trace/<id>`; `whoami/zipkin.rs`).
+//!
 //! Clients:
 //! - `connect ADDR [--count N] [--bind-port P] [--echo BYTES] [--timeout-ms MS]`: N connections
 //!   (from source ports P, P+1, ... when given), one result line each: `connected peer=<getpeername>
@@ -45,6 +48,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: mesh-whoami serve --name NAME [--node NODE] [--version V] [--tcp PORT] [--udp PORT] [--http PORT] [--grpc PORT] [--request-log FILE|-] [--http-status CODE] [--grpc-fail-code C]
        mesh-whoami origdst --listen ADDR
+       mesh-whoami zipkin --listen ADDR
        mesh-whoami connect ADDR [--count N] [--bind-port P] [--echo BYTES] [--timeout-ms MS]
        mesh-whoami udp ADDR [--count N]
        mesh-whoami bench-connect ADDR --count N | rr ADDR --count N [--size BYTES]
@@ -125,6 +129,7 @@ fn run(args: &Args) -> Result<ExitCode, ExitCode> {
             }
             whoami::serve(&opts)
         }
+        Some("zipkin") => whoami::zipkin::run(args.flag("--listen").and_then(|a| a.parse().ok()).ok_or_else(usage)?),
         Some("origdst") => l4::origdst(args.flag("--listen").and_then(|a| a.parse().ok()).ok_or_else(usage)?),
         Some("connect") => {
             let opts = l4::ConnectOpts {

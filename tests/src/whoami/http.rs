@@ -10,6 +10,7 @@
 //! | `/random/<percent>/<code>` | `<code>` for about `percent` % of requests (drawn per request), else the JSON below |
 //! | `/delay/<ms>` | the JSON below after `ms` milliseconds (at most 300 s) |
 //! | `/bytes/<n>` | `n` bytes, `abc..z` repeated, streamed in chunks (no Content-Length) |
+//! | `/call/<ip:port>/<path>` | calls `http://<ip:port>/<path>` (HTTP/1.1) forwarding the trace headers, as an app in a traced mesh must; answers `{"pod":..,"status":N,"called":<its body>}` |
 //! | anything else | `200` (or `--http-status`) and [`Seen`] as JSON, one line |
 //!
 //! Every answer carries `x-whoami-pod` and `x-whoami-version` (for clients that count
@@ -118,6 +119,9 @@ async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Resu
         tokio::time::sleep(Duration::from_millis(ms).min(MAX_DELAY)).await;
         return Ok(json(ok, &app, &seen));
     }
+    if let Some(spec) = path.strip_prefix("/call/") {
+        return Ok(call(&app, spec, &seen).await);
+    }
     if let Some(n) = path.strip_prefix("/bytes/") {
         return Ok(match n.parse::<u64>() {
             Ok(n) => bytes(&app, n),
@@ -125,6 +129,52 @@ async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Resu
         });
     }
     Ok(json(ok, &app, &seen))
+}
+
+/// The headers an application forwards so a mesh can join its calls into one trace (Istio's list).
+const TRACE_HEADERS: [&str; 10] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "x-request-id",
+    "baggage",
+];
+
+/// `/call/<ip:port>/<path>`: one downstream GET with the trace headers forwarded.
+async fn call(app: &App, spec: &str, seen: &Seen) -> Response<Body> {
+    let (target, rest) = spec.split_once('/').unwrap_or((spec, ""));
+    let Ok(addr) = target.parse::<SocketAddr>() else {
+        return text(StatusCode::BAD_REQUEST, app, &format!("/call/<ip:port>/<path> needs an address, not {target:?}"));
+    };
+    let mut req = Request::get(format!("/{rest}")).header(header::HOST, target);
+    for name in TRACE_HEADERS {
+        if let Some(v) = seen.headers.get(name) {
+            req = req.header(name, v.as_str());
+        }
+    }
+    let req = req.body(http_body_util::Empty::<Bytes>::new()).expect("a valid request");
+    let answer = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>((status, body))
+    };
+    match tokio::time::timeout(Duration::from_secs(10), answer).await {
+        Ok(Ok((status, body))) => {
+            let called = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned().into());
+            json(StatusCode::OK, app, &serde_json::json!({ "pod": app.id.pod, "status": status, "called": called }))
+        }
+        Ok(Err(e)) => text(StatusCode::BAD_GATEWAY, app, &format!("calling {addr}: {e}")),
+        Err(_) => text(StatusCode::GATEWAY_TIMEOUT, app, &format!("calling {addr}: no answer in 10 s")),
+    }
 }
 
 /// A final status (200..=599) from its decimal form.
