@@ -1,7 +1,12 @@
 //! The request layers, each a small tower `Service` wrapper with a test of its own. Outbound
-//! (source node), outside-in: [`crate::record`] → [`router`] → [`fault`] → [`timeout`] → [`filters`] →
-//! [`mirror`] → [`retry`] → [`split`] → the node's upstream. Inbound (destination node): [`crate::record`]
-//! → [`authenticate`] → [`authorize`] → [`rate_limit`] → the node's connection to the local pod.
+//! (source node), outside-in: [`crate::record`] → [`trace`] → [`router`] → [`fault`] →
+//! [`timeout`] → [`filters`] → [`mirror`] → [`retry`] → [`split`] → the node's upstream. Inbound
+//! (destination node): [`crate::record`] → [`trace`] → [`authenticate`] → [`authorize`] →
+//! [`rate_limit`] → the node's connection to the local pod.
+//!
+//! [`trace`] sits inside [`crate::record`] so that the request headers it adds (`x-request-id`,
+//! the trace context) go on to the upstream, and outside the router so that its span sees the
+//! peers, the endpoint and the response flags the inner layers put in the response.
 //!
 //! Every layer answers errors itself (a response with a [`crate::flags::ResponseFlag`]), so the
 //! stacks are infallible and the record layer sees every outcome.
@@ -16,6 +21,7 @@ pub mod retry;
 pub mod router;
 pub mod split;
 pub mod timeout;
+pub mod trace;
 
 use std::convert::Infallible;
 

@@ -208,7 +208,7 @@ pub(crate) fn counted(req: Request<Body>) -> (Request<Body>, Arc<AtomicU64>) {
 }
 
 /// The response flags a response carries in its extensions, as inner layers left them.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Flags {
     flag: Option<ResponseFlag>,
     delayed: bool,
