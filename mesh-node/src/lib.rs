@@ -22,4 +22,5 @@ pub mod removal;
 pub mod routing;
 pub mod services_file;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
