@@ -4,9 +4,9 @@
 //! (destination node): [`crate::record`] → [`trace`] → [`authenticate`] → [`authorize`] →
 //! [`rate_limit`] → the node's connection to the local pod.
 //!
-//! [`trace`] sits inside [`crate::record`] so that the request headers it adds (`x-request-id`,
-//! the trace context) go on to the upstream, and outside the router so that its span sees the
-//! peers, the endpoint and the response flags the inner layers put in the response.
+//! [`trace`] comes right after [`crate::record`], outside every layer that may answer a request
+//! itself: a request the router, a fault or a policy answers still gets its span, and the span
+//! sees the peers, the endpoint and the response flags the inner layers put in the response.
 //!
 //! Every layer answers errors itself (a response with a [`crate::flags::ResponseFlag`]), so the
 //! stacks are infallible and the record layer sees every outcome.
