@@ -1,7 +1,12 @@
 //! The request layers, each a small tower `Service` wrapper with a test of its own. Outbound
-//! (source node), outside-in: [`crate::record`] → [`router`] → [`fault`] → [`timeout`] → [`filters`] →
-//! [`mirror`] → [`retry`] → [`split`] → the node's upstream. Inbound (destination node): [`crate::record`]
-//! → [`authenticate`] → [`authorize`] → [`rate_limit`] → the node's connection to the local pod.
+//! (source node), outside-in: [`crate::record`] → [`trace`] → [`router`] → [`fault`] →
+//! [`timeout`] → [`filters`] → [`mirror`] → [`retry`] → [`split`] → the node's upstream. Inbound
+//! (destination node): [`crate::record`] → [`trace`] → [`authenticate`] → [`authorize`] →
+//! [`rate_limit`] → the node's connection to the local pod.
+//!
+//! [`trace`] comes right after [`crate::record`], outside every layer that may answer a request
+//! itself: a request the router, a fault or a policy answers still gets its span, and the span
+//! sees the peers, the endpoint and the response flags the inner layers put in the response.
 //!
 //! Every layer answers errors itself (a response with a [`crate::flags::ResponseFlag`]), so the
 //! stacks are infallible and the record layer sees every outcome.
@@ -16,6 +21,7 @@ pub mod retry;
 pub mod router;
 pub mod split;
 pub mod timeout;
+pub mod trace;
 
 use std::convert::Infallible;
 

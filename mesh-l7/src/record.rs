@@ -160,7 +160,7 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let received = Arc::new(AtomicU64::new(0));
+        let (req, received) = counted(req);
         let log = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| LogInfo {
             method: req.method().clone(),
             authority: crate::route::filter::authority(&req).map(str::to_owned),
@@ -173,15 +173,9 @@ where
         let info = RequestInfo {
             log,
             protocol: protocol::request_protocol(req.headers()),
-            received: received.clone(),
+            received,
             start: Instant::now(),
         };
-        let req = req.map(|b| {
-            body::boxed(Count {
-                inner: b,
-                count: received,
-            })
-        });
         let recorder = self.recorder.clone();
         Box::pin(self.inner.call(req).map(move |Ok(resp)| {
             let (parts, inner) = resp.into_parts();
@@ -189,28 +183,60 @@ where
                 recorder,
                 info,
                 status: parts.status.as_u16(),
-                flag: parts.extensions.get::<ResponseFlag>().copied(),
-                delayed: parts.extensions.get::<DelayInjected>().is_some(),
-                exhausted: parts.extensions.get::<RetriesExhausted>().is_some(),
+                flags: Flags::of(&parts.extensions),
                 attempts: parts.extensions.get::<Attempts>().copied(),
                 peers: parts.extensions.get::<Peers>().map(|p| p.0.clone()),
                 upstream: parts.extensions.get::<Upstream>().map(|u| u.0),
                 route: parts.extensions.get::<Selected>().cloned(),
                 grpc: grpc_status(&parts.headers),
             };
-            Ok(Response::from_parts(
-                parts,
-                body::boxed(RecordBody {
-                    inner,
-                    sent: 0,
-                    done: Some(done),
-                }),
-            ))
+            Ok(Response::from_parts(parts, watch(inner, done)))
         }))
     }
 }
 
-fn grpc_status(h: &HeaderMap) -> Option<Arc<str>> {
+/// `req` with its body counted as it streams through, and the counter.
+pub(crate) fn counted(req: Request<Body>) -> (Request<Body>, Arc<AtomicU64>) {
+    let count = Arc::new(AtomicU64::new(0));
+    let req = req.map(|b| {
+        body::boxed(Count {
+            inner: b,
+            count: count.clone(),
+        })
+    });
+    (req, count)
+}
+
+/// The response flags a response carries in its extensions, as inner layers left them.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Flags {
+    flag: Option<ResponseFlag>,
+    delayed: bool,
+    exhausted: bool,
+}
+
+impl Flags {
+    pub(crate) fn of(ext: &http::Extensions) -> Self {
+        Self {
+            flag: ext.get::<ResponseFlag>().copied(),
+            delayed: ext.get::<DelayInjected>().is_some(),
+            exhausted: ext.get::<RetriesExhausted>().is_some(),
+        }
+    }
+
+    /// The `response_flags` value; a response whose body did not complete and that carries no
+    /// flag of its own is `DC` (the client went away).
+    pub(crate) fn label(self, complete: bool) -> &'static str {
+        let flag = match self.flag {
+            Some(f) => Some(f),
+            None if !complete => Some(ResponseFlag::DownstreamConnectionTermination),
+            None => None,
+        };
+        flags::label(flag, self.delayed, self.exhausted)
+    }
+}
+
+pub(crate) fn grpc_status(h: &HeaderMap) -> Option<Arc<str>> {
     h.get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .map(Arc::from)
@@ -253,9 +279,7 @@ struct Done {
     recorder: Arc<Recorder>,
     info: RequestInfo,
     status: u16,
-    flag: Option<ResponseFlag>,
-    delayed: bool,
-    exhausted: bool,
+    flags: Flags,
     attempts: Option<Attempts>,
     peers: Option<Arc<PeerLabels>>,
     upstream: Option<SocketAddr>,
@@ -263,15 +287,14 @@ struct Done {
     grpc: Option<Arc<str>>,
 }
 
-impl Done {
+impl OnEnd for Done {
+    fn grpc(&mut self, status: Arc<str>) {
+        self.grpc = Some(status);
+    }
+
     fn finish(self, sent: u64, complete: bool) {
         let r = &self.recorder;
-        let flag = match self.flag {
-            Some(f) => Some(f),
-            None if !complete => Some(ResponseFlag::DownstreamConnectionTermination),
-            None => None,
-        };
-        let flags = flags::label(flag, self.delayed, self.exhausted);
+        let flags = self.flags.label(complete);
         let peers = self.peers.as_ref().unwrap_or(&r.base);
         let grpc = match (&self.grpc, self.info.protocol) {
             (Some(g), _) => g.clone(),
@@ -319,14 +342,31 @@ impl Done {
     }
 }
 
-/// The response body, counted; records the request when it ends or is dropped.
-struct RecordBody {
-    inner: Body,
-    sent: u64,
-    done: Option<Done>,
+/// What a [`watch`]ed response body reports when it ends.
+pub(crate) trait OnEnd: Send + Unpin + 'static {
+    /// A gRPC status arrived in the trailers.
+    fn grpc(&mut self, status: Arc<str>);
+    /// The body ended after `sent` bytes: `complete`, or failed or dropped before its end.
+    fn finish(self, sent: u64, complete: bool);
 }
 
-impl http_body::Body for RecordBody {
+/// `inner`, counted; `done` is told once, when it ends or is dropped.
+pub(crate) fn watch<D: OnEnd>(inner: Body, done: D) -> Body {
+    body::boxed(Watched {
+        inner,
+        sent: 0,
+        done: Some(done),
+    })
+}
+
+/// The response body, counted; reports the request when it ends or is dropped.
+struct Watched<D: OnEnd> {
+    inner: Body,
+    sent: u64,
+    done: Option<D>,
+}
+
+impl<D: OnEnd> http_body::Body for Watched<D> {
     type Data = Bytes;
     type Error = BodyError;
 
@@ -344,7 +384,7 @@ impl http_body::Body for RecordBody {
                 if let Some(t) = f.trailers_ref()
                     && let (Some(done), Some(g)) = (this.done.as_mut(), grpc_status(t))
                 {
-                    done.grpc = Some(g);
+                    done.grpc(g);
                 }
                 if this.inner.is_end_stream() {
                     this.finish(true);
@@ -366,7 +406,7 @@ impl http_body::Body for RecordBody {
     }
 }
 
-impl RecordBody {
+impl<D: OnEnd> Watched<D> {
     fn finish(&mut self, complete: bool) {
         if let Some(done) = self.done.take() {
             done.finish(self.sent, complete);
@@ -374,7 +414,7 @@ impl RecordBody {
     }
 }
 
-impl Drop for RecordBody {
+impl<D: OnEnd> Drop for Watched<D> {
     fn drop(&mut self) {
         // An empty body may never be polled: it ended as soon as it began.
         let complete = self.inner.is_end_stream();

@@ -1,0 +1,72 @@
+//! Zipkin's collector API: `POST {path}` with the batch as a v2 JSON array, over an HTTP/1.1
+//! connection kept between batches while the collector's address stays the same.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{Request, header};
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use mesh_l7::trace::{Span, zipkin};
+use tokio::net::TcpStream;
+
+use super::Error;
+
+pub(super) struct Client {
+    path: String,
+    conn: Option<(SocketAddr, SendRequest<Full<Bytes>>)>,
+}
+
+impl Client {
+    pub(super) fn new(path: String) -> Self {
+        Self { path, conn: None }
+    }
+
+    pub(super) fn reset(&mut self) {
+        self.conn = None;
+    }
+
+    pub(super) async fn export(&mut self, addr: SocketAddr, spans: &[Span]) -> Result<(), Error> {
+        let body = Bytes::from(zipkin::encode(spans));
+        let req = Request::post(self.path.as_str())
+            .header(header::HOST, addr.to_string())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|source| Error::Request {
+                path: self.path.clone(),
+                source,
+            })?;
+        // Taken out while in use: a batch that fails, or is cut off by the timeout, leaves no
+        // half-used connection behind.
+        let mut sender = match self.conn.take() {
+            Some((a, s)) if a == addr && !s.is_closed() => s,
+            _ => connect(addr).await?,
+        };
+        sender.ready().await?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        // Read the answer to its end, so the connection can carry the next batch.
+        resp.into_body().collect().await?;
+        self.conn = Some((addr, sender));
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(Error::Status(status))
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, Error> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|source| Error::Connect { addr, source })?;
+    let _ = tcp.set_nodelay(true);
+    let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            tracing::debug!(%addr, %error, "zipkin collector connection ended");
+        }
+    });
+    Ok(sender)
+}
