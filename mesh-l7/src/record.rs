@@ -50,6 +50,8 @@ pub struct Recorder {
     /// `outbound`, `inbound`, `same-node`, `inbound-plaintext`: the access log's `kind`.
     kind: &'static str,
     src: SocketAddr,
+    /// Whether requests get an access-log line (a Telemetry's `accessLogging` may turn it off).
+    access_log: bool,
     /// Keyed by the peers' address: the entry holds the `Arc` so the address stays theirs.
     cache: Mutex<HashMap<CacheKey, (Arc<PeerLabels>, Handles)>>,
 }
@@ -70,11 +72,23 @@ impl Recorder {
         kind: &'static str,
         src: SocketAddr,
     ) -> Arc<Self> {
+        Self::with_access_log(metrics, base, kind, src, true)
+    }
+
+    /// A recorder whose requests get access-log lines only if `access_log`.
+    pub fn with_access_log(
+        metrics: Arc<RequestMetrics>,
+        base: Arc<PeerLabels>,
+        kind: &'static str,
+        src: SocketAddr,
+        access_log: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
             metrics,
             base,
             kind,
             src,
+            access_log,
             cache: Mutex::default(),
         })
     }
@@ -161,7 +175,9 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let (req, received) = counted(req);
-        let log = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| LogInfo {
+        let log = (self.recorder.access_log
+            && tracing::enabled!(target: "access", tracing::Level::INFO))
+        .then(|| LogInfo {
             method: req.method().clone(),
             authority: crate::route::filter::authority(&req).map(str::to_owned),
             path: req

@@ -77,7 +77,8 @@ pub async fn build_with(
 
     let pool = Pool::new(inputs.clone());
     let jwks = crate::authn::JwksCache::new(cfg.proxy.jwks_refresh, &mut registry);
-    let http = proxy::l7::Shared::new(&inputs, pool.clone(), clusters.clone(), jwks.clone());
+    let tracers = crate::telemetry::tracers::Tracers::new(&cfg.proxy.node_name, &cfg.proxy.cluster_domain, state.clone(), &mut registry);
+    let http = proxy::l7::Shared::new(&inputs, pool.clone(), clusters.clone(), jwks.clone(), tracers);
     let outbound = Outbound::new(cfg.outbound_addr, inputs.clone(), pool.clone(), http.clone()).await?;
     let inbound = Inbound::new(cfg.inbound_addr, inputs.clone(), http.clone()).await?;
     let inbound_plain = InboundPlain::new(cfg.inbound_plain_addr, inputs.clone(), http.clone()).await?;

@@ -14,6 +14,7 @@
 
 pub mod otlp;
 pub mod policy;
+pub mod tracers;
 pub mod zipkin;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};

@@ -5,6 +5,7 @@
 mod jwt;
 mod l7;
 mod resilience;
+mod traces;
 
 use std::{
     net::SocketAddr,

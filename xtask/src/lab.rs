@@ -85,7 +85,7 @@ fn up() -> Result<()> {
 
     step("creating 2 nodes and 5 pods, starting mesh-control (file mode), 2 mesh-nodes, the sample app");
     let bins = Binaries::in_dir(&root_dir().join("target/debug"));
-    let cluster = Cluster::start(LabSpec { run: RUN.into(), pods_per_node: vec![3, 2] }, bins, &state_dir())
+    let mut cluster = Cluster::start(LabSpec { run: RUN.into(), pods_per_node: vec![3, 2] }, bins, &state_dir())
         .context("starting the lab (see the logs in /run/mesh-lab/logs)")?;
     for pod in &cluster.lab.pods {
         let role = mesh_tests::cluster::PODS.iter().find(|r| r.pod == pod.name).expect("role");
@@ -100,6 +100,9 @@ fn up() -> Result<()> {
 
     step("L7: applying deploy/examples/routing/firefox-canary.yaml and weighted-split.yaml, and policies/deny-admin-writes.yaml");
     let l7 = l7_demo(&cluster)?;
+
+    step("tracing: a Zipkin collector in n1p3, applying deploy/examples/telemetry/tracing.yaml (100 % sampling)");
+    let traced = trace_demo(&mut cluster)?;
 
     step("policy: applying deploy/examples/policies/deny-client-to-whoami.yaml (DENY principal client)");
     let deny = fs::read_to_string(root_dir().join("deploy/examples/policies/deny-client-to-whoami.yaml"))?;
@@ -138,6 +141,7 @@ fn up() -> Result<()> {
         );
     }
     let refused = denied.iter().filter(|l| !l.starts_with("connected") || who(l).starts_with("FAILED")).count();
+    traced.print();
     println!("  policy DENY client -> whoami: {refused} of {} attempts refused; after removing it: {} of {} answered", denied.len(), after.iter().filter(|l| !who(l).starts_with("FAILED")).count(), after.len());
     println!();
     println!("  metrics   nsenter --net=/run/netns/mesh-lab-n1 curl -s localhost:{METRICS_PORT}/metrics   (also n2)");
@@ -145,6 +149,7 @@ fn up() -> Result<()> {
     println!("  control   nsenter --net=/run/netns/mesh-lab-ul curl -s localhost:15014/status");
     println!("  policies  drop Istio-shaped YAML into {}/config/policies/ (applied live)", state_dir().display());
     println!("  routes    drop HTTPRoute/GRPCRoute/VirtualService YAML into {}/config/routes/ (see deploy/examples/routing/)", state_dir().display());
+    println!("  traces    nsenter --net=/run/netns/mesh-lab-n1p3 curl -s localhost:{ZIPKIN_PORT}/api/v2/traces   (Zipkin API)");
     println!("  datapath  bpftool map dump pinned /sys/fs/bpf/mesh-lab/n1/MESH_SVC_V1");
     println!("  a pod     nsenter --net=/run/netns/mesh-lab-n1p1 {} connect {vip}", root_dir().join("target/debug/mesh-whoami").display());
     println!("  logs      {}/logs", state_dir().display());
@@ -155,11 +160,76 @@ fn up() -> Result<()> {
     if failed > 0 {
         bail!("some connections failed (see the report above and the logs)");
     }
+    if traced.spans.len() != 4 {
+        bail!("the traced request did not give one trace of 4 spans (see the report above and the logs)");
+    }
     if !l7.as_expected() {
         bail!("the L7 demo did not behave as the report above says it should (see the logs)");
     }
     let _ = APP_PORT;
     Ok(())
+}
+
+/// The collector's port (Zipkin's).
+const ZIPKIN_PORT: u16 = 9411;
+
+/// One request traced through two hops, as the collector got it.
+struct TraceDemo {
+    /// Root first, each the child of the one before.
+    spans: Vec<serde_json::Value>,
+}
+
+fn trace_demo(cluster: &mut Cluster) -> Result<TraceDemo> {
+    let whoami = cluster.bins.whoami.display().to_string();
+    let listen = format!("0.0.0.0:{ZIPKIN_PORT}");
+    let (collector, _) = cluster.spawn_in_pod_logged("n1p3", "zipkin", &whoami, &["zipkin", "--listen", &listen])?;
+    cluster.apps.insert("zipkin".into(), collector);
+    let ip = cluster.lab.pod("n1p3").ip.to_string();
+    let example = fs::read_to_string(root_dir().join("deploy/examples/telemetry/tracing.yaml"))?;
+    cluster.apply_policy("tracing", &example.replace("zipkin.mesh-system.svc.cluster.local", &ip))?;
+    let url = format!("http://{VIP}:{HTTP_SERVICE_PORT}/call/{VIP_HELLOWORLD}:{HTTP_SERVICE_PORT}/hello");
+    let started = Instant::now();
+    let mut spans = Vec::new();
+    // The Telemetry reaches the nodes within a second; exporters flush every second.
+    while spans.len() != 4 && started.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(1000));
+        let id = format!("lab-{}", started.elapsed().as_millis());
+        cluster.lab.run_in_pod("n1p1", "curl", &["-sS", "--max-time", "5", "-o", "/dev/null", "-H", &format!("x-request-id: {id}"), &url])?;
+        std::thread::sleep(Duration::from_millis(1500));
+        let out = cluster.lab.run_in_pod("n1p3", "curl", &["-sS", "--max-time", "3", &format!("http://127.0.0.1:{ZIPKIN_PORT}/api/v2/traces")])?;
+        let traces: Vec<Vec<serde_json::Value>> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let tag = |s: &serde_json::Value| s["tags"]["guid:x-request-id"].as_str().map(str::to_owned);
+        let Some(trace) = traces.into_iter().find(|t| t.iter().any(|s| tag(s).as_deref() == Some(id.as_str()))) else { continue };
+        spans = trace.iter().filter(|s| s.get("parentId").is_none()).take(1).cloned().collect();
+        while let Some(child) = spans.last().and_then(|p| trace.iter().find(|s| s["parentId"] == p["id"])) {
+            spans.push(child.clone());
+        }
+    }
+    Ok(TraceDemo { spans })
+}
+
+impl TraceDemo {
+    fn print(&self) {
+        let Some(first) = self.spans.first() else {
+            println!("  tracing: no complete trace reached the collector");
+            return;
+        };
+        println!("  tracing (Telemetry mesh-default -> Zipkin collector in n1p3): client -> whoami -> helloworld, trace {}", first["traceId"].as_str().unwrap_or("?"));
+        for (depth, s) in self.spans.iter().enumerate() {
+            let tag = |k: &str| s["tags"][k].as_str().unwrap_or("-").to_owned();
+            println!(
+                "      {:indent$}{:<6} {:<7} {:<48} {} {:>6.2} ms  {}",
+                "",
+                s["kind"].as_str().unwrap_or("?"),
+                tag("istio.canonical_service"),
+                tag("upstream_cluster"),
+                tag("http.status_code"),
+                s["duration"].as_f64().unwrap_or(0.0) / 1000.0,
+                tag("node_id"),
+                indent = depth * 2
+            );
+        }
+    }
 }
 
 /// What the L7 part of the lab showed.

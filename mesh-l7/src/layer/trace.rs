@@ -448,9 +448,9 @@ mod tests {
         let t = Some(tracer(SpanKind::Server, 0.0, &sink));
         let b3 = format!("a3ce929d0e0e4736-{SPAN}-1");
         let resp = call(plain(), t, request(&[("b3", &b3)])).await;
-        // `traceparent` is read first, and carries 32 digits.
+        // The next hop reads `traceparent` (32 digits) with the B3 headers: the width is kept.
         let sent = injected(&resp).parent.expect("parent");
-        assert_eq!(sent.trace_id, TraceId::new(0xa3ce_929d_0e0e_4736));
+        assert_eq!(sent.trace_id, TraceId::b3_64(0xa3ce_929d_0e0e_4736));
         let want = format!("a3ce929d0e0e4736-{}-1-{SPAN}", sent.span_id);
         assert_eq!(header(&resp, "b3"), Some(want.as_str()));
         assert_eq!(header(&resp, "x-b3-traceid"), Some("a3ce929d0e0e4736"));

@@ -57,7 +57,22 @@ impl SpanContext {
 /// well-formed one wins.
 pub fn extract(headers: &HeaderMap) -> Incoming {
     let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(found) = text(&TRACEPARENT).and_then(parse_traceparent) {
+    if let Some(mut found) = text(&TRACEPARENT).and_then(parse_traceparent) {
+        // A 64-bit B3 trace id travels in `traceparent` zero-padded; when the B3 headers that
+        // came with it carry the same id in 64 bits, keep that width, so every hop reports the
+        // trace under one id.
+        if let Some(p) = &mut found.parent
+            && p.trace_id.get() >> 64 == 0
+        {
+            let b3_trace =
+                text(&X_B3_TRACEID).or_else(|| text(&B3).and_then(|b| b.split('-').next()));
+            if let Some(t) = b3_trace
+                && t.len() == 16
+                && u64::from_str_radix(t, 16).is_ok_and(|id| u128::from(id) == p.trace_id.get())
+            {
+                p.trace_id = TraceId::b3_64(u64::from_str_radix(t, 16).unwrap_or_default());
+            }
+        }
         return found;
     }
     if let Some(found) = text(&B3).and_then(parse_b3_single) {
@@ -466,6 +481,28 @@ mod tests {
             ("x-b3-spanid", SPAN),
         ]);
         assert_eq!(extract(&h), continued(None));
+    }
+
+    #[test]
+    fn a_64_bit_b3_trace_keeps_its_width_at_the_next_hop() {
+        // What this proxy injected for a 64-bit B3 trace, read by the next hop.
+        let ctx = SpanContext {
+            trace_id: TraceId::b3_64(0xa3ce_929d_0e0e_4736),
+            span_id: SpanId(0xabc),
+            parent_id: None,
+            sampled: true,
+        };
+        let mut h = HeaderMap::new();
+        inject(&ctx, &mut h);
+        let got = extract(&h).parent.expect("continued");
+        assert!(got.trace_id.is_64(), "{got:?}");
+        assert_eq!(got.trace_id.to_string(), "a3ce929d0e0e4736");
+        // A 128-bit W3C id whose high half is zero, without B3, stays 128-bit.
+        let h = headers(&[(
+            "traceparent",
+            "00-0000000000000000a3ce929d0e0e4736-0000000000000abc-01",
+        )]);
+        assert!(!extract(&h).parent.expect("continued").trace_id.is_64());
     }
 
     #[test]

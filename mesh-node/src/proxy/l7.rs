@@ -46,10 +46,12 @@ pub struct Shared {
     pub rate_limits: Arc<mesh_l7::layer::rate_limit::Buckets>,
     /// JWK sets fetched for RequestAuthentications.
     pub jwks: Arc<crate::authn::JwksCache>,
+    /// Tracers per connection and the span exporters (Telemetry).
+    pub tracers: Arc<crate::telemetry::tracers::Tracers>,
 }
 
 impl Shared {
-    pub fn new(inputs: &Inputs, hbone: Arc<HbonePool>, clusters: Arc<Clusters>, jwks: Arc<crate::authn::JwksCache>) -> Arc<Self> {
+    pub fn new(inputs: &Inputs, hbone: Arc<HbonePool>, clusters: Arc<Clusters>, jwks: Arc<crate::authn::JwksCache>, tracers: Arc<crate::telemetry::tracers::Tracers>) -> Arc<Self> {
         let client = mesh_l7::client::Config::default();
         Arc::new(Self {
             server: mesh_l7::server::Config::default(),
@@ -60,6 +62,7 @@ impl Shared {
             clusters,
             rate_limits: Arc::default(),
             jwks,
+            tracers,
         })
     }
 

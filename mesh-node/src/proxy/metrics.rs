@@ -31,6 +31,15 @@ fn label(w: Option<&Workload>, key: &[&str]) -> Arc<str> {
     w.and_then(|w| key.iter().find_map(|k| w.labels.get(*k))).map_or_else(|| Arc::from(UNKNOWN), |v| Arc::from(v.as_str()))
 }
 
+/// A workload's canonical service and revision, as Istio derives them from its labels.
+pub fn canonical(w: &Workload) -> (Arc<str>, Arc<str>) {
+    let service = label(Some(w), &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]);
+    let service = if &*service == UNKNOWN { Arc::from(w.workload_name()) } else { service };
+    let revision = label(Some(w), &["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"]);
+    let revision = if &*revision == UNKNOWN { Arc::from("latest") } else { revision };
+    (service, revision)
+}
+
 /// One side of a connection, as far as it is known.
 #[derive(Clone, Copy)]
 pub struct Peer<'a> {

@@ -31,6 +31,10 @@ struct Store {
     spans: VecDeque<serde_json::Value>,
 }
 
+/// Serves until killed.
+///
+/// # Panics
+/// When no tokio runtime can be built.
 pub fn run(listen: SocketAddr) -> ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("a tokio runtime starts");
     runtime.block_on(async move {

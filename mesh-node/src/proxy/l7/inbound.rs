@@ -20,6 +20,7 @@ use mesh_l7::{
         authenticate::{Authenticate, AuthenticateLayer},
         authorize::{Authorize, AuthorizeLayer, Denied},
         rate_limit::{Buckets, Decision, Limiter, RateLimitLayer},
+        trace::Trace,
     },
     policy::RateLimitKey,
     metrics::SecurityPolicy,
@@ -43,6 +44,7 @@ use crate::{
         socket,
     },
     state::{State, Workload},
+    telemetry::policy::{Side, access_log_for},
 };
 
 /// Connections to local pods, from the client's address in transparent mode.
@@ -189,7 +191,7 @@ pub fn version(protocol: AppProtocol) -> client::Version {
 }
 
 /// The destination stack for requests from `caller` to the local workload `dst_w` at `dst`:
-/// record (destination reporter) → authenticate (JWT) → authorize → rate limit → the pod.
+/// record (destination reporter) → trace (server span) → authenticate (JWT) → authorize → rate limit → the pod.
 pub fn local_stack(inputs: &Inputs, shared: &Arc<Shared>, state: &State, caller: Caller, dst_w: &Workload, dst: SocketAddr, kind: &'static str) -> BoxHttp {
     let mtls = if caller.identity.is_some() { SecurityPolicy::mutual_tls } else { SecurityPolicy::unknown };
     let dst_id = state.identity(dst_w);
@@ -201,7 +203,8 @@ pub fn local_stack(inputs: &Inputs, shared: &Arc<Shared>, state: &State, caller:
         &inputs.cfg.cluster_id,
     );
     set_service(&mut base, state.serving(dst).map(|(s, _)| s), &inputs.cfg.cluster_domain);
-    let recorder = Recorder::new(inputs.metrics.requests.clone(), Arc::new(base), kind, SocketAddr::new(caller.ip, 0));
+    let access_log = access_log_for(&state.telemetry, &state.root_namespace, dst_w);
+    let recorder = Recorder::with_access_log(inputs.metrics.requests.clone(), Arc::new(base), kind, SocketAddr::new(caller.ip, 0), access_log);
     let to_pod = ToPod {
         shared: shared.clone(),
         key: PodKey { src: pod_source(inputs, state, caller.ip), dst },
@@ -209,9 +212,10 @@ pub fn local_stack(inputs: &Inputs, shared: &Arc<Shared>, state: &State, caller:
     };
     let limiter = NodeLimiter { inputs: inputs.clone(), buckets: shared.rate_limits.clone(), caller: caller.identity.as_ref().map(Identity::to_string), pod: dst.ip() };
     let authn = NodeAuthn { inputs: inputs.clone(), jwks: shared.jwks.clone(), dst: dst_w.clone() };
+    let tracer = shared.tracers.tracer(state, dst_w, Side::Server, SocketAddr::new(caller.ip, 0), dst.port());
     let authz = NodeAuthz { inputs: inputs.clone(), caller, dst: dst_w.clone(), dst_port: dst.port() };
     let authorized = AuthorizeLayer::new(RateLimitLayer::new(to_pod, Arc::new(limiter)), Arc::new(authz));
-    BoxHttp::new(Record::new(AuthenticateLayer::new(authorized, Arc::new(authn)), recorder))
+    BoxHttp::new(Record::new(Trace::new(AuthenticateLayer::new(authorized, Arc::new(authn)), tracer), recorder))
 }
 
 /// Serves the requests of one connection (an HBONE stream or plaintext) to a local pod.

@@ -1,5 +1,5 @@
 //! The source side of HTTP: a meshed client's connection to an HTTP Service port is served here
-//! with `mesh_l7`'s outbound stack (record → router → timeout → filters → mirror → split), and
+//! with `mesh_l7`'s outbound stack (record → trace → router → timeout → filters → mirror → split), and
 //! each request then goes to an endpoint of the chosen backend Service picked by
 //! [`crate::balance`] — requests of one client connection may reach different endpoints. The
 //! endpoint is reached through a pooled HTTP connection carried by an HBONE stream (meshed, on
@@ -29,6 +29,7 @@ use mesh_l7::{
         router::{ClientInfo, Router},
         split::{Chosen, Split},
         timeout::Timeout,
+        trace::Trace,
     },
     flags::ResponseFlag,
     metrics::{PeerLabels, SecurityPolicy},
@@ -51,6 +52,7 @@ use crate::{
         socket,
     },
     state::{Protocol, Service, State, Workload},
+    telemetry::policy::{Side, access_log_for},
 };
 
 /// How the source node reaches an endpoint for HTTP.
@@ -390,7 +392,8 @@ where
         &inputs.cfg.cluster_id,
     );
     set_service(&mut base, Some(target.service), &inputs.cfg.cluster_domain);
-    let recorder = Recorder::new(inputs.metrics.requests.clone(), Arc::new(base), "outbound", peer);
+    let access_log = access_log_for(&state.telemetry, &state.root_namespace, src_w);
+    let recorder = Recorder::with_access_log(inputs.metrics.requests.clone(), Arc::new(base), "outbound", peer, access_log);
     let upstream = Upstream(Arc::new(UpstreamInner {
         inputs: inputs.clone(),
         shared: shared.clone(),
@@ -400,7 +403,9 @@ where
         ipv4: target.vip.is_ipv4(),
         seen: Arc::default(),
     }));
-    let stack = Record::new(Router::new(Fault::new(Timeout::new(Filters::new(Mirror::new(Retry::new(Split::new(upstream), shared.retry_budgets.clone()))))), Arc::new(lookup), target.port, info), recorder);
+    let routed = Router::new(Fault::new(Timeout::new(Filters::new(Mirror::new(Retry::new(Split::new(upstream), shared.retry_budgets.clone()))))), Arc::new(lookup), target.port, info);
+    let tracer = shared.tracers.tracer(state, src_w, Side::Client, peer, target.port);
+    let stack = Record::new(Trace::new(routed, tracer), recorder);
     if let Err(e) = mesh_l7::server::serve(client, stack, &shared.server, drain.signaled()).await {
         tracing::debug!(%peer, error = %e, "outbound HTTP connection ended with an error");
     }
