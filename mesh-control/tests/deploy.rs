@@ -188,6 +188,38 @@ fn helm_chart_renders_a_platform_teams_overrides_and_nothing_else_changes() {
     assert_eq!(node_role["rules"][0]["resourceNames"][0], "platform-mesh");
 }
 
+/// `meshConfig` (Istio's extension providers) renders into ConfigMap mesh-config's `mesh` key,
+/// which the controller reads back into the same providers; the tracing example loads in file
+/// mode with its Telemetry accepted.
+#[test]
+fn helm_mesh_config_and_the_tracing_example_reach_the_controller() {
+    let over = serde_json::json!({"meshConfig": {
+        "extensionProviders": [{"name": "zipkin", "zipkin": {"service": "zipkin.istio-system.svc.cluster.local", "port": 9411}}],
+        "defaultProviders": {"tracing": ["zipkin"]}
+    }});
+    let values = helm::merge(&default_values(), &over);
+    let schema: Value = serde_json::from_str(&read(&chart_dir().join("values.schema.json"))).expect("schema");
+    assert_eq!(helm::validate(&schema, &values), Vec::<String>::new());
+    let docs = render_chart(&values, "mesh-system");
+    let cm = docs.iter().find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "mesh-config").expect("mesh-config");
+    let text = cm["data"]["mesh"].as_str().expect("a mesh key");
+    let mesh = mesh_control::validate::telemetry::mesh_config(&mesh_control::manifest::mesh_config(text).expect("parses"));
+    assert_eq!(mesh.config.default_tracing_provider.as_deref(), Some("zipkin"));
+    assert_eq!(mesh.config.tracing_providers["zipkin"].port, 9411);
+    let bad = helm::merge(&default_values(), &serde_json::json!({"meshConfig": {"extensionProvider": []}}));
+    assert!(!helm::validate(&schema, &bad).is_empty(), "a typo in meshConfig is refused");
+
+    let ex = deploy().join("examples");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(ex.join("file-mode/cluster.yaml"), dir.path().join("cluster.yaml")).expect("copy");
+    std::fs::copy(ex.join("telemetry/tracing.yaml"), dir.path().join("tracing.yaml")).expect("copy");
+    let (state, errors) = mesh_control::filemode::load(dir.path(), "mesh-system");
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(state.policies.verdicts.iter().all(|v| v.result.is_ok()), "{:?}", state.policies.verdicts);
+    assert_eq!(state.policies.mesh_config.tracing_providers.keys().collect::<Vec<_>>(), ["otel", "zipkin"]);
+    assert_eq!(state.policies.telemetry.len(), 1);
+}
+
 /// Typos and wrong types in a values file are refused by values.schema.json (Helm validates it
 /// before rendering). The same cases run through Python's jsonschema in `cargo xtask test`.
 #[test]

@@ -12,6 +12,14 @@
 //! cargo xtask bench --only l7-policies
 //! ```
 //!
+//! A second benchmark in this file, `tracing_at_1_and_100_percent_vs_none`, rotates between no
+//! tracing and a mesh-wide Telemetry sampling 1 % and 100 % of requests into a Zipkin collector
+//! in the lab (results in `bench/results/tracing.md`):
+//!
+//! ```sh
+//! cargo xtask bench --only tracing
+//! ```
+//!
 //! Pinning as the node-l7 benchmark: both daemons on CPU 1 (their access log off: `MESH_LOG`
 //! warn), the load generators on CPU 0; the sample app is not pinned.
 //!
@@ -21,7 +29,7 @@
 //! drift hits both equally; the report gives medians, spread and the policy/none ratio.
 //! Any failed request fails the run. Results are in `bench/results/l7-policies.md`.
 
-use std::{path::Path, time::Duration};
+use std::{fmt::Write as _, path::Path, time::Duration};
 
 use mesh_tests::{
     LabSpec,
@@ -79,6 +87,22 @@ spec:
     jwks: 'JWKS'
 ";
 
+const TRACING: &str = "apiVersion: v1
+kind: ConfigMap
+metadata: {name: mesh-config, namespace: mesh-system}
+data:
+  mesh: |
+    extensionProviders:
+    - name: zipkin
+      zipkin: {service: COLLECTOR, port: 9411}
+---
+apiVersion: telemetry.mesh.dev/v1alpha1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: mesh-system}
+spec:
+  tracing: [{providers: [{name: zipkin}], randomSamplingPercentage: PERCENT}]
+";
+
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -90,85 +114,151 @@ struct Samples {
     rps: Vec<f64>,
 }
 
-#[test]
-#[ignore = "benchmark: run explicitly with --ignored (see the module doc)"]
-fn l7_policies_configured_but_idle_vs_none() {
-    mesh_tests::require_root();
-    let wrk = mesh_tests::tools::wrk().expect("wrk").display().to_string();
-    let rounds = env_num("MESH_BENCH_ROUNDS", 6);
-    let fixed_secs = env_num("MESH_BENCH_FIXED_SECS", 10).to_string();
-    let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
-    let spec = LabSpec::for_test(&[3, 2]);
-    let base = std::env::temp_dir().join(format!("mesh-{}-bench", spec.run));
-    let mut c = Cluster::start(spec, Binaries::in_dir(&release), &base).expect("start the mesh");
-    // As the node-l7 benchmark: no per-request access log, daemons on CPU 1, clients on CPU 0.
-    c.node_log = "warn".into();
-    for i in 1..=2 {
-        c.stop_node(i);
-        c.start_node(i).expect("restart the daemon");
-        let pid = c.daemons[usize::from(i - 1)].as_ref().expect("daemon").child.id().to_string();
-        let out = std::process::Command::new("taskset").args(["-a", "-p", "-c", "1", &pid]).output().expect("taskset");
-        assert!(out.status.success(), "taskset: {}", String::from_utf8_lossy(&out.stderr));
+/// The lab, pinned as the node-l7 benchmark, and its two load generators.
+struct Bench {
+    c: Cluster,
+    url: String,
+    whoami: String,
+    wrk: String,
+}
+
+impl Bench {
+    fn start() -> Self {
+        mesh_tests::require_root();
+        let wrk = mesh_tests::tools::wrk().expect("wrk").display().to_string();
+        let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
+        let spec = LabSpec::for_test(&[3, 2]);
+        let base = std::env::temp_dir().join(format!("mesh-{}-bench", spec.run));
+        let mut c = Cluster::start(spec, Binaries::in_dir(&release), &base).expect("start the mesh");
+        // As the node-l7 benchmark: no per-request access log, daemons on CPU 1, clients on CPU 0.
+        c.node_log = "warn".into();
+        for i in 1..=2 {
+            c.stop_node(i);
+            c.start_node(i).expect("restart the daemon");
+            let pid = c.daemons[usize::from(i - 1)].as_ref().expect("daemon").child.id().to_string();
+            let out = std::process::Command::new("taskset").args(["-a", "-p", "-c", "1", &pid]).output().expect("taskset");
+            assert!(out.status.success(), "taskset: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let whoami = c.bins.whoami.display().to_string();
+        Self { c, url: format!("http://{VIP_V2}/"), whoami, wrk }
     }
-    let c = c;
-    let url = format!("http://{VIP_V2}/");
-    let whoami = c.bins.whoami.display().to_string();
-    let fixed = |secs: &str| -> Report {
-        let out = c.lab.run_in_pod("n1p1", "taskset", &["-c", "0", &whoami, "http-load", "--url", &url, "--rate", "1000", "--duration", secs, "--connections", "16"]).expect("http-load");
+
+    /// `mesh-whoami http-load` at 1,000 req/s for `secs`; every request must succeed.
+    fn fixed(&self, secs: &str) -> Report {
+        let out = self
+            .c
+            .lab
+            .run_in_pod("n1p1", "taskset", &["-c", "0", &self.whoami, "http-load", "--url", &self.url, "--rate", "1000", "--duration", secs, "--connections", "16"])
+            .expect("http-load");
         let text = String::from_utf8_lossy(&out.stdout);
         let r: Report = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("http-load output ({e}): {text}"));
         assert_eq!((r.ok, r.errors), (r.scheduled, 0), "every request answered 2xx: {r:?}");
         r
-    };
-    let max_rps = || -> f64 {
-        let out = c.lab.run_in_pod("n1p1", "taskset", &["-c", "0", &wrk, "-t1", "-c32", "-d5s", &url]).expect("wrk");
+    }
+
+    /// wrk's maximum rate (1 thread, 32 connections, 5 s); any failure fails the run.
+    fn max_rps(&self) -> f64 {
+        let out = self.c.lab.run_in_pod("n1p1", "taskset", &["-c", "0", &self.wrk, "-t1", "-c32", "-d5s", &self.url]).expect("wrk");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(!text.contains("Non-2xx") && !text.contains("Socket errors"), "wrk saw failures: {text}");
         text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("wrk output: {text}"))
-    };
-    let policies = POLICIES.replace("JWKS", &mesh_l7::jwt::testing::jwks(&[&mesh_l7::jwt::testing::SigningKey::generate("bench")]));
-    let set = |on: bool| {
-        if on {
-            c.apply_routes("policies", &policies).expect("apply");
-        } else {
+    }
+
+    /// Applies `yaml` as the config file "bench" (none: removes it), lets it reach the nodes,
+    /// and warms up on it.
+    fn set(&self, yaml: Option<&str>) {
+        match yaml {
+            Some(y) => self.c.apply_routes("bench", y).expect("apply"),
             // Absent at the start; every later call removes what the previous one applied.
-            let _ = c.delete_routes("policies");
+            None => {
+                let _ = self.c.delete_routes("bench");
+            }
         }
         // File mode reaches the nodes within a second; then a short warm-up on the new config.
         std::thread::sleep(Duration::from_millis(1500));
-        fixed("1");
-    };
-    // Warm-up, and proof that the policy is in force: the fault filter's 0 % draws are counted
-    // nowhere, but the route's VirtualService is (the access log names it).
-    set(false);
-    fixed("2");
-    max_rps();
-
-    let (mut none, mut with) = (Samples::default(), Samples::default());
-    for round in 0..rounds {
-        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
-        for on in order {
-            set(on);
-            let r = fixed(&fixed_secs);
-            let rps = max_rps();
-            let s = if on { &mut with } else { &mut none };
-            s.p50_us.push(r.p50_us as f64);
-            s.p99_us.push(r.p99_us as f64);
-            s.rps.push(rps);
-            println!("round {round} {:8}: fixed 1000/s p50 {} µs p99 {} µs | wrk {rps:.0} req/s", if on { "policies" } else { "none" }, r.p50_us, r.p99_us);
-        }
+        self.fixed("1");
     }
-    let _ = c.delete_routes("policies");
+
+    /// Rounds over `arms` (name, config), the order reversed every other round so drift hits
+    /// every arm alike; one [`Samples`] per arm, in order.
+    fn rounds(&self, arms: &[(&str, Option<String>)]) -> Vec<Samples> {
+        let rounds = env_num("MESH_BENCH_ROUNDS", 6);
+        let fixed_secs = env_num("MESH_BENCH_FIXED_SECS", 10).to_string();
+        self.set(None);
+        self.fixed("2");
+        self.max_rps();
+        let mut samples: Vec<Samples> = arms.iter().map(|_| Samples::default()).collect();
+        for round in 0..rounds {
+            let mut order: Vec<usize> = (0..arms.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let (name, yaml) = &arms[i];
+                self.set(yaml.as_deref());
+                let r = self.fixed(&fixed_secs);
+                let rps = self.max_rps();
+                samples[i].p50_us.push(r.p50_us as f64);
+                samples[i].p99_us.push(r.p99_us as f64);
+                samples[i].rps.push(rps);
+                println!("round {round} {name:12}: fixed 1000/s p50 {} µs p99 {} µs | wrk {rps:.0} req/s", r.p50_us, r.p99_us);
+            }
+        }
+        self.set(None);
+        samples
+    }
+}
+
+/// The table: each arm against the first (the baseline), medians and spread.
+fn report(arms: &[&str], samples: &[Samples]) {
+    let rounds = samples[0].rps.len();
     println!();
-    println!("| (medians of {rounds} runs each, same lab, ABBA) | no policy | every policy, idle | ratio / difference |");
-    println!("|---|---|---|---|");
-    let row = |what: &str, a: &[f64], b: &[f64], unit: &str| {
-        let (ma, mb) = (median(a), median(b));
-        println!("| {what} | {ma:.0} {unit} ({}) | {mb:.0} {unit} ({}) | {:.3}× ({:+.0} {unit}) |", spread(a), spread(b), mb / ma, mb - ma);
+    let header: Vec<String> = arms[1..].iter().map(|a| format!("{a} | ratio / difference")).collect();
+    println!("| (medians of {rounds} runs each, same lab, rotated) | {} | {} |", arms[0], header.join(" | "));
+    println!("|---|---|{}", "---|---|".repeat(arms.len() - 1));
+    let row = |what: &str, pick: fn(&Samples) -> &[f64], unit: &str| {
+        let base = pick(&samples[0]);
+        let mb = median(base);
+        let mut line = format!("| {what} | {mb:.0} {unit} ({}) |", spread(base));
+        for s in &samples[1..] {
+            let m = median(pick(s));
+            let _ = write!(line, " {m:.0} {unit} ({}) | {:.3}× ({:+.0} {unit}) |", spread(pick(s)), m / mb, m - mb);
+        }
+        println!("{line}");
     };
-    row("fixed 1,000 req/s, p50", &none.p50_us, &with.p50_us, "µs");
-    row("fixed 1,000 req/s, p99", &none.p99_us, &with.p99_us, "µs");
-    row("wrk, 32 connections", &none.rps, &with.rps, "req/s");
+    row("fixed 1,000 req/s, p50", |s| &s.p50_us, "µs");
+    row("fixed 1,000 req/s, p99", |s| &s.p99_us, "µs");
+    row("wrk, 32 connections", |s| &s.rps, "req/s");
+}
+
+#[test]
+#[ignore = "benchmark: run explicitly with --ignored (see the module doc)"]
+fn l7_policies_configured_but_idle_vs_none() {
+    let bench = Bench::start();
+    let policies = POLICIES.replace("JWKS", &mesh_l7::jwt::testing::jwks(&[&mesh_l7::jwt::testing::SigningKey::generate("bench")]));
+    let arms = [("no policy", None), ("every policy, idle", Some(policies))];
+    let samples = bench.rounds(&arms);
+    report(&arms.map(|a| a.0), &samples);
+}
+
+/// Tracing as Istio users run it (a mesh-wide Telemetry, a Zipkin provider) at 1 % and 100 %
+/// sampling vs none, with the collector (`mesh-whoami zipkin`) in the unmeshed pod on node 1.
+#[test]
+#[ignore = "benchmark: run explicitly with --ignored (see the module doc)"]
+fn tracing_at_1_and_100_percent_vs_none() {
+    let mut bench = Bench::start();
+    let whoami = bench.whoami.clone();
+    let (collector, _) = bench.c.spawn_in_pod_logged("n1p3", "zipkin", &whoami, &["zipkin", "--listen", "0.0.0.0:9411"]).expect("start the collector");
+    let ip = bench.c.lab.pod("n1p3").ip.to_string();
+    let tracing = |percent: &str| TRACING.replace("COLLECTOR", &ip).replace("PERCENT", percent);
+    let arms = [("no tracing", None), ("tracing 1 %", Some(tracing("1"))), ("tracing 100 %", Some(tracing("100")))];
+    let samples = bench.rounds(&arms);
+    report(&arms.map(|a| a.0), &samples);
+    for node in [1, 2] {
+        let metrics = bench.c.curl_on_node(node, "http://127.0.0.1:15020/metrics").unwrap_or_default();
+        println!("node {node}: {}", metrics.lines().filter(|l| l.starts_with("mesh_trace_spans")).collect::<Vec<_>>().join("; "));
+    }
+    drop(collector);
 }
 
 fn median(v: &[f64]) -> f64 {

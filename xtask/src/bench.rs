@@ -61,12 +61,23 @@ pub fn run(only: Option<&str>) -> Result<()> {
         sh(Command::new("cargo").args(["build", "--release", "--locked", "-p", "mesh-node", "-p", "mesh-control", "--bins"]))?;
         sh(Command::new("cargo").args([
             "test", "--release", "--locked", "-p", "mesh-tests", "--features", "privileged", "--test", "bench-l7-policies", "--", "--ignored",
-            "--nocapture", "--test-threads=1",
+            "--nocapture", "--test-threads=1", "l7_policies",
+        ]))?;
+        ran = true;
+    }
+    if only.is_none_or(|o| o == "tracing") {
+        // Tracing at 1 % and 100 % sampling vs none, through the whole mesh, spans exported to
+        // a Zipkin collector in the lab. Runs are recorded in bench/results/tracing.md.
+        step("bench: tracing at 1 % and 100 % vs none (whole mesh)");
+        sh(Command::new("cargo").args(["build", "--release", "--locked", "-p", "mesh-node", "-p", "mesh-control", "--bins"]))?;
+        sh(Command::new("cargo").args([
+            "test", "--release", "--locked", "-p", "mesh-tests", "--features", "privileged", "--test", "bench-l7-policies", "--", "--ignored",
+            "--nocapture", "--test-threads=1", "tracing_at",
         ]))?;
         ran = true;
     }
     if !ran {
-        bail!("unknown benchmark {only:?}: expected one of: datapath, node, node-l7, l7-policies");
+        bail!("unknown benchmark {only:?}: expected one of: datapath, node, node-l7, l7-policies, tracing");
     }
     Ok(())
 }

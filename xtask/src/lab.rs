@@ -29,6 +29,16 @@ pub enum Action {
     Up,
     /// Remove everything the lab created.
     Down,
+    /// Run a command inside a lab pod (its network namespace and cgroup, so the mesh captures
+    /// its connections as it does the pod's own), e.g. `cargo xtask lab exec n1p1 -- curl -s
+    /// 198.19.0.10/`.
+    Exec {
+        /// The pod: n<node>p<pod>, as the lab report lists them (n1p1 is the meshed client).
+        pod: String,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 pub fn run(action: Action) -> Result<()> {
@@ -39,7 +49,37 @@ pub fn run(action: Action) -> Result<()> {
             down();
             Ok(())
         }
+        Action::Exec { pod, command } => exec(&pod, &command),
     }
+}
+
+/// Runs `command` in lab pod `pod` (network namespace and cgroup), with its exit status.
+fn exec(pod: &str, command: &[String]) -> Result<()> {
+    require_root("lab exec")?;
+    let (node, index) = pod
+        .strip_prefix('n')
+        .and_then(|r| r.split_once('p'))
+        .and_then(|(n, p)| Some((n.parse::<u8>().ok()?, p.parse::<u8>().ok()?)))
+        .with_context(|| format!("{pod:?} is not a lab pod name (n<node>p<pod>, e.g. n1p1)"))?;
+    let netns = format!("/run/netns/mesh-{RUN}-{pod}");
+    let cgroup = mesh_tests::sys::cgroup2_root()?.join(format!("mesh-{RUN}/n{node}/pods/p{index}"));
+    if !std::path::Path::new(&netns).exists() || !cgroup.exists() {
+        bail!("no pod {pod} in a running lab ({netns} or {} missing): start it with `cargo xtask lab up`", cgroup.display());
+    }
+    let (program, args) = command.split_first().context("no command given")?;
+    // The shell joins the cgroup, then execs the command (its sockets are then the pod's).
+    let status = Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args(["--", "sh", "-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
+        .arg(&cgroup)
+        .arg(program)
+        .args(args)
+        .status()
+        .context("running nsenter")?;
+    if !status.success() {
+        bail!("{program} exited with {status}");
+    }
+    Ok(())
 }
 
 fn down() {
@@ -151,7 +191,7 @@ fn up() -> Result<()> {
     println!("  routes    drop HTTPRoute/GRPCRoute/VirtualService YAML into {}/config/routes/ (see deploy/examples/routing/)", state_dir().display());
     println!("  traces    nsenter --net=/run/netns/mesh-lab-n1p3 curl -s localhost:{ZIPKIN_PORT}/api/v2/traces   (Zipkin API)");
     println!("  datapath  bpftool map dump pinned /sys/fs/bpf/mesh-lab/n1/MESH_SVC_V1");
-    println!("  a pod     nsenter --net=/run/netns/mesh-lab-n1p1 {} connect {vip}", root_dir().join("target/debug/mesh-whoami").display());
+    println!("  a pod     cargo xtask lab exec n1p1 -- curl -s http://{VIP}:{HTTP_SERVICE_PORT}/   (or any command: its network namespace and cgroup)");
     println!("  logs      {}/logs", state_dir().display());
     println!("  remove    cargo xtask lab down");
     println!("  up in {:.1?}", started.elapsed());

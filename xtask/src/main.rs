@@ -39,7 +39,7 @@ enum Task {
     },
     /// Benchmarks against the no-mesh baseline in the same run; results in bench/results/.
     Bench {
-        /// Run one benchmark group only (datapath, node, node-l7, l7-policies).
+        /// Run one benchmark group only (datapath, node, node-l7, l7-policies, tracing).
         #[arg(long)]
         only: Option<String>,
     },
