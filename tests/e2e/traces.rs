@@ -26,7 +26,7 @@ fn tag<'a>(span: &'a Value, name: &str) -> &'a str {
 /// along the parent links (each span the child of the one before).
 fn chain(traces: &[Vec<Value>], request_id: &str) -> Option<Vec<Value>> {
     if std::env::var_os("MESH_DEBUG_TRACES").is_some() {
-        let mine: Vec<&Value> = traces.iter().flatten().filter(|s| tag(s, "guid:x-request-id") == request_id).collect();
+        let mine: Vec<&Value> = traces.iter().filter(|t| t.iter().any(|s| tag(s, "guid:x-request-id") == request_id)).flatten().collect();
         eprintln!("{request_id}: {mine:#?}");
     }
     let trace = traces.iter().find(|t| t.iter().any(|s| tag(s, "guid:x-request-id") == request_id))?;

@@ -29,22 +29,41 @@ impl Client {
 
     pub(super) async fn export(&mut self, addr: SocketAddr, spans: &[Span]) -> Result<(), Error> {
         let body = Bytes::from(zipkin::encode(spans));
-        let req = Request::post(self.path.as_str())
-            .header(header::HOST, addr.to_string())
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|source| Error::Request {
-                path: self.path.clone(),
-                source,
-            })?;
+        let request = || {
+            Request::post(self.path.as_str())
+                .header(header::HOST, addr.to_string())
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(body.clone()))
+                .map_err(|source| Error::Request {
+                    path: self.path.clone(),
+                    source,
+                })
+        };
         // Taken out while in use: a batch that fails, or is cut off by the timeout, leaves no
         // half-used connection behind.
-        let mut sender = match self.conn.take() {
-            Some((a, s)) if a == addr && !s.is_closed() => s,
-            _ => connect(addr).await?,
+        let reused = self
+            .conn
+            .take()
+            .filter(|(a, s)| *a == addr && !s.is_closed());
+        let was_reused = reused.is_some();
+        let mut sender = match reused {
+            Some((_, s)) => s,
+            None => connect(addr).await?,
         };
-        sender.ready().await?;
-        let resp = sender.send_request(req).await?;
+        let sent = match sender.ready().await {
+            Ok(()) => sender.send_request(request()?).await,
+            Err(e) => Err(e),
+        };
+        let resp = match sent {
+            Ok(resp) => resp,
+            // The collector closed the kept-alive connection as we used it: once more, anew.
+            Err(_) if was_reused => {
+                sender = connect(addr).await?;
+                sender.ready().await?;
+                sender.send_request(request()?).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let status = resp.status();
         // Read the answer to its end, so the connection can carry the next batch.
         resp.into_body().collect().await?;
