@@ -2,6 +2,7 @@
 //! a mesh-node per node with the eBPF datapath, the sample app. Every assertion is on real
 //! traffic or real counters. Root only; `cargo xtask test` builds the binaries first.
 
+mod explain;
 mod jwt;
 mod l7;
 mod resilience;
