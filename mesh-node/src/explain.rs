@@ -303,7 +303,10 @@ fn destination(state: &State, node: &str, q: &Query, steps: &mut Vec<Step>) -> b
         (_, None) => steps.push(step("daemon", "peer-authentication", "info", "plaintext accepted (PERMISSIVE); the caller has no identity", pa("PERMISSIVE"))),
     }
     let app_http = state.app_protocol_at(q.dst).is_http();
-    let http = q.http.as_ref().filter(|_| app_http).map(|h| authz::HttpRequest {
+    // On an HTTP port every request is authorized on its own: without one given, `GET /` (as the
+    // source side assumes), never the connection's L4 view, which real traffic never gets here.
+    let assumed = HttpQuery { method: "GET".into(), path: "/".into(), ..HttpQuery::default() };
+    let http = app_http.then(|| q.http.as_ref().unwrap_or(&assumed)).map(|h| authz::HttpRequest {
         method: &h.method,
         path: h.path.split('?').next().unwrap_or("/"),
         host: h.host.as_deref(),
