@@ -4,6 +4,7 @@
 
 mod jwt;
 mod l7;
+mod meshctl;
 mod resilience;
 mod traces;
 

@@ -98,8 +98,8 @@ pub fn state_dir() -> PathBuf {
 
 /// Builds the binaries the lab and the end-to-end suite run.
 pub fn build_binaries() -> Result<()> {
-    step("building mesh-control, mesh-node and the sample app");
-    sh(Command::new("cargo").args(["build", "--locked", "-p", "mesh-control", "-p", "mesh-node", "-p", "mesh-tests", "--bins"]))
+    step("building mesh-control, mesh-node, meshctl and the sample app");
+    sh(Command::new("cargo").args(["build", "--locked", "-p", "mesh-control", "-p", "mesh-node", "-p", "meshctl", "-p", "mesh-tests", "--bins"]))
 }
 
 fn who(line: &str) -> String {
