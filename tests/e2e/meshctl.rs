@@ -49,9 +49,18 @@ fn load(c: &mut Cluster, secs: u32) -> mesh_tests::PodProcess {
 #[test]
 fn meshctl_shows_versions_status_config_kernel_maps_and_live_traffic() {
     let mut c = cluster();
+    check_version(&c);
+    check_status(&c);
+    check_config(&c);
+    check_maps(&c);
+    check_top(&mut c);
+}
+
+/// Every component at the crate's version.
+fn check_version(c: &Cluster) {
     let version = env!("CARGO_PKG_VERSION");
 
-    let text = meshctl(&c, &["version"]);
+    let text = meshctl(c, &["version"]);
     for component in ["meshctl", "mesh-control", "mesh-node n1", "mesh-node n2"] {
         let line = text
             .lines()
@@ -59,14 +68,16 @@ fn meshctl_shows_versions_status_config_kernel_maps_and_live_traffic() {
             .unwrap_or_else(|| panic!("{component} in\n{text}"));
         assert!(line.ends_with(version), "{line}");
     }
+}
 
-    // status: both nodes acked the controller's current version, ready, with certificates.
-    let text = meshctl(&c, &["status"]);
+/// status: both nodes acked the controller's current version, ready, with certificates.
+fn check_status(c: &Cluster) {
+    let text = meshctl(c, &["status"]);
     assert!(
         text.contains("NODES") && text.contains("CERTIFICATES"),
         "{text}"
     );
-    let status = json(&c, &["status"]);
+    let status = json(c, &["status"]);
     let current = status["control"]["version"]
         .as_u64()
         .expect("config version");
@@ -96,9 +107,11 @@ fn meshctl_shows_versions_status_config_kernel_maps_and_live_traffic() {
             "{row}"
         );
     }
+}
 
-    // config: the lab's Services and workloads, each with its source.
-    let text = meshctl(&c, &["config", "n1", "services"]);
+/// config: the lab's Services and workloads, each with its source.
+fn check_config(c: &Cluster) {
+    let text = meshctl(c, &["config", "n1", "services"]);
     let row = text
         .lines()
         .find(|l| l.starts_with("demo/whoami "))
@@ -107,14 +120,16 @@ fn meshctl_shows_versions_status_config_kernel_maps_and_live_traffic() {
         row.contains("198.19.0.10") && row.contains("3/3:") && row.contains("Service/demo/whoami"),
         "{row}"
     );
-    let text = meshctl(&c, &["config", "n1"]);
+    let text = meshctl(c, &["config", "n1"]);
     assert!(
         text.contains("Workload/demo/client") && text.contains("POLICIES"),
         "{text}"
     );
+}
 
-    // bpf: the whoami VIP's port 80 with its three backends, each holding slots.
-    let text = meshctl(&c, &["bpf", "n1", "maps"]);
+/// bpf: the whoami VIP's port 80 with its three backends, each holding slots.
+fn check_maps(c: &Cluster) {
+    let text = meshctl(c, &["bpf", "n1", "maps"]);
     let row = text
         .lines()
         .find(|l| l.starts_with("198.19.0.10:80 "))
@@ -124,7 +139,7 @@ fn meshctl_shows_versions_status_config_kernel_maps_and_live_traffic() {
         text.contains("bpftool map dump pinned /sys/fs/bpf/mesh-") && text.contains("MESH_DROP_V1"),
         "{text}"
     );
-    let maps = json(&c, &["bpf", "n1", "maps"]);
+    let maps = json(c, &["bpf", "n1", "maps"]);
     let svc = maps["services"]
         .as_array()
         .expect("services")
@@ -153,17 +168,19 @@ fn meshctl_shows_versions_status_config_kernel_maps_and_live_traffic() {
         "n1 captures its two meshed pods: {}",
         maps["pods"]
     );
+}
 
-    // top: requests from n1p1 to Service whoami while both scrapes are taken.
-    let mut traffic = load(&mut c, 8);
+/// top: requests from n1p1 to Service whoami while both scrapes are taken.
+fn check_top(c: &mut Cluster) {
+    let mut traffic = load(c, 8);
     std::thread::sleep(Duration::from_secs(1));
-    let text = meshctl(&c, &["top", "--once"]);
+    let text = meshctl(c, &["top", "--once"]);
     let served: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("demo/whoami-"))
         .collect();
     assert!(!served.is_empty(), "{text}");
-    let rows = json(&c, &["top", "--once", "--interval", "1s"]);
+    let rows = json(c, &["top", "--once", "--interval", "1s"]);
     let rps: f64 = rows
         .as_array()
         .expect("rows")
