@@ -52,8 +52,30 @@ pub struct LocalInfo {
     pub ip: Option<IpAddr>,
 }
 
+/// The trace headers a proxy writes for the next hop, besides the formats the request came with
+/// (those are always written back, updated, so no stale context goes on): Envoy writes B3 for a
+/// Zipkin provider and W3C `traceparent` for OpenTelemetry, and so does this mesh.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Propagation {
+    pub w3c: bool,
+    pub b3: bool,
+}
+
+impl Propagation {
+    pub const W3C: Self = Self {
+        w3c: true,
+        b3: false,
+    };
+    pub const B3: Self = Self {
+        w3c: false,
+        b3: true,
+    };
+}
+
 /// What the node builds for each connection's stack (cheap: `Arc`s inside).
 pub struct Tracer {
+    /// Which headers carry the context on (see [`Propagation`]).
+    pub propagation: Propagation,
     pub kind: SpanKind,
     /// 0.0..=100.0: Istio's `randomSamplingPercentage`, for requests whose caller did not decide.
     pub sampling_percent: f64,

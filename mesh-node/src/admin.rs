@@ -1,5 +1,6 @@
 //! Admin endpoint, bound to localhost only: `GET /config_dump` (config, workloads, policies,
-//! certificates with expiry — never keys), `GET /ready`, `POST /logging?level=<filter>` (runtime
+//! certificates with expiry — never keys), `GET /ready`, `GET /debug/explain?src=..&dst=..`
+//! (why a connection or request ends as it does: [`crate::explain`]), `POST /logging?level=<filter>` (runtime
 //! log level), `POST /quitquitquit` (start a graceful shutdown).
 
 use std::{net::SocketAddr, sync::Arc};
@@ -79,6 +80,14 @@ impl Ctx {
                 http_util::reply(StatusCode::OK, "application/json", serde_json::to_string_pretty(&dump).unwrap_or_default())
             }
             (&Method::GET, "/ready") => crate::metrics::ready_reply(&self.ready),
+            (&Method::GET, "/debug/explain") => match crate::explain::parse_query(&req.query) {
+                Ok(q) => {
+                    let state = self.state.borrow().clone();
+                    let answer = crate::explain::explain(&state, &self.cfg.node_name, &q);
+                    http_util::reply(StatusCode::OK, "application/json", serde_json::to_string_pretty(&answer).unwrap_or_default())
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            },
             (&Method::POST, "/logging") => {
                 let Some(level) = req.query.split('&').find_map(|kv| kv.strip_prefix("level=")) else {
                     return text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<filter>\n".into());
@@ -95,7 +104,7 @@ impl Ctx {
                 self.shutdown.send_replace(true);
                 text(StatusCode::OK, "draining\n".into())
             }
-            _ => text(StatusCode::NOT_FOUND, "GET /config_dump, GET /ready, POST /logging?level=, POST /quitquitquit\n".into()),
+            _ => text(StatusCode::NOT_FOUND, "GET /config_dump, GET /ready, GET /debug/explain?src=&dst=, POST /logging?level=, POST /quitquitquit\n".into()),
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod drain;
+pub mod explain;
 pub mod http_util;
 pub mod identity;
 pub mod kernel_sync;

@@ -14,7 +14,7 @@
 //!
 //! A second benchmark in this file, `tracing_at_1_and_100_percent_vs_none`, rotates between no
 //! tracing and a mesh-wide Telemetry sampling 1 % and 100 % of requests into a Zipkin collector
-//! in the lab (results in `bench/results/tracing.md`):
+//! in the lab, pinned with the load generators (results in `bench/results/tracing.md`):
 //!
 //! ```sh
 //! cargo xtask bench --only tracing
@@ -112,6 +112,17 @@ struct Samples {
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
     rps: Vec<f64>,
+    /// Both daemons' CPU time per request during the wrk run.
+    cpu_us: Vec<f64>,
+}
+
+/// A process's CPU time (user + system) in clock ticks, from /proc.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit(") ").next().unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 /// The lab, pinned as the node-l7 benchmark, and its two load generators.
@@ -156,12 +167,21 @@ impl Bench {
         r
     }
 
-    /// wrk's maximum rate (1 thread, 32 connections, 5 s); any failure fails the run.
-    fn max_rps(&self) -> f64 {
+    /// wrk's maximum rate (1 thread, 32 connections, 5 s) and both daemons' CPU time per
+    /// request meanwhile (µs); any failure fails the run.
+    fn max_rps(&self) -> (f64, f64) {
+        let pids: Vec<u32> = self.c.daemons.iter().flatten().map(|d| d.child.id()).collect();
+        let before: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
         let out = self.c.lab.run_in_pod("n1p1", "taskset", &["-c", "0", &self.wrk, "-t1", "-c32", "-d5s", &self.url]).expect("wrk");
+        let ticks = pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>() - before;
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(!text.contains("Non-2xx") && !text.contains("Socket errors"), "wrk saw failures: {text}");
-        text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("wrk output: {text}"))
+        let rps: f64 = text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("wrk output: {text}"));
+        let requests: f64 = text.lines().find_map(|l| l.trim().split_once(" requests in ")).and_then(|(n, _)| n.trim().parse().ok()).unwrap_or(rps * 5.0);
+        // Clock ticks are 1/100 s on Linux (USER_HZ).
+        #[expect(clippy::cast_precision_loss, reason = "tick counts are small")]
+        let cpu_us = ticks as f64 * 10_000.0 / requests.max(1.0);
+        (rps, cpu_us)
     }
 
     /// Applies `yaml` as the config file "bench" (none: removes it), lets it reach the nodes,
@@ -186,7 +206,7 @@ impl Bench {
         let fixed_secs = env_num("MESH_BENCH_FIXED_SECS", 10).to_string();
         self.set(None);
         self.fixed("2");
-        self.max_rps();
+        let _ = self.max_rps();
         let mut samples: Vec<Samples> = arms.iter().map(|_| Samples::default()).collect();
         for round in 0..rounds {
             let mut order: Vec<usize> = (0..arms.len()).collect();
@@ -197,11 +217,12 @@ impl Bench {
                 let (name, yaml) = &arms[i];
                 self.set(yaml.as_deref());
                 let r = self.fixed(&fixed_secs);
-                let rps = self.max_rps();
+                let (rps, cpu_us) = self.max_rps();
                 samples[i].p50_us.push(r.p50_us as f64);
                 samples[i].p99_us.push(r.p99_us as f64);
                 samples[i].rps.push(rps);
-                println!("round {round} {name:12}: fixed 1000/s p50 {} µs p99 {} µs | wrk {rps:.0} req/s", r.p50_us, r.p99_us);
+                samples[i].cpu_us.push(cpu_us);
+                println!("round {round} {name:12}: fixed 1000/s p50 {} µs p99 {} µs | wrk {rps:.0} req/s, daemons {cpu_us:.1} µs CPU/request", r.p50_us, r.p99_us);
             }
         }
         self.set(None);
@@ -219,16 +240,17 @@ fn report(arms: &[&str], samples: &[Samples]) {
     let row = |what: &str, pick: fn(&Samples) -> &[f64], unit: &str| {
         let base = pick(&samples[0]);
         let mb = median(base);
-        let mut line = format!("| {what} | {mb:.0} {unit} ({}) |", spread(base));
+        let mut line = format!("| {what} | {mb:.1} {unit} ({}) |", spread(base));
         for s in &samples[1..] {
             let m = median(pick(s));
-            let _ = write!(line, " {m:.0} {unit} ({}) | {:.3}× ({:+.0} {unit}) |", spread(pick(s)), m / mb, m - mb);
+            let _ = write!(line, " {m:.1} {unit} ({}) | {:.3}× ({:+.1} {unit}) |", spread(pick(s)), m / mb, m - mb);
         }
         println!("{line}");
     };
     row("fixed 1,000 req/s, p50", |s| &s.p50_us, "µs");
     row("fixed 1,000 req/s, p99", |s| &s.p99_us, "µs");
     row("wrk, 32 connections", |s| &s.rps, "req/s");
+    row("both daemons' CPU per request (wrk)", |s| &s.cpu_us, "µs");
 }
 
 #[test]
@@ -249,6 +271,9 @@ fn tracing_at_1_and_100_percent_vs_none() {
     let mut bench = Bench::start();
     let whoami = bench.whoami.clone();
     let (collector, _) = bench.c.spawn_in_pod_logged("n1p3", "zipkin", &whoami, &["zipkin", "--listen", "0.0.0.0:9411"]).expect("start the collector");
+    // With the load generators, off the daemons' CPU: its JSON parsing is not the mesh's cost.
+    let out = std::process::Command::new("taskset").args(["-a", "-p", "-c", "0", &collector.child.id().to_string()]).output().expect("taskset");
+    assert!(out.status.success(), "taskset: {}", String::from_utf8_lossy(&out.stderr));
     let ip = bench.c.lab.pod("n1p3").ip.to_string();
     let tracing = |percent: &str| TRACING.replace("COLLECTOR", &ip).replace("PERCENT", percent);
     let arms = [("no tracing", None), ("tracing 1 %", Some(tracing("1"))), ("tracing 100 %", Some(tracing("100")))];

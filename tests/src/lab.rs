@@ -452,11 +452,18 @@ fn sysctl(netns: &str, key: &str, value: &str) -> Result<(), Error> {
 
 /// `nsenter --net` keeps the host's /sys mounts (unlike `ip netns exec`, which remounts /sys and
 /// hides bpffs and cgroup2); the shell joins the cgroup and then execs, so the PID we track is
-/// the program's own.
+/// the program's own. It first closes every descriptor above stderr: a process that outlives the
+/// harness (the lab's daemons) must not keep one of its parents' open, such as a `flock` on the
+/// shared cargo lock (bash, because dash cannot name descriptors above 9).
 fn in_netns_and_cgroup(netns: &str, cgroup: &Path, program: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{netns}"))
-        .args(["--", "sh", "-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
+        .args([
+            "--",
+            "bash",
+            "-c",
+            r#"echo $$ > "$0/cgroup.procs" || exit 1; for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-"; done; exec "$@""#,
+        ])
         .arg(cgroup)
         .arg(program)
         .args(args);

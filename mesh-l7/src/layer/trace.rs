@@ -66,7 +66,7 @@ where
         let incoming = context::extract(req.headers());
         let sampled = incoming.sampled.unwrap_or_else(|| tracer.sample());
         let ctx = SpanContext::child_of(incoming.parent, sampled);
-        context::inject(&ctx, req.headers_mut());
+        context::inject(&ctx, req.headers_mut(), tracer.propagation);
         context::ensure_request_id(req.headers_mut());
         if !sampled {
             return Either::Left(self.inner.call(req));
@@ -290,6 +290,7 @@ mod tests {
         flags::ResponseFlag,
         layer::{HttpService, testing::text},
         metrics::{PeerLabels, Reporter, SecurityPolicy},
+        trace::Propagation,
         trace::{CustomTag, LocalInfo, SpanId, SpanSink, TraceId},
     };
 
@@ -315,6 +316,10 @@ mod tests {
 
     fn tracer(kind: SpanKind, percent: f64, sink: &Arc<Collect>) -> Arc<Tracer> {
         Arc::new(Tracer {
+            propagation: Propagation {
+                w3c: true,
+                b3: true,
+            },
             kind,
             sampling_percent: percent,
             custom_tags: Arc::from([]),
@@ -740,5 +745,37 @@ mod tests {
             .collect();
         assert_eq!(names, ["b3"]);
         assert_eq!(text(resp).await, "got 5");
+    }
+
+    #[tokio::test]
+    async fn a_proxy_writes_its_providers_format_and_every_format_the_request_had() {
+        let sink = Arc::new(Collect::default());
+        let with = |propagation: Propagation| {
+            let mut t = Arc::into_inner(tracer(SpanKind::Client, 100.0, &sink)).expect("one owner");
+            t.propagation = propagation;
+            Some(Arc::new(t))
+        };
+        // A new trace, Zipkin's way: B3 headers only.
+        let resp = call(plain(), with(Propagation::B3), request(&[])).await;
+        assert!(header(&resp, "traceparent").is_none());
+        assert!(header(&resp, "x-b3-traceid").is_some() && header(&resp, "x-b3-spanid").is_some());
+        // OpenTelemetry's way: traceparent only.
+        let resp = call(plain(), with(Propagation::W3C), request(&[])).await;
+        assert!(header(&resp, "traceparent").is_some());
+        assert!(header(&resp, "x-b3-traceid").is_none());
+        // A caller's W3C context under a Zipkin provider: both, the W3C one updated.
+        let tp = format!("00-{TRACE}-{SPAN}-01");
+        let resp = call(
+            plain(),
+            with(Propagation::B3),
+            request(&[("traceparent", &tp)]),
+        )
+        .await;
+        let sent = injected(&resp).parent.expect("continued");
+        assert_eq!(header(&resp, "x-b3-traceid"), Some(TRACE));
+        assert_eq!(
+            header(&resp, "traceparent"),
+            Some(format!("00-{TRACE}-{}-01", sent.span_id).as_str())
+        );
     }
 }

@@ -5,7 +5,10 @@
 
 use http::{HeaderMap, HeaderValue, header::HeaderName};
 
-use super::span::{SpanId, TraceId};
+use super::{
+    Propagation,
+    span::{SpanId, TraceId},
+};
 
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub const B3: HeaderName = HeaderName::from_static("b3");
@@ -86,20 +89,29 @@ pub fn extract(headers: &HeaderMap) -> Incoming {
     )
 }
 
-/// Writes `ctx` for the next hop: `traceparent` and the `x-b3-*` headers always (replacing the
-/// caller's), `b3` only when the request had one; `tracestate` and `x-b3-flags` stay as they are.
-pub fn inject(ctx: &SpanContext, headers: &mut HeaderMap) {
+/// Writes `ctx` for the next hop, in every format the request came with (replacing the caller's
+/// values) and those `propagation` adds: `traceparent`, the `x-b3-*` headers, `b3` (only when
+/// the request had one). `tracestate` and `x-b3-flags` stay as they are. With nothing to write
+/// otherwise, `traceparent`.
+pub fn inject(ctx: &SpanContext, headers: &mut HeaderMap, propagation: Propagation) {
     let flag = if ctx.sampled { "1" } else { "0" };
-    let traceparent = format!("00-{:032x}-{}-0{flag}", ctx.trace_id.get(), ctx.span_id);
-    headers.insert(TRACEPARENT, value(traceparent));
-    headers.insert(X_B3_TRACEID, value(ctx.trace_id.to_string()));
-    headers.insert(X_B3_SPANID, value(ctx.span_id.to_string()));
-    match ctx.parent_id {
-        Some(p) => headers.insert(X_B3_PARENTSPANID, value(p.to_string())),
-        None => headers.remove(X_B3_PARENTSPANID),
-    };
-    headers.insert(X_B3_SAMPLED, HeaderValue::from_static(flag));
-    if headers.contains_key(B3) {
+    let b3_multi = propagation.b3 || headers.contains_key(X_B3_TRACEID);
+    let b3_single = headers.contains_key(B3);
+    let w3c = propagation.w3c || headers.contains_key(TRACEPARENT) || !(b3_multi || b3_single);
+    if w3c {
+        let traceparent = format!("00-{:032x}-{}-0{flag}", ctx.trace_id.get(), ctx.span_id);
+        headers.insert(TRACEPARENT, value(traceparent));
+    }
+    if b3_multi {
+        headers.insert(X_B3_TRACEID, value(ctx.trace_id.to_string()));
+        headers.insert(X_B3_SPANID, value(ctx.span_id.to_string()));
+        match ctx.parent_id {
+            Some(p) => headers.insert(X_B3_PARENTSPANID, value(p.to_string())),
+            None => headers.remove(X_B3_PARENTSPANID),
+        };
+        headers.insert(X_B3_SAMPLED, HeaderValue::from_static(flag));
+    }
+    if b3_single {
         let mut b3 = format!("{}-{}-{flag}", ctx.trace_id, ctx.span_id);
         if let Some(p) = ctx.parent_id {
             b3 = format!("{b3}-{p}");
@@ -493,7 +505,14 @@ mod tests {
             sampled: true,
         };
         let mut h = HeaderMap::new();
-        inject(&ctx, &mut h);
+        inject(
+            &ctx,
+            &mut h,
+            Propagation {
+                w3c: true,
+                b3: true,
+            },
+        );
         let got = extract(&h).parent.expect("continued");
         assert!(got.trace_id.is_64(), "{got:?}");
         assert_eq!(got.trace_id.to_string(), "a3ce929d0e0e4736");
@@ -519,7 +538,14 @@ mod tests {
             ("x-b3-flags", "1"),
             ("x-b3-sampled", "0"),
         ]);
-        inject(&ctx, &mut h);
+        inject(
+            &ctx,
+            &mut h,
+            Propagation {
+                w3c: true,
+                b3: true,
+            },
+        );
         let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
         assert_eq!(
             get("traceparent").as_deref(),
@@ -544,7 +570,14 @@ mod tests {
             sampled: false,
         };
         let mut h = headers(&[("x-b3-parentspanid", "0000000000000001")]);
-        inject(&root, &mut h);
+        inject(
+            &root,
+            &mut h,
+            Propagation {
+                w3c: true,
+                b3: true,
+            },
+        );
         assert_eq!(h["traceparent"], format!("00-{TRACE}-{SPAN}-00").as_str());
         assert_eq!(h["x-b3-traceid"], TRACE);
         assert_eq!(h["x-b3-sampled"], "0");

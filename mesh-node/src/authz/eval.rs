@@ -72,6 +72,8 @@ pub struct DryRun {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub decision: Decision,
+    /// The first enforced ALLOW policy that matched (namespace, name), for explanations.
+    pub allowed_by: Option<(String, String)>,
     /// Non-enforced policies that applied, with whether they matched: for logs.
     pub shadow: Vec<DryRun>,
 }
@@ -229,6 +231,7 @@ pub fn evaluate(policies: &[Policy], root_namespace: &str, c: &Conn<'_>) -> Verd
     let mut deny = None;
     let mut allow_applies = false;
     let mut allowed = false;
+    let mut allowed_by = None;
     for p in policies.iter().filter(|p| applies(p, root_namespace, c.dst)) {
         let matched = policy_matches(p, c);
         if p.dry_run || p.action == Action::Audit {
@@ -242,6 +245,9 @@ pub fn evaluate(policies: &[Policy], root_namespace: &str, c: &Conn<'_>) -> Verd
             Action::Allow => {
                 allow_applies = true;
                 allowed |= matched;
+                if matched && allowed_by.is_none() {
+                    allowed_by = Some((p.namespace.clone(), p.name.clone()));
+                }
             }
             _ => {}
         }
@@ -251,5 +257,5 @@ pub fn evaluate(policies: &[Policy], root_namespace: &str, c: &Conn<'_>) -> Verd
         None if allow_applies && !allowed => Decision::Deny(DenyReason::NoAllowMatch),
         None => Decision::Allow,
     };
-    Verdict { decision, shadow }
+    Verdict { decision, allowed_by, shadow }
 }

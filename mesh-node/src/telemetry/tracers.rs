@@ -13,7 +13,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use mesh_l7::trace::{CustomTag, LocalInfo, Span, SpanKind, SpanSink, TagValue, Tracer};
+use mesh_l7::trace::{CustomTag, LocalInfo, Propagation, Span, SpanKind, SpanSink, TagValue, Tracer};
 use prometheus_client::registry::Registry;
 
 use super::{
@@ -72,6 +72,11 @@ impl Tracers {
             .collect();
         let (canonical_service, canonical_revision) = canonical(w);
         Some(Arc::new(Tracer {
+            // As Envoy: B3 for a Zipkin provider, W3C for OpenTelemetry.
+            propagation: match resolved.provider.protocol {
+                policy::Protocol::Zipkin { .. } => Propagation::B3,
+                policy::Protocol::OpenTelemetry => Propagation::W3C,
+            },
             kind: match side {
                 Side::Client => SpanKind::Client,
                 Side::Server => SpanKind::Server,
