@@ -73,7 +73,9 @@ pub struct Step {
 pub struct Next {
     pub node: String,
     pub dst: String,
-    pub identity: String,
+    /// The source's SPIFFE identity; absent when it arrives in plaintext (not meshed).
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 pub fn parse(node: &str, body: &str) -> Result<Explanation, Error> {
@@ -298,14 +300,16 @@ pub fn source_path(src: IpAddr, dst: SocketAddr, http: Option<&HttpRequest>) -> 
     p
 }
 
-/// The destination node's request, from the source stage's `next`.
+/// The destination node's request, from the source stage's `next` (no identity: plaintext).
 pub fn destination_path(src: IpAddr, next: &Next, http: Option<&HttpRequest>) -> String {
     let mut p = format!(
-        "/debug/explain?stage=destination&src={}&dst={}&identity={}",
+        "/debug/explain?stage=destination&src={}&dst={}",
         encode_query_value(&src.to_string()),
         encode_query_value(&next.dst),
-        encode_query_value(&next.identity)
     );
+    if let Some(identity) = &next.identity {
+        let _ = write!(p, "&identity={}", encode_query_value(identity));
+    }
     p.push_str(&http.map(HttpRequest::query).unwrap_or_default());
     p
 }
@@ -485,11 +489,19 @@ mod tests {
         let next = Next {
             node: "n2".into(),
             dst: "198.18.2.11:8081".into(),
-            identity: "spiffe://cluster.local/ns/demo/sa/client".into(),
+            identity: Some("spiffe://cluster.local/ns/demo/sa/client".into()),
         };
         assert_eq!(
             destination_path(src, &next, None),
             "/debug/explain?stage=destination&src=198.18.1.11&dst=198.18.2.11%3A8081&identity=spiffe%3A%2F%2Fcluster.local%2Fns%2Fdemo%2Fsa%2Fclient"
+        );
+        let plaintext = Next {
+            identity: None,
+            ..next
+        };
+        assert_eq!(
+            destination_path(src, &plaintext, None),
+            "/debug/explain?stage=destination&src=198.18.1.11&dst=198.18.2.11%3A8081"
         );
         assert!(matches!(
             HttpRequest::new("GET", "/", "h", &["no colon".into()]),
