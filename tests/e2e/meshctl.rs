@@ -202,19 +202,23 @@ fn check_top(c: &mut Cluster) {
 #[test]
 fn meshctl_explain_names_the_policy_that_denies_a_request() {
     let c = cluster();
-    c.apply_policy("deny-admin-writes", DENY_ADMIN_WRITES)
-        .expect("apply");
-    eventually("the policy on both nodes", Duration::from_secs(5), || {
-        let config = json(&c, &["config", "n2", "policies"]);
-        config["policies"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["name"] == "deny-admin-writes"))
-    });
-
+    // Without a policy: the connection is allowed at both stages, asked of the client's node.
     let allowed = json(&c, &["explain", "n1p1", "whoami.demo:80"]);
     assert_eq!(allowed["source"]["verdict"], "allowed", "{allowed}");
     assert_eq!(allowed["source"]["node"], "n1", "{allowed}");
+    assert_eq!(allowed["destination"]["stage"], "destination", "{allowed}");
     assert_eq!(allowed["destination"]["verdict"], "allowed", "{allowed}");
+
+    c.apply_policy("deny-admin-writes", DENY_ADMIN_WRITES)
+        .expect("apply");
+    eventually("the policy on both nodes", Duration::from_secs(5), || {
+        ["n1", "n2"].iter().all(|node| {
+            let config = json(&c, &["config", node, "policies"]);
+            config["policies"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["name"] == "deny-admin-writes"))
+        })
+    });
 
     let text = meshctl(
         &c,
