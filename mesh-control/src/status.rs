@@ -118,6 +118,7 @@ pub fn status_json(s: &Sources) -> String {
     let nodes = s.nodes.lock().expect("not poisoned").clone();
     let doc = serde_json::json!({
         "version": snap.version,
+        "buildVersion": env!("CARGO_PKG_VERSION"),
         "leader": s.leadership.is_leader(),
         "election": s.election,
         "workloads": snap.state.inventory.workloads.len(),

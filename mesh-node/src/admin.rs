@@ -70,6 +70,7 @@ impl Ctx {
             (&Method::GET, "/config_dump") => {
                 let state = self.state.borrow().clone();
                 let dump = serde_json::json!({
+                    "buildVersion": env!("CARGO_PKG_VERSION"),
                     "proxy": &*self.cfg,
                     "trustDomain": state.trust_domain,
                     "rootNamespace": state.root_namespace,

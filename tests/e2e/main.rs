@@ -5,6 +5,7 @@
 mod explain;
 mod jwt;
 mod l7;
+mod meshctl;
 mod resilience;
 mod traces;
 

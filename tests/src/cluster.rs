@@ -43,11 +43,18 @@ pub struct Binaries {
     pub mesh_control: PathBuf,
     pub mesh_node: PathBuf,
     pub whoami: PathBuf,
+    /// The CLI (`meshctl`), run against the cluster by the e2e suite.
+    pub meshctl: PathBuf,
 }
 
 impl Binaries {
     pub fn in_dir(dir: &Path) -> Self {
-        Self { mesh_control: dir.join("mesh-control"), mesh_node: dir.join("mesh-node"), whoami: dir.join("mesh-whoami") }
+        Self {
+            mesh_control: dir.join("mesh-control"),
+            mesh_node: dir.join("mesh-node"),
+            whoami: dir.join("mesh-whoami"),
+            meshctl: dir.join("meshctl"),
+        }
     }
 }
 

@@ -98,8 +98,8 @@ pub fn state_dir() -> PathBuf {
 
 /// Builds the binaries the lab and the end-to-end suite run.
 pub fn build_binaries() -> Result<()> {
-    step("building mesh-control, mesh-node and the sample app");
-    sh(Command::new("cargo").args(["build", "--locked", "-p", "mesh-control", "-p", "mesh-node", "-p", "mesh-tests", "--bins"]))
+    step("building mesh-control, mesh-node, meshctl and the sample app");
+    sh(Command::new("cargo").args(["build", "--locked", "-p", "mesh-control", "-p", "mesh-node", "-p", "meshctl", "-p", "mesh-tests", "--bins"]))
 }
 
 fn who(line: &str) -> String {
@@ -124,7 +124,7 @@ fn up() -> Result<()> {
     down();
 
     step("creating 2 nodes and 5 pods, starting mesh-control (file mode), 2 mesh-nodes, the sample app");
-    let bins = Binaries::in_dir(&root_dir().join("target/debug"));
+    let bins = Binaries::in_dir(&crate::target_dir().join("debug"));
     let mut cluster = Cluster::start(LabSpec { run: RUN.into(), pods_per_node: vec![3, 2] }, bins, &state_dir())
         .context("starting the lab (see the logs in /run/mesh-lab/logs)")?;
     for pod in &cluster.lab.pods {
