@@ -143,6 +143,20 @@ fn requests_through_two_hops_form_one_trace_with_client_and_server_spans() {
     assert!(!all.iter().flatten().any(|s| s["traceId"] == unsampled), "an unsampled request was reported");
 
     exporters_counted(&c);
+
+    // Removing the Telemetry stops tracing at once, also on the pooled connections between the
+    // nodes that carried the traced requests (their stacks follow the config, not the moment they
+    // were opened).
+    c.delete_policy("tracing").expect("delete");
+    std::thread::sleep(Duration::from_millis(1500));
+    for i in 0..4 {
+        let (status, body) = call(&format!("e2e-off-{i}"), &[]);
+        assert_eq!(status, "200", "{body}");
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let all = traces();
+    let late: Vec<&Value> = all.iter().flatten().filter(|s| tag(s, "guid:x-request-id").starts_with("e2e-off-")).collect();
+    assert!(late.is_empty(), "spans after the Telemetry was removed: {late:#?}");
 }
 
 /// Both exporters counted what they sent, and dropped nothing.

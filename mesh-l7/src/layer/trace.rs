@@ -33,13 +33,24 @@ use crate::{
 #[derive(Clone)]
 pub struct Trace<S> {
     inner: S,
-    tracer: Option<Arc<Tracer>>,
+    source: Arc<dyn TracerSource>,
+}
+
+/// The tracer for each request of a stack: fixed (`Option<Arc<Tracer>>`; `None`: tracing off),
+/// or following the config (the node's, for connections that outlive a Telemetry change).
+pub trait TracerSource: Send + Sync + 'static {
+    fn tracer(&self) -> Option<Arc<Tracer>>;
+}
+
+impl TracerSource for Option<Arc<Tracer>> {
+    fn tracer(&self) -> Option<Arc<Tracer>> {
+        self.clone()
+    }
 }
 
 impl<S> Trace<S> {
-    /// `tracer: None`: tracing is off for this stack.
-    pub fn new(inner: S, tracer: Option<Arc<Tracer>>) -> Self {
-        Self { inner, tracer }
+    pub fn new(inner: S, source: Arc<dyn TracerSource>) -> Self {
+        Self { inner, source }
     }
 }
 
@@ -60,7 +71,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let Some(tracer) = &self.tracer else {
+        let Some(tracer) = self.source.tracer() else {
             return Either::Left(self.inner.call(req));
         };
         let incoming = context::extract(req.headers());
@@ -399,7 +410,7 @@ mod tests {
         tracer: Option<Arc<Tracer>>,
         req: Request<Body>,
     ) -> Response<Body> {
-        Trace::new(svc, tracer)
+        Trace::new(svc, Arc::new(tracer))
             .oneshot(req)
             .await
             .expect("infallible")
@@ -724,7 +735,7 @@ mod tests {
         let never = tower::service_fn(|_req: Request<Body>| {
             futures::future::pending::<Result<Response<Body>, Infallible>>()
         });
-        let fut = Trace::new(never, t).oneshot(request(&[]));
+        let fut = Trace::new(never, Arc::new(t)).oneshot(request(&[]));
         let polled = tokio::time::timeout(std::time::Duration::from_millis(10), fut).await;
         assert!(polled.is_err(), "still waiting");
         let spans = sink.take();
@@ -736,7 +747,7 @@ mod tests {
     #[tokio::test]
     async fn without_a_tracer_nothing_is_touched() {
         fn stackable<S: HttpService>(_: &S) {}
-        stackable(&Trace::new(plain(), None));
+        stackable(&Trace::new(plain(), Arc::new(None::<Arc<Tracer>>)));
         let resp = call(plain(), None, request(&[("b3", "1")])).await;
         let names: Vec<&str> = resp
             .headers()

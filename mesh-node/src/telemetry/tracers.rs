@@ -13,7 +13,10 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use mesh_l7::trace::{CustomTag, LocalInfo, Propagation, Span, SpanKind, SpanSink, TagValue, Tracer};
+use mesh_l7::{
+    layer::trace::TracerSource,
+    trace::{CustomTag, LocalInfo, Propagation, Span, SpanKind, SpanSink, TagValue, Tracer},
+};
 use prometheus_client::registry::Registry;
 
 use super::{
@@ -122,6 +125,41 @@ impl Tracers {
         // The replaced exporter (if any) flushes and stops once the last tracer holding it goes.
         exporters.insert(provider.name.clone(), (provider.clone(), sink.clone()));
         sink
+    }
+}
+
+/// The tracer of one connection's stack, following the config: a connection can outlive a
+/// Telemetry change by far (pooled HBONE connections between nodes live on), so the tracer is
+/// resolved again whenever the node's state is a new one, and otherwise reused.
+pub struct Live {
+    tracers: Arc<Tracers>,
+    workload: Workload,
+    side: Side,
+    downstream: SocketAddr,
+    port: u16,
+    /// The state the tracer was resolved from, and the tracer.
+    cache: Mutex<Option<(Arc<State>, Option<Arc<Tracer>>)>>,
+}
+
+impl Tracers {
+    /// The [`Live`] tracer source for a connection (see [`Tracers::tracer`] for the arguments).
+    pub fn live(self: &Arc<Self>, w: &Workload, side: Side, downstream: SocketAddr, port: u16) -> Arc<Live> {
+        Arc::new(Live { tracers: self.clone(), workload: w.clone(), side, downstream, port, cache: Mutex::default() })
+    }
+}
+
+impl TracerSource for Live {
+    fn tracer(&self) -> Option<Arc<Tracer>> {
+        let state = self.tracers.state.borrow().clone();
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((seen, tracer)) = cache.as_ref()
+            && Arc::ptr_eq(seen, &state)
+        {
+            return tracer.clone();
+        }
+        let tracer = self.tracers.tracer(&state, &self.workload, self.side, self.downstream, self.port);
+        *cache = Some((state, tracer.clone()));
+        tracer
     }
 }
 

@@ -212,7 +212,7 @@ pub fn local_stack(inputs: &Inputs, shared: &Arc<Shared>, state: &State, caller:
     };
     let limiter = NodeLimiter { inputs: inputs.clone(), buckets: shared.rate_limits.clone(), caller: caller.identity.as_ref().map(Identity::to_string), pod: dst.ip() };
     let authn = NodeAuthn { inputs: inputs.clone(), jwks: shared.jwks.clone(), dst: dst_w.clone() };
-    let tracer = shared.tracers.tracer(state, dst_w, Side::Server, SocketAddr::new(caller.ip, 0), dst.port());
+    let tracer = shared.tracers.live(dst_w, Side::Server, SocketAddr::new(caller.ip, 0), dst.port());
     let authz = NodeAuthz { inputs: inputs.clone(), caller, dst: dst_w.clone(), dst_port: dst.port() };
     let authorized = AuthorizeLayer::new(RateLimitLayer::new(to_pod, Arc::new(limiter)), Arc::new(authz));
     BoxHttp::new(Record::new(Trace::new(AuthenticateLayer::new(authorized, Arc::new(authn)), tracer), recorder))

@@ -404,7 +404,7 @@ where
         seen: Arc::default(),
     }));
     let routed = Router::new(Fault::new(Timeout::new(Filters::new(Mirror::new(Retry::new(Split::new(upstream), shared.retry_budgets.clone()))))), Arc::new(lookup), target.port, info);
-    let tracer = shared.tracers.tracer(state, src_w, Side::Client, peer, target.port);
+    let tracer = shared.tracers.live(src_w, Side::Client, peer, target.port);
     let stack = Record::new(Trace::new(routed, tracer), recorder);
     if let Err(e) = mesh_l7::server::serve(client, stack, &shared.server, drain.signaled()).await {
         tracing::debug!(%peer, error = %e, "outbound HTTP connection ended with an error");
