@@ -455,7 +455,7 @@ fn sysctl(netns: &str, key: &str, value: &str) -> Result<(), Error> {
 /// the program's own. It first closes every descriptor above stderr: a process that outlives the
 /// harness (the lab's daemons) must not keep one of its parents' open, such as a `flock` on the
 /// shared cargo lock (bash, because dash cannot name descriptors above 9).
-fn in_netns_and_cgroup(netns: &str, cgroup: &Path, program: &str, args: &[&str]) -> Command {
+pub fn in_netns_and_cgroup(netns: &str, cgroup: &Path, program: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{netns}"))
         .args([

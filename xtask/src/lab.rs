@@ -61,21 +61,14 @@ fn exec(pod: &str, command: &[String]) -> Result<()> {
         .and_then(|r| r.split_once('p'))
         .and_then(|(n, p)| Some((n.parse::<u8>().ok()?, p.parse::<u8>().ok()?)))
         .with_context(|| format!("{pod:?} is not a lab pod name (n<node>p<pod>, e.g. n1p1)"))?;
-    let netns = format!("/run/netns/mesh-{RUN}-{pod}");
+    let netns = format!("mesh-{RUN}-{pod}");
     let cgroup = mesh_tests::sys::cgroup2_root()?.join(format!("mesh-{RUN}/n{node}/pods/p{index}"));
-    if !std::path::Path::new(&netns).exists() || !cgroup.exists() {
-        bail!("no pod {pod} in a running lab ({netns} or {} missing): start it with `cargo xtask lab up`", cgroup.display());
+    if !std::path::Path::new("/run/netns").join(&netns).exists() || !cgroup.exists() {
+        bail!("no pod {pod} in a running lab (/run/netns/{netns} or {} missing): start it with `cargo xtask lab up`", cgroup.display());
     }
     let (program, args) = command.split_first().context("no command given")?;
-    // The shell joins the cgroup, then execs the command (its sockets are then the pod's).
-    let status = Command::new("nsenter")
-        .arg(format!("--net={netns}"))
-        .args(["--", "sh", "-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
-        .arg(&cgroup)
-        .arg(program)
-        .args(args)
-        .status()
-        .context("running nsenter")?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let status = mesh_tests::lab::in_netns_and_cgroup(&netns, &cgroup, program, &args).status().context("running nsenter")?;
     if !status.success() {
         bail!("{program} exited with {status}");
     }

@@ -53,19 +53,14 @@ pub fn peer_labels(reporter: Reporter, src: Peer<'_>, dst: Peer<'_>, policy: Sec
     let name = |p: Peer<'_>| p.workload.map_or_else(unknown, |w| Arc::from(w.workload_name()));
     let ns = |p: Peer<'_>| p.workload.map_or_else(unknown, |w| Arc::from(w.namespace.as_str()));
     let principal = |p: Peer<'_>| p.identity.map_or_else(unknown, |i| Arc::from(i.to_string()));
-    let canonical = |p: Peer<'_>| {
-        let l = label(p.workload, &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]);
-        if &*l == UNKNOWN { name(p) } else { l }
-    };
-    let revision = |p: Peer<'_>| {
-        let l = label(p.workload, &["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"]);
-        if &*l == UNKNOWN && p.workload.is_some() { Arc::from("latest") } else { l }
-    };
+    // Workload-less peers are `unknown` for both (Istio's value when nothing is known).
+    let service = |p: Peer<'_>| p.workload.map_or_else(unknown, |w| canonical(w).0);
+    let revision = |p: Peer<'_>| p.workload.map_or_else(unknown, |w| canonical(w).1);
     let cluster_of = |p: Peer<'_>| if p.workload.is_some() { Arc::from(cluster) } else { unknown() };
     PeerLabels {
         reporter,
         source_workload: name(src),
-        source_canonical_service: canonical(src),
+        source_canonical_service: service(src),
         source_canonical_revision: revision(src),
         source_workload_namespace: ns(src),
         source_principal: principal(src),
@@ -76,7 +71,7 @@ pub fn peer_labels(reporter: Reporter, src: Peer<'_>, dst: Peer<'_>, policy: Sec
         destination_service_name: unknown(),
         destination_service_namespace: unknown(),
         destination_workload: name(dst),
-        destination_canonical_service: canonical(dst),
+        destination_canonical_service: service(dst),
         destination_canonical_revision: revision(dst),
         destination_workload_namespace: ns(dst),
         destination_principal: principal(dst),
