@@ -19,6 +19,9 @@ PACKAGES=(
   iperf3 tcpdump wrk nghttp2-client openssl
   prometheus curl   # promtool and curl: the node suite checks the metrics endpoint
   python3-venv      # the tools venv below (grpcurl)
+  chromium          # the e2e service graph test looks at mesh-control's /graph page headless
+  g++               # libfuzzer-sys compiles libFuzzer (the fuzz targets in fuzz/)
+  systemd           # systemd-socket-activate: mesh-node's socket activation test
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -49,6 +52,22 @@ else
   LLVM_PREFIX=/usr/lib/llvm-22 cargo install "bpf-linker@$BPF_LINKER_VERSION" --locked \
     --no-default-features --features llvm-22 >/tmp/mesh-setup-bpf-linker.log 2>&1 \
     || die "building bpf-linker failed (log: /tmp/mesh-setup-bpf-linker.log)"
+fi
+
+# cargo-fuzz on rustup's nightly, for the fuzz targets in fuzz/ (a short run of each is part of
+# the test command).
+CARGO_FUZZ_VERSION=0.13.2
+rustup toolchain list | grep -q '^nightly' || {
+  say "installing rustup's nightly toolchain (cargo-fuzz needs it)"
+  rustup toolchain install nightly --profile minimal >/tmp/mesh-setup-nightly.log 2>&1 \
+    || die "installing the nightly toolchain failed (log: /tmp/mesh-setup-nightly.log)"
+}
+if cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  say "cargo-fuzz $CARGO_FUZZ_VERSION present"
+else
+  say "building cargo-fuzz $CARGO_FUZZ_VERSION (about 2-3 minutes)"
+  cargo install "cargo-fuzz@$CARGO_FUZZ_VERSION" --locked >/tmp/mesh-setup-cargo-fuzz.log 2>&1 \
+    || die "building cargo-fuzz failed (log: /tmp/mesh-setup-cargo-fuzz.log)"
 fi
 
 # bpffs for pinned maps and links.

@@ -49,12 +49,27 @@ pub const fn policy_keys(src_identity: u32, dst_identity: u32, port: u16, proto:
     ]
 }
 
+/// Who sent a TCP SYN that tc sees on its way to a pod.
+#[derive(Clone, Copy, Debug)]
+pub struct Sender {
+    /// A socket of this node sent it (tc still sees it); a forwarded or bridged packet has none.
+    pub local_socket: bool,
+    /// The packet's mark (a local socket's `SO_MARK`).
+    pub mark: u32,
+    /// The sending socket's cgroup is in the trusted-sender map (the kubelet).
+    pub trusted_cgroup: bool,
+}
+
 /// Whether a TCP SYN toward a pod is refused by PeerAuthentication STRICT: the pod is STRICT and
-/// the packet was not sent by a local socket of the node (the node daemon or the kubelet) —
-/// it was forwarded or bridged from somewhere else, i.e. plaintext from outside the mesh.
+/// the SYN is neither the daemon's (a local socket carrying `daemon_mark`) nor the kubelet's (a
+/// local socket in a trusted cgroup). Everything else is plaintext from outside the mesh: from
+/// another host or pod (forwarded or bridged), or from any other process of the node.
+/// `daemon_mark` 0 trusts no mark (only trusted cgroups).
 #[inline(always)]
-pub const fn strict_refuses(dst_flags: u32, is_syn: bool, from_local_socket: bool) -> bool {
-    dst_flags & STRICT != 0 && is_syn && !from_local_socket
+pub const fn strict_refuses(dst_flags: u32, is_syn: bool, sender: Sender, daemon_mark: u32) -> bool {
+    let daemons = daemon_mark != 0 && sender.mark & daemon_mark == daemon_mark;
+    let trusted = sender.local_socket && (daemons || sender.trusted_cgroup);
+    dst_flags & STRICT != 0 && is_syn && !trusted
 }
 
 #[cfg(test)]
@@ -63,7 +78,7 @@ mod tests {
     use crate::service::PROTO_UDP;
 
     fn node() -> NodeConfig {
-        NodeConfig { capture_addr: Addr::from_v4([198, 18, 1, 1]), capture_port: 15001, hbone_port: 15008, flags: 0 }
+        NodeConfig { capture_addr: Addr::from_v4([198, 18, 1, 1]), capture_port: 15001, hbone_port: 15008, flags: 0, daemon_mark: MARK, _pad: 0 }
     }
     fn pod(flags: u32) -> PodInfo {
         PodInfo { identity: 7, flags, addr: Addr::from_v4([198, 18, 1, 11]) }
@@ -103,11 +118,23 @@ mod tests {
         assert_eq!((exact.src_identity, exact.dst_identity), (1, 2));
     }
 
+    const MARK: u32 = crate::DEFAULT_DAEMON_MARK;
+
+    fn sender(local_socket: bool, mark: u32, trusted_cgroup: bool) -> Sender {
+        Sender { local_socket, mark, trusted_cgroup }
+    }
+
     #[test]
-    fn strict_refuses_only_foreign_syns_to_strict_pods() {
-        assert!(strict_refuses(STRICT, true, false));
-        assert!(!strict_refuses(STRICT, true, true), "the node daemon's own connection");
-        assert!(!strict_refuses(STRICT, false, false), "not a connection attempt");
-        assert!(!strict_refuses(MESHED, true, false), "permissive");
+    fn strict_refuses_all_but_the_daemons_and_the_kubelets_syns() {
+        let forwarded = sender(false, 0, false);
+        assert!(strict_refuses(STRICT, true, forwarded, MARK), "another host or pod");
+        assert!(strict_refuses(STRICT, true, sender(true, 0, false), MARK), "another process of the node");
+        assert!(!strict_refuses(STRICT, true, sender(true, MARK | 0x4000, false), MARK), "the daemon, whatever else marks the packet");
+        assert!(!strict_refuses(STRICT, true, sender(true, 0, true), MARK), "the kubelet's probe");
+        assert!(strict_refuses(STRICT, true, sender(false, MARK, false), MARK), "a mark on a forwarded packet proves nothing");
+        assert!(strict_refuses(STRICT, true, sender(true, 0x1000, false), 0x3000), "every bit of the mark is needed");
+        assert!(strict_refuses(STRICT, true, sender(true, 0, false), 0), "mark 0 trusts no mark");
+        assert!(!strict_refuses(STRICT, false, forwarded, MARK), "not a connection attempt");
+        assert!(!strict_refuses(MESHED, true, forwarded, MARK), "permissive");
     }
 }

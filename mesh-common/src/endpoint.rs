@@ -43,8 +43,28 @@ pub struct NodeConfig {
     pub hbone_port: u16,
     /// Bits of [`node_flags`].
     pub flags: u32,
+    /// The `SO_MARK` bits the daemon sets on its own connections to pods: a SYN toward a STRICT
+    /// pod sent from the node must carry all of them (or come from a [`TrustedSender`] cgroup).
+    pub daemon_mark: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<NodeConfig>() == 24);
+const _: () = assert!(size_of::<NodeConfig>() == 32);
+
+/// The mark the daemon puts on its connections to pods unless `MESH_SOCKET_MARK` says
+/// otherwise: one bit outside the ones kube-proxy (0x4000, 0x8000), Cilium (0x0F00 and the upper
+/// 16), Calico (upper 16) and Istio (0x0FFF) use.
+pub const DEFAULT_DAEMON_MARK: u32 = 0x1000;
+
+/// Value of the trusted-sender map, keyed by a cgroup id: a process of the node (not the daemon)
+/// whose connections to STRICT pods are let through — the kubelet, for its probes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrustedSender {
+    /// The process found in that cgroup (the entry goes when it is gone).
+    pub pid: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<TrustedSender>() == 8);
 
 pub mod node_flags {
     /// Put same-node sockets in the sockhash and redirect payload with sk_msg.
@@ -58,4 +78,5 @@ mod pod {
     unsafe impl aya::Pod for super::PodInfo {}
     unsafe impl aya::Pod for super::EndpointInfo {}
     unsafe impl aya::Pod for super::NodeConfig {}
+    unsafe impl aya::Pod for super::TrustedSender {}
 }

@@ -48,7 +48,7 @@ pub const MAP_PODS: &str = "MESH_POD_V1";
 /// Endpoint address → [`crate::EndpointInfo`] (identity, meshed/strict).
 pub const MAP_ENDPOINTS: &str = "MESH_EP_V1";
 /// Node settings (one entry): [`crate::NodeConfig`].
-pub const MAP_NODE: &str = "MESH_NODE_V1";
+pub const MAP_NODE: &str = "MESH_NODE_V2";
 /// Socket cookie → [`crate::OrigDst`] while a captured connection is being set up.
 pub const MAP_ORIG_BY_COOKIE: &str = "MESH_ORIGC_V1";
 /// Client address:port → [`crate::OrigDst`] once established (what SO_ORIGINAL_DST reads).
@@ -61,6 +61,9 @@ pub const MAP_AFFINITY: &str = "MESH_AFF_V1";
 pub const MAP_POLICY: &str = "MESH_POL_V1";
 /// Established same-node sockets by 4-tuple, for sk_msg redirection.
 pub const MAP_SOCKETS: &str = "MESH_SOCK_V1";
+/// cgroup id → [`crate::TrustedSender`]: node processes (the kubelet) whose connections STRICT
+/// pods accept without the daemon's mark.
+pub const MAP_TRUSTED: &str = "MESH_TRUST_V1";
 
 /// Every map the object defines, for pinning and inspection.
 pub const ALL_MAPS: &[&str] = &[
@@ -78,6 +81,7 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_AFFINITY,
     MAP_POLICY,
     MAP_SOCKETS,
+    MAP_TRUSTED,
 ];
 /// Every program the object defines.
 pub const ALL_PROGRAMS: &[&str] = &[
@@ -95,6 +99,8 @@ pub const ALL_PROGRAMS: &[&str] = &[
     PROG_TC_TO_POD,
 ];
 
+/// Capacity of the trusted-sender map (kubelets; two only while one restarts).
+pub const MAX_TRUSTED: u32 = 64;
 /// Capacity of the service map (VIP:port/proto entries).
 pub const MAX_SERVICES: u32 = 65_536;
 /// Capacity of the slot map: sum of all services' selection tables.

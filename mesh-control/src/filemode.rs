@@ -106,6 +106,9 @@ pub fn build(docs: Vec<Document>, root_namespace: &str) -> State {
             Document::Service(s) => services.push(s),
         }
     }
+    for problem in inv.drop_shared_addresses() {
+        tracing::warn!("Workload {problem}");
+    }
     for w in inv.workloads.values_mut() {
         w.meshed = model::meshed(ns_labels.get(&w.namespace), &w.labels);
     }

@@ -140,3 +140,17 @@ spec: {}
     let rejected = state.routes.verdicts.iter().find(|v| v.key.name == "v").and_then(routing::Verdict::rejection);
     assert_eq!(rejected, Some("UnsupportedField"));
 }
+
+#[test]
+fn an_address_two_workloads_claim_is_taken_from_both_and_the_rest_still_applies() {
+    // whoami-1 has 198.18.1.10 in the lab fixture; an impostor claims it, and one more address.
+    let s = lab_state(
+        "---\napiVersion: lab.mesh.dev/v1alpha1\nkind: Workload\nmetadata: {name: impostor, namespace: demo}\nspec: {node: n2, serviceAccount: admin, addresses: [198.18.1.10, 198.18.2.99]}\n",
+    );
+    let inv = &s.inventory;
+    assert!(!inv.workloads.contains_key("demo/whoami-1"), "its only address was shared: {:?}", inv.workloads.keys());
+    assert_eq!(inv.workloads["demo/impostor"].addresses, ["198.18.2.99".parse::<std::net::IpAddr>().expect("ip")], "keeps what it alone claims");
+    assert!(inv.workloads.contains_key("demo/client"), "the rest of the inventory stays");
+    let svc = &inv.services[&model::NamespacedName::new("demo", "whoami")];
+    assert!(svc.endpoints.iter().all(|e| e.address.to_string() != "198.18.1.10"), "no endpoint at the shared address");
+}

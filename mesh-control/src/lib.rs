@@ -14,6 +14,7 @@ pub mod client;
 pub mod crd;
 pub mod election;
 pub mod filemode;
+pub mod graph;
 #[cfg(test)]
 mod fixtures;
 pub mod k8s;

@@ -9,7 +9,7 @@ use mesh_control::{
     auth::{Authenticator, NodeIds},
     ca::{self, Ca},
     election::{Leadership, Timing},
-    filemode, k8s,
+    filemode, graph, k8s,
     metrics::Metrics,
     server::{Server, Shared},
     snapshot::Publisher,
@@ -67,6 +67,18 @@ struct Args {
     /// name; default `<hostname>-<pid>`).
     #[arg(long, env = "MESH_CONTROL_POD_NAME")]
     pod_name: Option<String>,
+    /// Service graph: the node daemons' metrics port, scraped at the address each node's config
+    /// stream comes from.
+    #[arg(long, env = "MESH_CONTROL_GRAPH_METRICS_PORT", default_value_t = 15020)]
+    graph_metrics_port: u16,
+    /// Service graph: seconds between two scrapes of every node (the window of its rates, and
+    /// the refresh of the /graph page).
+    #[arg(long, env = "MESH_CONTROL_GRAPH_INTERVAL_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    graph_interval_seconds: u64,
+    /// Service graph: build it from this Prometheus' HTTP API (`http://host:port[/prefix]`,
+    /// increases over 60 s) instead of scraping the nodes.
+    #[arg(long, env = "MESH_CONTROL_GRAPH_PROMETHEUS_URL", value_name = "URL")]
+    graph_prometheus_url: Option<graph::Prometheus>,
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     log: String,
 }
@@ -145,7 +157,12 @@ async fn run(config: Args) -> Result<()> {
         node_ttl: Duration::from_secs(config.node_cert_ttl_seconds),
     };
     let grpc = Server::new(config.grpc_addr, &config.tls_sans, shared).await?;
-    let status = StatusServer::new(config.status_addr, Sources { publisher, nodes, registry: Arc::new(registry), metrics, leadership, election }).await?;
+    let graph = graph::Store::new(graph::Config { metrics_port: config.graph_metrics_port, interval: Duration::from_secs(config.graph_interval_seconds) });
+    match config.graph_prometheus_url.clone() {
+        Some(prometheus) => tokio::spawn(graph::run_prometheus(graph.clone(), prometheus, metrics.clone())),
+        None => tokio::spawn(graph::run(graph.clone(), Arc::clone(&nodes), metrics.clone())),
+    };
+    let status = StatusServer::new(config.status_addr, Sources { publisher, nodes, registry: Arc::new(registry), metrics, leadership, election, graph }).await?;
     tracing::info!(grpc = %grpc.local_addr(), status = %status.local_addr(), "mesh-control started");
     tokio::select! {
         r = grpc.run() => r.context("gRPC server stopped")?,

@@ -26,6 +26,12 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    /// The node's name (a bounded set: the mesh's nodes).
+    pub node: String,
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub connected_nodes: Gauge,
@@ -42,6 +48,8 @@ pub struct Metrics {
     /// 1 while this replica holds the leader Lease (set at each scrape from `election`).
     pub leader: Gauge,
     pub status_writes: Counter,
+    /// Scrapes of a node's metrics for the service graph that failed (`graph`).
+    pub graph_scrape_failures: Family<NodeLabels, Counter>,
 }
 
 impl Metrics {
@@ -65,6 +73,7 @@ impl Metrics {
         r.register("certificate_refusals", "Certificate requests refused", m.certificate_refusals.clone());
         r.register("leader", "1 while this replica is the leader (writes status, creates the CA Secret), else 0", m.leader.clone());
         r.register("status_writes", "Status subresource writes this replica made (only the leader writes)", m.status_writes.clone());
+        r.register("graph_scrape_failures", "Scrapes of a node daemon's metrics for the service graph that failed", m.graph_scrape_failures.clone());
         m
     }
 

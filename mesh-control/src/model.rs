@@ -117,6 +117,32 @@ pub struct Inventory {
     pub services: BTreeMap<NamespacedName, Service>,
 }
 
+impl Inventory {
+    /// Takes every address claimed by more than one workload away from all of them (a workload
+    /// left without an address goes), and says what it took. Which claimant is right cannot be
+    /// known here (in Kubernetes, a deleted pod's IP given to a new pod before the old one is
+    /// gone; in file mode, a mistake): neither gets the identity, so traffic from that address
+    /// is nobody's and fails closed under policies that name principals. The rest of the update
+    /// goes through: a node refuses a view with a duplicate address whole.
+    pub fn drop_shared_addresses(&mut self) -> Vec<String> {
+        let mut claims: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+        for w in self.workloads.values() {
+            for a in &w.addresses {
+                claims.entry(*a).or_default().push(format!("{}/{}", w.namespace, w.name));
+            }
+        }
+        let shared: BTreeMap<IpAddr, Vec<String>> = claims.into_iter().filter(|(_, who)| who.len() > 1).collect();
+        if shared.is_empty() {
+            return Vec::new();
+        }
+        for w in self.workloads.values_mut() {
+            w.addresses.retain(|a| !shared.contains_key(a));
+        }
+        self.workloads.retain(|_, w| !w.addresses.is_empty());
+        shared.into_iter().map(|(a, who)| format!("address {a} is claimed by {}: taken from all of them", who.join(", "))).collect()
+    }
+}
+
 /// `<region>/<zone>` from a node's labels, `None` when it has neither.
 pub fn locality(labels: &Labels) -> Option<String> {
     let region = labels.get("topology.kubernetes.io/region").map_or("", String::as_str);

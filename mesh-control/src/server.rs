@@ -7,7 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -48,6 +48,10 @@ pub struct NodeStatus {
     pub acked_version: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_nack: Option<Nack>,
+    /// Where its config stream comes from: the node's own address (the lab's underlay, or the
+    /// node IP of the hostNetwork DaemonSet), where the service graph scrapes its metrics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<IpAddr>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -136,6 +140,7 @@ impl pb::config_distribution_server::ConfigDistribution for ConfigService {
         let shared = self.0.clone();
         let verified = shared.verified_node(&req, "config stream").map_err(|e| Status::unauthenticated(e.to_string()))?;
         let node = verified.name.clone();
+        let address = req.remote_addr().map(|a| a.ip());
         let mut inbound = req.into_inner();
         // A client that opens a stream but never subscribes must not hold it forever.
         let first = tokio::time::timeout(SUBSCRIBE_TIMEOUT, inbound.message())
@@ -149,7 +154,8 @@ impl pb::config_distribution_server::ConfigDistribution for ConfigService {
             tracing::warn!(certificate = node, claimed = sub.node_name, "config stream refused: node name mismatch");
             return Err(Status::permission_denied(format!("the client certificate is node {node:?}'s, not {:?}'s", sub.node_name)));
         }
-        tracing::info!(node, last_applied = sub.last_applied_version, "node subscribed");
+        tracing::info!(node, last_applied = sub.last_applied_version, ?address, "node subscribed");
+        shared.nodes.lock().expect("not poisoned").entry(node.clone()).or_default().address = address;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(serve_node(shared, verified, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -3,7 +3,9 @@
 //!   (conditions, per parent for Gateway API routes), file errors and nodes,
 //! - `GET /metrics`: Prometheus text,
 //! - `GET /ready`: 200 once a first config is published (readiness probe), else 503,
-//! - `GET /healthz`: 200 (liveness probe).
+//! - `GET /healthz`: 200 (liveness probe),
+//! - `GET /graph` (a page that redraws itself), `/graph.svg`, `/graph.dot`, `/graph.json`: the
+//!   live service graph (`graph`).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -15,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::{election::Leadership, metrics::Metrics, server::NodeStatuses, snapshot::Publisher};
+use crate::{election::Leadership, graph, metrics::Metrics, server::NodeStatuses, snapshot::Publisher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -33,6 +35,8 @@ pub struct Sources {
     /// How this replica is elected, for `/status` (e.g. "Lease mesh-system/mesh-control-leader
     /// as mesh-control-7d9f-abcde", or "none (file mode)").
     pub election: String,
+    /// The nodes' last metrics samples, for the service graph.
+    pub graph: graph::Store,
 }
 
 pub struct StatusServer {
@@ -83,7 +87,12 @@ fn handle(req: &Request<Incoming>, s: &Sources) -> Response<Full<Bytes>> {
         "/ready" if s.publisher.current().version > 0 => reply(StatusCode::OK, "text/plain", "ready\n".into()),
         "/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "no config published yet\n".into()),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "try /status, /metrics, /ready\n".into()),
+        // Relative, so the page also works behind a path prefix (the apiserver's proxy).
+        "/graph" => reply(StatusCode::OK, "text/html; charset=utf-8", mesh_graph::render::html(&s.graph.graph(), "graph.svg", s.graph.refresh_seconds())),
+        "/graph.svg" => reply(StatusCode::OK, "image/svg+xml", mesh_graph::render::svg(&s.graph.graph())),
+        "/graph.dot" => reply(StatusCode::OK, "text/vnd.graphviz", mesh_graph::render::dot(&s.graph.graph())),
+        "/graph.json" => reply(StatusCode::OK, "application/json", mesh_graph::render::json(&s.graph.graph())),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "try /status, /metrics, /ready, /graph\n".into()),
     }
 }
 

@@ -170,7 +170,7 @@ fn helm_chart_renders_a_platform_teams_overrides_and_nothing_else_changes() {
         "DaemonSet .spec.template.spec.tolerations[0].value",
         "DaemonSet .spec.template.spec.containers[0].image",
         "DaemonSet .spec.template.spec.containers[0].imagePullPolicy",
-        "DaemonSet .spec.template.spec.containers[0].env[13].value",
+        "DaemonSet .spec.template.spec.containers[0].env[14].value",
         "DaemonSet .spec.template.spec.containers[0].resources.limits.memory",
     ];
     let mut got: Vec<&str> = changed.iter().map(String::as_str).collect();
@@ -388,4 +388,171 @@ fn routing_examples_load_together_and_compile_to_what_their_comments_say() {
     });
     let subsets: Vec<(String, Vec<String>)> = svc.expect("helloworld").endpoints.into_iter().map(|e| (e.address, e.subsets)).collect();
     assert_eq!(subsets, [("198.18.1.13".into(), vec!["v1-0".into()]), ("198.18.2.13".into(), vec!["v1-1".into()])]);
+}
+
+/// `monitoring.*` renders nothing by default; with `ci/monitoring-values.yaml`, two PodMonitors
+/// that select exactly the daemon's and the controller's pods by their labels and named metrics
+/// ports, and the dashboards ConfigMap with the sidecar's label and deploy/dashboards/*.json as
+/// they are.
+#[test]
+fn helm_monitoring_renders_pod_monitors_for_our_pods_and_the_dashboards_for_grafana() {
+    let chart = helm::Chart::load(&chart_dir());
+    let by_default = chart.render(&default_values(), "mesh-system");
+    assert!(docs(&by_default["monitoring.yaml"]).is_empty(), "{}", by_default["monitoring.yaml"]);
+    let over: Value = serde_saphyr::from_str(&read(&chart_dir().join("ci/monitoring-values.yaml"))).expect("values");
+    let values = helm::merge(&default_values(), &over);
+    let schema: Value = serde_json::from_str(&read(&chart_dir().join("values.schema.json"))).expect("schema");
+    assert_eq!(helm::validate(&schema, &values), Vec::<String>::new());
+    let monitoring = docs(&chart.render(&values, "mesh-system")["monitoring.yaml"]);
+    let workloads = render_chart(&values, "mesh-system");
+    let find = |kind: &str, name: &str, among: &[Value]| {
+        among.iter().find(|d| d["kind"] == kind && d["metadata"]["name"] == name).cloned().unwrap_or_else(|| panic!("{kind} {name}"))
+    };
+    // The DaemonSet declares no ports (hostPorts would block its surge updates): its monitor sets
+    // the address to the pod's IP and the annotated port.
+    for (monitor, kind, other, port) in [("mesh-node", "DaemonSet", "Deployment", None), ("mesh-control", "Deployment", "DaemonSet", Some("http-status"))] {
+        let pm = find("PodMonitor", monitor, &monitoring);
+        assert_eq!(pm["apiVersion"], "monitoring.coreos.com/v1");
+        assert_eq!(pm["metadata"]["namespace"], "mesh-system");
+        assert_eq!(pm["metadata"]["labels"]["release"], "kps", "the label a Prometheus selects PodMonitors by");
+        let selects = |w: &Value| {
+            let labels = &w["spec"]["template"]["metadata"]["labels"];
+            pm["spec"]["selector"]["matchLabels"].as_object().expect("matchLabels").iter().all(|(k, v)| &labels[k] == v)
+        };
+        let ours = workloads.iter().find(|d| d["kind"] == kind).expect("workload");
+        let others = workloads.iter().find(|d| d["kind"] == other).expect("the other workload");
+        assert!(selects(ours) && !selects(others), "{monitor} selects only its own pods");
+        let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
+        assert_eq!((endpoint["port"].as_str(), endpoint["path"].as_str(), endpoint["interval"].as_str()), (port, Some("/metrics"), Some("30s")));
+        let container = &ours["spec"]["template"]["spec"]["containers"][0];
+        let number = match port {
+            Some(port) => container["ports"].as_array().expect("ports").iter().find(|p| p["name"] == port).unwrap_or_else(|| panic!("{monitor} has no port {port}"))["containerPort"].to_string(),
+            None => {
+                assert!(container["ports"].is_null(), "{monitor}: no declared ports (hostPorts)");
+                let to: Vec<&str> = endpoint["relabelings"].as_array().expect("relabelings").iter().filter(|r| r["targetLabel"] == "__address__").filter_map(|r| r["replacement"].as_str()).collect();
+                assert_eq!(to, ["$1:15020", "[$1]:15020"], "IPv4 and IPv6 pod addresses get the metrics port");
+                "15020".to_owned()
+            }
+        };
+        // The same port the pods' prometheus.io annotations and deploy/prometheus/scrape.yaml name.
+        assert_eq!(ours["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"], number);
+    }
+    let cm = find("ConfigMap", "mesh-dashboards", &monitoring);
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1", "Grafana's sidecar finds dashboards by this label");
+    assert_eq!(cm["metadata"]["annotations"]["grafana_folder"], "Mesh");
+    for name in ["mesh.json", "service.json", "workload.json"] {
+        let shipped: Value = serde_json::from_str(&read(&deploy().join("dashboards").join(name))).expect("dashboard JSON");
+        let in_chart: Value = serde_json::from_str(cm["data"][name].as_str().unwrap_or_else(|| panic!("{name} in the ConfigMap"))).expect("JSON");
+        assert_eq!(in_chart, shipped, "{name}");
+    }
+}
+
+/// Istio's metrics the node daemons export (mesh-l7's and mesh-node's metrics modules) and their
+/// labels: the dashboards may use nothing else. (`tests/e2e/prometheus.rs` runs every panel
+/// against a Prometheus scraping the real daemons.)
+const EXPORTED_METRICS: [&str; 8] = [
+    "istio_requests_total",
+    "istio_request_duration_milliseconds_bucket",
+    "istio_request_bytes_bucket",
+    "istio_response_bytes_bucket",
+    "istio_tcp_connections_opened_total",
+    "istio_tcp_connections_closed_total",
+    "istio_tcp_sent_bytes_total",
+    "istio_tcp_received_bytes_total",
+];
+const EXPORTED_LABELS: [&str; 26] = [
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "connection_security_policy",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "le",
+];
+
+/// deploy/dashboards/*.json are Grafana dashboards: a schema version, unique uids and panel ids,
+/// panels inside the 24-column grid that do not overlap, every target on the `$datasource`
+/// variable with a refId and an expression, using only metrics and labels the nodes export.
+#[test]
+fn dashboards_are_grafana_json_on_the_metrics_and_labels_the_nodes_export() {
+    let metric = regex::Regex::new(r"\b(istio|mesh|envoy|pilot)_[a-z0-9_]+").expect("regex");
+    let matcher = regex::Regex::new(r"([a-z_]+)\s*(=~|!~|!=|=)\s*\x22").expect("regex");
+    let grouping = regex::Regex::new(r"\bby\s*\(([^)]*)\)").expect("regex");
+    let mut uids = Vec::new();
+    for name in ["mesh.json", "service.json", "workload.json"] {
+        let board: Value = serde_json::from_str(&read(&deploy().join("dashboards").join(name))).expect("dashboard JSON");
+        assert!(board["schemaVersion"].as_u64() >= Some(36), "{name}: schemaVersion");
+        assert!(board["title"].as_str().is_some_and(|t| t.starts_with("Mesh / ")), "{name}: title");
+        uids.push(board["uid"].as_str().expect("uid").to_owned());
+        let variables = board["templating"]["list"].as_array().expect("templating");
+        assert!(variables.iter().any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus"), "{name}: $datasource");
+        let exported = |what: &str, expr: &str| {
+            for m in metric.find_iter(expr) {
+                assert!(EXPORTED_METRICS.contains(&m.as_str()), "{name} {what}: {} is not exported", m.as_str());
+            }
+            let labels = matcher.captures_iter(expr).map(|c| c[1].to_owned());
+            let grouped = grouping.captures_iter(expr).flat_map(|c| c[1].split(',').map(|l| l.trim().to_owned()).collect::<Vec<_>>());
+            for l in labels.chain(grouped) {
+                assert!(EXPORTED_LABELS.contains(&l.as_str()), "{name} {what}: label {l} is not exported");
+            }
+        };
+        for v in variables.iter().filter(|v| v["type"] == "query") {
+            let query = v["query"].as_str().expect("query");
+            // label_values(<selector>, <label>): Grafana lists the label's values among the series.
+            let (selector, label) = query.strip_prefix("label_values(").and_then(|q| q.strip_suffix(')')).and_then(|q| q.rsplit_once(',')).unwrap_or_else(|| panic!("{name}: {query}"));
+            exported(&format!("${}", v["name"]), &format!("{selector} by ({label})"));
+            assert_eq!(v["datasource"]["uid"], "${datasource}", "{name} {query}");
+        }
+        let panels = board["panels"].as_array().expect("panels");
+        let mut ids = Vec::new();
+        let mut cells = std::collections::BTreeSet::new();
+        for p in panels {
+            let title = p["title"].as_str().expect("title");
+            ids.push(p["id"].as_u64().expect("id"));
+            let grid = &p["gridPos"];
+            let [height, width, left, top] = ["h", "w", "x", "y"].map(|k| grid[k].as_u64().unwrap_or_else(|| panic!("{name} {title}: gridPos.{k}")));
+            assert!(height > 0 && width > 0 && left + width <= 24, "{name} {title}: gridPos {grid}");
+            for cell in (left..left + width).flat_map(|column| (top..top + height).map(move |row| (column, row))) {
+                assert!(cells.insert(cell), "{name} {title}: overlaps another panel at {cell:?}");
+            }
+            if p["type"] == "row" {
+                continue;
+            }
+            assert_eq!(p["datasource"]["uid"], "${datasource}", "{name} {title}");
+            let targets = p["targets"].as_array().unwrap_or_else(|| panic!("{name} {title}: targets"));
+            assert!(!targets.is_empty(), "{name} {title}: no target");
+            let mut refs = Vec::new();
+            for t in targets {
+                refs.push(t["refId"].as_str().expect("refId"));
+                assert_eq!(t["datasource"]["uid"], "${datasource}", "{name} {title}");
+                exported(title, t["expr"].as_str().unwrap_or_else(|| panic!("{name} {title}: expr")));
+            }
+            refs.sort_unstable();
+            assert!(refs.windows(2).all(|w| w[0] != w[1]), "{name} {title}: refIds {refs:?}");
+        }
+        ids.sort_unstable();
+        assert!(ids.windows(2).all(|w| w[0] != w[1]), "{name}: panel ids {ids:?}");
+    }
+    uids.sort();
+    uids.dedup();
+    assert_eq!(uids.len(), 3, "dashboard uids are unique");
 }

@@ -10,7 +10,8 @@ use aya_ebpf::{
 use mesh_common::{
     AffinityKey, AffinityValue, Backend, BackendId, DropReason, EndpointInfo, NodeConfig, PodInfo,
     PolicyKey, PolicyValue, RevNatKey, ServiceKey, ServiceValue, SlotKey, SockAddr, SockKey, Stat,
-    names::{MAX_BACKENDS, MAX_ENDPOINTS, MAX_POLICY, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_TRACKED},
+    TrustedSender,
+    names::{MAX_BACKENDS, MAX_ENDPOINTS, MAX_POLICY, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_TRACKED, MAX_TRUSTED},
     Addr,
 };
 
@@ -38,7 +39,7 @@ pub static PODS: HashMap<u64, PodInfo, { MAX_ENDPOINTS as usize }> = HashMap::ne
 #[btf_map(name = "MESH_EP_V1")]
 pub static ENDPOINTS: HashMap<Addr, EndpointInfo, { MAX_ENDPOINTS as usize }> = HashMap::new();
 
-#[btf_map(name = "MESH_NODE_V1")]
+#[btf_map(name = "MESH_NODE_V2")]
 pub static NODE: Array<NodeConfig, 1> = Array::new();
 
 /// Keyed by socket cookie.
@@ -59,6 +60,10 @@ pub static POLICY: HashMap<PolicyKey, PolicyValue, { MAX_POLICY as usize }> = Ha
 
 #[btf_map(name = "MESH_SOCK_V1")]
 pub static SOCKETS: SockHash64<SockKey, { MAX_SOCKETS as usize }> = SockHash64::new();
+
+/// Keyed by cgroup id.
+#[btf_map(name = "MESH_TRUST_V1")]
+pub static TRUSTED: HashMap<u64, TrustedSender, { MAX_TRUSTED as usize }> = HashMap::new();
 
 /// Count one drop for `reason`.
 #[inline(always)]

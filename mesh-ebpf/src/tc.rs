@@ -1,11 +1,17 @@
 //! tc egress on a pod's host-side interface: PeerAuthentication STRICT in the kernel.
-//! A TCP SYN toward a STRICT pod that was not sent by a local socket of the node (the daemon
-//! delivering mesh traffic, or the kubelet) is plaintext from outside the mesh: dropped, counted.
+//! A TCP SYN toward a STRICT pod is let through only from the daemon delivering mesh traffic (a
+//! local socket with the daemon's mark) or the kubelet probing (a local socket in a trusted
+//! cgroup); anything else — another host, another pod, another process of the node — is
+//! plaintext from outside the mesh: dropped, counted.
 
-use aya_ebpf::programs::TcContext;
-use mesh_common::{decide::strict_refuses, Addr, DropReason};
+use aya_ebpf::{helpers::generated::bpf_skb_cgroup_id, programs::TcContext};
+use mesh_common::{
+    decide::{strict_refuses, Sender},
+    endpoint::flags::STRICT,
+    Addr, DropReason,
+};
 
-use crate::maps::{count_drop, ENDPOINTS};
+use crate::maps::{count_drop, node_config, ENDPOINTS, TRUSTED};
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
@@ -55,12 +61,23 @@ fn try_to_pod(ctx: &TcContext) -> Option<bool> {
     }
     // SAFETY: value copied out at once.
     let ep = unsafe { ENDPOINTS.get(&dst) }?;
+    // Who sent it matters only for a STRICT pod: spare every other SYN the lookups below.
+    if ep.flags & STRICT == 0 {
+        return Some(false);
+    }
     // A locally originated packet still carries its socket at tc egress; a forwarded or
     // bridged one does not.
-    // SAFETY: reading the sk field of the program's own __sk_buff.
-    let from_local_socket = unsafe {
-        let sk = core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).__bindgen_anon_2.sk));
-        !sk.is_null()
+    // SAFETY: reading the sk and mark fields of the program's own __sk_buff.
+    let (local_socket, mark) = unsafe {
+        let skb = ctx.skb.skb;
+        let sk = core::ptr::read_volatile(core::ptr::addr_of!((*skb).__bindgen_anon_2.sk));
+        (!sk.is_null(), (*skb).mark)
     };
-    Some(strict_refuses(ep.flags, is_syn, from_local_socket))
+    // The sending socket's cgroup (0 without a full socket, which no entry has).
+    // SAFETY: helper call on the program's own __sk_buff.
+    let cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    // SAFETY: presence check only.
+    let trusted_cgroup = local_socket && unsafe { TRUSTED.get(&cgroup) }.is_some();
+    let daemon_mark = node_config().map_or(0, |n| n.daemon_mark);
+    Some(strict_refuses(ep.flags, is_syn, Sender { local_socket, mark, trusted_cgroup }, daemon_mark))
 }

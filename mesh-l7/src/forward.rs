@@ -156,7 +156,7 @@ pub async fn send<C: client::Connect>(
         }
         Err(e) => {
             let flag = e.flag();
-            tracing::debug!(?key, error = %e, %flag, "upstream request failed");
+            tracing::debug!(?key, error = ?e, %flag, "upstream request failed");
             flag.response()
         }
     }

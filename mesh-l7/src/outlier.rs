@@ -127,15 +127,16 @@ impl Detector {
     }
 
     /// Lets back the endpoints whose ejection is over and lowers the multiplier of those that
-    /// stayed in for an `interval`. `true`: the ejected set changed.
-    pub fn sweep(&self, now: Instant) -> bool {
-        let mut changed = false;
+    /// stayed in for an `interval`. Returns the endpoints that came back (none: the ejected set
+    /// did not change).
+    pub fn sweep(&self, now: Instant) -> Vec<SocketAddr> {
+        let mut back = Vec::new();
         let mut hosts = self.hosts.lock().expect("outlier lock");
-        hosts.retain(|_, h| {
+        hosts.retain(|addr, h| {
             if h.ejected_until.is_some_and(|t| now >= t) {
                 h.ejected_until = None;
                 h.quiet_since = Some(now);
-                changed = true;
+                back.push(*addr);
             }
             if h.ejected_until.is_none()
                 && h.times > 0
@@ -152,7 +153,7 @@ impl Detector {
                 || h.consecutive_gateway > 0
         });
         self.tracked.store(hosts.len(), Ordering::Relaxed);
-        changed
+        back
     }
 
     /// The endpoints out of balancing among `endpoints` of them, `None` if none is, or in panic
@@ -228,26 +229,32 @@ mod tests {
         let t0 = Instant::now();
         let trip = |t| (0..3).fold(false, |_, _| d.observe(addr(1), Outcome::Status(500), 4, t));
         assert!(trip(t0));
-        assert!(!d.sweep(t0 + Duration::from_secs(9)), "still out at 9 s");
-        assert!(
+        assert_eq!(d.sweep(t0 + Duration::from_secs(9)), [], "still out at 9 s");
+        assert_eq!(
             d.sweep(t0 + Duration::from_secs(10)),
+            [addr(1)],
             "back after the base time"
         );
         assert_eq!(d.ejected(4), None);
         let t1 = t0 + Duration::from_millis(10_500);
         assert!(trip(t1), "ejected again at once");
-        assert!(
-            !d.sweep(t1 + Duration::from_secs(19)),
+        assert_eq!(
+            d.sweep(t1 + Duration::from_secs(19)),
+            [],
             "second ejection lasts twice the base"
         );
-        assert!(d.sweep(t1 + Duration::from_secs(20)));
+        assert_eq!(d.sweep(t1 + Duration::from_secs(20)), [addr(1)]);
         // Quiet for two intervals: the multiplier is back to 0, the next ejection is 10 s again.
         let t2 = t1 + Duration::from_secs(20);
         d.sweep(t2 + Duration::from_secs(1));
         d.sweep(t2 + Duration::from_secs(2));
         let t3 = t2 + Duration::from_secs(3);
         assert!(trip(t3));
-        assert!(d.sweep(t3 + Duration::from_secs(10)), "base time only");
+        assert_eq!(
+            d.sweep(t3 + Duration::from_secs(10)),
+            [addr(1)],
+            "base time only"
+        );
     }
 
     #[test]

@@ -1,11 +1,18 @@
 //! Serving one downstream connection: HTTP/1.1 (keep-alive, pipelining, upgrades) or HTTP/2
 //! (prior knowledge), told apart by the HTTP/2 preface, requests handed to a stack. On drain the
-//! connection is shut down gracefully (HTTP/2 GOAWAY; HTTP/1.1 closes after the request in
-//! flight).
+//! connection is shut down gracefully: HTTP/1.1 responses say `connection: close` from then
+//! on, so a busy client moves to a new connection between two requests of its own; after
+//! [`DRAIN_GRACE`], idle HTTP/1.1 connections are closed and HTTP/2 ones get GOAWAY.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
-use http::Request;
+use http::{HeaderValue, Request, StatusCode, Version, header};
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -41,6 +48,12 @@ impl Default for Config {
     }
 }
 
+/// How long a draining connection keeps serving before it is shut down. Closing an idle
+/// HTTP/1.1 connection races with a request the client may be sending on it (which then fails);
+/// in this time a client that sends requests learns from a response to open a new connection
+/// instead.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
 fn builder(cfg: &Config) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -68,8 +81,23 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService,
 {
+    let draining = Arc::new(AtomicBool::new(false));
+    let closing = draining.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        tower::ServiceExt::oneshot(svc.clone(), req.map(body::boxed))
+        let http1 = req.version() < Version::HTTP_2;
+        let answer = tower::ServiceExt::oneshot(svc.clone(), req.map(body::boxed));
+        let closing = closing.clone();
+        async move {
+            let Ok(mut resp) = answer.await;
+            if http1
+                && closing.load(Ordering::Relaxed)
+                && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let b = builder(cfg);
     let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
@@ -77,6 +105,11 @@ where
     tokio::select! {
         r = conn.as_mut() => r,
         () = drain => {
+            draining.store(true, Ordering::Relaxed);
+            tokio::select! {
+                r = conn.as_mut() => return r,
+                () = tokio::time::sleep(DRAIN_GRACE) => {}
+            }
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -16,7 +16,7 @@ use std::{
     sync::Arc,
 };
 
-pub use span::{Span, SpanId, SpanKind, TraceId};
+pub use span::{Span, SpanId, SpanKind, TagText, TraceId};
 
 /// Where finished spans go. `submit` runs on the request path: it must never block or wait
 /// (queue the span, or drop it and count the drop).
@@ -49,6 +49,8 @@ pub struct LocalInfo {
     pub canonical_service: Arc<str>,
     pub canonical_revision: Arc<str>,
     pub namespace: Arc<str>,
+    /// `{canonical_service}.{namespace}`: Istio's service name for the workload's spans.
+    pub service: Arc<str>,
     pub ip: Option<IpAddr>,
 }
 

@@ -36,7 +36,7 @@ struct Ctx {
 
 impl Admin {
     pub async fn new(
-        addr: SocketAddr,
+        listen: impl Into<proxy::Listen>,
         cfg: Arc<proxy::Config>,
         state: StateRx,
         certs: Arc<CertStore>,
@@ -44,13 +44,17 @@ impl Admin {
         log: Option<LogControl>,
         shutdown: watch::Sender<bool>,
     ) -> Result<Self, proxy::Error> {
-        let listener = http_util::bind(addr).await.map_err(|source| proxy::Error::Bind { addr, source })?;
-        let addr = listener.local_addr().map_err(|source| proxy::Error::Bind { addr, source })?;
+        let (listener, addr) = listen.into().open().await?;
         Ok(Self { listener, addr, ctx: Arc::new(Ctx { cfg, state, certs, ready, log, shutdown }) })
     }
 
     pub fn address(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// A duplicate of the listening socket (for a successor, `crate::handoff`).
+    pub fn socket(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
     }
 
     pub async fn run(self, drain: drain::Watcher) {
@@ -59,7 +63,7 @@ impl Admin {
             let ctx = ctx.clone();
             async move { ctx.handle(&req) }
         });
-        http_util::serve(self.listener, handler, drain).await;
+        http_util::serve(self.listener, "admin", handler, drain).await;
     }
 }
 

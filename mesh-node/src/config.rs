@@ -23,6 +23,7 @@ pub const ENV_BYPASS: &str = "MESH_BYPASS";
 pub const ENV_POD_INTERFACES: &str = "MESH_POD_INTERFACES";
 pub const ENV_DAEMONSET: &str = "MESH_DAEMONSET";
 pub const ENV_KUBE_CA_FILE: &str = "MESH_KUBE_CA_FILE";
+pub const ENV_HANDOFF_SOCKET: &str = "MESH_HANDOFF_SOCKET";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -58,6 +59,9 @@ pub struct Config {
     /// Uninstall at exit when the API server says the mesh is being removed (`removal`);
     /// `MESH_DAEMONSET` names the DaemonSet (in `MESH_ROOT_NAMESPACE`).
     pub removal: Option<crate::removal::Config>,
+    /// Unix socket where a running daemon hands its listeners to its successor
+    /// (`crate::handoff`); `None`: no hitless upgrade (a restart closes the ports meanwhile).
+    pub handoff: Option<PathBuf>,
     /// The L4 proxy: identities, HBONE, authorization, metrics, admin (`app::config`).
     pub app: crate::app::Config,
 }
@@ -142,7 +146,8 @@ impl Config {
                 Some(crate::removal::Config { namespace: app.root_namespace.clone(), daemonset, api, ca_file, token_file })
             }
         };
-        Ok(Self { node_name, cgroup, bpf_pin_dir, services_file, control, node_address, capture, bypass, pod_interfaces, removal, app })
+        let handoff = absolute(src, ENV_HANDOFF_SOCKET)?;
+        Ok(Self { node_name, cgroup, bpf_pin_dir, services_file, control, node_address, capture, bypass, pod_interfaces, removal, handoff, app })
     }
 }
 

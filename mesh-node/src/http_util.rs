@@ -1,6 +1,6 @@
 //! Tiny HTTP/1 server for the metrics and admin endpoints (plain text and JSON, no TLS).
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, future::Future, sync::Arc};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -28,19 +28,18 @@ pub struct Req {
     pub body: Bytes,
 }
 
-/// Serves `handler` on `listener` until drain.
-pub async fn serve<H, F>(listener: TcpListener, handler: Arc<H>, drain: drain::Watcher)
+/// Serves `handler` on `listener` (named `name` in logs) until drain, through the proxy's one
+/// accept loop (its backoff keeps a full file table from spinning this loop).
+pub async fn serve<H, F>(listener: TcpListener, name: &'static str, handler: Arc<H>, drain: drain::Watcher)
 where
     H: Fn(Req) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    loop {
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
-            () = drain.signaled() => return,
-        };
+    crate::proxy::accept::run(listener, name, drain, move |tcp, _peer, watcher| {
+        // A scraper's keep-alive connection must not hold the daemon's drain open.
+        drop(watcher);
         let handler = handler.clone();
-        tokio::spawn(async move {
+        async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
                 async move {
@@ -56,10 +55,7 @@ where
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
-        });
-    }
-}
-
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+        }
+    })
+    .await;
 }

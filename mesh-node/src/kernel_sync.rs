@@ -13,7 +13,7 @@
 
 mod translate;
 
-use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -24,7 +24,7 @@ use prometheus_client::{
 pub use translate::{Desired, translate, translate_with};
 
 use crate::{
-    datapath::{self, Datapath, NodeSpec, discover},
+    datapath::{self, Datapath, discover},
     routing::Netlink,
     state::{State, StateRx},
 };
@@ -37,10 +37,6 @@ pub struct Config {
     pub node_name: String,
     /// The cgroup the datapath is attached to; pods are discovered below it.
     pub cgroup: PathBuf,
-    /// The daemon's outbound listener: meshed pods' connections are redirected here.
-    pub capture: Option<SocketAddr>,
-    pub hbone_port: u16,
-    pub bypass: bool,
     /// Services from `MESH_SERVICES_FILE`, installed beside the control plane's.
     pub static_services: Vec<datapath::ServiceSpec>,
     /// Pods' host-side interfaces: the STRICT guard is attached to each.
@@ -98,12 +94,17 @@ pub struct KernelSync {
     guarded: BTreeSet<String>,
     /// The HTTP path's clusters, whose ejections the kernel's tables follow.
     clusters: Option<Arc<crate::balance::cluster::Clusters>>,
+    /// Where the cgroup2 filesystem is mounted, to name the kubelets' cgroups (`None`: no
+    /// cgroup2 mount seen, so no kubelet is trusted).
+    cgroup2: Option<PathBuf>,
+    /// Kubelets trusted at the last rescan (logged when it changes).
+    kubelets: Vec<(u32, PathBuf)>,
 }
 
 impl KernelSync {
-    /// Sets the node-wide settings at once (capture target, bypass); state follows in `run`.
+    /// Takes a datapath whose node settings (capture target, bypass, daemon mark) were written
+    /// before its programs attached; guards the fixed pod interfaces; state follows in `run`.
     pub fn new(config: Config, mut datapath: Datapath, metrics: Metrics) -> Result<Self, datapath::Error> {
-        datapath.set_node(&NodeSpec { capture: config.capture, hbone_port: config.hbone_port, bypass: config.bypass })?;
         for ifname in &config.pod_interfaces {
             datapath.attach_pod_interface(ifname)?;
         }
@@ -113,7 +114,25 @@ impl KernelSync {
             None
         };
         let guarded = config.pod_interfaces.iter().cloned().collect();
-        Ok(Self { config, datapath, metrics, discovery, guarded, clusters: None })
+        let cgroup2 = std::fs::read_to_string("/proc/self/mounts").ok().and_then(|m| crate::kubepods::cgroup2_mount(&m));
+        let mut sync = Self { config, datapath, metrics, discovery, guarded, clusters: None, cgroup2, kubelets: Vec::new() };
+        sync.trust_kubelets();
+        Ok(sync)
+    }
+
+    /// Lets the kubelets' probes into STRICT pods (their cgroups go to the trusted-sender map);
+    /// a kubelet restarted in another cgroup is followed at the next rescan.
+    fn trust_kubelets(&mut self) {
+        let found = self.cgroup2.as_deref().map(|mount| discover::kubelets(mount, &self.config.cgroup)).unwrap_or_default();
+        if found != self.kubelets {
+            let cgroups: Vec<String> = found.iter().map(|(pid, dir)| format!("{} (pid {pid})", dir.display())).collect();
+            tracing::info!(kubelets = ?cgroups, "kubelets whose probes STRICT pods accept");
+        }
+        if let Err(e) = self.datapath.sync_trusted(&found) {
+            self.metrics.sync_errors.get_or_create(&ErrorLabel { kind: "trusted_senders".into() }).inc();
+            tracing::warn!(error = %e, "updating the kubelets STRICT pods accept probes from failed (retried)");
+        }
+        self.kubelets = found;
     }
 
     /// Attaches the STRICT guard to pod interfaces that appeared and unpins those of interfaces
@@ -152,6 +171,7 @@ impl KernelSync {
     pub fn apply(&mut self, state: &State) -> Result<(), datapath::Error> {
         let found = discover::pod_processes(&self.config.cgroup).unwrap_or_default();
         self.guard_pod_interfaces(&found);
+        self.trust_kubelets();
         let cgroups = found.into_iter().map(|(dir, f)| (dir, f.addresses)).collect();
         let clusters = self.clusters.clone();
         let ejected = move |s: &crate::state::Service| clusters.as_ref().and_then(|c| c.ejected(&s.namespace, &s.name));

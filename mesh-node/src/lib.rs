@@ -2,6 +2,7 @@
 //! and the end-to-end suites drive the same code.
 #![doc = include_str!("../README.md")]
 
+pub mod activation;
 pub mod admin;
 pub mod app;
 pub mod authn;
@@ -12,6 +13,7 @@ pub mod control;
 pub mod datapath;
 pub mod drain;
 pub mod explain;
+pub mod handoff;
 pub mod http_util;
 pub mod identity;
 pub mod kernel_sync;

@@ -1,6 +1,7 @@
-//! `mesh-node`: parse config (exit 64 when invalid), load and attach the datapath, install the
-//! configured Services, start the L4 proxy, run until SIGTERM/SIGINT, then drain (and uninstall
-//! when the mesh is being removed, see `removal`). `mesh-node --uninstall` removes what a daemon
+//! `mesh-node`: parse config (exit 64 when invalid), take over from the daemon running here if
+//! there is one (`handoff`), load and attach the datapath, install the configured Services,
+//! start the proxy, run until SIGTERM/SIGINT or a successor's take-over, then drain (and
+//! uninstall when the mesh is being removed, see `removal`). `mesh-node --uninstall` removes what a daemon
 //! leaves on the node; `--help` and `--version` say what they say.
 use std::process::ExitCode;
 
@@ -13,7 +14,8 @@ use mesh_node::{
     app,
     config::{self, Config},
     control::{ConfigClient, Connection, GrpcCa, Metrics as ControlMetrics},
-    datapath::{Datapath, DatapathConfig},
+    datapath::{Datapath, DatapathConfig, NodeSpec},
+    handoff,
     identity::{CaClient, TestCa, ca::pem_certs},
     kernel_sync::{self, KernelSync},
     readiness::Ready,
@@ -139,8 +141,21 @@ fn walk_count(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| if e.path().is_dir() { walk_count(&e.path()) } else { 1 }).sum()
 }
 
+/// How long a successor waits to be ready (config, certificates, datapath) before it takes over
+/// anyway: a controller that is away must not keep the old binary running forever, and the
+/// successor serves the last saved config meanwhile.
+const TAKE_OVER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(config)?, "starting");
+    raise_open_files_limit();
+    // A daemon already running here hands its listeners over: both hold the same sockets, so
+    // no connection attempt finds the ports closed while one process replaces the other.
+    let mut successor = config.handoff.as_deref().and_then(|path| find_predecessor(path, &config.node_name));
+    let mut activated = mesh_node::activation::listeners()?;
+    if let Some(a) = &activated {
+        tracing::info!(listeners = ?a.names(), "socket activation: serving the listeners the service manager passed (it keeps them open across restarts)");
+    }
     let datapath = if config.app.datapath { Some(load_datapath(config)?) } else { None };
     // One thread by default: every hop of a proxied connection then wakes the same thread
     // (in process, the HBONE path's added round trip fell from ~150 to ~32 µs; see
@@ -152,27 +167,8 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
     let drained = rt.block_on(async {
         let mut registry = Registry::default();
         let ready = Ready::default();
-        // With a control plane: the config this node last applied, if it was saved, so that a
-        // restart enforces it at once (and keeps enforcing it while the controller is away).
         let own = config.node_address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let saved_file = config.control.as_ref().and_then(|c| c.last_config.as_deref());
-        let saved = saved_file.and_then(|path| match mesh_node::control::last_config::load_snapshot(path, &config.node_name, own) {
-            Ok(Some((version, snap))) => {
-                tracing::info!(version, file = %path.display(), "enforcing the last applied config until the control plane answers");
-                Some(snap)
-            }
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(error = %e, "the saved config cannot be used; starting without it");
-                None
-            }
-        });
-        let placeholder = config.control.is_some() && saved.is_none();
-        let snapshot = match (&config.app.local_config, saved) {
-            (_, Some(snap)) => snap,
-            (Some(path), None) => state::read_file(path)?,
-            (None, None) => state::Snapshot::default(),
-        };
+        let (snapshot, placeholder) = initial_snapshot(config, own)?;
         let state = state::State::build(&config.app.trust_domain, &config.app.root_namespace, snapshot)?;
         let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(state));
         let (ca, roots): (Arc<dyn CaClient>, _) = match &config.control {
@@ -195,13 +191,13 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
         };
         // The HTTP path's clusters: their outlier ejections steer the kernel's tables too.
         let clusters = Arc::new(mesh_node::balance::cluster::Clusters::new(&mut registry));
+        // Tasks that write the node's kernel state (maps, routing rules): stopped when drain
+        // starts, so that a successor is the only writer once it has taken over.
+        let mut writers = Vec::new();
         if let Some(datapath) = datapath {
             let sync_config = kernel_sync::Config {
                 node_name: config.node_name.clone(),
                 cgroup: config.cgroup.clone().expect("resolved at start"),
-                capture: config.capture,
-                hbone_port: config.app.inbound_addr.port(),
-                bypass: config.bypass,
                 pod_interfaces: config.pod_interfaces.clone(),
                 static_services: match &config.services_file {
                     Some(path) => services_file::load(path)?,
@@ -209,7 +205,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
                 },
             };
             let sync = KernelSync::new(sync_config, datapath, kernel_sync::Metrics::new(&mut registry))?.with_ejections(clusters.clone());
-            tokio::spawn(sync.run(state_rx.clone(), placeholder));
+            writers.push(tokio::spawn(sync.run(state_rx.clone(), placeholder)));
         }
         if config.app.hbone_redirect {
             let routes = routing::Routes::new(
@@ -217,21 +213,37 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
                     node_name: config.node_name.clone(),
                     hbone_port: config.app.inbound_addr.port(),
                     transparent: config.app.proxy.transparent,
+                    keep_existing: successor.is_some(),
                 },
                 routing::Metrics::new(&mut registry),
             )?;
-            tokio::spawn(routes.run(state_rx.clone()));
+            writers.push(tokio::spawn(routes.run(state_rx.clone())));
         }
-        let bound = app::build_with(&config.app, ca, roots, state_rx, Some(log), registry, ready, clusters).await?;
+        // A running daemon's sockets first; else the service manager's (socket activation).
+        let mut inherited = match successor.as_mut() {
+            Some(s) => std::mem::take(s.listeners()),
+            None => activated.take().unwrap_or_default(),
+        };
+        let mut bound = app::build_with(&config.app, ca, roots, state_rx, Some(log), registry, ready.clone(), clusters, &mut inherited).await?;
+        drop(inherited); // listeners the new configuration does not use
+        start_serving(successor, &bound, &ready).await?;
+        let (taken_over, offer) = match &config.handoff {
+            Some(path) => {
+                let (taken, offer) = offer_listeners(path, &config.node_name, &mut bound)?;
+                (taken, Some(offer))
+            }
+            None => (Arc::default(), None),
+        };
+        tokio::spawn(stop_on_drain(bound.shutdown_handle().subscribe(), writers, offer));
         println!(
             "mesh-node ready node={} outbound={} inbound={} metrics={} admin={}",
             config.node_name, bound.outbound, bound.inbound, bound.metrics, bound.admin
         );
-        let removal = match &config.removal {
-            Some(cfg) => Some(Removal::start(cfg.clone())?),
-            None => None,
-        };
-        let drained = bound.wait_termination().await?;
+        let removal = config.removal.as_ref().map(|cfg| Removal::start(cfg.clone())).transpose()?;
+        let (drained, handed_over) = stop_and_drain(bound, removal.as_ref(), &taken_over).await?;
+        if handed_over {
+            return anyhow::Ok((drained, false));
+        }
         let removed = match removal {
             Some(r) => r.removed_for_good().await,
             None => false,
@@ -248,6 +260,132 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
         tracing::info!("uninstalled: this node is left without the mesh's programs, pins and rules");
     }
     Ok(())
+}
+
+/// The state to start from, and whether it is only a placeholder until the control plane
+/// answers. With a control plane: the config this node last applied, if it was saved, so that a
+/// restart enforces it at once (and keeps enforcing it while the controller is away).
+fn initial_snapshot(config: &Config, own: IpAddr) -> anyhow::Result<(state::Snapshot, bool)> {
+    let saved_file = config.control.as_ref().and_then(|c| c.last_config.as_deref());
+    let saved = saved_file.and_then(|path| match mesh_node::control::last_config::load_snapshot(path, &config.node_name, own) {
+        Ok(Some((version, snap))) => {
+            tracing::info!(version, file = %path.display(), "enforcing the last applied config until the control plane answers");
+            Some(snap)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "the saved config cannot be used; starting without it");
+            None
+        }
+    });
+    let placeholder = config.control.is_some() && saved.is_none();
+    let snapshot = match (&config.app.local_config, saved) {
+        (_, Some(snap)) => snap,
+        (Some(path), None) => state::read_file(path)?,
+        (None, None) => state::Snapshot::default(),
+    };
+    Ok((snapshot, placeholder))
+}
+
+/// Once drain begins: stops `tasks` and withdraws the listeners on offer.
+async fn stop_on_drain(mut draining: tokio::sync::watch::Receiver<bool>, tasks: Vec<tokio::task::JoinHandle<()>>, offer: Option<handoff::Offer>) {
+    let _ = draining.wait_for(|d| *d).await;
+    tasks.iter().for_each(tokio::task::JoinHandle::abort);
+    if let Some(offer) = offer {
+        offer.withdraw();
+    }
+}
+
+/// Waits until the daemon is told to stop, then drains; returns whether the drain finished in
+/// time and whether a successor took over.
+async fn stop_and_drain(bound: app::Bound, removal: Option<&Removal>, taken_over: &std::sync::atomic::AtomicBool) -> std::io::Result<(bool, bool)> {
+    let stop = bound.wait_stop().await?;
+    let taken = || taken_over.load(std::sync::atomic::Ordering::Relaxed);
+    let drained = bound.drain().await;
+    if taken() && removal.is_some() && stop != app::Stop::Sigterm {
+        await_pod_deletion().await?;
+    }
+    Ok((drained, taken()))
+}
+
+/// After a DaemonSet's surge update handed this daemon's work over: exiting now would have the
+/// kubelet restart this container, which would take the node back. The old pod is deleted once
+/// the new one is ready; until its SIGTERM there is nothing left to do.
+async fn await_pod_deletion() -> std::io::Result<()> {
+    tracing::info!("handed over and drained: waiting for SIGTERM (the old pod's deletion)");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    term.recv().await;
+    Ok(())
+}
+
+/// Every proxied connection takes two descriptors (client and upstream), and the soft limit
+/// most hosts start a process with (1024) would cap a node at ~500 connections: raise it to the
+/// hard limit, as Envoy and ztunnel do. Failing to is logged, not fatal.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open files limit to its hard limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "could not raise the open files limit"),
+        },
+        Ok((soft, _)) => tracing::info!(limit = soft, "open files limit already at its hard limit"),
+        Err(e) => tracing::warn!(error = %e, "could not read the open files limit"),
+    }
+}
+
+/// The daemon running on this node, reached at its hand-off socket `path`, if any.
+fn find_predecessor(path: &std::path::Path, node: &str) -> Option<handoff::Successor> {
+    match handoff::Successor::connect(path, node) {
+        Ok(Some(s)) => {
+            tracing::info!(predecessor = s.predecessor(), socket = %path.display(), "a daemon runs here: taking over its listeners once ready");
+            Some(s)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take over from the daemon running here: binding the ports afresh");
+            None
+        }
+    }
+}
+
+/// Starts accepting. A successor first waits until it is ready (or [`TAKE_OVER_WAIT`]), starts
+/// accepting beside its predecessor, then tells it to stop.
+async fn start_serving(successor: Option<handoff::Successor>, bound: &app::Bound, ready: &Ready) -> anyhow::Result<()> {
+    let Some(successor) = successor else {
+        bound.start();
+        return Ok(());
+    };
+    let waited = std::time::Instant::now();
+    while !ready.is_ready() && waited.elapsed() < TAKE_OVER_WAIT {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if !ready.is_ready() {
+        tracing::warn!(pending = ?ready.pending(), "taking over before ready: serving the last saved config");
+    }
+    bound.start();
+    match tokio::task::spawn_blocking(move || successor.take_over()).await? {
+        Ok(()) => tracing::info!(waited = ?waited.elapsed(), "took over: the previous daemon drains"),
+        // It may have been told to stop meanwhile (a DaemonSet deletes the old pod once the new
+        // one is Ready): this process serves either way.
+        Err(e) => tracing::warn!(error = %e, "the previous daemon did not acknowledge the take-over; serving anyway"),
+    }
+    Ok(())
+}
+
+/// Serves the hand-off socket at `path` for the next daemon, on its own thread; a take-over
+/// starts this one's drain. The flag says whether that happened.
+fn offer_listeners(path: &std::path::Path, node: &str, bound: &mut app::Bound) -> anyhow::Result<(Arc<std::sync::atomic::AtomicBool>, handoff::Offer)> {
+    let server = handoff::Server::new(path, node, bound.take_listener_sockets())?;
+    let offer = server.offer();
+    let taken_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (shutdown, taken) = (bound.shutdown_handle(), taken_over.clone());
+    std::thread::Builder::new().name("handoff".into()).spawn(move || {
+        server.run(move || {
+            taken.store(true, std::sync::atomic::Ordering::Relaxed);
+            shutdown.send_replace(true);
+        });
+    })?;
+    Ok((taken_over, offer))
 }
 
 /// The API check of `removal`, first made at start (so a refusal at exit means something).
@@ -315,6 +453,10 @@ fn load_datapath(config: &Config) -> anyhow::Result<Datapath> {
         cgroup: config.cgroup.clone().expect("resolved at start"),
         pin_dir: Some(config.bpf_pin_dir.clone()),
     })?;
+    // Node settings before the programs: a first start, or maps whose layout changed, begin
+    // empty, and programs attached to an empty node map would capture nothing and let no
+    // daemon connection into STRICT pods until the first sync.
+    datapath.set_node(&NodeSpec { capture: config.capture, hbone_port: config.app.inbound_addr.port(), bypass: config.bypass, daemon_mark: config.app.proxy.socket_mark })?;
     datapath.attach()?;
     tracing::info!("datapath attached");
     Ok(datapath)

@@ -22,14 +22,18 @@ pub struct Server {
 }
 
 impl Server {
-    pub async fn new(addr: SocketAddr, registry: Arc<Registry>, ready: Ready) -> Result<Self, crate::proxy::Error> {
-        let listener = http_util::bind(addr).await.map_err(|source| crate::proxy::Error::Bind { addr, source })?;
-        let addr = listener.local_addr().map_err(|source| crate::proxy::Error::Bind { addr, source })?;
+    pub async fn new(listen: impl Into<crate::proxy::Listen>, registry: Arc<Registry>, ready: Ready) -> Result<Self, crate::proxy::Error> {
+        let (listener, addr) = listen.into().open().await?;
         Ok(Self { listener, addr, registry, ready })
     }
 
     pub fn address(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// A duplicate of the listening socket (for a successor, `crate::handoff`).
+    pub fn socket(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
     }
 
     pub async fn run(self, drain: drain::Watcher) {
@@ -51,7 +55,7 @@ impl Server {
                 }
             }
         });
-        http_util::serve(self.listener, handler, drain).await;
+        http_util::serve(self.listener, "metrics", handler, drain).await;
     }
 }
 

@@ -34,6 +34,36 @@ pub const INBOUND_PLAIN_PORT: u16 = 15006;
 /// 2.4 instead of 2.7-3.0 CPU-s per GB for the whole HBONE path).
 pub const TLS_READ_BUF: usize = 64 << 10;
 
+/// Where a server listens: a socket of its own, or one inherited from the daemon it replaces
+/// (`crate::handoff`).
+#[derive(Debug)]
+pub enum Listen {
+    Bind(SocketAddr),
+    Inherited(std::net::TcpListener),
+}
+
+impl From<SocketAddr> for Listen {
+    fn from(addr: SocketAddr) -> Self {
+        Self::Bind(addr)
+    }
+}
+
+impl Listen {
+    /// The listening socket and its address (port 0 resolved).
+    pub async fn open(self) -> Result<(tokio::net::TcpListener, SocketAddr), Error> {
+        let listener = match self {
+            Self::Bind(addr) => tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?,
+            Self::Inherited(l) => {
+                let addr = l.local_addr()?;
+                l.set_nonblocking(true).map_err(|source| Error::Bind { addr, source })?;
+                tokio::net::TcpListener::from_std(l).map_err(|source| Error::Bind { addr, source })?
+            }
+        };
+        let addr = listener.local_addr()?;
+        Ok((listener, addr))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("binding {addr}: {source}")]
@@ -88,6 +118,9 @@ pub struct Config {
     pub cluster_domain: String,
     /// How often JWK sets from `jwksUri`s are fetched again (Istio's default: 20 minutes).
     pub jwks_refresh: Duration,
+    /// `SO_MARK` bits on every connection the proxy makes: how the STRICT guard tells the
+    /// daemon's connections to pods from other processes of the node.
+    pub socket_mark: u32,
 }
 
 /// Where outbound HBONE connections are dialed.
@@ -133,6 +166,7 @@ impl Default for Config {
             hbone_dial: HboneDial::Pod,
             cluster_domain: "cluster.local".into(),
             jwks_refresh: Duration::from_mins(20),
+            socket_mark: mesh_common::DEFAULT_DAEMON_MARK,
         }
     }
 }

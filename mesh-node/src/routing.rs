@@ -76,6 +76,10 @@ pub struct Config {
     pub hbone_port: u16,
     /// Also install the reply rules of `MESH_INBOUND_TRANSPARENT`.
     pub transparent: bool,
+    /// Keep the rules an earlier daemon left instead of flushing them: a successor taking over
+    /// (`crate::handoff`) while its predecessor still serves connections that need them.
+    /// Rules of pods that went away meanwhile stay until the next flushing start.
+    pub keep_existing: bool,
 }
 
 /// What one local meshed pod needs.
@@ -121,13 +125,13 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// Opens netlink, removes rules of an earlier run and installs the local routes (both
-    /// families). Fails without `CAP_NET_ADMIN`.
+    /// Opens netlink, removes rules of an earlier run (unless `keep_existing`) and installs the
+    /// local routes (both families). Fails without `CAP_NET_ADMIN`.
     pub fn new(cfg: Config, metrics: Metrics) -> Result<Self, Error> {
         let netlink = Netlink::open().map_err(Error::Open)?;
         let families = [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)];
         for family in families {
-            for priority in [PRIORITY_HBONE, PRIORITY_TRANSPARENT] {
+            for priority in [PRIORITY_HBONE, PRIORITY_TRANSPARENT].into_iter().filter(|_| !cfg.keep_existing) {
                 let n = netlink.flush_rules(family, priority, TABLE).map_err(|source| Error::Flush { priority, source })?;
                 if n > 0 {
                     tracing::info!(n, priority, "removed routing rules of an earlier run");
@@ -273,7 +277,7 @@ mod tests {
             ..Snapshot::default()
         };
         let state = State::build("cluster.local", "mesh-system", snap).expect("state");
-        let mut cfg = Config { node_name: "n1".into(), hbone_port: 15008, transparent: false };
+        let mut cfg = Config { node_name: "n1".into(), hbone_port: 15008, transparent: false, keep_existing: false };
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         assert_eq!(
             wanted(&state, &cfg),

@@ -30,8 +30,6 @@ pub enum Error {
     Read { path: std::path::PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
     Parse { path: std::path::PathBuf, source: serde_json::Error },
-    #[error("two workloads have address {0}")]
-    DuplicateAddress(IpAddr),
 }
 
 /// The serialized form of a snapshot (local config file, admin config dump).
@@ -87,12 +85,17 @@ pub struct State {
 
 impl State {
     pub fn build(trust_domain: &str, root_namespace: &str, snap: Snapshot) -> Result<Self, Error> {
+        // An address two workloads claim belongs to neither (the controller already takes it
+        // from both; a file or an older controller may not): the rest of the update applies.
         let mut workloads = HashMap::new();
+        let mut shared = std::collections::HashSet::new();
         for w in snap.workloads {
             if let Some(old) = workloads.insert(w.ip, w) {
-                return Err(Error::DuplicateAddress(old.ip));
+                tracing::warn!(address = %old.ip, workload = %format!("{}/{}", old.namespace, old.name), "two workloads claim one address: it is taken from both");
+                shared.insert(old.ip);
             }
         }
+        workloads.retain(|ip, _| !shared.contains(ip));
         let mut routes: HashMap<String, HashMap<String, Arc<RouteTable>>> = HashMap::new();
         for t in snap.routes {
             routes.entry(t.namespace.clone()).or_default().insert(t.name.clone(), Arc::new(t));
@@ -144,6 +147,11 @@ impl State {
     /// The Service (and port) whose endpoint a connection to `dst` reaches (`service::Index`).
     pub fn serving(&self, dst: std::net::SocketAddr) -> Option<(&Service, &ServicePort)> {
         self.service_index.serving(&self.services, dst)
+    }
+
+    /// Every Service serving the pod address `dst` (the first is [`State::serving`]'s).
+    pub fn serving_all(&self, dst: std::net::SocketAddr) -> impl Iterator<Item = (&Service, &ServicePort)> {
+        self.service_index.serving_all(&self.services, dst)
     }
 
     /// How the mesh handles traffic to the pod address `dst`: HTTP when the Service serving it
@@ -212,4 +220,19 @@ pub type StateTx = watch::Sender<Arc<State>>;
 pub fn read_file(path: &Path) -> Result<Snapshot, Error> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
     serde_json::from_str(&text).map_err(|source| Error::Parse { path: path.into(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_two_workloads_claim_is_taken_from_both_and_the_rest_applies() {
+        let w = |name: &str, ip: &str| format!(r#"{{"name":"{name}","namespace":"demo","serviceAccount":"{name}","ip":"{ip}","node":"n1","nodeIp":"198.18.0.1","protocol":"HBONE"}}"#);
+        let json = format!(r#"{{"workloads":[{},{},{}]}}"#, w("a", "198.18.1.10"), w("impostor", "198.18.1.10"), w("b", "198.18.1.11"));
+        let snap: Snapshot = serde_json::from_str(&json).expect("snapshot");
+        let state = State::build("cluster.local", "mesh-system", snap).expect("the update applies");
+        assert!(state.workload("198.18.1.10".parse().expect("ip")).is_none(), "nobody's identity at the shared address");
+        assert_eq!(state.workload("198.18.1.11".parse().expect("ip")).map(|w| w.name.as_str()), Some("b"));
+    }
 }

@@ -73,6 +73,16 @@ enum Verb {
         #[arg(long)]
         once: bool,
     },
+    /// The service graph mesh-control draws from every node's metrics: workloads and Services,
+    /// and the last window's traffic between them (rps, errors, p99, mTLS).
+    Graph {
+        /// `table` (edges; `-o json|yaml` works too), or the picture as `svg`, `dot`, `json`, `html`.
+        #[arg(long, value_enum, default_value = "table")]
+        format: verb::GraphFormat,
+        /// Write to this file instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
     /// Why a connection or request from a pod to a destination is allowed or denied, step by
     /// step, as the node daemons decide it.
     Explain {
@@ -138,6 +148,7 @@ fn main() -> std::process::ExitCode {
             bpffs,
         } => verb::bpf_maps(&ctx, &node, bpffs.as_deref()),
         Verb::Top { interval, once } => verb::top(&ctx, interval, once),
+        Verb::Graph { format, file } => verb::graph(&ctx, format, file.as_deref()),
         Verb::Explain {
             source,
             destination,
@@ -196,5 +207,12 @@ mod tests {
         assert_eq!(http.expect("http"), ["POST", "/admin/x"]);
         assert_eq!(headers, ["x-user: a"]);
         assert!(Cli::try_parse_from(["meshctl", "--lab", "--kubeconfig", "k", "status"]).is_err());
+        let cli = Cli::try_parse_from(["meshctl", "graph", "--format", "svg", "--file", "g.svg"])
+            .expect("parse");
+        let Verb::Graph { format, file } = cli.verb else {
+            panic!("graph")
+        };
+        assert_eq!(format, verb::GraphFormat::Svg);
+        assert_eq!(file, Some(PathBuf::from("g.svg")));
     }
 }

@@ -333,6 +333,92 @@ fn render_top(rows: &[metrics::TopRow], seconds: f64) -> String {
     )
 }
 
+/// What `meshctl graph` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GraphFormat {
+    /// A table of edges (or `-o json|yaml` of the graph).
+    Table,
+    /// The SVG picture the controller's page shows.
+    Svg,
+    /// Graphviz DOT (`dot -Tpng`).
+    Dot,
+    /// The controller's `/graph.json`, as served.
+    Json,
+    /// The self-refreshing page (useful only where it can reach the controller).
+    Html,
+}
+
+/// The controller's service graph (`/graph*` on its status port), so `meshctl graph` shows the
+/// same picture as the page; written to `file` when given.
+pub fn graph(ctx: &Ctx, format: GraphFormat, file: Option<&Path>) -> Result<()> {
+    let target = ctx.connect()?;
+    let path = match format {
+        GraphFormat::Table | GraphFormat::Json => "/graph.json",
+        GraphFormat::Svg => "/graph.svg",
+        GraphFormat::Dot => "/graph.dot",
+        GraphFormat::Html => "/graph",
+    };
+    let what = format!("mesh-control's {path}");
+    let body = ok_body(
+        target.control_get(path).with_context(|| what.clone())?,
+        &what,
+    )?;
+    let text = if format == GraphFormat::Table {
+        let graph: mesh_graph::Graph =
+            serde_json::from_str(&body).with_context(|| format!("decoding {what}"))?;
+        output::render(ctx.format, &graph, render_graph)?
+    } else {
+        body
+    };
+    match file {
+        Some(file) => {
+            std::fs::write(file, &text).with_context(|| format!("writing {}", file.display()))?;
+            ctx.progress.say(&format!("wrote {}", file.display()));
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+fn render_graph(g: &mesh_graph::Graph) -> String {
+    let mut t = Table::new(&["FROM", "TO", "PROTO", "RPS", "ERRORS", "P99", "TCP", "MTLS"]);
+    let name = |id: &str| id.split_once(':').map_or(id, |(_, n)| n).to_owned();
+    for e in &g.edges {
+        let tcp = if e.protocol == "tcp" {
+            format!(
+                "{:.1} conn/s, {:.0} B/s",
+                e.connections_per_second, e.bytes_per_second
+            )
+        } else {
+            "-".into()
+        };
+        t.row(vec![
+            name(&e.source),
+            name(&e.target),
+            e.protocol.clone(),
+            format!("{:.1}", e.rps),
+            format!("{:.1}%", e.error_percent),
+            e.p99_ms.map_or("-".into(), |v| format!("{v:.1}ms")),
+            tcp,
+            if e.mtls { "yes" } else { "no" }.into(),
+        ]);
+    }
+    format!(
+        "over {:.1}s, from the metrics of {}\n{}",
+        g.window_seconds,
+        if g.reporters.is_empty() {
+            "no node yet".into()
+        } else {
+            g.reporters.join(", ")
+        },
+        if t.is_empty() {
+            "(no traffic)\n".into()
+        } else {
+            t.render()
+        }
+    )
+}
+
 pub fn explain(
     ctx: &Ctx,
     source: &str,

@@ -14,7 +14,9 @@
 //!
 //! A second benchmark in this file, `tracing_at_1_and_100_percent_vs_none`, rotates between no
 //! tracing and a mesh-wide Telemetry sampling 1 % and 100 % of requests into a Zipkin collector
-//! in the lab, pinned with the load generators (results in `bench/results/tracing.md`):
+//! in the lab, pinned with the load generators, and a fourth arm without tracing whose requests
+//! carry the B3 headers an unsampled trace adds, which tells the propagated headers' own cost
+//! from the tracer's (results in `bench/results/tracing.md`):
 //!
 //! ```sh
 //! cargo xtask bench --only tracing
@@ -107,6 +109,10 @@ fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// One arm of a benchmark: its name, the config applied for it (none: the baseline), and the
+/// headers the load generators send with every request.
+type Arm<'a> = (&'a str, Option<String>, Vec<String>);
+
 #[derive(Default)]
 struct Samples {
     p50_us: Vec<f64>,
@@ -131,6 +137,8 @@ struct Bench {
     url: String,
     whoami: String,
     wrk: String,
+    /// Request headers both load generators send (`NAME: VALUE`), per arm.
+    headers: std::cell::RefCell<Vec<String>>,
 }
 
 impl Bench {
@@ -151,7 +159,7 @@ impl Bench {
             assert!(out.status.success(), "taskset: {}", String::from_utf8_lossy(&out.stderr));
         }
         let whoami = c.bins.whoami.display().to_string();
-        Self { c, url: format!("http://{VIP_V2}/"), whoami, wrk }
+        Self { c, url: format!("http://{VIP_V2}/"), whoami, wrk, headers: std::cell::RefCell::default() }
     }
 
     /// `mesh-whoami http-load` at 1,000 req/s for `secs`; every request must succeed.
@@ -159,7 +167,7 @@ impl Bench {
         let out = self
             .c
             .lab
-            .run_in_pod("n1p1", "taskset", &["-c", "0", &self.whoami, "http-load", "--url", &self.url, "--rate", "1000", "--duration", secs, "--connections", "16"])
+            .run_in_pod("n1p1", "taskset", &strs(&self.with_headers("--header", &["-c", "0", &self.whoami, "http-load", "--url", &self.url, "--rate", "1000", "--duration", secs, "--connections", "16"])))
             .expect("http-load");
         let text = String::from_utf8_lossy(&out.stdout);
         let r: Report = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("http-load output ({e}): {text}"));
@@ -172,7 +180,7 @@ impl Bench {
     fn max_rps(&self) -> (f64, f64) {
         let pids: Vec<u32> = self.c.daemons.iter().flatten().map(|d| d.child.id()).collect();
         let before: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
-        let out = self.c.lab.run_in_pod("n1p1", "taskset", &["-c", "0", &self.wrk, "-t1", "-c32", "-d5s", &self.url]).expect("wrk");
+        let out = self.c.lab.run_in_pod("n1p1", "taskset", &strs(&self.with_headers("-H", &["-c", "0", &self.wrk, "-t1", "-c32", "-d5s", &self.url]))).expect("wrk");
         let ticks = pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>() - before;
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(!text.contains("Non-2xx") && !text.contains("Socket errors"), "wrk saw failures: {text}");
@@ -182,6 +190,15 @@ impl Bench {
         #[expect(clippy::cast_precision_loss, reason = "tick counts are small")]
         let cpu_us = ticks as f64 * 10_000.0 / requests.max(1.0);
         (rps, cpu_us)
+    }
+
+    /// `args`, then the arm's headers, each after `flag`.
+    fn with_headers(&self, flag: &str, args: &[&str]) -> Vec<String> {
+        let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        for h in self.headers.borrow().iter() {
+            all.extend([flag.to_owned(), h.clone()]);
+        }
+        all
     }
 
     /// Applies `yaml` as the config file "bench" (none: removes it), lets it reach the nodes,
@@ -199,9 +216,9 @@ impl Bench {
         self.fixed("1");
     }
 
-    /// Rounds over `arms` (name, config), the order reversed every other round so drift hits
-    /// every arm alike; one [`Samples`] per arm, in order.
-    fn rounds(&self, arms: &[(&str, Option<String>)]) -> Vec<Samples> {
+    /// Rounds over `arms` (name, config, request headers), the order reversed every other round
+    /// so drift hits every arm alike; one [`Samples`] per arm, in order.
+    fn rounds(&self, arms: &[Arm<'_>]) -> Vec<Samples> {
         let rounds = env_num("MESH_BENCH_ROUNDS", 6);
         let fixed_secs = env_num("MESH_BENCH_FIXED_SECS", 10).to_string();
         self.set(None);
@@ -214,7 +231,8 @@ impl Bench {
                 order.reverse();
             }
             for i in order {
-                let (name, yaml) = &arms[i];
+                let (name, yaml, headers) = &arms[i];
+                self.headers.replace(headers.clone());
                 self.set(yaml.as_deref());
                 let r = self.fixed(&fixed_secs);
                 let (rps, cpu_us) = self.max_rps();
@@ -225,6 +243,7 @@ impl Bench {
                 println!("round {round} {name:12}: fixed 1000/s p50 {} µs p99 {} µs | wrk {rps:.0} req/s, daemons {cpu_us:.1} µs CPU/request", r.p50_us, r.p99_us);
             }
         }
+        self.headers.replace(Vec::new());
         self.set(None);
         samples
     }
@@ -258,7 +277,7 @@ fn report(arms: &[&str], samples: &[Samples]) {
 fn l7_policies_configured_but_idle_vs_none() {
     let bench = Bench::start();
     let policies = POLICIES.replace("JWKS", &mesh_l7::jwt::testing::jwks(&[&mesh_l7::jwt::testing::SigningKey::generate("bench")]));
-    let arms = [("no policy", None), ("every policy, idle", Some(policies))];
+    let arms: [Arm<'_>; 2] = [("no policy", None, vec![]), ("every policy, idle", Some(policies), vec![])];
     let samples = bench.rounds(&arms);
     report(&arms.map(|a| a.0), &samples);
 }
@@ -276,7 +295,25 @@ fn tracing_at_1_and_100_percent_vs_none() {
     assert!(out.status.success(), "taskset: {}", String::from_utf8_lossy(&out.stderr));
     let ip = bench.c.lab.pod("n1p3").ip.to_string();
     let tracing = |percent: &str| TRACING.replace("COLLECTOR", &ip).replace("PERCENT", percent);
-    let arms = [("no tracing", None), ("tracing 1 %", Some(tracing("1"))), ("tracing 100 %", Some(tracing("100")))];
+    // The fourth arm separates the cost of the propagated headers themselves (parsed and written
+    // again by both daemons, echoed by the app into its response body), which any mesh that
+    // propagates B3 pays, from the cost of our tracing code: no tracing, but every request
+    // arrives with the five headers a Zipkin tracer adds to an unsampled request.
+    let propagated: Vec<String> = [
+        "x-b3-traceid: 4bf92f3577b34da6a3ce929d0e0e4736",
+        "x-b3-spanid: 00f067aa0ba902b7",
+        "x-b3-parentspanid: 5c7d3b1a9e2f4d6c",
+        "x-b3-sampled: 0",
+        "x-request-id: 8f14e45f-ceea-467f-a0e6-8d9c3f1b2a4e",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let arms: [Arm<'_>; 4] = [
+        ("no tracing", None, vec![]),
+        ("tracing 1 %", Some(tracing("1")), vec![]),
+        ("tracing 100 %", Some(tracing("100")), vec![]),
+        ("no tracing, B3 headers sent", None, propagated),
+    ];
     let samples = bench.rounds(&arms);
     report(&arms.map(|a| a.0), &samples);
     for node in [1, 2] {
@@ -284,6 +321,10 @@ fn tracing_at_1_and_100_percent_vs_none() {
         println!("node {node}: {}", metrics.lines().filter(|l| l.starts_with("mesh_trace_spans")).collect::<Vec<_>>().join("; "));
     }
     drop(collector);
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 fn median(v: &[f64]) -> f64 {

@@ -70,7 +70,7 @@ fn request_authentication_verifies_tokens_and_policies_read_their_principal_and_
         })
     }));
     if waited.is_err() {
-        let logs: String = [1, 2].iter().map(|n| std::fs::read_to_string(c.logs.join(format!("mesh-node-n{n}.log"))).unwrap_or_default()).collect();
+        let logs: String = [1, 2].iter().map(|n| std::fs::read_to_string(c.node_log(*n)).unwrap_or_default()).collect();
         let jwt_lines: Vec<&str> = logs.lines().filter(|l| l.contains("JWK") || l.contains("jwks") || l.contains("refused")).take(20).collect();
         panic!("no valid token got through; the last answer: {last:?}; node logs: {jwt_lines:#?}");
     }

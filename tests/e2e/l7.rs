@@ -141,6 +141,12 @@ fn firefox_canary_weighted_split_rewrite_and_mirror_with_real_clients() {
     assert!(sample(&m1, &["istio_requests_total{", "reporter=\"source\"", "destination_service=\"whoami-v2.demo.svc.cluster.local\"", "response_code=\"200\""]) >= 100.0, "source reporter");
     let m2 = metrics(&c, 2);
     assert!(sample(&m2, &["istio_requests_total{", "reporter=\"destination\"", "source_workload=\"client\"", "destination_version=\"v1.1\"", "response_code=\"200\"", "connection_security_policy=\"mutual_tls\""]) >= 100.0, "destination reporter");
+    // Port 8081 of node 2's pods serves whoami, whoami-v1/-v2 and helloworld: the destination
+    // names the one the request's host named (the VIP), not the first by name (helloworld).
+    for (service, least) in [("whoami", 100.0), ("helloworld", 10.0)] {
+        let n = sample(&m2, &["istio_requests_total{", "reporter=\"destination\"", &format!("destination_service=\"{service}.demo.svc.cluster.local\""), "response_code=\"200\""]);
+        assert!(n >= least, "destination reporter names {service} for requests sent to its VIP: {n}");
+    }
     for (node, text) in [(1, &m1), (2, &m2)] {
         let out = tools::promtool_check(text);
         let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

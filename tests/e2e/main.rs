@@ -3,11 +3,14 @@
 //! traffic or real counters. Root only; `cargo xtask test` builds the binaries first.
 
 mod explain;
+mod graph;
 mod jwt;
 mod l7;
 mod meshctl;
+mod prometheus;
 mod resilience;
 mod traces;
+mod upgrade;
 
 use std::{
     net::SocketAddr,
@@ -57,6 +60,13 @@ fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Durat
         std::thread::sleep(Duration::from_millis(50));
     }
     started.elapsed()
+}
+
+/// Runs the shell line `command` in `pod` over and over for about `secs` seconds, in the
+/// background (stopped when the returned process is dropped); logged as `<name>.log`.
+fn repeat_in_pod(c: &mut Cluster, pod: &str, name: &str, secs: u32, command: &str) -> mesh_tests::PodProcess {
+    let script = format!("end=$(($(date +%s)+{secs})); while [ $(date +%s) -lt $end ]; do {command}; done");
+    c.spawn_in_pod_logged(pod, name, "sh", &["-c", &script]).expect("start the load").0
 }
 
 fn metric(c: &Cluster, node: u8, name: &str, label: &str) -> u64 {
@@ -237,7 +247,7 @@ spec:
 
 #[test]
 fn strict_refuses_plaintext_from_an_unmeshed_pod_and_permissive_allows_it() {
-    let c = cluster();
+    let mut c = cluster();
     let direct = SocketAddr::from((c.lab.pod("n2p1").ip, APP_PORT));
     assert_eq!(c.dial("n1p3", direct, &[]).expect("dial").first().and_then(|l| who(l)), Some("n2p1"), "PERMISSIVE: plaintext passes");
     c.apply_policy("strict", STRICT).expect("apply");
@@ -250,6 +260,14 @@ fn strict_refuses_plaintext_from_an_unmeshed_pod_and_permissive_allows_it() {
     });
     let meshed = answered(&c.dial("n1p1", SocketAddr::from((c.lab.pod("n2p1").ip, APP_PORT)), &["--count", "3"]).expect("dial"));
     assert_eq!(meshed.get("n2p1"), Some(&3), "meshed clients still get through (mTLS): {meshed:?}");
+    // A process of the pod's own node is outside the mesh too: only the daemon's connections
+    // (its socket mark) and the kubelet's (none here) get in.
+    let node = c.lab.node(2).clone();
+    let whoami = c.bins.whoami.display().to_string();
+    let target = direct.to_string();
+    let mut host = c.lab.spawn(&mesh_tests::Spawn::new(&node.netns, &node.system_cgroup, &whoami, &["connect", &target, "--timeout-ms", "700"])).expect("spawn");
+    let line = host.wait_for_line("", Duration::from_secs(5));
+    assert!(line.as_deref().is_ok_and(|l| l.contains("ETIMEDOUT")), "a plaintext connection from the node's own namespace: {line:?}");
 }
 
 #[test]
@@ -293,6 +311,44 @@ fn node_daemon_restart_keeps_kernel_served_connections_and_recovers_the_mesh() {
     let after = answered(&c.dial("n1p1", vip(), &["--count", "10"]).expect("dial"));
     assert!(!after.contains_key("FAILED"), "the mesh recovers after the restart: {after:?}");
     eprintln!("daemon restart: {failures} of {total} meshed requests failed while mesh-node was down; the kernel-served connection survived");
+}
+
+/// The restart row with socket activation (the harness holds the listeners as systemd would):
+/// a request loop through the daemon of n1 while it is restarted (SIGTERM, 0.5 s without any
+/// daemon, start), then while it crashes (SIGKILL, 0.5 s, start). Connections made while no
+/// daemon runs wait in the held listeners' accept queues and are served by the next one.
+#[test]
+fn a_socket_activated_daemon_restarts_and_crashes_without_refusing_connections() {
+    let mut c = cluster();
+    c.stop_node(1);
+    c.activate_sockets(1).expect("bind the node's listeners");
+    c.start_node(1).expect("start a socket-activated mesh-node");
+    assert!(std::fs::read_to_string(c.node_log(1)).unwrap_or_default().contains("socket activation"), "the daemon says it serves the passed listeners");
+    let whoami = c.bins.whoami.display().to_string();
+    let phase = |c: &mut Cluster, name: &str, stop: &dyn Fn(&mut Cluster)| -> (usize, usize, Duration) {
+        // One connection and round trip after another, each allowed 5 s (a client's patience,
+        // not the gap's length), for 6 s in all.
+        let command = format!("{whoami} connect {} --timeout-ms 5000", vip());
+        let mut load = repeat_in_pod(c, "n1p1", name, 6, &command);
+        std::thread::sleep(Duration::from_secs(1));
+        let stopped = Instant::now();
+        stop(c);
+        std::thread::sleep(Duration::from_millis(500));
+        c.start_node(1).expect("start mesh-node again");
+        let gap = stopped.elapsed();
+        load.wait_exit(Duration::from_secs(30)).expect("the load ends");
+        let text = std::fs::read_to_string(c.logs.join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("connected") || l.starts_with("error")).collect();
+        let failed: Vec<&&str> = lines.iter().filter(|l| who(l).is_none()).collect();
+        eprintln!("{name}: {} of {} connections failed; no daemon for {gap:.1?}; the first failures: {:?}", failed.len(), lines.len(), &failed[..failed.len().min(5)]);
+        (failed.len(), lines.len(), gap)
+    };
+    let (restart_failed, restart_total, _) = phase(&mut c, "restart", &|c| c.terminate_node(1).expect("SIGTERM"));
+    let (crash_failed, crash_total, _) = phase(&mut c, "crash", &|c| c.stop_node(1));
+    assert!(restart_total > 20 && crash_total > 20, "the loops ran: {restart_total}, {crash_total}");
+    assert_eq!(restart_failed, 0, "a restart (SIGTERM, drain, start) refuses nothing with the listeners held");
+    // SIGKILL takes the connections the daemon had accepted with it: at most the one in flight.
+    assert!(crash_failed <= 1, "a crash loses at most the connection in flight: {crash_failed}");
 }
 
 const STRICT_V1: &str = "apiVersion: security.mesh.dev/v1alpha1
@@ -346,7 +402,7 @@ fn daemons_killed_and_restarted_without_the_controller_keep_enforcing_the_last_c
         assert!(dump.contains("whoami-v1-strict") && dump.contains("whoami-v2"), "n{n} runs its last config: {}", &dump[..dump.len().min(300)]);
     }
     for n in 1..=2 {
-        let log = std::fs::read_to_string(c.logs.join(format!("mesh-node-n{n}.log"))).unwrap_or_default();
+        let log = std::fs::read_to_string(c.node_log(n)).unwrap_or_default();
         assert!(log.contains("enforcing the last applied config"), "n{n} started from its saved config");
     }
     println!("restart without the controller: {probes} STRICT probes across the kill and restart, none got through; the VIP kept balancing");

@@ -14,7 +14,7 @@ const DENY_ADMIN_WRITES: &str =
     include_str!("../../deploy/examples/policies/deny-admin-writes.yaml");
 
 /// Runs meshctl against `c`; its stdout. Panics (with stderr) when it fails.
-fn meshctl(c: &Cluster, args: &[&str]) -> String {
+pub(super) fn meshctl(c: &Cluster, args: &[&str]) -> String {
     let out = Command::new(&c.bins.meshctl)
         .args(["--lab-run", c.lab.spec.run.as_str()])
         .args(args)
@@ -38,12 +38,8 @@ fn json(c: &Cluster, args: &[&str]) -> Value {
 
 /// Background HTTP requests from the meshed client to Service whoami for about `secs` seconds.
 fn load(c: &mut Cluster, secs: u32) -> mesh_tests::PodProcess {
-    let script = format!(
-        "end=$(($(date +%s)+{secs})); while [ $(date +%s) -lt $end ]; do curl -s -o /dev/null --max-time 2 http://{VIP}/; sleep 0.02; done"
-    );
-    c.spawn_in_pod_logged("n1p1", "meshctl-load", "sh", &["-c", &script])
-        .expect("start the load")
-        .0
+    let request = format!("curl -s -o /dev/null --max-time 2 http://{VIP}/; sleep 0.02");
+    super::repeat_in_pod(c, "n1p1", "meshctl-load", secs, &request)
 }
 
 #[test]

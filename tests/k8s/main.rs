@@ -9,6 +9,8 @@
 //! 2. pods are meshed: mutual TLS between nodes (identities in the metrics, only TLS on the node
 //!    link), Service load balancing over pods on both nodes;
 //! 3. an AuthorizationPolicy applied with kubectl denies within a second and says `Accepted`;
+//!    PeerAuthentication STRICT refuses the unmeshed client and a process of the node while the
+//!    kubelet's readiness probes keep every pod Ready;
 //! 4. a pod added to a Deployment is meshed within seconds of becoming Ready;
 //! 5. a rolling update of the DaemonSet under traffic (failed requests are reported, not hidden);
 //! 6. `kubectl delete` of everything leaves each node as it was found.
@@ -47,7 +49,7 @@ fn diagnose(c: &KubeCluster) -> String {
     let mut out = String::new();
     for args in [
         &["get", "pods", "-A", "-o", "wide"][..],
-        &["logs", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-node", "--tail=25", "--prefix"],
+        &["logs", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-node", "--tail=60", "--prefix"],
         &["logs", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-control", "--tail=15", "--prefix"],
         &["get", "events", "-A", "--field-selector=type=Warning"],
         // A namespace stuck in Terminating says why in its conditions.
@@ -77,6 +79,39 @@ fn namespace_diagnosis(c: &KubeCluster, ns: &str) -> String {
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("namespace")).collect();
     out += &format!("kube-controller-manager, last lines about namespaces:\n{}\n", lines[lines.len().saturating_sub(30)..].join("\n"));
     out
+}
+
+/// Phase 3b: STRICT for namespace demo. The whoami pods' readiness probes (the kubelet's TCP
+/// connections every second, three failures make a pod NotReady) must keep passing while the
+/// unmeshed client and a plain process in a node's namespace are refused.
+fn strict_admits_the_mesh_and_the_kubelets_probes_only(c: &KubeCluster, client: &str, legacy: &str, vip: &str) {
+    const STRICT: &str = "apiVersion: security.mesh.dev/v1alpha1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: demo}
+spec: {mtls: {mode: STRICT}}
+";
+    c.apply(STRICT).expect("PeerAuthentication applies");
+    let took = eventually("STRICT to refuse the unmeshed client", Duration::from_secs(10), || tally(&dial(c, legacy, vip, 2, 1000)).keys().eq(["FAILED"]));
+    let meshed = tally(&dial(c, client, vip, 6, 3000));
+    assert!(!meshed.contains_key("FAILED"), "meshed connections pass under STRICT: {meshed:?}\n{}", diagnose(c));
+    // A process in node 1's network namespace that is neither the daemon nor the kubelet.
+    let pod_ip = get(c, &["pods", "-n", "demo", "-l", "app=whoami", "--field-selector=spec.nodeName=n1"], "{.items[0].status.podIP}");
+    let whoami = support::target_dir().join("mesh-whoami");
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", c.lab.node(1).netns))
+        .arg(&whoami)
+        .args(["connect", &format!("{pod_ip}:8080"), "--timeout-ms", "1500"])
+        .output()
+        .expect("run mesh-whoami");
+    let host = String::from_utf8_lossy(&out.stdout);
+    assert!(host.contains("ETIMEDOUT"), "a node process's plaintext to a STRICT pod is refused: {host}");
+    // Probes every second, NotReady after three failures: 6 s of Ready pods is 6 passed probes each.
+    std::thread::sleep(Duration::from_secs(6));
+    let ready = get(c, &["pods", "-n", "demo", "-l", "app=whoami"], "{.items[*].status.conditions[?(@.type==\"Ready\")].status}");
+    assert!(!ready.is_empty() && ready.split_whitespace().all(|s| s == "True"), "the kubelet's probes pass under STRICT: Ready={ready}\n{}", diagnose(c));
+    println!("STRICT: unmeshed client refused {took:.1?} after kubectl apply, meshed {meshed:?}, a node process refused, whoami pods Ready throughout 6 s of probes ({ready})");
+    kubectl(c, &["delete", "peerauthentication", "strict", "-n", "demo"]);
+    eventually("STRICT to go", Duration::from_secs(10), || tally(&dial(c, legacy, vip, 2, 2000)).get("FAILED").is_none());
 }
 
 #[test]
@@ -115,7 +150,7 @@ fn the_mesh_installed_with_kubectl_meshes_real_pods_on_two_nodes_and_uninstalls_
     let pcap = capture(&c, 1, || lines = dial(&c, &client, &vip, 30, 3000));
     let answered = tally(&lines);
     println!("meshed client -> {vip}: {answered:?}");
-    assert!(!answered.contains_key("FAILED"), "{lines:?}");
+    assert!(!answered.contains_key("FAILED"), "{lines:?}\n{}", diagnose(&c));
     let backends = get(&c, &["pods", "-n", "demo", "-l", "app=whoami"], "{.items[*].metadata.name}");
     assert_eq!(answered.len(), 3, "every backend answered (both nodes): {answered:?} of {backends}");
     assert!(has_port(&pcap, 15008), "cross-node traffic is HBONE on 15008");
@@ -146,6 +181,7 @@ fn the_mesh_installed_with_kubectl_meshes_real_pods_on_two_nodes_and_uninstalls_
     assert!(took < Duration::from_secs(1) + Duration::from_millis(1500), "denies within a second (plus the exec's own time): {took:?}");
     kubectl(&c, &["delete", "authorizationpolicy", &name, "-n", "demo"]);
     eventually("the DENY to go", Duration::from_secs(5), || tally(&dial(&c, &client, &vip, 3, 2000)).get("FAILED").is_none());
+    strict_admits_the_mesh_and_the_kubelets_probes_only(&c, &client, &legacy, &vip);
 
     // 4. A pod added to a Deployment: meshed (known to its node's datapath) how long after Ready?
     let pods_before = |i| metric(&metrics(&c, i), "mesh_datapath_pods", &[]);
@@ -191,9 +227,14 @@ fn the_mesh_installed_with_kubectl_meshes_real_pods_on_two_nodes_and_uninstalls_
         load.join().expect("load thread")
     });
     println!("during the DaemonSet rolling update: {failed} of {} meshed connections failed", ok + failed);
+    // When each old daemon pod was told to stop and each new one started: the gaps the
+    // failures above come from.
+    let timeline = c.kubectl(&["get", "events", "-n", "mesh-system", "--sort-by=.lastTimestamp", "-o", "custom-columns=TIME:.lastTimestamp,REASON:.reason,OBJECT:.involvedObject.name"]);
+    let timeline = String::from_utf8_lossy(&timeline.stdout);
+    println!("mesh-node pods' events:\n{}", timeline.lines().filter(|l| l.contains("mesh-node") && ["Killing", "Started", "Created", "SuccessfulDelete", "SuccessfulCreate"].iter().any(|r| l.contains(r))).collect::<Vec<_>>().join("\n"));
     assert!(ok > 0, "traffic flowed during the update");
     let back = tally(&dial(&c, &client, &vip, 20, 3000));
-    assert!(!back.contains_key("FAILED"), "after the update every connection succeeds: {back:?}");
+    assert!(!back.contains_key("FAILED"), "after the update every connection succeeds: {back:?}\n{}", diagnose(&c));
 
     // 6. Uninstall: kubectl delete of everything; each node is left as it was found.
     let started = Instant::now();

@@ -19,7 +19,7 @@ fn same_node_traffic_skips_the_stack_and_stays_byte_exact() {
     dp.sync_endpoints(&endpoints).expect("endpoints");
 
     // Baseline: plain TCP over the veths.
-    dp.set_node(&NodeSpec { capture: None, hbone_port: 15008, bypass: false }).expect("node");
+    dp.set_node(&NodeSpec { capture: None, hbone_port: 15008, bypass: false, daemon_mark: mesh_common::DEFAULT_DAEMON_MARK }).expect("node");
     let (tx0, _) = f.lab.pod_packets("n1p1").expect("counters");
     let out = f.dial("n1p1", target, &["--echo", PAYLOAD]);
     assert!(out[0].ends_with(&format!("echo ok bytes={PAYLOAD}")), "{out:?}");
@@ -27,7 +27,7 @@ fn same_node_traffic_skips_the_stack_and_stays_byte_exact() {
     let plain_packets = tx1 - tx0;
 
     // Bypass on: only the handshake and teardown use the wire.
-    f.dp().set_node(&NodeSpec { capture: None, hbone_port: 15008, bypass: true }).expect("node");
+    f.dp().set_node(&NodeSpec { capture: None, hbone_port: 15008, bypass: true, daemon_mark: mesh_common::DEFAULT_DAEMON_MARK }).expect("node");
     let out = f.dial("n1p1", target, &["--echo", PAYLOAD]);
     assert!(out[0].ends_with(&format!("echo ok bytes={PAYLOAD}")), "bypass must keep data byte-exact: {out:?}");
     let (tx2, _) = f.lab.pod_packets("n1p1").expect("counters");

@@ -43,7 +43,7 @@ fn meshed_pods_are_captured_with_their_exact_original_destination() {
     let vip = SocketAddr::from((Ipv4Addr::new(198, 19, 0, 10), 80));
     let backend = f.backend("n2p1");
     let dp = f.load();
-    dp.set_node(&NodeSpec { capture: Some(listen), hbone_port: HBONE_PORT, bypass: false }).expect("node config");
+    dp.set_node(&NodeSpec { capture: Some(listen), hbone_port: HBONE_PORT, bypass: false, daemon_mark: mesh_common::DEFAULT_DAEMON_MARK }).expect("node config");
     let pods = [pod_spec(&f, "n1p1", 1, true), pod_spec(&f, "n1p2", 2, false)];
     f.dp().sync_pods(&pods).expect("pods");
     f.dp().upsert_service(&ServiceSpec::tcp(vip.ip(), 80, vec![backend])).expect("service");
@@ -76,6 +76,7 @@ fn strict_pods_refuse_plaintext_from_outside_the_mesh_in_the_kernel() {
     let mut f = Fixture::new(&[3, 1], &["n1p2"]);
     let endpoints = [endpoint(&f, "n1p2", 2, true)];
     f.load().sync_endpoints(&endpoints).expect("endpoints");
+    f.dp().set_node(&NodeSpec { capture: None, hbone_port: HBONE_PORT, bypass: false, daemon_mark: mesh_common::DEFAULT_DAEMON_MARK }).expect("node config");
     let host_if = f.lab.pod("n1p2").host_if.clone();
     let netns = f.lab.node(1).netns.clone();
     let dp = f.datapath.as_mut().expect("loaded");
@@ -89,16 +90,42 @@ fn strict_pods_refuse_plaintext_from_outside_the_mesh_in_the_kernel() {
     assert!(f.stats().drop(DropReason::StrictPlaintext) >= 2, "{:?}", f.stats());
     assert_eq!(f.accepted("n1p2"), 0);
 
-    // A local socket of the node (where the daemon delivers mesh traffic from) gets through.
+    // Another process of the node is outside the mesh too.
     let node = f.lab.node(1).clone();
+    let mut p = f.lab.spawn(&Spawn::new(&node.netns, &node.system_cgroup, WHOAMI, &["connect", &target.to_string(), "--timeout-ms", "1500"])).expect("spawn");
+    let line = p.wait_for_line("ETIMEDOUT", Duration::from_secs(5)).expect("a node process without the daemon's mark is refused");
+    assert!(!line.contains("name=n1p2"), "{line}");
+
+    // The daemon's connections (its socket mark) get through, from any cgroup.
+    let greeting = f.lab.in_netns(&netns, || greeting_with_mark(target, mesh_common::DEFAULT_DAEMON_MARK)).expect("enter node netns");
+    assert!(greeting.as_deref().is_ok_and(|g| g.contains("name=n1p2")), "a SYN with the daemon's mark: {greeting:?}");
+    let other_mark = f.lab.in_netns(&netns, || greeting_with_mark(target, 0x4000)).expect("enter node netns");
+    assert!(other_mark.is_err(), "another mark (kube-proxy's) proves nothing: {other_mark:?}");
+
+    // So do the kubelet's probes: its cgroup is trusted.
+    f.dp().sync_trusted(&[(std::process::id(), node.system_cgroup.clone())]).expect("trusted cgroup");
     let mut p = f.lab.spawn(&Spawn::new(&node.netns, &node.system_cgroup, WHOAMI, &["connect", &target.to_string()])).expect("spawn");
-    let line = p.wait_for_line("connected", Duration::from_secs(5)).expect("node-local dial");
+    let line = p.wait_for_line("connected", Duration::from_secs(5)).expect("dial from a trusted cgroup");
     assert!(line.contains("whoami name=n1p2"), "{line}");
+    f.dp().sync_trusted(&[]).expect("no trusted cgroup");
 
     // PERMISSIVE: the same plaintext connection passes.
     let permissive = [endpoint(&f, "n1p2", 2, false)];
     f.dp().sync_endpoints(&permissive).expect("endpoints");
     assert_eq!(answered_by(&f.dial_one("n2p1", target)), Some("n1p2"));
+}
+
+/// The first line `target` sends on a connection made with `SO_MARK` `mark` (2 s to connect).
+fn greeting_with_mark(target: SocketAddr, mark: u32) -> std::io::Result<String> {
+    use std::io::{BufRead as _, BufReader};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_mark(mark)?;
+    socket.connect_timeout(&target.into(), Duration::from_secs(2))?;
+    let stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    Ok(line)
 }
 
 #[test]

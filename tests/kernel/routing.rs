@@ -17,7 +17,7 @@ use crate::{APP_PORT, Fixture};
 const HBONE: u16 = 15008;
 
 fn routes(f: &Fixture, node: u8, transparent: bool) -> Routes {
-    let cfg = routing::Config { node_name: format!("n{node}"), hbone_port: HBONE, transparent };
+    let cfg = routing::Config { node_name: format!("n{node}"), hbone_port: HBONE, transparent, keep_existing: false };
     f.lab
         .in_netns(&f.lab.node(node).netns, || Routes::new(cfg, routing::Metrics::default()))
         .expect("enter node netns")
@@ -98,7 +98,7 @@ fn transparent_dial(f: &Fixture) -> Result<String, String> {
         .in_netns(&f.lab.node(2).netns, || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async {
-                let dial = mesh_node::proxy::socket::connect(Some(IpAddr::V4(client)), SocketAddr::from((server, APP_PORT)));
+                let dial = mesh_node::proxy::socket::connect(Some(IpAddr::V4(client)), SocketAddr::from((server, APP_PORT)), mesh_common::DEFAULT_DAEMON_MARK);
                 let s = tokio::time::timeout(Duration::from_millis(1500), dial)
                     .await
                     .map_err(|_| "timed out".to_owned())?

@@ -87,11 +87,16 @@ pub struct Cluster {
     pub logs: PathBuf,
     pub control: Option<PodProcess>,
     pub daemons: Vec<Option<PodProcess>>,
+    /// Daemons started per node so far (names their logs).
+    generations: Vec<u32>,
     /// `MESH_LOG` of the node daemons started from now on ("info": every connection and
     /// request in the access log; benchmarks use "warn").
     pub node_log: String,
     /// The sample app's process, by pod.
     pub apps: std::collections::BTreeMap<String, PodProcess>,
+    /// Listening sockets this harness holds for a node's daemons, as systemd does for a
+    /// socket-activated service ([`Cluster::activate_sockets`]), by node.
+    activated: std::collections::BTreeMap<u8, Vec<(&'static str, std::os::fd::OwnedFd)>>,
 }
 
 /// `localities`: (node, region, zone) labels to give nodes (none: no node has a locality).
@@ -150,7 +155,7 @@ impl Cluster {
             sys::mkdir(&d)?;
         }
         let lab = Lab::build(spec)?;
-        let mut cluster = Self { lab, bins, config_dir, state_dir, logs, control: None, daemons: Vec::new(), apps: std::collections::BTreeMap::new(), node_log: "info".into() };
+        let mut cluster = Self { lab, bins, config_dir, state_dir, logs, control: None, daemons: Vec::new(), generations: Vec::new(), apps: std::collections::BTreeMap::new(), node_log: "info".into(), activated: std::collections::BTreeMap::new() };
         cluster.boot()?;
         Ok(cluster)
     }
@@ -169,6 +174,7 @@ impl Cluster {
         }
         for i in 1..=u8::try_from(self.lab.nodes.len()).expect("few nodes") {
             self.daemons.push(None);
+            self.generations.push(0);
             self.start_node(i)?;
         }
         Ok(())
@@ -234,6 +240,36 @@ impl Cluster {
     /// (Re)starts the mesh-node of node `i` and waits until it serves (listeners bound), not
     /// until it is ready: without the controller it never is.
     pub fn spawn_node(&mut self, i: u8) -> Result<(), Error> {
+        let p = self.spawn_daemon(i)?;
+        self.daemons[usize::from(i - 1)] = Some(p);
+        Ok(())
+    }
+
+    /// Upgrades the mesh-node of node `i` in place: a new daemon takes the listeners over from
+    /// the running one (`MESH_HANDOFF_SOCKET`), which drains and exits by itself. Returns how
+    /// long the new one took to take over, and the old one, still draining (see
+    /// [`PodProcess::wait_exit`]).
+    ///
+    /// # Panics
+    /// When node `i` has no running daemon.
+    pub fn upgrade_node(&mut self, i: u8) -> Result<(Duration, PodProcess), Error> {
+        let old = self.daemons[usize::from(i - 1)].take().expect("a running daemon to upgrade");
+        let started = std::time::Instant::now();
+        let new = self.spawn_daemon(i)?; // returns once the new one has taken over
+        self.daemons[usize::from(i - 1)] = Some(new);
+        Ok((started.elapsed(), old))
+    }
+
+    /// The log of node `i`'s current (latest started) daemon.
+    pub fn node_log(&self, i: u8) -> PathBuf {
+        let name = &self.lab.node(i).name;
+        match self.generations[usize::from(i - 1)] {
+            0 | 1 => self.logs.join(format!("mesh-node-{name}.log")),
+            n => self.logs.join(format!("mesh-node-{name}.{n}.log")),
+        }
+    }
+
+    fn spawn_daemon(&mut self, i: u8) -> Result<PodProcess, Error> {
         let node = self.lab.node(i).clone();
         let interfaces: Vec<String> = self.lab.pods.iter().filter(|p| p.node == i).map(|p| p.host_if.clone()).collect();
         let vars: Vec<(&str, String)> = vec![
@@ -250,17 +286,86 @@ impl Cluster {
             ("MESH_POD_INTERFACES", interfaces.join(",")),
             // Pods see their clients' real addresses (policy routing brings replies back).
             ("MESH_INBOUND_TRANSPARENT", "true".into()),
+            // A daemon started while another runs takes over its listeners (upgrade_node).
+            ("MESH_HANDOFF_SOCKET", self.state_dir.join(format!("{}-handoff.sock", node.name)).display().to_string()),
             ("MESH_LOG", self.node_log.clone()),
         ];
         let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let log = self.logs.join(format!("mesh-node-{}.log", node.name));
+        // Each daemon its own log: during an upgrade two run at once.
+        self.generations[usize::from(i - 1)] += 1;
+        let log = self.node_log(i);
         let bin = self.bins.mesh_node.display().to_string();
         let mut spawn = Spawn::new(&node.netns, &node.system_cgroup, &bin, &[]);
         spawn.env = &env;
         spawn.log = Some(&log);
+        let passed: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = self.activated.get(&i).into_iter().flatten().map(|(name, fd)| (*name, std::os::fd::AsFd::as_fd(fd))).collect();
+        spawn.listen_fds = &passed;
         let mut p = self.lab.spawn(&spawn)?;
-        p.wait_for_line("mesh-node ready", Duration::from_secs(20))?;
-        self.daemons[usize::from(i - 1)] = Some(p);
+        p.wait_for_line("mesh-node ready", Duration::from_secs(40))?;
+        Ok(p)
+    }
+
+    /// From now on node `i`'s daemons are socket-activated: the three proxy listeners
+    /// (outbound 15001, inbound 15008, plaintext 15006) are bound once in the node's namespace
+    /// and passed to every daemon started there, this harness keeping them open between daemons
+    /// as systemd does. Call it while no daemon runs on the node.
+    ///
+    /// A helper binds them in the node's system cgroup, where the daemons run: an accepted
+    /// socket belongs to its listener's cgroup, and the kernel answers `SO_ORIGINAL_DST` only
+    /// for sockets of the datapath's cgroup (a listener bound by this test process, outside it,
+    /// made every captured connection look addressed to the daemon itself).
+    pub fn activate_sockets(&mut self, i: u8) -> Result<(), Error> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _};
+        let node = self.lab.node(i).clone();
+        let path = self.state_dir.join(format!("{}-listeners.sock", node.name));
+        let _ = fs::remove_file(&path);
+        let io = |what: &str| {
+            let what = what.to_owned();
+            move |source| Error::Io { path: what.clone().into(), source }
+        };
+        let server = std::os::unix::net::UnixListener::bind(&path).map_err(io("bind the listeners' Unix socket"))?;
+        let whoami = self.bins.whoami.display().to_string();
+        let path_arg = path.display().to_string();
+        let mut helper = self.lab.spawn(&Spawn::new(&node.netns, &node.system_cgroup, &whoami, &["bind-listeners", &path_arg, "15001", "15008", "15006"]))?;
+        server.set_nonblocking(true).map_err(io("listeners' Unix socket"))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match server.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => return Err(Error::Io { path: path.clone(), source: e }),
+            }
+        };
+        stream.set_nonblocking(false).map_err(io("listeners' Unix socket"))?;
+        let mut buf = [0u8; 64];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 3]);
+        let msg = nix::sys::socket::recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC)
+            .map_err(|e| Error::Io { path: path.clone(), source: e.into() })?;
+        let mut fds = Vec::new();
+        for cmsg in msg.cmsgs().map_err(|e| Error::Io { path: path.clone(), source: e.into() })? {
+            if let nix::sys::socket::ControlMessageOwned::ScmRights(received) = cmsg {
+                #[expect(unsafe_code, reason = "taking ownership of descriptors received with SCM_RIGHTS")]
+                // SAFETY: each received descriptor is new to this process and owned by nobody else.
+                fds.extend(received.into_iter().map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        helper.wait_exit(Duration::from_secs(5))?;
+        let _ = fs::remove_file(&path);
+        let [outbound, inbound, plaintext]: [std::os::fd::OwnedFd; 3] =
+            fds.try_into().map_err(|got: Vec<_>| Error::Io { path: path.clone(), source: std::io::Error::other(format!("{} listeners received, 3 expected", got.len())) })?;
+        use mesh_node::app::listener;
+        self.activated.insert(i, vec![(listener::OUTBOUND, outbound), (listener::INBOUND, inbound), (listener::INBOUND_PLAINTEXT, plaintext)]);
+        Ok(())
+    }
+
+    /// Stops node `i`'s daemon with SIGTERM (it drains, then exits) and waits for it.
+    pub fn terminate_node(&mut self, i: u8) -> Result<(), Error> {
+        if let Some(mut p) = self.daemons[usize::from(i - 1)].take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(p.pid()).expect("pid"));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            p.wait_exit(Duration::from_secs(30))?;
+        }
         Ok(())
     }
 

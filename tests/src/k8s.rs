@@ -37,6 +37,8 @@ use crate::{
 /// The API server's address on the underlay.
 pub const API_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 pub const API_PORT: u16 = 6443;
+/// etcd serves within a second here; a minute allows for a disk busy with a cold build.
+const ETCD_START: Duration = Duration::from_secs(60);
 /// ClusterIP range; the `kubernetes` Service gets its first address.
 pub const SERVICE_RANGE: &str = "198.19.0.0/16";
 pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
@@ -156,6 +158,9 @@ impl KubeCluster {
             "--initial-cluster=mesh=http://127.0.0.1:2380".into(),
         ];
         self.spawn_control(&ul, &cgroup, "etcd", "etcd", &etcd)?;
+        // Wait for etcd on its own: an API server without it only says "connection refused"
+        // until its own timeout, which hides why etcd is not there (it exited, or is slow).
+        self.control.last_mut().expect("etcd was just spawned").wait_for_line("ready to serve client requests", ETCD_START).map_err(|e| self.with_log(e, "etcd"))?;
         let apiserver = [
             "--etcd-servers=http://127.0.0.1:2379".to_owned(),
             format!("--advertise-address={API_IP}"),
@@ -178,7 +183,7 @@ impl KubeCluster {
         ];
         self.spawn_control(&ul, &cgroup, "kube-apiserver", &bin.join("kube-apiserver").display().to_string(), &apiserver)?;
         wait_for("kube-apiserver /readyz", 90, || self.kubectl(&["get", "--raw", "/readyz"]).status.success().then_some(()))
-            .map_err(|e| self.with_log(e, "kube-apiserver"))?;
+            .map_err(|e| self.with_logs(e, &["etcd", "kube-apiserver"]))?;
         let kubeconfig = format!("--kubeconfig={}", self.kubeconfig.display());
         let cm = [
             kubeconfig.clone(),
@@ -212,8 +217,21 @@ impl KubeCluster {
     }
 
     fn with_log(&self, e: Error, name: &str) -> Error {
-        let tail: String = std::fs::read_to_string(self.log(name)).unwrap_or_default().lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-        Error::Command { command: name.into(), status: e.to_string(), stderr: tail }
+        self.with_logs(e, &[name])
+    }
+
+    /// `e` with the last lines of each named component's log (the API server's last lines alone
+    /// say only that etcd is unreachable).
+    fn with_logs(&self, e: Error, names: &[&str]) -> Error {
+        let tails: Vec<String> = names
+            .iter()
+            .map(|name| {
+                let text = std::fs::read_to_string(self.log(name)).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                format!("--- last lines of {name}.log:\n{}", lines[lines.len().saturating_sub(15)..].join("\n"))
+            })
+            .collect();
+        Error::Command { command: names.join(" + "), status: e.to_string(), stderr: tails.join("\n") }
     }
 
     /// kubectl against the cluster, from the underlay namespace (where the API server listens).

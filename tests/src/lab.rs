@@ -99,11 +99,14 @@ pub struct Spawn<'a> {
     pub log: Option<&'a Path>,
     /// Also join this mount namespace (a bind-mounted nsfs file), e.g. a test node's own.
     pub mount_ns: Option<&'a Path>,
+    /// Listening sockets passed as a service manager does (systemd's socket activation:
+    /// descriptors from 3, `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`), by listener name.
+    pub listen_fds: &'a [(&'a str, std::os::fd::BorrowedFd<'a>)],
 }
 
 impl<'a> Spawn<'a> {
     pub fn new(netns: &'a str, cgroup: &'a Path, program: &'a str, args: &'a [&'a str]) -> Self {
-        Self { netns, cgroup, program, args, env: &[], log: None, mount_ns: None }
+        Self { netns, cgroup, program, args, env: &[], log: None, mount_ns: None, listen_fds: &[] }
     }
 }
 
@@ -342,6 +345,9 @@ impl Lab {
             cmd = with_mount;
         }
         cmd.envs(spec.env.iter().copied());
+        if !spec.listen_fds.is_empty() {
+            pass_listeners(&mut cmd, spec.listen_fds);
+        }
         let log = match spec.log {
             Some(path) => {
                 let open = || std::fs::OpenOptions::new().create(true).append(true).open(path);
@@ -450,6 +456,38 @@ fn sysctl(netns: &str, key: &str, value: &str) -> Result<(), Error> {
     sys::run("ip", &["netns", "exec", netns, "sysctl", "-qw", &format!("{key}={value}")]).map(drop)
 }
 
+/// Hands `sockets` to the child as descriptors 3, 4, ... with systemd's variables. The wrapper
+/// shell of [`in_netns_and_cgroup`] keeps them open and sets `LISTEN_PID` to its own PID, which
+/// its `exec` makes the program's.
+fn pass_listeners(cmd: &mut Command, sockets: &[(&str, std::os::fd::BorrowedFd<'_>)]) {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let names: Vec<&str> = sockets.iter().map(|(name, _)| *name).collect();
+    cmd.env("LISTEN_FDS", sockets.len().to_string()).env("LISTEN_FDNAMES", names.join(":"));
+    let raw: Vec<i32> = sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    #[expect(unsafe_code, reason = "dup2 between fork and exec, as a service manager does")]
+    // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Out of the way first: a source may sit where another one goes.
+            let mut high = Vec::with_capacity(raw.len());
+            for &fd in &raw {
+                let moved = libc::fcntl(fd, libc::F_DUPFD, 100);
+                if moved < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                high.push(moved);
+            }
+            for (i, &fd) in high.iter().enumerate() {
+                if libc::dup2(fd, 3 + i32::try_from(i).expect("few sockets")) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// `nsenter --net` keeps the host's /sys mounts (unlike `ip netns exec`, which remounts /sys and
 /// hides bpffs and cgroup2); the shell joins the cgroup and then execs, so the PID we track is
 /// the program's own. It first closes every descriptor above stderr: a process that outlives the
@@ -462,7 +500,7 @@ pub fn in_netns_and_cgroup(netns: &str, cgroup: &Path, program: &str, args: &[&s
             "--",
             "bash",
             "-c",
-            r#"echo $$ > "$0/cgroup.procs" || exit 1; for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-"; done; exec "$@""#,
+            r#"echo $$ > "$0/cgroup.procs" || exit 1; keep=$((2 + ${LISTEN_FDS:-0})); [ -n "$LISTEN_FDS" ] && export LISTEN_PID=$$; for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt $keep ] && eval "exec $n>&-"; done; exec "$@""#,
         ])
         .arg(cgroup)
         .arg(program)

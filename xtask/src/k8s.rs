@@ -2,8 +2,9 @@
 //! 1. `scripts/setup-k8s.sh`: kube-apiserver + kube-controller-manager built from Debian's source
 //!    package (cached in /var/cache/mesh/k8s-<version>/, ~11 min the first time, niced), etcd,
 //!    yamllint, kubernetes-validate. Runs outside the cargo lock: it builds Go, not Rust.
-//! 2. Offline manifest checks: yamllint and `kubernetes-validate --strict` on deploy/, and the
-//!    chart's values.schema.json by Python's jsonschema (`scripts/check-values-schema.py`).
+//! 2. Offline manifest checks: yamllint and `kubernetes-validate --strict` on deploy/, the
+//!    chart's values.schema.json by Python's jsonschema (`scripts/check-values-schema.py`), and
+//!    `promtool check config` on the Prometheus scrape jobs (deploy/prometheus/scrape.yaml).
 //! 3. The integration suite against a real apiserver on loopback
 //!    (`cargo test -p mesh-control --features apiserver-tests --test apiserver`).
 
@@ -73,7 +74,25 @@ pub fn manifest_checks() -> Result<()> {
     sh(Command::new(format!("{}/venv/bin/python", cache()))
         .arg(root_dir().join("scripts/check-values-schema.py"))
         .arg(root_dir().join("deploy/helm/mesh"))
-        .arg(root_dir().join("mesh-control/tests/deploy/bad-values.yaml")))
+        .arg(root_dir().join("mesh-control/tests/deploy/bad-values.yaml")))?;
+    scrape_config_check()
+}
+
+/// `promtool check config` on deploy/prometheus/scrape.yaml. Debian's Prometheus is built without
+/// Kubernetes discovery, so its promtool refuses `kubernetes_sd_configs`: the jobs are checked
+/// with static (empty) targets in its place and everything else as shipped (relabelling).
+fn scrape_config_check() -> Result<()> {
+    step("deploy/prometheus/scrape.yaml: promtool check config (discovery swapped for static targets)");
+    let shipped = std::fs::read_to_string(root_dir().join("deploy/prometheus/scrape.yaml"))?;
+    let kubernetes = "kubernetes_sd_configs:\n      - role: pod\n";
+    if shipped.matches(kubernetes).count() != 2 {
+        bail!("deploy/prometheus/scrape.yaml: expected two jobs with `{kubernetes}`");
+    }
+    let checked = std::env::temp_dir().join("mesh-scrape-check.yaml");
+    std::fs::write(&checked, shipped.replace(kubernetes, "static_configs:\n      - targets: []\n"))?;
+    let result = sh(Command::new("promtool").args(["check", "config"]).arg(&checked));
+    let _ = std::fs::remove_file(&checked);
+    result
 }
 
 pub fn apiserver_suite() -> Result<()> {

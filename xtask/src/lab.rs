@@ -89,10 +89,34 @@ pub fn state_dir() -> PathBuf {
     PathBuf::from("/run/mesh-lab")
 }
 
+/// Which cargo profile [`build_binaries`] builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// The test suites' (they share the unit tests' build).
+    Debug,
+    /// The lab's: what a user measures there is what the mesh does.
+    Release,
+}
+
+impl Profile {
+    /// The directory under the target dir holding this profile's binaries.
+    pub const fn dir(self) -> &'static str {
+        match self {
+            Self::Debug => "debug",
+            Self::Release => "release",
+        }
+    }
+}
+
 /// Builds the binaries the lab and the end-to-end suite run.
-pub fn build_binaries() -> Result<()> {
-    step("building mesh-control, mesh-node, meshctl and the sample app");
-    sh(Command::new("cargo").args(["build", "--locked", "-p", "mesh-control", "-p", "mesh-node", "-p", "meshctl", "-p", "mesh-tests", "--bins"]))
+pub fn build_binaries(profile: Profile) -> Result<()> {
+    step(&format!("building mesh-control, mesh-node, meshctl and the sample app ({} profile)", profile.dir()));
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "--locked", "-p", "mesh-control", "-p", "mesh-node", "-p", "meshctl", "-p", "mesh-tests", "--bins"]);
+    if profile == Profile::Release {
+        cmd.arg("--release");
+    }
+    sh(&mut cmd)
 }
 
 fn who(line: &str) -> String {
@@ -111,13 +135,13 @@ fn up() -> Result<()> {
     require_root("lab up")?;
     let started = Instant::now();
     setup_and_build()?;
-    build_binaries()?;
+    build_binaries(Profile::Release)?;
 
     step("removing a previous lab, if any");
     down();
 
     step("creating 2 nodes and 5 pods, starting mesh-control (file mode), 2 mesh-nodes, the sample app");
-    let bins = Binaries::in_dir(&crate::target_dir().join("debug"));
+    let bins = Binaries::in_dir(&crate::target_dir().join(Profile::Release.dir()));
     let mut cluster = Cluster::start(LabSpec { run: RUN.into(), pods_per_node: vec![3, 2] }, bins, &state_dir())
         .context("starting the lab (see the logs in /run/mesh-lab/logs)")?;
     for pod in &cluster.lab.pods {
@@ -145,6 +169,9 @@ fn up() -> Result<()> {
     cluster.delete_policy("deny-client")?;
     std::thread::sleep(Duration::from_millis(800));
     let after = cluster.dial("n1p1", vip, &["--count", "3"])?;
+
+    step("upgrade: a new mesh-node takes over n1's listeners from the running one, under 200 HTTP requests/s");
+    let upgrade = upgrade_demo(&mut cluster)?;
 
     let metrics = cluster.curl_on_node(2, &format!("http://127.0.0.1:{METRICS_PORT}/metrics")).unwrap_or_default();
     let mtls: Vec<&str> = metrics
@@ -175,15 +202,19 @@ fn up() -> Result<()> {
     }
     let refused = denied.iter().filter(|l| !l.starts_with("connected") || who(l).starts_with("FAILED")).count();
     traced.print();
+    upgrade.print();
     println!("  policy DENY client -> whoami: {refused} of {} attempts refused; after removing it: {} of {} answered", denied.len(), after.iter().filter(|l| !who(l).starts_with("FAILED")).count(), after.len());
     println!();
     println!("  metrics   nsenter --net=/run/netns/mesh-lab-n1 curl -s localhost:{METRICS_PORT}/metrics   (also n2)");
     println!("  admin     nsenter --net=/run/netns/mesh-lab-n1 curl -s localhost:15000/config_dump");
     println!("  control   nsenter --net=/run/netns/mesh-lab-ul curl -s localhost:15014/status");
+    println!("  graph     http://127.0.0.1:15014/graph in mesh-lab-ul (the live service graph; also /graph.svg .dot .json): ip netns exec mesh-lab-ul chromium --headless --no-sandbox --screenshot=/tmp/graph.png http://127.0.0.1:15014/graph");
     println!("  policies  drop Istio-shaped YAML into {}/config/policies/ (applied live)", state_dir().display());
     println!("  routes    drop HTTPRoute/GRPCRoute/VirtualService YAML into {}/config/routes/ (see deploy/examples/routing/)", state_dir().display());
     println!("  traces    nsenter --net=/run/netns/mesh-lab-n1p3 curl -s localhost:{ZIPKIN_PORT}/api/v2/traces   (Zipkin API)");
     println!("  datapath  bpftool map dump pinned /sys/fs/bpf/mesh-lab/n1/MESH_SVC_V1");
+    let meshctl = crate::target_dir().join(Profile::Release.dir()).join("meshctl");
+    println!("  meshctl   {} status   (also: top, graph [--format svg --file graph.svg], config n1, bpf n1 maps, explain n1p1 whoami.demo:80 --http GET /)", meshctl.display());
     println!("  a pod     cargo xtask lab exec n1p1 -- curl -s http://{VIP}:{HTTP_SERVICE_PORT}/   (or any command: its network namespace and cgroup)");
     println!("  logs      {}/logs", state_dir().display());
     println!("  remove    cargo xtask lab down");
@@ -199,8 +230,48 @@ fn up() -> Result<()> {
     if !l7.as_expected() {
         bail!("the L7 demo did not behave as the report above says it should (see the logs)");
     }
+    if !upgrade.as_expected() {
+        bail!("the upgrade lost requests or the old daemon did not exit cleanly (see the logs)");
+    }
     let _ = APP_PORT;
     Ok(())
+}
+
+/// A mesh-node replaced under load (README: "Upgrading mesh-node without losing a request").
+struct UpgradeDemo {
+    took_over: Duration,
+    old_exit: std::process::ExitStatus,
+    load: serde_json::Value,
+}
+
+fn upgrade_demo(cluster: &mut Cluster) -> Result<UpgradeDemo> {
+    let whoami = cluster.bins.whoami.display().to_string();
+    let url = format!("http://{VIP}:{HTTP_SERVICE_PORT}/");
+    let (mut load, log) = cluster.spawn_in_pod_logged("n1p1", "upgrade-load", &whoami, &["http-load", "--url", &url, "--rate", "200", "--duration", "4", "--connections", "4"])?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (took_over, mut old) = cluster.upgrade_node(1)?;
+    let old_exit = old.wait_exit(Duration::from_secs(15))?;
+    load.wait_exit(Duration::from_secs(30))?;
+    let text = fs::read_to_string(&log)?;
+    let load = serde_json::from_str(text.lines().rfind(|l| l.starts_with('{')).unwrap_or_default()).with_context(|| format!("http-load: {text}"))?;
+    Ok(UpgradeDemo { took_over, old_exit, load })
+}
+
+impl UpgradeDemo {
+    fn as_expected(&self) -> bool {
+        self.old_exit.success() && self.load["ok"] == self.load["scheduled"]
+    }
+
+    fn print(&self) {
+        println!(
+            "  upgrade of mesh-node n1 under load: new daemon took over in {:.0?}, the old one drained and exited ({}); requests {} of {} ok, p99 {} µs",
+            self.took_over,
+            self.old_exit,
+            self.load["ok"],
+            self.load["scheduled"],
+            self.load["p99_us"],
+        );
+    }
 }
 
 /// The collector's port (Zipkin's).

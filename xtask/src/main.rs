@@ -9,6 +9,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
 mod k8s;
 mod lab;
 mod test;
@@ -43,6 +44,15 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Fuzz the parsers and the config chain (cargo-fuzz, nightly) from the committed corpus.
+    Fuzz {
+        /// One target only (config_chain, hbone_forwarded, cert_identity, route_path).
+        #[arg(long)]
+        target: Option<String>,
+        /// Executions per target (default: 60 seconds each).
+        #[arg(long)]
+        runs: Option<u64>,
+    },
     /// Remove leftovers (namespaces, cgroups, pinned objects, processes) of crashed runs.
     Clean,
     /// Regenerate the CRDs (deploy/10-crds.yaml and the Helm chart's copy) from mesh-control's types.
@@ -60,6 +70,14 @@ fn main() -> Result<()> {
         Task::Lab { action } => lab::run(action),
         Task::Bench { only } => bench::run(only.as_deref()),
         Task::Crds => k8s::write_crds(),
+        Task::Fuzz { target, runs } => {
+            let targets: Vec<&str> = match target.as_deref() {
+                Some(t) if fuzz::TARGETS.contains(&t) => vec![t],
+                Some(t) => anyhow::bail!("no fuzz target {t:?}: one of {}", fuzz::TARGETS.join(", ")),
+                None => fuzz::TARGETS.to_vec(),
+            };
+            fuzz::run(&targets, 60, runs)
+        }
         Task::Images => images().map(drop),
         Task::Clean => {
             require_root("clean")?;
@@ -83,7 +101,7 @@ pub fn target_dir() -> PathBuf {
 /// `cargo xtask images`: the binaries (debug profile, as the tests use them), then one OCI
 /// archive per image.
 pub fn images() -> Result<Vec<PathBuf>> {
-    lab::build_binaries()?;
+    lab::build_binaries(lab::Profile::Debug)?;
     step("images: OCI archives from the binaries and the shared libraries they need");
     let out = target_dir().join("images");
     let mut written = Vec::new();

@@ -6,6 +6,9 @@ use anyhow::{Result, bail};
 
 use crate::{require_root, setup_and_build, sh, step};
 
+/// Seconds of fuzzing per target in the test command (the long runs are `cargo xtask fuzz`).
+const FUZZ_SMOKE_SECS: u64 = 10;
+
 pub fn run(filter: Option<&str>) -> Result<()> {
     require_root("test")?;
     let started = Instant::now();
@@ -40,9 +43,11 @@ fn run_suites(filter: Option<&str>) -> Result<()> {
     if filter.is_none() {
         step("unit and in-process tests (unprivileged): cargo test --workspace");
         sh(Command::new("cargo").args(["test", "--workspace", "--locked"]))?;
+        // A short run of each fuzz target: a crash fails the test command.
+        crate::fuzz::run(&crate::fuzz::TARGETS, FUZZ_SMOKE_SECS, None)?;
         crate::k8s::run()?;
     }
-    crate::lab::build_binaries()?;
+    crate::lab::build_binaries(crate::lab::Profile::Debug)?;
     step("privileged suites: kernel programs and namespaces (one at a time: they share the kernel)");
     let mut cmd = Command::new("cargo");
     cmd.args(["test", "--locked", "-p", "mesh-tests", "--features", "privileged", "--tests", "--"])

@@ -30,6 +30,9 @@ pub fn inventory(nodes: &[Node], namespaces: &[Namespace], pods: &[Pod], service
             inv.workloads.insert(w.uid.clone(), w);
         }
     }
+    for problem in inv.drop_shared_addresses() {
+        tracing::warn!("Pod {problem}");
+    }
     let mut by_service: BTreeMap<NamespacedName, Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
         if let (Some(ns), Some(svc)) = (s.namespace(), s.labels().get(SERVICE_NAME_LABEL)) {

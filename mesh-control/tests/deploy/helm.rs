@@ -1,7 +1,7 @@
 //! No helm CLI exists here, so the chart is rendered by this file: Go's text/template, only the
 //! subset the chart uses (`{{ .Values.x }}`, `$`, `{{-`/`-}}`, comments, `if`/`with`/`else`/
 //! `end`, `define`, pipes, and Helm's `include`, `toYaml`, `nindent`, `indent`, `quote`,
-//! `default`), with Helm's semantics: a missing value prints as "", fields of a missing map are an
+//! `default`, `$.Files.Get`), with Helm's semantics: a missing value prints as "", fields of a missing map are an
 //! error, `toYaml` drops its final newline. Anything else panics, so the chart cannot use a
 //! construct these tests would render differently from Helm. `values.schema.json` is checked the
 //! same way: `validate` knows the JSON Schema keywords the schema uses and panics on any other.
@@ -35,13 +35,15 @@ pub struct Chart {
     files: BTreeMap<String, Vec<Node>>,
     /// Chart.yaml, as `.Chart` sees it.
     metadata: Value,
+    /// The chart's directory, which `.Files.Get` reads from (symlinks followed, as Helm does).
+    dir: std::path::PathBuf,
 }
 
 impl Chart {
     pub fn load(dir: &std::path::Path) -> Self {
         let meta: Value = serde_saphyr::from_str(&std::fs::read_to_string(dir.join("Chart.yaml")).expect("Chart.yaml")).expect("YAML");
         let chart = serde_json::json!({"Name": meta["name"], "Version": meta["version"], "AppVersion": meta["appVersion"]});
-        let mut c = Self { defines: BTreeMap::new(), files: BTreeMap::new(), metadata: chart };
+        let mut c = Self { defines: BTreeMap::new(), files: BTreeMap::new(), metadata: chart, dir: dir.to_path_buf() };
         for e in std::fs::read_dir(dir.join("templates")).expect("templates") {
             let p = e.expect("entry").path();
             let name = p.file_name().expect("name").to_string_lossy().into_owned();
@@ -136,6 +138,12 @@ impl Chart {
             args.extend(piped.take());
             piped = Some(match head {
                 Arg::Func(f) => self.call(f, &args, root),
+                // Helm's `.Files.Get "path"`: a file of the chart, "" when missing (as Helm).
+                Arg::Field { root: from_root, path } if path == &["Files", "Get"] => {
+                    assert!(*from_root || dot == root, ".Files is a field of the root context: use $.Files inside with");
+                    let [Value::String(name)] = args.as_slice() else { panic!(".Files.Get takes one path, not {args:?}") };
+                    Value::String(std::fs::read_to_string(self.dir.join(name)).unwrap_or_default())
+                }
                 value => {
                     assert!(args.is_empty(), "{value:?} is not a function: it takes no arguments");
                     self.arg(value, dot, root)

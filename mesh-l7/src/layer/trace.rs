@@ -25,7 +25,7 @@ use crate::{
     metrics::UNKNOWN,
     record::{self, Flags, OnEnd, Peers, Upstream},
     trace::{
-        Span, SpanKind, TagValue, Tracer,
+        Span, SpanKind, TagText, TagValue, Tracer,
         context::{self, SpanContext},
     },
 };
@@ -92,7 +92,7 @@ where
     }
 }
 
-type Tags = Vec<(Cow<'static, str>, String)>;
+type Tags = Vec<(Cow<'static, str>, TagText)>;
 
 /// A sampled request's span while it is under way. It is submitted once: when the response body
 /// ends, or when it is dropped (with the body, or with the response future before any response).
@@ -123,37 +123,38 @@ impl Draft {
     ) -> Self {
         let headers = req.headers();
         let authority = crate::route::filter::authority(req).unwrap_or_default();
-        let host = authority
-            .parse::<http::uri::Authority>()
-            .map_or_else(|_| authority.to_owned(), |a| a.host().to_owned());
+        let host = crate::route::filter::split_host_port(authority)
+            .0
+            .to_owned();
         let path = req
             .uri()
             .path_and_query()
             .map_or("/", http::uri::PathAndQuery::as_str);
         let local = &tracer.local;
         let mut tags: Tags = Vec::with_capacity(24 + tracer.custom_tags.len());
-        let mut tag = |k: &'static str, v: String| tags.push((Cow::Borrowed(k), v));
-        tag("http.method", req.method().to_string());
-        tag("http.url", format!("http://{authority}{path}"));
-        tag("http.protocol", protocol(req.version()).to_owned());
-        tag("component", "proxy".to_owned());
-        tag("node_id", local.node_id.to_string());
-        tag("istio.mesh_id", local.mesh_id.to_string());
+        let mut tag = |k: &'static str, v: TagText| tags.push((Cow::Borrowed(k), v));
+        tag("http.method", method(req.method()));
+        tag("http.url", format!("http://{authority}{path}").into());
+        tag("http.protocol", protocol(req.version()).into());
+        tag("component", "proxy".into());
+        // The connection's own values are shared with every span it makes.
+        tag("node_id", local.node_id.clone().into());
+        tag("istio.mesh_id", local.mesh_id.clone().into());
         tag(
             "istio.canonical_service",
-            local.canonical_service.to_string(),
+            local.canonical_service.clone().into(),
         );
         tag(
             "istio.canonical_revision",
-            local.canonical_revision.to_string(),
+            local.canonical_revision.clone().into(),
         );
-        tag("istio.namespace", local.namespace.to_string());
-        tag("peer.address", tracer.downstream.ip().to_string());
+        tag("istio.namespace", local.namespace.clone().into());
+        tag("peer.address", tracer.downstream.ip().to_string().into());
         if let Some(id) = text(headers, &context::X_REQUEST_ID) {
-            tag("guid:x-request-id", id.to_owned());
+            tag("guid:x-request-id", id.to_owned().into());
         }
         if let Some(ua) = text(headers, &header::USER_AGENT) {
-            tag("user_agent", ua.to_owned());
+            tag("user_agent", ua.to_owned().into());
         }
         for custom in tracer.custom_tags.iter() {
             let value = match &custom.value {
@@ -163,7 +164,7 @@ impl Draft {
                     .or_else(|| default.clone()),
             };
             if let Some(v) = value {
-                tags.push((Cow::Owned(custom.name.clone()), v));
+                tags.push((Cow::Owned(custom.name.clone()), v.into()));
             }
         }
         Self {
@@ -212,24 +213,25 @@ impl Draft {
         let flags = self.flags.label(complete);
         let error = self.status >= 500 || flags != "-";
         let mut tags = std::mem::take(&mut self.tags);
-        let mut tag = |k: &'static str, v: String| tags.push((Cow::Borrowed(k), v));
-        tag("http.status_code", self.status.to_string());
-        tag("response_flags", flags.to_owned());
+        let mut tag = |k: &'static str, v: TagText| tags.push((Cow::Borrowed(k), v));
+        tag("http.status_code", self.status.to_string().into());
+        tag("response_flags", flags.into());
+        let cluster = TagText::Shared(cluster.into());
         tag("upstream_cluster", cluster.clone());
         tag("upstream_cluster.name", cluster);
         tag(
             "request_size",
-            self.received.load(Ordering::Relaxed).to_string(),
+            self.received.load(Ordering::Relaxed).to_string().into(),
         );
-        tag("response_size", sent.to_string());
+        tag("response_size", sent.to_string().into());
         if let Some(u) = self.upstream {
-            tag("upstream.address", u.to_string());
+            tag("upstream.address", u.to_string().into());
         }
         if let Some(g) = &self.grpc {
-            tag("grpc.status_code", g.to_string());
+            tag("grpc.status_code", g.clone().into());
         }
         if error {
-            tag("error", "true".to_owned());
+            tag("error", "true".into());
         }
         let local = &t.local;
         t.sink.submit(Span {
@@ -240,7 +242,7 @@ impl Draft {
             kind: t.kind,
             start: self.start,
             duration: self.clock.elapsed(),
-            local_service: format!("{}.{}", local.canonical_service, local.namespace),
+            local_service: local.service.clone(),
             local_ip: local.ip,
             remote: match t.kind {
                 SpanKind::Client => self.upstream,
@@ -271,6 +273,17 @@ impl Drop for Draft {
 
 fn text<'a>(headers: &'a HeaderMap, name: &http::HeaderName) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The method's name, without an allocation for the standard ones.
+fn method(m: &http::Method) -> TagText {
+    const KNOWN: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    KNOWN.iter().find(|k| **k == m.as_str()).map_or_else(
+        || TagText::Owned(m.as_str().to_owned()),
+        |k| TagText::Static(k),
+    )
 }
 
 /// Envoy's `http.protocol` value.
@@ -340,6 +353,7 @@ mod tests {
                 canonical_service: "productpage".into(),
                 canonical_revision: "v1".into(),
                 namespace: "demo".into(),
+                service: "productpage.demo".into(),
                 ip: Some("10.0.0.7".parse().expect("ip")),
             }),
             downstream: "10.0.0.9:41000".parse().expect("addr"),
@@ -639,7 +653,7 @@ mod tests {
         let spans = sink.take();
         let s = &spans[0];
         assert_eq!(s.name, "reviews.demo.svc.cluster.local:9080/*");
-        assert_eq!(s.local_service, "productpage.demo");
+        assert_eq!(&*s.local_service, "productpage.demo");
         assert_eq!(s.local_ip, Some("10.0.0.7".parse().expect("ip")));
         assert_eq!(s.remote, Some("10.0.1.9:9080".parse().expect("addr")));
         assert!(s.error);

@@ -162,7 +162,7 @@ pub fn redirect_location<B>(
 }
 
 /// `host[:port]` (IPv6 in brackets) → host and port.
-fn split_host_port(authority: &str) -> (&str, Option<u16>) {
+pub fn split_host_port(authority: &str) -> (&str, Option<u16>) {
     let (host, port) = match authority.rfind(':') {
         Some(i) if !authority[i..].contains(']') => {
             (&authority[..i], authority[i + 1..].parse().ok())

@@ -99,53 +99,110 @@ pub fn inject(ctx: &SpanContext, headers: &mut HeaderMap, propagation: Propagati
     let b3_single = headers.contains_key(B3);
     let w3c = propagation.w3c || headers.contains_key(TRACEPARENT) || !(b3_multi || b3_single);
     if w3c {
-        let traceparent = format!("00-{:032x}-{}-0{flag}", ctx.trace_id.get(), ctx.span_id);
-        headers.insert(TRACEPARENT, value(traceparent));
+        let mut v = Text::new();
+        v.push(b"00-")
+            .hex(ctx.trace_id.get(), 32)
+            .push(b"-")
+            .span(ctx.span_id)
+            .push(b"-0")
+            .push(flag.as_bytes());
+        headers.insert(TRACEPARENT, v.value());
     }
     if b3_multi {
-        headers.insert(X_B3_TRACEID, value(ctx.trace_id.to_string()));
-        headers.insert(X_B3_SPANID, value(ctx.span_id.to_string()));
+        headers.insert(X_B3_TRACEID, Text::new().trace(ctx.trace_id).value());
+        headers.insert(X_B3_SPANID, Text::new().span(ctx.span_id).value());
         match ctx.parent_id {
-            Some(p) => headers.insert(X_B3_PARENTSPANID, value(p.to_string())),
+            Some(p) => headers.insert(X_B3_PARENTSPANID, Text::new().span(p).value()),
             None => headers.remove(X_B3_PARENTSPANID),
         };
         headers.insert(X_B3_SAMPLED, HeaderValue::from_static(flag));
     }
     if b3_single {
-        let mut b3 = format!("{}-{}-{flag}", ctx.trace_id, ctx.span_id);
+        let mut v = Text::new();
+        v.trace(ctx.trace_id)
+            .push(b"-")
+            .span(ctx.span_id)
+            .push(b"-")
+            .push(flag.as_bytes());
         if let Some(p) = ctx.parent_id {
-            b3 = format!("{b3}-{p}");
+            v.push(b"-").span(p);
         }
-        headers.insert(B3, value(b3));
+        headers.insert(B3, v.value());
     }
 }
 
-/// A header value from hex digits and dashes, which are always valid.
-fn value(s: String) -> HeaderValue {
-    HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+/// A header value of hex digits and dashes, written without a formatter or an intermediate
+/// `String`: it runs on every request a tracer sees, sampled or not.
+struct Text {
+    bytes: [u8; 64],
+    len: usize,
+}
+
+impl Text {
+    fn new() -> Self {
+        Self {
+            bytes: [0; 64],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, s: &[u8]) -> &mut Self {
+        self.bytes[self.len..self.len + s.len()].copy_from_slice(s);
+        self.len += s.len();
+        self
+    }
+
+    /// The low `digits` hex digits of `n`, lower case, zero-padded.
+    fn hex(&mut self, n: u128, digits: usize) -> &mut Self {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for (i, b) in self.bytes[self.len..self.len + digits]
+            .iter_mut()
+            .enumerate()
+        {
+            let shift = 4 * (digits - 1 - i);
+            *b = DIGITS[usize::try_from((n >> shift) & 0xf).unwrap_or_default()];
+        }
+        self.len += digits;
+        self
+    }
+
+    /// As B3 writes it: 16 digits for a 64-bit id, else 32 ([`TraceId`]'s `Display`).
+    fn trace(&mut self, id: TraceId) -> &mut Self {
+        self.hex(id.get(), if id.is_64() { 16 } else { 32 })
+    }
+
+    fn span(&mut self, id: SpanId) -> &mut Self {
+        self.hex(u128::from(id.0), 16)
+    }
+
+    fn value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.bytes[..self.len])
+            .unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
 }
 
 /// The request's `x-request-id`, added first (a random UUID, version 4) when it has none.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> &HeaderValue {
-    headers
-        .entry(X_REQUEST_ID)
-        .or_insert_with(|| value(uuid_v4()))
+    headers.entry(X_REQUEST_ID).or_insert_with(uuid_v4)
 }
 
 /// A random UUID (version 4, RFC 9562) in its text form.
-pub fn uuid_v4() -> String {
+pub fn uuid_v4() -> HeaderValue {
     let mut b = fastrand::u128(..).to_be_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = format!("{:032x}", u128::from_be_bytes(b));
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    let n = u128::from_be_bytes(b);
+    let mut v = Text::new();
+    v.hex(n >> 96, 8)
+        .push(b"-")
+        .hex(n >> 80, 4)
+        .push(b"-")
+        .hex(n >> 64, 4)
+        .push(b"-")
+        .hex(n >> 48, 4)
+        .push(b"-")
+        .hex(n, 12);
+    v.value()
 }
 
 /// `s` as a number of exactly `digits` hex digits: lower case only (W3C), or either case (B3,
@@ -607,6 +664,22 @@ mod tests {
         assert_ne!(root.trace_id.get(), 0);
         assert!(!root.trace_id.is_64());
         assert_eq!(root.parent_id, None);
+    }
+
+    #[test]
+    fn hand_written_hex_matches_the_formatter() {
+        for _ in 0..1000 {
+            let (t, s) = (TraceId::random(), SpanId::random());
+            let t64 = TraceId::b3_64(fastrand::u64(1..));
+            for id in [t, t64] {
+                assert_eq!(Text::new().trace(id).value(), id.to_string().as_str());
+            }
+            assert_eq!(Text::new().span(s).value(), s.to_string().as_str());
+            assert_eq!(
+                Text::new().hex(t.get(), 32).value(),
+                format!("{:032x}", t.get()).as_str()
+            );
+        }
     }
 
     #[test]

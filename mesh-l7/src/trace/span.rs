@@ -5,6 +5,8 @@ use std::{
     borrow::Cow,
     fmt,
     net::{IpAddr, SocketAddr},
+    ops::Deref,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -97,12 +99,12 @@ pub struct Span {
     pub start: SystemTime,
     pub duration: Duration,
     /// `{canonical_service}.{namespace}`: Istio's service name for the proxy's workload.
-    pub local_service: String,
+    pub local_service: Arc<str>,
     pub local_ip: Option<IpAddr>,
     /// The upstream endpoint (client spans) or the downstream peer (server spans).
     pub remote: Option<SocketAddr>,
     /// Envoy's and Istio's tag names and values, `error` included when it applies.
-    pub tags: Vec<(Cow<'static, str>, String)>,
+    pub tags: Vec<(Cow<'static, str>, TagText)>,
     /// The request failed: a 5xx, or a response flag.
     pub error: bool,
 }
@@ -117,9 +119,94 @@ impl Span {
     }
 }
 
+/// A tag's value. Most of a span's tags are the same for every request of a connection (the
+/// node, the workload's names): those are shared with it, so a span costs a reference count for
+/// them instead of an allocation, which matters when every request is sampled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TagText {
+    Static(&'static str),
+    Shared(Arc<str>),
+    Owned(String),
+}
+
+impl TagText {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Static(s) => s,
+            Self::Shared(s) => s,
+            Self::Owned(s) => s,
+        }
+    }
+
+    /// Cut to at most `max` bytes, on a character boundary (`maxTagLength`).
+    pub fn truncate(&mut self, max: usize) {
+        if self.len() <= max {
+            return;
+        }
+        let mut end = max;
+        while !self.is_char_boundary(end) {
+            end -= 1;
+        }
+        *self = Self::Owned(self[..end].to_owned());
+    }
+}
+
+impl Deref for TagText {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Display for TagText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl From<&'static str> for TagText {
+    fn from(s: &'static str) -> Self {
+        Self::Static(s)
+    }
+}
+
+impl From<String> for TagText {
+    fn from(s: String) -> Self {
+        Self::Owned(s)
+    }
+}
+
+impl From<Arc<str>> for TagText {
+    fn from(s: Arc<str>) -> Self {
+        Self::Shared(s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tags_are_cut_on_character_boundaries() {
+        let mut v = TagText::from("h\u{e9}llo");
+        v.truncate(2);
+        assert_eq!(
+            v.as_str(),
+            "h",
+            "é is two bytes: cutting inside it keeps what precedes it"
+        );
+        let mut v = TagText::from("h\u{e9}llo".to_owned());
+        v.truncate(4);
+        assert_eq!(v.as_str(), "h\u{e9}l");
+        let mut short = TagText::from("ok");
+        short.truncate(256);
+        assert_eq!(
+            short,
+            TagText::Static("ok"),
+            "short values stay as they are"
+        );
+    }
 
     #[test]
     fn ids_print_as_lower_hex_at_their_width() {

@@ -2,27 +2,58 @@
 
 use std::{
     borrow::Cow,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, UNIX_EPOCH},
 };
 
 use serde::{Serialize, Serializer, ser::SerializeMap as _};
 
-use super::span::{Span, SpanKind};
+use super::span::{Span, SpanId, SpanKind, TagText, TraceId};
+
+/// A span in JSON is about 1 KiB with Istio's tags: room for a batch, reserved at once.
+const SPAN_JSON_BYTES: usize = 1200;
 
 /// `spans` as one Zipkin v2 JSON array.
 pub fn encode(spans: &[Span]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(spans.len() * SPAN_JSON_BYTES + 2);
     let spans: Vec<Zipkin<'_>> = spans.iter().map(Zipkin::from).collect();
-    serde_json::to_vec(&spans).unwrap_or_else(|_| b"[]".to_vec())
+    match serde_json::to_writer(&mut out, &spans) {
+        Ok(()) => out,
+        Err(_) => b"[]".to_vec(),
+    }
+}
+
+/// Written with its `Display` straight into the JSON (ids, addresses): no `String` per field.
+fn display<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+#[expect(
+    clippy::ref_option,
+    reason = "serde's serialize_with passes the field by reference"
+)]
+fn display_opt<T: std::fmt::Display, S: Serializer>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Zipkin<'a> {
-    trace_id: String,
-    id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parent_id: Option<String>,
+    #[serde(serialize_with = "display")]
+    trace_id: TraceId,
+    #[serde(serialize_with = "display")]
+    id: SpanId,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "display_opt"
+    )]
+    parent_id: Option<SpanId>,
     name: &'a str,
     kind: &'static str,
     /// Microseconds since the epoch.
@@ -40,10 +71,16 @@ struct Zipkin<'a> {
 struct Endpoint<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     service_name: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ipv4: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ipv6: Option<String>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "display_opt"
+    )]
+    ipv4: Option<Ipv4Addr>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "display_opt"
+    )]
+    ipv6: Option<Ipv6Addr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     port: Option<u16>,
 }
@@ -51,8 +88,8 @@ struct Endpoint<'a> {
 impl Endpoint<'_> {
     fn ip(ip: Option<IpAddr>) -> Self {
         let (ipv4, ipv6) = match ip {
-            Some(IpAddr::V4(a)) => (Some(a.to_string()), None),
-            Some(IpAddr::V6(a)) => (None, Some(a.to_string())),
+            Some(IpAddr::V4(a)) => (Some(a), None),
+            Some(IpAddr::V6(a)) => (None, Some(a)),
             None => (None, None),
         };
         Endpoint {
@@ -72,13 +109,13 @@ impl Endpoint<'_> {
 }
 
 /// The tags as a JSON object.
-struct Tags<'a>(&'a [(Cow<'static, str>, String)]);
+struct Tags<'a>(&'a [(Cow<'static, str>, TagText)]);
 
 impl Serialize for Tags<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(Some(self.0.len()))?;
         for (k, v) in self.0 {
-            map.serialize_entry(k, v)?;
+            map.serialize_entry(k, v.as_str())?;
         }
         map.end()
     }
@@ -91,9 +128,9 @@ fn micros(d: Duration) -> u64 {
 impl<'a> From<&'a Span> for Zipkin<'a> {
     fn from(s: &'a Span) -> Self {
         Zipkin {
-            trace_id: s.trace_id.to_string(),
-            id: s.span_id.to_string(),
-            parent_id: s.parent_id.map(|p| p.to_string()),
+            trace_id: s.trace_id,
+            id: s.span_id,
+            parent_id: s.parent_id,
             name: &s.name,
             kind: match s.kind {
                 SpanKind::Client => "CLIENT",

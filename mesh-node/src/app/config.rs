@@ -33,6 +33,7 @@ pub const ENV_WORKER_THREADS: &str = "MESH_WORKER_THREADS";
 pub const ENV_HBONE_DIAL: &str = "MESH_HBONE_DIAL";
 pub const ENV_CLUSTER_DOMAIN: &str = "MESH_CLUSTER_DOMAIN";
 pub const ENV_HBONE_REDIRECT: &str = "MESH_HBONE_REDIRECT";
+pub const ENV_SOCKET_MARK: &str = "MESH_SOCKET_MARK";
 pub const ENV_JWKS_REFRESH_SECS: &str = "MESH_JWKS_REFRESH_SECS";
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -90,6 +91,20 @@ fn secs(src: &impl Source, var: &'static str, default: u64) -> Result<Duration, 
     Ok(Duration::from_secs(s))
 }
 
+/// A packet mark: `0x1000` or `4096`; not 0 (a mark of no bits would mark nothing).
+fn mark(src: &impl Source, var: &'static str, default: u32) -> Result<u32, Error> {
+    let Some(v) = src.get(var) else { return Ok(default) };
+    let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => v.parse(),
+    };
+    match parsed {
+        Ok(0) => Err(Error::Invalid { var, value: v, reason: "must have at least one bit set".into() }),
+        Ok(m) => Ok(m),
+        Err(e) => Err(Error::Invalid { var, value: v, reason: format!("expected a number like 0x1000: {e}") }),
+    }
+}
+
 fn path(src: &impl Source, var: &'static str) -> Result<Option<PathBuf>, Error> {
     match src.get(var) {
         None => Ok(None),
@@ -137,6 +152,7 @@ impl Config {
                     r if r.is_zero() => return Err(Error::Invalid { var: ENV_JWKS_REFRESH_SECS, value: "0".into(), reason: "must be at least 1".into() }),
                     r => r,
                 },
+                socket_mark: mark(src, ENV_SOCKET_MARK, d.socket_mark)?,
             },
             trust_domain: src.get(ENV_TRUST_DOMAIN).unwrap_or_else(|| "cluster.local".into()),
             root_namespace: src.get(ENV_ROOT_NAMESPACE).unwrap_or_else(|| "mesh-system".into()),
@@ -175,6 +191,11 @@ mod tests {
         assert!(cfg.datapath);
         assert_eq!(cfg.proxy.hbone_dial, proxy::HboneDial::Pod, "ztunnel-compatible by default");
         assert!(cfg.hbone_redirect);
+        assert_eq!(cfg.proxy.socket_mark, 0x1000);
+        for (value, mark) in [("0x20000", 0x20000), ("4096", 4096)] {
+            let cfg = Config::from_source(&HashMap::from([(ENV_SOCKET_MARK, value)]), "n1").expect(value);
+            assert_eq!(cfg.proxy.socket_mark, mark);
+        }
         for (var, value, needle) in [
             (ENV_INBOUND_ADDR, "15008", "MESH_INBOUND_ADDR=\"15008\""),
             (ENV_FRAME_SIZE, "100", "MESH_HBONE_FRAME_SIZE=\"100\""),
@@ -184,6 +205,8 @@ mod tests {
             (ENV_CA_CERT, "/ca.pem", "MESH_CA_KEY is required"),
             (ENV_HBONE_DIAL, "gateway", "MESH_HBONE_DIAL=\"gateway\": expected pod or node"),
             (ENV_HBONE_REDIRECT, "yes", "MESH_HBONE_REDIRECT"),
+            (ENV_SOCKET_MARK, "0", "MESH_SOCKET_MARK=\"0\": must have at least one bit set"),
+            (ENV_SOCKET_MARK, "0xzz", "MESH_SOCKET_MARK=\"0xzz\": expected a number"),
         ] {
             let err = Config::from_source(&HashMap::from([(var, value)]), "n1").expect_err(var);
             assert!(err.to_string().contains(needle), "{var}: {err}");

@@ -34,7 +34,8 @@ use tokio::sync::watch;
 use super::Candidate;
 use crate::datapath::{BackendSpec, tables};
 
-/// Latency estimate of an endpoint nothing is known about yet (linkerd's default).
+/// Latency estimate of an endpoint when no endpoint of its cluster has been measured yet
+/// (linkerd's default).
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// How fast a latency estimate forgets (linkerd's peak-EWMA decay).
 const DECAY: Duration = Duration::from_secs(10);
@@ -149,7 +150,7 @@ impl Clusters {
                     let now = Instant::now();
                     let changed = {
                         let clusters = self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
-                        clusters.values().flat_map(HashMap::values).flat_map(HashMap::values).filter_map(|c| c.outlier.as_ref()).fold(false, |changed, d| d.sweep(now) | changed)
+                        clusters.values().flat_map(HashMap::values).flat_map(HashMap::values).fold(false, |changed, c| c.end_ejections(now) | changed)
                     };
                     if changed {
                         self.ejections_changed();
@@ -183,8 +184,10 @@ pub struct Cluster {
 
 struct Load {
     outstanding: u32,
-    /// Peak-EWMA latency, in nanoseconds.
+    /// Peak-EWMA latency, in nanoseconds; meaningful once `measured`.
     rtt_ns: f64,
+    /// An answer has been timed since the endpoint appeared or came back from an ejection.
+    measured: bool,
     updated: Instant,
 }
 
@@ -260,6 +263,11 @@ impl Cluster {
     /// fastest endpoint (a same-node pod is a little faster than one across the network), which
     /// starves the others of the measurements that would bring them back; this keeps Envoy's
     /// even spread among similar endpoints and still steers away from slow or busy ones.
+    ///
+    /// An endpoint not measured yet (new, or back from an ejection) counts as fast as the
+    /// fastest measured one ([`fastest`]). A fixed pessimistic guess (linkerd's 30 ms) loses
+    /// every comparison against endpoints that have converged on answering in a millisecond,
+    /// so a scaled-up or returning endpoint would get no request to measure.
     fn least_loaded<'s>(&self, live: &[Candidate<'s>]) -> Candidate<'s> {
         let a = fastrand::usize(..live.len());
         let mut b = fastrand::usize(..live.len() - 1);
@@ -269,7 +277,9 @@ impl Cluster {
         let loads = self.loads.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         let cost = |c: &Candidate<'_>| {
-            loads.get(&c.addr).map_or(DEFAULT_RTT.as_nanos() as f64, |l| l.decayed(now).max(1.0) * f64::from(l.outstanding + 1)) / f64::from(c.weight.max(1))
+            let load = loads.get(&c.addr);
+            let latency = load.filter(|l| l.measured).map_or_else(|| fastest(&loads, now), |l| l.decayed(now));
+            latency.max(1.0) * f64::from(load.map_or(0, |l| l.outstanding) + 1) / f64::from(c.weight.max(1))
         };
         if cost(&live[b]) * TIE < cost(&live[a]) { live[b] } else { live[a] }
     }
@@ -290,14 +300,37 @@ impl Cluster {
     pub fn begin(self: &Arc<Self>, addr: SocketAddr) -> InFlight {
         let mut loads = self.loads.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
-        loads.entry(addr).or_insert(Load { outstanding: 0, rtt_ns: DEFAULT_RTT.as_nanos() as f64, updated: now }).outstanding += 1;
+        loads.entry(addr).or_insert(Load { outstanding: 0, rtt_ns: 0.0, measured: false, updated: now }).outstanding += 1;
         InFlight { cluster: self.clone(), addr, started: now }
+    }
+
+    /// Ends the ejections whose time is up; `true`: some endpoint came back. A returning
+    /// endpoint's latency estimate is forgotten: it was last timed failing (or before it
+    /// failed), and it is measured afresh like a new one.
+    fn end_ejections(&self, now: Instant) -> bool {
+        let Some(detector) = &self.outlier else { return false };
+        let back = detector.sweep(now);
+        if !back.is_empty() {
+            let mut loads = self.loads.lock().unwrap_or_else(PoisonError::into_inner);
+            for addr in &back {
+                if let Some(l) = loads.get_mut(addr) {
+                    l.measured = false;
+                }
+            }
+        }
+        !back.is_empty()
     }
 
     /// Outlier detection's count of one outcome of `addr`; `true`: the endpoint was just ejected.
     pub fn observe(&self, addr: SocketAddr, outcome: Outcome) -> bool {
         self.outlier.as_ref().is_some_and(|d| d.observe(addr, outcome, self.endpoints.load(Ordering::Relaxed), Instant::now()))
     }
+}
+
+/// The lowest latency estimate among a cluster's measured endpoints ([`DEFAULT_RTT`] when none
+/// is): what an endpoint not measured yet is assumed to take.
+fn fastest(loads: &HashMap<SocketAddr, Load>, now: Instant) -> f64 {
+    loads.values().filter(|l| l.measured).map(|l| l.decayed(now)).reduce(f64::min).unwrap_or(DEFAULT_RTT.as_secs_f64() * 1e9)
 }
 
 impl Load {
@@ -317,14 +350,30 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    /// The response headers arrived: the latency feeds the endpoint's peak EWMA.
+    /// The endpoint's response headers arrived: the latency feeds its peak EWMA. Not for
+    /// failures to reach it: how long a refused connection or a reset took says nothing of how
+    /// fast the endpoint answers (outlier detection judges those).
+    ///
+    /// The first answer after the endpoint (re)appears starts its estimate at the cluster's
+    /// [`fastest`] instead of counting as a peak: that one request often paid for a new
+    /// connection (a TLS handshake to another node), and as a peak it would keep the endpoint
+    /// out of balancing for tens of seconds. Later answers move the estimate as usual.
     pub fn answered(&self) {
         let now = Instant::now();
         let rtt = now.duration_since(self.started).as_nanos() as f64;
         let mut loads = self.cluster.loads.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(l) = loads.get_mut(&self.addr) {
+        let Some(l) = loads.get_mut(&self.addr) else { return };
+        if l.measured {
             let decayed = l.decayed(now);
             l.rtt_ns = if rtt > decayed { rtt } else { decayed + (rtt - decayed) * (1.0 - (-now.duration_since(l.updated).as_secs_f64() / DECAY.as_secs_f64()).exp()) };
+            l.updated = now;
+            return;
+        }
+        // The rare case (the first answer): the seed needs every endpoint's estimate.
+        let seed = fastest(&loads, now);
+        if let Some(l) = loads.get_mut(&self.addr) {
+            l.rtt_ns = seed;
+            l.measured = true;
             l.updated = now;
         }
     }
@@ -402,15 +451,81 @@ mod tests {
         let picks = (0..100).filter(|_| c.pick(candidates(&eps), None, None, None).expect("pick").addr == busy).count();
         assert_eq!(picks, 0, "with two endpoints P2C always compares both");
         // Both idle and about as fast: an even spread, not everything to the faster one.
-        for h in &held {
-            h.answered();
-        }
         drop(held);
-        let other = c.begin(SocketAddr::from(([198, 18, 2, 2], 8080)));
-        other.answered();
-        drop(other);
+        measure(&c, busy, Duration::from_millis(1), 1);
+        measure(&c, SocketAddr::from(([198, 18, 2, 2], 8080)), Duration::from_micros(700), 1);
         let picks = (0..1000).filter(|_| c.pick(candidates(&eps), None, None, None).expect("pick").addr == busy).count();
         assert!((400..=600).contains(&picks), "similar endpoints share: {picks} of 1000");
+    }
+
+    /// Times `n` answers of `addr` that took `rtt`.
+    fn measure(c: &Arc<Cluster>, addr: SocketAddr, rtt: Duration, n: usize) {
+        for _ in 0..n {
+            let mut f = c.begin(addr);
+            f.started -= rtt;
+            f.answered();
+        }
+    }
+
+    /// `addr` as after a long run of answers taking `rtt`.
+    fn converged(c: &Arc<Cluster>, addr: SocketAddr, rtt: Duration) {
+        c.loads.lock().expect("loads").insert(addr, Load { outstanding: 0, rtt_ns: rtt.as_secs_f64() * 1e9, measured: true, updated: Instant::now() });
+    }
+
+    fn share(c: &Arc<Cluster>, eps: &[Endpoint], ejected: Option<&HashSet<IpAddr>>, addr: SocketAddr) -> usize {
+        (0..1000).filter(|_| c.pick(candidates(eps), ejected, None, None).expect("pick").addr == addr).count()
+    }
+
+    #[test]
+    fn least_request_gives_a_new_endpoint_its_share_at_once() {
+        let eps = endpoints(3);
+        let c = cluster(None);
+        let [a, b, new] = [1, 2, 3].map(|i| SocketAddr::from(([198, 18, 2, i], 8080)));
+        converged(&c, a, Duration::from_micros(800));
+        converged(&c, b, Duration::from_micros(900));
+        // Counted as fast as the fastest until its first answer is timed (a 30 ms guess would
+        // lose every comparison against 1 ms and get nothing here).
+        let picks = share(&c, &eps, None, new);
+        assert!((250..=420).contains(&picks), "the unmeasured endpoint gets about a third: {picks} of 1000");
+        // Its first answer paid for a TLS handshake: not a peak that would shut it out.
+        measure(&c, new, Duration::from_millis(10), 1);
+        let picks = share(&c, &eps, None, new);
+        assert!((250..=420).contains(&picks), "a slow first answer is not held against it: {picks} of 1000");
+        measure(&c, new, Duration::from_millis(10), 1);
+        assert_eq!(share(&c, &eps, None, new), 0, "a second slow one is");
+    }
+
+    #[test]
+    fn an_endpoint_back_from_ejection_is_measured_afresh_not_starved_by_its_failures() {
+        let eps = endpoints(3);
+        let policy = Arc::new(TrafficPolicy {
+            outlier_detection: Some(mesh_l7::policy::OutlierDetection {
+                consecutive_5xx: 0,
+                consecutive_gateway: 3,
+                interval: Duration::from_secs(1),
+                base_ejection_time: Duration::from_secs(10),
+                max_ejection_percent: 50,
+                min_health_percent: 0,
+            }),
+            ..TrafficPolicy::default()
+        });
+        let c = Arc::new(Cluster::new(Some(policy)));
+        let [a, b, sick] = [1, 2, 3].map(|i| SocketAddr::from(([198, 18, 2, i], 8080)));
+        converged(&c, a, Duration::from_millis(1));
+        converged(&c, b, Duration::from_millis(1));
+        // Its last answers were slow (it was dying), then three failures eject it.
+        measure(&c, sick, Duration::from_millis(500), 3);
+        assert!(c.loads.lock().expect("loads")[&sick].rtt_ns > 400e6, "a peak after the first answer");
+        c.endpoints.store(3, Ordering::Relaxed);
+        let now = Instant::now();
+        assert!((0..3).fold(false, |_, _| c.observe(sick, Outcome::Failure)), "ejected");
+        let out = HashSet::from([sick.ip()]);
+        assert_eq!(share(&c, &eps, Some(&out), sick), 0, "no pick while ejected");
+        assert!(!c.end_ejections(now + Duration::from_secs(9)), "still out");
+        // Without the reset, 500 ms × e^-1 ≈ 180 ms against 1 ms: no pick for half a minute.
+        assert!(c.end_ejections(now + Duration::from_secs(11)), "back");
+        let picks = share(&c, &eps, None, sick);
+        assert!((250..=420).contains(&picks), "back with its share: {picks} of 1000");
     }
 
     #[test]

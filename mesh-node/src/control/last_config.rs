@@ -40,6 +40,9 @@ pub fn save<'a>(path: &Path, version: u64, resources: impl IntoIterator<Item = &
     let update = pb::ConfigUpdate { version, full: true, upserts: resources.into_iter().cloned().collect(), removals: Vec::new() };
     let io = |source| Error::Io { path: path.to_owned(), source };
     let tmp = path.with_extension("tmp");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
     f.write_all(&update.encode_to_vec()).map_err(io)?;
     f.sync_all().map_err(io)?;

@@ -53,6 +53,34 @@ fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, Found>) -> io::Result<()> {
     Ok(())
 }
 
+/// The kubelet processes of the machine and their cgroup directories under `cgroup2` (where the
+/// cgroup2 filesystem is mounted): their probes may reach STRICT pods.
+///
+/// A kubelet is a process named `kubelet` (`/proc/<pid>/comm`: `/proc/<pid>/exe` would need
+/// `CAP_SYS_PTRACE`, which the DaemonSet does not have) outside `pods` (the kubelet's pods
+/// cgroup): a pod's process renaming itself is not trusted. A kubelet whose cgroup this process
+/// cannot name (a private cgroup namespace shows it as `/..`) is left out.
+pub fn kubelets(cgroup2: &Path, pods: &Path) -> Vec<(u32, PathBuf)> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim_end() == "kubelet"))
+        .filter_map(|pid| {
+            let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+            let dir = kubelet_cgroup(cgroup2, pods, &cgroup)?;
+            Some((pid, dir))
+        })
+        .collect()
+}
+
+/// The cgroup directory of a kubelet from its `/proc/<pid>/cgroup`, unless it cannot be named
+/// (`/..`: another cgroup namespace) or lies among the pods (then it is no kubelet).
+fn kubelet_cgroup(cgroup2: &Path, pods: &Path, proc_cgroup: &str) -> Option<PathBuf> {
+    let relative = crate::kubepods::own_cgroup(proc_cgroup)?;
+    let dir = cgroup2.join(relative.trim_start_matches('/'));
+    (!relative.starts_with("/..") && !dir.starts_with(pods)).then_some(dir)
+}
+
 /// Addresses of the network namespace `pid` lives in (`/proc/<pid>/net` shows that namespace).
 fn netns_addresses(pid: u32) -> Option<Vec<IpAddr>> {
     let v4 = fs::read_to_string(format!("/proc/{pid}/net/fib_trie")).ok()?;
@@ -104,6 +132,17 @@ pub fn local_v6(if_inet6: &str) -> Vec<Ipv6Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kubelet_is_trusted_only_outside_the_pods_and_where_it_can_be_named() {
+        let (mount, pods) = (Path::new("/sys/fs/cgroup"), Path::new("/sys/fs/cgroup/kubepods.slice"));
+        let named = |proc_cgroup: &str| kubelet_cgroup(mount, pods, proc_cgroup);
+        assert_eq!(named("0::/system.slice/kubelet.service\n"), Some(PathBuf::from("/sys/fs/cgroup/system.slice/kubelet.service")));
+        assert_eq!(named("12:pids:/x\n0::/system.slice/kubelet.service\n"), Some(PathBuf::from("/sys/fs/cgroup/system.slice/kubelet.service")), "hybrid hosts list v1 lines too");
+        assert_eq!(named("0::/kubepods.slice/kubepods-pod1.slice/cri-containerd-1.scope\n"), None, "a pod's process named kubelet");
+        assert_eq!(named("0::/../../system.slice/kubelet.service\n"), None, "another cgroup namespace");
+        assert_eq!(named("4:memory:/system.slice\n"), None, "no cgroup2 line");
+    }
 
     #[test]
     fn fib_trie_local_addresses() {

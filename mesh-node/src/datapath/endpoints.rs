@@ -8,12 +8,12 @@ use std::{
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use mesh_common::{
-    Addr, DropReason, EndpointInfo, NodeConfig, PodInfo, PolicyKey, PolicyValue, Stat,
+    Addr, DropReason, EndpointInfo, NodeConfig, PodInfo, PolicyKey, PolicyValue, Stat, TrustedSender,
     endpoint::{
         flags::{LOCAL, MESHED, STRICT},
         node_flags::BYPASS,
     },
-    names::{MAP_DROPS, MAP_ENDPOINTS, MAP_NODE, MAP_PODS, MAP_POLICY, MAP_STATS, MAX_ENDPOINTS, MAX_POLICY},
+    names::{MAP_DROPS, MAP_ENDPOINTS, MAP_NODE, MAP_PODS, MAP_POLICY, MAP_STATS, MAP_TRUSTED, MAX_ENDPOINTS, MAX_POLICY, MAX_TRUSTED},
 };
 
 use super::{
@@ -56,6 +56,8 @@ pub struct NodeSpec {
     pub hbone_port: u16,
     /// Same-node sockmap bypass.
     pub bypass: bool,
+    /// The `SO_MARK` bits of the daemon's connections to pods (what STRICT pods accept).
+    pub daemon_mark: u32,
 }
 
 /// One connection the kernel must refuse at connect(): source identity → destination identity
@@ -89,6 +91,7 @@ pub(super) struct EndpointTable {
     pods: BTreeMap<u64, PodInfo>,
     endpoints: BTreeMap<Addr, EndpointInfo>,
     policy: BTreeSet<PolicyKey>,
+    trusted: BTreeMap<u64, TrustedSender>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
@@ -135,7 +138,9 @@ impl Datapath {
         let eps = eps.iter().collect::<Result<BTreeMap<_, _>, _>>().map_err(map_err(MAP_ENDPOINTS))?;
         let pol: BpfHashMap<_, PolicyKey, PolicyValue> = hash_map!(self, MAP_POLICY);
         let pol = pol.keys().collect::<Result<BTreeSet<_>, _>>().map_err(map_err(MAP_POLICY))?;
-        self.endpoints = EndpointTable { pods, endpoints: eps, policy: pol };
+        let trusted: BpfHashMap<_, u64, TrustedSender> = hash_map!(self, MAP_TRUSTED);
+        let trusted = trusted.iter().collect::<Result<BTreeMap<_, _>, _>>().map_err(map_err(MAP_TRUSTED))?;
+        self.endpoints = EndpointTable { pods, endpoints: eps, policy: pol, trusted };
         Ok(())
     }
 
@@ -147,6 +152,8 @@ impl Datapath {
             capture_port,
             hbone_port: spec.hbone_port,
             flags: if spec.bypass { BYPASS } else { 0 },
+            daemon_mark: spec.daemon_mark,
+            _pad: 0,
         };
         let map = self.ebpf.map_mut(MAP_NODE).ok_or(Error::MissingMap { name: MAP_NODE })?;
         let mut array: Array<_, NodeConfig> = Array::try_from(map).map_err(map_err(MAP_NODE))?;
@@ -166,6 +173,20 @@ impl Datapath {
         }
         let mut map: BpfHashMap<_, u64, PodInfo> = hash_map!(self, MAP_PODS);
         apply_diff(&mut map, &mut self.endpoints.pods, desired, MAP_PODS, MAX_ENDPOINTS)
+    }
+
+    /// Makes the trusted-sender map equal to `senders`: cgroup directory → the process found in
+    /// it (the kubelet). Connections from sockets of those cgroups reach STRICT pods.
+    pub fn sync_trusted(&mut self, senders: &[(u32, PathBuf)]) -> Result<(), Error> {
+        let mut desired = BTreeMap::new();
+        for (pid, cgroup) in senders {
+            // A process may have moved or exited since it was found: leave it out.
+            if let Ok(id) = sys::cgroup_id(cgroup) {
+                desired.insert(id, TrustedSender { pid: *pid, _pad: 0 });
+            }
+        }
+        let mut map: BpfHashMap<_, u64, TrustedSender> = hash_map!(self, MAP_TRUSTED);
+        apply_diff(&mut map, &mut self.endpoints.trusted, desired, MAP_TRUSTED, MAX_TRUSTED)
     }
 
     /// Makes the endpoint map equal to `endpoints`.

@@ -74,10 +74,14 @@ impl TestCa {
         Self { issuer, root, root_pem, ttl, serial: AtomicU64::new(1), fail: false.into() }
     }
 
-    /// Writes the root certificate and key as PEM.
+    /// Writes the root certificate and key as PEM; the key readable by its owner only (0600,
+    /// also when the file was there before with a wider mode).
     pub fn write_pem(&self, cert: &Path, key: &Path) -> std::io::Result<()> {
+        use std::{io::Write as _, os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _}};
         std::fs::write(cert, &self.root_pem)?;
-        std::fs::write(key, self.issuer.key().serialize_pem())
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(key)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.write_all(self.issuer.key().serialize_pem().as_bytes())
     }
 
     pub fn root(&self) -> CertificateDer<'static> {
@@ -138,6 +142,12 @@ mod tests {
         ca.write_pem(&c, &k).expect("write");
         let loaded = TestCa::load_pem(&c, &k, Duration::from_mins(1)).expect("load");
         assert_eq!(loaded.root(), ca.root());
+        let mode = |p: &Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).expect("stat").permissions()) & 0o777;
+        assert_eq!(mode(&k), 0o600, "the key is its owner's alone");
+        // A key file left with a wider mode is narrowed when written again.
+        std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");
+        ca.write_pem(&c, &k).expect("write again");
+        assert_eq!(mode(&k), 0o600);
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

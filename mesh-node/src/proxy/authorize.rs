@@ -45,7 +45,7 @@ pub fn authorize(inputs: &Inputs, state: &State, conn: &authz::Conn<'_>) -> Resu
 /// so their replies would never be routed back to the daemon.
 pub async fn connect_pod(inputs: &Inputs, state: &State, src_ip: IpAddr, dst: SocketAddr) -> Result<TcpStream, Error> {
     let src = pod_source(inputs, state, src_ip);
-    tokio::time::timeout(inputs.cfg.connect_timeout, socket::connect(src, dst))
+    tokio::time::timeout(inputs.cfg.connect_timeout, socket::connect(src, dst, inputs.cfg.socket_mark))
         .await
         .map_err(|_| Error::ConnectTimeout(dst))?
         .map_err(|source| Error::Connect { addr: dst, source })

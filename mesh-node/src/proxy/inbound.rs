@@ -43,9 +43,8 @@ pub struct Inbound {
 type ConfigCache = Mutex<HashMap<Identity, (u64, Arc<ServerConfig>)>>;
 
 impl Inbound {
-    pub async fn new(addr: SocketAddr, inputs: Inputs, http: Arc<l7::Shared>) -> Result<Self, Error> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-        let addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+    pub async fn new(listen: impl Into<super::Listen>, inputs: Inputs, http: Arc<l7::Shared>) -> Result<Self, Error> {
+        let (listener, addr) = listen.into().open().await?;
         // HBONE addressed to a local pod (ztunnel's way, and ours by default) is routed to this
         // listener by `crate::routing`; answering from the pod's address, which is not the
         // node's, takes IP_TRANSPARENT. It needs CAP_NET_ADMIN, like the routing itself:
@@ -59,6 +58,11 @@ impl Inbound {
 
     pub fn address(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// A duplicate of the listening socket (for a successor, `crate::handoff`).
+    pub fn socket(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
     }
 
     pub async fn run(self, drain: drain::Watcher) {

@@ -29,14 +29,18 @@ pub struct InboundPlain {
 }
 
 impl InboundPlain {
-    pub async fn new(addr: SocketAddr, inputs: Inputs, http: Arc<l7::Shared>) -> Result<Self, Error> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-        let addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+    pub async fn new(listen: impl Into<super::Listen>, inputs: Inputs, http: Arc<l7::Shared>) -> Result<Self, Error> {
+        let (listener, addr) = listen.into().open().await?;
         Ok(Self { listener, addr, inputs, http })
     }
 
     pub fn address(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// A duplicate of the listening socket (for a successor, `crate::handoff`).
+    pub fn socket(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
     }
 
     pub async fn run(self, drain: drain::Watcher) {

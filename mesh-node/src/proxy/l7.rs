@@ -8,6 +8,7 @@
 //! The request logic lives in `mesh_l7`; this module plugs in sockets, identities, HBONE, the
 //! node's state and its endpoint picker.
 
+mod destination;
 pub mod inbound;
 pub mod outbound;
 mod tunnel;
@@ -57,7 +58,7 @@ impl Shared {
             server: mesh_l7::server::Config::default(),
             tunnel_server: mesh_l7::server::Config { header_read_timeout: None, ..mesh_l7::server::Config::default() },
             upstreams: mesh_l7::client::Pool::new(outbound::Connector::new(inputs.clone(), hbone), client.clone()),
-            pods: mesh_l7::client::Pool::new(inbound::PodConnector { connect_timeout: inputs.cfg.connect_timeout }, client),
+            pods: mesh_l7::client::Pool::new(inbound::PodConnector { connect_timeout: inputs.cfg.connect_timeout, mark: inputs.cfg.socket_mark }, client),
             retry_budgets: Arc::default(),
             clusters,
             rate_limits: Arc::default(),

@@ -13,7 +13,7 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    Error, HboneDial, Inputs, accept,
+    Error, HboneDial, Inputs, Listen, accept,
     authorize::{authorize, connect_pod},
     hbone,
     l7::{self, outbound::Target},
@@ -43,14 +43,18 @@ pub struct Handler {
 }
 
 impl Outbound {
-    pub async fn new(addr: SocketAddr, inputs: Inputs, pool: Arc<Pool>, http: Arc<l7::Shared>) -> Result<Self, Error> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-        let addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+    pub async fn new(listen: impl Into<Listen>, inputs: Inputs, pool: Arc<Pool>, http: Arc<l7::Shared>) -> Result<Self, Error> {
+        let (listener, addr) = listen.into().open().await?;
         Ok(Self { listener, addr, handler: Handler { inputs, pool, http, local: Some(addr) } })
     }
 
     pub fn address(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// A duplicate of the listening socket (for a successor, `crate::handoff`).
+    pub fn socket(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
     }
 
     pub fn handler(&self) -> Handler {
@@ -180,7 +184,7 @@ impl Handler {
     }
 
     async fn passthrough(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr, state: &State, src_w: &Workload) -> Result<(), Error> {
-        let mut upstream = tokio::time::timeout(self.inputs.cfg.connect_timeout, socket::connect(None, dst))
+        let mut upstream = tokio::time::timeout(self.inputs.cfg.connect_timeout, socket::connect(None, dst, self.inputs.cfg.socket_mark))
             .await
             .map_err(|_| Error::ConnectTimeout(dst))?
             .map_err(|source| Error::Connect { addr: dst, source })?;

@@ -163,7 +163,7 @@ impl Pool {
         let cfg = &self.inputs.cfg;
         let cert = self.inputs.certs.fetch(&key.src).await?;
         let tls_cfg = tls::client_config(cert.key.clone(), &self.inputs.certs.roots(), key.dst.clone())?;
-        let tcp = tokio::time::timeout(cfg.connect_timeout, socket::connect(None, key.addr))
+        let tcp = tokio::time::timeout(cfg.connect_timeout, socket::connect(None, key.addr, cfg.socket_mark))
             .await
             .map_err(|_| Error::ConnectTimeout(key.addr))?
             .map_err(|source| Error::Connect { addr: key.addr, source })?;

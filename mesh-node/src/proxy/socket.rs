@@ -25,16 +25,42 @@ pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
 /// (32768-60999). It ends below 65535 because the kernel rejects a rule port range ending there.
 pub const TRANSPARENT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65534;
 
+/// Tries for a free transparent 4-tuple before giving up.
+const TRANSPARENT_TRIES: usize = 32;
+
 /// Connects to `dst`, from `src` (any address, `IP_TRANSPARENT`) when given, on a port of
-/// [`TRANSPARENT_PORTS`].
-pub async fn connect(src: Option<IpAddr>, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    if let Some(src) = src {
+/// [`TRANSPARENT_PORTS`]. The socket carries `mark` (`SO_MARK`): the STRICT guard lets a SYN
+/// from this node into a STRICT pod only with it (`mesh_common::decide::strict_refuses`).
+///
+/// The daemon usually closes these connections first (it passes the client's close on), so each
+/// leaves a `TIME_WAIT` on a source port for a minute. Binding a port plainly fails while any
+/// connection to anywhere holds it, which capped a client at ~75 new connections per second
+/// through one node (4,535 ports / 60 s). With `SO_REUSEADDR` a port is only unusable toward
+/// the same destination (the kernel refuses the 4-tuple at `connect`, `EADDRNOTAVAIL`, and
+/// another port is tried), so the cap is per client and destination instead.
+pub async fn connect(src: Option<IpAddr>, dst: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
+    let new_socket = || -> std::io::Result<TcpSocket> {
+        let socket = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        setsockopt(&socket, sockopt::Mark, &mark).map_err(std::io::Error::from)?;
+        Ok(socket)
+    };
+    let Some(src) = src else {
+        let socket = new_socket()?;
+        socket.set_nodelay(true)?;
+        return socket.connect(dst).await;
+    };
+    for _ in 0..TRANSPARENT_TRIES {
+        let socket = new_socket()?;
         setsockopt(&socket, sockopt::IpTransparent, &true).map_err(std::io::Error::from)?;
+        socket.set_reuseaddr(true)?;
         bind_transparent_port(&socket, src)?;
+        socket.set_nodelay(true)?;
+        match socket.connect(dst).await {
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
+            other => return other,
+        }
     }
-    socket.set_nodelay(true)?;
-    socket.connect(dst).await
+    Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("no free transparent source port of {src} toward {dst} after {TRANSPARENT_TRIES} tries")))
 }
 
 /// Binds `src` with a free port of [`TRANSPARENT_PORTS`], starting at a random one.

@@ -97,8 +97,8 @@ impl Service {
 pub struct Index {
     /// VIP:port (TCP) → (Service, port); the first Service and port in order win.
     vips: HashMap<SocketAddr, (usize, usize)>,
-    /// Endpoint address:port on the pod → (Service, port) serving it, first by namespace and name.
-    serving: HashMap<SocketAddr, (usize, usize)>,
+    /// Endpoint address:port on the pod → every (Service, port) serving it, by namespace and name.
+    serving: HashMap<SocketAddr, Vec<(usize, usize)>>,
     /// namespace → name → Service (nested so a lookup borrows, never allocates).
     by_name: HashMap<String, HashMap<String, usize>>,
 }
@@ -116,13 +116,16 @@ impl Index {
             for e in &s.endpoints {
                 for (j, p) in s.ports.iter().enumerate() {
                     let at = SocketAddr::new(e.address, s.endpoint_port(p, e));
-                    let first = index.serving.entry(at).or_insert((i, j));
-                    let (old, new) = (&services[first.0], s);
-                    if (&new.namespace, &new.name) < (&old.namespace, &old.name) {
-                        *first = (i, j);
-                    }
+                    index.serving.entry(at).or_default().push((i, j));
                 }
             }
+        }
+        for all in index.serving.values_mut() {
+            all.sort_by(|a, b| {
+                let (x, y) = (&services[a.0], &services[b.0]);
+                (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name))
+            });
+            all.dedup_by_key(|(i, _)| *i);
         }
         index
     }
@@ -141,7 +144,13 @@ impl Index {
     /// that address whose target port is `dst`'s port; when several qualify, the first by
     /// namespace and name, so every daemon reports the same one.
     pub fn serving<'a>(&self, services: &'a [Service], dst: SocketAddr) -> Option<(&'a Service, &'a ServicePort)> {
-        self.serving.get(&dst).map(|&(i, j)| (&services[i], &services[i].ports[j]))
+        let &(i, j) = self.serving.get(&dst)?.first()?;
+        Some((&services[i], &services[i].ports[j]))
+    }
+
+    /// Every Service serving `dst`, by namespace and name (see [`Index::serving`]).
+    pub fn serving_all<'a>(&'a self, services: &'a [Service], dst: SocketAddr) -> impl Iterator<Item = (&'a Service, &'a ServicePort)> {
+        self.serving.get(&dst).into_iter().flatten().map(|&(i, j)| (&services[i], &services[i].ports[j]))
     }
 }
 

@@ -18,6 +18,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::Error;
 
+/// An export request, as [`request`] makes it.
+pub(super) type Request = ExportTraceServiceRequest;
+
 pub(super) struct Client {
     timeout: Duration,
     /// One channel per collector address; a new address gets a new channel.
@@ -36,7 +39,11 @@ impl Client {
         self.channel = None;
     }
 
-    pub(super) async fn export(&mut self, addr: SocketAddr, spans: &[Span]) -> Result<(), Error> {
+    pub(super) async fn export(
+        &mut self,
+        addr: SocketAddr,
+        request: ExportTraceServiceRequest,
+    ) -> Result<(), Error> {
         let mut client = match self.channel.take() {
             Some((a, c)) if a == addr => c,
             _ => {
@@ -46,7 +53,7 @@ impl Client {
                 TraceServiceClient::new(endpoint.connect_lazy())
             }
         };
-        client.export(request(spans)).await?;
+        client.export(request).await?;
         self.channel = Some((addr, client));
         Ok(())
     }
@@ -59,12 +66,12 @@ pub fn request(spans: &[Span]) -> ExportTraceServiceRequest {
     for s in spans {
         let i = services
             .iter()
-            .position(|n| *n == s.local_service)
+            .position(|n| *n == &*s.local_service)
             .unwrap_or_else(|| {
                 services.push(&s.local_service);
                 resource_spans.push(ResourceSpans {
                     resource: Some(Resource {
-                        attributes: vec![string("service.name", s.local_service.clone())],
+                        attributes: vec![string("service.name", s.local_service.to_string())],
                         ..Resource::default()
                     }),
                     scope_spans: vec![ScopeSpans::default()],
@@ -98,7 +105,11 @@ fn convert(s: &Span) -> proto::Span {
         kind: kind.into(),
         start_time_unix_nano: unix_nanos(s.start),
         end_time_unix_nano: unix_nanos(s.start + s.duration),
-        attributes: s.tags.iter().map(|(k, v)| string(k, v.clone())).collect(),
+        attributes: s
+            .tags
+            .iter()
+            .map(|(k, v)| string(k, v.to_string()))
+            .collect(),
         status: Some(proto::Status {
             message: String::new(),
             code: code.into(),

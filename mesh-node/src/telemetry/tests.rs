@@ -195,7 +195,7 @@ async fn otlp_collector_receives_the_spans() {
         assert_eq!(attrs.len(), 1);
         assert_eq!(attrs[0].key, "service.name");
         let name = attrs[0].value.as_ref().and_then(|v| v.value.clone());
-        assert_eq!(name, Some(Value::StringValue(want.local_service.clone())));
+        assert_eq!(name, Some(Value::StringValue(want.local_service.to_string())));
         let spans = &rs.scope_spans[0].spans;
         assert_eq!(spans.len(), 1);
         let got = &spans[0];

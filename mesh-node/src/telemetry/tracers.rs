@@ -74,6 +74,7 @@ impl Tracers {
             })
             .collect();
         let (canonical_service, canonical_revision) = canonical(w);
+        let service = Arc::from(format!("{canonical_service}.{}", w.namespace));
         Some(Arc::new(Tracer {
             // As Envoy: B3 for a Zipkin provider, W3C for OpenTelemetry.
             propagation: match resolved.provider.protocol {
@@ -92,6 +93,8 @@ impl Tracers {
                 canonical_service,
                 canonical_revision,
                 namespace: Arc::from(w.namespace.as_str()),
+                service,
+
                 ip: Some(w.ip),
             }),
             downstream,
@@ -188,37 +191,8 @@ struct Truncating {
 impl SpanSink for Truncating {
     fn submit(&self, mut span: Span) {
         for (_, v) in &mut span.tags {
-            truncate(v, self.max);
+            v.truncate(self.max);
         }
         self.inner.submit(span);
-    }
-}
-
-/// `v` cut to at most `max` bytes, on a character boundary.
-fn truncate(v: &mut String, max: usize) {
-    if v.len() > max {
-        let mut end = max;
-        while !v.is_char_boundary(end) {
-            end -= 1;
-        }
-        v.truncate(end);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tags_are_cut_on_character_boundaries() {
-        let mut v = "h\u{e9}llo".to_owned();
-        truncate(&mut v, 2);
-        assert_eq!(v, "h", "é is two bytes: cutting inside it keeps what precedes it");
-        let mut v = "h\u{e9}llo".to_owned();
-        truncate(&mut v, 4);
-        assert_eq!(v, "h\u{e9}l");
-        let mut short = "ok".to_owned();
-        truncate(&mut short, 256);
-        assert_eq!(short, "ok");
     }
 }

@@ -8,7 +8,6 @@ use http::{Request, header};
 use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
-use mesh_l7::trace::{Span, zipkin};
 use tokio::net::TcpStream;
 
 use super::Error;
@@ -27,8 +26,7 @@ impl Client {
         self.conn = None;
     }
 
-    pub(super) async fn export(&mut self, addr: SocketAddr, spans: &[Span]) -> Result<(), Error> {
-        let body = Bytes::from(zipkin::encode(spans));
+    pub(super) async fn export(&mut self, addr: SocketAddr, body: Bytes) -> Result<(), Error> {
         let request = || {
             Request::post(self.path.as_str())
                 .header(header::HOST, addr.to_string())

@@ -17,6 +17,10 @@
 //!   connection with `orig=IP:PORT peer=IP:PORT` from getsockopt(SO_ORIGINAL_DST), or
 //!   `orig=none (error)`.
 //!
+//! - `bind-listeners UNIX_PATH PORT...`: binds TCP listeners on 0.0.0.0:PORT here and sends
+//!   them over the Unix socket UNIX_PATH, then exits (what a service manager does for socket
+//!   activation; `Cluster::activate_sockets`).
+//!
 //! - `zipkin --listen ADDR`: a Zipkin-compatible collector keeping spans in memory
 //!   (`POST /api/v2/spans`, `GET /api/v2/traces`, `GET /api/v2/trace/<id>`; `whoami/zipkin.rs`).
 //!
@@ -49,6 +53,7 @@ fn usage() -> ExitCode {
         "usage: mesh-whoami serve --name NAME [--node NODE] [--version V] [--tcp PORT] [--udp PORT] [--http PORT] [--grpc PORT] [--request-log FILE|-] [--http-status CODE] [--grpc-fail-code C]
        mesh-whoami origdst --listen ADDR
        mesh-whoami zipkin --listen ADDR
+       mesh-whoami bind-listeners UNIX_PATH PORT...
        mesh-whoami connect ADDR [--count N] [--bind-port P] [--echo BYTES] [--timeout-ms MS]
        mesh-whoami udp ADDR [--count N]
        mesh-whoami bench-connect ADDR --count N | rr ADDR --count N [--size BYTES]
@@ -130,6 +135,15 @@ fn run(args: &Args) -> Result<ExitCode, ExitCode> {
             whoami::serve(&opts)
         }
         Some("zipkin") => whoami::zipkin::run(args.flag("--listen").and_then(|a| a.parse().ok()).ok_or_else(usage)?),
+        Some("bind-listeners") => {
+            let rest: Vec<String> = env::args().skip(2).collect();
+            let (Some(path), ports) = (rest.first(), &rest[1.min(rest.len())..]) else { return Err(usage()) };
+            let ports: Option<Vec<u16>> = ports.iter().map(|p| p.parse().ok()).collect();
+            match ports {
+                Some(p) if !p.is_empty() => l4::bind_listeners(std::path::Path::new(path), &p),
+                _ => return Err(usage()),
+            }
+        }
         Some("origdst") => l4::origdst(args.flag("--listen").and_then(|a| a.parse().ok()).ok_or_else(usage)?),
         Some("connect") => {
             let opts = l4::ConnectOpts {

@@ -117,6 +117,35 @@ pub fn connect_all(addr: SocketAddr, opts: &ConnectOpts) -> ExitCode {
     if ok { ExitCode::SUCCESS } else { ExitCode::from(2) }
 }
 
+/// Binds a TCP listener on 0.0.0.0 for each of `ports`, here (this process's network namespace
+/// and cgroup, which its listeners' accepted sockets belong to), and sends them over the Unix
+/// socket at `to` (`SCM_RIGHTS`, one message): a stand-in for the service manager that creates
+/// socket-activated listeners.
+pub fn bind_listeners(to: &std::path::Path, ports: &[u16]) -> ExitCode {
+    use std::os::fd::AsRawFd as _;
+    let bind = |port: u16| -> std::io::Result<socket2::Socket> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        socket.listen(4096)?;
+        Ok(socket)
+    };
+    let sockets = match ports.iter().map(|&p| bind(p)).collect::<std::io::Result<Vec<_>>>() {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("bind: {e}")),
+    };
+    let stream = match std::os::unix::net::UnixStream::connect(to) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("connect {}: {e}", to.display())),
+    };
+    let fds: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    match nix::sys::socket::sendmsg::<()>(stream.as_raw_fd(), &[std::io::IoSlice::new(b"listeners\n")], &cmsg, nix::sys::socket::MsgFlags::empty(), None) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("sendmsg: {e}")),
+    }
+}
+
 fn errno_name(e: &std::io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
@@ -255,6 +284,9 @@ pub fn request_response(addr: SocketAddr, count: u64, size: usize) -> ExitCode {
         let started = std::time::Instant::now();
         if stream.write_all(&request).and_then(|()| stream.read_exact(&mut response)).is_err() {
             return fail("round trip failed");
+        }
+        if response != request {
+            return fail("round trip: the echo differs from what was sent");
         }
         samples.push(started.elapsed().as_secs_f64() * 1e6);
     }

@@ -78,6 +78,10 @@ pub struct Report {
     pub pods: BTreeMap<String, u64>,
     /// Responses by their `x-whoami-version` header (`-` when absent).
     pub versions: BTreeMap<String, u64>,
+    /// Requests sent a second time, on a new connection, because the first one had closed (or
+    /// refused new streams) before they were sent.
+    #[serde(default)]
+    pub retried_unsent: u64,
     /// Responses per second, from the start to the last response.
     pub achieved_rps: f64,
     /// Latency percentiles of all responses, from each request's due time, in microseconds.
@@ -157,6 +161,22 @@ impl Failure {
     }
 }
 
+/// How one try of a request ended, when it did not get a response.
+enum Attempt {
+    /// The request never left: safe to send again.
+    Unsent,
+    Failed(Failure),
+}
+
+impl Attempt {
+    fn failure(self) -> Failure {
+        match self {
+            Self::Unsent => Failure::Request,
+            Self::Failed(f) => f,
+        }
+    }
+}
+
 /// One HTTP/1.1 connection per worker; one HTTP/2 connection shared by `streams` workers.
 enum Conn {
     H1(Option<http1::SendRequest<Full<Bytes>>>),
@@ -186,24 +206,52 @@ impl Conn {
         Ok(())
     }
 
-    /// One request and its whole response body; returns the response head.
-    async fn exchange(&mut self, target: &Target) -> Result<http::response::Parts, Failure> {
-        self.connect(target).await?;
+    /// One request and its whole response body; returns the response head and whether the
+    /// request had to be sent again. A request the connection never sent (it had closed, or
+    /// HTTP/2 refused new streams after GOAWAY) goes once more on a new connection, as curl,
+    /// browsers and Go's client do; one that may have reached the server is never retried.
+    async fn exchange(&mut self, target: &Target) -> Result<(http::response::Parts, bool), Failure> {
+        match self.attempt(target).await {
+            Err(Attempt::Unsent) => {
+                self.reset();
+                self.attempt(target).await.map(|p| (p, true)).map_err(Attempt::failure)
+            }
+            other => other.map(|p| (p, false)).map_err(Attempt::failure),
+        }
+    }
+
+    async fn attempt(&mut self, target: &Target) -> Result<http::response::Parts, Attempt> {
+        self.connect(target).await.map_err(Attempt::Failed)?;
+        let unsent = |e: &hyper::Error| {
+            // RFC 9113 8.7: a stream refused, or above a GOAWAY's last stream, was not processed.
+            let h2 = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>());
+            if e.is_canceled() || h2.is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM) || h.is_go_away() && h.is_remote()) {
+                Attempt::Unsent
+            } else {
+                eprintln!("http-load: request failed: {e:?}");
+                Attempt::Failed(Failure::Request)
+            }
+        };
         let response = match self {
             Self::H1(slot) => {
                 let sender = slot.as_mut().expect("connected above");
-                sender.ready().await.map_err(|_| Failure::Request)?;
-                sender.send_request(target.request()).await
+                sender.ready().await.map_err(|_| Attempt::Unsent)?;
+                let response = sender.send_request(target.request()).await.map_err(|e| unsent(&e))?;
+                // `connection: close`: the server closes after this response; the next request
+                // must not be written to this connection.
+                if response.headers().get(header::CONNECTION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close")) {
+                    *slot = None;
+                }
+                response
             }
             Self::H2(shared) => {
                 let mut sender = shared.lock().await.clone().expect("connected above");
-                sender.ready().await.map_err(|_| Failure::Request)?;
-                sender.send_request(target.request()).await
+                sender.ready().await.map_err(|_| Attempt::Unsent)?;
+                sender.send_request(target.request()).await.map_err(|e| unsent(&e))?
             }
-        }
-        .map_err(|_| Failure::Request)?;
+        };
         let (parts, body) = response.into_parts();
-        body.collect().await.map_err(|_| Failure::Body)?;
+        body.collect().await.map_err(|_| Attempt::Failed(Failure::Body))?;
         Ok(parts)
     }
 
@@ -224,6 +272,7 @@ struct Stats {
     errors: BTreeMap<String, u64>,
     pods: BTreeMap<String, u64>,
     versions: BTreeMap<String, u64>,
+    retried: u64,
     last_done: Option<Instant>,
 }
 
@@ -243,7 +292,8 @@ async fn worker(target: Arc<Target>, mut conn: Conn, queue: Queue, stats: Arc<St
         let done = Instant::now();
         let mut s = lock(&stats);
         match result {
-            Ok(parts) => {
+            Ok((parts, retried)) => {
+                s.retried += u64::from(retried);
                 s.latencies_us.push(u64::try_from(done.duration_since(due).as_micros()).unwrap_or(u64::MAX));
                 *s.status.entry(parts.status.as_u16().to_string()).or_default() += 1;
                 let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
@@ -381,6 +431,7 @@ fn summarize(opts: &Options, scheduled: u64, start: Instant, stats: Vec<Stats>) 
         error_kinds: all.errors,
         pods: all.pods,
         versions: all.versions,
+        retried_unsent: all.retried,
         achieved_rps: (achieved_rps * 10.0).round() / 10.0,
         p50_us: p(0.5),
         p90_us: p(0.9),

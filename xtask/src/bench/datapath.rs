@@ -185,7 +185,7 @@ fn same_node() -> Result<(String, Value)> {
     let (mut gbps, mut rr50, mut rr99) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     for _ in 0..5 {
         for (mode, bypass) in [(0, false), (1, true)] {
-            dp.set_node(&NodeSpec { capture: None, hbone_port: 15008, bypass })?;
+            dp.set_node(&NodeSpec { capture: None, hbone_port: 15008, bypass, daemon_mark: mesh_common::DEFAULT_DAEMON_MARK })?;
             let out = in_pod(&lab, "n1p1", "1", "iperf3", &["-c", &server_ip, "-p", "5201", "-t", "3", "-J"])?;
             let v: Value = serde_json::from_slice(&out)?;
             let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 bits_per_second")?;

@@ -31,7 +31,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::Shared;
+use super::{
+    Shared,
+    destination::{ByHost, Candidates},
+};
 use crate::{
     authn::{self, JwksCache},
     authz,
@@ -50,6 +53,8 @@ use crate::{
 /// Connections to local pods, from the client's address in transparent mode.
 pub struct PodConnector {
     pub connect_timeout: Duration,
+    /// `SO_MARK` of the connections (see `socket::connect`).
+    pub mark: u32,
 }
 
 /// A connection to `dst`, made from `src` when given (transparent mode).
@@ -64,7 +69,7 @@ impl Connect for PodConnector {
     type Io = TcpStream;
 
     async fn connect(&self, key: &PodKey) -> Result<TcpStream, BoxError> {
-        let connecting = socket::connect(key.src, key.dst);
+        let connecting = socket::connect(key.src, key.dst, self.mark);
         match tokio::time::timeout(self.connect_timeout, connecting).await {
             Ok(r) => Ok(r?),
             Err(_) => Err(format!("timed out connecting to {}", key.dst).into()),
@@ -191,7 +196,8 @@ pub fn version(protocol: AppProtocol) -> client::Version {
 }
 
 /// The destination stack for requests from `caller` to the local workload `dst_w` at `dst`:
-/// record (destination reporter) → trace (server span) → authenticate (JWT) → authorize → rate limit → the pod.
+/// record (destination reporter) → trace (server span) → the Service the host names
+/// ([`super::destination`]) → authenticate (JWT) → authorize → rate limit → the pod.
 pub fn local_stack(inputs: &Inputs, shared: &Arc<Shared>, state: &State, caller: Caller, dst_w: &Workload, dst: SocketAddr, kind: &'static str) -> BoxHttp {
     let mtls = if caller.identity.is_some() { SecurityPolicy::mutual_tls } else { SecurityPolicy::unknown };
     let dst_id = state.identity(dst_w);
@@ -203,6 +209,7 @@ pub fn local_stack(inputs: &Inputs, shared: &Arc<Shared>, state: &State, caller:
         &inputs.cfg.cluster_id,
     );
     set_service(&mut base, state.serving(dst).map(|(s, _)| s), &inputs.cfg.cluster_domain);
+    let by_host = Candidates::new(state, dst, &dst_w.namespace, &base, &inputs.cfg.cluster_domain);
     let access_log = access_log_for(&state.telemetry, &state.root_namespace, dst_w);
     let recorder = Recorder::with_access_log(inputs.metrics.requests.clone(), Arc::new(base), kind, SocketAddr::new(caller.ip, 0), access_log);
     let to_pod = ToPod {
@@ -215,7 +222,7 @@ pub fn local_stack(inputs: &Inputs, shared: &Arc<Shared>, state: &State, caller:
     let tracer = shared.tracers.live(dst_w, Side::Server, SocketAddr::new(caller.ip, 0), dst.port());
     let authz = NodeAuthz { inputs: inputs.clone(), caller, dst: dst_w.clone(), dst_port: dst.port() };
     let authorized = AuthorizeLayer::new(RateLimitLayer::new(to_pod, Arc::new(limiter)), Arc::new(authz));
-    BoxHttp::new(Record::new(Trace::new(AuthenticateLayer::new(authorized, Arc::new(authn)), tracer), recorder))
+    BoxHttp::new(Record::new(Trace::new(ByHost::new(AuthenticateLayer::new(authorized, Arc::new(authn)), by_host), tracer), recorder))
 }
 
 /// Serves the requests of one connection (an HBONE stream or plaintext) to a local pod.

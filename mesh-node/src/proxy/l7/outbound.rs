@@ -135,7 +135,7 @@ impl Connect for Connector {
         let cfg = &self.inputs.cfg;
         match &key.via {
             Via::Plain => {
-                let tcp = tokio::time::timeout(key.connect_timeout.unwrap_or(cfg.connect_timeout), socket::connect(None, key.endpoint))
+                let tcp = tokio::time::timeout(key.connect_timeout.unwrap_or(cfg.connect_timeout), socket::connect(None, key.endpoint, cfg.socket_mark))
                     .await
                     .map_err(|_| format!("timed out connecting to {}", key.endpoint))??;
                 Ok(UpstreamIo::Tcp(tcp))
@@ -290,11 +290,13 @@ impl Upstream {
             Path::Local(local) => local.clone().oneshot(req).await.unwrap_or_else(|never| match never {}),
             Path::Pool(key) => forward::send(&self.shared.upstreams, key, version, req).await,
         };
-        in_flight.answered();
         let outcome = match resp.extensions().get::<ResponseFlag>() {
             Some(ResponseFlag::UpstreamConnectionFailure | ResponseFlag::UpstreamRemoteReset) => Outcome::Failure,
             _ => Outcome::Status(resp.status().as_u16()),
         };
+        if outcome != Outcome::Failure {
+            in_flight.answered();
+        }
         if cluster.observe(addr, outcome) {
             tracing::info!(service = %format!("{}/{}", backend.namespace, backend.name), endpoint = %addr, "endpoint ejected by outlier detection");
             clusters.count_ejection(&backend.namespace, &backend.name);
