@@ -2,13 +2,51 @@
 //! mesh-control parses and validates (`manifest::parse` → `filemode::build`), computes a node's
 //! view (`view::node_view`), and mesh-node converts it (`convert::snapshot`), builds its state
 //! (`State::build`) and translates it for the kernel (`kernel_sync::translate`). No step panics,
-//! and the node accepts whatever the controller sends it: a view the node refused would leave
-//! the node on its old config.
+//! the node accepts whatever the controller sends it (a view the node refused would leave the
+//! node on its old config), and the kernel never denies what the daemon allows: every deny entry
+//! the kernel is given names a (source, destination, port) that the daemon's one evaluator
+//! (`authz::evaluate`) denies too, as a TCP connection and as a plain HTTP request.
 #![no_main]
 
 use std::{collections::BTreeMap, net::IpAddr};
 
 use libfuzzer_sys::fuzz_target;
+use mesh_node::{
+    authz::{self, Conn, Decision, HttpRequest},
+    identity::Identity,
+    kernel_sync::{Desired, identities},
+    state::State,
+};
+
+/// Ports a kernel entry for "any port" (0) is checked on.
+const ANY_PORT_SAMPLES: [u16; 3] = [1, 80, 8080];
+
+fn kernel_denies_only_what_the_daemon_denies(state: &State, node: &str, desired: &Desired) {
+    let names = identities(state);
+    let headers = http::HeaderMap::new();
+    let plain_get = HttpRequest { method: "GET", path: "/", host: None, headers: &headers, auth: None };
+    for rule in &desired.deny {
+        let name = |id: u32| names.get(id as usize - 1).unwrap_or_else(|| panic!("kernel identity id {id} names no identity"));
+        let src: Identity = name(rule.src_identity).parse().unwrap_or_else(|e| panic!("kernel source identity: {e}"));
+        let dst_name = name(rule.dst_identity);
+        let ports: &[u16] = if rule.port == 0 { &ANY_PORT_SAMPLES } else { std::slice::from_ref(&rule.port) };
+        let targets = state.workloads.values().filter(|w| w.node == node && &state.identity(w).to_string() == dst_name);
+        for dst in targets {
+            for &port in ports {
+                for http in [None, Some(plain_get)] {
+                    let conn = Conn { src_identity: Some(&src), src_ip: [198, 18, 9, 9].into(), dst, dst_port: port, http };
+                    let verdict = authz::evaluate(&state.policies, &state.root_namespace, &conn);
+                    assert!(
+                        matches!(verdict.decision, Decision::Deny(_)),
+                        "the kernel denies {src} -> {}:{port} ({dst_name}) but the daemon allows it (http: {})",
+                        dst.ip,
+                        http.is_some()
+                    );
+                }
+            }
+        }
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
@@ -26,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
             Ok(s) => s,
             Err(e) => panic!("node {node} could not build a state from the controller's view: {e}"),
         };
-        let _ = mesh_node::kernel_sync::translate(&node_state, node, &BTreeMap::new());
+        let desired = mesh_node::kernel_sync::translate(&node_state, node, &BTreeMap::new());
+        kernel_denies_only_what_the_daemon_denies(&node_state, node, &desired);
     }
 });

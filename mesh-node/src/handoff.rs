@@ -113,7 +113,7 @@ impl Successor {
             Err(source) => return Err(Error::Socket { path: path.to_path_buf(), source }),
         };
         stream.set_read_timeout(Some(MESSAGE_TIMEOUT)).map_err(Error::Exchange)?;
-        let (line, fds) = receive(stream.as_fd())?;
+        let (line, fds) = receive_line(stream.as_fd())?;
         let mut words = line.split_whitespace();
         let (Some("mesh-node"), Some(version), Some(theirs)) = (words.next(), words.next(), words.next()) else {
             return Err(protocol(format!("unexpected greeting {line:?}")));
@@ -230,7 +230,7 @@ impl Server {
             let names: Vec<&str> = listeners.iter().map(|(n, _)| *n).collect();
             let line = format!("mesh-node {} {} {}\n", env!("CARGO_PKG_VERSION"), self.node, names.join(","));
             let fds: Vec<RawFd> = listeners.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
-            send(stream.as_fd(), line.as_bytes(), &fds)?;
+            send_line(stream.as_fd(), line.as_bytes(), &fds)?;
             names
         };
         tracing::info!(listeners = %names.join(","), "listeners sent to a successor; serving until it is ready");
@@ -246,7 +246,9 @@ impl Server {
     }
 }
 
-fn send(stream: BorrowedFd<'_>, line: &[u8], fds: &[RawFd]) -> Result<(), Error> {
+/// Sends one line and descriptors with it in one `sendmsg`. Public for the lab, which stands in
+/// for systemd's socket activation with the same exchange.
+pub fn send_line(stream: BorrowedFd<'_>, line: &[u8], fds: &[RawFd]) -> Result<(), Error> {
     let iov = [IoSlice::new(line)];
     let cmsg = [ControlMessage::ScmRights(fds)];
     let sent = sendmsg::<()>(stream.as_raw_fd(), &iov, if fds.is_empty() { &[] } else { &cmsg }, MsgFlags::MSG_NOSIGNAL, None).map_err(|e| Error::Exchange(e.into()))?;
@@ -256,9 +258,9 @@ fn send(stream: BorrowedFd<'_>, line: &[u8], fds: &[RawFd]) -> Result<(), Error>
     Ok(())
 }
 
-/// Reads the first line and the descriptors that came with it (one `recvmsg`: the sender writes
-/// the line in one `sendmsg`, well under a socket buffer).
-fn receive(stream: BorrowedFd<'_>) -> Result<(String, Vec<OwnedFd>), Error> {
+/// Reads the first line (without its newline) and the descriptors that came with it (one
+/// `recvmsg`: [`send_line`] writes the line in one `sendmsg`, well under a socket buffer).
+pub fn receive_line(stream: BorrowedFd<'_>) -> Result<(String, Vec<OwnedFd>), Error> {
     let mut buf = vec![0u8; MAX_LINE];
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(&mut buf)];

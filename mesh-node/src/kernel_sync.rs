@@ -21,7 +21,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-pub use translate::{Desired, translate, translate_with};
+pub use translate::{Desired, identities, translate, translate_with};
 
 use crate::{
     datapath::{self, Datapath, discover},

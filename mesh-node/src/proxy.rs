@@ -82,6 +82,8 @@ pub enum Error {
     Connect { addr: SocketAddr, source: std::io::Error },
     #[error("timed out connecting to {0}")]
     ConnectTimeout(SocketAddr),
+    #[error("TLS and HTTP/2 handshake with {peer} not done after {after:?} (MESH_HANDSHAKE_TIMEOUT_SECS)")]
+    HandshakeTimeout { peer: SocketAddr, after: Duration },
     #[error("source {0} is not a meshed workload of this node")]
     UnknownSource(std::net::IpAddr),
     #[error("connection to the proxy's own listener {0} (not redirected)")]
@@ -109,6 +111,9 @@ pub struct Config {
     /// Pooled connections with no stream for this long are closed.
     pub pool_idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// TLS and HTTP/2 handshakes of an HBONE connection, both directions, must finish within
+    /// this: a peer that connects and stalls holds a task and a descriptor until then.
+    pub handshake_timeout: Duration,
     /// Connect to local pods from the client pod's IP (`IP_TRANSPARENT`); the daemon installs
     /// the policy routing that brings the pods' replies back to it (`crate::routing`).
     pub transparent: bool,
@@ -162,6 +167,7 @@ impl Default for Config {
             max_streams_per_conn: 100,
             pool_idle_timeout: Duration::from_mins(1),
             connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
             transparent: false,
             hbone_dial: HboneDial::Pod,
             cluster_domain: "cluster.local".into(),

@@ -315,7 +315,6 @@ impl Cluster {
     /// for sockets of the datapath's cgroup (a listener bound by this test process, outside it,
     /// made every captured connection look addressed to the daemon itself).
     pub fn activate_sockets(&mut self, i: u8) -> Result<(), Error> {
-        use std::os::fd::{AsRawFd as _, FromRawFd as _};
         let node = self.lab.node(i).clone();
         let path = self.state_dir.join(format!("{}-listeners.sock", node.name));
         let _ = fs::remove_file(&path);
@@ -337,19 +336,12 @@ impl Cluster {
             }
         };
         stream.set_nonblocking(false).map_err(io("listeners' Unix socket"))?;
-        let mut buf = [0u8; 64];
-        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 3]);
-        let msg = nix::sys::socket::recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(|e| Error::Io { path: path.clone(), source: e.into() })?;
-        let mut fds = Vec::new();
-        for cmsg in msg.cmsgs().map_err(|e| Error::Io { path: path.clone(), source: e.into() })? {
-            if let nix::sys::socket::ControlMessageOwned::ScmRights(received) = cmsg {
-                #[expect(unsafe_code, reason = "taking ownership of descriptors received with SCM_RIGHTS")]
-                // SAFETY: each received descriptor is new to this process and owned by nobody else.
-                fds.extend(received.into_iter().map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }));
-            }
-        }
+        let received = mesh_node::handoff::receive_line(std::os::fd::AsFd::as_fd(&stream));
+        let fds = match received {
+            Ok((line, fds)) if line == "listeners" => fds,
+            Ok((line, _)) => return Err(Error::Io { path: path.clone(), source: std::io::Error::other(format!("expected \"listeners\", got {line:?}")) }),
+            Err(e) => return Err(Error::Io { path: path.clone(), source: std::io::Error::other(e.to_string()) }),
+        };
         helper.wait_exit(Duration::from_secs(5))?;
         let _ = fs::remove_file(&path);
         let [outbound, inbound, plaintext]: [std::os::fd::OwnedFd; 3] =

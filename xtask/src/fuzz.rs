@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result};
 use crate::{root_dir, sh, step, target_dir};
 
 /// Every target, in `fuzz/Cargo.toml`.
-pub const TARGETS: [&str; 4] = ["config_chain", "hbone_forwarded", "cert_identity", "route_path"];
+pub const TARGETS: [&str; 5] = ["config_chain", "hbone_connect", "hbone_forwarded", "cert_identity", "route_path"];
 
 fn cargo_fuzz(args: &[&str]) -> Command {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());

@@ -35,6 +35,7 @@ pub const ENV_CLUSTER_DOMAIN: &str = "MESH_CLUSTER_DOMAIN";
 pub const ENV_HBONE_REDIRECT: &str = "MESH_HBONE_REDIRECT";
 pub const ENV_SOCKET_MARK: &str = "MESH_SOCKET_MARK";
 pub const ENV_JWKS_REFRESH_SECS: &str = "MESH_JWKS_REFRESH_SECS";
+pub const ENV_HANDSHAKE_TIMEOUT_SECS: &str = "MESH_HANDSHAKE_TIMEOUT_SECS";
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Config {
@@ -145,6 +146,7 @@ impl Config {
                 max_streams_per_conn: parse(src, ENV_POOL_MAX_STREAMS, d.max_streams_per_conn)?.max(1),
                 pool_idle_timeout: secs(src, ENV_POOL_IDLE_SECS, d.pool_idle_timeout.as_secs())?,
                 connect_timeout: d.connect_timeout,
+                handshake_timeout: secs(src, ENV_HANDSHAKE_TIMEOUT_SECS, d.handshake_timeout.as_secs())?,
                 transparent: boolean(src, ENV_TRANSPARENT, false)?,
                 hbone_dial: parse(src, ENV_HBONE_DIAL, d.hbone_dial)?,
                 cluster_domain: src.get(ENV_CLUSTER_DOMAIN).unwrap_or(d.cluster_domain),

@@ -43,13 +43,18 @@ pub fn translate(state: &State, node: &str, cgroups: &BTreeMap<PathBuf, Vec<IpAd
 
 /// [`translate`], leaving ejected endpoints out of the Services' tables (they stay endpoints:
 /// a client already connected keeps its connection).
-pub fn translate_with(state: &State, node: &str, cgroups: &BTreeMap<PathBuf, Vec<IpAddr>>, ejected: Ejected<'_>) -> Desired {
-    let identity_of = |w: &Workload| state.identity(w).to_string();
-    let mut all: BTreeSet<String> = state.workloads.values().map(identity_of).collect();
+/// The SPIFFE ids the kernel tables number, in id order: id `n` is `identities(state)[n - 1]`.
+pub fn identities(state: &State) -> Vec<String> {
+    let mut all: BTreeSet<String> = state.workloads.values().map(|w| state.identity(w).to_string()).collect();
     for s in &state.services {
         all.extend(s.endpoints.iter().filter_map(|e| e.identity.clone()));
     }
-    let ids = Ids(all.into_iter().zip(1..).collect());
+    all.into_iter().collect()
+}
+
+pub fn translate_with(state: &State, node: &str, cgroups: &BTreeMap<PathBuf, Vec<IpAddr>>, ejected: Ejected<'_>) -> Desired {
+    let identity_of = |w: &Workload| state.identity(w).to_string();
+    let ids = Ids(identities(state).into_iter().zip(1..).collect());
     let local: Vec<&Workload> = state.workloads.values().filter(|w| w.node == node).collect();
 
     // This node's pods: every cgroup whose network namespace holds a local workload's address.
@@ -169,6 +174,9 @@ fn kernel_expressible(p: &Policy) -> Vec<(Vec<String>, Vec<u16>)> {
                     && s.not_namespaces.is_empty()
                     && s.ip_blocks.is_empty()
                     && s.not_ip_blocks.is_empty()
+                    // A JWT is per request: "deny X's requests that carry a token" must not
+                    // become "refuse every connection from X".
+                    && !s.needs_request()
             });
         // L7 fields and conditions are evaluated by the daemon per request (or fail closed there):
         // a kernel entry would deny every connection instead.
@@ -302,5 +310,33 @@ mod tests {
         let mut dry = deny(&["cluster.local/ns/demo/sa/client"], &[]);
         dry.dry_run = true;
         assert!(translate(&state(vec![dry], vec![]), "n1", &cgroups()).deny.is_empty(), "dry-run never enforces");
+    }
+
+    /// "Deny the client's requests that carry a JWT" is per request: a kernel entry would refuse
+    /// the client's token-less requests too, which the daemon allows.
+    #[test]
+    fn denies_that_need_a_request_stay_in_the_daemon() {
+        for (request_principals, not_request_principals) in [(vec!["*".to_owned()], vec![]), (vec![], vec!["issuer/alice".to_owned()])] {
+            let mut p = deny(&["cluster.local/ns/demo/sa/client"], &[8080]);
+            p.rules[0].from[0].request_principals = request_principals;
+            p.rules[0].from[0].not_request_principals = not_request_principals;
+            assert!(translate(&state(vec![p], vec![]), "n1", &cgroups()).deny.is_empty());
+        }
+    }
+
+    #[test]
+    fn identity_ids_are_positions_in_identities() {
+        let st = state(vec![], vec![]);
+        let d = translate(&st, "n1", &cgroups());
+        let names = identities(&st);
+        for e in &d.endpoints {
+            assert!(e.identity >= 1, "every endpoint here has an identity");
+            let name = &names[e.identity as usize - 1];
+            let expected = match st.workloads.values().find(|w| w.ip == e.addr) {
+                Some(w) => st.identity(w).to_string(),
+                None => "spiffe://cluster.local/ns/demo/sa/whoami".to_owned(),
+            };
+            assert_eq!(name, &expected, "{}", e.addr);
+        }
     }
 }

@@ -107,38 +107,14 @@ async fn server_config(inputs: &Inputs, cache: &ConfigCache, id: &Identity) -> R
 
 async fn serve(inputs: Inputs, http: Arc<l7::Shared>, cache: Arc<ConfigCache>, tcp: TcpStream, peer: SocketAddr, drain: drain::Watcher) -> Result<(), Error> {
     tcp.set_nodelay(true)?;
-    let local = socket::original_dst(&tcp)?;
-    let tcp = tokio::io::BufReader::with_capacity(super::TLS_READ_BUF, tcp);
-    let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
-    let sni = start.client_hello().server_name().map(str::to_owned);
-    let state = inputs.state.borrow().clone();
-    let served = server_identity(&state, &inputs.cfg.node_name, sni.as_deref(), local)
-        .ok_or(Error::NoServerIdentity { sni, addr: local })?;
-    let cfg = server_config(&inputs, &cache, &served).await?;
-    let tls = match start.into_stream(cfg).await {
-        Ok(t) => {
-            inputs.metrics.handshake("inbound", true);
-            t
-        }
-        Err(e) => {
-            inputs.metrics.handshake("inbound", false);
-            return Err(Error::Io(e));
+    let after = inputs.cfg.handshake_timeout;
+    let (mut conn, ctx) = match tokio::time::timeout(after, handshake(&inputs, http, &cache, tcp, peer)).await {
+        Ok(done) => done?,
+        Err(_) => {
+            inputs.metrics.handshake_timeout("inbound");
+            return Err(Error::HandshakeTimeout { peer, after });
         }
     };
-    let peer_id = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
-    let ctx = Arc::new(StreamCtx { inputs: inputs.clone(), http, served, peer_id, peer });
-    let cfg = &inputs.cfg;
-    let mut conn = h2::server::Builder::new()
-        .initial_window_size(cfg.stream_window)
-        .initial_connection_window_size(cfg.connection_window)
-        .max_frame_size(cfg.max_frame_size)
-        .max_send_buffer_size(super::send_buffer(cfg))
-        // hyper's server limits, which this server had before it drove h2 itself.
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_header_list_size(16 << 10)
-        .max_local_error_reset_streams(Some(1024))
-        .handshake::<_, Bytes>(tls)
-        .await?;
     let mut draining = false;
     loop {
         tokio::select! {
@@ -161,6 +137,45 @@ async fn serve(inputs: Inputs, http: Arc<l7::Shared>, cache: Arc<ConfigCache>, t
     }
 }
 
+type H2Server = h2::server::Connection<tokio_rustls::server::TlsStream<tokio::io::BufReader<TcpStream>>, Bytes>;
+
+/// TLS (the certificate chosen by SNI or the address dialed) and the HTTP/2 handshake.
+async fn handshake(inputs: &Inputs, http: Arc<l7::Shared>, cache: &ConfigCache, tcp: TcpStream, peer: SocketAddr) -> Result<(H2Server, Arc<StreamCtx>), Error> {
+    let local = socket::original_dst(&tcp)?;
+    let tcp = tokio::io::BufReader::with_capacity(super::TLS_READ_BUF, tcp);
+    let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    let state = inputs.state.borrow().clone();
+    let served = server_identity(&state, &inputs.cfg.node_name, sni.as_deref(), local)
+        .ok_or(Error::NoServerIdentity { sni, addr: local })?;
+    let cfg = server_config(inputs, cache, &served).await?;
+    let tls = match start.into_stream(cfg).await {
+        Ok(t) => {
+            inputs.metrics.handshake("inbound", true);
+            t
+        }
+        Err(e) => {
+            inputs.metrics.handshake("inbound", false);
+            return Err(Error::Io(e));
+        }
+    };
+    let peer_id = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
+    let ctx = Arc::new(StreamCtx { inputs: inputs.clone(), http, served, peer_id, peer });
+    let cfg = &inputs.cfg;
+    let conn = h2::server::Builder::new()
+        .initial_window_size(cfg.stream_window)
+        .initial_connection_window_size(cfg.connection_window)
+        .max_frame_size(cfg.max_frame_size)
+        .max_send_buffer_size(super::send_buffer(cfg))
+        // hyper's server limits, which this server had before it drove h2 itself.
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(16 << 10)
+        .max_local_error_reset_streams(Some(1024))
+        .handshake::<_, Bytes>(tls)
+        .await?;
+    Ok((conn, ctx))
+}
+
 /// Concurrent streams a client may open on one connection (hyper's default before).
 const MAX_STREAMS: u32 = 200;
 
@@ -180,18 +195,59 @@ fn respond_status(mut respond: SendResponse<Bytes>, code: StatusCode) {
 }
 
 /// A checked CONNECT: where it goes and who asks.
-struct Target {
-    dst: SocketAddr,
-    dst_w: Workload,
-    src_w: Option<Workload>,
-    src_ip: IpAddr,
+#[derive(Debug)]
+pub struct Target {
+    pub dst: SocketAddr,
+    /// A meshed workload of this node, the one whose certificate the client verified.
+    pub dst_w: Workload,
+    /// The client workload, when one is known to own the client's authenticated identity.
+    pub src_w: Option<Workload>,
+    /// `src_w`'s address, else the connection's source.
+    pub src_ip: IpAddr,
+}
+
+/// The HBONE connection a CONNECT stream arrives on, as its TLS handshake established it.
+#[derive(Clone, Copy, Debug)]
+pub struct HboneConn<'a> {
+    /// This node.
+    pub node: &'a str,
+    /// The identity whose certificate this node presented.
+    pub served: &'a Identity,
+    /// The client's authenticated identity.
+    pub peer_id: &'a Identity,
+    /// The connection's source address.
+    pub peer: SocketAddr,
+}
+
+/// Checks a CONNECT stream's request: a local meshed workload, the one whose certificate the
+/// client verified; `Err` is the status to refuse it with. Pure, for the stream-open fuzz target.
+pub fn check_connect(state: &State, conn: &HboneConn<'_>, req: &http::request::Parts) -> Result<Target, StatusCode> {
+    if req.method != http::Method::CONNECT {
+        return Err(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let dst = req.uri.authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()).ok_or(StatusCode::BAD_REQUEST)?;
+    let dst_w = state.workload(dst.ip()).filter(|w| w.node == conn.node && w.protocol == Protocol::Hbone).ok_or(StatusCode::BAD_REQUEST)?;
+    // The stream must target the workload whose certificate the client verified.
+    if state.identity(dst_w) != *conn.served {
+        return Err(StatusCode::MISDIRECTED_REQUEST);
+    }
+    // The client workload: the one `forwarded` names, trusted only when it owns the
+    // authenticated identity; else the connection's source (ztunnel dials from the pod).
+    let owns_identity = |w: &&Workload| state.identity(w) == *conn.peer_id;
+    let src_w = hbone::forwarded_for(&req.headers)
+        .and_then(|ip| state.workload(ip))
+        .filter(owns_identity)
+        .or_else(|| state.workload(conn.peer.ip()).filter(owns_identity));
+    let src_ip = src_w.map_or(conn.peer.ip(), |w| w.ip);
+    Ok(Target { dst, dst_w: dst_w.clone(), src_w: src_w.cloned(), src_ip })
 }
 
 impl StreamCtx {
     async fn stream(&self, req: Request<RecvStream>, mut respond: SendResponse<Bytes>, drain: &drain::Watcher) {
         let (parts, recv) = req.into_parts();
         let state = self.inputs.state.borrow().clone();
-        let target = match self.check(&state, &parts) {
+        let conn = HboneConn { node: &self.inputs.cfg.node_name, served: &self.served, peer_id: &self.peer_id, peer: self.peer };
+        let target = match check_connect(&state, &conn, &parts) {
             Ok(t) => t,
             Err(code) => return respond_status(respond, code),
         };
@@ -218,30 +274,6 @@ impl StreamCtx {
             Err(e) => return tracing::debug!(error = %e, "client reset the stream before 200"),
         };
         relay::relay_tunnel(&mut pod, Tunnel { send, recv }, Opener::Tunnel, record).await;
-    }
-
-    /// Checks the CONNECT: a local meshed workload, the one whose certificate the client verified;
-    /// `Err` is the status to refuse it with.
-    fn check(&self, state: &State, req: &http::request::Parts) -> Result<Target, StatusCode> {
-        if req.method != http::Method::CONNECT {
-            return Err(StatusCode::METHOD_NOT_ALLOWED);
-        }
-        let dst = req.uri.authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()).ok_or(StatusCode::BAD_REQUEST)?;
-        let node = &self.inputs.cfg.node_name;
-        let dst_w = state.workload(dst.ip()).filter(|w| &w.node == node && w.protocol == Protocol::Hbone).ok_or(StatusCode::BAD_REQUEST)?;
-        // The stream must target the workload whose certificate the client verified.
-        if state.identity(dst_w) != self.served {
-            return Err(StatusCode::MISDIRECTED_REQUEST);
-        }
-        // The client workload: the one `forwarded` names, trusted only when it owns the
-        // authenticated identity; else the connection's source (ztunnel dials from the pod).
-        let owns_identity = |w: &&Workload| state.identity(w) == self.peer_id;
-        let src_w = hbone::forwarded_for(&req.headers)
-            .and_then(|ip| state.workload(ip))
-            .filter(owns_identity)
-            .or_else(|| state.workload(self.peer.ip()).filter(owns_identity));
-        let src_ip = src_w.map_or(self.peer.ip(), |w| w.ip);
-        Ok(Target { dst, dst_w: dst_w.clone(), src_w: src_w.cloned(), src_ip })
     }
 
     /// Authorizes the connection and connects to the pod; `Err` is the status to refuse it with.

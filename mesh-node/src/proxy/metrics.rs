@@ -125,6 +125,8 @@ pub struct Metrics {
     pub pool_streams: Gauge,
     pub tls_handshakes: Family<DirectionLabel, Counter>,
     pub tls_errors: Family<DirectionLabel, Counter>,
+    /// HBONE handshakes (TLS + HTTP/2) cut off at `handshake_timeout`.
+    pub handshake_timeouts: Family<DirectionLabel, Counter>,
     pub denials: Family<ReasonLabel, Counter>,
     pub dry_run_denials: Counter,
     /// Requests refused for an invalid JWT, by `mesh_l7::jwt::Error` label.
@@ -144,6 +146,7 @@ impl Metrics {
             pool_streams: Gauge::default(),
             tls_handshakes: Family::default(),
             tls_errors: Family::default(),
+            handshake_timeouts: Family::default(),
             denials: Family::default(),
             dry_run_denials: Counter::default(),
             jwt_failures: Family::default(),
@@ -157,6 +160,11 @@ impl Metrics {
         registry.register("mesh_pool_streams", "HBONE streams open on pooled connections", m.pool_streams.clone());
         registry.register("mesh_tls_handshakes", "Completed mTLS handshakes", m.tls_handshakes.clone());
         registry.register("mesh_tls_handshake_errors", "Failed mTLS handshakes", m.tls_errors.clone());
+        registry.register(
+            "mesh_handshake_timeouts",
+            "HBONE connections closed because TLS and HTTP/2 setup did not finish within MESH_HANDSHAKE_TIMEOUT_SECS",
+            m.handshake_timeouts.clone(),
+        );
         registry.register("mesh_authz_denials", "Connections and requests refused by policy, by reason", m.denials.clone());
         registry.register(
             "mesh_authz_dry_run_denials",
@@ -169,6 +177,10 @@ impl Metrics {
 
     pub fn deny(&self, reason: &'static str) {
         self.denials.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn handshake_timeout(&self, direction: &'static str) {
+        self.handshake_timeouts.get_or_create(&DirectionLabel { direction }).inc();
     }
 
     pub fn handshake(&self, direction: &'static str, ok: bool) {

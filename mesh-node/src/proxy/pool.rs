@@ -175,24 +175,35 @@ impl Pool {
             HboneDial::Node => ServerName::try_from(key.dst.sni()).map_err(|_| tls::Error::ServerName(key.dst.sni()))?,
         };
         let tcp = tokio::io::BufReader::with_capacity(super::TLS_READ_BUF, tcp);
-        let tls = match tokio_rustls::TlsConnector::from(tls_cfg).connect(name, tcp).await {
-            Ok(t) => {
-                self.inputs.metrics.handshake("outbound", true);
-                t
-            }
-            Err(e) => {
-                self.inputs.metrics.handshake("outbound", false);
-                return Err(Error::Io(e));
+        let handshake = async {
+            let tls = match tokio_rustls::TlsConnector::from(tls_cfg).connect(name, tcp).await {
+                Ok(t) => {
+                    self.inputs.metrics.handshake("outbound", true);
+                    t
+                }
+                Err(e) => {
+                    self.inputs.metrics.handshake("outbound", false);
+                    return Err(Error::Io(e));
+                }
+            };
+            Ok(h2::client::Builder::new()
+                .initial_window_size(cfg.stream_window)
+                .initial_connection_window_size(cfg.connection_window)
+                .max_frame_size(cfg.max_frame_size)
+                .max_send_buffer_size(super::send_buffer(cfg))
+                .enable_push(false)
+                .handshake(tls)
+                .await?)
+        };
+        // A peer that accepts and then stalls must not hold the dial (and the connections
+        // waiting on this key) forever.
+        let (sender, conn) = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+            Ok(done) => done?,
+            Err(_) => {
+                self.inputs.metrics.handshake_timeout("outbound");
+                return Err(Error::HandshakeTimeout { peer: key.addr, after: cfg.handshake_timeout });
             }
         };
-        let (sender, conn) = h2::client::Builder::new()
-            .initial_window_size(cfg.stream_window)
-            .initial_connection_window_size(cfg.connection_window)
-            .max_frame_size(cfg.max_frame_size)
-            .max_send_buffer_size(super::send_buffer(cfg))
-            .enable_push(false)
-            .handshake(tls)
-            .await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let addr = key.addr;
         let closed = Arc::new(AtomicBool::new(false));

@@ -66,6 +66,53 @@ async fn hbone_round_trip_carries_bytes_and_reports_istio_metrics() {
     assert_eq!(sample(&m, &["mesh_tls_handshakes_total{", "direction=\"inbound\""]), Some(1.0));
 }
 
+/// A peer that connects and says nothing, or stops mid-ClientHello, is cut off at the handshake
+/// timeout (inbound); a dial to a peer that accepts and then stalls fails the client's connection
+/// at the same timeout instead of holding it forever (outbound). Both are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_are_cut_off_at_the_timeout_both_ways() {
+    let timeout = Duration::from_secs(1);
+    let o = Opts { handshake_timeout: timeout, ..Opts::default() };
+    let ca = std::sync::Arc::new(mesh_node::identity::TestCa::generate(o.cert_ttl).expect("ca"));
+    let n2 = node("n2", N2, 0, &ca, snapshot(vec![], vec![]), &o).await;
+    let inbound = std::net::SocketAddr::new(ip(B), n2.bound.inbound.port());
+    let started = std::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(inbound).await.expect("connect");
+    let mut partial = tokio::net::TcpStream::connect(inbound).await.expect("connect");
+    // A TLS handshake record header announcing 512 bytes, then one byte of them.
+    partial.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.expect("write");
+    for s in [&mut silent, &mut partial] {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("the daemon closes a stalled handshake");
+        assert!(matches!(read, Ok(0) | Err(_)), "nothing is sent to a stalled client: {read:?}");
+    }
+    let waited = started.elapsed();
+    assert!(waited >= timeout - Duration::from_millis(100) && waited < timeout * 4, "closed after {waited:?}");
+    let (_, m) = http_get(n2.bound.metrics, "/metrics").await;
+    assert_eq!(sample(&m, &["mesh_handshake_timeouts_total{", "direction=\"inbound\""]), Some(2.0), "{m}");
+
+    // Node 1 dials pod b's HBONE port, where this listener accepts and never answers.
+    let stall = tokio::net::TcpListener::bind((ip(B), 0)).await.expect("bind");
+    let port = stall.local_addr().expect("addr").port();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = stall.accept().await {
+            held.push(s);
+        }
+    });
+    let n1 = node("n1", N1, port, &ca, snapshot(vec![], vec![]), &o).await;
+    let started = std::time::Instant::now();
+    let mut client = dial_via(&n1, A, std::net::SocketAddr::new(ip(B), 8080)).await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.expect("the client's connection ends");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let waited = started.elapsed();
+    assert!(waited >= timeout - Duration::from_millis(100) && waited < timeout * 4, "ended after {waited:?}");
+    let (_, m) = http_get(n1.bound.metrics, "/metrics").await;
+    assert_eq!(sample(&m, &["mesh_handshake_timeouts_total{", "direction=\"outbound\""]), Some(1.0), "{m}");
+    held.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_multiplexes_streams_up_to_the_limit_and_releases_idle_connections() {
     let opts = Opts { max_streams: 2, idle: Duration::from_millis(300), ..Opts::default() };

@@ -115,6 +115,7 @@ pub struct Opts {
     pub cert_ttl: Duration,
     pub drain_deadline: Duration,
     pub dial: HboneDial,
+    pub handshake_timeout: Duration,
 }
 
 impl Default for Opts {
@@ -125,6 +126,7 @@ impl Default for Opts {
             cert_ttl: Duration::from_hours(1),
             drain_deadline: Duration::from_secs(5),
             dial: HboneDial::Pod,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -146,6 +148,7 @@ pub async fn node(name: &str, node_ip: &str, hbone_port: u16, ca: &Arc<TestCa>, 
     cfg.proxy.pool_idle_timeout = o.idle;
     cfg.drain_deadline = o.drain_deadline;
     cfg.proxy.hbone_dial = o.dial;
+    cfg.proxy.handshake_timeout = o.handshake_timeout;
     cfg.trust_domain = TD.into();
     let (tx, rx) = watch::channel(state(snap));
     let bound = app::build(&cfg, ca.clone(), vec![ca.root()], rx, None).await.expect("daemon starts");

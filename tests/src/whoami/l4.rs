@@ -139,10 +139,9 @@ pub fn bind_listeners(to: &std::path::Path, ports: &[u16]) -> ExitCode {
         Err(e) => return fail(&format!("connect {}: {e}", to.display())),
     };
     let fds: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
-    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
-    match nix::sys::socket::sendmsg::<()>(stream.as_raw_fd(), &[std::io::IoSlice::new(b"listeners\n")], &cmsg, nix::sys::socket::MsgFlags::empty(), None) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => fail(&format!("sendmsg: {e}")),
+    match mesh_node::handoff::send_line(std::os::fd::AsFd::as_fd(&stream), b"listeners\n", &fds) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("send the listeners: {e}")),
     }
 }
 
