@@ -17,9 +17,10 @@ struct Cli {
     /// Use the lab (`cargo xtask lab up`; default when /run/mesh-lab exists). Needs root.
     #[arg(long, global = true, conflicts_with_all = ["kubeconfig", "context"])]
     lab: bool,
-    /// The lab run to address (`mesh-<run>-...` names; an e2e test's own run is `t<pid hex>`).
-    #[arg(long, global = true, default_value = "lab", value_name = "ID")]
-    lab_run: String,
+    /// The lab run to address (`mesh-<run>-...` names; an e2e test's own run is `t<pid hex>`);
+    /// implies `--lab`. Default: `lab`, the run `cargo xtask lab up` starts.
+    #[arg(long, global = true, value_name = "ID", conflicts_with_all = ["kubeconfig", "context"])]
+    lab_run: Option<String>,
     /// Use a cluster through this kubeconfig (else KUBECONFIG, ~/.kube/config, or in-cluster).
     #[arg(long, global = true, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
@@ -127,8 +128,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let choice = Choice {
-        lab: cli.lab,
-        lab_run: cli.lab_run.clone(),
+        lab: cli.lab || cli.lab_run.is_some(),
+        lab_run: cli.lab_run.clone().unwrap_or_else(|| "lab".to_owned()),
         kubeconfig: cli.kubeconfig.clone(),
         context: cli.context.clone(),
         namespace: cli.namespace.clone(),
@@ -199,7 +200,7 @@ mod tests {
             "json",
         ])
         .expect("parse");
-        assert_eq!(cli.lab_run, "t1f");
+        assert_eq!(cli.lab_run.as_deref(), Some("t1f"), "a run names the lab: no kubeconfig is looked for");
         assert_eq!(cli.output, Format::Json);
         let Verb::Explain { http, headers, .. } = cli.verb else {
             panic!("explain")
@@ -207,6 +208,7 @@ mod tests {
         assert_eq!(http.expect("http"), ["POST", "/admin/x"]);
         assert_eq!(headers, ["x-user: a"]);
         assert!(Cli::try_parse_from(["meshctl", "--lab", "--kubeconfig", "k", "status"]).is_err());
+        assert!(Cli::try_parse_from(["meshctl", "--lab-run", "t1", "--context", "c", "status"]).is_err());
         let cli = Cli::try_parse_from(["meshctl", "graph", "--format", "svg", "--file", "g.svg"])
             .expect("parse");
         let Verb::Graph { format, file } = cli.verb else {
