@@ -22,6 +22,7 @@ pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 pub struct Admin {
     listener: TcpListener,
     addr: SocketAddr,
+    refused: proxy::accept::Refused,
     ctx: Arc<Ctx>,
 }
 
@@ -43,9 +44,10 @@ impl Admin {
         ready: Ready,
         log: Option<LogControl>,
         shutdown: watch::Sender<bool>,
+        refused: proxy::accept::Refused,
     ) -> Result<Self, proxy::Error> {
         let (listener, addr) = listen.into().open().await?;
-        Ok(Self { listener, addr, ctx: Arc::new(Ctx { cfg, state, certs, ready, log, shutdown }) })
+        Ok(Self { listener, addr, refused, ctx: Arc::new(Ctx { cfg, state, certs, ready, log, shutdown }) })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -63,7 +65,7 @@ impl Admin {
             let ctx = ctx.clone();
             async move { ctx.handle(&req) }
         });
-        http_util::serve(self.listener, "admin", handler, drain).await;
+        http_util::serve(self.listener, "admin", self.refused, handler, drain).await;
     }
 }
 

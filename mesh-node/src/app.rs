@@ -117,8 +117,9 @@ pub async fn build_with(
     let outbound = Outbound::new(listen(listener::OUTBOUND, cfg.outbound_addr), inputs.clone(), pool.clone(), http.clone()).await?;
     let inbound = Inbound::new(listen(listener::INBOUND, cfg.inbound_addr), inputs.clone(), http.clone()).await?;
     let inbound_plain = InboundPlain::new(listen(listener::INBOUND_PLAINTEXT, cfg.inbound_plain_addr), inputs.clone(), http.clone()).await?;
-    let metrics = metrics::Server::new(listen(listener::METRICS, cfg.metrics_addr), Arc::new(registry), ready.clone()).await?;
-    let admin = Admin::new(listen(listener::ADMIN, cfg.admin_addr), inputs.cfg.clone(), state.clone(), certs.clone(), ready.clone(), log, shutdown.clone()).await?;
+    let refused = inputs.metrics.connections_refused.clone();
+    let metrics = metrics::Server::new(listen(listener::METRICS, cfg.metrics_addr), Arc::new(registry), ready.clone(), refused.clone()).await?;
+    let admin = Admin::new(listen(listener::ADMIN, cfg.admin_addr), inputs.cfg.clone(), state.clone(), certs.clone(), ready.clone(), log, shutdown.clone(), refused).await?;
     let sockets = vec![
         (listener::OUTBOUND, outbound.socket()?),
         (listener::INBOUND, inbound.socket()?),

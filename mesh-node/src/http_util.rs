@@ -28,14 +28,18 @@ pub struct Req {
     pub body: Bytes,
 }
 
-/// Serves `handler` on `listener` (named `name` in logs) until drain, through the proxy's one
-/// accept loop (its backoff keeps a full file table from spinning this loop).
-pub async fn serve<H, F>(listener: TcpListener, name: &'static str, handler: Arc<H>, drain: drain::Watcher)
+/// Connections the metrics and admin servers take at once: scrapers and operators, not traffic.
+pub const LIMITS: crate::proxy::accept::Limits = crate::proxy::accept::Limits { max: 256, per_source: 32 };
+
+/// Serves `handler` on `listener` (named `name` in logs and in `refused`) until drain, through
+/// the proxy's one accept loop (its backoff keeps a full file table from spinning this loop;
+/// connections beyond [`LIMITS`] are closed and counted in `refused`).
+pub async fn serve<H, F>(listener: TcpListener, name: &'static str, refused: crate::proxy::accept::Refused, handler: Arc<H>, drain: drain::Watcher)
 where
     H: Fn(Req) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    crate::proxy::accept::run(listener, name, drain, move |tcp, _peer, watcher| {
+    crate::proxy::accept::run(listener, name, LIMITS, refused, drain, move |tcp, _peer, watcher| {
         // A scraper's keep-alive connection must not hold the daemon's drain open.
         drop(watcher);
         let handler = handler.clone();

@@ -19,12 +19,14 @@ pub struct Server {
     addr: SocketAddr,
     registry: Arc<Registry>,
     ready: Ready,
+    refused: crate::proxy::accept::Refused,
 }
 
 impl Server {
-    pub async fn new(listen: impl Into<crate::proxy::Listen>, registry: Arc<Registry>, ready: Ready) -> Result<Self, crate::proxy::Error> {
+    /// `refused` counts connections beyond [`http_util::LIMITS`].
+    pub async fn new(listen: impl Into<crate::proxy::Listen>, registry: Arc<Registry>, ready: Ready, refused: crate::proxy::accept::Refused) -> Result<Self, crate::proxy::Error> {
         let (listener, addr) = listen.into().open().await?;
-        Ok(Self { listener, addr, registry, ready })
+        Ok(Self { listener, addr, registry, ready, refused })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -55,7 +57,7 @@ impl Server {
                 }
             }
         });
-        http_util::serve(self.listener, "metrics", handler, drain).await;
+        http_util::serve(self.listener, "metrics", self.refused, handler, drain).await;
     }
 }
 

@@ -114,6 +114,8 @@ pub struct Config {
     /// TLS and HTTP/2 handshakes of an HBONE connection, both directions, must finish within
     /// this: a peer that connects and stalls holds a task and a descriptor until then.
     pub handshake_timeout: Duration,
+    /// Connections each proxy listener serves at once, in all and from one source address.
+    pub connection_limits: accept::Limits,
     /// Connect to local pods from the client pod's IP (`IP_TRANSPARENT`); the daemon installs
     /// the policy routing that brings the pods' replies back to it (`crate::routing`).
     pub transparent: bool,
@@ -168,6 +170,7 @@ impl Default for Config {
             pool_idle_timeout: Duration::from_mins(1),
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
+            connection_limits: accept::Limits { max: 50_000, per_source: 10_000 },
             transparent: false,
             hbone_dial: HboneDial::Pod,
             cluster_domain: "cluster.local".into(),

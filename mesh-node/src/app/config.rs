@@ -36,6 +36,8 @@ pub const ENV_HBONE_REDIRECT: &str = "MESH_HBONE_REDIRECT";
 pub const ENV_SOCKET_MARK: &str = "MESH_SOCKET_MARK";
 pub const ENV_JWKS_REFRESH_SECS: &str = "MESH_JWKS_REFRESH_SECS";
 pub const ENV_HANDSHAKE_TIMEOUT_SECS: &str = "MESH_HANDSHAKE_TIMEOUT_SECS";
+pub const ENV_MAX_CONNECTIONS: &str = "MESH_MAX_CONNECTIONS";
+pub const ENV_MAX_CONNECTIONS_PER_SOURCE: &str = "MESH_MAX_CONNECTIONS_PER_SOURCE";
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Config {
@@ -81,6 +83,13 @@ fn boolean(src: &impl Source, var: &'static str, default: bool) -> Result<bool, 
         Some("1" | "true" | "on") => Ok(true),
         Some("0" | "false" | "off") => Ok(false),
         Some(v) => Err(Error::Invalid { var, value: v.into(), reason: "expected true/false".into() }),
+    }
+}
+
+fn at_least_one(src: &impl Source, var: &'static str, default: usize) -> Result<usize, Error> {
+    match parse(src, var, default)? {
+        0 => Err(Error::Invalid { var, value: "0".into(), reason: "must be at least 1".into() }),
+        n => Ok(n),
     }
 }
 
@@ -147,6 +156,10 @@ impl Config {
                 pool_idle_timeout: secs(src, ENV_POOL_IDLE_SECS, d.pool_idle_timeout.as_secs())?,
                 connect_timeout: d.connect_timeout,
                 handshake_timeout: secs(src, ENV_HANDSHAKE_TIMEOUT_SECS, d.handshake_timeout.as_secs())?,
+                connection_limits: proxy::accept::Limits {
+                    max: at_least_one(src, ENV_MAX_CONNECTIONS, d.connection_limits.max)?,
+                    per_source: at_least_one(src, ENV_MAX_CONNECTIONS_PER_SOURCE, d.connection_limits.per_source)?,
+                },
                 transparent: boolean(src, ENV_TRANSPARENT, false)?,
                 hbone_dial: parse(src, ENV_HBONE_DIAL, d.hbone_dial)?,
                 cluster_domain: src.get(ENV_CLUSTER_DOMAIN).unwrap_or(d.cluster_domain),

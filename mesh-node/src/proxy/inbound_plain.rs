@@ -45,7 +45,8 @@ impl InboundPlain {
 
     pub async fn run(self, drain: drain::Watcher) {
         let (inputs, http) = (self.inputs, self.http);
-        accept::run(self.listener, "inbound-plaintext", drain, move |tcp, peer, drain| {
+        let (limits, refused) = (inputs.cfg.connection_limits, inputs.metrics.connections_refused.clone());
+        accept::run(self.listener, "inbound-plaintext", limits, refused, drain, move |tcp, peer, drain| {
             let (inputs, http) = (inputs.clone(), http.clone());
             async move {
                 let dst = match socket::original_dst(&tcp) {

@@ -127,6 +127,8 @@ pub struct Metrics {
     pub tls_errors: Family<DirectionLabel, Counter>,
     /// HBONE handshakes (TLS + HTTP/2) cut off at `handshake_timeout`.
     pub handshake_timeouts: Family<DirectionLabel, Counter>,
+    /// Connections closed at accept by a listener's connection limits (`accept::Limits`).
+    pub connections_refused: super::accept::Refused,
     pub denials: Family<ReasonLabel, Counter>,
     pub dry_run_denials: Counter,
     /// Requests refused for an invalid JWT, by `mesh_l7::jwt::Error` label.
@@ -147,6 +149,7 @@ impl Metrics {
             tls_handshakes: Family::default(),
             tls_errors: Family::default(),
             handshake_timeouts: Family::default(),
+            connections_refused: Family::default(),
             denials: Family::default(),
             dry_run_denials: Counter::default(),
             jwt_failures: Family::default(),
@@ -164,6 +167,11 @@ impl Metrics {
             "mesh_handshake_timeouts",
             "HBONE connections closed because TLS and HTTP/2 setup did not finish within MESH_HANDSHAKE_TIMEOUT_SECS",
             m.handshake_timeouts.clone(),
+        );
+        registry.register(
+            "mesh_connections_refused",
+            "Connections closed at accept because a listener's limit (in all, or per source address) was reached",
+            m.connections_refused.clone(),
         );
         registry.register("mesh_authz_denials", "Connections and requests refused by policy, by reason", m.denials.clone());
         registry.register(

@@ -63,7 +63,8 @@ impl Outbound {
 
     pub async fn run(self, drain: drain::Watcher) {
         let handler = self.handler;
-        accept::run(self.listener, "outbound", drain, move |tcp, peer, drain| {
+        let (limits, refused) = (handler.inputs.cfg.connection_limits, handler.inputs.metrics.connections_refused.clone());
+        accept::run(self.listener, "outbound", limits, refused, drain, move |tcp, peer, drain| {
             let handler = handler.clone();
             async move {
                 let orig = match socket::original_dst(&tcp) {

@@ -113,6 +113,44 @@ async fn stalled_handshakes_are_cut_off_at_the_timeout_both_ways() {
     held.abort();
 }
 
+/// A listener takes at most `per_source` connections from one address and `max` in all: the next
+/// one is closed at once (before any handshake) and counted by reason; a closed connection frees
+/// its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_listener_limits_are_closed_at_accept_and_counted() {
+    let o = Opts { connection_limits: mesh_node::proxy::accept::Limits { max: 3, per_source: 2 }, ..Opts::default() };
+    let ca = std::sync::Arc::new(mesh_node::identity::TestCa::generate(o.cert_ttl).expect("ca"));
+    let n2 = node("n2", N2, 0, &ca, snapshot(vec![], vec![]), &o).await;
+    let inbound = std::net::SocketAddr::new(ip(B), n2.bound.inbound.port());
+    let from = |src: &'static str| async move {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(std::net::SocketAddr::new(ip(src), 0)).expect("bind");
+        sock.connect(inbound).await.expect("connect")
+    };
+    // Closed by the daemon within a second (a refused connection gets EOF or a reset at once; an
+    // admitted one waits for its TLS handshake, 10 s).
+    let closed_soon = |mut s: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 8];
+        matches!(tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+    };
+    let a1 = from(A).await;
+    let a2 = from(A).await;
+    // Let the daemon accept both before the next arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(closed_soon(from(A).await).await, "a third connection from one address is closed");
+    let c1 = from(C).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(closed_soon(from(N1).await).await, "a fourth connection in all is closed");
+    let (_, m) = http_get(n2.bound.metrics, "/metrics").await;
+    let refused = |reason: &str| sample(&m, &["mesh_connections_refused_total{", "listener=\"inbound\"", &format!("reason=\"{reason}\"")]);
+    assert_eq!((refused("source_limit"), refused("listener_limit")), (Some(1.0), Some(1.0)), "{m}");
+    // Closing one frees its place: the source gets a connection again.
+    drop(a1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!closed_soon(from(A).await).await, "a place was freed");
+    drop((a2, c1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_multiplexes_streams_up_to_the_limit_and_releases_idle_connections() {
     let opts = Opts { max_streams: 2, idle: Duration::from_millis(300), ..Opts::default() };

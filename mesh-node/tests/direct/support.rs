@@ -116,6 +116,7 @@ pub struct Opts {
     pub drain_deadline: Duration,
     pub dial: HboneDial,
     pub handshake_timeout: Duration,
+    pub connection_limits: mesh_node::proxy::accept::Limits,
 }
 
 impl Default for Opts {
@@ -127,6 +128,7 @@ impl Default for Opts {
             drain_deadline: Duration::from_secs(5),
             dial: HboneDial::Pod,
             handshake_timeout: Duration::from_secs(10),
+            connection_limits: mesh_node::proxy::Config::default().connection_limits,
         }
     }
 }
@@ -149,6 +151,7 @@ pub async fn node(name: &str, node_ip: &str, hbone_port: u16, ca: &Arc<TestCa>, 
     cfg.drain_deadline = o.drain_deadline;
     cfg.proxy.hbone_dial = o.dial;
     cfg.proxy.handshake_timeout = o.handshake_timeout;
+    cfg.proxy.connection_limits = o.connection_limits;
     cfg.trust_domain = TD.into();
     let (tx, rx) = watch::channel(state(snap));
     let bound = app::build(&cfg, ca.clone(), vec![ca.root()], rx, None).await.expect("daemon starts");
