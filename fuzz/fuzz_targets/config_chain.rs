@@ -15,13 +15,13 @@ use mesh_node::{
     authz::{self, Conn, Decision, HttpRequest},
     identity::Identity,
     kernel_sync::{Desired, identities},
-    state::State,
+    state::{Protocol, State},
 };
 
 /// Ports a kernel entry for "any port" (0) is checked on.
 const ANY_PORT_SAMPLES: [u16; 3] = [1, 80, 8080];
 
-fn kernel_denies_only_what_the_daemon_denies(state: &State, node: &str, desired: &Desired) {
+fn kernel_denies_only_what_the_daemon_denies(state: &State, desired: &Desired) {
     let names = identities(state);
     let headers = http::HeaderMap::new();
     let plain_get = HttpRequest { method: "GET", path: "/", host: None, headers: &headers, auth: None };
@@ -30,7 +30,14 @@ fn kernel_denies_only_what_the_daemon_denies(state: &State, node: &str, desired:
         let src: Identity = name(rule.src_identity).parse().unwrap_or_else(|e| panic!("kernel source identity: {e}"));
         let dst_name = name(rule.dst_identity);
         let ports: &[u16] = if rule.port == 0 { &ANY_PORT_SAMPLES } else { std::slice::from_ref(&rule.port) };
-        let targets = state.workloads.values().filter(|w| w.node == node && &state.identity(w).to_string() == dst_name);
+        // The kernel checks at the source's connect() by the destination endpoint's identity:
+        // the entry denies every endpoint with that identity, on any node. Each must be a
+        // workload the daemon authorizes (meshed) and denies.
+        for e in desired.endpoints.iter().filter(|e| e.identity == rule.dst_identity) {
+            let w = state.workload(e.addr).unwrap_or_else(|| panic!("the kernel denies {src} -> {} ({dst_name}), an endpoint the daemon knows no workload of", e.addr));
+            assert!(w.protocol == Protocol::Hbone, "the kernel denies {src} -> {} ({dst_name}), an unmeshed workload no daemon authorizes", w.ip);
+        }
+        let targets = state.workloads.values().filter(|w| &state.identity(w).to_string() == dst_name);
         for dst in targets {
             for &port in ports {
                 for http in [None, Some(plain_get)] {
@@ -65,6 +72,6 @@ fuzz_target!(|data: &[u8]| {
             Err(e) => panic!("node {node} could not build a state from the controller's view: {e}"),
         };
         let desired = mesh_node::kernel_sync::translate(&node_state, node, &BTreeMap::new());
-        kernel_denies_only_what_the_daemon_denies(&node_state, node, &desired);
+        kernel_denies_only_what_the_daemon_denies(&node_state, &desired);
     }
 });

@@ -94,7 +94,7 @@ pub fn translate_with(state: &State, node: &str, cgroups: &BTreeMap<PathBuf, Vec
         services: services(state, ejected),
         pods,
         endpoints: endpoints.into_values().collect(),
-        deny: deny_rules(state, &local, &ids),
+        deny: deny_rules(state, &ids),
     }
 }
 
@@ -134,14 +134,35 @@ fn services(state: &State, ejected: Ejected<'_>) -> Vec<ServiceSpec> {
 
 /// The kernel enforces the simplest and most common deny: a non-dry-run DENY rule whose sources
 /// are exact principals only and whose operations are ports only. Everything else (wildcards,
-/// namespaces, IP blocks, negations, L7) is left to the daemon, which enforces every rule.
-fn deny_rules(state: &State, local: &[&Workload], ids: &Ids) -> Vec<DenyRule> {
+/// namespaces, IP blocks, negations, L7, request principals) is left to the daemon, which
+/// enforces every rule.
+///
+/// The kernel checks an entry at the source's `connect()` by the destination endpoint's
+/// identity, so an entry for identity D refuses connections to every endpoint with identity D,
+/// on any node. A policy therefore compiles to entries only for the identities whose every
+/// endpoint it selects: a ServiceAccount shared with workloads the selector leaves out, an
+/// unmeshed workload (no daemon authorizes it, so nothing denies it) or an endpoint whose
+/// labels the node does not know keep that identity with the daemon.
+fn deny_rules(state: &State, ids: &Ids) -> Vec<DenyRule> {
+    let identity_of = |w: &Workload| state.identity(w).to_string();
+    let unlabeled: BTreeSet<&str> = state
+        .services
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .filter(|e| state.workload(e.address).map(identity_of).as_deref() != e.identity.as_deref())
+        .filter_map(|e| e.identity.as_deref())
+        .collect();
     let mut out = BTreeSet::new();
     for p in state.policies.iter().filter(|p| p.action == Action::Deny && !p.dry_run) {
-        let targets: Vec<u32> = local
-            .iter()
-            .filter(|w| authz::applies(p, &state.root_namespace, w))
-            .map(|w| ids.of(&state.identity(w).to_string()))
+        let (mut selected, mut left_out) = (BTreeSet::new(), BTreeSet::new());
+        for w in state.workloads.values() {
+            let whole = w.protocol == WorkloadProtocol::Hbone && authz::applies(p, &state.root_namespace, w);
+            if whole { &mut selected } else { &mut left_out }.insert(identity_of(w));
+        }
+        let targets: Vec<u32> = selected
+            .difference(&left_out)
+            .filter(|id| !unlabeled.contains(id.as_str()))
+            .map(|id| ids.of(id))
             .filter(|&id| id != 0)
             .collect();
         for (principals, ports) in kernel_expressible(p) {
@@ -310,6 +331,32 @@ mod tests {
         let mut dry = deny(&["cluster.local/ns/demo/sa/client"], &[]);
         dry.dry_run = true;
         assert!(translate(&state(vec![dry], vec![]), "n1", &cgroups()).deny.is_empty(), "dry-run never enforces");
+    }
+
+    /// A kernel entry denies by identity: a policy selecting only some of the workloads of a
+    /// ServiceAccount (or an unmeshed one) must not deny the others in the kernel.
+    #[test]
+    fn denies_reach_the_kernel_only_for_identities_the_policy_selects_whole() {
+        let mut snap = state(vec![], vec![]).snapshot();
+        // A second workload as `server`, with other labels, on another node.
+        let mut twin = workload("twin", "n2", [198, 18, 2, 13], "server", true);
+        twin.labels = BTreeMap::from([("app".to_owned(), "twin".to_owned())]);
+        snap.workloads.push(twin);
+        let build = |policies: Vec<Policy>, snap: &Snapshot| {
+            let mut snap = snap.clone();
+            snap.policies = policies;
+            State::build("cluster.local", "mesh-system", snap).expect("state")
+        };
+        let only_server = deny(&["cluster.local/ns/demo/sa/client"], &[8080]);
+        assert!(translate(&build(vec![only_server.clone()], &snap), "n1", &cgroups()).deny.is_empty(), "twin shares the identity and is not selected");
+        let mut both = only_server;
+        both.selector = None;
+        assert_eq!(translate(&build(vec![both.clone()], &snap), "n1", &cgroups()).deny.len(), 2, "client and server: every meshed workload of both identities is selected; plain is unmeshed");
+        let mut unmeshed = snap.clone();
+        unmeshed.workloads.iter_mut().find(|w| w.name == "twin").expect("twin").protocol = WorkloadProtocol::Tcp;
+        let d = translate(&build(vec![both], &unmeshed), "n1", &cgroups());
+        let server_id = d.endpoints.iter().find(|e| e.addr == IpAddr::from([198, 18, 1, 13])).expect("server").identity;
+        assert!(d.deny.iter().all(|r| r.dst_identity != server_id), "no daemon authorizes the unmeshed twin: nothing may deny it in the kernel");
     }
 
     /// "Deny the client's requests that carry a JWT" is per request: a kernel entry would refuse
