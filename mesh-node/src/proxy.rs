@@ -84,6 +84,8 @@ pub enum Error {
     ConnectTimeout(SocketAddr),
     #[error("TLS and HTTP/2 handshake with {peer} not done after {after:?} (MESH_HANDSHAKE_TIMEOUT_SECS)")]
     HandshakeTimeout { peer: SocketAddr, after: Duration },
+    #[error("HBONE CONNECT to {peer} not answered after {after:?} (MESH_HANDSHAKE_TIMEOUT_SECS)")]
+    ConnectUnanswered { peer: SocketAddr, after: Duration },
     #[error("source {0} is not a meshed workload of this node")]
     UnknownSource(std::net::IpAddr),
     #[error("connection to the proxy's own listener {0} (not redirected)")]
@@ -111,8 +113,9 @@ pub struct Config {
     /// Pooled connections with no stream for this long are closed.
     pub pool_idle_timeout: Duration,
     pub connect_timeout: Duration,
-    /// TLS and HTTP/2 handshakes of an HBONE connection, both directions, must finish within
-    /// this: a peer that connects and stalls holds a task and a descriptor until then.
+    /// TLS and HTTP/2 handshakes of an HBONE connection, both directions, and the answer to an
+    /// outbound CONNECT must come within this: a peer that stalls holds a task and a descriptor
+    /// (and the client waiting on it) until then.
     pub handshake_timeout: Duration,
     /// Connections each proxy listener serves at once, in all and from one source address.
     pub connection_limits: accept::Limits,

@@ -131,7 +131,17 @@ impl Pool {
             Err(Error::H2(e)) if e.is_go_away() || e.is_io() => self.send_connect(key, req()).await?,
             r => r?,
         };
-        let resp = response.await?;
+        // The peer answers once it has connected to the pod (within its own connect timeout);
+        // one that never answers must not hold the client's connection forever. Dropping the
+        // stream's handles resets it.
+        let after = self.inputs.cfg.handshake_timeout;
+        let resp = match tokio::time::timeout(after, response).await {
+            Ok(resp) => resp?,
+            Err(_) => {
+                self.inputs.metrics.handshake_timeout("outbound");
+                return Err(Error::ConnectUnanswered { peer: key.addr, after });
+            }
+        };
         if resp.status() != http::StatusCode::OK {
             return Err(Error::Status(resp.status()));
         }

@@ -67,6 +67,11 @@ struct Seen {
 
 /// A ztunnel-shaped HBONE server for workload `served` at `listener`'s address.
 fn fake_ztunnel_inbound(listener: TcpListener, ca: Arc<TestCa>, served: Identity) -> Arc<Mutex<Vec<Seen>>> {
+    fake_inbound(listener, ca, served, true)
+}
+
+/// [`fake_ztunnel_inbound`], or (`answer` false) one that takes the CONNECT and never answers.
+fn fake_inbound(listener: TcpListener, ca: Arc<TestCa>, served: Identity, answer: bool) -> Arc<Mutex<Vec<Seen>>> {
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let log = seen.clone();
     tokio::spawn(async move {
@@ -106,6 +111,9 @@ fn fake_ztunnel_inbound(listener: TcpListener, ca: Arc<TestCa>, served: Identity
                         let code = if ok { StatusCode::OK } else { StatusCode::BAD_REQUEST };
                         s.status = Some(code);
                         log.lock().expect("lock").push(s);
+                        if !answer {
+                            std::future::pending::<()>().await;
+                        }
                         if ok {
                             tokio::spawn(async move {
                                 if let Ok(up) = hyper::upgrade::on(req).await {
@@ -156,6 +164,30 @@ async fn our_outbound_meets_a_ztunnel_inbound_at_the_pod_address_without_sni() {
     assert_eq!(s.authority.as_deref(), Some("127.0.0.3:8080"));
     assert_eq!(s.status, Some(StatusCode::OK));
     assert_eq!(s.client_identity.as_ref().map(ToString::to_string).as_deref(), Some("spiffe://cluster.local/ns/default/sa/a"));
+}
+
+/// A peer that completes TLS and HTTP/2 and then never answers the CONNECT: the client's
+/// connection ends at the timeout (counted) instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_the_peer_never_answers_ends_at_the_timeout() {
+    let ca = Arc::new(TestCa::generate(Duration::from_hours(1)).expect("ca"));
+    let snap = snapshot(vec![], vec![]);
+    let b = snap.workloads.iter().find(|w| w.ip == ip(B)).expect("b").clone();
+    let listener = TcpListener::bind((ip(B), 0)).await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = fake_inbound(listener, ca.clone(), identity(&b), false);
+    let timeout = Duration::from_secs(1);
+    let n1 = node("n1", N1, port, &ca, snap, &Opts { handshake_timeout: timeout, ..Opts::default() }).await;
+    let started = std::time::Instant::now();
+    let mut client = dial_via(&n1, A, SocketAddr::new(ip(B), 8080)).await;
+    let mut buf = [0u8; 8];
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.expect("the client's connection ends");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let waited = started.elapsed();
+    assert!(waited >= timeout - Duration::from_millis(100) && waited < timeout * 4, "ended after {waited:?}");
+    assert_eq!(seen.lock().expect("lock").len(), 1, "the CONNECT reached the peer");
+    let (_, m) = http_get(n1.bound.metrics, "/metrics").await;
+    assert_eq!(sample(&m, &["mesh_handshake_timeouts_total{", "direction=\"outbound\""]), Some(1.0), "{m}");
 }
 
 /// Two pods of one identity on node 2 (b at 127.0.0.3, b-1 at 127.0.0.7): open one stream to
