@@ -272,10 +272,8 @@ impl ca_pb::certificates_server::Certificates for CaService {
     ) -> Result<Response<ca_pb::CreateCertificateResponse>, Status> {
         let s = &self.0;
         let refuse = |reason, status| s.refused(reason, status);
-        let node = s
-            .verified_node(&req, "certificate request")
-            .map_err(|e| refuse(e.reason(), Status::unauthenticated(e.to_string())))?
-            .name;
+        let verified = s.verified_node(&req, "certificate request").map_err(|e| refuse(e.reason(), Status::unauthenticated(e.to_string())))?;
+        let node = verified.name;
         let r = req.into_inner();
         let id = s.ca.parse_identity(&r.identity).map_err(|e| {
             tracing::warn!(node, identity = r.identity, "certificate request refused: {e}");
@@ -294,6 +292,11 @@ impl ca_pb::certificates_server::Certificates for CaService {
         }
         let ttl = crate::ca::ttl(r.ttl_seconds, s.default_ttl, crate::ca::MAX_TTL)
             .map_err(|e| refuse("invalid_ttl", Status::invalid_argument(e.to_string())))?;
+        // Never beyond the node certificate the request came with: a node the mesh stops
+        // renewing (removed, or its credential revoked) loses its workloads' certificates at
+        // most one node lifetime later, not a workload lifetime later.
+        let node_left = verified.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+        let ttl = ttl.min(node_left).max(Duration::from_secs(1));
         let signed = s.ca.sign_workload(&r.csr_pem, &r.identity, ttl).map_err(|e| {
             tracing::warn!(node, identity = r.identity, "certificate request refused: {e}");
             refuse("invalid_csr", Status::invalid_argument(e.to_string()))

@@ -208,6 +208,11 @@ async fn ca_signs_only_identities_running_on_the_node_of_the_client_certificate(
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     assert!((now + 590..=now + 610).contains(&ok.not_after_unix), "ttl honoured: {} vs {now}", ok.not_after_unix);
 
+    // An hour asked for (the CA allows up to a week): capped at the node certificate's end.
+    let long = ca_pb::CreateCertificateRequest { ttl_seconds: 3600, ..req("spiffe://cluster.local/ns/demo/sa/whoami") };
+    let capped = n1.create_certificate(long).await.expect("issued").into_inner();
+    assert!((now + 590..=now + 610).contains(&capped.not_after_unix), "never beyond the 10-minute node certificate: {} vs {now}", capped.not_after_unix);
+
     // db runs only on n2: n1's certificate cannot get it; n2's can.
     let e = n1.create_certificate(req("spiffe://cluster.local/ns/demo/sa/db")).await.expect_err("not on n1");
     assert_eq!(e.code(), Code::PermissionDenied);
@@ -224,7 +229,7 @@ async fn ca_signs_only_identities_running_on_the_node_of_the_client_certificate(
     r.metadata_mut().insert(mesh_proto::NODE_NAME_HEADER, MetadataValue::from_static("n1"));
     let e = anonymous.create_certificate(r).await.expect_err("no client certificate");
     assert_eq!(e.code(), Code::Unauthenticated);
-    assert_eq!(h.shared.metrics.certificates_issued.get(), 2);
+    assert_eq!(h.shared.metrics.certificates_issued.get(), 3);
     assert_eq!(h.shared.metrics.certificate_refusals.get_or_create(&ReasonLabels { reason: "not_on_node" }).get(), 2);
 }
 
