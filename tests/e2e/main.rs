@@ -412,7 +412,9 @@ fn daemons_killed_and_restarted_without_the_controller_keep_enforcing_the_last_c
 fn traffic_keeps_flowing_without_the_controller_and_changes_catch_up_on_restart() {
     let mut c = cluster();
     c.stop_control();
-    let t = answered(&c.dial("n1p1", vip(), &["--count", "12"]).expect("dial"));
+    // 40 connections: with three equal backends picked at random, 12 left one out 2.3 % of the
+    // time (a CI run failed so); 40 leave one out with probability 3 × (2/3)^40 ≈ 3e-7.
+    let t = answered(&c.dial("n1p1", vip(), &["--count", "40"]).expect("dial"));
     assert!(!t.contains_key("FAILED") && t.len() == 3, "last good config keeps serving: {t:?}");
     c.apply_policy("deny", DENY).expect("write policy while the controller is down");
     std::thread::sleep(Duration::from_millis(500));
