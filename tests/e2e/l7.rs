@@ -261,11 +261,14 @@ fn fault_injection_delays_and_aborts_the_configured_shares() {
     let total = r.scheduled as f64;
     let aborted = r.status.get("503").copied().unwrap_or(0) as f64;
     assert_eq!(r.errors, 0, "every request answered: {r:?}");
-    assert!((aborted / total - 0.30).abs() <= 0.03, "30 % ± 3 aborted: {aborted} of {total}");
+    // ± 5 points: 4.5 standard deviations of a 30 % (and a 50 %) share over 2,000 requests, so
+    // chance fails no run in practice (± 3 failed about one run in a hundred) while a wrong share
+    // still does.
+    assert!((aborted / total - 0.30).abs() <= 0.05, "30 % ± 5 aborted: {aborted} of {total}");
     // Flags as Istio reports them: DI delayed and forwarded, FI aborted at once, DI,FI both.
     let delta = |flags: &str| flagged(&after, flags) - flagged(&before, flags);
     let (di, fi, both) = (delta("DI"), delta("FI"), delta("DI,FI"));
-    assert!(((di + both) / total - 0.50).abs() <= 0.03, "50 % ± 3 delayed: DI {di} + DI,FI {both} of {total}");
+    assert!(((di + both) / total - 0.50).abs() <= 0.05, "50 % ± 5 delayed: DI {di} + DI,FI {both} of {total}");
     assert_eq!(fi + both, aborted, "every 503 is flagged FI");
     // The latency distribution shows the delay: well under half the requests are fast.
     assert!((200_000..400_000).contains(&r.p90_us), "p90 {} µs: the 200 ms delay", r.p90_us);
