@@ -163,10 +163,7 @@ impl Config {
                 transparent: boolean(src, ENV_TRANSPARENT, false)?,
                 hbone_dial: parse(src, ENV_HBONE_DIAL, d.hbone_dial)?,
                 cluster_domain: src.get(ENV_CLUSTER_DOMAIN).unwrap_or(d.cluster_domain),
-                jwks_refresh: match secs(src, ENV_JWKS_REFRESH_SECS, d.jwks_refresh.as_secs())? {
-                    r if r.is_zero() => return Err(Error::Invalid { var: ENV_JWKS_REFRESH_SECS, value: "0".into(), reason: "must be at least 1".into() }),
-                    r => r,
-                },
+                jwks_refresh: secs(src, ENV_JWKS_REFRESH_SECS, d.jwks_refresh.as_secs())?,
                 socket_mark: mark(src, ENV_SOCKET_MARK, d.socket_mark)?,
             },
             trust_domain: src.get(ENV_TRUST_DOMAIN).unwrap_or_else(|| "cluster.local".into()),
@@ -183,10 +180,7 @@ impl Config {
             drain_deadline: secs(src, ENV_DRAIN_DEADLINE_SECS, 10)?,
             log_json,
             datapath: boolean(src, ENV_DATAPATH, true)?,
-            worker_threads: match parse(src, ENV_WORKER_THREADS, 1usize)? {
-                0 => return Err(Error::Invalid { var: ENV_WORKER_THREADS, value: "0".into(), reason: "must be at least 1".into() }),
-                n => n,
-            },
+            worker_threads: at_least_one(src, ENV_WORKER_THREADS, 1)?,
             hbone_redirect: boolean(src, ENV_HBONE_REDIRECT, true)?,
         })
     }

@@ -82,12 +82,8 @@ async fn stalled_handshakes_are_cut_off_at_the_timeout_both_ways() {
     // A TLS handshake record header announcing 512 bytes, then one byte of them.
     partial.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.expect("write");
     for s in [&mut silent, &mut partial] {
-        let mut buf = [0u8; 16];
-        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("the daemon closes a stalled handshake");
-        assert!(matches!(read, Ok(0) | Err(_)), "nothing is sent to a stalled client: {read:?}");
+        ends_at_timeout(s, started, timeout).await;
     }
-    let waited = started.elapsed();
-    assert!(waited >= timeout - Duration::from_millis(100) && waited < timeout * 4, "closed after {waited:?}");
     let (_, m) = http_get(n2.bound.metrics, "/metrics").await;
     assert_eq!(sample(&m, &["mesh_handshake_timeouts_total{", "direction=\"inbound\""]), Some(2.0), "{m}");
 
@@ -103,11 +99,7 @@ async fn stalled_handshakes_are_cut_off_at_the_timeout_both_ways() {
     let n1 = node("n1", N1, port, &ca, snapshot(vec![], vec![]), &o).await;
     let started = std::time::Instant::now();
     let mut client = dial_via(&n1, A, std::net::SocketAddr::new(ip(B), 8080)).await;
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.expect("the client's connection ends");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    let waited = started.elapsed();
-    assert!(waited >= timeout - Duration::from_millis(100) && waited < timeout * 4, "ended after {waited:?}");
+    ends_at_timeout(&mut client, started, timeout).await;
     let (_, m) = http_get(n1.bound.metrics, "/metrics").await;
     assert_eq!(sample(&m, &["mesh_handshake_timeouts_total{", "direction=\"outbound\""]), Some(1.0), "{m}");
     held.abort();

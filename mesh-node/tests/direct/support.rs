@@ -231,6 +231,16 @@ pub async fn echo_round_trip(mut s: TcpStream, data: &[u8]) -> Vec<u8> {
     back
 }
 
+/// Waits (up to 5 s) for the daemon to end `s` without sending anything, and checks that it did
+/// so at `timeout` after `started`: not before, nor much later.
+pub async fn ends_at_timeout(s: &mut TcpStream, started: std::time::Instant, timeout: Duration) {
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("the connection ends");
+    assert!(matches!(read, Ok(0) | Err(_)), "nothing is sent before the end: {read:?}");
+    let waited = started.elapsed();
+    assert!(waited >= timeout - Duration::from_millis(100) && waited < timeout * 4, "ended after {waited:?}");
+}
+
 /// Writes a little and expects to read it back on a connection kept open.
 pub async fn ping(s: &mut TcpStream, msg: &[u8]) {
     s.write_all(msg).await.expect("write");
