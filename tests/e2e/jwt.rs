@@ -58,15 +58,20 @@ fn request_authentication_verifies_tokens_and_policies_read_their_principal_and_
         (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let valid = first.sign(&claims(&json!({})));
-    // Both daemons fetch the key set before the first token verifies on each; the policy's
-    // /private/* rule applies as soon as it arrives.
+    // Both daemons fetch the key set before the first token verifies on each. A 200 alone
+    // proves nothing: before the policies arrive every request is allowed, token or not. So
+    // first each node must have fetched the set (it fetches only once the policies name the
+    // URI); the key server may start after the first attempt, and a retry follows in 2 s.
+    let fetched_ok = |n: u8| sample(&metrics(&c, n), &["mesh_jwks_fetches_total{", "result=\"ok\""]);
     let mut last = (String::new(), String::new());
     let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        eventually("the policies and the fetched keys on both nodes", Duration::from_secs(10), || {
-            (0..6).all(|_| {
-                last = get("/private/x", Some(&valid));
-                last.0 == "200"
-            })
+        eventually("the policies and the fetched keys on both nodes", Duration::from_secs(30), || {
+            fetched_ok(1) >= 1.0
+                && fetched_ok(2) >= 1.0
+                && (0..6).all(|_| {
+                    last = get("/private/x", Some(&valid));
+                    last.0 == "200"
+                })
         })
     }));
     if waited.is_err() {

@@ -14,12 +14,14 @@ mod upgrade;
 
 use std::{
     net::SocketAddr,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use mesh_tests::{
-    LabSpec, require_root,
+    LabSpec,
+    capture::Capture,
+    require_root,
     cluster::{APP_PORT, Binaries, Cluster, HTTP_PORT, METRICS_PORT, TCP_SERVICE_PORT, VIP, VIP_V2},
 };
 
@@ -109,23 +111,8 @@ fn services_balance_across_nodes_and_a_removed_backend_gets_no_new_connections()
 
 /// Captures the underlay bridge while `traffic` runs; returns the raw pcap bytes.
 fn capture_underlay(c: &Cluster, traffic: impl FnOnce()) -> Vec<u8> {
-    let ul = format!("--net=/run/netns/mesh-{}-ul", c.lab.spec.run);
     let file = std::env::temp_dir().join(format!("mesh-{}-ul.pcap", c.lab.spec.run));
-    let mut dump = Command::new("nsenter")
-        .args([ul.as_str(), "tcpdump", "-i", "br0", "-U", "-s", "0", "-w"])
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tcpdump");
-    std::thread::sleep(Duration::from_millis(700));
-    traffic();
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = dump.kill();
-    let _ = dump.wait();
-    let bytes = std::fs::read(&file).expect("pcap");
-    let _ = std::fs::remove_file(&file);
-    bytes
+    Capture::around(&format!("mesh-{}-ul", c.lab.spec.run), "br0", &file, traffic).expect("capture the underlay")
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

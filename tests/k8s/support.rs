@@ -5,11 +5,11 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use mesh_tests::{image, k8s::KubeCluster};
+use mesh_tests::{capture::Capture, image, k8s::KubeCluster};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -157,23 +157,8 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
 
 /// Captures what crosses node `i`'s underlay link while `traffic` runs.
 pub fn capture(c: &KubeCluster, i: u8, traffic: impl FnOnce()) -> Vec<u8> {
-    let ns = format!("--net=/run/netns/{}", c.lab.node(i).netns);
     let file = std::env::temp_dir().join(format!("mesh-{}-n{i}.pcap", c.lab.spec.run));
-    let mut dump = Command::new("nsenter")
-        .args([ns.as_str(), "tcpdump", "-i", "eth0", "-U", "-s", "0", "-w"])
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tcpdump");
-    std::thread::sleep(Duration::from_millis(700));
-    traffic();
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = dump.kill();
-    let _ = dump.wait();
-    let bytes = std::fs::read(&file).expect("pcap");
-    let _ = std::fs::remove_file(&file);
-    bytes
+    Capture::around(&c.lab.node(i).netns, "eth0", &file, traffic).expect("capture the node's link")
 }
 
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {

@@ -2,7 +2,7 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::Duration,
 };
 
@@ -250,20 +250,10 @@ impl MeshLab {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     }
 
-    /// tcpdump on the underlay bridge, printing payloads as text once finished.
+    /// tcpdump on the underlay bridge (TCP only), printing payloads as text once finished.
     pub fn capture_underlay(&self) -> Capture {
-        let file = self.dir.join("underlay.pcap");
         let ul = format!("mesh-{}-ul", self.lab.spec.run);
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ul, "tcpdump", "-i", "br0", "-U", "-s", "0", "-w"])
-            .arg(&file)
-            .arg("tcp")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tcpdump");
-        std::thread::sleep(Duration::from_millis(500));
-        Capture { child, file }
+        Capture(mesh_tests::capture::Capture::start(&ul, "br0", &self.dir.join("underlay.pcap"), &["tcp"]).expect("capture the underlay"))
     }
 }
 
@@ -287,20 +277,23 @@ impl Drop for MeshLab {
     }
 }
 
-pub struct Capture {
-    child: Child,
-    file: PathBuf,
-}
+pub struct Capture(mesh_tests::capture::Capture);
 
 impl Capture {
     /// Stops tcpdump and returns the packets with their payload as ASCII.
-    pub fn finish(mut self) -> String {
-        std::thread::sleep(Duration::from_millis(300));
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT);
-        }
-        let _ = self.child.wait();
-        let out = sh("tcpdump", &["-nn", "-A", "-r", self.file.to_str().expect("utf-8")]);
+    pub fn finish(self) -> String {
+        let pcap = self.0.finish().expect("the capture");
+        let mut decode = Command::new("tcpdump")
+            .args(["-nn", "-A", "-r", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump -r");
+        let mut stdin = decode.stdin.take().expect("piped");
+        let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &pcap));
+        let out = decode.wait_with_output().expect("tcpdump -r");
+        writer.join().expect("writer").expect("write the pcap to tcpdump");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }

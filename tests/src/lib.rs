@@ -13,6 +13,7 @@
 //! No namespace has a default route. Everything created carries the prefix `mesh-` and the run
 //! id, and is removed on drop (also while a test panics) and by [`clean::clean_all`].
 
+pub mod capture;
 pub mod clean;
 pub mod cluster;
 pub mod image;
