@@ -95,8 +95,9 @@ fn daemons_upgraded_under_load_lose_no_request_and_no_connection() {
     let failed_connects: Vec<&String> = connected.iter().filter(|l| !l.starts_with("connected ")).collect();
 
     assert!(upgrades_took < Duration::from_secs(22), "the upgrades ran while the load did: {upgrades_took:?}");
-    for r in [&h1, &h2] {
-        assert_eq!((r.ok, r.errors), (r.scheduled, 0), "no {} request failed across {} upgrades: {r:?}", r.protocol, 2 * ROUNDS);
+    for (r, log) in [(&h1, &h1_log), (&h2, &h2_log)] {
+        let failures: Vec<String> = lines(log).into_iter().filter(|l| l.starts_with("http-load: request failed")).collect();
+        assert_eq!((r.ok, r.errors), (r.scheduled, 0), "no {} request failed across {} upgrades: {r:?}; the client saw: {failures:#?}", r.protocol, 2 * ROUNDS);
     }
     assert!(rr_status.success() && !rr_lines.iter().any(|l| l.starts_with("error")), "every long-lived stream kept its bytes: {rr_lines:?}");
     assert!(rr_lines.iter().filter(|l| l.contains("\"kind\":\"rr\"")).count() >= 2, "streams ran throughout: {rr_lines:?}");
