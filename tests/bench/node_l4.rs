@@ -7,8 +7,13 @@
 //! ```
 //!
 //! Pinning (2 cores): load generators (iperf3 client and server, the latency/connection client)
-//! on CPU 0, both daemons on CPU 1. "direct" removes node 1's capture rule, nothing else.
+//! on CPU 0, both daemons on CPU 1. "direct" removes the capture rules, nothing else.
 //! Results are in `bench/results/node-l4.md`.
+//!
+//! With `MESH_BENCH_ZTUNNEL=<ztunnel binary>` a second lab runs a real ztunnel pair (see
+//! `mesh_tests::ztunnel`: dedicated mode in the two pods, ztunnel's fake CA, iptables capture in
+//! the client pod), pinned as ours, its rounds interleaved with ours, each pair against its own
+//! direct baseline; a side-by-side table follows. Results in `bench/results/ztunnel.md`.
 
 #[path = "../node/mesh.rs"]
 #[allow(dead_code, reason = "shared with the node suite; the benchmark uses part of it")]
@@ -21,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh::{MeshLab, Options};
+use mesh::{MeshLab, Options, Proxy};
 
 const ROUNDS: usize = 5;
 const IPERF_SECS: &str = "5";
@@ -40,57 +45,118 @@ struct Samples {
     conn_p50_us: Vec<f64>,
 }
 
+/// One proxy pair under test, in its own lab, with its own direct baseline.
+struct Arm {
+    name: &'static str,
+    lab: MeshLab,
+    mesh: Samples,
+    direct: Samples,
+}
+
 #[test]
 #[ignore = "benchmark: run explicitly with --ignored (see the module doc)"]
 fn node_l4_mesh_vs_direct() {
     mesh_tests::require_root();
-    let mut m = MeshLab::start_with(Options { bench: true, ..Options::default() });
-    let server = m.lab.pod("n2p1").ip;
-    let _iperf = m.lab.spawn_in_pod("n2p1", "taskset", &["-c", "0", "iperf3", "-s", "-p", "5201"]).expect("iperf3 -s");
+    let bench = Options { bench: true, ..Options::default() };
+    let mut arms = vec![Arm { name: "mesh-node", lab: MeshLab::start_with(bench), mesh: Samples::default(), direct: Samples::default() }];
+    // MESH_BENCH_ZTUNNEL (or MESH_ZTUNNEL_BIN): a real ztunnel pair beside ours, interleaved.
+    match mesh_tests::ztunnel::binary().expect("the ztunnel binary") {
+        Some(bin) => {
+            println!("ztunnel arm: {} (dedicated mode in the pods, iptables OUTPUT capture; pinned as ours)", bin.display());
+            let lab = MeshLab::start_with(Options { proxies: [Proxy::Ztunnel; 2], ..bench });
+            arms.push(Arm { name: "ztunnel", lab, mesh: Samples::default(), direct: Samples::default() });
+        }
+        None => println!("no ztunnel arm: set MESH_BENCH_ZTUNNEL to a ztunnel binary to measure one beside ours"),
+    }
+    let mut iperf_servers = Vec::new();
+    for arm in &mut arms {
+        iperf_servers.push(arm.lab.lab.spawn_in_pod("n2p1", "taskset", &["-c", "0", "iperf3", "-s", "-p", "5201"]).expect("iperf3 -s"));
+        arm.lab.set_capture(false);
+    }
     std::thread::sleep(Duration::from_millis(300));
-    let (mut mesh_s, mut direct_s) = (Samples::default(), Samples::default());
     for round in 0..ROUNDS {
-        for meshed in [true, false] {
-            m.set_capture(meshed);
-            let s = if meshed { &mut mesh_s } else { &mut direct_s };
-            let cpu0 = m.daemon_cpu_secs();
-            // MESH_BENCH_PERF=<file>: profile both daemons during the first meshed bulk run.
-            let perf = std::env::var("MESH_BENCH_PERF").ok().filter(|_| meshed && round == 0).map(|out| {
-                let pids = m.daemon_pids();
-                Command::new("perf")
-                    .args(["record", "-F", "2000", "-g", "-o", &out, "-p", &format!("{},{}", pids.0, pids.1), "--", "sleep", "3"])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .expect("perf")
-            });
-            let (gbps, bytes) = iperf3(&m, &server.to_string());
-            if let Some(mut p) = perf {
-                let _ = p.wait();
+        for arm in &mut arms {
+            for meshed in [true, false] {
+                let s = if meshed { &mut arm.mesh } else { &mut arm.direct };
+                measure(&arm.lab, meshed, round, s, arm.name);
             }
-            let cpu1 = m.daemon_cpu_secs();
-            s.gbps.push(gbps);
-            if meshed {
-                let gb = bytes / 1e9;
-                s.cpu_per_gb.push(((cpu1.0 - cpu0.0) / gb, (cpu1.1 - cpu0.1) / gb));
-            }
-            let (p50, p99) = m.in_pod_pinned("n1p1", move || request_response(SocketAddr::new(server.into(), 8080), Some(RR_RATE)));
-            let (pp50, _) = m.in_pod_pinned("n1p1", move || request_response(SocketAddr::new(server.into(), 8080), None));
-            s.pp_p50_us.push(pp50);
-            s.p50_us.push(p50);
-            s.p99_us.push(p99);
-            let (cps, conn_p50) = m.in_pod_pinned("n1p1", move || connections(SocketAddr::new(server.into(), 8080)));
-            s.cps.push(cps);
-            s.conn_p50_us.push(conn_p50);
-            println!(
-                "round {round} {:6}: {gbps:6.2} Gbit/s  rr p50 {p50:6.1} us p99 {p99:6.1} us  ping-pong p50 {pp50:6.1} us  {cps:6.0} conn/s (p50 {conn_p50:6.1} us)",
-                if meshed { "mesh" } else { "direct" }
-            );
+            arm.lab.set_capture(false);
         }
     }
-    m.set_capture(true);
     let aes = openssl_aes128gcm_gbps();
-    report(&mesh_s, &direct_s, aes);
+    for arm in &arms {
+        println!("\n## {}", arm.name);
+        report(&arm.mesh, &arm.direct, aes);
+    }
+    if let [ours, zt] = &arms[..] {
+        side_by_side(ours, zt);
+    }
+}
+
+/// One meshed or direct round of every measurement on one lab.
+fn measure(m: &MeshLab, meshed: bool, round: usize, s: &mut Samples, name: &str) {
+    m.set_capture(meshed);
+    let server = m.lab.pod("n2p1").ip;
+    let cpu0 = m.daemon_cpu_secs();
+    // MESH_BENCH_PERF=<file>: profile both proxies during the first meshed bulk run.
+    let perf = std::env::var("MESH_BENCH_PERF").ok().filter(|_| meshed && round == 0).map(|out| {
+        let pids = m.daemon_pids();
+        Command::new("perf")
+            .args(["record", "-F", "2000", "-g", "-o", &format!("{out}.{name}"), "-p", &format!("{},{}", pids.0, pids.1), "--", "sleep", "3"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf")
+    });
+    let (gbps, bytes) = iperf3(m, &server.to_string());
+    if let Some(mut p) = perf {
+        let _ = p.wait();
+    }
+    let cpu1 = m.daemon_cpu_secs();
+    s.gbps.push(gbps);
+    if meshed {
+        let gb = bytes / 1e9;
+        s.cpu_per_gb.push(((cpu1.0 - cpu0.0) / gb, (cpu1.1 - cpu0.1) / gb));
+    }
+    let (p50, p99) = m.in_pod_pinned("n1p1", move || request_response(SocketAddr::new(server.into(), 8080), Some(RR_RATE)));
+    let (pp50, _) = m.in_pod_pinned("n1p1", move || request_response(SocketAddr::new(server.into(), 8080), None));
+    s.pp_p50_us.push(pp50);
+    s.p50_us.push(p50);
+    s.p99_us.push(p99);
+    let (cps, conn_p50) = m.in_pod_pinned("n1p1", move || connections(SocketAddr::new(server.into(), 8080)));
+    s.cps.push(cps);
+    s.conn_p50_us.push(conn_p50);
+    println!(
+        "round {round} {name:9} {:6}: {gbps:6.2} Gbit/s  rr p50 {p50:6.1} us p99 {p99:6.1} us  ping-pong p50 {pp50:6.1} us  {cps:6.0} conn/s (p50 {conn_p50:6.1} us)",
+        if meshed { "mesh" } else { "direct" }
+    );
+}
+
+/// Ours against ztunnel, each as a ratio to its own direct baseline of the same rounds.
+fn side_by_side(ours: &Arm, zt: &Arm) {
+    let ratio = |m: &Samples, d: &Samples, f: fn(&Samples) -> &Vec<f64>| median(f(m)) / median(f(d));
+    let added = |m: &Samples, d: &Samples, f: fn(&Samples) -> &Vec<f64>| median(f(m)) - median(f(d));
+    println!("\n## side by side (each against its own direct baseline in the same rounds)\n");
+    println!("| metric | ztunnel ↔ ztunnel | mesh-node ↔ mesh-node | ours vs ztunnel |\n|---|---|---|---|");
+    let (zg, og) = (ratio(&zt.mesh, &zt.direct, |s| &s.gbps), ratio(&ours.mesh, &ours.direct, |s| &s.gbps));
+    println!("| bulk, one stream (× direct) | {zg:.2}× | {og:.2}× | {:.2}× |", og / zg);
+    for (what, f) in [
+        ("64 B round trip p50 at 1000/s, added µs", (|s: &Samples| &s.p50_us) as fn(&Samples) -> &Vec<f64>),
+        ("64 B round trip p99 at 1000/s, added µs", |s: &Samples| &s.p99_us),
+        ("64 B ping-pong p50, added µs", |s: &Samples| &s.pp_p50_us),
+        ("connection setup p50, added µs", |s: &Samples| &s.conn_p50_us),
+    ] {
+        let (z, o) = (added(&zt.mesh, &zt.direct, f), added(&ours.mesh, &ours.direct, f));
+        println!("| {what} | +{z:.0} | +{o:.0} | {:.2}× |", o / z);
+    }
+    let (zc, oc) = (ratio(&zt.mesh, &zt.direct, |s| &s.cps), ratio(&ours.mesh, &ours.direct, |s| &s.cps));
+    println!("| connections/s (× direct) | {zc:.2}× | {oc:.2}× | {:.2}× |", oc / zc);
+    let cpu = |a: &Arm, side: fn(&(f64, f64)) -> f64| median(&a.mesh.cpu_per_gb.iter().map(side).collect::<Vec<_>>());
+    for (what, side) in [("CPU-s per GB, client-side proxy", (|c: &(f64, f64)| c.0) as fn(&(f64, f64)) -> f64), ("CPU-s per GB, server-side proxy", |c| c.1)] {
+        let (z, o) = (cpu(zt, side), cpu(ours, side));
+        println!("| {what} | {z:.2} | {o:.2} | {:.2}× |", o / z);
+    }
+    println!("\n(ours vs ztunnel: above 1 is better for throughput and connections/s, below 1 is better for the rest)");
 }
 
 fn median(v: &[f64]) -> f64 {

@@ -180,7 +180,7 @@ fn node_l7_mesh_vs_direct() {
     let daemon_cpus = std::env::var("MESH_BENCH_DAEMON_CPUS").unwrap_or_else(|_| "1".into());
     println!("load average before: {}", loadavg());
 
-    let m = MeshLab::start_with(Options { bench: true, http: true });
+    let m = MeshLab::start_with(Options { bench: true, http: true, ..Options::default() });
     let tools = Tools { wrk, h2load, fixed_secs, max_secs };
     let (mesh_urls, direct_urls) = (Urls::mesh(), Urls::direct(&m));
 

@@ -7,7 +7,10 @@ use std::{
 };
 
 use mesh_node::identity::TestCa;
-use mesh_tests::{Lab, LabSpec, PodProcess, Spawn};
+use mesh_tests::{
+    Lab, LabSpec, PodProcess, Spawn,
+    ztunnel::{self, Ztunnel},
+};
 
 pub const WHOAMI: &str = env!("CARGO_BIN_EXE_mesh-whoami");
 
@@ -39,8 +42,34 @@ fn mesh_node_bin() -> PathBuf {
 pub struct MeshLab {
     pub lab: Lab,
     dir: PathBuf,
-    daemons: Vec<PodProcess>,
+    /// Node 1's proxy, then node 2's.
+    proxies: Vec<Running>,
     _servers: Vec<PodProcess>,
+}
+
+/// Which proxy a node of the lab runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Proxy {
+    /// Our daemon in the node's namespace, iptables capture on the node (see the suite's doc).
+    #[default]
+    Mesh,
+    /// A real ztunnel (`MESH_ZTUNNEL_BIN`) in the node's meshed pod (n1p1, n2p1), dedicated mode,
+    /// capture in the pod: see `mesh_tests::ztunnel`. The node runs no daemon of ours.
+    Ztunnel,
+}
+
+enum Running {
+    Mesh(PodProcess),
+    Ztunnel(Ztunnel),
+}
+
+impl Running {
+    fn pid(&self) -> u32 {
+        match self {
+            Self::Mesh(p) => p.pid(),
+            Self::Ztunnel(z) => z.pid(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -51,6 +80,8 @@ pub struct Options {
     /// endpoint is n2p1, where `mesh-whoami serve --http` answers on each target port (pinned to
     /// CPU 0 with `bench`).
     pub http: bool,
+    /// The proxy on node 1 (client side, n1p1) and node 2 (server side, n2p1).
+    pub proxies: [Proxy; 2],
 }
 
 /// The capture stand-in for one meshed pod of node 1: its TCP goes to the outbound port.
@@ -116,35 +147,88 @@ fn config(lab: &Lab, opts: Options) -> String {
     )
 }
 
+/// ztunnel's view of the lab: the meshed pods of `config`, as HBONE workloads.
+fn ztunnel_xds(lab: &Lab) -> String {
+    let w = |pod: &'static str, sa: &'static str, node: &'static str| ztunnel::Workload { pod, ip: lab.pod(pod).ip.into(), service_account: sa, node };
+    ztunnel::local_xds(&[w("n1p1", "a", "n1"), w("n1p2", "d", "n1"), w("n2p1", "b", "n2")])
+}
+
 impl MeshLab {
     pub fn start() -> Self {
         Self::start_with(Options::default())
     }
 
     pub fn start_with(opts: Options) -> Self {
-        let mut lab = Lab::build(LabSpec::for_test(&[3, 1])).expect("build lab");
+        let mut spec = LabSpec::for_test(&[3, 1]);
+        // One process may hold a lab of each pairing at once (the side-by-side benchmark).
+        spec.run.push_str(match opts.proxies {
+            [Proxy::Mesh, Proxy::Mesh] => "",
+            [Proxy::Mesh, Proxy::Ztunnel] => "mz",
+            [Proxy::Ztunnel, Proxy::Mesh] => "zm",
+            [Proxy::Ztunnel, Proxy::Ztunnel] => "zz",
+        });
+        let mut lab = Lab::build(spec).expect("build lab");
         let dir = std::env::temp_dir().join(format!("mesh-{}-node", lab.spec.run));
         std::fs::create_dir_all(&dir).expect("state dir");
-        let ca = TestCa::generate(Duration::from_hours(1)).expect("ca");
-        let (ca_cert, ca_key, cfg) = (dir.join("ca.pem"), dir.join("ca.key"), dir.join("config.json"));
-        ca.write_pem(&ca_cert, &ca_key).expect("write CA");
+        let cfg = dir.join("config.json");
         std::fs::write(&cfg, config(&lab, opts)).expect("write config");
+        let zt_bin = opts.proxies.contains(&Proxy::Ztunnel).then(|| {
+            ztunnel::binary().expect("MESH_ZTUNNEL_BIN").expect("a lab with a ztunnel needs MESH_ZTUNNEL_BIN")
+        });
+        // With a ztunnel in the lab, our daemons sign under ztunnel's fake CA root, so both trust
+        // one root; otherwise under a fresh test CA.
+        let (ca_cert, ca_key) = match &zt_bin {
+            Some(bin) => {
+                let ca = ztunnel::fake_ca(bin).expect("ztunnel's fake CA");
+                (ca.cert, ca.key)
+            }
+            None => {
+                let ca = TestCa::generate(Duration::from_hours(1)).expect("ca");
+                let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+                ca.write_pem(&cert, &key).expect("write CA");
+                (cert, key)
+            }
+        };
 
-        // Capture stand-ins (see the suite's doc).
-        let n1 = lab.node(1).netns.clone();
-        for pod in ["n1p1", "n1p2"] {
-            let rule = capture_rule(&lab, pod);
-            iptables(&n1, &rule.iter().map(String::as_str).collect::<Vec<_>>());
+        // Capture stand-ins for our daemons (see the suite's doc).
+        if opts.proxies[0] == Proxy::Mesh {
+            let n1 = lab.node(1).netns.clone();
+            for pod in ["n1p1", "n1p2"] {
+                let rule = capture_rule(&lab, pod);
+                iptables(&n1, &rule.iter().map(String::as_str).collect::<Vec<_>>());
+            }
         }
-        let n2 = lab.node(2).netns.clone();
-        let b = lab.pod("n2p1").ip.to_string();
-        // HBONE addressed to the pod (15008) is not plaintext: the daemon's routing rule takes it.
-        iptables(&n2, &["-i", "eth0", "-d", &b, "-p", "tcp", "!", "--dport", "15008", "-j", "REDIRECT", "--to-ports", "15006"]);
+        if opts.proxies[1] == Proxy::Mesh {
+            let n2 = lab.node(2).netns.clone();
+            let b = lab.pod("n2p1").ip.to_string();
+            // HBONE addressed to the pod (15008) is not plaintext: the daemon's routing rule takes it.
+            iptables(&n2, &["-i", "eth0", "-d", &b, "-p", "tcp", "!", "--dport", "15008", "-j", "REDIRECT", "--to-ports", "15006"]);
+        }
 
-        let bin = mesh_node_bin();
-        let mut daemons = Vec::new();
+        // MESH_BENCH_DAEMON_CPUS: taskset list for the proxies (default "1"; "0-1" unpins).
+        let cpus = std::env::var("MESH_BENCH_DAEMON_CPUS").unwrap_or_else(|_| "1".into());
+        let mut proxies = Vec::new();
         for i in 1..=2u8 {
             let node = lab.node(i).clone();
+            let log = dir.join(format!("{}-{}.log", if opts.proxies[usize::from(i - 1)] == Proxy::Mesh { "mesh-node" } else { "ztunnel" }, node.name));
+            if opts.proxies[usize::from(i - 1)] == Proxy::Ztunnel {
+                let bin = zt_bin.as_deref().expect("checked above");
+                let xds = dir.join("ztunnel-xds.yaml");
+                std::fs::write(&xds, ztunnel_xds(&lab)).expect("write ztunnel's XDS file");
+                let (pod, sa) = if i == 1 { ("n1p1", "a") } else { ("n2p1", "b") };
+                let o = ztunnel::Options {
+                    bin,
+                    pod,
+                    service_account: sa,
+                    node: &node.name,
+                    xds: &xds,
+                    log: &log,
+                    cpus: opts.bench.then_some(cpus.as_str()),
+                    log_level: if opts.bench { "warn" } else { "info" },
+                };
+                proxies.push(Running::Ztunnel(Ztunnel::start(&mut lab, &o).expect("start ztunnel")));
+                continue;
+            }
             let pods_cgroup = node.pods_cgroup.display().to_string();
             let env = [
                 ("MESH_NODE_NAME", node.name.as_str()),
@@ -155,10 +239,8 @@ impl MeshLab {
                 ("MESH_CA_KEY", ca_key.to_str().expect("utf-8")),
                 ("MESH_LOG", if opts.bench { "warn" } else { "info" }),
             ];
-            let log = dir.join(format!("mesh-node-{}.log", node.name));
+            let bin = mesh_node_bin();
             let bin = bin.to_str().expect("utf-8");
-            // MESH_BENCH_DAEMON_CPUS: taskset list for the daemons (default "1"; "0-1" unpins).
-            let cpus = std::env::var("MESH_BENCH_DAEMON_CPUS").unwrap_or_else(|_| "1".into());
             let pinned = ["-c", cpus.as_str(), bin];
             let mut spawn = if opts.bench {
                 Spawn::new(&node.netns, &node.system_cgroup, "taskset", &pinned)
@@ -169,11 +251,8 @@ impl MeshLab {
             spawn.log = Some(&log);
             let mut p = lab.spawn(&spawn).expect("start mesh-node");
             p.wait_for_line("mesh-node ready", Duration::from_secs(10)).expect("mesh-node ready");
-            daemons.push(p);
-        }
-        for i in 1..=2u8 {
-            let ns = lab.node(i).netns.clone();
-            wait_ready(&ns);
+            wait_ready(&node.netns);
+            proxies.push(Running::Mesh(p));
         }
         let mut servers = vec![lab.spawn_in_pod("n2p1", WHOAMI, &["serve", "--name", "n2p1", "--tcp", "8080"]).expect("server")];
         if opts.http {
@@ -187,16 +266,35 @@ impl MeshLab {
         for server in &mut servers {
             server.wait_for_line("listening", Duration::from_secs(5)).expect("server ready");
         }
-        Self { lab, dir, daemons, _servers: servers }
+        Self { lab, dir, proxies, _servers: servers }
     }
 
-    /// Turns the capture of n1p1's traffic on (through the mesh) or off (direct): node 1's
-    /// outbound redirect and node 2's plaintext redirect for n2p1.
+    /// The log of node `i`'s proxy.
+    pub fn proxy_log(&self, i: u8) -> String {
+        let node = &self.lab.node(i).name;
+        let name = match self.proxies[usize::from(i - 1)] {
+            Running::Mesh(_) => format!("mesh-node-{node}.log"),
+            Running::Ztunnel(_) => format!("ztunnel-{node}.log"),
+        };
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    /// Turns the capture of n1p1's traffic on (through the mesh) or off (direct). With our daemon
+    /// on node 1: its outbound redirect, and node 2's plaintext redirect for n2p1. With a ztunnel
+    /// on node 1: the redirect in n1p1 (plaintext to n2p1 needs no redirect: it reaches the app,
+    /// or our node 2 daemon's rule, as it would with no mesh).
     pub fn set_capture(&self, on: bool) {
-        let out = capture_rule(&self.lab, "n1p1");
-        let b = self.lab.pod("n2p1").ip.to_string();
-        let plain = ["-i", "eth0", "-d", &b, "-p", "tcp", "!", "--dport", "15008", "-j", "REDIRECT", "--to-ports", "15006"].map(str::to_owned).to_vec();
-        for (node, rule) in [(1, out), (2, plain)] {
+        let mut rules = Vec::new();
+        match &self.proxies[0] {
+            Running::Mesh(_) => rules.push((1, capture_rule(&self.lab, "n1p1"))),
+            Running::Ztunnel(z) => z.set_capture(on).expect("ztunnel's capture"),
+        }
+        if let Running::Mesh(_) = self.proxies[1] {
+            let b = self.lab.pod("n2p1").ip.to_string();
+            let plain = ["-i", "eth0", "-d", &b, "-p", "tcp", "!", "--dport", "15008", "-j", "REDIRECT", "--to-ports", "15006"];
+            rules.push((2, plain.map(str::to_owned).to_vec()));
+        }
+        for (node, rule) in rules {
             let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
             let ns = &self.lab.node(node).netns;
             let present = Command::new("ip")
@@ -214,12 +312,12 @@ impl MeshLab {
     }
 
     pub fn daemon_pids(&self) -> (u32, u32) {
-        (self.daemons[0].pid(), self.daemons[1].pid())
+        (self.proxies[0].pid(), self.proxies[1].pid())
     }
 
     /// User + system CPU seconds used so far by the node 1 and node 2 daemons.
     pub fn daemon_cpu_secs(&self) -> (f64, f64) {
-        let cpu = |p: &PodProcess| {
+        let cpu = |p: &Running| {
             let stat = std::fs::read_to_string(format!("/proc/{}/stat", p.pid())).expect("daemon stat");
             // Fields after the ")" that ends the command name: utime and stime are 12th and 13th.
             let rest = stat.rsplit_once(')').expect("stat format").1;
@@ -227,7 +325,7 @@ impl MeshLab {
             let ticks: f64 = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
             ticks / 100.0 // USER_HZ
         };
-        (cpu(&self.daemons[0]), cpu(&self.daemons[1]))
+        (cpu(&self.proxies[0]), cpu(&self.proxies[1]))
     }
 
     /// Runs `f` on a thread inside `pod`'s network namespace, pinned to CPU 0.

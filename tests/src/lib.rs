@@ -22,6 +22,7 @@ pub mod lab;
 pub mod sys;
 pub mod tools;
 pub mod whoami;
+pub mod ztunnel;
 
 pub use lab::{Lab, LabSpec, Node, Pod, PodProcess, Spawn};
 pub use sys::{Error, require_root};

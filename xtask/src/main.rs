@@ -29,7 +29,10 @@ enum Task {
     BuildEbpf,
     /// Run every test: unit tests, then the privileged kernel and namespace suites (root).
     Test {
-        /// Run only the privileged suites whose test name contains this string.
+        /// Run one privileged suite only (a test target of `tests/`: e2e, k8s, kernel, node,
+        /// interop), skipping the unit tests, fuzzing and the apiserver suite.
+        suite: Option<String>,
+        /// Run only the privileged tests whose name contains this string.
         #[arg(long)]
         filter: Option<String>,
     },
@@ -66,7 +69,7 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf(),
-        Task::Test { filter } => test::run(filter.as_deref()),
+        Task::Test { suite, filter } => test::run(suite.as_deref(), filter.as_deref()),
         Task::Lab { action } => lab::run(action),
         Task::Bench { only } => bench::run(only.as_deref()),
         Task::Crds => k8s::write_crds(),

@@ -9,11 +9,18 @@ use crate::{require_root, setup_and_build, sh, step};
 /// Seconds of fuzzing per target in the test command (the long runs are `cargo xtask fuzz`).
 const FUZZ_SMOKE_SECS: u64 = 10;
 
-pub fn run(filter: Option<&str>) -> Result<()> {
+/// The privileged suites (test targets of `tests/` behind the `privileged` feature).
+const SUITES: [&str; 5] = ["e2e", "k8s", "kernel", "node", "interop"];
+
+pub fn run(suite: Option<&str>, filter: Option<&str>) -> Result<()> {
     require_root("test")?;
+    if let Some(s) = suite.filter(|s| !SUITES.contains(s)) {
+        bail!("unknown suite {s:?}: expected one of {SUITES:?}");
+    }
+    let everything = suite.is_none() && filter.is_none();
     let started = Instant::now();
     setup_and_build()?;
-    if filter.is_none() {
+    if everything {
         // In the background (niced Go build), after setup.sh so their apt runs never overlap;
         // awaited before the apiserver suite.
         crate::k8s::start_setup()?;
@@ -23,7 +30,7 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         println!("    removed leftovers of an earlier run: {}", leftovers.join(", "));
     }
 
-    let result = run_suites(filter);
+    let result = run_suites(everything, suite, filter);
 
     step("checking that nothing was left behind");
     let left = mesh_tests::clean::clean_all();
@@ -39,8 +46,8 @@ pub fn run(filter: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn run_suites(filter: Option<&str>) -> Result<()> {
-    if filter.is_none() {
+fn run_suites(everything: bool, suite: Option<&str>, filter: Option<&str>) -> Result<()> {
+    if everything {
         step("unit and in-process tests (unprivileged): cargo test --workspace");
         sh(Command::new("cargo").args(["test", "--workspace", "--locked"]))?;
         // A short run of each fuzz target: a crash fails the test command.
@@ -50,8 +57,12 @@ fn run_suites(filter: Option<&str>) -> Result<()> {
     crate::lab::build_binaries(crate::lab::Profile::Debug)?;
     step("privileged suites: kernel programs and namespaces (one at a time: they share the kernel)");
     let mut cmd = Command::new("cargo");
-    cmd.args(["test", "--locked", "-p", "mesh-tests", "--features", "privileged", "--tests", "--"])
-        .arg("--test-threads=1");
+    cmd.args(["test", "--locked", "-p", "mesh-tests", "--features", "privileged"]);
+    match suite {
+        Some(s) => cmd.args(["--test", s]),
+        None => cmd.arg("--tests"),
+    };
+    cmd.args(["--", "--test-threads=1"]);
     if let Some(f) = filter {
         cmd.arg(f);
     }

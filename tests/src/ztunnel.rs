@@ -1,0 +1,199 @@
+//! A real ztunnel (istio/ztunnel) in a lab pod, for the interop suite and the side-by-side
+//! benchmark. This repository never builds, fetches or contains ztunnel: `MESH_ZTUNNEL_BIN` names
+//! a binary built from ztunnel's own repository (docs/ztunnel.md says how).
+//!
+//! ztunnel runs as its own namespaced test harness runs it: dedicated mode (`PROXY_MODE=dedicated`,
+//! one workload, `PROXY_WORKLOAD_INFO`) inside the pod's network namespace, its certificates from
+//! its fake CA (`FAKE_CA=true`, built with `--features testing`), its workloads from a local XDS
+//! file, and the pod's outgoing TCP sent to its outbound port by an iptables `REDIRECT` in the
+//! pod's `nat OUTPUT` that skips ztunnel's own marked sockets. HBONE arrives at the pod's
+//! `ip:15008`, where ztunnel listens.
+//!
+//! Our daemons trust ztunnel's fake CA by loading its root certificate and key
+//! (`src/tls/root-cert.pem`, `src/tls/ca-key.pem` of ztunnel's repository) as their
+//! `MESH_CA_CERT`/`MESH_CA_KEY`, so both sides sign under one root.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use crate::{Lab, PodProcess, Spawn, sys::Error};
+
+/// The ztunnel binary to run (built with `--features testing`, which `FAKE_CA` needs).
+pub const ENV_BIN: &str = "MESH_ZTUNNEL_BIN";
+/// The folder holding ztunnel's fake CA (`root-cert.pem`, `ca-key.pem`): by default `src/tls/`
+/// of the repository the binary was built in (`<repo>/out/rust/release/ztunnel`: its `.cargo/config.toml` sets that target folder).
+pub const ENV_CA_DIR: &str = "MESH_ZTUNNEL_CA_DIR";
+/// ztunnel marks its own sockets with this (`PACKET_MARK`); the capture rule skips them.
+const MARK: u32 = 1337;
+const OUTBOUND_PORT: &str = "15001";
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The benchmark's name for the same binary (either variable serves both).
+pub const ENV_BENCH_BIN: &str = "MESH_BENCH_ZTUNNEL";
+
+/// The binary `MESH_ZTUNNEL_BIN` (or `MESH_BENCH_ZTUNNEL`) names: `None` when unset, an error
+/// when it names nothing.
+pub fn binary() -> Result<Option<PathBuf>, Error> {
+    let named = [ENV_BIN, ENV_BENCH_BIN].iter().find_map(|v| std::env::var_os(v).filter(|v| !v.is_empty()));
+    let Some(path) = named.map(PathBuf::from) else { return Ok(None) };
+    if path.is_file() {
+        Ok(Some(path))
+    } else {
+        Err(Error::Io { path, source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("{ENV_BIN} names no file")) })
+    }
+}
+
+/// ztunnel's fake CA: the root certificate and its key, both PEM.
+#[derive(Clone, Debug)]
+pub struct FakeCa {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Finds ztunnel's fake CA: `MESH_ZTUNNEL_CA_DIR`, else `src/tls/` in a parent of the binary.
+pub fn fake_ca(bin: &Path) -> Result<FakeCa, Error> {
+    let in_dir = |dir: &Path| FakeCa { cert: dir.join("root-cert.pem"), key: dir.join("ca-key.pem") };
+    let found = match std::env::var_os(ENV_CA_DIR) {
+        Some(dir) => Some(in_dir(Path::new(&dir))),
+        None => bin.ancestors().map(|a| in_dir(&a.join("src/tls"))).find(|ca| ca.cert.is_file()),
+    };
+    match found {
+        Some(ca) if ca.cert.is_file() && ca.key.is_file() => Ok(ca),
+        _ => Err(Error::Io {
+            path: bin.to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no ztunnel fake CA (root-cert.pem, ca-key.pem) in {ENV_CA_DIR} or in src/tls/ above the binary"),
+            ),
+        }),
+    }
+}
+
+/// One workload of ztunnel's local XDS file.
+pub struct Workload<'a> {
+    pub pod: &'a str,
+    pub ip: IpAddr,
+    pub service_account: &'a str,
+    /// The node's name (ztunnel's `node`).
+    pub node: &'a str,
+}
+
+/// ztunnel's local XDS file (`LOCAL_XDS_PATH`, its `LocalConfig` YAML): the workloads, all in
+/// namespace `default`, all HBONE-capable; no Services and no policies.
+pub fn local_xds(workloads: &[Workload<'_>]) -> String {
+    let mut yaml = String::from("workloads:\n");
+    for w in workloads {
+        yaml.push_str(&format!(
+            "- uid: Kubernetes//Pod/default/{pod}\n  name: {pod}\n  namespace: default\n  serviceAccount: {sa}\n  trustDomain: cluster.local\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: {node}\n  network: \"\"\n  services: {{}}\n",
+            pod = w.pod,
+            sa = w.service_account,
+            ip = w.ip,
+            node = w.node
+        ));
+    }
+    yaml.push_str("policies: []\nservices: []\n");
+    yaml
+}
+
+/// How to start one ztunnel.
+pub struct Options<'a> {
+    pub bin: &'a Path,
+    pub pod: &'a str,
+    pub service_account: &'a str,
+    pub node: &'a str,
+    pub xds: &'a Path,
+    pub log: &'a Path,
+    /// `taskset` CPU list, or unpinned.
+    pub cpus: Option<&'a str>,
+    /// `RUST_LOG` (`info` prints ztunnel's access log; the benchmark uses `warn`, as ours).
+    pub log_level: &'a str,
+}
+
+/// A ztunnel running in a lab pod; stopped (by PID) when dropped.
+pub struct Ztunnel {
+    process: PodProcess,
+    netns: String,
+}
+
+impl Ztunnel {
+    /// Starts ztunnel in `pod`, turns the pod's capture on and waits until ztunnel is ready.
+    pub fn start(lab: &mut Lab, o: &Options<'_>) -> Result<Self, Error> {
+        let pod = lab.pod(o.pod).clone();
+        let workload = format!("default/{}/{}", o.pod, o.service_account);
+        let mark = MARK.to_string();
+        let env = [
+            ("PROXY_MODE", "dedicated"),
+            ("PROXY_WORKLOAD_INFO", workload.as_str()),
+            ("FAKE_CA", "true"),
+            ("XDS_ADDRESS", ""),
+            ("LOCAL_XDS_PATH", o.xds.to_str().expect("utf-8 path")),
+            ("NODE_NAME", o.node),
+            ("PACKET_MARK", mark.as_str()),
+            // In the pod there is no original source to keep: the app answers ztunnel's own
+            // address (as ztunnel's harness sets it for dedicated mode).
+            ("ENABLE_ORIG_SRC", "false"),
+            // One worker thread, as our daemons in the benchmark (and ztunnel's default of 2
+            // would use both of this machine's cores).
+            ("ZTUNNEL_WORKER_THREADS", "1"),
+            ("RUST_LOG", o.log_level),
+        ];
+        let bin = o.bin.to_str().expect("utf-8 path");
+        let pinned: Vec<&str> = o.cpus.map_or_else(Vec::new, |c| vec!["-c", c, bin]);
+        let mut spawn = match o.cpus {
+            Some(_) => Spawn::new(&pod.netns, &pod.cgroup, "taskset", &pinned),
+            None => Spawn::new(&pod.netns, &pod.cgroup, bin, &[]),
+        };
+        spawn.env = &env;
+        spawn.log = Some(o.log);
+        let process = lab.spawn(&spawn)?;
+        let z = Self { process, netns: pod.netns.clone() };
+        z.wait_ready(lab, o.pod, o.log)?;
+        z.set_capture(true)?;
+        Ok(z)
+    }
+
+    fn wait_ready(&self, lab: &Lab, pod: &str, log: &Path) -> Result<(), Error> {
+        let started = Instant::now();
+        while started.elapsed() < READY_TIMEOUT {
+            let out = lab.run_in_pod(pod, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:15021/healthz/ready"])?;
+            if out.stdout == b"200" {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let tail = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = tail.lines().rev().take(20).collect();
+        Err(Error::Command {
+            command: format!("ztunnel in {pod} (pid {})", self.process.pid()),
+            status: format!("not ready after {READY_TIMEOUT:?}"),
+            stderr: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        })
+    }
+
+    /// Turns the pod's capture on (its TCP through ztunnel) or off (direct).
+    pub fn set_capture(&self, on: bool) -> Result<(), Error> {
+        let mark = format!("{MARK:#x}/0xfff");
+        let rule = ["-p", "tcp", "!", "-o", "lo", "-m", "mark", "!", "--mark", mark.as_str(), "-j", "REDIRECT", "--to-ports", OUTBOUND_PORT];
+        let iptables = |op: &str| -> Result<bool, Error> {
+            let mut args = vec!["netns", "exec", self.netns.as_str(), "iptables", "-w", "-t", "nat", op, "OUTPUT"];
+            args.extend_from_slice(&rule);
+            match crate::sys::run("ip", &args) {
+                Ok(_) => Ok(true),
+                Err(Error::Command { .. }) if op == "-C" => Ok(false),
+                Err(e) => Err(e),
+            }
+        };
+        match (on, iptables("-C")?) {
+            (true, false) => iptables("-A").map(drop),
+            (false, true) => iptables("-D").map(drop),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+}
