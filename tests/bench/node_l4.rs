@@ -11,9 +11,11 @@
 //! Results are in `bench/results/node-l4.md`.
 //!
 //! With `MESH_BENCH_ZTUNNEL=<ztunnel binary>` a second lab runs a real ztunnel pair (see
-//! `mesh_tests::ztunnel`: dedicated mode in the two pods, ztunnel's fake CA, iptables capture in
-//! the client pod), pinned as ours, its rounds interleaved with ours, each pair against its own
-//! direct baseline; a side-by-side table follows. Results in `bench/results/ztunnel.md`.
+//! `mesh_tests::ztunnel`: dedicated mode, ztunnel's fake CA, in the nodes' namespaces with the
+//! iptables capture our daemons get, so both pairs have one topology), pinned as ours, its
+//! rounds interleaved with ours, each pair against its own direct baseline; a side-by-side table
+//! follows. `MESH_BENCH_ZTUNNEL_IN_POD=1` runs ztunnel in the pods instead (its harness's way).
+//! Results in `bench/results/ztunnel.md`.
 
 #[path = "../node/mesh.rs"]
 #[allow(dead_code, reason = "shared with the node suite; the benchmark uses part of it")]
@@ -62,8 +64,10 @@ fn node_l4_mesh_vs_direct() {
     // MESH_BENCH_ZTUNNEL (or MESH_ZTUNNEL_BIN): a real ztunnel pair beside ours, interleaved.
     match mesh_tests::ztunnel::binary().expect("the ztunnel binary") {
         Some(bin) => {
-            println!("ztunnel arm: {} (dedicated mode in the pods, iptables OUTPUT capture; pinned as ours)", bin.display());
-            let lab = MeshLab::start_with(Options { proxies: [Proxy::Ztunnel; 2], ..bench });
+            let in_pod = std::env::var_os("MESH_BENCH_ZTUNNEL_IN_POD").is_some_and(|v| v == "1");
+            let placement = if in_pod { mesh_tests::ztunnel::Placement::Pod } else { mesh_tests::ztunnel::Placement::Node };
+            println!("ztunnel arm: {} (dedicated mode, placed {placement:?}; pinned as ours)", bin.display());
+            let lab = MeshLab::start_with(Options { proxies: [Proxy::Ztunnel; 2], ztunnel_placement: placement, ..bench });
             arms.push(Arm { name: "ztunnel", lab, mesh: Samples::default(), direct: Samples::default() });
         }
         None => println!("no ztunnel arm: set MESH_BENCH_ZTUNNEL to a ztunnel binary to measure one beside ours"),

@@ -1,7 +1,9 @@
 //! Interop with a real ztunnel (istio/ztunnel): the four pairings of a client-side and a
 //! server-side proxy, ours or ztunnel's, between pod n1p1 (node 1, identity `a`) and pod n2p1
-//! (node 2, identity `b`). Each pairing: 1 MB echoed intact three times, HBONE on the underlay
-//! and no plaintext, and each side's record naming both identities. Root only.
+//! (node 2, identity `b`), with ztunnel in its pods; and ztunnel ↔ ztunnel in the nodes'
+//! namespaces, the side-by-side benchmark's topology (so the benchmark measures a path that is
+//! known to work). Each: 1 MB echoed intact three times, HBONE on the underlay and no
+//! plaintext, and each side's record naming both identities. Root only.
 //!
 //! Runs when `MESH_ZTUNNEL_BIN` names a ztunnel built from its repository (docs/ztunnel.md);
 //! without it the suite says "not run" and passes nothing. It has its own `main` (no libtest
@@ -16,7 +18,7 @@ mod mesh;
 use std::{process::ExitCode, time::Duration};
 
 use mesh::{MeshLab, Options, Proxy, curl_in};
-use mesh_tests::ztunnel;
+use mesh_tests::ztunnel::{self, Placement};
 
 const A: &str = "spiffe://cluster.local/ns/default/sa/a";
 const B: &str = "spiffe://cluster.local/ns/default/sa/b";
@@ -25,7 +27,16 @@ fn main() -> ExitCode {
     // libtest's arguments (`--test-threads=1`, `--nocapture`, a name filter) may be passed:
     // a filter selects pairings by name, the rest is ignored.
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let pairings = [(Proxy::Mesh, Proxy::Ztunnel), (Proxy::Ztunnel, Proxy::Mesh), (Proxy::Ztunnel, Proxy::Ztunnel), (Proxy::Mesh, Proxy::Mesh)];
+    let (pod, node) = (Placement::Pod, Placement::Node);
+    // The four pairings with ztunnel in its pods (as ambient runs it: HBONE from the pod's
+    // address), and ztunnel ↔ ztunnel in the nodes' namespaces: the benchmark's topology.
+    let pairings = [
+        (Proxy::Mesh, Proxy::Ztunnel, pod),
+        (Proxy::Ztunnel, Proxy::Mesh, pod),
+        (Proxy::Ztunnel, Proxy::Ztunnel, pod),
+        (Proxy::Mesh, Proxy::Mesh, pod),
+        (Proxy::Ztunnel, Proxy::Ztunnel, node),
+    ];
     let selected: Vec<_> = pairings.iter().filter(|p| filters.is_empty() || filters.iter().any(|f| name(**p).contains(f.as_str()))).collect();
     if selected.is_empty() {
         println!("interop: no pairing matches {filters:?}");
@@ -64,12 +75,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn name((client, server): (Proxy, Proxy)) -> String {
+fn name((client, server, placement): Pairing) -> String {
     let side = |p| match p {
         Proxy::Mesh => "mesh",
         Proxy::Ztunnel => "ztunnel",
     };
-    format!("interop::{}_to_{}", side(client), side(server))
+    let on_nodes = if placement == Placement::Node && [client, server].contains(&Proxy::Ztunnel) { "_on_nodes" } else { "" };
+    format!("interop::{}_to_{}{on_nodes}", side(client), side(server))
 }
 
 fn version(bin: &std::path::Path) -> String {
@@ -80,8 +92,12 @@ fn version(bin: &std::path::Path) -> String {
         .unwrap_or_default()
 }
 
-fn check(proxies: (Proxy, Proxy)) {
-    let m = MeshLab::start_with(Options { proxies: [proxies.0, proxies.1], ..Options::default() });
+/// The client side's proxy, the server side's, and where a ztunnel runs.
+type Pairing = (Proxy, Proxy, Placement);
+
+fn check((client, server, placement): Pairing) {
+    let proxies = (client, server);
+    let m = MeshLab::start_with(Options { proxies: [client, server], ztunnel_placement: placement, ..Options::default() });
     let target = format!("{}:8080", m.lab.pod("n2p1").ip);
 
     let capture = m.capture_underlay();

@@ -53,8 +53,9 @@ pub enum Proxy {
     /// Our daemon in the node's namespace, iptables capture on the node (see the suite's doc).
     #[default]
     Mesh,
-    /// A real ztunnel (`MESH_ZTUNNEL_BIN`) in the node's meshed pod (n1p1, n2p1), dedicated mode,
-    /// capture in the pod: see `mesh_tests::ztunnel`. The node runs no daemon of ours.
+    /// A real ztunnel (`MESH_ZTUNNEL_BIN`) for the node's meshed pod (n1p1, n2p1), dedicated
+    /// mode, in the pod or in the node (`Options::ztunnel_placement`): see `mesh_tests::ztunnel`.
+    /// The node runs no daemon of ours.
     Ztunnel,
 }
 
@@ -82,6 +83,8 @@ pub struct Options {
     pub http: bool,
     /// The proxy on node 1 (client side, n1p1) and node 2 (server side, n2p1).
     pub proxies: [Proxy; 2],
+    /// Where a ztunnel runs: in its pod (interop) or in the node's namespace (benchmark).
+    pub ztunnel_placement: ztunnel::Placement,
 }
 
 /// The capture stand-in for one meshed pod of node 1: its TCP goes to the outbound port.
@@ -220,7 +223,7 @@ impl MeshLab {
                     bin,
                     pod,
                     service_account: sa,
-                    node: &node.name,
+                    placement: opts.ztunnel_placement,
                     xds: &xds,
                     log: &log,
                     cpus: opts.bench.then_some(cpus.as_str()),

@@ -3,11 +3,12 @@
 //! a binary built from ztunnel's own repository (docs/ztunnel.md says how).
 //!
 //! ztunnel runs as its own namespaced test harness runs it: dedicated mode (`PROXY_MODE=dedicated`,
-//! one workload, `PROXY_WORKLOAD_INFO`) inside the pod's network namespace, its certificates from
-//! its fake CA (`FAKE_CA=true`, built with `--features testing`), its workloads from a local XDS
-//! file, and the pod's outgoing TCP sent to its outbound port by an iptables `REDIRECT` in the
-//! pod's `nat OUTPUT` that skips ztunnel's own marked sockets. HBONE arrives at the pod's
-//! `ip:15008`, where ztunnel listens.
+//! one workload, `PROXY_WORKLOAD_INFO`), its certificates from its fake CA (`FAKE_CA=true`, built
+//! with `--features testing`), its workloads from a local XDS file, the workload's outgoing TCP
+//! sent to its outbound port by an iptables `REDIRECT`. Where it runs is a [`Placement`]: inside
+//! the pod (the harness's way: capture in the pod's `nat OUTPUT`, skipping ztunnel's own marked
+//! sockets; HBONE arrives at the pod's `ip:15008` where ztunnel listens), or in the node's
+//! namespace with the capture our daemon gets there (the benchmark's way: one topology for both).
 //!
 //! Our daemons trust ztunnel's fake CA by loading its root certificate and key
 //! (`src/tls/root-cert.pem`, `src/tls/ca-key.pem` of ztunnel's repository) as their
@@ -29,6 +30,12 @@ pub const ENV_CA_DIR: &str = "MESH_ZTUNNEL_CA_DIR";
 /// ztunnel marks its own sockets with this (`PACKET_MARK`); the capture rule skips them.
 const MARK: u32 = 1337;
 const OUTBOUND_PORT: &str = "15001";
+const HBONE_PORT: &str = "15008";
+/// The routing table that delivers HBONE for the pod to ztunnel on the node (`Placement::Node`).
+const HBONE_TABLE: &str = "100";
+/// Marks the app's replies to ztunnel's transparent connections (`Placement::Node`); a bit
+/// that ztunnel's own `PACKET_MARK` (0x539) does not set.
+const REPLY_MARK: &str = "0x200/0x200";
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The benchmark's name for the same binary (either variable serves both).
@@ -98,12 +105,26 @@ pub fn local_xds(workloads: &[Workload<'_>]) -> String {
     yaml
 }
 
+/// Where ztunnel runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// Inside the pod's network namespace, as ztunnel's harness (and ambient's in-pod mode)
+    /// runs it: it dials HBONE from the pod's address; capture is the pod's `nat OUTPUT`.
+    #[default]
+    Pod,
+    /// In the node's namespace, where our daemon runs, with the capture our daemon gets in the
+    /// node suite: a `nat PREROUTING` redirect of the pod's outgoing TCP to 15001, and HBONE
+    /// addressed to the pod routed to the node. The same topology for both, for the benchmark.
+    Node,
+}
+
 /// How to start one ztunnel.
 pub struct Options<'a> {
     pub bin: &'a Path,
+    /// The workload ztunnel proxies for (dedicated mode: exactly one).
     pub pod: &'a str,
     pub service_account: &'a str,
-    pub node: &'a str,
+    pub placement: Placement,
     pub xds: &'a Path,
     pub log: &'a Path,
     /// `taskset` CPU list, or unpinned.
@@ -112,16 +133,23 @@ pub struct Options<'a> {
     pub log_level: &'a str,
 }
 
-/// A ztunnel running in a lab pod; stopped (by PID) when dropped.
+/// A ztunnel running in the lab; stopped (by PID) when dropped.
 pub struct Ztunnel {
     process: PodProcess,
     netns: String,
+    /// The capture of the pod's outgoing TCP: chain and rule.
+    outbound: (&'static str, Vec<String>),
 }
 
 impl Ztunnel {
-    /// Starts ztunnel in `pod`, turns the pod's capture on and waits until ztunnel is ready.
+    /// Starts ztunnel for `pod`, waits until it is ready and turns the pod's capture on.
     pub fn start(lab: &mut Lab, o: &Options<'_>) -> Result<Self, Error> {
         let pod = lab.pod(o.pod).clone();
+        let node = lab.node(pod.node).clone();
+        let (netns, cgroup) = match o.placement {
+            Placement::Pod => (pod.netns.clone(), pod.cgroup.clone()),
+            Placement::Node => (node.netns.clone(), node.system_cgroup.clone()),
+        };
         let workload = format!("default/{}/{}", o.pod, o.service_account);
         let mark = MARK.to_string();
         let env = [
@@ -130,11 +158,13 @@ impl Ztunnel {
             ("FAKE_CA", "true"),
             ("XDS_ADDRESS", ""),
             ("LOCAL_XDS_PATH", o.xds.to_str().expect("utf-8 path")),
-            ("NODE_NAME", o.node),
+            ("NODE_NAME", node.name.as_str()),
             ("PACKET_MARK", mark.as_str()),
-            // In the pod there is no original source to keep: the app answers ztunnel's own
-            // address (as ztunnel's harness sets it for dedicated mode).
-            ("ENABLE_ORIG_SRC", "false"),
+            // In the pod (as ztunnel's harness sets it for dedicated mode): no original source,
+            // the app answers ztunnel's own address. On the node: transparent listeners, which
+            // the routed HBONE needs (see `start`), and which also make ztunnel's inbound
+            // connect to the app from the client's address.
+            ("ENABLE_ORIG_SRC", if o.placement == Placement::Node { "true" } else { "false" }),
             // One worker thread, as our daemons in the benchmark (and ztunnel's default of 2
             // would use both of this machine's cores).
             ("ZTUNNEL_WORKER_THREADS", "1"),
@@ -143,23 +173,44 @@ impl Ztunnel {
         let bin = o.bin.to_str().expect("utf-8 path");
         let pinned: Vec<&str> = o.cpus.map_or_else(Vec::new, |c| vec!["-c", c, bin]);
         let mut spawn = match o.cpus {
-            Some(_) => Spawn::new(&pod.netns, &pod.cgroup, "taskset", &pinned),
-            None => Spawn::new(&pod.netns, &pod.cgroup, bin, &[]),
+            Some(_) => Spawn::new(&netns, &cgroup, "taskset", &pinned),
+            None => Spawn::new(&netns, &cgroup, bin, &[]),
         };
         spawn.env = &env;
         spawn.log = Some(o.log);
         let process = lab.spawn(&spawn)?;
-        let z = Self { process, netns: pod.netns.clone() };
-        z.wait_ready(lab, o.pod, o.log)?;
+        let ip = pod.ip.to_string();
+        let rule = |r: &[&str]| r.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let mark = format!("{MARK:#x}/0xfff");
+        let outbound = match o.placement {
+            Placement::Pod => ("OUTPUT", rule(&["-p", "tcp", "!", "-o", "lo", "-m", "mark", "!", "--mark", &mark, "-j", "REDIRECT", "--to-ports", OUTBOUND_PORT])),
+            Placement::Node => ("PREROUTING", rule(&["-i", "br0", "-s", &ip, "-p", "tcp", "-j", "REDIRECT", "--to-ports", OUTBOUND_PORT])),
+        };
+        let z = Self { process, netns, outbound };
+        if o.placement == Placement::Node {
+            // HBONE addressed to the pod is delivered to the node itself (a local route for any
+            // address, in a table of its own), where ztunnel's transparent listener on 15008
+            // takes it with the pod's address as its local address, which ztunnel checks against
+            // the CONNECT target (a REDIRECT would rewrite it to the node's: "ip mismatch"). Our
+            // daemon's routing rule does the same. The app's replies to the client's address
+            // ztunnel connected from go back to ztunnel's transparent socket: the usual TPROXY
+            // recipe (`-m socket --transparent` marks them, the mark selects the local table).
+            crate::sys::ip_in(&z.netns, &["route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", HBONE_TABLE])?;
+            crate::sys::ip_in(&z.netns, &["rule", "add", "to", &ip, "ipproto", "tcp", "dport", HBONE_PORT, "lookup", HBONE_TABLE])?;
+            crate::sys::ip_in(&z.netns, &["rule", "add", "fwmark", REPLY_MARK, "lookup", HBONE_TABLE])?;
+            let replies = rule(&["-i", "br0", "-s", &ip, "-p", "tcp", "-m", "socket", "--transparent", "-j", "MARK", "--set-xmark", REPLY_MARK]);
+            crate::sys::run("ip", &[&["netns", "exec", &z.netns, "iptables", "-w", "-t", "mangle", "-A", "PREROUTING"][..], &replies.iter().map(String::as_str).collect::<Vec<_>>()].concat())?;
+        }
+        z.wait_ready(o.log)?;
         z.set_capture(true)?;
         Ok(z)
     }
 
-    fn wait_ready(&self, lab: &Lab, pod: &str, log: &Path) -> Result<(), Error> {
+    fn wait_ready(&self, log: &Path) -> Result<(), Error> {
         let started = Instant::now();
         while started.elapsed() < READY_TIMEOUT {
-            let out = lab.run_in_pod(pod, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:15021/healthz/ready"])?;
-            if out.stdout == b"200" {
+            let out = crate::sys::run("ip", &["netns", "exec", &self.netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:15021/healthz/ready"]);
+            if out.is_ok_and(|o| o.stdout == b"200") {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -167,26 +218,29 @@ impl Ztunnel {
         let tail = std::fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = tail.lines().rev().take(20).collect();
         Err(Error::Command {
-            command: format!("ztunnel in {pod} (pid {})", self.process.pid()),
+            command: format!("ztunnel in {} (pid {})", self.netns, self.process.pid()),
             status: format!("not ready after {READY_TIMEOUT:?}"),
             stderr: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
         })
     }
 
-    /// Turns the pod's capture on (its TCP through ztunnel) or off (direct).
+    /// Turns the capture of the pod's outgoing TCP on (through ztunnel) or off (direct).
     pub fn set_capture(&self, on: bool) -> Result<(), Error> {
-        let mark = format!("{MARK:#x}/0xfff");
-        let rule = ["-p", "tcp", "!", "-o", "lo", "-m", "mark", "!", "--mark", mark.as_str(), "-j", "REDIRECT", "--to-ports", OUTBOUND_PORT];
+        self.iptables_set(self.outbound.0, &self.outbound.1, on)
+    }
+
+    /// Adds or removes a `nat` rule in ztunnel's namespace (idempotent).
+    fn iptables_set(&self, chain: &str, rule: &[String], present: bool) -> Result<(), Error> {
         let iptables = |op: &str| -> Result<bool, Error> {
-            let mut args = vec!["netns", "exec", self.netns.as_str(), "iptables", "-w", "-t", "nat", op, "OUTPUT"];
-            args.extend_from_slice(&rule);
+            let mut args = vec!["netns", "exec", self.netns.as_str(), "iptables", "-w", "-t", "nat", op, chain];
+            args.extend(rule.iter().map(String::as_str));
             match crate::sys::run("ip", &args) {
                 Ok(_) => Ok(true),
                 Err(Error::Command { .. }) if op == "-C" => Ok(false),
                 Err(e) => Err(e),
             }
         };
-        match (on, iptables("-C")?) {
+        match (present, iptables("-C")?) {
             (true, false) => iptables("-A").map(drop),
             (false, true) => iptables("-D").map(drop),
             _ => Ok(()),
