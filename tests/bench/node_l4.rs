@@ -30,7 +30,10 @@ use std::{
 
 use mesh::{MeshLab, Options, Proxy};
 
-const ROUNDS: usize = 5;
+/// Rounds of every measurement (`MESH_BENCH_ROUNDS` changes it, e.g. 1 while profiling).
+fn rounds() -> usize {
+    std::env::var("MESH_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).filter(|n| *n > 0).unwrap_or(5)
+}
 const IPERF_SECS: &str = "5";
 const RR_RATE: u32 = 1000;
 const RR_SECS: u64 = 3;
@@ -78,7 +81,8 @@ fn node_l4_mesh_vs_direct() {
         arm.lab.set_capture(false);
     }
     std::thread::sleep(Duration::from_millis(300));
-    for round in 0..ROUNDS {
+    let idle_rss: Vec<(u64, u64)> = arms.iter().map(|a| a.lab.daemon_rss_kib()).collect();
+    for round in 0..rounds() {
         for arm in &mut arms {
             for meshed in [true, false] {
                 let s = if meshed { &mut arm.mesh } else { &mut arm.direct };
@@ -88,9 +92,17 @@ fn node_l4_mesh_vs_direct() {
         }
     }
     let aes = openssl_aes128gcm_gbps();
-    for arm in &arms {
+    for (arm, idle) in arms.iter().zip(&idle_rss) {
         println!("\n## {}", arm.name);
         report(&arm.mesh, &arm.direct, aes);
+        let after = arm.lab.daemon_rss_kib();
+        println!(
+            "RSS (MiB), client-side / server-side proxy: idle at start {:.1} / {:.1}; after the rounds {:.1} / {:.1}",
+            idle.0 as f64 / 1024.0,
+            idle.1 as f64 / 1024.0,
+            after.0 as f64 / 1024.0,
+            after.1 as f64 / 1024.0
+        );
     }
     if let [ours, zt] = &arms[..] {
         side_by_side(ours, zt);
@@ -102,19 +114,43 @@ fn measure(m: &MeshLab, meshed: bool, round: usize, s: &mut Samples, name: &str)
     m.set_capture(meshed);
     let server = m.lab.pod("n2p1").ip;
     let cpu0 = m.daemon_cpu_secs();
-    // MESH_BENCH_PERF=<file>: profile both proxies during the first meshed bulk run.
+    // MESH_BENCH_PERF=<file>: profile both proxies (`perf record`) during the first meshed bulk
+    // run, into `<file>.<arm>`.
     let perf = std::env::var("MESH_BENCH_PERF").ok().filter(|_| meshed && round == 0).map(|out| {
         let pids = m.daemon_pids();
+        // `<file>` ending in `.trace`: `perf trace -s`, system calls by kind and thread.
+        let (tool, extra): (&[&str], &[&str]) = if out.ends_with(".trace") { (&["trace", "-s"], &[]) } else { (&["record"], &["-F", "2000", "-g"]) };
         Command::new("perf")
-            .args(["record", "-F", "2000", "-g", "-o", &format!("{out}.{name}"), "-p", &format!("{},{}", pids.0, pids.1), "--", "sleep", "3"])
+            .args(tool)
+            .args(extra)
+            .args(["-o", &format!("{out}.{name}"), "-p", &format!("{},{}", pids.0, pids.1), "--", "sleep", "3"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("perf")
     });
+    // MESH_BENCH_SYSCALLS=1: count each proxy's system calls and context switches over the
+    // first meshed bulk run (needs perf; `apt-get install linux-perf`).
+    let counting = (std::env::var_os("MESH_BENCH_SYSCALLS").is_some_and(|v| v == "1") && meshed && round == 0).then(|| {
+        let pids = m.daemon_pids();
+        [pids.0, pids.1].map(|pid| {
+            Command::new("perf")
+                .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches", "-p", &pid.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("perf stat")
+        })
+    });
     let (gbps, bytes) = iperf3(m, &server.to_string());
     if let Some(mut p) = perf {
         let _ = p.wait();
+    }
+    if let Some(counters) = counting {
+        for (side, p) in ["client-side", "server-side"].iter().zip(counters) {
+            let (syscalls, switches) = stop_perf_stat(p);
+            println!("{name} {side} proxy: {:.1}k system calls and {:.1}k context switches per GB (bulk, round 0)", syscalls / (bytes / 1e9) / 1e3, switches / (bytes / 1e9) / 1e3);
+        }
     }
     let cpu1 = m.daemon_cpu_secs();
     s.gbps.push(gbps);
@@ -163,6 +199,23 @@ fn side_by_side(ours: &Arm, zt: &Arm) {
     println!("\n(ours vs ztunnel: above 1 is better for throughput and connections/s, below 1 is better for the rest)");
 }
 
+/// Stops a `perf stat -x ,` run (SIGINT: it prints its counts) and returns (system calls,
+/// context switches).
+fn stop_perf_stat(p: std::process::Child) -> (f64, f64) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(p.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("stop perf stat");
+    let out = p.wait_with_output().expect("perf stat");
+    let text = String::from_utf8_lossy(&out.stderr);
+    // CSV lines: value,unit,event,...
+    let count = |event: &str| {
+        text.lines()
+            .find(|l| l.split(',').nth(2) == Some(event))
+            .and_then(|l| l.split(',').next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("perf stat gave no {event}: {text}"))
+    };
+    (count("raw_syscalls:sys_enter"), count("context-switches"))
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -179,7 +232,7 @@ fn report(mesh: &Samples, direct: &Samples, aes_gbps: f64) {
     let row = |what: &str, m: &[f64], d: &[f64], ratio: String| {
         println!("| {what} | {:.1} ({}) | {:.1} ({}) | {ratio} |", median(m), spread(m), median(d), spread(d));
     };
-    println!("\n| metric (median, min–max of {ROUNDS}) | mesh | direct | mesh vs direct |\n|---|---|---|---|");
+    println!("\n| metric (median, min–max of {}) | mesh | direct | mesh vs direct |\n|---|---|---|---|", rounds());
     row("bulk throughput, Gbit/s (iperf3, 1 stream)", &mesh.gbps, &direct.gbps, format!("{:.2}×", median(&mesh.gbps) / median(&direct.gbps)));
     row("64 B request/response p50, µs", &mesh.p50_us, &direct.p50_us, format!("+{:.0} µs", median(&mesh.p50_us) - median(&direct.p50_us)));
     row("64 B request/response p99, µs", &mesh.p99_us, &direct.p99_us, format!("+{:.0} µs", median(&mesh.p99_us) - median(&direct.p99_us)));

@@ -331,6 +331,16 @@ impl MeshLab {
         (cpu(&self.proxies[0]), cpu(&self.proxies[1]))
     }
 
+    /// Resident memory (KiB) of the node 1 and node 2 proxies.
+    pub fn daemon_rss_kib(&self) -> (u64, u64) {
+        let rss = |p: &Running| {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).expect("proxy status");
+            let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+            line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS in kB")
+        };
+        (rss(&self.proxies[0]), rss(&self.proxies[1]))
+    }
+
     /// Runs `f` on a thread inside `pod`'s network namespace, pinned to CPU 0.
     pub fn in_pod_pinned<T: Send + 'static>(&self, pod: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/run/netns/{}", self.lab.pod(pod).netns);
