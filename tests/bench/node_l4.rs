@@ -109,6 +109,56 @@ fn node_l4_mesh_vs_direct() {
     }
 }
 
+/// The node daemons' memory: idle with the node suite's small config, idle with 10,000 more
+/// Services of 10 endpoints each (100,000 endpoints), and with 1,000 open connections through
+/// both daemons on top of that; with `MESH_BENCH_ZTUNNEL`, a ztunnel pair given the same
+/// (its local XDS file). Target (issue 16): ≤ 12 MiB idle, ≤ 40 MiB at that scale.
+#[test]
+#[ignore = "benchmark: run explicitly with --ignored (see the module doc)"]
+fn node_memory_at_scale() {
+    const SERVICES: u32 = 10_000;
+    const CONNECTIONS: usize = 1_000;
+    mesh_tests::require_root();
+    // The test process holds the client ends of the connections.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).expect("getrlimit");
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).expect("raise RLIMIT_NOFILE");
+    let mib = |kib: (u64, u64)| format!("{:.1} / {:.1}", kib.0 as f64 / 1024.0, kib.1 as f64 / 1024.0);
+    let mut arms = vec![("mesh-node", Options { bench: true, ..Options::default() })];
+    if mesh_tests::ztunnel::binary().expect("the ztunnel binary").is_some() {
+        arms.push(("ztunnel", Options { bench: true, proxies: [Proxy::Ztunnel; 2], ztunnel_placement: mesh_tests::ztunnel::Placement::Node, ..Options::default() }));
+    }
+    let mut rows = Vec::new();
+    for (name, opts) in arms {
+        let small = MeshLab::start_with(opts);
+        std::thread::sleep(Duration::from_secs(1));
+        let idle = mib(small.daemon_rss_kib());
+        drop(small);
+        let started = Instant::now();
+        let m = MeshLab::start_with(Options { extra_services: SERVICES, ..opts });
+        let ready = started.elapsed();
+        std::thread::sleep(Duration::from_secs(2));
+        let scaled = mib(m.daemon_rss_kib());
+        let server = SocketAddr::new(m.lab.pod("n2p1").ip.into(), 8080);
+        let held = m.in_pod_pinned("n1p1", move || {
+            (0..CONNECTIONS)
+                .map(|_| {
+                    let s = TcpStream::connect(server).expect("connect");
+                    read_greeting(&s);
+                    s
+                })
+                .collect::<Vec<_>>()
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        let connected = mib(m.daemon_rss_kib());
+        drop(held);
+        rows.push(format!("| {name} | {idle} | {scaled} (ready {ready:.1?} after start) | {connected} |"));
+    }
+    println!("\n| RSS, MiB (node 1 / node 2) | idle, the node suite's config | idle, {SERVICES} more Services × 10 endpoints | and {CONNECTIONS} open connections through both |\n|---|---|---|---|");
+    for row in rows {
+        println!("{row}");
+    }
+}
+
 /// One meshed or direct round of every measurement on one lab.
 fn measure(m: &MeshLab, meshed: bool, round: usize, s: &mut Samples, name: &str) {
     m.set_capture(meshed);

@@ -85,6 +85,30 @@ pub struct Options {
     pub proxies: [Proxy; 2],
     /// Where a ztunnel runs: in its pod (interop) or in the node's namespace (benchmark).
     pub ztunnel_placement: ztunnel::Placement,
+    /// This many more Services, each with 10 endpoints on node 2 (addresses in 100.64.0.0/10,
+    /// never dialed): the config of a large cluster, for memory measurements.
+    pub extra_services: u32,
+}
+
+/// `count` Services `svc-<i>` (VIP 198.19.<i/256>.<i%256>, port 80 → 8080), 10 endpoints each.
+fn synthetic_services(lab: &Lab, count: u32) -> Vec<String> {
+    let node2 = lab.node(2).underlay_ip;
+    (0..count)
+        .map(|i| {
+            let endpoints: Vec<String> = (0..10u32)
+                .map(|j| {
+                    let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0)) + i * 10 + j);
+                    format!(r#"{{"address":"{ip}","ports":{{}},"healthy":true,"node":"n2","nodeAddress":"{node2}","meshed":true,"identity":"spiffe://cluster.local/ns/default/sa/b"}}"#)
+                })
+                .collect();
+            format!(
+                r#"{{"name":"svc-{i}","namespace":"default","vips":["198.19.{}.{}"],"ports":[{{"name":"tcp","port":80,"protocol":"TCP","targetPort":8080}}],"endpoints":[{}]}}"#,
+                i / 256,
+                i % 256,
+                endpoints.join(",")
+            )
+        })
+        .collect()
 }
 
 /// The capture stand-in for one meshed pod of node 1: its TCP goes to the outbound port.
@@ -146,14 +170,14 @@ fn config(lab: &Lab, opts: Options) -> String {
         w("n1p2", "d", 1, "HBONE"),
         w("n1p3", "plain", 1, "TCP"),
         w("n2p1", "b", 2, "HBONE"),
-        if opts.http { http_service(lab) } else { String::new() },
+        opts.http.then(|| http_service(lab)).into_iter().chain(synthetic_services(lab, opts.extra_services)).collect::<Vec<_>>().join(","),
     )
 }
 
 /// ztunnel's view of the lab: the meshed pods of `config`, as HBONE workloads.
-fn ztunnel_xds(lab: &Lab) -> String {
+fn ztunnel_xds(lab: &Lab, opts: Options) -> String {
     let w = |pod: &'static str, sa: &'static str, node: &'static str| ztunnel::Workload { pod, ip: lab.pod(pod).ip.into(), service_account: sa, node };
-    ztunnel::local_xds(&[w("n1p1", "a", "n1"), w("n1p2", "d", "n1"), w("n2p1", "b", "n2")])
+    ztunnel::local_xds(&[w("n1p1", "a", "n1"), w("n1p2", "d", "n1"), w("n2p1", "b", "n2")], opts.extra_services)
 }
 
 impl MeshLab {
@@ -217,7 +241,7 @@ impl MeshLab {
             if opts.proxies[usize::from(i - 1)] == Proxy::Ztunnel {
                 let bin = zt_bin.as_deref().expect("checked above");
                 let xds = dir.join("ztunnel-xds.yaml");
-                std::fs::write(&xds, ztunnel_xds(&lab)).expect("write ztunnel's XDS file");
+                std::fs::write(&xds, ztunnel_xds(&lab, opts)).expect("write ztunnel's XDS file");
                 let (pod, sa) = if i == 1 { ("n1p1", "a") } else { ("n2p1", "b") };
                 let o = ztunnel::Options {
                     bin,

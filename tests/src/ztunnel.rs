@@ -89,8 +89,10 @@ pub struct Workload<'a> {
 }
 
 /// ztunnel's local XDS file (`LOCAL_XDS_PATH`, its `LocalConfig` YAML): the workloads, all in
-/// namespace `default`, all HBONE-capable; no Services and no policies.
-pub fn local_xds(workloads: &[Workload<'_>]) -> String {
+/// namespace `default`, all HBONE-capable; no policies. `extra_services` Services `svc-<i>` as
+/// the node lab's synthetic ones (VIP 198.19.<i/256>.<i%256>, port 80 → 8080), each with 10
+/// endpoint workloads on node `n2` at 100.64.0.0 + 10 i + j (never dialed).
+pub fn local_xds(workloads: &[Workload<'_>], extra_services: u32) -> String {
     let mut yaml = String::from("workloads:\n");
     for w in workloads {
         yaml.push_str(&format!(
@@ -101,7 +103,26 @@ pub fn local_xds(workloads: &[Workload<'_>]) -> String {
             node = w.node
         ));
     }
-    yaml.push_str("policies: []\nservices: []\n");
+    for i in 0..extra_services {
+        for j in 0..10u32 {
+            let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0)) + i * 10 + j);
+            yaml.push_str(&format!(
+                "- {{uid: Kubernetes//Pod/default/svc-{i}-{j}, name: svc-{i}-{j}, namespace: default, serviceAccount: b, trustDomain: cluster.local, workloadIps: [\"{ip}\"], protocol: HBONE, node: n2, network: \"\", services: {{\"default/svc-{i}.default.svc.cluster.local\": {{80: 8080}}}}}}\n"
+            ));
+        }
+    }
+    yaml.push_str("policies: []\nservices:");
+    if extra_services == 0 {
+        yaml.push_str(" []");
+    }
+    yaml.push('\n');
+    for i in 0..extra_services {
+        yaml.push_str(&format!(
+            "- {{name: svc-{i}, namespace: default, hostname: svc-{i}.default.svc.cluster.local, vips: [\"/198.19.{}.{}\"], ports: {{80: 8080}}}}\n",
+            i / 256,
+            i % 256
+        ));
+    }
     yaml
 }
 
