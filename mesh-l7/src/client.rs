@@ -36,6 +36,51 @@ use crate::{
     flags::ResponseFlag,
 };
 
+/// What is needed to send a request again: only for requests that may be (RFC 9110 9.2.2:
+/// idempotent methods) and have no body to replay.
+struct Replay {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    limits: Option<ConnectionLimits>,
+}
+
+impl Replay {
+    fn of(req: &Request<Body>) -> Option<Self> {
+        use http::Method;
+        let idempotent = [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE, Method::PUT, Method::DELETE].contains(req.method());
+        (idempotent && req.body().is_end_stream()).then(|| Self {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            limits: req.extensions().get::<ConnectionLimits>().copied(),
+        })
+    }
+
+    fn request(self) -> Request<Body> {
+        let mut req = Request::new(crate::body::empty());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        if let Some(limits) = self.limits {
+            req.extensions_mut().insert(limits);
+        }
+        req
+    }
+}
+
+/// The connection closed after the request was written and before any response byte: what a
+/// keep-alive connection closed by the server as the request crossed looks like.
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    let reset = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe));
+    e.is_incomplete_message() || e.is_canceled() || reset
+}
+
 /// Makes connections to an upstream named by a key.
 pub trait Connect: Send + Sync + 'static {
     type Key: Clone + Eq + Hash + Debug + Send + Sync + 'static;
@@ -166,16 +211,22 @@ impl<C: Connect> Pool<C> {
             .copied()
             .unwrap_or_default();
         // A pooled connection may have been closed by the peer since; hyper gives the request
-        // back when it was not written, and it goes out on a fresh connection.
+        // back when it was not written, and it goes out on a fresh connection. When it was
+        // written and the connection closed with no response at all, the server closed its
+        // idle connection as the request crossed (RFC 9112 9.3.1; every draining server does
+        // this): a request that can be sent again (idempotent, no body) goes once more on a
+        // fresh connection, as curl, browsers and Go's client do.
         while let Some((mut sender, uses)) = self.take_idle(key) {
             if sender.ready().await.is_err() {
                 continue;
             }
+            let replay = Replay::of(&req);
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(self.recycle(key, sender, uses + 1, limits, resp)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(Error::Reset(e.into_error())),
+                Err(mut e) => match (e.take_message(), replay) {
+                    (Some(unsent), _) => req = unsent,
+                    (None, Some(replay)) if closed_unanswered(e.error()) => req = replay.request(),
+                    (None, _) => return Err(Error::Reset(e.into_error())),
                 },
             }
         }

@@ -203,3 +203,81 @@ async fn a_connection_is_closed_after_max_requests_and_not_reused_past_its_idle_
     );
     assert_eq!(lo.connects.load(Ordering::SeqCst), 4);
 }
+
+/// Each connection answers its first request, then reads the second and closes without a
+/// response: a server closing its idle keep-alive connection as a request crosses.
+#[derive(Clone, Default)]
+struct ClosesOnSecond {
+    connects: Arc<AtomicUsize>,
+}
+
+impl Connect for ClosesOnSecond {
+    type Key = &'static str;
+    type Io = DuplexStream;
+
+    fn connect(
+        &self,
+        _key: &Self::Key,
+    ) -> impl Future<Output = Result<DuplexStream, BoxError>> + Send {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        self.connects.fetch_add(1, Ordering::SeqCst);
+        let (client, mut server_io) = tokio::io::duplex(64 << 10);
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            for answer in [true, false] {
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match server_io.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen.clear();
+                if answer {
+                    let _ = server_io
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n1")
+                        .await;
+                }
+            }
+            // Dropping `server_io` closes the connection with the second request unanswered.
+        });
+        async move { Ok(client) }
+    }
+}
+
+#[tokio::test]
+async fn an_idempotent_request_on_a_keep_alive_connection_closed_under_it_goes_again_on_a_new_one()
+{
+    let up = ClosesOnSecond::default();
+    let pool = Pool::new(up.clone(), Config::default());
+    for _ in 0..2 {
+        let resp = pool
+            .send(&"ep", Version::Http1, get("/", Version::Http1))
+            .await
+            .expect("answered, the second time on a fresh connection");
+        assert_eq!(text(resp).await, "1");
+    }
+    assert_eq!(up.connects.load(Ordering::SeqCst), 2);
+
+    // A POST with a body may have been processed and cannot be replayed: the error stands.
+    let up = ClosesOnSecond::default();
+    let pool = Pool::new(up.clone(), Config::default());
+    let post = || {
+        let mut req = Request::post("http://whoami/")
+            .body(body::full("payload"))
+            .expect("request");
+        crate::forward::prepare_request(&mut req, Version::Http1);
+        req
+    };
+    let first = pool
+        .send(&"ep", Version::Http1, post())
+        .await
+        .expect("first");
+    assert_eq!(text(first).await, "1");
+    let second = pool.send(&"ep", Version::Http1, post()).await;
+    assert!(
+        matches!(second, Err(Error::Reset(_))),
+        "not replayed: {second:?}"
+    );
+    assert_eq!(up.connects.load(Ordering::SeqCst), 1);
+}
