@@ -213,10 +213,26 @@ impl Conn {
     async fn exchange(&mut self, target: &Target) -> Result<(http::response::Parts, bool), Failure> {
         match self.attempt(target).await {
             Err(Attempt::Unsent) => {
-                self.reset();
-                self.attempt(target).await.map(|p| (p, true)).map_err(Attempt::failure)
+                self.abandon().await;
+                self.attempt(target).await.map(|p| (p, true)).map_err(|a| {
+                    if matches!(a, Attempt::Unsent) {
+                        eprintln!("http-load: request failed: not sent on a new connection either");
+                    }
+                    a.failure()
+                })
             }
             other => other.map(|p| (p, false)).map_err(Attempt::failure),
+        }
+    }
+
+    /// The connection refused a request unsent (closed, or HTTP/2 GOAWAY): the next one goes on
+    /// a new connection. An HTTP/2 connection that sent GOAWAY is not `is_closed` until its
+    /// last streams end, so without this the resend went to the same connection and was
+    /// refused again.
+    async fn abandon(&mut self) {
+        match self {
+            Self::H1(slot) => *slot = None,
+            Self::H2(shared) => *shared.lock().await = None,
         }
     }
 
