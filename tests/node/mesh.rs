@@ -124,13 +124,7 @@ fn sh(program: &str, args: &[&str]) -> Output {
 }
 
 fn iptables(netns: &str, rule: &[&str]) {
-    iptables_op(netns, "-A", rule);
-}
-
-fn iptables_op(netns: &str, op: &str, rule: &[&str]) {
-    let mut args = vec!["netns", "exec", netns, "iptables", "-w", "-t", "nat", op, "PREROUTING"];
-    args.extend_from_slice(rule);
-    sh("ip", &args);
+    mesh_tests::sys::nat_rule(netns, "PREROUTING", rule, true).expect("iptables");
 }
 
 pub fn curl_in(netns: &str, url: &str) -> String {
@@ -323,18 +317,7 @@ impl MeshLab {
         }
         for (node, rule) in rules {
             let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
-            let ns = &self.lab.node(node).netns;
-            let present = Command::new("ip")
-                .args(["netns", "exec", ns, "iptables", "-w", "-t", "nat", "-C", "PREROUTING"])
-                .args(&rule)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if on && !present {
-                iptables_op(ns, "-A", &rule);
-            } else if !on && present {
-                iptables_op(ns, "-D", &rule);
-            }
+            mesh_tests::sys::nat_rule(&self.lab.node(node).netns, "PREROUTING", &rule, on).expect("capture rule");
         }
     }
 

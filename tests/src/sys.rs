@@ -62,6 +62,24 @@ pub fn ip_in(netns: &str, args: &[&str]) -> Result<(), Error> {
     run("ip", &full).map(drop)
 }
 
+/// Makes the `nat` table's `chain` in `netns` hold `rule` (`present`) or not; idempotent.
+pub fn nat_rule(netns: &str, chain: &str, rule: &[&str], present: bool) -> Result<(), Error> {
+    let iptables = |op: &str| -> Result<bool, Error> {
+        let mut args = vec!["netns", "exec", netns, "iptables", "-w", "-t", "nat", op, chain];
+        args.extend_from_slice(rule);
+        match run("ip", &args) {
+            Ok(_) => Ok(true),
+            Err(Error::Command { .. }) if op == "-C" => Ok(false),
+            Err(e) => Err(e),
+        }
+    };
+    match (present, iptables("-C")?) {
+        (true, false) => iptables("-A").map(drop),
+        (false, true) => iptables("-D").map(drop),
+        _ => Ok(()),
+    }
+}
+
 /// The mount point of the cgroup v2 hierarchy (not assumed to be /sys/fs/cgroup).
 pub fn cgroup2_root() -> Result<PathBuf, Error> {
     let mounts = fs::read_to_string("/proc/mounts")

@@ -247,25 +247,8 @@ impl Ztunnel {
 
     /// Turns the capture of the pod's outgoing TCP on (through ztunnel) or off (direct).
     pub fn set_capture(&self, on: bool) -> Result<(), Error> {
-        self.iptables_set(self.outbound.0, &self.outbound.1, on)
-    }
-
-    /// Adds or removes a `nat` rule in ztunnel's namespace (idempotent).
-    fn iptables_set(&self, chain: &str, rule: &[String], present: bool) -> Result<(), Error> {
-        let iptables = |op: &str| -> Result<bool, Error> {
-            let mut args = vec!["netns", "exec", self.netns.as_str(), "iptables", "-w", "-t", "nat", op, chain];
-            args.extend(rule.iter().map(String::as_str));
-            match crate::sys::run("ip", &args) {
-                Ok(_) => Ok(true),
-                Err(Error::Command { .. }) if op == "-C" => Ok(false),
-                Err(e) => Err(e),
-            }
-        };
-        match (present, iptables("-C")?) {
-            (true, false) => iptables("-A").map(drop),
-            (false, true) => iptables("-D").map(drop),
-            _ => Ok(()),
-        }
+        let rule: Vec<&str> = self.outbound.1.iter().map(String::as_str).collect();
+        crate::sys::nat_rule(&self.netns, self.outbound.0, &rule, on)
     }
 
     pub fn pid(&self) -> u32 {
