@@ -117,6 +117,9 @@ pub struct Config {
     /// outbound CONNECT must come within this: a peer that stalls holds a task and a descriptor
     /// (and the client waiting on it) until then.
     pub handshake_timeout: Duration,
+    /// A relayed TCP connection (not HTTP) that moves no byte either way for this long is
+    /// closed, both ends; `None`: never.
+    pub tcp_idle_timeout: Option<Duration>,
     /// Connections each proxy listener serves at once, in all and from one source address.
     pub connection_limits: accept::Limits,
     /// Connect to local pods from the client pod's IP (`IP_TRANSPARENT`); the daemon installs
@@ -173,6 +176,7 @@ impl Default for Config {
             pool_idle_timeout: Duration::from_mins(1),
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
+            tcp_idle_timeout: Some(Duration::from_hours(1)),
             connection_limits: accept::Limits { max: 50_000, per_source: 10_000 },
             transparent: false,
             hbone_dial: HboneDial::Pod,

@@ -36,6 +36,7 @@ pub const ENV_HBONE_REDIRECT: &str = "MESH_HBONE_REDIRECT";
 pub const ENV_SOCKET_MARK: &str = "MESH_SOCKET_MARK";
 pub const ENV_JWKS_REFRESH_SECS: &str = "MESH_JWKS_REFRESH_SECS";
 pub const ENV_HANDSHAKE_TIMEOUT_SECS: &str = "MESH_HANDSHAKE_TIMEOUT_SECS";
+pub const ENV_TCP_IDLE_TIMEOUT_SECS: &str = "MESH_TCP_IDLE_TIMEOUT_SECS";
 pub const ENV_MAX_CONNECTIONS: &str = "MESH_MAX_CONNECTIONS";
 pub const ENV_MAX_CONNECTIONS_PER_SOURCE: &str = "MESH_MAX_CONNECTIONS_PER_SOURCE";
 
@@ -156,6 +157,10 @@ impl Config {
                 pool_idle_timeout: secs(src, ENV_POOL_IDLE_SECS, d.pool_idle_timeout.as_secs())?,
                 connect_timeout: d.connect_timeout,
                 handshake_timeout: secs(src, ENV_HANDSHAKE_TIMEOUT_SECS, d.handshake_timeout.as_secs())?,
+                tcp_idle_timeout: match parse(src, ENV_TCP_IDLE_TIMEOUT_SECS, d.tcp_idle_timeout.map_or(0, |t| t.as_secs()))? {
+                    0 => None,
+                    s => Some(Duration::from_secs(s)),
+                },
                 connection_limits: proxy::accept::Limits {
                     max: at_least_one(src, ENV_MAX_CONNECTIONS, d.connection_limits.max)?,
                     per_source: at_least_one(src, ENV_MAX_CONNECTIONS_PER_SOURCE, d.connection_limits.per_source)?,
@@ -201,6 +206,9 @@ mod tests {
         assert_eq!(cfg.proxy.hbone_dial, proxy::HboneDial::Pod, "ztunnel-compatible by default");
         assert!(cfg.hbone_redirect);
         assert_eq!(cfg.proxy.socket_mark, 0x1000);
+        assert_eq!(cfg.proxy.tcp_idle_timeout, Some(Duration::from_hours(1)), "Envoy's TCP idle timeout");
+        let off = Config::from_source(&HashMap::from([(ENV_TCP_IDLE_TIMEOUT_SECS, "0")]), "n1").expect("0 turns it off");
+        assert_eq!(off.proxy.tcp_idle_timeout, None);
         for (value, mark) in [("0x20000", 0x20000), ("4096", 4096)] {
             let cfg = Config::from_source(&HashMap::from([(ENV_SOCKET_MARK, value)]), "n1").expect(value);
             assert_eq!(cfg.proxy.socket_mark, mark);
@@ -216,6 +224,7 @@ mod tests {
             (ENV_HBONE_REDIRECT, "yes", "MESH_HBONE_REDIRECT"),
             (ENV_SOCKET_MARK, "0", "MESH_SOCKET_MARK=\"0\": must have at least one bit set"),
             (ENV_SOCKET_MARK, "0xzz", "MESH_SOCKET_MARK=\"0xzz\": expected a number"),
+            (ENV_TCP_IDLE_TIMEOUT_SECS, "1h", "MESH_TCP_IDLE_TIMEOUT_SECS=\"1h\""),
         ] {
             let err = Config::from_source(&HashMap::from([(var, value)]), "n1").expect_err(var);
             assert!(err.to_string().contains(needle), "{var}: {err}");

@@ -274,7 +274,7 @@ impl StreamCtx {
             Ok(send) => send,
             Err(e) => return tracing::debug!(error = %e, "client reset the stream before 200"),
         };
-        relay::relay_tunnel(&mut pod, Tunnel { send, recv }, Opener::Tunnel, record).await;
+        relay::relay_tunnel(&mut pod, Tunnel { send, recv }, Opener::Tunnel, self.inputs.cfg.tcp_idle_timeout, record).await;
     }
 
     /// Authorizes the connection and connects to the pod; `Err` is the status to refuse it with.

@@ -92,7 +92,7 @@ pub async fn handle(inputs: &Inputs, http: &Arc<l7::Shared>, mut client: TcpStre
     }
     let mut pod = connect_pod(inputs, &state, peer.ip(), dst).await?;
     let record = Record::open("inbound-plaintext", plain_labels(inputs, &state, peer, dst_w, dst), peer, dst, &inputs.metrics);
-    relay::relay(&mut client, &mut pod, record).await;
+    relay::relay(&mut client, &mut pod, inputs.cfg.tcp_idle_timeout, record).await;
     Ok(())
 }
 

@@ -111,6 +111,13 @@ pub struct DirectionLabel {
     pub direction: &'static str,
 }
 
+/// Which relay a connection went through (`relay::Record::kind`: outbound, inbound, same-node,
+/// passthrough, inbound-plaintext).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
@@ -127,6 +134,8 @@ pub struct Metrics {
     pub tls_errors: Family<DirectionLabel, Counter>,
     /// HBONE handshakes (TLS + HTTP/2) cut off at `handshake_timeout`.
     pub handshake_timeouts: Family<DirectionLabel, Counter>,
+    /// Relayed TCP connections closed after `tcp_idle_timeout` without a byte.
+    pub idle_timeouts: Family<KindLabel, Counter>,
     /// Connections closed at accept by a listener's connection limits (`accept::Limits`).
     pub connections_refused: super::accept::Refused,
     pub denials: Family<ReasonLabel, Counter>,
@@ -149,6 +158,7 @@ impl Metrics {
             tls_handshakes: Family::default(),
             tls_errors: Family::default(),
             handshake_timeouts: Family::default(),
+            idle_timeouts: Family::default(),
             connections_refused: Family::default(),
             denials: Family::default(),
             dry_run_denials: Counter::default(),
@@ -167,6 +177,11 @@ impl Metrics {
             "mesh_handshake_timeouts",
             "HBONE connections closed because TLS and HTTP/2 setup did not finish within MESH_HANDSHAKE_TIMEOUT_SECS",
             m.handshake_timeouts.clone(),
+        );
+        registry.register(
+            "mesh_tcp_idle_timeouts",
+            "Relayed TCP connections closed because no byte moved either way for MESH_TCP_IDLE_TIMEOUT_SECS, by relay",
+            m.idle_timeouts.clone(),
         );
         registry.register(
             "mesh_connections_refused",

@@ -165,7 +165,7 @@ impl Handler {
         };
         let record = Record::open("outbound", self.labels(Reporter::source, state, src_w, Some(dst_w), dst, true), peer, dst, &self.inputs.metrics);
         let tunnel = Tunnel { send: opened.send, recv: opened.recv };
-        relay::relay_tunnel(&mut client, tunnel, Opener::Tcp, record).await;
+        relay::relay_tunnel(&mut client, tunnel, Opener::Tcp, cfg.tcp_idle_timeout, record).await;
         drop(opened.slot);
         Ok(())
     }
@@ -180,7 +180,7 @@ impl Handler {
         let mut pod = connect_pod(&self.inputs, state, peer.ip(), dst).await?;
         // Identities are known on both ends (this daemon holds both); the hop is node-local.
         let record = Record::open("same-node", self.labels(Reporter::destination, state, src_w, Some(dst_w), dst, true), peer, dst, &self.inputs.metrics);
-        relay::relay(&mut client, &mut pod, record).await;
+        relay::relay(&mut client, &mut pod, self.inputs.cfg.tcp_idle_timeout, record).await;
         Ok(())
     }
 
@@ -191,7 +191,7 @@ impl Handler {
             .map_err(|source| Error::Connect { addr: dst, source })?;
         let dst_w = state.workload(dst.ip());
         let record = Record::open("passthrough", self.labels(Reporter::source, state, src_w, dst_w, dst, false), peer, dst, &self.inputs.metrics);
-        relay::relay(&mut client, &mut upstream, record).await;
+        relay::relay(&mut client, &mut upstream, self.inputs.cfg.tcp_idle_timeout, record).await;
         Ok(())
     }
 }

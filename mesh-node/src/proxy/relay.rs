@@ -2,12 +2,22 @@
 //! Two relays: TCP to TCP (same node, passthrough, plaintext inbound), and TCP to an HBONE
 //! stream, which hands h2 the buffer the socket was read into instead of copying it.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::{
         TcpStream,
         tcp::{ReadHalf, WriteHalf},
@@ -37,6 +47,12 @@ impl Record {
         Self { kind, labels, src, dst, metrics: metrics.clone(), start: Instant::now() }
     }
 
+    /// Counts a connection closed for idleness and says why, for its access-log line.
+    fn idle_timeout(&self, after: Duration) -> io::Error {
+        self.metrics.idle_timeouts.get_or_create(&super::metrics::KindLabel { kind: self.kind }).inc();
+        io::Error::new(io::ErrorKind::TimedOut, format!("idle timeout: no byte either way for {}s (MESH_TCP_IDLE_TIMEOUT_SECS)", after.as_secs()))
+    }
+
     pub fn close(self, received: u64, sent: u64, error: Option<&io::Error>) {
         let m = &self.metrics;
         m.closed.get_or_create(&self.labels).inc();
@@ -63,15 +79,79 @@ impl Record {
     }
 }
 
-/// Copies until both directions are done. `client` is the side that opened the connection.
-pub async fn relay<A, B>(client: &mut A, upstream: &mut B, record: Record)
+/// Copies until both directions are done, or until `idle` passes with no byte moved either way.
+/// `client` is the side that opened the connection.
+pub async fn relay<A, B>(client: &mut A, upstream: &mut B, idle: Option<Duration>, record: Record)
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    match tokio::io::copy_bidirectional_with_sizes(client, upstream, BUF, BUF).await {
-        Ok((received, sent)) => record.close(received, sent, None),
-        Err(e) => record.close(0, 0, Some(&e)),
+    let (received, sent) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (mut from_client, mut from_upstream) = (Counting { io: client, read: &received }, Counting { io: upstream, read: &sent });
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut from_client, &mut from_upstream, BUF, BUF);
+    let result = tokio::select! {
+        r = copy => r.map(drop),
+        e = idle_watch(idle, || received.load(Relaxed) + sent.load(Relaxed)) => Err(record.idle_timeout(e)),
+    };
+    record.close(received.into_inner(), sent.into_inner(), result.err().as_ref());
+}
+
+/// Counts the bytes read from a stream (what it sent to the relay).
+struct Counting<'a, S: ?Sized> {
+    io: &'a mut S,
+    read: &'a AtomicU64,
+}
+
+impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counting<'_, S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *self.io).poll_read(cx, buf);
+        self.read.fetch_add((buf.filled().len() - before) as u64, Relaxed);
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counting<'_, S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Resolves once a connection has moved no byte (`moved` unchanged) for `after`, give or take a
+/// quarter of it; never without a timeout. One timer per connection that wakes four times per
+/// period, instead of a clock read on every chunk: Envoy's TCP proxy counts `idle_timeout` the
+/// same way (no bytes sent or received), 1 h by default.
+async fn idle_watch(after: Option<Duration>, moved: impl Fn() -> u64) -> Duration {
+    const TICKS: u32 = 4;
+    let Some(after) = after else { return std::future::pending().await };
+    let (mut last, mut quiet) = (moved(), 0);
+    loop {
+        tokio::time::sleep(after / TICKS).await;
+        let now = moved();
+        if now == last {
+            quiet += 1;
+            if quiet >= TICKS {
+                return after;
+            }
+        } else {
+            (last, quiet) = (now, 0);
+        }
     }
 }
 
@@ -90,12 +170,18 @@ pub enum Opener {
     Tunnel,
 }
 
-/// Copies between `tcp` and an HBONE stream until both directions are done or one fails (then
-/// dropping the stream resets it, so the other daemon closes its end too).
-pub async fn relay_tunnel(tcp: &mut TcpStream, tunnel: Tunnel, opener: Opener, record: Record) {
+/// Copies between `tcp` and an HBONE stream until both directions are done, one fails, or
+/// `idle` passes with no byte moved (then dropping the stream resets it, so the other daemon
+/// closes its end too).
+pub async fn relay_tunnel(tcp: &mut TcpStream, tunnel: Tunnel, opener: Opener, idle: Option<Duration>, record: Record) {
     let (mut rd, mut wr) = tcp.split();
-    let (mut up, mut down) = (0, 0);
-    let result = tokio::try_join!(tcp_to_tunnel(&mut rd, tunnel.send, &mut up), tunnel_to_tcp(tunnel.recv, &mut wr, &mut down));
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let copy = async { tokio::try_join!(tcp_to_tunnel(&mut rd, tunnel.send, &up), tunnel_to_tcp(tunnel.recv, &mut wr, &down)).map(drop) };
+    let result = tokio::select! {
+        r = copy => r,
+        e = idle_watch(idle, || up.load(Relaxed) + down.load(Relaxed)) => Err(record.idle_timeout(e)),
+    };
+    let (up, down) = (up.into_inner(), down.into_inner());
     let (received, sent) = match opener {
         Opener::Tcp => (up, down),
         Opener::Tunnel => (down, up),
@@ -110,14 +196,14 @@ fn h2_io(e: h2::Error) -> io::Error {
 /// Reads into a `BytesMut` and hands h2 frozen slices of it: no copy between the socket and
 /// the TLS layer. Once h2 has written a chunk and dropped it, `reserve` reuses the same
 /// allocation, so a steady stream allocates nothing.
-async fn tcp_to_tunnel(rd: &mut ReadHalf<'_>, mut send: SendStream<Bytes>, count: &mut u64) -> io::Result<()> {
+async fn tcp_to_tunnel(rd: &mut ReadHalf<'_>, mut send: SendStream<Bytes>, count: &AtomicU64) -> io::Result<()> {
     let mut buf = BytesMut::new();
     loop {
-        buf.reserve(read_size(*count));
+        buf.reserve(read_size(count.load(Relaxed)));
         if rd.read_buf(&mut buf).await? == 0 {
             return send.send_data(Bytes::new(), true).map_err(h2_io);
         }
-        *count += buf.len() as u64;
+        count.fetch_add(buf.len() as u64, Relaxed);
         let mut chunk = buf.split().freeze();
         while !chunk.is_empty() {
             let n = send_capacity(&mut send, chunk.len()).await?;
@@ -160,11 +246,11 @@ async fn send_capacity(send: &mut SendStream<Bytes>, want: usize) -> io::Result<
 }
 
 /// Writes each received DATA payload straight from h2's buffer, then returns its window.
-async fn tunnel_to_tcp(mut recv: RecvStream, wr: &mut WriteHalf<'_>, count: &mut u64) -> io::Result<()> {
+async fn tunnel_to_tcp(mut recv: RecvStream, wr: &mut WriteHalf<'_>, count: &AtomicU64) -> io::Result<()> {
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(h2_io)?;
         wr.write_all(&chunk).await?;
-        *count += chunk.len() as u64;
+        count.fetch_add(chunk.len() as u64, Relaxed);
         recv.flow_control().release_capacity(chunk.len()).map_err(h2_io)?;
     }
     wr.shutdown().await

@@ -105,6 +105,41 @@ async fn stalled_handshakes_are_cut_off_at_the_timeout_both_ways() {
     held.abort();
 }
 
+/// A relayed connection with no byte either way for the idle timeout is closed, through HBONE
+/// (either daemon may cut it; the other sees the stream reset) and on the same node; one that
+/// keeps talking outlives the timeout many times over. Each cut is counted by relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_connections_are_closed_after_the_idle_timeout_and_busy_ones_are_not() {
+    let idle = Duration::from_millis(800);
+    let mesh = Mesh::start(snapshot(vec![], vec![]), Opts { tcp_idle: Some(idle), ..Opts::default() }).await;
+    let (pod_b, pod_c) = (echo_pod(B).await, echo_pod(C).await);
+    let mut quiet_hbone = dial_via(&mesh.n1, A, pod_b.addr).await;
+    let mut quiet_local = dial_via(&mesh.n1, A, pod_c.addr).await;
+    let mut busy = dial_via(&mesh.n1, A, pod_b.addr).await;
+    ping(&mut quiet_hbone, b"once").await;
+    ping(&mut quiet_local, b"once").await;
+    let last_byte = std::time::Instant::now();
+    let talking = tokio::spawn(async move {
+        for i in 0..20u32 {
+            ping(&mut busy, format!("ping {i}").as_bytes()).await;
+            tokio::time::sleep(idle / 4).await;
+        }
+        busy
+    });
+    for s in [&mut quiet_hbone, &mut quiet_local] {
+        ends_at_timeout(s, last_byte, idle).await;
+    }
+    let mut busy = talking.await.expect("the busy connection kept working for 5 idle timeouts");
+    ping(&mut busy, b"still open").await;
+
+    let (_, m1) = http_get(mesh.n1.bound.metrics, "/metrics").await;
+    let (_, m2) = http_get(mesh.n2.bound.metrics, "/metrics").await;
+    let cut = |m: &str, kind: &str| sample(m, &["mesh_tcp_idle_timeouts_total{", &format!("kind=\"{kind}\"")]).unwrap_or(0.0);
+    assert_eq!(cut(&m1, "same-node"), 1.0, "{m1}");
+    let hbone = cut(&m1, "outbound") + cut(&m2, "inbound");
+    assert!((1.0..=2.0).contains(&hbone), "the quiet HBONE connection is cut by one daemon or both, the busy one by none: {hbone}\n{m1}\n{m2}");
+}
+
 /// A listener takes at most `per_source` connections from one address and `max` in all: the next
 /// one is closed at once (before any handshake) and counted by reason; a closed connection frees
 /// its place.

@@ -117,6 +117,7 @@ pub struct Opts {
     pub dial: HboneDial,
     pub handshake_timeout: Duration,
     pub connection_limits: mesh_node::proxy::accept::Limits,
+    pub tcp_idle: Option<Duration>,
 }
 
 impl Default for Opts {
@@ -129,6 +130,7 @@ impl Default for Opts {
             dial: HboneDial::Pod,
             handshake_timeout: Duration::from_secs(10),
             connection_limits: mesh_node::proxy::Config::default().connection_limits,
+            tcp_idle: mesh_node::proxy::Config::default().tcp_idle_timeout,
         }
     }
 }
@@ -152,6 +154,7 @@ pub async fn node(name: &str, node_ip: &str, hbone_port: u16, ca: &Arc<TestCa>, 
     cfg.proxy.hbone_dial = o.dial;
     cfg.proxy.handshake_timeout = o.handshake_timeout;
     cfg.proxy.connection_limits = o.connection_limits;
+    cfg.proxy.tcp_idle_timeout = o.tcp_idle;
     cfg.trust_domain = TD.into();
     let (tx, rx) = watch::channel(state(snap));
     let bound = app::build(&cfg, ca.clone(), vec![ca.root()], rx, None).await.expect("daemon starts");
