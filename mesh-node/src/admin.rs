@@ -1,12 +1,17 @@
 //! Admin endpoint, bound to localhost only: `GET /config_dump` (config, workloads, policies,
 //! certificates with expiry — never keys), `GET /ready`, `GET /debug/explain?src=..&dst=..`
 //! (why a connection or request ends as it does: [`crate::explain`]), `POST /logging?level=<filter>` (runtime
-//! log level), `POST /quitquitquit` (start a graceful shutdown).
+//! log level), `POST /quitquitquit` (start a graceful shutdown). The two `POST`s need the
+//! admin token ([`credential`]).
+
+pub mod credential;
 
 use std::{net::SocketAddr, sync::Arc};
 
 use http::{Method, StatusCode};
 use tokio::{net::TcpListener, sync::watch};
+
+pub use credential::Credential;
 
 use crate::{
     drain, http_util,
@@ -33,9 +38,11 @@ struct Ctx {
     ready: Ready,
     log: Option<LogControl>,
     shutdown: watch::Sender<bool>,
+    credential: Credential,
 }
 
 impl Admin {
+    #[expect(clippy::too_many_arguments, reason = "one call site, in app::build_with, hands over what it built")]
     pub async fn new(
         listen: impl Into<proxy::Listen>,
         cfg: Arc<proxy::Config>,
@@ -45,9 +52,10 @@ impl Admin {
         log: Option<LogControl>,
         shutdown: watch::Sender<bool>,
         refused: proxy::accept::Refused,
+        credential: Credential,
     ) -> Result<Self, proxy::Error> {
         let (listener, addr) = listen.into().open().await?;
-        Ok(Self { listener, addr, refused, ctx: Arc::new(Ctx { cfg, state, certs, ready, log, shutdown }) })
+        Ok(Self { listener, addr, refused, ctx: Arc::new(Ctx { cfg, state, certs, ready, log, shutdown, credential }) })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -72,6 +80,12 @@ impl Admin {
 impl Ctx {
     fn handle(&self, req: &http_util::Req) -> http::Response<http_util::Body> {
         let text = |code, body: String| http_util::reply(code, "text/plain", body);
+        if req.method == Method::POST
+            && let Err((code, why)) = self.credential.check(req.authorization.as_ref())
+        {
+            tracing::warn!(path = %req.path, status = code.as_u16(), "admin mutation refused");
+            return text(code, why);
+        }
         match (&req.method, req.path.as_str()) {
             (&Method::GET, "/config_dump") => {
                 let state = self.state.borrow().clone();

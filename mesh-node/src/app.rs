@@ -119,7 +119,8 @@ pub async fn build_with(
     let inbound_plain = InboundPlain::new(listen(listener::INBOUND_PLAINTEXT, cfg.inbound_plain_addr), inputs.clone(), http.clone()).await?;
     let refused = inputs.metrics.connections_refused.clone();
     let metrics = metrics::Server::new(listen(listener::METRICS, cfg.metrics_addr), Arc::new(registry), ready.clone(), refused.clone()).await?;
-    let admin = Admin::new(listen(listener::ADMIN, cfg.admin_addr), inputs.cfg.clone(), state.clone(), certs.clone(), ready.clone(), log, shutdown.clone(), refused).await?;
+    let credential = crate::admin::Credential::load_or_create(cfg.admin_token_file.as_deref())?;
+    let admin = Admin::new(listen(listener::ADMIN, cfg.admin_addr), inputs.cfg.clone(), state.clone(), certs.clone(), ready.clone(), log, shutdown.clone(), refused, credential).await?;
     let sockets = vec![
         (listener::OUTBOUND, outbound.socket()?),
         (listener::INBOUND, inbound.socket()?),

@@ -4,9 +4,9 @@ use std::{convert::Infallible, future::Future, sync::Arc};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::drain;
@@ -20,13 +20,18 @@ pub fn reply(code: StatusCode, content_type: &'static str, body: impl Into<Bytes
     r
 }
 
-/// A request reduced to what the handlers need (bodies are small).
+/// A request reduced to what the handlers need. No handler takes a body (arguments are in the
+/// query string), so none is read or buffered: a client cannot make these servers hold one.
 pub struct Req {
     pub method: http::Method,
     pub path: String,
     pub query: String,
-    pub body: Bytes,
+    pub authorization: Option<http::HeaderValue>,
 }
+
+/// A client must send its request headers within this (a slowloris holds a connection, and one
+/// of the [`LIMITS`], only this long).
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Connections the metrics and admin servers take at once: scrapers and operators, not traffic.
 pub const LIMITS: crate::proxy::accept::Limits = crate::proxy::accept::Limits { max: 256, per_source: 32 };
@@ -47,18 +52,20 @@ where
             let svc = service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
                 async move {
-                    let (parts, body) = req.into_parts();
-                    let body = body.collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
                     let req = Req {
-                        method: parts.method,
-                        path: parts.uri.path().to_owned(),
-                        query: parts.uri.query().unwrap_or("").to_owned(),
-                        body,
+                        method: req.method().clone(),
+                        path: req.uri().path().to_owned(),
+                        query: req.uri().query().unwrap_or("").to_owned(),
+                        authorization: req.headers().get(http::header::AUTHORIZATION).cloned(),
                     };
                     Ok::<_, Infallible>(handler(req).await)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
         }
     })
     .await;

@@ -66,6 +66,8 @@ impl Listen {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    AdminToken(#[from] crate::admin::credential::Error),
     #[error("binding {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("io: {0}")]

@@ -281,6 +281,7 @@ impl Cluster {
             ("MESH_CONTROL_ROOT_CERT", self.state_dir.join("ca/root.crt").display().to_string()),
             ("MESH_CONTROL_TOKEN_FILE", self.state_dir.join("node-tokens").join(format!("{}.token", node.name)).display().to_string()),
             ("MESH_LAST_CONFIG_FILE", self.state_dir.join(format!("{}-last-config.pb", node.name)).display().to_string()),
+            ("MESH_ADMIN_TOKEN_FILE", self.state_dir.join(format!("{}-admin-token", node.name)).display().to_string()),
             ("MESH_NODE_ADDRESS", node.underlay_ip.to_string()),
             ("MESH_CAPTURE_ADDR", format!("{}:15001", node.pod_gateway)),
             ("MESH_POD_INTERFACES", interfaces.join(",")),

@@ -56,6 +56,8 @@ pub struct Config {
     pub inbound_plain_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The admin token's file (`admin::credential`); none: admin mutations are refused.
+    pub admin_token_file: Option<PathBuf>,
     pub drain_deadline: Duration,
     pub log_json: bool,
     /// Load and attach the kernel datapath (off: proxy only, for labs that capture with iptables).
@@ -182,6 +184,7 @@ impl Config {
             inbound_plain_addr: addr(src, ENV_INBOUND_PLAINTEXT_ADDR, "0.0.0.0:15006")?,
             metrics_addr: addr(src, ENV_METRICS_ADDR, "0.0.0.0:15020")?,
             admin_addr: addr(src, ENV_ADMIN_ADDR, "127.0.0.1:15000")?,
+            admin_token_file: path(src, crate::admin::credential::ENV_ADMIN_TOKEN_FILE)?,
             drain_deadline: secs(src, ENV_DRAIN_DEADLINE_SECS, 10)?,
             log_json,
             datapath: boolean(src, ENV_DATAPATH, true)?,

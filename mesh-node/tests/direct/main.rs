@@ -321,9 +321,13 @@ async fn drain_stops_accepting_and_waits_for_open_connections() {
     drop(ready);
 }
 
+/// Reading is open to localhost; shutting down and changing the log level need the token the
+/// daemon wrote to its token file (0600).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_reports_readiness_config_and_accepts_shutdown() {
-    let mesh = Mesh::start(snapshot(vec![deny_from("x/ns/y/sa/z")], vec![]), Opts::default()).await;
+async fn admin_reports_readiness_config_and_accepts_shutdown_with_the_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("admin-token");
+    let mesh = Mesh::start(snapshot(vec![deny_from("x/ns/y/sa/z")], vec![]), Opts { admin_token_file: Some(token_file.clone()), ..Opts::default() }).await;
     let admin = mesh.n2.bound.admin;
     eventually("ready once certificates are issued", async || http_get(admin, "/ready").await.0 == 200).await;
     let (_, dump) = http_get(admin, "/config_dump").await;
@@ -332,10 +336,39 @@ async fn admin_reports_readiness_config_and_accepts_shutdown() {
     assert_eq!(v["config"]["policies"][0]["name"], "deny-a");
     assert_eq!(v["certificates"][0]["identity"], "spiffe://cluster.local/ns/default/sa/b", "only this node's workloads");
     assert!(v["certificates"][0]["not_after_unix"].as_u64().is_some(), "expiry is shown");
-    assert_eq!(http_request(admin, "POST", "/quitquitquit").await.0, 200);
+    assert_eq!(http_request(admin, "POST", "/quitquitquit").await.0, 401, "no token");
+    assert_eq!(http_request_with(admin, "POST", "/quitquitquit", &[("authorization", "Bearer 0123456789abcdef0123456789abcdef")]).await.0, 403);
+    assert_eq!(http_request(admin, "POST", "/logging?level=debug").await.0, 401);
+    let token = std::fs::read_to_string(&token_file).expect("the daemon wrote its token");
+    let bearer = format!("Bearer {token}");
+    assert_eq!(http_request_with(admin, "POST", "/logging?level=debug", &[("authorization", &bearer)]).await.0, 501, "past the check (no log control in tests)");
+    assert_eq!(http_request_with(admin, "POST", "/quitquitquit", &[("authorization", &bearer)]).await.0, 200);
     let Mesh { n2, .. } = mesh;
     let done = tokio::time::timeout(Duration::from_secs(5), n2.bound.wait_termination()).await.expect("shutdown requested");
     assert!(done.expect("signals"));
+}
+
+/// A client that sends half a request and stalls (a slowloris) holds a connection of the
+/// metrics or admin server only until the header timeout, not forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_admin_servers_close_a_stalled_request_at_the_header_timeout() {
+    let mesh = Mesh::start(snapshot(vec![], vec![]), Opts::default()).await;
+    let started = std::time::Instant::now();
+    let timeout = mesh_node::http_util::HEADER_TIMEOUT;
+    let mut stalled = Vec::new();
+    for addr in [mesh.n1.bound.metrics, mesh.n1.bound.admin] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-slow: ").await.expect("write");
+        stalled.push(s);
+    }
+    for s in &mut stalled {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(timeout + Duration::from_secs(5), s.read_to_end(&mut buf)).await.expect("closed by the server");
+        assert!(read.is_ok() || buf.is_empty(), "{read:?}");
+        let waited = started.elapsed();
+        assert!(waited >= timeout - Duration::from_millis(100), "closed after {waited:?}, before the timeout");
+    }
+    assert_eq!(http_get(mesh.n1.bound.metrics, "/metrics").await.0, 200, "others are served meanwhile");
 }
 
 /// Not a pass/fail check: prints round-trip percentiles of the in-process paths (run with

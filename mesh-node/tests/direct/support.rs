@@ -118,6 +118,7 @@ pub struct Opts {
     pub handshake_timeout: Duration,
     pub connection_limits: mesh_node::proxy::accept::Limits,
     pub tcp_idle: Option<Duration>,
+    pub admin_token_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Opts {
@@ -131,6 +132,7 @@ impl Default for Opts {
             handshake_timeout: Duration::from_secs(10),
             connection_limits: mesh_node::proxy::Config::default().connection_limits,
             tcp_idle: mesh_node::proxy::Config::default().tcp_idle_timeout,
+            admin_token_file: None,
         }
     }
 }
@@ -155,6 +157,7 @@ pub async fn node(name: &str, node_ip: &str, hbone_port: u16, ca: &Arc<TestCa>, 
     cfg.proxy.handshake_timeout = o.handshake_timeout;
     cfg.proxy.connection_limits = o.connection_limits;
     cfg.proxy.tcp_idle_timeout = o.tcp_idle;
+    cfg.admin_token_file.clone_from(&o.admin_token_file);
     cfg.trust_domain = TD.into();
     let (tx, rx) = watch::channel(state(snap));
     let bound = app::build(&cfg, ca.clone(), vec![ca.root()], rx, None).await.expect("daemon starts");
@@ -258,8 +261,13 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    http_request_with(addr, method, path, &[]).await
+}
+
+pub async fn http_request_with(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    let req = format!("{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let req = format!("{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n{extra}\r\n");
     s.write_all(req.as_bytes()).await.expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).await.expect("read");
