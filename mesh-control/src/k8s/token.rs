@@ -1,12 +1,18 @@
 //! Kubernetes node authentication: the node daemon sends its pod-bound ServiceAccount token; a
 //! TokenReview proves it, the user must be the node DaemonSet's ServiceAccount, and the pod the
-//! token is bound to must be scheduled on the node the daemon claims to be.
+//! token is bound to must be scheduled on the node the daemon claims to be. The token must be
+//! issued for [`AUDIENCE`] (the DaemonSet's projected token says so): a token made for the API
+//! server, or for anything else the pod talks to, is no credential here, so whoever receives
+//! one cannot replay it to the controller.
 
 use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus},
     core::v1::Pod,
 };
 use kube::{Api, Client, api::PostParams};
+
+/// The audience node tokens are issued for (`serviceAccountToken.audience` in the DaemonSet).
+pub const AUDIENCE: &str = "mesh-control";
 
 /// Extra field of a TokenReview for a pod-bound token.
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
@@ -17,6 +23,8 @@ pub enum Error {
     Api(#[source] kube::Error),
     #[error("token not authenticated: {0}")]
     NotAuthenticated(String),
+    #[error("token is not for audience {AUDIENCE:?} (the API server confirmed {confirmed:?}): project it with `audience: {AUDIENCE}`")]
+    WrongAudience { confirmed: Vec<String> },
     #[error("token belongs to {user:?}, not the node ServiceAccount {expected:?}")]
     WrongUser { user: String, expected: String },
     #[error("token is not bound to a pod (use a projected ServiceAccount token)")]
@@ -45,7 +53,7 @@ impl Reviewer {
 
     pub async fn check(&self, token: &str, claimed_node: &str) -> Result<(), Error> {
         let review = TokenReview {
-            spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: None },
+            spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: Some(vec![AUDIENCE.to_owned()]) },
             ..TokenReview::default()
         };
         let reviewed = Api::<TokenReview>::all(self.client.clone())
@@ -65,11 +73,17 @@ impl Reviewer {
     }
 }
 
-/// The pod a reviewed token is bound to, if the review authenticated `expected_user` (sans-IO).
+/// The pod a reviewed token is bound to, if the review authenticated `expected_user` for
+/// [`AUDIENCE`] (sans-IO). The audience is checked in the answer too: an API server that ignores
+/// `spec.audiences` would otherwise pass any of the pod's tokens.
 pub fn bound_pod(status: Option<&TokenReviewStatus>, expected_user: &str) -> Result<String, Error> {
     let status = status.ok_or_else(|| Error::NotAuthenticated("no status".into()))?;
     if status.authenticated != Some(true) {
         return Err(Error::NotAuthenticated(status.error.clone().unwrap_or_else(|| "rejected".into())));
+    }
+    let confirmed = status.audiences.clone().unwrap_or_default();
+    if !confirmed.iter().any(|a| a == AUDIENCE) {
+        return Err(Error::WrongAudience { confirmed });
     }
     let user = status.user.as_ref().ok_or_else(|| Error::NotAuthenticated("no user".into()))?;
     let name = user.username.clone().unwrap_or_default();
@@ -98,6 +112,7 @@ mod tests {
                 extra: pod.map(|p| [(POD_NAME_EXTRA.to_owned(), vec![p.to_owned()])].into()),
                 ..UserInfo::default()
             }),
+            audiences: Some(vec![AUDIENCE.to_owned()]),
             ..TokenReviewStatus::default()
         }
     }
@@ -114,5 +129,9 @@ mod tests {
         let e = bound_pod(Some(&status(true, SA, None)), SA).expect_err("legacy token");
         assert!(matches!(e, Error::NotPodBound), "{e}");
         assert!(bound_pod(None, SA).is_err());
+        let unaware = TokenReviewStatus { audiences: None, ..status(true, SA, Some("p")) };
+        let e = bound_pod(Some(&unaware), SA).expect_err("audience not confirmed");
+        assert!(matches!(e, Error::WrongAudience { .. }), "{e}");
+        assert!(e.to_string().contains("audience: mesh-control"), "{e}");
     }
 }

@@ -206,7 +206,12 @@ fn pod_ready(c: &Cluster, ns: &str, pod: &str, ip: &str) {
 }
 
 fn node_token(c: &Cluster, node: &str) -> String {
-    c.kubectl_ok(&["create", "token", "mesh-node", "-n", "mesh-system", "--bound-object-kind=Pod", &format!("--bound-object-name=mesh-node-{node}"), "--duration=1h"]).trim().to_owned()
+    node_token_for(c, node, mesh_control::k8s::token::AUDIENCE)
+}
+
+/// A pod-bound token of the node ServiceAccount, as the DaemonSet projects it, for `audience`.
+fn node_token_for(c: &Cluster, node: &str, audience: &str) -> String {
+    c.kubectl_ok(&["create", "token", "mesh-node", "-n", "mesh-system", "--bound-object-kind=Pod", &format!("--bound-object-name=mesh-node-{node}"), "--duration=1h", &format!("--audience={audience}")]).trim().to_owned()
 }
 
 fn authed<T>(msg: T, node: &str, token: &str) -> Request<T> {
@@ -285,6 +290,8 @@ async fn controller_serves_per_node_views_policy_status_and_certificates_from_a_
     assert!(unauthenticated(server.node_certificate("n1", &t2, 0).await), "n2's token claiming n1");
     let other = c.kubectl_ok(&["create", "token", "mesh-control", "-n", "mesh-system"]);
     assert!(unauthenticated(server.node_certificate("n1", other.trim(), 0).await), "not the node ServiceAccount");
+    let for_apiserver = node_token_for(&c, "n1", "https://kubernetes.default.svc");
+    assert!(unauthenticated(server.node_certificate("n1", &for_apiserver, 0).await), "n1's token, but for the API server's audience");
     let n1_cert = server.node_certificate("n1", &t1, 0).await.expect("n1's token on n1");
     assert_eq!(n1_cert.trust_bundle_pem, std::slice::from_ref(&root));
     let n1_channel = server.connect(Some(&n1_cert)).await.expect("mutual TLS as n1");
