@@ -63,6 +63,13 @@ struct Args {
     /// modes name it in node certificates.
     #[arg(long, env = "MESH_CONTROL_NODE_SERVICE_ACCOUNT", default_value = "mesh-node")]
     node_service_account: String,
+    /// Node bootstraps (`CreateNodeCertificate`, the one call without a client certificate)
+    /// one source address (IPv6: its /64) may make at once; then `--bootstrap-per-minute`.
+    #[arg(long, env = "MESH_CONTROL_BOOTSTRAP_BURST", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    bootstrap_burst: u32,
+    /// Node bootstraps per minute and source address once its burst is spent.
+    #[arg(long, env = "MESH_CONTROL_BOOTSTRAP_PER_MINUTE", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    bootstrap_per_minute: u32,
     /// Kubernetes mode: this replica's name in the leader Lease (the Deployment sets the pod
     /// name; default `<hostname>-<pid>`).
     #[arg(long, env = "MESH_CONTROL_POD_NAME")]
@@ -155,6 +162,10 @@ async fn run(config: Args) -> Result<()> {
         default_ttl: Duration::from_secs(config.cert_ttl_seconds),
         node_ids: NodeIds::new(&config.trust_domain, &config.root_namespace, &config.node_service_account),
         node_ttl: Duration::from_secs(config.node_cert_ttl_seconds),
+        bootstrap_limit: Arc::new(mesh_control::ratelimit::PerSource::new(mesh_control::ratelimit::Rate {
+            burst: config.bootstrap_burst,
+            per_minute: config.bootstrap_per_minute,
+        })),
     };
     let grpc = Server::new(config.grpc_addr, &config.tls_sans, shared).await?;
     let graph = graph::Store::new(graph::Config { metrics_port: config.graph_metrics_port, interval: Duration::from_secs(config.graph_interval_seconds) });

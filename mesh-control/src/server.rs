@@ -76,6 +76,8 @@ pub struct Shared {
     pub node_ids: NodeIds,
     /// Default lifetime of node certificates.
     pub node_ttl: Duration,
+    /// Node bootstraps per source address (`crate::ratelimit`).
+    pub bootstrap_limit: Arc<crate::ratelimit::PerSource>,
 }
 
 impl Shared {
@@ -312,6 +314,15 @@ impl ca_pb::certificates_server::Certificates for CaService {
     ) -> Result<Response<ca_pb::CreateCertificateResponse>, Status> {
         let s = &self.0;
         let refuse = |reason, status| s.refused(reason, status);
+        // Before the credential is checked: checking costs a TokenReview on the API server.
+        // (Every call over TCP has a remote address.)
+        if let Some(source) = req.remote_addr().map(|a| a.ip())
+            && let Err(wait) = s.bootstrap_limit.admit(source, std::time::Instant::now())
+        {
+            tracing::warn!(%source, "node certificate request refused: rate limited");
+            let why = format!("too many node certificate requests from {source}; retry in {} ms (--bootstrap-per-minute)", wait.as_millis());
+            return Err(refuse("rate_limited", Status::resource_exhausted(why)));
+        }
         let node = s.auth.authenticate(req.metadata()).await.map_err(|e| {
             tracing::warn!(remote = ?req.remote_addr(), "node certificate request refused: {e}");
             refuse(e.reason(), Status::unauthenticated(e.to_string()))

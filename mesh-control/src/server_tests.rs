@@ -39,7 +39,14 @@ async fn start(state: State) -> Harness {
     start_with(state, Ca::generate("cluster.local").expect("root")).await
 }
 
+/// Tests make more bootstrap calls from 127.0.0.1 than one node would.
+const GENEROUS: crate::ratelimit::Rate = crate::ratelimit::Rate { burst: 1000, per_minute: 1000 };
+
 async fn start_with(state: State, ca: Ca) -> Harness {
+    start_limited(state, ca, GENEROUS).await
+}
+
+async fn start_limited(state: State, ca: Ca, bootstrap: crate::ratelimit::Rate) -> Harness {
     let tokens = tempfile::tempdir().expect("tempdir");
     std::fs::write(tokens.path().join("n1.token"), "token-n1").expect("write");
     std::fs::write(tokens.path().join("n2.token"), "token-n2").expect("write");
@@ -54,6 +61,7 @@ async fn start_with(state: State, ca: Ca) -> Harness {
         default_ttl: Duration::from_hours(1),
         node_ids: NodeIds::new("cluster.local", "mesh-system", "mesh-node"),
         node_ttl: Duration::from_mins(10),
+        bootstrap_limit: Arc::new(crate::ratelimit::PerSource::new(bootstrap)),
     };
     let server = Server::new(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0).into(), &["localhost".into()], shared.clone()).await.expect("bind");
     let addr = server.local_addr();
@@ -190,6 +198,23 @@ async fn node_certificates_need_the_nodes_credential_and_name_the_node() {
     let der = pem::parse(&cert.cert_pem).expect("pem").into_contents();
     let verified = h.shared.node_ids.verify(Some(&[der.into()][..]), SystemTime::now()).expect("a node certificate");
     assert_eq!(verified.name, "n1");
+    assert_eq!(h.shared.metrics.node_certificates_issued.get(), 1);
+}
+
+/// One source address gets its burst of bootstrap calls, right or wrong, then is refused with
+/// RESOURCE_EXHAUSTED before its token is checked (a check costs a TokenReview), and counted.
+#[tokio::test]
+async fn bootstrap_calls_are_rate_limited_per_source_before_the_token_is_checked() {
+    let h = start_limited(lab_state(""), Ca::generate("cluster.local").expect("root"), crate::ratelimit::Rate { burst: 3, per_minute: 1 }).await;
+    for _ in 0..2 {
+        let e = h.server.node_certificate("n1", "guess", 0).await.expect_err("wrong token");
+        assert!(matches!(&e, client::Error::Refused(s) if s.code() == Code::Unauthenticated), "{e}");
+    }
+    h.server.node_certificate("n1", "token-n1", 0).await.expect("the burst's last call, with the right token");
+    let e = h.server.node_certificate("n1", "token-n1", 0).await.expect_err("burst spent");
+    assert!(matches!(&e, client::Error::Refused(s) if s.code() == Code::ResourceExhausted && s.message().contains("127.0.0.1")), "{e}");
+    let refused = |reason: &'static str| h.shared.metrics.certificate_refusals.get_or_create(&ReasonLabels { reason }).get();
+    assert_eq!(refused("rate_limited"), 1);
     assert_eq!(h.shared.metrics.node_certificates_issued.get(), 1);
 }
 

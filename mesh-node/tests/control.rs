@@ -93,6 +93,8 @@ async fn controller() -> Controller {
         default_ttl: Duration::from_secs(3600),
         node_ids: NodeIds::new("cluster.local", "mesh-system", "mesh-node"),
         node_ttl: Duration::from_secs(3600),
+        // The controller's defaults: these tests bootstrap a few daemons from 127.0.0.1.
+        bootstrap_limit: std::sync::Arc::new(mesh_control::ratelimit::PerSource::new(mesh_control::ratelimit::Rate { burst: 10, per_minute: 30 })),
     };
     let server = Server::new(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &["localhost".into()], shared).await.expect("bind");
     let addr = server.local_addr();
