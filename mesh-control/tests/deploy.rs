@@ -170,7 +170,7 @@ fn helm_chart_renders_a_platform_teams_overrides_and_nothing_else_changes() {
         "DaemonSet .spec.template.spec.tolerations[0].value",
         "DaemonSet .spec.template.spec.containers[0].image",
         "DaemonSet .spec.template.spec.containers[0].imagePullPolicy",
-        "DaemonSet .spec.template.spec.containers[0].env[15].value",
+        "DaemonSet .spec.template.spec.containers[0].env[16].value",
         "DaemonSet .spec.template.spec.containers[0].resources.limits.memory",
     ];
     let mut got: Vec<&str> = changed.iter().map(String::as_str).collect();

@@ -23,6 +23,7 @@ pub const ENV_BYPASS: &str = "MESH_BYPASS";
 pub const ENV_POD_INTERFACES: &str = "MESH_POD_INTERFACES";
 pub const ENV_DAEMONSET: &str = "MESH_DAEMONSET";
 pub const ENV_KUBE_CA_FILE: &str = "MESH_KUBE_CA_FILE";
+pub const ENV_KUBE_TOKEN_FILE: &str = "MESH_KUBE_TOKEN_FILE";
 pub const ENV_HANDOFF_SOCKET: &str = "MESH_HANDOFF_SOCKET";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -133,10 +134,15 @@ impl Config {
         let removal = match src.get(ENV_DAEMONSET).filter(|v| !v.is_empty()) {
             None => None,
             Some(daemonset) => {
-                let token_file = control.as_ref().map(|c| c.token_file.clone()).ok_or(Error::Missing {
-                    var: ENV_CONTROL_TOKEN_FILE,
-                    hint: "MESH_DAEMONSET asks the API server with this node's ServiceAccount token",
-                })?;
+                // The DaemonSet projects one token per audience: the controller's refuses tokens
+                // for the API server and the API server refuses the controller's.
+                let token_file = match absolute(src, ENV_KUBE_TOKEN_FILE)? {
+                    Some(path) => path,
+                    None => control.as_ref().map(|c| c.token_file.clone()).ok_or(Error::Missing {
+                        var: ENV_KUBE_TOKEN_FILE,
+                        hint: "MESH_DAEMONSET asks the API server with this node's ServiceAccount token",
+                    })?,
+                };
                 let (host, port) = (src.get("KUBERNETES_SERVICE_HOST"), src.get("KUBERNETES_SERVICE_PORT"));
                 let (Some(host), Some(port)) = (host, port) else {
                     return Err(Error::Missing { var: "KUBERNETES_SERVICE_HOST", hint: "set by the kubelet in every container; MESH_DAEMONSET needs the API server" });
@@ -185,5 +191,24 @@ mod tests {
         assert!(err.to_string().starts_with("MESH_NODE_NAME is required"), "{err}");
         let err = Config::from_source(&HashMap::from([(ENV_NODE_NAME, "n1"), (ENV_CGROUP, "relative")])).unwrap_err();
         assert_eq!(err.to_string(), "MESH_CGROUP=\"relative\": must be an absolute path");
+    }
+
+    /// The removal check asks the API server with a token for its audience; without one given,
+    /// the control token (a file-mode or pre-audience install).
+    #[test]
+    fn the_removal_check_uses_the_api_servers_token() {
+        let mut src = HashMap::from([
+            (ENV_NODE_NAME, "n1"),
+            (ENV_CGROUP, "/sys/fs/cgroup/kubepods"),
+            (ENV_DAEMONSET, "mesh-node"),
+            ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+            ("KUBERNETES_SERVICE_PORT", "443"),
+        ]);
+        let err = Config::from_source(&src).unwrap_err();
+        assert!(err.to_string().starts_with("MESH_KUBE_TOKEN_FILE is required"), "{err}");
+        src.insert(ENV_KUBE_TOKEN_FILE, "/var/run/mesh/token/kube-token");
+        let removal = Config::from_source(&src).unwrap().removal.expect("checked at exit");
+        assert_eq!(removal.token_file, PathBuf::from("/var/run/mesh/token/kube-token"));
+        assert_eq!(removal.api, "10.96.0.1:443");
     }
 }
