@@ -210,16 +210,27 @@ async fn serve_node(
         if snap.version > 0 {
             let new = view::node_view(&snap.state, &node, &trust_domain);
             let update = match &last {
-                None => Some((pb::ConfigUpdate { version: snap.version, full: true, upserts: new.values().cloned().collect(), removals: vec![] }, "full")),
+                None => Some((pb::ConfigUpdate { version: snap.version, full: true, more: false, upserts: new.values().cloned().collect(), removals: vec![] }, "full")),
                 Some(old) => {
                     let (upserts, removals) = view::diff(old, &new);
                     (!upserts.is_empty() || !removals.is_empty())
-                        .then_some((pb::ConfigUpdate { version: snap.version, full: false, upserts, removals }, "incremental"))
+                        .then_some((pb::ConfigUpdate { version: snap.version, full: false, more: false, upserts, removals }, "incremental"))
                 }
             };
             if let Some((update, kind)) = update {
                 tracing::debug!(node, version = update.version, kind, upserts = update.upserts.len(), removals = update.removals.len(), "pushing config");
-                if tx.send(Ok(update)).await.is_err() {
+                let parts = view::split(update, view::MAX_MESSAGE_BYTES);
+                if parts.len() > 1 {
+                    tracing::info!(node, version = snap.version, kind, parts = parts.len(), "config update sent in parts");
+                }
+                let mut sent = true;
+                for part in parts {
+                    if tx.send(Ok(part)).await.is_err() {
+                        sent = false;
+                        break;
+                    }
+                }
+                if !sent {
                     break;
                 }
                 shared.metrics.pushes.get_or_create(&PushLabels { kind }).inc();

@@ -162,6 +162,43 @@ pub fn diff(old: &View, new: &View) -> (Vec<pb::Resource>, Vec<pb::ResourceKey>)
     (upserts, removals)
 }
 
+/// Largest config message the controller sends: a quarter of gRPC's default 4 MiB receive
+/// limit, so a node with default limits takes any part.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Splits an update whose encoding exceeds `max_bytes` into parts in order, all but the last
+/// marked `more`, each at most `max_bytes` (a single resource larger than that goes alone).
+/// An update that fits is returned as it is, without `more`.
+pub fn split(update: pb::ConfigUpdate, max_bytes: usize) -> Vec<pb::ConfigUpdate> {
+    use prost::{Message as _, encoding::message::encoded_len};
+    // Room for version, full and more in every part.
+    const HEADER: usize = 16;
+    if update.encoded_len() <= max_bytes {
+        return vec![update];
+    }
+    let pb::ConfigUpdate { version, full, upserts, removals, .. } = update;
+    let part = || pb::ConfigUpdate { version, full, more: true, upserts: Vec::new(), removals: Vec::new() };
+    let (mut parts, mut size) = (vec![part()], HEADER);
+    let mut room_for = |n: usize, parts: &mut Vec<pb::ConfigUpdate>| {
+        let last = parts.last().expect("one part at least");
+        if size + n > max_bytes && !(last.upserts.is_empty() && last.removals.is_empty()) {
+            parts.push(part());
+            size = HEADER;
+        }
+        size += n;
+    };
+    for r in upserts {
+        room_for(encoded_len(3, &r), &mut parts);
+        parts.last_mut().expect("a part").upserts.push(r);
+    }
+    for k in removals {
+        room_for(encoded_len(4, &k), &mut parts);
+        parts.last_mut().expect("a part").removals.push(k);
+    }
+    parts.last_mut().expect("a part").more = false;
+    parts
+}
+
 fn node_address(inv: &Inventory, node: &str) -> String {
     inv.nodes.get(node).copied().flatten().map(|a| a.to_string()).unwrap_or_default()
 }

@@ -85,6 +85,32 @@ fn unknown_node_gets_services_and_meshed_workloads_only() {
     assert_eq!(v.len(), 3);
 }
 
+/// A view too large for one message goes out in parts of at most the limit that join back into
+/// the same update; one that fits is sent whole, as before.
+#[test]
+fn large_updates_are_split_into_parts_that_join_back_into_the_update() {
+    use prost::Message as _;
+    let view = node_view(&lab_state(POLICIES), "n1", TD);
+    let whole = pb::ConfigUpdate { version: 7, full: false, more: false, upserts: view.values().cloned().collect(), removals: vec![pb::ResourceKey { kind: 1, key: "demo/gone".into() }; 40] };
+    assert_eq!(split(whole.clone(), MAX_MESSAGE_BYTES), std::slice::from_ref(&whole), "fits: one message, no `more`");
+
+    let limit = 400;
+    let parts = split(whole.clone(), limit);
+    assert!(parts.len() > 3, "{} parts", parts.len());
+    for (i, p) in parts.iter().enumerate() {
+        assert_eq!((p.version, p.full, p.more), (7, false, i + 1 < parts.len()), "part {i}");
+        let alone = p.upserts.len() + p.removals.len() == 1;
+        assert!(p.encoded_len() <= limit || alone, "part {i} has {} bytes", p.encoded_len());
+        assert!(!p.upserts.is_empty() || !p.removals.is_empty(), "no empty part");
+    }
+    let joined = pb::ConfigUpdate {
+        upserts: parts.iter().flat_map(|p| p.upserts.clone()).collect(),
+        removals: parts.iter().flat_map(|p| p.removals.clone()).collect(),
+        ..parts[0].clone()
+    };
+    assert_eq!(joined, pb::ConfigUpdate { more: true, ..whole }, "same resources, same order");
+}
+
 #[test]
 fn diff_sends_changed_and_removed_resources_only() {
     let before = node_view(&lab_state(POLICIES), "n1", TD);

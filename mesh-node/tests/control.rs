@@ -93,8 +93,8 @@ async fn controller() -> Controller {
         default_ttl: Duration::from_secs(3600),
         node_ids: NodeIds::new("cluster.local", "mesh-system", "mesh-node"),
         node_ttl: Duration::from_secs(3600),
-        // The controller's defaults: these tests bootstrap a few daemons from 127.0.0.1.
-        bootstrap_limit: std::sync::Arc::new(mesh_control::ratelimit::PerSource::new(mesh_control::ratelimit::Rate { burst: 10, per_minute: 30 })),
+        // Generous: the renewal test bootstraps every second from 127.0.0.1.
+        bootstrap_limit: std::sync::Arc::new(mesh_control::ratelimit::PerSource::new(mesh_control::ratelimit::Rate { burst: 100, per_minute: 600 })),
     };
     let server = Server::new(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &["localhost".into()], shared).await.expect("bind");
     let addr = server.local_addr();
@@ -238,4 +238,55 @@ async fn node_certificate_renews_at_half_life_and_the_stream_moves_to_it() {
     // Workload certificates keep coming over the current channel.
     let store = CertStore::new(Arc::new(GrpcCa::new(connection, Duration::from_mins(10))), vec![], CertMetrics::new(&mut Registry::default()));
     store.fetch(&Identity::new("cluster.local", "demo", "client")).await.expect("certificate after renewals");
+}
+
+/// A node's view larger than gRPC's 4 MiB message limit (thousands of Services with ten
+/// endpoints each) reaches the node whole: the controller sends it in parts, the node applies
+/// them as one update.
+#[tokio::test]
+async fn a_view_larger_than_one_grpc_message_arrives_in_parts_and_applies_whole() {
+    use std::fmt::Write as _;
+    const SERVICES: usize = 6_000;
+    let c = controller().await;
+    // One file per 500 Services: file mode reads at most 1,024 documents from one file.
+    let mut yaml = String::new();
+    let mut file = 0;
+    for i in 0..10 {
+        let _ = write!(
+            yaml,
+            "---\napiVersion: lab.mesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: big-{i}, namespace: demo, labels: {{app: big}}}}\nspec: {{node: n2, serviceAccount: big, addresses: [198.18.3.{}]}}\n",
+            i + 1
+        );
+    }
+    for i in 0..SERVICES {
+        let _ = write!(
+            yaml,
+            "---\napiVersion: lab.mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: big-{i}, namespace: demo}}\nspec: {{vips: [198.20.{}.{}], selector: {{app: big}}, ports: [{{port: 80, targetPort: 8080}}, {{port: 443, targetPort: 8443}}]}}\n",
+            i / 250,
+            i % 250 + 1
+        );
+        if i % 500 == 499 {
+            std::fs::write(c.dir.path().join(format!("big-{file}.yaml")), std::mem::take(&mut yaml)).expect("write");
+            file += 1;
+        }
+    }
+    std::fs::write(c.dir.path().join("big-last.yaml"), yaml).expect("write");
+    let (state, errors) = filemode::load(c.dir.path(), "mesh-system");
+    assert!(errors.is_empty(), "{errors:?}");
+    let view = mesh_control::view::node_view(&state, "n1", "cluster.local");
+    let bytes: usize = view.values().map(prost::Message::encoded_len).sum();
+    assert!(bytes > 4 << 20, "the view must not fit one message for this test to mean anything: {bytes} bytes");
+    c.publisher.publish(state, errors);
+
+    let cfg = config(&c, "secret-n1");
+    let metrics = Metrics::new(&mut Registry::default());
+    let (connection, renewer) = Connection::new(&cfg, &metrics).expect("connection");
+    tokio::spawn(renewer.run());
+    let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(State::default()));
+    let client = ConfigClient::new(connection, "n1", IpAddr::from([198, 18, 0, 1]), "cluster.local", "mesh-system", metrics);
+    tokio::spawn(client.run(tx, || {}));
+    let state = wait_for(&mut rx, "the large view", |s| s.services.len() == SERVICES + 1).await;
+    let big = state.services.iter().find(|s| s.name == "big-5999").expect("the last Service");
+    assert_eq!(big.ports.len(), 2);
+    assert_eq!(c.metrics.nacks.get(), 0);
 }

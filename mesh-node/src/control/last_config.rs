@@ -37,7 +37,7 @@ pub enum Error {
 /// Writes `resources` at `version` to `path` (a temporary file renamed over it, so a crash
 /// leaves the old or the new file, never half of one).
 pub fn save<'a>(path: &Path, version: u64, resources: impl IntoIterator<Item = &'a pb::Resource>) -> Result<(), Error> {
-    let update = pb::ConfigUpdate { version, full: true, upserts: resources.into_iter().cloned().collect(), removals: Vec::new() };
+    let update = pb::ConfigUpdate { version, full: true, more: false, upserts: resources.into_iter().cloned().collect(), removals: Vec::new() };
     let io = |source| Error::Io { path: path.to_owned(), source };
     let tmp = path.with_extension("tmp");
     if let Some(dir) = path.parent() {

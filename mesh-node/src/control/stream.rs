@@ -15,6 +15,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{Connection, Error, convert, last_config};
 use crate::state::{State, StateTx};
 
+/// Parts of one split update (`more`) a node holds before the last arrives: far above any
+/// real view (the controller sends 1 MiB parts), low enough that a broken controller cannot
+/// exhaust the node's memory.
+const MAX_PENDING_BYTES: usize = 256 << 20;
+
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -67,6 +72,51 @@ type Resources = BTreeMap<(i32, String), pb::Resource>;
 fn key_of(r: &pb::Resource) -> Result<(i32, String), Error> {
     let key = mesh_proto::resource_key(r.kind.as_ref().ok_or_else(|| Error::Invalid("resource without a kind".into()))?);
     Ok((key.kind, key.key))
+}
+
+/// The parts of an update the controller split (`more`), joined as they come.
+struct Pending {
+    update: Option<pb::ConfigUpdate>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl Pending {
+    fn new(limit: usize) -> Self {
+        Self { update: None, bytes: 0, limit }
+    }
+
+    /// Adds a part: the whole update once its last part is in, `None` before. A part that does
+    /// not continue the update before it (another version, or `full` changed), or parts beyond
+    /// the limit ([`MAX_PENDING_BYTES`]), are a broken stream: the caller reconnects and gets a snapshot.
+    fn join(&mut self, part: pb::ConfigUpdate) -> Result<Option<pb::ConfigUpdate>, Error> {
+        use prost::Message as _;
+        self.bytes += part.encoded_len();
+        let whole = match self.update.take() {
+            None => part,
+            Some(mut so_far) => {
+                if (so_far.version, so_far.full) != (part.version, part.full) {
+                    return Err(Error::Invalid(format!(
+                        "update {} (full: {}) was continued by update {} (full: {})",
+                        so_far.version, so_far.full, part.version, part.full
+                    )));
+                }
+                so_far.upserts.extend(part.upserts);
+                so_far.removals.extend(part.removals);
+                so_far.more = part.more;
+                so_far
+            }
+        };
+        if !whole.more {
+            self.bytes = 0;
+            return Ok(Some(whole));
+        }
+        if self.bytes > self.limit {
+            return Err(Error::Invalid(format!("update {} in parts exceeds {} bytes", whole.version, self.limit)));
+        }
+        self.update = Some(whole);
+        Ok(None)
+    }
 }
 
 /// Jitter without a random-number dependency: the clock's nanoseconds are unpredictable enough
@@ -131,8 +181,9 @@ impl ConfigClient {
         let mut updates = ConfigDistributionClient::new(channel).stream_config(ReceiverStream::new(rx)).await?.into_inner();
         self.metrics.connected.set(1);
         let mut resources = Resources::new();
+        let mut pending = Pending::new(MAX_PENDING_BYTES);
         loop {
-            let update = tokio::select! {
+            let part = tokio::select! {
                 message = updates.message() => match message? {
                     Some(update) => update,
                     None => return Ok(Ended::Closed),
@@ -144,6 +195,7 @@ impl ConfigClient {
                     return Ok(Ended::Renewed);
                 }
             };
+            let Some(update) = pending.join(part)? else { continue };
             let mut next = if update.full { Resources::new() } else { resources.clone() };
             for r in update.upserts {
                 next.insert(key_of(&r)?, r);
@@ -188,4 +240,48 @@ enum Ended {
     Closed,
     /// A new node certificate is out: reconnect with it at once.
     Renewed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(version: u64, full: bool, more: bool, keys: &[&str]) -> pb::ConfigUpdate {
+        let removals = keys.iter().map(|k| pb::ResourceKey { kind: 1, key: (*k).into() }).collect();
+        pb::ConfigUpdate { version, full, more, upserts: Vec::new(), removals }
+    }
+
+    #[test]
+    fn parts_join_into_one_update_applied_at_the_last() {
+        let mut pending = Pending::new(MAX_PENDING_BYTES);
+        assert_eq!(pending.join(part(3, false, false, &["a"])).expect("ok"), Some(part(3, false, false, &["a"])), "a whole update as before");
+        assert_eq!(pending.join(part(4, true, true, &["a", "b"])).expect("ok"), None);
+        assert_eq!(pending.join(part(4, true, true, &["c"])).expect("ok"), None);
+        let whole = pending.join(part(4, true, false, &["d"])).expect("ok").expect("the last part");
+        assert_eq!(whole, part(4, true, false, &["a", "b", "c", "d"]));
+        assert_eq!(pending.join(part(5, false, false, &[])).expect("ok"), Some(part(5, false, false, &[])), "nothing left over");
+    }
+
+    #[test]
+    fn a_part_of_another_update_breaks_the_stream() {
+        let mut pending = Pending::new(MAX_PENDING_BYTES);
+        pending.join(part(4, true, true, &["a"])).expect("ok");
+        let e = pending.join(part(5, false, false, &["b"])).expect_err("another version");
+        assert!(e.to_string().contains("update 4 (full: true) was continued by update 5"), "{e}");
+        let mut pending = Pending::new(MAX_PENDING_BYTES);
+        pending.join(part(4, true, true, &["a"])).expect("ok");
+        assert!(pending.join(part(4, false, false, &["b"])).is_err(), "full changed");
+    }
+
+    #[test]
+    fn parts_are_bounded() {
+        let mut pending = Pending::new(10_000);
+        let keys: Vec<String> = (0..10).map(|i| format!("{i:0>300}")).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        for _ in 0..3 {
+            assert_eq!(pending.join(part(9, true, true, &keys)).expect("under the bound"), None);
+        }
+        let e = pending.join(part(9, true, true, &keys)).expect_err("past the bound");
+        assert!(e.to_string().contains("exceeds 10000 bytes"), "{e}");
+    }
 }
