@@ -3,13 +3,17 @@
 //! Istio's histogram buckets, so existing dashboards and alerts work unchanged. The TCP metrics
 //! of the node daemon share [`PeerLabels`].
 
+pub mod prunable;
+
 use std::sync::Arc;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, histogram::Histogram},
     registry::Registry,
 };
+
+pub use prunable::PrunableFamily;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(
@@ -110,10 +114,10 @@ pub const BYTES_BUCKETS: [f64; 10] = [
     1_000_000_000.0,
 ];
 
-type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
+type HistogramFamily = PrunableFamily<RequestLabels, Histogram, fn() -> Histogram>;
 
 pub struct RequestMetrics {
-    pub requests: Family<RequestLabels, Counter>,
+    pub requests: PrunableFamily<RequestLabels, Counter>,
     pub duration: HistogramFamily,
     pub request_bytes: HistogramFamily,
     pub response_bytes: HistogramFamily,
@@ -131,10 +135,10 @@ pub struct Handles {
 impl RequestMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(|| Histogram::new(DURATION_MS_BUCKETS)),
-            request_bytes: Family::new_with_constructor(|| Histogram::new(BYTES_BUCKETS)),
-            response_bytes: Family::new_with_constructor(|| Histogram::new(BYTES_BUCKETS)),
+            requests: PrunableFamily::default(),
+            duration: PrunableFamily::new_with_constructor(|| Histogram::new(DURATION_MS_BUCKETS)),
+            request_bytes: PrunableFamily::new_with_constructor(|| Histogram::new(BYTES_BUCKETS)),
+            response_bytes: PrunableFamily::new_with_constructor(|| Histogram::new(BYTES_BUCKETS)),
         };
         registry.register(
             "istio_requests",
@@ -161,10 +165,18 @@ impl RequestMetrics {
 
     pub fn handles(&self, labels: &RequestLabels) -> Handles {
         Handles {
-            requests: self.requests.get_or_create(labels).clone(),
-            duration: self.duration.get_or_create(labels).clone(),
-            request_bytes: self.request_bytes.get_or_create(labels).clone(),
-            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+            requests: self.requests.get_or_create(labels),
+            duration: self.duration.get_or_create(labels),
+            request_bytes: self.request_bytes.get_or_create(labels),
+            response_bytes: self.response_bytes.get_or_create(labels),
         }
+    }
+
+    /// Drops the label sets whose peers `keep` refuses (workloads gone); how many went.
+    pub fn retain(&self, mut keep: impl FnMut(&PeerLabels) -> bool) -> usize {
+        self.requests.retain(|l| keep(&l.peers))
+            + self.duration.retain(|l| keep(&l.peers))
+            + self.request_bytes.retain(|l| keep(&l.peers))
+            + self.response_bytes.retain(|l| keep(&l.peers))
     }
 }

@@ -148,6 +148,7 @@ pub async fn build_with(
         sockets,
     };
     let jwks_state = state.clone();
+    let pruner_state = state.clone();
     tokio::spawn(follow_state(state, certs.clone(), cfg.proxy.node_name.clone(), ready.clone()));
     let stop = |w: &drain::Watcher| {
         let w = w.clone();
@@ -158,6 +159,7 @@ pub async fn build_with(
     tokio::spawn(pool.run_reaper(stop(&watcher)));
     tokio::spawn(http.run_reaper(stop(&watcher)));
     tokio::spawn(clusters.run_sweeper(stop(&watcher)));
+    tokio::spawn(proxy::metrics::run_pruner(inputs.metrics.clone(), pruner_state, stop(&watcher)));
     tokio::spawn(jwks.run(jwks_state, stop(&watcher)));
     tokio::spawn(once_started(accepting.subscribe(), watcher.clone(), outbound.run(watcher.clone())));
     tokio::spawn(once_started(accepting.subscribe(), watcher.clone(), inbound.run(watcher.clone())));

@@ -1,7 +1,12 @@
 //! Connection metrics with Istio's names and labels (so existing dashboards work), and the
 //! proxy's own `mesh_*` metrics.
 
-use std::sync::Arc;
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -11,11 +16,11 @@ use prometheus_client::{
 
 use crate::{
     identity::Identity,
-    state::{Service, Workload},
+    state::{Service, State, StateRx, Workload},
 };
 
 pub use mesh_l7::metrics::{PeerLabels, Reporter, SecurityPolicy};
-use mesh_l7::metrics::UNKNOWN;
+use mesh_l7::metrics::{PrunableFamily, UNKNOWN};
 
 /// Istio's TCP metric labels: the peers, plus what a TCP connection can say of its protocol and
 /// outcome.
@@ -124,10 +129,12 @@ pub struct ReasonLabel {
 }
 
 pub struct Metrics {
-    pub opened: Family<ConnLabels, Counter>,
-    pub closed: Family<ConnLabels, Counter>,
-    pub sent: Family<ConnLabels, Counter>,
-    pub received: Family<ConnLabels, Counter>,
+    pub opened: PrunableFamily<ConnLabels, Counter>,
+    pub closed: PrunableFamily<ConnLabels, Counter>,
+    pub sent: PrunableFamily<ConnLabels, Counter>,
+    pub received: PrunableFamily<ConnLabels, Counter>,
+    /// Label sets dropped because their workloads left the config (`Pruner`).
+    pub pruned: Counter,
     pub pool_connections: Gauge,
     pub pool_streams: Gauge,
     pub tls_handshakes: Family<DirectionLabel, Counter>,
@@ -149,10 +156,11 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
-            opened: Family::default(),
-            closed: Family::default(),
-            sent: Family::default(),
-            received: Family::default(),
+            opened: PrunableFamily::default(),
+            closed: PrunableFamily::default(),
+            sent: PrunableFamily::default(),
+            received: PrunableFamily::default(),
+            pruned: Counter::default(),
             pool_connections: Gauge::default(),
             pool_streams: Gauge::default(),
             tls_handshakes: Family::default(),
@@ -169,6 +177,11 @@ impl Metrics {
         registry.register("istio_tcp_connections_closed", "TCP connections closed", m.closed.clone());
         registry.register("istio_tcp_sent_bytes", "Bytes sent to the client of a TCP connection", m.sent.clone());
         registry.register("istio_tcp_received_bytes", "Bytes received from the client of a TCP connection", m.received.clone());
+        registry.register(
+            "mesh_metric_label_sets_pruned",
+            "Label sets of Istio's metrics dropped because their workloads left the config more than 5 minutes ago",
+            m.pruned.clone(),
+        );
         registry.register("mesh_pool_connections", "Pooled outbound HBONE connections", m.pool_connections.clone());
         registry.register("mesh_pool_streams", "HBONE streams open on pooled connections", m.pool_streams.clone());
         registry.register("mesh_tls_handshakes", "Completed mTLS handshakes", m.tls_handshakes.clone());
@@ -209,5 +222,135 @@ impl Metrics {
     pub fn handshake(&self, direction: &'static str, ok: bool) {
         let fam = if ok { &self.tls_handshakes } else { &self.tls_errors };
         fam.get_or_create(&DirectionLabel { direction }).inc();
+    }
+}
+
+/// How long a workload may be gone from the config before its label sets go: a rolling update,
+/// or a pod deleted with connections still draining, keeps its series meanwhile.
+pub const PRUNE_AFTER: Duration = Duration::from_mins(5);
+const SWEEP: Duration = Duration::from_mins(1);
+
+/// Drops the label sets of Istio's TCP and request metrics that name a workload (source or
+/// destination) gone from the config for [`PRUNE_AFTER`]: without it, every workload a node
+/// ever talked to would stay in its metrics, and in its memory, for good.
+#[derive(Default)]
+pub struct Pruner {
+    /// Workloads (namespace, name) named by some label set but absent from the config.
+    missing_since: HashMap<(Arc<str>, Arc<str>), Instant>,
+}
+
+impl Pruner {
+    /// One pass at `now`; returns how many label sets went.
+    pub fn sweep(&mut self, metrics: &Metrics, state: &State, now: Instant) -> usize {
+        let live: HashSet<(&str, &str)> = state.workloads.values().map(|w| (w.namespace.as_str(), w.workload_name())).collect();
+        let mut still_missing = HashSet::new();
+        let missing_since = &mut self.missing_since;
+        let mut keep = |p: &PeerLabels| {
+            let mut keep = true;
+            for (ns, name) in [(&p.source_workload_namespace, &p.source_workload), (&p.destination_workload_namespace, &p.destination_workload)] {
+                if &**name == UNKNOWN || live.contains(&(&**ns, &**name)) {
+                    continue;
+                }
+                let key = (ns.clone(), name.clone());
+                let since = *missing_since.entry(key.clone()).or_insert(now);
+                if now.duration_since(since) >= PRUNE_AFTER {
+                    keep = false;
+                } else {
+                    still_missing.insert(key);
+                }
+            }
+            keep
+        };
+        let mut removed = 0;
+        for family in [&metrics.opened, &metrics.closed, &metrics.sent, &metrics.received] {
+            removed += family.retain(|l| keep(&l.peers));
+        }
+        removed += metrics.requests.retain(&mut keep);
+        // Forget workloads that came back, and those whose sets are all gone.
+        missing_since.retain(|k, _| still_missing.contains(k));
+        metrics.pruned.inc_by(removed as u64);
+        removed
+    }
+}
+
+/// Sweeps every minute until `stop`.
+pub async fn run_pruner(metrics: Arc<Metrics>, state: StateRx, stop: impl Future<Output = ()>) {
+    let mut pruner = Pruner::default();
+    let mut tick = tokio::time::interval(SWEEP);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let state = state.borrow().clone();
+                let removed = pruner.sweep(&metrics, &state, Instant::now());
+                if removed > 0 {
+                    tracing::debug!(removed, "dropped the metric label sets of workloads gone from the config");
+                }
+            }
+            () = &mut stop => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::state::{Protocol, Snapshot};
+
+    fn workload(name: &str, ip: &str) -> Workload {
+        Workload {
+            name: format!("{name}-pod"),
+            namespace: "demo".into(),
+            service_account: name.into(),
+            workload_name: Some(name.into()),
+            ip: ip.parse().expect("ip"),
+            node: "n1".into(),
+            node_ip: "198.18.0.1".parse().expect("ip"),
+            labels: BTreeMap::new(),
+            protocol: Protocol::Hbone,
+            locality: None,
+        }
+    }
+
+    fn state(workloads: Vec<Workload>) -> State {
+        State::build("cluster.local", "mesh-system", Snapshot { workloads, ..Snapshot::default() }).expect("state")
+    }
+
+    fn series(m: &Metrics, src: &Workload, dst: Option<&Workload>) {
+        let peer = |w| Peer { workload: w, identity: None };
+        let labels = ConnLabels::new(Reporter::source, peer(Some(src)), peer(dst), SecurityPolicy::mutual_tls, "Kubernetes");
+        m.opened.get_or_create(&labels).inc();
+        m.sent.get_or_create(&labels).inc_by(10);
+    }
+
+    #[test]
+    fn label_sets_of_workloads_gone_past_the_grace_period_are_dropped() {
+        let m = Metrics::new(&mut Registry::default());
+        let (client, server, gone) = (workload("client", "10.0.0.1"), workload("server", "10.0.0.2"), workload("gone", "10.0.0.3"));
+        series(&m, &client, Some(&server));
+        series(&m, &client, Some(&gone));
+        series(&m, &gone, None);
+        series(&m, &client, None);
+        assert_eq!(m.opened.len(), 4);
+        let now = state(vec![client.clone(), server.clone()]);
+        let mut pruner = Pruner::default();
+        let t0 = Instant::now();
+        assert_eq!(pruner.sweep(&m, &now, t0), 0, "gone only now: kept through the grace period");
+        assert_eq!(pruner.sweep(&m, &now, t0 + PRUNE_AFTER - Duration::from_secs(1)), 0);
+        assert_eq!(pruner.sweep(&m, &now, t0 + PRUNE_AFTER), 4, "two sets naming it, in two families");
+        assert_eq!(m.opened.len(), 2, "client to server, and client to an unknown peer, stay");
+        assert_eq!(m.pruned.get(), 4);
+        assert!(pruner.missing_since.is_empty(), "nothing left to remember");
+
+        // A workload back before the grace period ends keeps its sets.
+        series(&m, &client, Some(&gone));
+        let t1 = t0 + PRUNE_AFTER * 2;
+        assert_eq!(pruner.sweep(&m, &now, t1), 0);
+        let back = state(vec![client, server, gone]);
+        assert_eq!(pruner.sweep(&m, &back, t1 + PRUNE_AFTER), 0);
+        assert!(pruner.missing_since.is_empty());
+        assert_eq!(m.opened.len(), 3);
     }
 }
