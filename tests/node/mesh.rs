@@ -88,6 +88,8 @@ pub struct Options {
     /// This many more Services, each with 10 endpoints on node 2 (addresses in 100.64.0.0/10,
     /// never dialed): the config of a large cluster, for memory measurements.
     pub extra_services: u32,
+    /// More environment for our daemons (a benchmark's non-default limit).
+    pub daemon_env: &'static [(&'static str, &'static str)],
 }
 
 /// `count` Services `svc-<i>` (VIP 198.19.<i/256>.<i%256>, port 80 → 8080), 10 endpoints each.
@@ -251,7 +253,7 @@ impl MeshLab {
                 continue;
             }
             let pods_cgroup = node.pods_cgroup.display().to_string();
-            let env = [
+            let mut env = vec![
                 ("MESH_NODE_NAME", node.name.as_str()),
                 ("MESH_CGROUP", pods_cgroup.as_str()),
                 ("MESH_DATAPATH", "off"),
@@ -260,6 +262,7 @@ impl MeshLab {
                 ("MESH_CA_KEY", ca_key.to_str().expect("utf-8")),
                 ("MESH_LOG", if opts.bench { "warn" } else { "info" }),
             ];
+            env.extend_from_slice(opts.daemon_env);
             let bin = mesh_node_bin();
             let bin = bin.to_str().expect("utf-8");
             let pinned = ["-c", cpus.as_str(), bin];
@@ -268,7 +271,7 @@ impl MeshLab {
             } else {
                 Spawn::new(&node.netns, &node.system_cgroup, bin, &[])
             };
-            spawn.env = &env;
+            spawn.env = &env[..];
             spawn.log = Some(&log);
             let mut p = lab.spawn(&spawn).expect("start mesh-node");
             p.wait_for_line("mesh-node ready", Duration::from_secs(10)).expect("mesh-node ready");
@@ -350,17 +353,7 @@ impl MeshLab {
 
     /// Runs `f` on a thread inside `pod`'s network namespace, pinned to CPU 0.
     pub fn in_pod_pinned<T: Send + 'static>(&self, pod: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.lab.pod(pod).netns);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open netns");
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            let mut cpus = nix::sched::CpuSet::new();
-            cpus.set(0).expect("cpu 0");
-            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("pin");
-            f()
-        })
-        .join()
-        .expect("pod thread")
+        spawn_pinned_in(&self.lab.pod(pod).netns, f).join().expect("pod thread")
     }
 
     pub fn run_in_pod(&self, pod: &str, args: &[&str]) -> String {
@@ -373,6 +366,19 @@ impl MeshLab {
         let ul = format!("mesh-{}-ul", self.lab.spec.run);
         Capture(mesh_tests::capture::Capture::start(&ul, "br0", &self.dir.join("underlay.pcap"), &["tcp"]).expect("capture the underlay"))
     }
+}
+
+/// Runs `f` on a new thread inside network namespace `netns`, pinned to CPU 0.
+pub fn spawn_pinned_in<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let mut cpus = nix::sched::CpuSet::new();
+        cpus.set(0).expect("cpu 0");
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("pin");
+        f()
+    })
 }
 
 fn wait_ready(netns: &str) {

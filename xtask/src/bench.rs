@@ -76,8 +76,20 @@ pub fn run(only: Option<&str>) -> Result<()> {
         ]))?;
         ran = true;
     }
+    if only.is_none_or(|o| o == "soak") {
+        // 10,000 connections held through both daemons (RSS, CPU, open files before, during,
+        // after), then slowloris and TLS-flood attacks, with a legitimate client's latency
+        // measured throughout. Runs are recorded in bench/results/soak.md.
+        step("bench: soak (10,000 connections) and attacks (slowloris, TLS flood)");
+        sh(Command::new("cargo").args(["build", "--release", "--locked", "-p", "mesh-node", "--bins"]))?;
+        sh(Command::new("cargo").args([
+            "test", "--release", "--locked", "-p", "mesh-tests", "--features", "privileged", "--test", "bench-soak", "--", "--ignored",
+            "--nocapture", "--test-threads=1",
+        ]))?;
+        ran = true;
+    }
     if !ran {
-        bail!("unknown benchmark {only:?}: expected one of: datapath, node, node-l7, l7-policies, tracing");
+        bail!("unknown benchmark {only:?}: expected one of: datapath, node, node-l7, l7-policies, tracing, soak");
     }
     Ok(())
 }
