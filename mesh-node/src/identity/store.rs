@@ -79,6 +79,8 @@ pub struct CertStore {
     /// Bumped after every change, so tests and readiness can wait for issuance.
     generation: watch::Sender<u64>,
     metrics: Metrics,
+    /// One turn per identity whose certificate is being requested (`fetch`).
+    inflight: std::sync::Mutex<HashMap<Identity, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl CertStore {
@@ -90,6 +92,7 @@ impl CertStore {
             wanted: watch::Sender::new(BTreeSet::new()),
             generation: watch::Sender::new(0),
             metrics,
+            inflight: std::sync::Mutex::default(),
         })
     }
 
@@ -101,12 +104,27 @@ impl CertStore {
         self.roots.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// The certificate for `id`, issuing it now if the rotation loop has not yet.
+    /// The certificate for `id`, issuing it now if the rotation loop has not yet. One request
+    /// per identity at a time: a burst of connections for a workload whose certificate is
+    /// missing waits on that one instead of each sending a CSR (and each paying for a key).
     pub async fn fetch(&self, id: &Identity) -> Result<Arc<CertEntry>, Error> {
         if let Some(e) = self.get(id) {
             return Ok(e);
         }
-        self.issue(id).await
+        let turn = self.inflight.lock().unwrap_or_else(PoisonError::into_inner).entry(id.clone()).or_default().clone();
+        let result = {
+            let _turn = turn.lock().await;
+            match self.get(id) {
+                Some(e) => Ok(e),
+                None => self.issue(id).await,
+            }
+        };
+        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        // Ours and the map's: nobody else waits for this identity.
+        if Arc::strong_count(&turn) <= 2 {
+            inflight.remove(id);
+        }
+        result
     }
 
     /// The identities of the workloads now on this node; others' certificates are dropped.
@@ -246,6 +264,37 @@ mod tests {
         assert_eq!(backoff(1), Duration::from_millis(400));
         assert_eq!(backoff(2), Duration::from_millis(800));
         assert_eq!(backoff(30), BACKOFF_MAX);
+    }
+
+    /// Counts signatures and takes its time, as a remote CA does.
+    struct SlowCa {
+        inner: TestCa,
+        signed: std::sync::atomic::AtomicUsize,
+    }
+
+    impl CaClient for SlowCa {
+        fn sign<'a>(&'a self, identity: &'a Identity, csr: rustls_pki_types::CertificateSigningRequestDer<'static>) -> crate::identity::ca::SignFuture<'a> {
+            self.signed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                self.inner.sign(identity, csr).await
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_fetches_of_a_missing_certificate_send_one_request() {
+        let ca = Arc::new(SlowCa { inner: TestCa::generate(Duration::from_hours(1)).expect("ca"), signed: 0.into() });
+        let store = CertStore::new(ca.clone(), vec![], Metrics::default());
+        let (a, b) = (Identity::new("td", "ns", "a"), Identity::new("td", "ns", "b"));
+        let fetches = (0..20).map(|i| {
+            let (store, id) = (store.clone(), if i % 2 == 0 { a.clone() } else { b.clone() });
+            tokio::spawn(async move { store.fetch(&id).await.map(|e| e.cert.serial) })
+        });
+        let serials: Vec<u64> = futures::future::join_all(fetches).await.into_iter().map(|r| r.expect("task").expect("issued")).collect();
+        assert_eq!(ca.signed.load(std::sync::atomic::Ordering::SeqCst), 2, "one request per identity");
+        assert!(serials.iter().step_by(2).all(|s| *s == serials[0]), "every caller got the same certificate");
+        assert!(store.inflight.lock().expect("lock").is_empty(), "no turn left behind");
     }
 
     #[tokio::test(flavor = "current_thread")]
