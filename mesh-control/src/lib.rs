@@ -22,7 +22,6 @@ pub mod manifest;
 pub mod metrics;
 pub mod routing;
 pub mod model;
-pub mod ratelimit;
 pub mod server;
 pub mod snapshot;
 pub mod status;

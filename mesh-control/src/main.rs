@@ -162,7 +162,7 @@ async fn run(config: Args) -> Result<()> {
         default_ttl: Duration::from_secs(config.cert_ttl_seconds),
         node_ids: NodeIds::new(&config.trust_domain, &config.root_namespace, &config.node_service_account),
         node_ttl: Duration::from_secs(config.node_cert_ttl_seconds),
-        bootstrap_limit: Arc::new(mesh_control::ratelimit::PerSource::new(mesh_control::ratelimit::Rate {
+        bootstrap_limit: Arc::new(mesh_l7::per_source::PerSource::new(mesh_l7::per_source::Rate {
             burst: config.bootstrap_burst,
             per_minute: config.bootstrap_per_minute,
         })),

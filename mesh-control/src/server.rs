@@ -76,8 +76,8 @@ pub struct Shared {
     pub node_ids: NodeIds,
     /// Default lifetime of node certificates.
     pub node_ttl: Duration,
-    /// Node bootstraps per source address (`crate::ratelimit`).
-    pub bootstrap_limit: Arc<crate::ratelimit::PerSource>,
+    /// Node bootstraps per source address (`mesh_l7::per_source`).
+    pub bootstrap_limit: Arc<mesh_l7::per_source::PerSource>,
 }
 
 impl Shared {

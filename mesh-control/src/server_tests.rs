@@ -40,13 +40,13 @@ async fn start(state: State) -> Harness {
 }
 
 /// Tests make more bootstrap calls from 127.0.0.1 than one node would.
-const GENEROUS: crate::ratelimit::Rate = crate::ratelimit::Rate { burst: 1000, per_minute: 1000 };
+const GENEROUS: mesh_l7::per_source::Rate = mesh_l7::per_source::Rate { burst: 1000, per_minute: 1000 };
 
 async fn start_with(state: State, ca: Ca) -> Harness {
     start_limited(state, ca, GENEROUS).await
 }
 
-async fn start_limited(state: State, ca: Ca, bootstrap: crate::ratelimit::Rate) -> Harness {
+async fn start_limited(state: State, ca: Ca, bootstrap: mesh_l7::per_source::Rate) -> Harness {
     let tokens = tempfile::tempdir().expect("tempdir");
     std::fs::write(tokens.path().join("n1.token"), "token-n1").expect("write");
     std::fs::write(tokens.path().join("n2.token"), "token-n2").expect("write");
@@ -61,7 +61,7 @@ async fn start_limited(state: State, ca: Ca, bootstrap: crate::ratelimit::Rate) 
         default_ttl: Duration::from_hours(1),
         node_ids: NodeIds::new("cluster.local", "mesh-system", "mesh-node"),
         node_ttl: Duration::from_mins(10),
-        bootstrap_limit: Arc::new(crate::ratelimit::PerSource::new(bootstrap)),
+        bootstrap_limit: Arc::new(mesh_l7::per_source::PerSource::new(bootstrap)),
     };
     let server = Server::new(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0).into(), &["localhost".into()], shared.clone()).await.expect("bind");
     let addr = server.local_addr();
@@ -205,7 +205,7 @@ async fn node_certificates_need_the_nodes_credential_and_name_the_node() {
 /// RESOURCE_EXHAUSTED before its token is checked (a check costs a TokenReview), and counted.
 #[tokio::test]
 async fn bootstrap_calls_are_rate_limited_per_source_before_the_token_is_checked() {
-    let h = start_limited(lab_state(""), Ca::generate("cluster.local").expect("root"), crate::ratelimit::Rate { burst: 3, per_minute: 1 }).await;
+    let h = start_limited(lab_state(""), Ca::generate("cluster.local").expect("root"), mesh_l7::per_source::Rate { burst: 3, per_minute: 1 }).await;
     for _ in 0..2 {
         let e = h.server.node_certificate("n1", "guess", 0).await.expect_err("wrong token");
         assert!(matches!(&e, client::Error::Refused(s) if s.code() == Code::Unauthenticated), "{e}");

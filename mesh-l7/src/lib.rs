@@ -16,6 +16,7 @@ pub mod jwt;
 pub mod layer;
 pub mod metrics;
 pub mod outlier;
+pub mod per_source;
 pub mod policy;
 pub mod protocol;
 pub mod record;

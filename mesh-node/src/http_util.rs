@@ -34,7 +34,7 @@ pub struct Req {
 pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Connections the metrics and admin servers take at once: scrapers and operators, not traffic.
-pub const LIMITS: crate::proxy::accept::Limits = crate::proxy::accept::Limits { max: 256, per_source: 32 };
+pub const LIMITS: crate::proxy::accept::Limits = crate::proxy::accept::Limits { max: 256, per_source: 32, rate: None };
 
 /// Serves `handler` on `listener` (named `name` in logs and in `refused`) until drain, through
 /// the proxy's one accept loop (its backoff keeps a full file table from spinning this loop;

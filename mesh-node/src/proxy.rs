@@ -124,6 +124,8 @@ pub struct Config {
     pub tcp_idle_timeout: Option<Duration>,
     /// Connections each proxy listener serves at once, in all and from one source address.
     pub connection_limits: accept::Limits,
+    /// New HBONE connections (TLS handshakes) one source address may open: `None`, no bound.
+    pub hbone_handshake_rate: Option<mesh_l7::per_source::Rate>,
     /// Connect to local pods from the client pod's IP (`IP_TRANSPARENT`); the daemon installs
     /// the policy routing that brings the pods' replies back to it (`crate::routing`).
     pub transparent: bool,
@@ -136,6 +138,13 @@ pub struct Config {
     /// `SO_MARK` bits on every connection the proxy makes: how the STRICT guard tells the
     /// daemon's connections to pods from other processes of the node.
     pub socket_mark: u32,
+}
+
+/// `per_second` new HBONE connections per source, with a burst of five seconds' worth: a node
+/// whose pool opens connections to many new pods at once gets them, one source flooding the
+/// listener with handshakes (each a key exchange and a signature) gets no more than this.
+pub fn handshake_rate(per_second: u32) -> mesh_l7::per_source::Rate {
+    mesh_l7::per_source::Rate { burst: per_second.saturating_mul(5), per_minute: per_second.saturating_mul(60) }
 }
 
 /// Where outbound HBONE connections are dialed.
@@ -179,7 +188,8 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             tcp_idle_timeout: Some(Duration::from_hours(1)),
-            connection_limits: accept::Limits { max: 50_000, per_source: 10_000 },
+            connection_limits: accept::Limits { max: 50_000, per_source: 10_000, rate: None },
+            hbone_handshake_rate: Some(handshake_rate(200)),
             transparent: false,
             hbone_dial: HboneDial::Pod,
             cluster_domain: "cluster.local".into(),

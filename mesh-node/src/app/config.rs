@@ -37,6 +37,7 @@ pub const ENV_SOCKET_MARK: &str = "MESH_SOCKET_MARK";
 pub const ENV_JWKS_REFRESH_SECS: &str = "MESH_JWKS_REFRESH_SECS";
 pub const ENV_HANDSHAKE_TIMEOUT_SECS: &str = "MESH_HANDSHAKE_TIMEOUT_SECS";
 pub const ENV_TCP_IDLE_TIMEOUT_SECS: &str = "MESH_TCP_IDLE_TIMEOUT_SECS";
+pub const ENV_HBONE_HANDSHAKES_PER_SOURCE: &str = "MESH_HBONE_HANDSHAKES_PER_SOURCE";
 pub const ENV_MAX_CONNECTIONS: &str = "MESH_MAX_CONNECTIONS";
 pub const ENV_MAX_CONNECTIONS_PER_SOURCE: &str = "MESH_MAX_CONNECTIONS_PER_SOURCE";
 
@@ -166,6 +167,11 @@ impl Config {
                 connection_limits: proxy::accept::Limits {
                     max: at_least_one(src, ENV_MAX_CONNECTIONS, d.connection_limits.max)?,
                     per_source: at_least_one(src, ENV_MAX_CONNECTIONS_PER_SOURCE, d.connection_limits.per_source)?,
+                    rate: None,
+                },
+                hbone_handshake_rate: match parse(src, ENV_HBONE_HANDSHAKES_PER_SOURCE, 200u32)? {
+                    0 => None,
+                    n => Some(proxy::handshake_rate(n)),
                 },
                 transparent: boolean(src, ENV_TRANSPARENT, false)?,
                 hbone_dial: parse(src, ENV_HBONE_DIAL, d.hbone_dial)?,
@@ -212,6 +218,9 @@ mod tests {
         assert_eq!(cfg.proxy.tcp_idle_timeout, Some(Duration::from_hours(1)), "Envoy's TCP idle timeout");
         let off = Config::from_source(&HashMap::from([(ENV_TCP_IDLE_TIMEOUT_SECS, "0")]), "n1").expect("0 turns it off");
         assert_eq!(off.proxy.tcp_idle_timeout, None);
+        assert_eq!(cfg.proxy.hbone_handshake_rate, Some(proxy::handshake_rate(200)));
+        let off = Config::from_source(&HashMap::from([(ENV_HBONE_HANDSHAKES_PER_SOURCE, "0")]), "n1").expect("0 turns it off");
+        assert_eq!(off.proxy.hbone_handshake_rate, None);
         for (value, mark) in [("0x20000", 0x20000), ("4096", 4096)] {
             let cfg = Config::from_source(&HashMap::from([(ENV_SOCKET_MARK, value)]), "n1").expect(value);
             assert_eq!(cfg.proxy.socket_mark, mark);

@@ -2,15 +2,19 @@
 //! holds the drain open until it ends, and back off when accepting fails (a full file table must
 //! not turn into a busy loop: the error repeats at once until a descriptor is freed). A listener
 //! takes a bounded number of connections at once, in all and from one source address: one more
-//! is closed at once and counted, so one client cannot take every descriptor of the node.
+//! is closed at once and counted, so one client cannot take every descriptor of the node. A
+//! listener may also bound how fast one source opens connections (the HBONE listener does: each
+//! costs a TLS handshake).
 
 use std::{
     collections::HashMap,
     future::Future,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
+
+use mesh_l7::per_source::{PerSource, Rate};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -24,17 +28,19 @@ use crate::drain;
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Concurrent connections a listener serves: in all, and from one source address.
+/// Concurrent connections a listener serves, in all and from one source address, and how fast
+/// one source may open them (`None`: no bound).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Limits {
     pub max: usize,
     pub per_source: usize,
+    pub rate: Option<Rate>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusedLabels {
     pub listener: &'static str,
-    /// `listener_limit` or `source_limit`.
+    /// `listener_limit`, `source_limit` or `source_rate`.
     pub reason: &'static str,
 }
 
@@ -91,6 +97,7 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let open = Arc::new(Mutex::new(Open::default()));
+    let rate = limits.rate.map(PerSource::new);
     let mut backoff = BACKOFF_MIN;
     loop {
         let (tcp, peer) = tokio::select! {
@@ -112,6 +119,10 @@ where
             () = drain.signaled() => break,
         };
         let admitted = match admit(&open, limits, peer.ip()) {
+            Ok(_) if rate.as_ref().is_some_and(|r| r.admit(peer.ip(), Instant::now()).is_err()) => Err("source_rate"),
+            other => other,
+        };
+        let admitted = match admitted {
             Ok(a) => a,
             Err(reason) => {
                 refused.get_or_create(&RefusedLabels { listener: name, reason }).inc();
@@ -142,7 +153,7 @@ mod tests {
     #[test]
     fn admission_counts_per_listener_and_per_source_and_frees_on_drop() {
         let open = Arc::new(Mutex::new(Open::default()));
-        let limits = Limits { max: 3, per_source: 2 };
+        let limits = Limits { max: 3, per_source: 2, rate: None };
         let (a, b, c) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]), IpAddr::from([10, 0, 0, 3]));
         let a1 = admit(&open, limits, a).expect("a 1");
         let _a2 = admit(&open, limits, a).expect("a 2");
@@ -159,7 +170,7 @@ mod tests {
     #[test]
     fn a_source_with_nothing_open_is_forgotten() {
         let open = Arc::new(Mutex::new(Open::default()));
-        let limits = Limits { max: 10, per_source: 1 };
+        let limits = Limits { max: 10, per_source: 1, rate: None };
         drop(admit(&open, limits, IpAddr::from([10, 0, 0, 1])).expect("admitted"));
         let _held = admit(&open, limits, IpAddr::from([10, 0, 0, 9])).expect("admitted");
         let o = open.lock().unwrap();

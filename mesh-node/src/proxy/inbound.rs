@@ -68,7 +68,8 @@ impl Inbound {
     pub async fn run(self, drain: drain::Watcher) {
         let cache: Arc<ConfigCache> = Arc::default();
         let (inputs, http) = (self.inputs, self.http);
-        let (limits, refused) = (inputs.cfg.connection_limits, inputs.metrics.connections_refused.clone());
+        let limits = accept::Limits { rate: inputs.cfg.hbone_handshake_rate, ..inputs.cfg.connection_limits };
+        let refused = inputs.metrics.connections_refused.clone();
         accept::run(self.listener, "inbound", limits, refused, drain, move |tcp, peer, drain| {
             let (inputs, http, cache) = (inputs.clone(), http.clone(), cache.clone());
             async move {

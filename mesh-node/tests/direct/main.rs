@@ -105,6 +105,26 @@ async fn stalled_handshakes_are_cut_off_at_the_timeout_both_ways() {
     held.abort();
 }
 
+/// One source opens HBONE connections (each a TLS handshake) at most at the listener's rate: past
+/// its burst the next is closed at accept and counted; another source is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hbone_connections_beyond_a_sources_rate_are_closed_at_accept() {
+    let o = Opts { hbone_rate: Some(mesh_l7::per_source::Rate { burst: 3, per_minute: 6 }), ..Opts::default() };
+    let ca = std::sync::Arc::new(mesh_node::identity::TestCa::generate(o.cert_ttl).expect("ca"));
+    let n2 = node("n2", N2, 0, &ca, snapshot(vec![], vec![]), &o).await;
+    let inbound = std::net::SocketAddr::new(ip(B), n2.bound.inbound.port());
+    let from = |src: &'static str| connect_from(src, inbound);
+    let closed_soon = closed_within_a_second;
+    for _ in 0..3 {
+        assert!(!closed_soon(from(A).await).await, "within the burst: waits for its handshake");
+    }
+    assert!(closed_soon(from(A).await).await, "past the burst: closed at accept");
+    assert!(!closed_soon(from(C).await).await, "another source has its own rate");
+    let (_, m) = http_get(n2.bound.metrics, "/metrics").await;
+    let refused = sample(&m, &["mesh_connections_refused_total{", "listener=\"inbound\"", "reason=\"source_rate\""]);
+    assert_eq!(refused, Some(1.0), "{m}");
+}
+
 /// A relayed connection with no byte either way for the idle timeout is closed, through HBONE
 /// (either daemon may cut it; the other sees the stream reset) and on the same node; one that
 /// keeps talking outlives the timeout many times over. Each cut is counted by relay.
@@ -145,21 +165,12 @@ async fn relayed_connections_are_closed_after_the_idle_timeout_and_busy_ones_are
 /// its place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_listener_limits_are_closed_at_accept_and_counted() {
-    let o = Opts { connection_limits: mesh_node::proxy::accept::Limits { max: 3, per_source: 2 }, ..Opts::default() };
+    let o = Opts { connection_limits: mesh_node::proxy::accept::Limits { max: 3, per_source: 2, rate: None }, ..Opts::default() };
     let ca = std::sync::Arc::new(mesh_node::identity::TestCa::generate(o.cert_ttl).expect("ca"));
     let n2 = node("n2", N2, 0, &ca, snapshot(vec![], vec![]), &o).await;
     let inbound = std::net::SocketAddr::new(ip(B), n2.bound.inbound.port());
-    let from = |src: &'static str| async move {
-        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-        sock.bind(std::net::SocketAddr::new(ip(src), 0)).expect("bind");
-        sock.connect(inbound).await.expect("connect")
-    };
-    // Closed by the daemon within a second (a refused connection gets EOF or a reset at once; an
-    // admitted one waits for its TLS handshake, 10 s).
-    let closed_soon = |mut s: tokio::net::TcpStream| async move {
-        let mut buf = [0u8; 8];
-        matches!(tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
-    };
+    let from = |src: &'static str| connect_from(src, inbound);
+    let closed_soon = closed_within_a_second;
     let a1 = from(A).await;
     let a2 = from(A).await;
     // Let the daemon accept both before the next arrives.

@@ -119,6 +119,7 @@ pub struct Opts {
     pub connection_limits: mesh_node::proxy::accept::Limits,
     pub tcp_idle: Option<Duration>,
     pub admin_token_file: Option<std::path::PathBuf>,
+    pub hbone_rate: Option<mesh_l7::per_source::Rate>,
 }
 
 impl Default for Opts {
@@ -133,6 +134,7 @@ impl Default for Opts {
             connection_limits: mesh_node::proxy::Config::default().connection_limits,
             tcp_idle: mesh_node::proxy::Config::default().tcp_idle_timeout,
             admin_token_file: None,
+            hbone_rate: mesh_node::proxy::Config::default().hbone_handshake_rate,
         }
     }
 }
@@ -158,6 +160,7 @@ pub async fn node(name: &str, node_ip: &str, hbone_port: u16, ca: &Arc<TestCa>, 
     cfg.proxy.connection_limits = o.connection_limits;
     cfg.proxy.tcp_idle_timeout = o.tcp_idle;
     cfg.admin_token_file.clone_from(&o.admin_token_file);
+    cfg.proxy.hbone_handshake_rate = o.hbone_rate;
     cfg.trust_domain = TD.into();
     let (tx, rx) = watch::channel(state(snap));
     let bound = app::build(&cfg, ca.clone(), vec![ca.root()], rx, None).await.expect("daemon starts");
@@ -245,6 +248,20 @@ pub async fn ends_at_timeout(s: &mut TcpStream, started: std::time::Instant, tim
     assert!(matches!(read, Ok(0) | Err(_)), "nothing is sent before the end: {read:?}");
     let waited = started.elapsed();
     assert!(waited >= timeout - Duration::from_millis(100) && waited < timeout * 4, "ended after {waited:?}");
+}
+
+/// A TCP connection to `target` from the loopback address `src`.
+pub async fn connect_from(src: &str, target: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(SocketAddr::new(ip(src), 0)).expect("bind");
+    sock.connect(target).await.expect("connect")
+}
+
+/// Whether the daemon closes `s` within a second: a connection refused at accept gets EOF or a
+/// reset at once; an admitted one waits for its TLS handshake (10 s).
+pub async fn closed_within_a_second(mut s: TcpStream) -> bool {
+    let mut buf = [0u8; 8];
+    matches!(tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
 }
 
 /// Writes a little and expects to read it back on a connection kept open.

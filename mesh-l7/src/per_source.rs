@@ -1,10 +1,10 @@
-//! Per-source token buckets for the one RPC a client may call without a certificate: the node
-//! bootstrap (`CreateNodeCertificate`). Each call costs the controller a TokenReview on the API
-//! server (or a token file read) and, when it passes, a signature; without a bound, one host
-//! could make the controller hammer the API server. Sources are IPv4 addresses and IPv6 /64s
-//! (one host holds a whole /64). The table is bounded: past [`MAX_SOURCES`] it forgets the
-//! buckets that have refilled (sources quiet long enough to be as good as new), and if every
-//! tracked source is still busy, a new one is refused until some refill (fail closed).
+//! Per-source token buckets for what an unauthenticated client can make expensive: the
+//! controller's node bootstrap (`CreateNodeCertificate`: a TokenReview on the API server, then a
+//! signature) and the node daemon's HBONE handshakes (a key exchange and a signature each).
+//! Sources are IPv4 addresses and IPv6 /64s (one host holds a whole /64). The table is bounded:
+//! past [`MAX_SOURCES`] it forgets the buckets that have refilled (sources quiet long enough to be
+//! as good as new), and if every tracked source is still busy, a new one is refused until some
+//! refill (fail closed).
 
 use std::{
     collections::HashMap,
@@ -17,7 +17,7 @@ use std::{
 pub const MAX_SOURCES: usize = 4096;
 
 /// Calls allowed per source: `burst` at once, then `per_minute`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Rate {
     pub burst: u32,
     pub per_minute: u32,
