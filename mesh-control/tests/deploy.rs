@@ -83,8 +83,11 @@ fn differences(a: &Value, b: &Value, path: &str, out: &mut Vec<String>) {
             }
         }
         (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            // Named items (containers, env vars, volumes) by name: a new env var does not move
+            // every path after it.
             for (i, (p, q)) in x.iter().zip(y).enumerate() {
-                differences(p, q, &format!("{path}[{i}]"), out);
+                let item = p["name"].as_str().filter(|n| q["name"].as_str() == Some(*n)).map_or_else(|| i.to_string(), str::to_owned);
+                differences(p, q, &format!("{path}[{item}]"), out);
             }
         }
         _ if a != b => out.push(path.to_owned()),
@@ -155,12 +158,12 @@ fn helm_chart_renders_a_platform_teams_overrides_and_nothing_else_changes() {
         "Deployment .spec.template.spec.nodeSelector",
         "Deployment .spec.template.spec.tolerations",
         "Deployment .spec.template.spec.affinity.nodeAffinity",
-        "Deployment .spec.template.spec.containers[0].image",
-        "Deployment .spec.template.spec.containers[0].imagePullPolicy",
-        "Deployment .spec.template.spec.containers[0].env[3].value",
-        "Deployment .spec.template.spec.containers[0].resources.requests.cpu",
-        "Deployment .spec.template.spec.containers[0].resources.requests.memory",
-        "Deployment .spec.template.spec.containers[0].resources.limits.memory",
+        "Deployment .spec.template.spec.containers[mesh-control].image",
+        "Deployment .spec.template.spec.containers[mesh-control].imagePullPolicy",
+        "Deployment .spec.template.spec.containers[mesh-control].env[MESH_LOG].value",
+        "Deployment .spec.template.spec.containers[mesh-control].resources.requests.cpu",
+        "Deployment .spec.template.spec.containers[mesh-control].resources.requests.memory",
+        "Deployment .spec.template.spec.containers[mesh-control].resources.limits.memory",
         "DaemonSet .spec.template.spec.priorityClassName",
         "DaemonSet .spec.template.spec.nodeSelector",
         // One toleration replaces the default one: compared field by field.
@@ -168,10 +171,10 @@ fn helm_chart_renders_a_platform_teams_overrides_and_nothing_else_changes() {
         "DaemonSet .spec.template.spec.tolerations[0].key",
         "DaemonSet .spec.template.spec.tolerations[0].operator",
         "DaemonSet .spec.template.spec.tolerations[0].value",
-        "DaemonSet .spec.template.spec.containers[0].image",
-        "DaemonSet .spec.template.spec.containers[0].imagePullPolicy",
-        "DaemonSet .spec.template.spec.containers[0].env[16].value",
-        "DaemonSet .spec.template.spec.containers[0].resources.limits.memory",
+        "DaemonSet .spec.template.spec.containers[mesh-node].image",
+        "DaemonSet .spec.template.spec.containers[mesh-node].imagePullPolicy",
+        "DaemonSet .spec.template.spec.containers[mesh-node].env[MESH_LOG].value",
+        "DaemonSet .spec.template.spec.containers[mesh-node].resources.limits.memory",
     ];
     let mut got: Vec<&str> = changed.iter().map(String::as_str).collect();
     let mut want = expected.to_vec();
