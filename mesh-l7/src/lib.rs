@@ -8,6 +8,7 @@
 //! to a request.
 
 pub mod body;
+mod bucket;
 pub mod circuit;
 pub mod client;
 pub mod flags;

@@ -9,9 +9,11 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::Mutex,
+    sync::{Mutex, PoisonError},
     time::{Duration, Instant},
 };
+
+use crate::bucket::{Bucket, Refill};
 
 /// Sources tracked at once.
 pub const MAX_SOURCES: usize = 4096;
@@ -24,41 +26,44 @@ pub struct Rate {
 }
 
 pub struct PerSource {
-    rate: Rate,
+    fill: Refill,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
-}
-
-#[derive(Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
 }
 
 impl PerSource {
     pub fn new(rate: Rate) -> Self {
-        Self { rate, buckets: Mutex::default() }
+        let fill = Refill {
+            max_tokens: rate.burst.max(1),
+            tokens_per_fill: 1,
+            interval: Duration::from_mins(1) / rate.per_minute.max(1),
+        };
+        Self {
+            fill,
+            buckets: Mutex::default(),
+        }
     }
 
     /// Takes one call's token for `source` at `now`: `Err` carries how long until it may call again.
     pub fn admit(&self, source: IpAddr, now: Instant) -> Result<(), Duration> {
-        let key = prefix(source);
-        let Rate { burst, per_minute } = self.rate;
-        let (burst, per_sec) = (f64::from(burst.max(1)), f64::from(per_minute.max(1)) / 60.0);
-        let refill = |b: &Bucket| (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_sec).min(burst);
-        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (key, fill) = (prefix(source), &self.fill);
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         if !buckets.contains_key(&key) && buckets.len() >= MAX_SOURCES {
-            buckets.retain(|_, b| refill(b) < burst);
+            buckets.retain(|_, b| {
+                b.refill(fill, now);
+                b.tokens < fill.max_tokens
+            });
             if buckets.len() >= MAX_SOURCES {
-                return Err(Duration::from_secs_f64(1.0 / per_sec));
+                return Err(fill.interval);
             }
         }
-        let bucket = buckets.entry(key).or_insert(Bucket { tokens: burst, at: now });
-        let tokens = refill(bucket);
-        if tokens < 1.0 {
-            return Err(Duration::from_secs_f64((1.0 - tokens) / per_sec));
+        let bucket = buckets
+            .entry(key)
+            .or_insert_with(|| Bucket::full(fill, now));
+        if bucket.take(fill, now) {
+            Ok(())
+        } else {
+            Err(bucket.reset_in(fill, now))
         }
-        *bucket = Bucket { tokens: tokens - 1.0, at: now };
-        Ok(())
     }
 }
 
@@ -77,7 +82,10 @@ fn prefix(ip: IpAddr) -> IpAddr {
 mod tests {
     use super::*;
 
-    const RATE: Rate = Rate { burst: 3, per_minute: 60 };
+    const RATE: Rate = Rate {
+        burst: 3,
+        per_minute: 60,
+    };
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
@@ -91,14 +99,39 @@ mod tests {
             assert!(limit.admit(ip("10.0.0.1"), t0).is_ok());
         }
         let wait = limit.admit(ip("10.0.0.1"), t0).expect_err("burst spent");
-        assert_eq!(wait, Duration::from_secs(1), "one call per second at 60/min");
-        assert!(limit.admit(ip("10.0.0.2"), t0).is_ok(), "another source has its own bucket");
-        assert!(limit.admit(ip("10.0.0.1"), t0 + Duration::from_millis(1100)).is_ok(), "refilled one");
-        assert!(limit.admit(ip("10.0.0.1"), t0 + Duration::from_millis(1200)).is_err());
+        assert_eq!(
+            wait,
+            Duration::from_secs(1),
+            "one call per second at 60/min"
+        );
+        assert!(
+            limit.admit(ip("10.0.0.2"), t0).is_ok(),
+            "another source has its own bucket"
+        );
+        assert!(
+            limit
+                .admit(ip("10.0.0.1"), t0 + Duration::from_millis(1100))
+                .is_ok(),
+            "refilled one"
+        );
+        assert!(
+            limit
+                .admit(ip("10.0.0.1"), t0 + Duration::from_millis(1200))
+                .is_err()
+        );
         for _ in 0..3 {
-            assert!(limit.admit(ip("10.0.0.1"), t0 + Duration::from_mins(10)).is_ok(), "a full burst again, no more");
+            assert!(
+                limit
+                    .admit(ip("10.0.0.1"), t0 + Duration::from_mins(10))
+                    .is_ok(),
+                "a full burst again, no more"
+            );
         }
-        assert!(limit.admit(ip("10.0.0.1"), t0 + Duration::from_mins(10)).is_err());
+        assert!(
+            limit
+                .admit(ip("10.0.0.1"), t0 + Duration::from_mins(10))
+                .is_err()
+        );
     }
 
     #[test]
@@ -106,14 +139,27 @@ mod tests {
         let limit = PerSource::new(RATE);
         let t0 = Instant::now();
         for host in 1..=3 {
-            assert!(limit.admit(ip(&format!("2001:db8:1:2::{host}")), t0).is_ok());
+            assert!(
+                limit
+                    .admit(ip(&format!("2001:db8:1:2::{host}")), t0)
+                    .is_ok()
+            );
         }
-        assert!(limit.admit(ip("2001:db8:1:2:ffff::9"), t0).is_err(), "same /64");
-        assert!(limit.admit(ip("2001:db8:1:3::1"), t0).is_ok(), "another /64");
+        assert!(
+            limit.admit(ip("2001:db8:1:2:ffff::9"), t0).is_err(),
+            "same /64"
+        );
+        assert!(
+            limit.admit(ip("2001:db8:1:3::1"), t0).is_ok(),
+            "another /64"
+        );
         for _ in 0..3 {
             assert!(limit.admit(ip("10.0.0.7"), t0).is_ok());
         }
-        assert!(limit.admit(ip("::ffff:10.0.0.7"), t0).is_err(), "the same IPv4 host");
+        assert!(
+            limit.admit(ip("::ffff:10.0.0.7"), t0).is_err(),
+            "the same IPv4 host"
+        );
     }
 
     #[test]
@@ -123,9 +169,15 @@ mod tests {
         for i in 0..u32::try_from(MAX_SOURCES).expect("small") {
             assert!(limit.admit(IpAddr::V4(i.into()), t0).is_ok());
         }
-        assert!(limit.admit(ip("203.0.113.1"), t0).is_err(), "every tracked source is busy: a new one waits");
+        assert!(
+            limit.admit(ip("203.0.113.1"), t0).is_err(),
+            "every tracked source is busy: a new one waits"
+        );
         let later = t0 + Duration::from_secs(5);
-        assert!(limit.admit(ip("203.0.113.1"), later).is_ok(), "refilled sources are forgotten, making room");
+        assert!(
+            limit.admit(ip("203.0.113.1"), later).is_ok(),
+            "refilled sources are forgotten, making room"
+        );
         assert!(limit.buckets.lock().expect("lock").len() <= 1);
     }
 }

@@ -19,53 +19,12 @@ use std::{
 use futures::future::{BoxFuture, FutureExt as _};
 use http::{HeaderValue, Request, Response};
 
-use crate::{body::Body, flags::ResponseFlag, policy::RateLimit};
-
-/// One bucket's state. Tokens are whole, filled in steps of `tokens_per_fill` per interval.
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: u32,
-    /// Start of the current fill interval.
-    filled: Instant,
-}
-
-impl Bucket {
-    fn full(limit: &RateLimit, now: Instant) -> Self {
-        Self {
-            tokens: limit.max_tokens,
-            filled: now,
-        }
-    }
-
-    /// Adds the fills due by `now`, then takes a token if there is one.
-    fn take(&mut self, limit: &RateLimit, now: Instant) -> bool {
-        self.refill(limit, now);
-        if self.tokens > 0 {
-            self.tokens -= 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Adds the fills due by `now`.
-    fn refill(&mut self, limit: &RateLimit, now: Instant) {
-        let elapsed = now.duration_since(self.filled);
-        let fills = elapsed.as_nanos() / limit.fill_interval.as_nanos().max(1);
-        if fills > 0 {
-            let added = u64::from(limit.tokens_per_fill)
-                .saturating_mul(u64::try_from(fills).unwrap_or(u64::MAX));
-            self.tokens =
-                u32::try_from((u64::from(self.tokens) + added).min(u64::from(limit.max_tokens)))
-                    .expect("at most max_tokens");
-            self.filled += limit.fill_interval * u32::try_from(fills).unwrap_or(u32::MAX);
-        }
-    }
-
-    fn reset_in(&self, limit: &RateLimit, now: Instant) -> Duration {
-        (self.filled + limit.fill_interval).saturating_duration_since(now)
-    }
-}
+use crate::{
+    body::Body,
+    bucket::{Bucket, Refill},
+    flags::ResponseFlag,
+    policy::RateLimit,
+};
 
 /// The buckets of one pod under one limit.
 struct Scope {
@@ -100,15 +59,20 @@ impl Buckets {
         key: Option<&str>,
         now: Instant,
     ) -> Decision {
+        let fill = Refill {
+            max_tokens: limit.max_tokens,
+            tokens_per_fill: limit.tokens_per_fill,
+            interval: limit.fill_interval,
+        };
         let mut scopes = self.scopes.lock().unwrap_or_else(PoisonError::into_inner);
         let s = match scopes.get_mut(scope) {
             Some(s) if *s.limit == **limit => s,
             _ => {
                 let fresh = Scope {
                     limit: limit.clone(),
-                    unkeyed: Bucket::full(limit, now),
+                    unkeyed: Bucket::full(&fill, now),
                     keyed: HashMap::new(),
-                    overflow: Bucket::full(limit, now),
+                    overflow: Bucket::full(&fill, now),
                 };
                 scopes.insert(scope.to_owned(), fresh);
                 scopes.get_mut(scope).expect("just inserted")
@@ -120,25 +84,25 @@ impl Buckets {
                 if !s.keyed.contains_key(k) && s.keyed.len() >= limit.max_keys as usize {
                     // Make room from buckets that are full again (their callers went quiet).
                     s.keyed.retain(|_, b| {
-                        b.refill(limit, now);
+                        b.refill(&fill, now);
                         b.tokens < limit.max_tokens
                     });
                 }
                 if s.keyed.contains_key(k) || s.keyed.len() < limit.max_keys as usize {
                     s.keyed
                         .entry(k.to_owned())
-                        .or_insert_with(|| Bucket::full(limit, now))
+                        .or_insert_with(|| Bucket::full(&fill, now))
                 } else {
                     &mut s.overflow
                 }
             }
         };
-        let allowed = bucket.take(limit, now);
+        let allowed = bucket.take(&fill, now);
         Decision {
             allowed,
             limit: limit.max_tokens,
             remaining: bucket.tokens,
-            reset: bucket.reset_in(limit, now),
+            reset: bucket.reset_in(&fill, now),
         }
     }
 
