@@ -73,8 +73,9 @@ impl Drop for Admitted {
     }
 }
 
-/// A place for a connection from `source`, or the limit that refuses it.
-fn admit(open: &Arc<Mutex<Open>>, limits: Limits, source: IpAddr) -> Result<Admitted, &'static str> {
+/// A place for a connection from `source`, or the limit that refuses it. The source's rate is
+/// charged only for a connection the concurrency limits let in.
+fn admit(open: &Arc<Mutex<Open>>, limits: Limits, rate: Option<&PerSource>, source: IpAddr) -> Result<Admitted, &'static str> {
     let mut o = open.lock().unwrap_or_else(PoisonError::into_inner);
     if o.total >= limits.max {
         return Err("listener_limit");
@@ -82,6 +83,9 @@ fn admit(open: &Arc<Mutex<Open>>, limits: Limits, source: IpAddr) -> Result<Admi
     let from_source = o.by_source.get(&source).copied().unwrap_or(0);
     if from_source >= limits.per_source {
         return Err("source_limit");
+    }
+    if rate.is_some_and(|r| r.admit(source, Instant::now()).is_err()) {
+        return Err("source_rate");
     }
     o.total += 1;
     o.by_source.insert(source, from_source + 1);
@@ -118,11 +122,7 @@ where
             },
             () = drain.signaled() => break,
         };
-        let admitted = match admit(&open, limits, peer.ip()) {
-            Ok(_) if rate.as_ref().is_some_and(|r| r.admit(peer.ip(), Instant::now()).is_err()) => Err("source_rate"),
-            other => other,
-        };
-        let admitted = match admitted {
+        let admitted = match admit(&open, limits, rate.as_ref(), peer.ip()) {
             Ok(a) => a,
             Err(reason) => {
                 refused.get_or_create(&RefusedLabels { listener: name, reason }).inc();
@@ -155,14 +155,14 @@ mod tests {
         let open = Arc::new(Mutex::new(Open::default()));
         let limits = Limits { max: 3, per_source: 2, rate: None };
         let (a, b, c) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]), IpAddr::from([10, 0, 0, 3]));
-        let a1 = admit(&open, limits, a).expect("a 1");
-        let _a2 = admit(&open, limits, a).expect("a 2");
-        assert_eq!(admit(&open, limits, a).err(), Some("source_limit"));
-        let _b1 = admit(&open, limits, b).expect("b 1");
-        assert_eq!(admit(&open, limits, c).err(), Some("listener_limit"));
+        let a1 = admit(&open, limits, None, a).expect("a 1");
+        let _a2 = admit(&open, limits, None, a).expect("a 2");
+        assert_eq!(admit(&open, limits, None, a).err(), Some("source_limit"));
+        let _b1 = admit(&open, limits, None, b).expect("b 1");
+        assert_eq!(admit(&open, limits, None, c).err(), Some("listener_limit"));
         drop(a1);
-        let _c1 = admit(&open, limits, c).expect("a place was freed");
-        assert_eq!(admit(&open, limits, a).err(), Some("listener_limit"));
+        let _c1 = admit(&open, limits, None, c).expect("a place was freed");
+        assert_eq!(admit(&open, limits, None, a).err(), Some("listener_limit"));
         let o = open.lock().unwrap();
         assert_eq!((o.total, o.by_source.len()), (3, 3));
     }
@@ -171,8 +171,8 @@ mod tests {
     fn a_source_with_nothing_open_is_forgotten() {
         let open = Arc::new(Mutex::new(Open::default()));
         let limits = Limits { max: 10, per_source: 1, rate: None };
-        drop(admit(&open, limits, IpAddr::from([10, 0, 0, 1])).expect("admitted"));
-        let _held = admit(&open, limits, IpAddr::from([10, 0, 0, 9])).expect("admitted");
+        drop(admit(&open, limits, None, IpAddr::from([10, 0, 0, 1])).expect("admitted"));
+        let _held = admit(&open, limits, None, IpAddr::from([10, 0, 0, 9])).expect("admitted");
         let o = open.lock().unwrap();
         assert_eq!((o.total, o.by_source.keys().copied().collect::<Vec<_>>()), (1, vec![IpAddr::from([10, 0, 0, 9])]), "no entry left for the closed source");
     }
