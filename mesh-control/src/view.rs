@@ -180,8 +180,8 @@ pub fn split(update: pb::ConfigUpdate, max_bytes: usize) -> Vec<pb::ConfigUpdate
     let part = || pb::ConfigUpdate { version, full, more: true, upserts: Vec::new(), removals: Vec::new() };
     let (mut parts, mut size) = (vec![part()], HEADER);
     let mut room_for = |n: usize, parts: &mut Vec<pb::ConfigUpdate>| {
-        let last = parts.last().expect("one part at least");
-        if size + n > max_bytes && !(last.upserts.is_empty() && last.removals.is_empty()) {
+        // A part holding nothing yet takes even an item larger than the limit.
+        if size + n > max_bytes && size > HEADER {
             parts.push(part());
             size = HEADER;
         }

@@ -91,7 +91,11 @@ impl Pending {
     /// the limit ([`MAX_PENDING_BYTES`]), are a broken stream: the caller reconnects and gets a snapshot.
     fn join(&mut self, part: pb::ConfigUpdate) -> Result<Option<pb::ConfigUpdate>, Error> {
         use prost::Message as _;
-        self.bytes += part.encoded_len();
+        // Only parts held for a later one count (and cost a walk of the message): an update
+        // sent whole, the usual case, is returned without one.
+        if part.more {
+            self.bytes += part.encoded_len();
+        }
         let whole = match self.update.take() {
             None => part,
             Some(mut so_far) => {
