@@ -205,7 +205,7 @@ async fn serve_node(
     let mut snapshots = shared.publisher.subscribe();
     let mut last: Option<view::View> = None;
     let trust_domain = shared.ca.trust_domain().to_owned();
-    loop {
+    'stream: loop {
         let snap = snapshots.borrow_and_update().clone();
         if snap.version > 0 {
             let new = view::node_view(&snap.state, &node, &trust_domain);
@@ -223,15 +223,10 @@ async fn serve_node(
                 if parts.len() > 1 {
                     tracing::info!(node, version = snap.version, kind, parts = parts.len(), "config update sent in parts");
                 }
-                let mut sent = true;
                 for part in parts {
                     if tx.send(Ok(part)).await.is_err() {
-                        sent = false;
-                        break;
+                        break 'stream;
                     }
-                }
-                if !sent {
-                    break;
                 }
                 shared.metrics.pushes.get_or_create(&PushLabels { kind }).inc();
                 conn.update(|s| s.sent_version = snap.version);
