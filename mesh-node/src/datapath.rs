@@ -7,6 +7,7 @@ pub mod discover;
 mod endpoints;
 mod error;
 mod loader;
+mod pins;
 mod services;
 mod sys;
 pub mod tables;
@@ -14,6 +15,7 @@ pub mod tables;
 pub use endpoints::{DatapathStats, DenyRule, EndpointSpec, NodeSpec, PodSpec};
 pub use error::Error;
 pub use loader::{Datapath, DatapathConfig};
+pub use pins::MapLayout;
 pub use services::{BackendSpec, LoadBalancing, Protocol, ServiceSpec};
 
 /// The kernel object, embedded at build time (empty when `cargo xtask build-ebpf` was not run).

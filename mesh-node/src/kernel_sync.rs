@@ -57,8 +57,9 @@ struct ErrorLabel {
 /// sync failures.
 #[derive(Clone)]
 pub struct Metrics {
-    drops: Family<ReasonLabel, Gauge>,
-    events: Family<ReasonLabel, Gauge>,
+    /// Counters that follow the kernel's per-CPU counts (see [`follow`]).
+    drops: Family<ReasonLabel, Counter>,
+    events: Family<ReasonLabel, Counter>,
     sync_errors: Family<ErrorLabel, Counter>,
     services: Gauge,
     pods: Gauge,
@@ -82,6 +83,17 @@ impl Metrics {
         registry.register("mesh_datapath_pods", "Pod cgroups of this node known to the kernel", m.pods.clone());
         registry.register("mesh_datapath_pod_interfaces", "Pod interfaces carrying the STRICT guard", m.interfaces.clone());
         m
+    }
+}
+
+/// Advances `counter` to the kernel's cumulative count `n`. The kernel's maps outlive a daemon
+/// restart and its counter starts at zero, so the first read carries the whole count (a process
+/// restart is a counter reset to Prometheus anyway); the kernel's counts never go down while its
+/// maps exist.
+fn follow(counter: &Counter, n: u64) {
+    let now = counter.get();
+    if n > now {
+        counter.inc_by(n - now);
     }
 }
 
@@ -197,10 +209,10 @@ impl KernelSync {
         self.metrics.pods.set(i64::try_from(desired.pods.len()).unwrap_or(i64::MAX));
         if let Ok(stats) = self.datapath.stats() {
             for (reason, n) in stats.drops {
-                self.metrics.drops.get_or_create(&ReasonLabel { reason: reason.into() }).set(i64::try_from(n).unwrap_or(i64::MAX));
+                follow(&self.metrics.drops.get_or_create(&ReasonLabel { reason: reason.into() }), n);
             }
             for (event, n) in stats.events {
-                self.metrics.events.get_or_create(&ReasonLabel { reason: event.into() }).set(i64::try_from(n).unwrap_or(i64::MAX));
+                follow(&self.metrics.events.get_or_create(&ReasonLabel { reason: event.into() }), n);
             }
         }
         result
@@ -239,5 +251,22 @@ impl KernelSync {
                 () = tokio::time::sleep(RESCAN) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_counts_become_a_counter_that_never_goes_back() {
+        let c = Counter::default();
+        follow(&c, 40); // first read after a restart: the kernel's whole count
+        assert_eq!(c.get(), 40);
+        follow(&c, 45);
+        follow(&c, 45);
+        assert_eq!(c.get(), 45);
+        follow(&c, 3); // never down (maps are recreated only by an uninstall)
+        assert_eq!(c.get(), 45);
     }
 }

@@ -6,6 +6,7 @@
 
 mod bypass;
 mod capture;
+mod faults;
 mod lb;
 mod routing;
 

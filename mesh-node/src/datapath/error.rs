@@ -9,6 +9,20 @@ pub enum Error {
     ObjectNotBuilt,
     #[error("loading the eBPF object failed: {0}")]
     Load(#[source] aya::EbpfError),
+    #[error("parsing the embedded eBPF object: {0}")]
+    Object(#[source] aya_obj::ParseError),
+    #[error(
+        "map {name} pinned at {path} has another layout ({found}) than this binary's ({expected}): \
+         a build that changed the map without renaming it, or not ours. Nothing was loaded: the \
+         kernel keeps the programs and maps it runs. Remove that pin to start with an empty map, \
+         or `mesh-node --uninstall` to remove the whole datapath"
+    )]
+    IncompatiblePin {
+        name: &'static str,
+        path: PathBuf,
+        found: super::pins::MapLayout,
+        expected: super::pins::MapLayout,
+    },
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
     #[error("map {name} is missing from the eBPF object")]
@@ -50,9 +64,10 @@ pub enum Error {
         #[source]
         source: aya::pin::PinError,
     },
-    #[error("attaching {name}: {source}")]
+    #[error("attaching {name} to cgroup {cgroup}: {source}")]
     Attach {
         name: &'static str,
+        cgroup: PathBuf,
         #[source]
         source: io::Error,
     },

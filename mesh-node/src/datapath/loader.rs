@@ -21,6 +21,7 @@ use mesh_common::names;
 use super::{
     Error, OBJECT,
     endpoints::EndpointTable,
+    pins,
     services::ServiceTable,
     sys::{self, attach_type},
 };
@@ -122,6 +123,7 @@ impl Datapath {
         if let Some(dir) = &config.pin_dir {
             let links = dir.join("links");
             fs::create_dir_all(&links).map_err(|source| Error::PinDir { path: links, source })?;
+            pins::check(OBJECT, dir, names::ALL_MAPS)?;
             for name in names::ALL_MAPS {
                 loader.map_pin_path(name, dir.join(name));
             }
@@ -151,6 +153,12 @@ impl Datapath {
     /// sockhash. With a pin directory, links already pinned by an earlier run are kept and
     /// switched to this run's programs.
     pub fn attach(&mut self) -> Result<(), Error> {
+        // The verifier sees every program before any link moves: a program it refuses leaves
+        // every pinned link on the previous daemon's programs, never half of them on ours.
+        let every = CGROUP_PROGRAMS.iter().map(|&(name, _)| name);
+        for name in every.chain([names::PROG_SK_MSG, names::PROG_TC_TO_POD]) {
+            load_program(&mut self.ebpf, name)?;
+        }
         let cgroup = fs::File::open(&self.config.cgroup)
             .map_err(|source| Error::Cgroup { path: self.config.cgroup.clone(), source })?;
         for &(name, attach_type) in CGROUP_PROGRAMS {
@@ -160,7 +168,7 @@ impl Datapath {
                 Some(path) if path.exists() && adopt_pinned(&path, prog)? => {}
                 pin => {
                     let link = sys::link_create(prog, cgroup.as_fd(), attach_type)
-                        .map_err(|source| Error::Attach { name, source })?;
+                        .map_err(|source| Error::Attach { name, cgroup: self.config.cgroup.clone(), source })?;
                     match pin {
                         Some(path) => sys::obj_pin(link.as_fd(), &path)
                             .map_err(|source| Error::PinnedLink { path: path.clone(), source })?,

@@ -252,7 +252,7 @@ pub async fn ends_at_timeout(s: &mut TcpStream, started: std::time::Instant, tim
 
 /// A TCP connection to `target` from the loopback address `src`.
 pub async fn connect_from(src: &str, target: SocketAddr) -> TcpStream {
-    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    let sock = TcpSocket::new_v4().expect("socket");
     sock.bind(SocketAddr::new(ip(src), 0)).expect("bind");
     sock.connect(target).await.expect("connect")
 }
