@@ -209,14 +209,14 @@ fn source(state: &State, node: &str, q: &Query, steps: &mut Vec<Step>) -> (bool,
     ));
     let dst = SocketAddr::new(first.address, backend.endpoint_port(backend_port, first));
     let transport = if captured && first.meshed {
-        format!("HBONE (mTLS) to node {}, expecting {}", if first.node.is_empty() { "?" } else { &first.node }, first.identity.as_deref().unwrap_or("?"))
+        format!("HBONE (mTLS) to node {}, expecting {}", if first.node.is_empty() { "?" } else { &*first.node }, first.identity.as_deref().unwrap_or("?"))
     } else if captured {
         "plaintext TCP from the daemon (the endpoint is not meshed)".to_owned()
     } else {
         "plaintext TCP from the pod".to_owned()
     };
     steps.push(step("daemon", "transport", "info", transport, None));
-    let node_of = state.workload(first.address).map(|w| w.node.clone()).or_else(|| (!first.node.is_empty()).then(|| first.node.clone()));
+    let node_of = state.workload(first.address).map(|w| w.node.clone()).or_else(|| (!first.node.is_empty()).then(|| first.node.to_string()));
     let next = node_of.map(|n| Next { node: n, dst, identity: identity.filter(|_| first.meshed) });
     (true, next)
 }

@@ -558,7 +558,7 @@ mod locality_tests {
             address: IpAddr::from([198, 18, 2, last]),
             ports: BTreeMap::new(),
             healthy: true,
-            node: String::new(),
+            node: "".into(),
             node_address: None,
             meshed: true,
             identity: None,

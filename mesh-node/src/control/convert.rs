@@ -26,7 +26,7 @@ use super::Error;
 use crate::{
     authn::RequestAuthentication,
     authz::{Action, Condition, Destination, Mode, PeerAuthentication, Policy, Rule, Source},
-    state::{Endpoint, Protocol, Service, ServicePort, ServiceProtocol, Snapshot, Workload},
+    state::{Endpoint, Protocol, Service, ServicePort, ServiceProtocol, Snapshot, Workload, service},
     telemetry::policy,
 };
 
@@ -89,7 +89,7 @@ pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, node: &str, o
             service_account,
             workload_name: None,
             ip: e.address,
-            node: e.node.clone(),
+            node: e.node.to_string(),
             node_ip,
             labels: BTreeMap::new(),
             protocol: Protocol::Hbone,
@@ -150,10 +150,10 @@ fn service(s: &pb::Service) -> Result<Service, Error> {
                 address: ip(&e.address, &what)?,
                 ports: e.ports.iter().map(|(k, v)| Ok((port(*k, &what)?, port(*v, &what)?))).collect::<Result<_, Error>>()?,
                 healthy: e.healthy,
-                node: e.node.clone(),
+                node: service::intern(&e.node),
                 node_address: if e.node_address.is_empty() { None } else { Some(ip(&e.node_address, &what)?) },
                 meshed: e.meshed,
-                identity: (!e.identity.is_empty()).then(|| e.identity.clone()),
+                identity: (!e.identity.is_empty()).then(|| service::intern(&e.identity)),
                 subsets: e.subsets.clone(),
                 locality: (!e.locality.is_empty()).then(|| e.locality.clone()),
             })

@@ -47,7 +47,7 @@ pub fn translate(state: &State, node: &str, cgroups: &BTreeMap<PathBuf, Vec<IpAd
 pub fn identities(state: &State) -> Vec<String> {
     let mut all: BTreeSet<String> = state.workloads.values().map(|w| state.identity(w).to_string()).collect();
     for s in &state.services {
-        all.extend(s.endpoints.iter().filter_map(|e| e.identity.clone()));
+        all.extend(s.endpoints.iter().filter_map(|e| e.identity.as_deref().map(str::to_owned)));
     }
     all.into_iter().collect()
 }
@@ -85,7 +85,7 @@ pub fn translate_with(state: &State, node: &str, cgroups: &BTreeMap<PathBuf, Vec
                 identity: e.identity.as_deref().map_or(0, |i| ids.of(i)),
                 meshed: e.meshed,
                 strict: false,
-                local: e.node == node,
+                local: *e.node == *node,
             });
         }
     }

@@ -114,7 +114,7 @@ fn endpoint(pod: &HttpPod, node: &str, subsets: &[&str]) -> Endpoint {
         node: node.into(),
         node_address: None,
         meshed: true,
-        identity: Some(format!("spiffe://{TD}/ns/default/sa/{}", if node == "n2" { "b" } else { "c" })),
+        identity: Some(format!("spiffe://{TD}/ns/default/sa/{}", if node == "n2" { "b" } else { "c" }).into()),
         subsets: subsets.iter().map(|s| (*s).to_owned()).collect(),
         locality: None,
     }
