@@ -34,20 +34,32 @@ pub enum Error {
     },
 }
 
-/// Writes `resources` at `version` to `path` (a temporary file renamed over it, so a crash
-/// leaves the old or the new file, never half of one).
-pub fn save<'a>(path: &Path, version: u64, resources: impl IntoIterator<Item = &'a pb::Resource>) -> Result<(), Error> {
-    let update = pb::ConfigUpdate { version, full: true, more: false, upserts: resources.into_iter().cloned().collect(), removals: Vec::new() };
+/// Writes `resources` (each an encoded `Resource`) at `version` to `path` (a temporary file
+/// renamed over it, so a crash leaves the old or the new file, never half of one). The
+/// `ConfigUpdate` is written field by field around the encoded resources (each an `upserts`
+/// element), so nothing is decoded or copied whole to save it.
+pub fn save<'a>(path: &Path, version: u64, resources: impl IntoIterator<Item = &'a [u8]>) -> Result<(), Error> {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    let head = pb::ConfigUpdate { version, full: true, more: false, upserts: Vec::new(), removals: Vec::new() };
+    let mut bytes = head.encode_to_vec();
+    for r in resources {
+        encode_key(UPSERTS, WireType::LengthDelimited, &mut bytes);
+        encode_varint(r.len() as u64, &mut bytes);
+        bytes.extend_from_slice(r);
+    }
     let io = |source| Error::Io { path: path.to_owned(), source };
     let tmp = path.with_extension("tmp");
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(&update.encode_to_vec()).map_err(io)?;
+    f.write_all(&bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
+
+/// The field number of `ConfigUpdate.upserts` (`mesh/config/v1/config.proto`).
+const UPSERTS: u32 = 3;
 
 /// The saved version and resources; `Ok(None)` when there is no file yet.
 pub fn load(path: &Path) -> Result<Option<(u64, Vec<pb::Resource>)>, Error> {
@@ -80,7 +92,7 @@ mod tests {
         let policy = pb::Resource {
             kind: Some(pb::resource::Kind::AuthorizationPolicy(pb::AuthorizationPolicy { name: "deny".into(), namespace: "demo".into(), ..Default::default() })),
         };
-        save(&path, 7, [&policy]).expect("save");
+        save(&path, 7, [policy.encode_to_vec().as_slice()]).expect("save");
         let (version, resources) = load(&path).expect("load").expect("a file");
         assert_eq!((version, resources), (7, vec![policy]));
         std::fs::write(&path, b"\xff\xff not protobuf").expect("corrupt it");

@@ -5,6 +5,9 @@
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 
+use bytes::Bytes;
+use prost::Message as _;
+
 use mesh_proto::config::v1::{self as pb, config_distribution_client::ConfigDistributionClient, node_message::Kind};
 use prometheus_client::{
     metrics::{counter::Counter, gauge::Gauge},
@@ -66,12 +69,71 @@ pub struct ConfigClient {
     last_config: Option<std::path::PathBuf>,
 }
 
-type Resources = BTreeMap<(i32, String), pb::Resource>;
+/// The resources of the last applied update, each as the protobuf bytes it came in: decoded,
+/// a config held ~530 bytes an endpoint (a string per field), encoded ~120, and every update
+/// converts all of them anyway (`convert::snapshot`).
+type Resources = BTreeMap<(i32, String), Bytes>;
+
+/// The resources, decoded one at a time as the conversion takes them.
+fn decoded(resources: &Resources) -> impl Iterator<Item = pb::Resource> + '_ {
+    // These are bytes this node encoded from a message it decoded: decoding cannot fail. Were it
+    // to, a resource without a kind makes the conversion refuse the update, with that reason.
+    resources.values().map(|b| pb::Resource::decode(b.as_ref()).unwrap_or_default())
+}
 
 /// The protocol's key (`mesh_proto::resource_key`), as a map key.
 fn key_of(r: &pb::Resource) -> Result<(i32, String), Error> {
     let key = mesh_proto::resource_key(r.kind.as_ref().ok_or_else(|| Error::Invalid("resource without a kind".into()))?);
     Ok((key.kind, key.key))
+}
+
+/// Applies `update` to `resources` in place and returns how to take it back (the node keeps its
+/// last good config when the result is refused). Copying every resource to apply an update to
+/// the copy held the whole config twice at every update (~300 bytes an endpoint).
+fn apply(resources: &mut Resources, update: pb::ConfigUpdate) -> Result<Undo, Error> {
+    let upserts = update.upserts.into_iter().map(|r| Ok((key_of(&r)?, Bytes::from(r.encode_to_vec())))).collect::<Result<Vec<_>, Error>>()?;
+    let mut undo = Undo { whole: None, replaced: Vec::new() };
+    if update.full {
+        undo.whole = Some(std::mem::take(resources));
+    }
+    for (key, r) in upserts {
+        let old = resources.insert(key.clone(), r);
+        if undo.whole.is_none() {
+            undo.replaced.push((key, old));
+        }
+    }
+    for k in update.removals {
+        let key = (k.kind, k.key);
+        if let Some(old) = resources.remove(&key)
+            && undo.whole.is_none()
+        {
+            undo.replaced.push((key, Some(old)));
+        }
+    }
+    Ok(undo)
+}
+
+/// What [`apply`] changed: the whole previous set for a full update, else each key's previous
+/// value (`None`: it was not there).
+struct Undo {
+    whole: Option<Resources>,
+    replaced: Vec<((i32, String), Option<Bytes>)>,
+}
+
+impl Undo {
+    fn undo(self, resources: &mut Resources) {
+        if let Some(whole) = self.whole {
+            *resources = whole;
+            return;
+        }
+        // Backwards: a key upserted then removed in one update gets its first value back.
+        for (key, old) in self.replaced.into_iter().rev() {
+            match old {
+                Some(r) => resources.insert(key, r),
+                None => resources.remove(&key),
+            };
+        }
+    }
 }
 
 /// The parts of an update the controller split (`more`), joined as they come.
@@ -90,7 +152,6 @@ impl Pending {
     /// not continue the update before it (another version, or `full` changed), or parts beyond
     /// the limit ([`MAX_PENDING_BYTES`]), are a broken stream: the caller reconnects and gets a snapshot.
     fn join(&mut self, part: pb::ConfigUpdate) -> Result<Option<pb::ConfigUpdate>, Error> {
-        use prost::Message as _;
         // Only parts held for a later one count (and cost a walk of the message): an update
         // sent whole, the usual case, is returned without one.
         if part.more {
@@ -200,35 +261,31 @@ impl ConfigClient {
                 }
             };
             let Some(update) = pending.join(part)? else { continue };
-            let mut next = if update.full { Resources::new() } else { resources.clone() };
-            for r in update.upserts {
-                next.insert(key_of(&r)?, r);
-            }
-            for k in update.removals {
-                next.remove(&(k.kind, k.key));
-            }
-            let applied = convert::snapshot(next.values().cloned(), &self.node, self.own_address)
+            let (number, full) = (update.version, update.full);
+            let undo = apply(&mut resources, update)?;
+            let applied = convert::snapshot(decoded(&resources), &self.node, self.own_address)
                 .and_then(|snap| State::build(&self.trust_domain, &self.root_namespace, snap).map_err(|e| Error::Invalid(e.to_string())));
             let reply = match applied {
                 Ok(state) => {
-                    resources = next;
+                    drop(undo);
                     state_tx.send_replace(Arc::new(state));
-                    *version = update.version;
+                    *version = number;
                     self.metrics.applied.inc();
-                    self.metrics.version.set(i64::try_from(update.version).unwrap_or(i64::MAX));
-                    tracing::info!(version = update.version, full = update.full, resources = resources.len(), "config applied");
-                    if let Some(Err(e)) = self.last_config.as_ref().map(|path| last_config::save(path, update.version, resources.values())) {
+                    self.metrics.version.set(i64::try_from(number).unwrap_or(i64::MAX));
+                    tracing::info!(version = number, full, resources = resources.len(), "config applied");
+                    if let Some(Err(e)) = self.last_config.as_ref().map(|path| last_config::save(path, number, resources.values().map(AsRef::as_ref))) {
                         tracing::warn!(error = %e, "saving the applied config failed: a restart without the control plane would start from an older one");
                     }
                     if let Some(f) = on_first_sync.take() {
                         f();
                     }
-                    Kind::Ack(pb::Ack { version: update.version })
+                    Kind::Ack(pb::Ack { version: number })
                 }
                 Err(e) => {
+                    undo.undo(&mut resources);
                     self.metrics.rejected.inc();
-                    tracing::warn!(version = update.version, error = %e, "config rejected; keeping the last good one");
-                    Kind::Nack(pb::Nack { version: update.version, error: e.to_string() })
+                    tracing::warn!(version = number, error = %e, "config rejected; keeping the last good one");
+                    Kind::Nack(pb::Nack { version: number, error: e.to_string() })
                 }
             };
             if tx.send(send(reply)).await.is_err() {
@@ -275,6 +332,79 @@ mod tests {
         let mut pending = Pending::new(MAX_PENDING_BYTES);
         pending.join(part(4, true, true, &["a"])).expect("ok");
         assert!(pending.join(part(4, false, false, &["b"])).is_err(), "full changed");
+    }
+
+    fn workload(uid: &str, name: &str) -> pb::Resource {
+        let w = pb::Workload { uid: uid.into(), name: name.into(), ..Default::default() };
+        pb::Resource { kind: Some(pb::resource::Kind::Workload(w)) }
+    }
+
+    #[test]
+    fn a_refused_update_is_taken_back_exactly() {
+        let mut resources = Resources::new();
+        let first = pb::ConfigUpdate { version: 1, full: true, upserts: vec![workload("a", "a1"), workload("b", "b1")], ..Default::default() };
+        apply(&mut resources, first).expect("apply");
+        let before = resources.clone();
+        // Changes a, removes b, adds c and removes it again in the same update.
+        let key = |uid: &str| pb::ResourceKey { kind: pb::ResourceKind::Workload.into(), key: uid.into() };
+        let second = pb::ConfigUpdate { version: 2, upserts: vec![workload("a", "a2"), workload("c", "c1")], removals: vec![key("b"), key("c")], ..Default::default() };
+        let undo = apply(&mut resources, second).expect("apply");
+        assert_eq!(resources.keys().map(|k| k.1.as_str()).collect::<Vec<_>>(), ["a"]);
+        undo.undo(&mut resources);
+        assert_eq!(resources, before);
+        let whole = pb::ConfigUpdate { version: 3, full: true, upserts: vec![workload("z", "z")], ..Default::default() };
+        let undo = apply(&mut resources, whole).expect("apply");
+        assert_eq!(resources.len(), 1);
+        undo.undo(&mut resources);
+        assert_eq!(resources, before, "a refused full update leaves the previous set whole");
+        let nameless = pb::ConfigUpdate { version: 4, upserts: vec![workload("d", "d"), pb::Resource { kind: None }], ..Default::default() };
+        assert!(apply(&mut resources, nameless).is_err());
+        assert_eq!(resources, before, "an update with a resource without a kind changes nothing");
+    }
+
+    /// What the protobuf copy of a large config costs the node, against the state built from it
+    /// (`bench/results/ztunnel.md`, "Memory at scale"). A measurement, not a check:
+    /// `cargo test --release -p mesh-node --lib -- --ignored --nocapture held_config_bytes`
+    #[test]
+    #[ignore = "a measurement; run alone (the heap is read process-wide)"]
+    #[expect(unsafe_code, reason = "mallinfo2 reads glibc's counters")]
+    fn held_config_bytes() {
+        // SAFETY: no arguments; glibc returns a plain struct of counters.
+        let heap = || unsafe { libc::mallinfo2() }.uordblks;
+        let endpoint = |i: u32| pb::Endpoint {
+            workload_uid: format!("{i:08x}-1f2e-4d3c-8b7a-0123456789ab"),
+            address: std::net::Ipv4Addr::from(0x6440_0000 + i).to_string(),
+            healthy: true,
+            node: "n2".into(),
+            meshed: true,
+            identity: "spiffe://cluster.local/ns/default/sa/b".into(),
+            node_address: "10.0.0.2".into(),
+            ..Default::default()
+        };
+        let service = |i: u32| pb::Service {
+            name: format!("svc-{i}"),
+            namespace: "default".into(),
+            vips: vec![format!("198.19.{}.{}", i / 256, i % 256)],
+            ports: vec![pb::ServicePort { name: "tcp".into(), port: 80, protocol: pb::Protocol::Tcp.into(), target_port: 8080, app_protocol: String::new() }],
+            endpoints: (0..10).map(|j| endpoint(i * 10 + j)).collect(),
+        };
+        let start = heap();
+        let mut resources = Resources::new();
+        let update = pb::ConfigUpdate {
+            version: 1,
+            full: true,
+            upserts: (0..10_000).map(|i| pb::Resource { kind: Some(pb::resource::Kind::Service(service(i))) }).collect(),
+            ..Default::default()
+        };
+        apply(&mut resources, update).expect("apply");
+        let held = heap() - start;
+        let converting = std::time::Instant::now();
+        let snap = convert::snapshot(decoded(&resources), "n1", std::net::Ipv4Addr::LOCALHOST.into()).expect("convert");
+        let state = State::build("cluster.local", "mesh-system", snap).expect("state");
+        let took = converting.elapsed();
+        let both = heap() - start;
+        println!("held: {held} bytes ({} per endpoint); the State built from it: {} bytes, in {took:?}", held / 100_000, both - held);
+        drop(state);
     }
 
     #[test]
