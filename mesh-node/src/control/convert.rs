@@ -58,15 +58,10 @@ fn ns_sa(identity: &str) -> Option<(String, String)> {
 /// a local workload's node address when the controller sends none.
 pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, node: &str, own_address: IpAddr) -> Result<Snapshot, Error> {
     let mut snap = Snapshot::default();
-    let mut remote_endpoints = Vec::new();
     for r in resources {
         match r.kind {
             Some(pb::resource::Kind::Workload(w)) => snap.workloads.extend(workloads(&w, node, own_address)?),
-            Some(pb::resource::Kind::Service(s)) => {
-                let service = service(&s)?;
-                remote_endpoints.extend(service.endpoints.clone());
-                snap.services.push(service);
-            }
+            Some(pb::resource::Kind::Service(s)) => snap.services.push(service(&s)?),
             Some(pb::resource::Kind::AuthorizationPolicy(p)) => snap.policies.push(policy(&p)?),
             Some(pb::resource::Kind::PeerAuthentication(p)) => snap.peer_authentications.extend(peer_authentication(&p)?),
             Some(pb::resource::Kind::RouteTable(t)) => snap.routes.push(routes::route_table(&t)?),
@@ -77,13 +72,15 @@ pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, node: &str, o
         }
     }
     let mut known: HashSet<IpAddr> = snap.workloads.iter().map(|w| w.ip).collect();
-    for e in remote_endpoints {
+    // Read in place: a copy of every endpoint was the largest transient of an update.
+    let Snapshot { services, workloads, .. } = &mut snap;
+    for e in services.iter().flat_map(|s| &s.endpoints) {
         let (Some(identity), Some(node_ip)) = (e.identity.as_deref(), e.node_address) else { continue };
         let Some((namespace, service_account)) = ns_sa(identity) else { continue };
         if !e.meshed || !known.insert(e.address) {
             continue;
         }
-        snap.workloads.push(Workload {
+        workloads.push(Workload {
             name: e.address.to_string(),
             namespace,
             service_account,
