@@ -369,8 +369,12 @@ mod tests {
     #[ignore = "a measurement; run alone (the heap is read process-wide)"]
     #[expect(unsafe_code, reason = "mallinfo2 reads glibc's counters")]
     fn held_config_bytes() {
-        // SAFETY: no arguments; glibc returns a plain struct of counters.
-        let heap = || unsafe { libc::mallinfo2() }.uordblks;
+        // In use in the arenas plus mmapped blocks (large tables and vectors are mmapped).
+        let heap = || {
+            // SAFETY: no arguments; glibc returns a plain struct of counters.
+            let info = unsafe { libc::mallinfo2() };
+            info.uordblks + info.hblkhd
+        };
         let endpoint = |i: u32| pb::Endpoint {
             workload_uid: format!("{i:08x}-1f2e-4d3c-8b7a-0123456789ab"),
             address: std::net::Ipv4Addr::from(0x6440_0000 + i).to_string(),
