@@ -85,13 +85,8 @@ pub struct State {
 
 impl State {
     pub fn build(trust_domain: &str, root_namespace: &str, mut snap: Snapshot) -> Result<Self, Error> {
-        // Parsers grow vectors by doubling (a JSON file's 10 endpoints took 16 slots of 160
-        // bytes): the state lives until the next update, so it keeps only what it holds.
-        let mut names = service::Interner::default();
-        for s in &mut snap.services {
-            s.endpoints.shrink_to_fit();
-            names.endpoints(&mut s.endpoints);
-        }
+        // The state lives until the next update: it keeps only the Services it holds (the
+        // parsers already size each endpoint list exactly and share the names in it).
         snap.services.shrink_to_fit();
         // An address two workloads claim belongs to neither (the controller already takes it
         // from both; a file or an older controller may not): the rest of the update applies.

@@ -70,7 +70,7 @@ pub struct ConfigClient {
 }
 
 /// The resources of the last applied update, each as the protobuf bytes it came in: decoded,
-/// a config held ~530 bytes an endpoint (a string per field), encoded ~120, and every update
+/// a config held ~530 bytes an endpoint (a string per field), encoded ~134, and every update
 /// converts all of them anyway (`convert::snapshot`).
 type Resources = BTreeMap<(i32, String), Bytes>;
 
@@ -92,25 +92,24 @@ fn key_of(r: &pb::Resource) -> Result<(i32, String), Error> {
 /// the copy held the whole config twice at every update (~300 bytes an endpoint).
 fn apply(resources: &mut Resources, update: pb::ConfigUpdate) -> Result<Undo, Error> {
     let upserts = update.upserts.into_iter().map(|r| Ok((key_of(&r)?, Bytes::from(r.encode_to_vec())))).collect::<Result<Vec<_>, Error>>()?;
-    let mut undo = Undo { whole: None, replaced: Vec::new() };
+    let removals = update.removals.into_iter().map(|k| (k.kind, k.key));
     if update.full {
-        undo.whole = Some(std::mem::take(resources));
+        let whole = std::mem::take(resources);
+        resources.extend(upserts);
+        removals.for_each(|key| drop(resources.remove(&key)));
+        return Ok(Undo { whole: Some(whole), replaced: Vec::new() });
     }
+    let mut replaced = Vec::new();
     for (key, r) in upserts {
         let old = resources.insert(key.clone(), r);
-        if undo.whole.is_none() {
-            undo.replaced.push((key, old));
+        replaced.push((key, old));
+    }
+    for key in removals {
+        if let Some(old) = resources.remove(&key) {
+            replaced.push((key, Some(old)));
         }
     }
-    for k in update.removals {
-        let key = (k.kind, k.key);
-        if let Some(old) = resources.remove(&key)
-            && undo.whole.is_none()
-        {
-            undo.replaced.push((key, Some(old)));
-        }
-    }
-    Ok(undo)
+    Ok(Undo { whole: None, replaced })
 }
 
 /// What [`apply`] changed: the whole previous set for a full update, else each key's previous

@@ -49,8 +49,8 @@ pub struct Endpoint {
     #[serde(default)]
     pub ports: BTreeMap<u16, u16>,
     pub healthy: bool,
-    /// Node the endpoint runs on ("" if unknown). Shared (`State::build` interns it): thousands
-    /// of endpoints name one node.
+    /// Node the endpoint runs on ("" if unknown). Shared ([`intern`], as its parsers do):
+    /// thousands of endpoints name one node.
     #[serde(default, with = "shared_name")]
     pub node: Arc<str>,
     /// Where that node accepts HBONE, when known.
@@ -159,8 +159,7 @@ mod shared_name {
 
 /// The shared copy of a name endpoints repeat (a node, an identity), for every parser of
 /// endpoints (the config file, the control plane's updates): one string per name, not one per
-/// endpoint. A string per endpoint, freed again when [`State::build`](super::State::build)
-/// shared them, left holes between the endpoint lists that glibc could not return (~8 MB of RSS
+/// endpoint. A string per endpoint, freed again once shared, left holes between the endpoint lists that glibc could not return (~8 MB of RSS
 /// at 100,000 endpoints). The cache forgets everything at 4,096 names, so names of nodes and
 /// identities that went away do not stay.
 pub fn intern(name: &str) -> Arc<str> {
@@ -212,31 +211,6 @@ fn exact_endpoints<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Endpoin
     })
 }
 
-/// One shared copy of each name the endpoints repeat (node names, identities): 100,000
-/// endpoints of one identity on a few nodes hold a few strings, not 200,000.
-#[derive(Default)]
-pub struct Interner(HashSet<Arc<str>>);
-
-impl Interner {
-    pub fn intern(&mut self, name: &mut Arc<str>) {
-        match self.0.get(&**name) {
-            Some(shared) => *name = shared.clone(),
-            None => {
-                self.0.insert(name.clone());
-            }
-        }
-    }
-
-    pub fn endpoints(&mut self, endpoints: &mut [Endpoint]) {
-        for e in endpoints {
-            self.intern(&mut e.node);
-            if let Some(identity) = &mut e.identity {
-                self.intern(identity);
-            }
-        }
-    }
-}
-
 /// The per-connection lookups, built once per state so a connection costs a hash lookup or a
 /// binary search, not a scan of every Service and endpoint. Positions index the `services` it
 /// was built from.
@@ -260,6 +234,13 @@ struct Serving {
     port: u32,
 }
 
+impl Serving {
+    fn of<'a>(&self, services: &'a [Service]) -> (&'a Service, &'a ServicePort) {
+        let s = &services[self.service as usize];
+        (s, &s.ports[self.port as usize])
+    }
+}
+
 impl Index {
     /// # Panics
     /// With 2^32 Services, or a Service with 2^32 ports, or more.
@@ -281,7 +262,7 @@ impl Index {
             }
         }
         let name = |e: &Serving| {
-            let s = &services[e.service as usize];
+            let (s, _) = e.of(services);
             (s.namespace.as_str(), s.name.as_str())
         };
         // Stable: a Service's ports stay in their order, so the first port of each is kept.
@@ -313,17 +294,12 @@ impl Index {
     /// that address whose target port is `dst`'s port; when several qualify, the first by
     /// namespace and name, so every daemon reports the same one.
     pub fn serving<'a>(&self, services: &'a [Service], dst: SocketAddr) -> Option<(&'a Service, &'a ServicePort)> {
-        let e = self.serving_at(dst).first()?;
-        let s = &services[e.service as usize];
-        Some((s, &s.ports[e.port as usize]))
+        self.serving_at(dst).first().map(|e| e.of(services))
     }
 
     /// Every Service serving `dst`, by namespace and name (see [`Index::serving`]).
     pub fn serving_all<'a>(&'a self, services: &'a [Service], dst: SocketAddr) -> impl Iterator<Item = (&'a Service, &'a ServicePort)> {
-        self.serving_at(dst).iter().map(|e| {
-            let s = &services[e.service as usize];
-            (s, &s.ports[e.port as usize])
-        })
+        self.serving_at(dst).iter().map(|e| e.of(services))
     }
 }
 
@@ -372,15 +348,12 @@ mod tests {
     fn endpoints_share_one_copy_of_each_name() {
         let (mut a, mut b) = (svc(), svc());
         for e in a.endpoints.iter_mut().chain(&mut b.endpoints) {
-            e.identity = Some(Arc::from("spiffe://cluster.local/ns/demo/sa/whoami"));
+            e.node = intern(&e.node);
+            e.identity = Some(intern(&String::from("spiffe://cluster.local/ns/demo/sa/whoami")));
         }
-        let mut names = Interner::default();
-        names.endpoints(&mut a.endpoints);
-        names.endpoints(&mut b.endpoints);
         let (first, last) = (&a.endpoints[0], &b.endpoints[2]);
         assert!(Arc::ptr_eq(&first.node, &last.node), "one node name");
         assert!(Arc::ptr_eq(first.identity.as_ref().expect("set"), last.identity.as_ref().expect("set")), "one identity");
-        assert_eq!(names.0.len(), 2);
     }
 
     #[test]
