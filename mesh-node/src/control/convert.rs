@@ -139,23 +139,22 @@ fn service(s: &pb::Service) -> Result<Service, Error> {
             app_protocol: (!p.app_protocol.is_empty()).then(|| p.app_protocol.clone()),
         });
     }
-    let endpoints = s
-        .endpoints
-        .iter()
-        .map(|e| {
-            Ok(Endpoint {
-                address: ip(&e.address, &what)?,
-                ports: e.ports.iter().map(|(k, v)| Ok((port(*k, &what)?, port(*v, &what)?))).collect::<Result<_, Error>>()?,
-                healthy: e.healthy,
-                node: service::intern(&e.node),
-                node_address: if e.node_address.is_empty() { None } else { Some(ip(&e.node_address, &what)?) },
-                meshed: e.meshed,
-                identity: (!e.identity.is_empty()).then(|| service::intern(&e.identity)),
-                subsets: e.subsets.clone(),
-                locality: (!e.locality.is_empty()).then(|| e.locality.clone()),
-            })
-        })
-        .collect::<Result<_, Error>>()?;
+    // Sized exactly: collecting through `Result` grows the list by doubling (16 slots for 10
+    // endpoints), and the State keeps it until the next update.
+    let mut endpoints = Vec::with_capacity(s.endpoints.len());
+    for e in &s.endpoints {
+        endpoints.push(Endpoint {
+            address: ip(&e.address, &what)?,
+            ports: e.ports.iter().map(|(k, v)| Ok((port(*k, &what)?, port(*v, &what)?))).collect::<Result<_, Error>>()?,
+            healthy: e.healthy,
+            node: service::intern(&e.node),
+            node_address: if e.node_address.is_empty() { None } else { Some(ip(&e.node_address, &what)?) },
+            meshed: e.meshed,
+            identity: (!e.identity.is_empty()).then(|| service::intern(&e.identity)),
+            subsets: e.subsets.clone(),
+            locality: (!e.locality.is_empty()).then(|| e.locality.clone()),
+        });
+    }
     let vips = s.vips.iter().map(|v| ip(v, &what)).collect::<Result<_, _>>()?;
     Ok(Service { name: s.name.clone(), namespace: s.namespace.clone(), vips, ports, endpoints })
 }
