@@ -7,11 +7,12 @@
 //! `EndpointSlices` and `ServiceAccounts` as in a real cluster.
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
+
+use crate::ports::free_port;
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -36,9 +37,6 @@ fn bin_dir() -> PathBuf {
     dirs.pop().unwrap_or_else(|| panic!("no kube-apiserver under {cache}/k8s-*/bin: run `sudo scripts/setup-k8s.sh` (or `cargo xtask test`) first"))
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("addr").port()
-}
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));

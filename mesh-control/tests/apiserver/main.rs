@@ -4,6 +4,8 @@
 //!   cargo test -p mesh-control --features apiserver-tests --test apiserver
 
 mod cluster;
+#[path = "../support/ports.rs"]
+mod ports;
 mod election;
 mod routing;
 
@@ -15,6 +17,7 @@ use std::{
 };
 
 use cluster::Cluster;
+use ports::free_port;
 use mesh_control::client;
 use mesh_proto::{
     ca::v1::{CreateCertificateRequest, certificates_client::CertificatesClient},
@@ -104,9 +107,6 @@ impl Drop for Controller {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
 
 fn start_controller(c: &Cluster) -> Controller {
     start_replica(c, "mesh-control-0")
