@@ -2,8 +2,8 @@
 //! host tests cover every branch the verifier-bound code takes.
 
 use crate::{
-    Addr, NodeConfig, PodInfo, PolicyKey,
-    endpoint::flags::{MESHED, STRICT},
+    Addr, EndpointInfo, NodeConfig, PodInfo, PolicyKey,
+    endpoint::flags::{LOCAL, MESHED, STRICT},
     service::PROTO_TCP,
 };
 
@@ -72,6 +72,38 @@ pub const fn strict_refuses(dst_flags: u32, is_syn: bool, sender: Sender, daemon
     dst_flags & STRICT != 0 && is_syn && !trusted
 }
 
+/// What `sk_lookup` does with a new inbound connection that policy routing delivered to this
+/// node (`mesh-node`'s routing sends TCP for local meshed pods here, unless this node sent it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Steer {
+    /// Not ours: the normal socket lookup decides.
+    Pass,
+    /// Plaintext from outside the mesh for a PERMISSIVE pod: to the daemon's plaintext listener,
+    /// which authorizes it (L4 and L7) and forwards it to the pod.
+    Daemon,
+    /// Plaintext for a STRICT pod: dropped and counted, as the tc guard drops it.
+    Drop,
+}
+
+/// `ifindex` of the loopback device in every network namespace: what a connection this node
+/// makes to one of its own addresses arrives on.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// The `sk_lookup` decision for a TCP (or other) connection to `dst_port` on an address whose
+/// endpoint entry is `ep`, arriving on `ingress_ifindex`. Only local meshed pods are steered, never
+/// their HBONE port (HBONE has its own listener), never a connection from this node itself
+/// (routing leaves those on their normal path; the check repeats it so that a pod sharing the
+/// node's address could never pull the node's own traffic in), and never the node's capture address.
+#[inline(always)]
+pub fn steer_inbound(ep: Option<&EndpointInfo>, node: Option<&NodeConfig>, dst: &Addr, dst_port: u16, proto: u8, ingress_ifindex: u32) -> Steer {
+    let (Some(ep), Some(node)) = (ep, node) else { return Steer::Pass };
+    let ours = ep.flags & (LOCAL | MESHED) == (LOCAL | MESHED);
+    if !ours || proto != PROTO_TCP || dst_port == node.hbone_port || ingress_ifindex == LOOPBACK_IFINDEX || dst.octets == node.capture_addr.octets {
+        return Steer::Pass;
+    }
+    if ep.flags & STRICT != 0 { Steer::Drop } else { Steer::Daemon }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +151,25 @@ mod tests {
     }
 
     const MARK: u32 = crate::DEFAULT_DAEMON_MARK;
+
+    #[test]
+    fn only_plaintext_from_outside_for_local_meshed_pods_is_steered() {
+        let n = node();
+        let ep = |flags| Some(EndpointInfo { identity: 7, flags });
+        let eth0 = 2;
+        let steer = |flags, port, proto, ifindex| steer_inbound(ep(flags).as_ref(), Some(&n), &DST, port, proto, ifindex);
+        assert_eq!(steer(LOCAL | MESHED, 8080, PROTO_TCP, eth0), Steer::Daemon);
+        assert_eq!(steer(LOCAL | MESHED | STRICT, 8080, PROTO_TCP, eth0), Steer::Drop, "STRICT: plaintext is refused in the kernel");
+        assert_eq!(steer(MESHED, 8080, PROTO_TCP, eth0), Steer::Pass, "a pod of another node");
+        assert_eq!(steer(LOCAL, 8080, PROTO_TCP, eth0), Steer::Pass, "an unmeshed local pod");
+        assert_eq!(steer(LOCAL | MESHED, 15008, PROTO_TCP, eth0), Steer::Pass, "HBONE has its own listener");
+        assert_eq!(steer(LOCAL | MESHED, 53, PROTO_UDP, eth0), Steer::Pass, "UDP");
+        assert_eq!(steer(LOCAL | MESHED, 8080, PROTO_TCP, LOOPBACK_IFINDEX), Steer::Pass, "this node's own connection");
+        assert_eq!(steer_inbound(None, Some(&n), &DST, 8080, PROTO_TCP, eth0), Steer::Pass, "no endpoint entry");
+        assert_eq!(steer_inbound(ep(LOCAL | MESHED).as_ref(), None, &DST, 8080, PROTO_TCP, eth0), Steer::Pass, "no node config");
+        let at_capture = steer_inbound(ep(LOCAL | MESHED).as_ref(), Some(&n), &n.capture_addr, 8080, PROTO_TCP, eth0);
+        assert_eq!(at_capture, Steer::Pass, "never the node's own address");
+    }
 
     fn sender(local_socket: bool, mark: u32, trusted_cgroup: bool) -> Sender {
         Sender { local_socket, mark, trusted_cgroup }

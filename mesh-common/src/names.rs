@@ -30,6 +30,9 @@ pub const PROG_SK_MSG: &str = "mesh_sk_msg";
 pub const PROG_GETSOCKOPT: &str = "mesh_getsockopt";
 /// tc egress on a pod's host-side interface: STRICT pods refuse plaintext from outside the mesh.
 pub const PROG_TC_TO_POD: &str = "mesh_tc_to_pod";
+/// `sk_lookup` on the node's network namespace: plaintext TCP arriving for a local meshed pod
+/// is handed to the daemon's plaintext listener (15006), whatever its port.
+pub const PROG_SK_LOOKUP: &str = "mesh_sk_lookup";
 
 // === maps ===
 
@@ -64,6 +67,12 @@ pub const MAP_SOCKETS: &str = "MESH_SOCK_V1";
 /// cgroup id → [`crate::TrustedSender`]: node processes (the kubelet) whose connections STRICT
 /// pods accept without the daemon's mark.
 pub const MAP_TRUSTED: &str = "MESH_TRUST_V1";
+/// Sockmap holding the daemon's plaintext listener at [`LISTENER_PLAINTEXT`]: where
+/// [`PROG_SK_LOOKUP`] hands plaintext for local meshed pods. A listener that closes (the daemon
+/// died) leaves the map by itself.
+pub const MAP_LISTENERS: &str = "MESH_LSN_V1";
+/// Index of the plaintext listener in [`MAP_LISTENERS`].
+pub const LISTENER_PLAINTEXT: u32 = 0;
 
 /// Every map the object defines, for pinning and inspection.
 pub const ALL_MAPS: &[&str] = &[
@@ -82,6 +91,7 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_POLICY,
     MAP_SOCKETS,
     MAP_TRUSTED,
+    MAP_LISTENERS,
 ];
 /// Every program the object defines.
 pub const ALL_PROGRAMS: &[&str] = &[
@@ -97,6 +107,7 @@ pub const ALL_PROGRAMS: &[&str] = &[
     PROG_SK_MSG,
     PROG_GETSOCKOPT,
     PROG_TC_TO_POD,
+    PROG_SK_LOOKUP,
 ];
 
 /// Capacity of the trusted-sender map (kubelets; two only while one restarts).

@@ -11,11 +11,14 @@ mod ctx;
 mod maps;
 mod sock;
 mod sockhash;
+mod steer;
 mod tc;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, cgroup_sockopt, classifier, sk_msg, sock_ops},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext, TcContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, classifier, sk_lookup, sk_msg, sock_ops},
+    programs::{
+        SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext, TcContext,
+    },
 };
 use mesh_common::Stat;
 
@@ -89,6 +92,12 @@ pub fn mesh_getsockopt(ctx: SockoptContext) -> i32 {
 #[classifier]
 pub fn mesh_tc_to_pod(ctx: TcContext) -> i32 {
     tc::to_pod(&ctx)
+}
+
+/// `sk_lookup` on the node's network namespace: plaintext for local meshed pods to the daemon.
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    steer::sk_lookup(&ctx)
 }
 
 #[cfg(not(test))]

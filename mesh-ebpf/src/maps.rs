@@ -4,7 +4,7 @@
 //! tests at load with "map ... is missing from the eBPF object").
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
     macros::btf_map,
 };
 use mesh_common::{
@@ -64,6 +64,10 @@ pub static SOCKETS: SockHash64<SockKey, { MAX_SOCKETS as usize }> = SockHash64::
 /// Keyed by cgroup id.
 #[btf_map(name = "MESH_TRUST_V1")]
 pub static TRUSTED: HashMap<u64, TrustedSender, { MAX_TRUSTED as usize }> = HashMap::new();
+
+/// The daemon's plaintext listener at `names::LISTENER_PLAINTEXT` (set from userspace).
+#[btf_map(name = "MESH_LSN_V1")]
+pub static LISTENERS: SockMap<1> = SockMap::new();
 
 /// Count one drop for `reason`.
 #[inline(always)]

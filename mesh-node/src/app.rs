@@ -203,6 +203,12 @@ async fn follow_state(mut state: StateRx, certs: Arc<CertStore>, node: String, r
 }
 
 impl Bound {
+    /// The listening socket named `name` (`listener::*`), while this daemon still holds it (a
+    /// successor takes them: [`Bound::take_listener_sockets`]).
+    pub fn listener_socket(&self, name: &str) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.sockets.iter().find(|(n, _)| *n == name).map(|(_, fd)| std::os::fd::AsFd::as_fd(fd))
+    }
+
     /// The listeners start accepting.
     pub fn start(&self) {
         self.accepting.send_replace(true);

@@ -9,6 +9,7 @@ mod error;
 mod loader;
 mod pins;
 mod services;
+mod steering;
 mod sys;
 pub mod tables;
 
@@ -17,6 +18,7 @@ pub use error::Error;
 pub use loader::{Datapath, DatapathConfig};
 pub use pins::MapLayout;
 pub use services::{BackendSpec, LoadBalancing, Protocol, ServiceSpec};
+pub use steering::Steering;
 
 /// The kernel object, embedded at build time (empty when `cargo xtask build-ebpf` was not run).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));

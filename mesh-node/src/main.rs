@@ -14,7 +14,7 @@ use mesh_node::{
     app,
     config::{self, Config},
     control::{ConfigClient, Connection, GrpcCa, Metrics as ControlMetrics},
-    datapath::{Datapath, DatapathConfig, NodeSpec},
+    datapath::{Datapath, DatapathConfig, NodeSpec, Steering},
     handoff,
     identity::{CaClient, TestCa, ca::pem_certs},
     kernel_sync::{self, KernelSync},
@@ -183,7 +183,15 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
     if let Some(a) = &activated {
         tracing::info!(listeners = ?a.names(), "socket activation: serving the listeners the service manager passed (it keeps them open across restarts)");
     }
-    let datapath = if config.app.datapath { Some(load_datapath(config)?) } else { None };
+    let (datapath, mut steering) = if config.app.datapath {
+        let (datapath, steering) = load_datapath(config)?;
+        (Some(datapath), Some(steering))
+    } else {
+        (None, None)
+    };
+    // Plaintext for local meshed pods is brought to the daemon by routing rules and handed to
+    // its plaintext listener by the kernel: both halves or neither.
+    let plaintext = (config.app.plaintext_redirect && config.app.hbone_redirect && steering.is_some()).then_some(config.app.inbound_plain_addr);
     // One thread by default: every hop of a proxied connection then wakes the same thread
     // (in process, the HBONE path's added round trip fell from ~150 to ~32 µs; see
     // bench/results/node-l4.md). More threads spread bulk traffic over cores.
@@ -241,6 +249,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
                     hbone_port: config.app.inbound_addr.port(),
                     transparent: config.app.proxy.transparent,
                     keep_existing: successor.is_some(),
+                    plaintext,
                 },
                 routing::Metrics::new(&mut registry),
             )?;
@@ -254,6 +263,11 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
         let mut bound = app::build_with(&config.app, ca, roots, state_rx, Some(log), registry, ready.clone(), clusters, &mut inherited).await?;
         drop(inherited); // listeners the new configuration does not use
         start_serving(successor, &bound, &ready).await?;
+        if let (Some(steering), Some(_)) = (steering.as_mut(), plaintext) {
+            let listener = bound.listener_socket(app::listener::INBOUND_PLAINTEXT).expect("the daemon holds its listeners until it offers them");
+            steering.serve(listener)?;
+            tracing::info!(listener = %bound.inbound_plain, "plaintext for local meshed pods goes to the plaintext listener");
+        }
         let (taken_over, offer) = match &config.handoff {
             Some(path) => {
                 let (taken, offer) = offer_listeners(path, &config.node_name, &mut bound)?;
@@ -476,9 +490,10 @@ fn certificate_authority(cfg: &app::Config) -> anyhow::Result<(Arc<dyn CaClient>
     Ok((Arc::new(ca), roots))
 }
 
-fn load_datapath(config: &Config) -> anyhow::Result<Datapath> {
+fn load_datapath(config: &Config) -> anyhow::Result<(Datapath, Steering)> {
     let mut datapath = Datapath::load(DatapathConfig {
         cgroup: config.cgroup.clone().expect("resolved at start"),
+        netns: DatapathConfig::OWN_NETNS.into(),
         pin_dir: Some(config.bpf_pin_dir.clone()),
     })?;
     // Node settings before the programs: a first start, or maps whose layout changed, begin
@@ -486,6 +501,7 @@ fn load_datapath(config: &Config) -> anyhow::Result<Datapath> {
     // daemon connection into STRICT pods until the first sync.
     datapath.set_node(&NodeSpec { capture: config.capture, hbone_port: config.app.inbound_addr.port(), bypass: config.bypass, daemon_mark: config.app.proxy.socket_mark })?;
     datapath.attach()?;
+    let steering = datapath.steering()?;
     tracing::info!("datapath attached");
-    Ok(datapath)
+    Ok((datapath, steering))
 }

@@ -25,16 +25,31 @@
 //! other traffic on its normal path: replies to plaintext clients (PERMISSIVE) reach clients'
 //! ephemeral ports, below 61000 by Linux's default.
 //!
+//! Plaintext from outside the mesh for a local meshed pod (an unmeshed pod, another host) must
+//! meet the daemon too, or that pod's ALLOW and L7 policies would not apply to it. For each such
+//! pod, and for the whole node once,
+//!
+//! ```text
+//! 15010: from all iif lo goto 15012          (this node's own connections keep their path)
+//! 15011: from all to <pod ip> ipproto tcp lookup 15008
+//! 15012: from all nop
+//! ```
+//!
+//! delivers TCP for the pod to this node; the kernel's `sk_lookup` program (`mesh-ebpf`'s
+//! `steer`) then hands each new connection to the daemon's plaintext listener whatever its
+//! port, or drops it for a STRICT pod. Connections the node makes itself (the daemon forwarding
+//! to the pod, the kubelet probing it) come from `lo` and skip the rule.
+//!
 //! Rules are a pure function of the state ([`wanted`]); [`Routes::run`] keeps the kernel equal
 //! to it. At start, rules left by an earlier run (same priorities and table) are flushed. They
 //! are left in place at exit, like the pinned datapath, so a restarting daemon is found at the
-//! same address; `ip rule del priority 15008` (and 15009) until none is left removes them.
+//! same address; `ip rule del priority 15008` (and 15009 to 15012) until none is left removes them.
 
 pub mod netlink;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
@@ -43,7 +58,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-pub use netlink::{Netlink, Rule};
+pub use netlink::{Action, Netlink, Rule};
 
 use crate::{
     proxy::socket::TRANSPARENT_PORTS,
@@ -56,6 +71,23 @@ pub const TABLE: u32 = 15008;
 pub const PRIORITY_HBONE: u32 = 15008;
 /// Priority of the rules for replies of transparent (source-preserving) connections.
 pub const PRIORITY_TRANSPARENT: u32 = 15009;
+/// Priority of the rule that keeps this node's own connections to pods (the daemon's, the
+/// kubelet's probes) off [`PRIORITY_PLAINTEXT`]: `iif lo goto` [`PRIORITY_PLAINTEXT_END`].
+pub const PRIORITY_FROM_NODE: u32 = 15010;
+/// Priority of the rules for plaintext to local meshed pods.
+pub const PRIORITY_PLAINTEXT: u32 = 15011;
+/// The `nop` rule [`PRIORITY_FROM_NODE`] jumps to.
+pub const PRIORITY_PLAINTEXT_END: u32 = 15012;
+
+/// Every kind of rule this module installs, by priority, for flushing and uninstalling.
+const ALL_RULES: [(u32, Action); 5] = [
+    (PRIORITY_HBONE, Action::Lookup(TABLE)),
+    (PRIORITY_TRANSPARENT, Action::Lookup(TABLE)),
+    (PRIORITY_FROM_NODE, Action::Goto(PRIORITY_PLAINTEXT_END)),
+    (PRIORITY_PLAINTEXT, Action::Lookup(TABLE)),
+    (PRIORITY_PLAINTEXT_END, Action::Nop),
+];
+
 /// How often rules are re-checked when the state does not change (a pod's interface may appear
 /// after the pod is known).
 const RESYNC: Duration = Duration::from_secs(5);
@@ -68,6 +100,8 @@ pub enum Error {
     Flush { priority: u32, source: std::io::Error },
     #[error("installing the local route of table {TABLE} (needs CAP_NET_ADMIN): {0}")]
     LocalRoute(std::io::Error),
+    #[error("installing the routing rule `{rule}` (needs CAP_NET_ADMIN): {source}")]
+    Rule { rule: Rule, source: std::io::Error },
 }
 
 #[derive(Clone, Debug)]
@@ -80,6 +114,18 @@ pub struct Config {
     /// (`crate::handoff`) while its predecessor still serves connections that need them.
     /// Rules of pods that went away meanwhile stay until the next flushing start.
     pub keep_existing: bool,
+    /// Bring plaintext for local meshed pods to the daemon's plaintext listener, bound at this
+    /// address (its family says which pods' addresses it can take); `None`: leave it to the pods.
+    pub plaintext: Option<SocketAddr>,
+}
+
+/// Whether a listener bound at `listener` can accept a connection for `pod`'s address
+/// (`[::]` takes both families: Linux sockets are dual-stack unless told otherwise).
+fn serves(listener: SocketAddr, pod: IpAddr) -> bool {
+    match listener {
+        SocketAddr::V4(_) => pod.is_ipv4(),
+        SocketAddr::V6(a) => a.ip().is_unspecified() || pod.is_ipv6(),
+    }
 }
 
 /// What one local meshed pod needs.
@@ -89,6 +135,8 @@ pub enum Want {
     Hbone(IpAddr),
     /// The pod's TCP replies go to the daemon (transparent inbound).
     Replies(IpAddr),
+    /// Plaintext TCP for the pod from outside the node goes to the daemon.
+    Plaintext(IpAddr),
 }
 
 /// The rules `state` calls for on this node.
@@ -97,7 +145,10 @@ pub fn wanted(state: &State, cfg: &Config) -> BTreeSet<Want> {
         .workloads
         .values()
         .filter(|w| w.node == cfg.node_name && w.protocol == Protocol::Hbone)
-        .flat_map(|w| [Some(Want::Hbone(w.ip)), cfg.transparent.then_some(Want::Replies(w.ip))])
+        .flat_map(|w| {
+            let plaintext = cfg.plaintext.is_some_and(|l| serves(l, w.ip));
+            [Some(Want::Hbone(w.ip)), cfg.transparent.then_some(Want::Replies(w.ip)), plaintext.then_some(Want::Plaintext(w.ip))]
+        })
         .flatten()
         .collect()
 }
@@ -111,7 +162,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self::default();
-        registry.register("mesh_hbone_redirect_rules", "Policy-routing rules installed to bring HBONE to local pods into the daemon", m.rules.clone());
+        registry.register("mesh_hbone_redirect_rules", "Policy-routing rules installed to bring traffic for local pods (HBONE, plaintext, transparent replies) into the daemon", m.rules.clone());
         registry.register("mesh_hbone_redirect_errors", "Failed attempts to install or remove such a rule", m.errors.clone());
         m
     }
@@ -126,13 +177,18 @@ pub struct Routes {
 
 impl Routes {
     /// Opens netlink, removes rules of an earlier run (unless `keep_existing`) and installs the
-    /// local routes (both families). Fails without `CAP_NET_ADMIN`.
+    /// local routes (both families) and, for plaintext, the node-wide rules. Fails without
+    /// `CAP_NET_ADMIN`.
     pub fn new(cfg: Config, metrics: Metrics) -> Result<Self, Error> {
         let netlink = Netlink::open().map_err(Error::Open)?;
         let families = [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)];
         for family in families {
-            for priority in [PRIORITY_HBONE, PRIORITY_TRANSPARENT].into_iter().filter(|_| !cfg.keep_existing) {
-                let n = netlink.flush_rules(family, priority, TABLE).map_err(|source| Error::Flush { priority, source })?;
+            for (priority, action) in ALL_RULES.into_iter().filter(|_| !cfg.keep_existing) {
+                let n = match netlink.flush_rules(family, priority, action) {
+                    Ok(n) => n,
+                    Err(e) if family.is_ipv6() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => 0,
+                    Err(source) => return Err(Error::Flush { priority, source }),
+                };
                 if n > 0 {
                     tracing::info!(n, priority, "removed routing rules of an earlier run");
                 }
@@ -140,21 +196,34 @@ impl Routes {
             match netlink.local_default_route(family, TABLE) {
                 Ok(()) => {}
                 // A node without IPv6 has no IPv6 pods to route.
-                Err(e) if family.is_ipv6() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+                Err(e) if family.is_ipv6() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => continue,
                 Err(e) => return Err(Error::LocalRoute(e)),
+            }
+            if cfg.plaintext.is_some_and(|l| serves(l, family)) {
+                // The jump's target first: a goto to a missing rule does nothing.
+                for rule in [
+                    Rule::any(family, PRIORITY_PLAINTEXT_END, Action::Nop),
+                    Rule { iif: Some("lo".into()), ..Rule::any(family, PRIORITY_FROM_NODE, Action::Goto(PRIORITY_PLAINTEXT_END)) },
+                ] {
+                    match netlink.add_rule(&rule) {
+                        Ok(()) => tracing::debug!(%rule, "routing rule installed"),
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                        Err(source) => return Err(Error::Rule { rule, source }),
+                    }
+                }
             }
         }
         Ok(Self { cfg, netlink, installed: BTreeMap::new(), metrics })
     }
 
-    /// `mesh-node --uninstall`: removes every rule of both priorities and the table's local
+    /// `mesh-node --uninstall`: removes every rule this module installs and the table's local
     /// route, in both families; returns how many rules there were.
     pub fn uninstall() -> Result<usize, Error> {
         let netlink = Netlink::open().map_err(Error::Open)?;
         let mut n = 0;
         for family in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
-            for priority in [PRIORITY_HBONE, PRIORITY_TRANSPARENT] {
-                match netlink.flush_rules(family, priority, TABLE) {
+            for (priority, action) in ALL_RULES {
+                match netlink.flush_rules(family, priority, action) {
                     Ok(k) => n += k,
                     Err(e) if family.is_ipv6() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
                     Err(source) => return Err(Error::Flush { priority, source }),
@@ -211,16 +280,18 @@ impl Routes {
         Ok(match want {
             Want::Hbone(ip) => Rule {
                 priority: PRIORITY_HBONE,
-                table: TABLE,
+                action: Action::Lookup(TABLE),
                 from: None,
                 to: Some(ip),
                 iif: None,
                 tcp_dport: Some((self.cfg.hbone_port, self.cfg.hbone_port)),
                 tcp: true,
+                v6: ip.is_ipv6(),
             },
+            Want::Plaintext(ip) => Rule { to: Some(ip), tcp: true, ..Rule::any(ip, PRIORITY_PLAINTEXT, Action::Lookup(TABLE)) },
             Want::Replies(ip) => Rule {
                 priority: PRIORITY_TRANSPARENT,
-                table: TABLE,
+                action: Action::Lookup(TABLE),
                 from: Some(ip),
                 to: None,
                 // Only what arrives from the pod: the daemon's own packets from that address
@@ -228,6 +299,7 @@ impl Routes {
                 iif: Some(self.netlink.route_interface(ip)?),
                 tcp_dport: Some((*TRANSPARENT_PORTS.start(), *TRANSPARENT_PORTS.end())),
                 tcp: true,
+                v6: ip.is_ipv6(),
             },
         })
     }
@@ -277,7 +349,7 @@ mod tests {
             ..Snapshot::default()
         };
         let state = State::build("cluster.local", "mesh-system", snap).expect("state");
-        let mut cfg = Config { node_name: "n1".into(), hbone_port: 15008, transparent: false, keep_existing: false };
+        let mut cfg = Config { node_name: "n1".into(), hbone_port: 15008, transparent: false, keep_existing: false, plaintext: None };
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         assert_eq!(
             wanted(&state, &cfg),
@@ -288,5 +360,14 @@ mod tests {
         assert_eq!(w.len(), 4);
         assert!(w.contains(&Want::Replies(ip("198.18.1.11"))));
         assert!(!w.iter().any(|w| matches!(w, Want::Hbone(a) | Want::Replies(a) if *a == ip("198.18.1.13") || *a == ip("198.18.2.11"))));
+        // Plaintext: the pods whose family the plaintext listener takes.
+        cfg.transparent = false;
+        cfg.plaintext = Some("0.0.0.0:15006".parse().expect("addr"));
+        let w = wanted(&state, &cfg);
+        assert!(w.contains(&Want::Plaintext(ip("198.18.1.11"))), "{w:?}");
+        assert!(!w.contains(&Want::Plaintext(ip("fd6d:6573:6800:1::c"))), "an IPv4 listener cannot take IPv6: {w:?}");
+        assert!(!w.iter().any(|w| matches!(w, Want::Plaintext(a) if *a == ip("198.18.1.13") || *a == ip("198.18.2.11"))), "only local meshed pods");
+        cfg.plaintext = Some("[::]:15006".parse().expect("addr"));
+        assert_eq!(wanted(&state, &cfg).iter().filter(|w| matches!(w, Want::Plaintext(_))).count(), 2, "[::] takes both families");
     }
 }

@@ -101,8 +101,7 @@ fn service_graph_page_in_headless_chromium_shows_the_traffic_with_rates_and_mtls
     );
     let mut c = cluster();
     // HTTP from the meshed client to Service whoami, and TCP to its echo port, for the whole
-    // test. (An unmeshed client's plaintext to a meshed pod is let through by the kernel in
-    // PERMISSIVE mode and counted by no daemon, so it cannot be on the graph.)
+    // test: every edge the page must show is mTLS.
     let whoami = c.bins.whoami.display().to_string();
     let tcp = format!("{whoami} connect {VIP}:{TCP_SERVICE_PORT} --count 2 >/dev/null");
     let _http = repeat_in_pod(

@@ -55,13 +55,11 @@ const VARIABLES: [(&str, &str); 3] = [
 
 /// Targets that cannot be non-empty for this traffic: (dashboard, panel title, refId, why).
 /// Each must be empty (a target that starts answering must leave this list).
-const EMPTY_BY_DESIGN: &[(&str, &str, &str, &str)] = &[(
-    "service",
-    "Incoming Requests by Source and Response Code",
-    "B",
-    "requests without mTLS: the destination node reports requests only for HBONE (mutual_tls) \
-     traffic; plaintext from an unmeshed client reaches the pod without an L7 proxy",
-)];
+const EMPTY_BY_DESIGN: &[(&str, &str, &str, &str)] = &[
+    // None left. "Incoming Requests by Source and Response Code" / B (requests without mTLS)
+    // was here until plaintext from unmeshed clients met the destination daemon (README,
+    // "Plaintext from unmeshed clients"): the unmeshed pod's requests now answer it.
+];
 
 /// A Prometheus scraping the lab; killed (by PID, as a [`PodProcess`]) and its storage removed
 /// when dropped, also when the test panics.

@@ -43,7 +43,7 @@ fn a_pinned_map_of_another_layout_stops_the_start_and_the_kernel_keeps_serving()
         .expect("run bpftool");
     assert!(made.success(), "bpftool map create");
 
-    let config = DatapathConfig { cgroup: f.lab.node(1).cgroup.clone(), pin_dir: Some(f.pin_dir()) };
+    let config = DatapathConfig { cgroup: f.lab.node(1).cgroup.clone(), netns: crate::node_netns(&f.lab, 1), pin_dir: Some(f.pin_dir()) };
     let err = Datapath::load(config).err().expect("a start over an incompatible pin is refused");
     assert!(matches!(err, Error::IncompatiblePin { name: names::MAP_TRUSTED, .. }), "{err:?}");
     let text = err.to_string();
@@ -71,7 +71,7 @@ fn an_attach_the_kernel_refuses_names_the_program_and_the_cgroup() {
     // A directory, but not a cgroup (as a wrong MESH_CGROUP would be).
     let dir = std::env::temp_dir().join(format!("mesh-{}-not-a-cgroup", f.lab.spec.run));
     std::fs::create_dir_all(&dir).expect("mkdir");
-    let result = Datapath::load(DatapathConfig { cgroup: dir.clone(), pin_dir: Some(f.pin_dir()) }).map(|mut dp| dp.attach());
+    let result = Datapath::load(DatapathConfig { cgroup: dir.clone(), netns: crate::node_netns(&f.lab, 1), pin_dir: Some(f.pin_dir()) }).map(|mut dp| dp.attach());
     let _ = std::fs::remove_dir(&dir);
     let err = result.expect("the object loads").expect_err("a directory that is not a cgroup cannot take programs");
     assert!(matches!(err, Error::Attach { name: names::PROG_SOCKOPS, .. }), "{err:?}");

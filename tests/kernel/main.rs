@@ -9,6 +9,7 @@ mod capture;
 mod faults;
 mod lb;
 mod routing;
+mod steer;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -22,6 +23,11 @@ use mesh_tests::{Lab, LabSpec, PodProcess, Spawn, require_root};
 
 pub const WHOAMI: &str = env!("CARGO_BIN_EXE_mesh-whoami");
 pub const APP_PORT: u16 = 8080;
+
+/// Node `n`'s network namespace, where its daemon would attach `sk_lookup`.
+pub fn node_netns(lab: &Lab, n: u8) -> PathBuf {
+    PathBuf::from(format!("/run/netns/{}", lab.node(n).netns))
+}
 
 /// A lab with whoami servers in some pods and the datapath loaded for node 1.
 pub struct Fixture {
@@ -71,7 +77,7 @@ impl Fixture {
 
     /// Loads and attaches the datapath on node 1 (pinned, as the daemon does).
     pub fn load(&mut self) -> &mut Datapath {
-        let mut dp = Datapath::load(DatapathConfig { cgroup: self.lab.node(1).cgroup.clone(), pin_dir: Some(self.pin_dir()) })
+        let mut dp = Datapath::load(DatapathConfig { cgroup: self.lab.node(1).cgroup.clone(), netns: node_netns(&self.lab, 1), pin_dir: Some(self.pin_dir()) })
             .expect("load datapath");
         dp.attach().expect("attach datapath");
         self.datapath = Some(dp);

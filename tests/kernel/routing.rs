@@ -17,7 +17,7 @@ use crate::{APP_PORT, Fixture};
 const HBONE: u16 = 15008;
 
 fn routes(f: &Fixture, node: u8, transparent: bool) -> Routes {
-    let cfg = routing::Config { node_name: format!("n{node}"), hbone_port: HBONE, transparent, keep_existing: false };
+    let cfg = routing::Config { node_name: format!("n{node}"), hbone_port: HBONE, transparent, keep_existing: false, plaintext: None };
     f.lab
         .in_netns(&f.lab.node(node).netns, || Routes::new(cfg, routing::Metrics::default()))
         .expect("enter node netns")

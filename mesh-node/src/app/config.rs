@@ -33,6 +33,7 @@ pub const ENV_WORKER_THREADS: &str = "MESH_WORKER_THREADS";
 pub const ENV_HBONE_DIAL: &str = "MESH_HBONE_DIAL";
 pub const ENV_CLUSTER_DOMAIN: &str = "MESH_CLUSTER_DOMAIN";
 pub const ENV_HBONE_REDIRECT: &str = "MESH_HBONE_REDIRECT";
+pub const ENV_PLAINTEXT_REDIRECT: &str = "MESH_PLAINTEXT_REDIRECT";
 pub const ENV_SOCKET_MARK: &str = "MESH_SOCKET_MARK";
 pub const ENV_JWKS_REFRESH_SECS: &str = "MESH_JWKS_REFRESH_SECS";
 pub const ENV_HANDSHAKE_TIMEOUT_SECS: &str = "MESH_HANDSHAKE_TIMEOUT_SECS";
@@ -69,6 +70,10 @@ pub struct Config {
     /// Install the policy routing that delivers HBONE addressed to local pods (and, when
     /// transparent, their replies) to this daemon (`crate::routing`).
     pub hbone_redirect: bool,
+    /// Also bring plaintext for local meshed pods (from unmeshed clients, other hosts) to the
+    /// plaintext listener, so that their policies apply to it: routing rules plus the kernel's
+    /// `sk_lookup` (needs the datapath and `hbone_redirect`).
+    pub plaintext_redirect: bool,
 }
 
 fn parse<T: FromStr>(src: &impl Source, var: &'static str, default: T) -> Result<T, Error>
@@ -196,6 +201,7 @@ impl Config {
             datapath: boolean(src, ENV_DATAPATH, true)?,
             worker_threads: at_least_one(src, ENV_WORKER_THREADS, 1)?,
             hbone_redirect: boolean(src, ENV_HBONE_REDIRECT, true)?,
+            plaintext_redirect: boolean(src, ENV_PLAINTEXT_REDIRECT, true)?,
         })
     }
 }
@@ -214,6 +220,7 @@ mod tests {
         assert!(cfg.datapath);
         assert_eq!(cfg.proxy.hbone_dial, proxy::HboneDial::Pod, "ztunnel-compatible by default");
         assert!(cfg.hbone_redirect);
+        assert!(cfg.plaintext_redirect, "policies apply to plaintext by default, as in Istio ambient");
         assert_eq!(cfg.proxy.socket_mark, 0x1000);
         assert_eq!(cfg.proxy.tcp_idle_timeout, Some(Duration::from_hours(1)), "Envoy's TCP idle timeout");
         let off = Config::from_source(&HashMap::from([(ENV_TCP_IDLE_TIMEOUT_SECS, "0")]), "n1").expect("0 turns it off");
@@ -234,6 +241,7 @@ mod tests {
             (ENV_CA_CERT, "/ca.pem", "MESH_CA_KEY is required"),
             (ENV_HBONE_DIAL, "gateway", "MESH_HBONE_DIAL=\"gateway\": expected pod or node"),
             (ENV_HBONE_REDIRECT, "yes", "MESH_HBONE_REDIRECT"),
+            (ENV_PLAINTEXT_REDIRECT, "enabled", "MESH_PLAINTEXT_REDIRECT"),
             (ENV_SOCKET_MARK, "0", "MESH_SOCKET_MARK=\"0\": must have at least one bit set"),
             (ENV_SOCKET_MARK, "0xzz", "MESH_SOCKET_MARK=\"0xzz\": expected a number"),
             (ENV_TCP_IDLE_TIMEOUT_SECS, "1h", "MESH_TCP_IDLE_TIMEOUT_SECS=\"1h\""),

@@ -71,6 +71,19 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("opening network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("attaching {name} to the network namespace {netns}: {source}")]
+    AttachNetns {
+        name: &'static str,
+        netns: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("pinned link {path}: {source}")]
     PinnedLink {
         path: PathBuf,

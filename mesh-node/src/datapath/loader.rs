@@ -23,6 +23,7 @@ use super::{
     endpoints::EndpointTable,
     pins,
     services::ServiceTable,
+    steering::Steering,
     sys::{self, attach_type},
 };
 
@@ -32,9 +33,17 @@ pub struct DatapathConfig {
     /// cgroup v2 directory whose processes get the socket programs: the node's pods (and the
     /// daemon, which is never captured because only meshed pods are).
     pub cgroup: PathBuf,
+    /// The network namespace whose socket lookups `sk_lookup` serves: the node's, where the
+    /// daemon runs ([`DatapathConfig::OWN_NETNS`]).
+    pub netns: PathBuf,
     /// bpffs directory for pinned maps (`<dir>/<MAP>`) and links (`<dir>/links/<prog>`);
     /// `None` keeps everything in this process and detaches on drop (tests).
     pub pin_dir: Option<PathBuf>,
+}
+
+impl DatapathConfig {
+    /// This process's network namespace.
+    pub const OWN_NETNS: &str = "/proc/self/ns/net";
 }
 
 /// Programs attached to the node cgroup with their attach types, in attach order (bookkeeping
@@ -87,6 +96,7 @@ fn load_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<BorrowedFd
         Program::CgroupSockopt(p) => load!(p),
         Program::SkMsg(p) => load!(p),
         Program::SchedClassifier(p) => load!(p),
+        Program::SkLookup(p) => load!(p),
         _ => return Err(Error::MissingProgram { name }),
     })
 }
@@ -149,35 +159,51 @@ impl Datapath {
         self.config.pin_dir.as_ref().map(|d| d.join("links").join(name))
     }
 
-    /// Verifies and attaches the socket programs to the configured cgroup, and sk_msg to the
-    /// sockhash. With a pin directory, links already pinned by an earlier run are kept and
-    /// switched to this run's programs.
+    /// Verifies and attaches the socket programs to the configured cgroup, `sk_lookup` to this
+    /// process's network namespace (the node's), and sk_msg to the sockhash. With a pin
+    /// directory, links already pinned by an earlier run are kept and switched to this run's
+    /// programs.
     pub fn attach(&mut self) -> Result<(), Error> {
         // The verifier sees every program before any link moves: a program it refuses leaves
         // every pinned link on the previous daemon's programs, never half of them on ours.
         let every = CGROUP_PROGRAMS.iter().map(|&(name, _)| name);
-        for name in every.chain([names::PROG_SK_MSG, names::PROG_TC_TO_POD]) {
+        for name in every.chain([names::PROG_SK_LOOKUP, names::PROG_SK_MSG, names::PROG_TC_TO_POD]) {
             load_program(&mut self.ebpf, name)?;
         }
-        let cgroup = fs::File::open(&self.config.cgroup)
-            .map_err(|source| Error::Cgroup { path: self.config.cgroup.clone(), source })?;
+        let cgroup_path = self.config.cgroup.clone();
+        let cgroup = fs::File::open(&cgroup_path).map_err(|source| Error::Cgroup { path: cgroup_path.clone(), source })?;
         for &(name, attach_type) in CGROUP_PROGRAMS {
-            let pin = self.link_pin(name);
-            let prog = load_program(&mut self.ebpf, name)?;
-            match pin {
-                Some(path) if path.exists() && adopt_pinned(&path, prog)? => {}
-                pin => {
-                    let link = sys::link_create(prog, cgroup.as_fd(), attach_type)
-                        .map_err(|source| Error::Attach { name, cgroup: self.config.cgroup.clone(), source })?;
-                    match pin {
-                        Some(path) => sys::obj_pin(link.as_fd(), &path)
-                            .map_err(|source| Error::PinnedLink { path: path.clone(), source })?,
-                        None => self.links.push(link),
-                    }
+            self.link(name, cgroup.as_fd(), attach_type, |source| Error::Attach { name, cgroup: cgroup_path.clone(), source })?;
+        }
+        let netns_path = self.config.netns.clone();
+        let netns = fs::File::open(&netns_path).map_err(|source| Error::Netns { path: netns_path.clone(), source })?;
+        let name = names::PROG_SK_LOOKUP;
+        self.link(name, netns.as_fd(), attach_type::SK_LOOKUP, |source| Error::AttachNetns { name, netns: netns_path.clone(), source })?;
+        self.attach_sk_msg()
+    }
+
+    /// Attaches the loaded program `name` to `target` through a link, or switches the link an
+    /// earlier run pinned to it.
+    fn link(&mut self, name: &'static str, target: BorrowedFd<'_>, attach_type: u32, refused: impl Fn(std::io::Error) -> Error) -> Result<(), Error> {
+        let pin = self.link_pin(name);
+        let prog = load_program(&mut self.ebpf, name)?;
+        match pin {
+            Some(path) if path.exists() && adopt_pinned(&path, prog)? => {}
+            pin => {
+                let link = sys::link_create(prog, target, attach_type).map_err(refused)?;
+                match pin {
+                    Some(path) => sys::obj_pin(link.as_fd(), &path).map_err(|source| Error::PinnedLink { path: path.clone(), source })?,
+                    None => self.links.push(link),
                 }
             }
         }
-        self.attach_sk_msg()
+        Ok(())
+    }
+
+    /// The handle that points `mesh_sk_lookup` at the daemon's plaintext listener, once that
+    /// listener exists. Takes the sockmap out of this `Datapath` (nothing else writes it).
+    pub fn steering(&mut self) -> Result<Steering, Error> {
+        Steering::new(&mut self.ebpf)
     }
 
     fn attach_sk_msg(&mut self) -> Result<(), Error> {

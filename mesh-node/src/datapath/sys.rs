@@ -113,7 +113,7 @@ pub fn cgroup_id(path: &Path) -> io::Result<u64> {
     Ok(std::fs::metadata(path)?.ino())
 }
 
-/// `enum bpf_attach_type` values of the cgroup hooks we use (include/uapi/linux/bpf.h).
+/// `enum bpf_attach_type` values of the hooks we attach through links (include/uapi/linux/bpf.h).
 pub mod attach_type {
     pub const CGROUP_SOCK_OPS: u32 = 3;
     pub const CGROUP_INET4_CONNECT: u32 = 10;
@@ -125,4 +125,6 @@ pub mod attach_type {
     pub const CGROUP_GETSOCKOPT: u32 = 21;
     pub const CGROUP_INET4_GETPEERNAME: u32 = 29;
     pub const CGROUP_INET6_GETPEERNAME: u32 = 30;
+    /// Not a cgroup hook: `sk_lookup` attaches to a network namespace.
+    pub const SK_LOOKUP: u32 = 36;
 }

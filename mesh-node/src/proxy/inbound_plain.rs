@@ -1,4 +1,6 @@
-//! Plaintext to local meshed pods (from unmeshed clients), redirected to 15006 by the datapath:
+//! Plaintext to local meshed pods (from unmeshed clients, other hosts), handed to 15006 by the
+//! datapath (`crate::routing` and the kernel's `sk_lookup`; the accepted socket's local address
+//! is the pod's address and port):
 //! refused under STRICT `PeerAuthentication`; under PERMISSIVE, authorized without an identity
 //! (so principal and namespace rules cannot match) and forwarded — per connection on TCP ports,
 //! per request on HTTP ports.
@@ -31,6 +33,13 @@ pub struct InboundPlain {
 impl InboundPlain {
     pub async fn new(listen: impl Into<super::Listen>, inputs: Inputs, http: Arc<l7::Shared>) -> Result<Self, Error> {
         let (listener, addr) = listen.into().open().await?;
+        // Plaintext for a local pod is handed to this listener by the kernel (`sk_lookup`, see
+        // `crate::routing`) with the pod's address as the local one; answering from an address
+        // that is not the node's takes IP_TRANSPARENT (CAP_NET_ADMIN, like the routing).
+        match socket::set_transparent(&listener) {
+            Ok(()) => tracing::debug!(%addr, "plaintext listener is transparent: answers for local pods' addresses"),
+            Err(e) => tracing::info!(%addr, error = %e, "plaintext listener not transparent: plaintext steered from pods' addresses will not be answered"),
+        }
         Ok(Self { listener, addr, inputs, http })
     }
 

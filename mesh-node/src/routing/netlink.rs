@@ -36,11 +36,14 @@ const NLM_F_CREATE: u16 = 0x400;
 const FRA_DST: u16 = 1;
 const FRA_SRC: u16 = 2;
 const FRA_IIFNAME: u16 = 3;
+const FRA_GOTO: u16 = 4;
 const FRA_PRIORITY: u16 = 6;
 const FRA_TABLE: u16 = 15;
 const FRA_IP_PROTO: u16 = 22;
 const FRA_DPORT_RANGE: u16 = 24;
 const FR_ACT_TO_TBL: u8 = 1;
+const FR_ACT_GOTO: u8 = 2;
+const FR_ACT_NOP: u8 = 3;
 
 // rtnetlink.h attributes and values.
 const RTA_DST: u16 = 1;
@@ -64,23 +67,51 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const IPPROTO_TCP: u8 = 6;
 
+/// What a rule does when it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Action {
+    /// `lookup TABLE`.
+    Lookup(u32),
+    /// `goto PRIORITY`: go on from the rule at that priority, skipping those before it.
+    Goto(u32),
+    /// `nop`: go on with the next rule (a target for `goto`).
+    Nop,
+}
+
+impl Action {
+    const fn code(self) -> u8 {
+        match self {
+            Self::Lookup(_) => FR_ACT_TO_TBL,
+            Self::Goto(_) => FR_ACT_GOTO,
+            Self::Nop => FR_ACT_NOP,
+        }
+    }
+}
+
 /// One policy-routing rule: `ip rule add [from A] [to A] [iif DEV] [ipproto tcp] [dport P]
-/// priority PRIO lookup TABLE`. Addresses are host routes (/32 or /128).
+/// priority PRIO lookup TABLE|goto PRIO|nop`. Addresses are host routes (/32 or /128).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Rule {
     pub priority: u32,
-    pub table: u32,
+    pub action: Action,
     pub from: Option<IpAddr>,
     pub to: Option<IpAddr>,
     pub iif: Option<String>,
     /// Destination port range (inclusive); implies TCP.
     pub tcp_dport: Option<(u16, u16)>,
     pub tcp: bool,
+    /// IPv6 when neither `from` nor `to` says the family.
+    pub v6: bool,
 }
 
 impl Rule {
     fn family(&self) -> u8 {
-        self.from.or(self.to).map_or(AF_INET, family)
+        self.from.or(self.to).map_or(if self.v6 { AF_INET6 } else { AF_INET }, family)
+    }
+
+    /// A rule matching everything of `of`'s family (only the family of `of` is used).
+    pub fn any(of: IpAddr, priority: u32, action: Action) -> Self {
+        Self { priority, action, from: None, to: None, iif: None, tcp_dport: None, tcp: false, v6: of.is_ipv6() }
     }
 }
 
@@ -111,7 +142,11 @@ impl std::fmt::Display for Rule {
             Some((a, b)) => write!(f, " dport {a}-{b}")?,
             None => {}
         }
-        write!(f, " lookup {}", self.table)
+        match self.action {
+            Action::Lookup(table) => write!(f, " lookup {table}"),
+            Action::Goto(priority) => write!(f, " goto {priority}"),
+            Action::Nop => write!(f, " nop"),
+        }
     }
 }
 
@@ -163,13 +198,18 @@ fn rule_header(rule: &Rule) -> [u8; 12] {
     h[0] = rule.family();
     h[1] = rule.to.map_or(0, prefix_len);
     h[2] = rule.from.map_or(0, prefix_len);
-    h[7] = FR_ACT_TO_TBL;
+    h[7] = rule.action.code();
     h
 }
 
 fn rule_msg(kind: u16, flags: u16, rule: &Rule) -> Msg {
     let mut m = Msg::new(kind, flags, &rule_header(rule));
-    m.attr(FRA_PRIORITY, &rule.priority.to_ne_bytes()).attr(FRA_TABLE, &rule.table.to_ne_bytes());
+    m.attr(FRA_PRIORITY, &rule.priority.to_ne_bytes());
+    match rule.action {
+        Action::Lookup(table) => drop(m.attr(FRA_TABLE, &table.to_ne_bytes())),
+        Action::Goto(priority) => drop(m.attr(FRA_GOTO, &priority.to_ne_bytes())),
+        Action::Nop => {}
+    }
     if let Some(a) = rule.from {
         m.attr(FRA_SRC, &octets(a));
     }
@@ -221,15 +261,20 @@ impl Netlink {
         self.request(rule_msg(RTM_DELRULE, 0, rule)).map(drop)
     }
 
-    /// Deletes every rule of `of`'s family with this priority and table (e.g. left by an earlier
+    /// Deletes every rule of `of`'s family with this priority and action (e.g. left by an earlier
     /// run); returns how many there were.
-    pub fn flush_rules(&self, of: IpAddr, priority: u32, table: u32) -> io::Result<usize> {
-        let mut header = rule_header(&Rule { priority, table, from: None, to: None, iif: None, tcp_dport: None, tcp: false });
-        header[0] = family(of);
+    pub fn flush_rules(&self, of: IpAddr, priority: u32, action: Action) -> io::Result<usize> {
+        let header = rule_header(&Rule::any(of, priority, action));
         let mut n = 0;
         loop {
             let mut m = Msg::new(RTM_DELRULE, 0, &header);
-            m.attr(FRA_PRIORITY, &priority.to_ne_bytes()).attr(FRA_TABLE, &table.to_ne_bytes());
+            m.attr(FRA_PRIORITY, &priority.to_ne_bytes());
+            match action {
+                Action::Lookup(table) => drop(m.attr(FRA_TABLE, &table.to_ne_bytes())),
+                // The kernel refuses a goto without its target, even to delete one.
+                Action::Goto(target) => drop(m.attr(FRA_GOTO, &target.to_ne_bytes())),
+                Action::Nop => {}
+            }
             match self.request(m) {
                 Ok(_) => n += 1,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
@@ -398,12 +443,13 @@ mod tests {
     fn rule_message_carries_every_match_as_ip_rule_would() {
         let rule = Rule {
             priority: 15008,
-            table: 15008,
+            action: Action::Lookup(15008),
             from: None,
             to: Some("198.18.2.11".parse().expect("ip")),
             iif: None,
             tcp_dport: Some((15008, 15008)),
             tcp: true,
+            v6: false,
         };
         assert_eq!(rule.to_string(), "15008: from all to 198.18.2.11 ipproto tcp dport 15008 lookup 15008");
         let buf = rule_msg(RTM_NEWRULE, NLM_F_CREATE, &rule).finish(7);
@@ -423,12 +469,13 @@ mod tests {
     fn ipv6_source_rule_with_interface() {
         let rule = Rule {
             priority: 15009,
-            table: 15008,
+            action: Action::Lookup(15008),
             from: Some("fd6d:6573:6800:2::b".parse().expect("ip")),
             to: None,
             iif: Some("br0".into()),
             tcp_dport: Some((61000, 65534)),
             tcp: true,
+            v6: false,
         };
         let buf = rule_msg(RTM_NEWRULE, 0, &rule).finish(1);
         assert_eq!(buf[HEADER], AF_INET6);
@@ -437,5 +484,22 @@ mod tests {
         assert!(attrs.contains(&(FRA_IIFNAME, b"br0\0".to_vec())));
         assert!(attrs.contains(&(FRA_DPORT_RANGE, [61000u16.to_ne_bytes(), 65534u16.to_ne_bytes()].concat())));
         assert_eq!(rule.to_string(), "15009: from fd6d:6573:6800:2::b iif br0 ipproto tcp dport 61000-65534 lookup 15008");
+    }
+
+    #[test]
+    fn goto_and_nop_rules_carry_their_action_and_target() {
+        let skip = Rule { iif: Some("lo".into()), ..Rule::any("0.0.0.0".parse().expect("ip"), 15010, Action::Goto(15012)) };
+        assert_eq!(skip.to_string(), "15010: from all iif lo goto 15012");
+        let buf = rule_msg(RTM_NEWRULE, 0, &skip).finish(1);
+        assert_eq!((buf[HEADER], buf[HEADER + 7]), (AF_INET, FR_ACT_GOTO));
+        let attrs: Vec<(u16, Vec<u8>)> = attributes(&buf[HEADER + 12..]).map(|(k, v)| (k, v.to_vec())).collect();
+        assert!(attrs.contains(&(FRA_GOTO, 15012u32.to_ne_bytes().to_vec())));
+        assert!(attrs.iter().all(|(k, _)| *k != FRA_TABLE), "a goto has no table");
+        let nop = Rule::any("::".parse().expect("ip"), 15012, Action::Nop);
+        assert_eq!(nop.to_string(), "15012: from all nop");
+        let buf = rule_msg(RTM_NEWRULE, 0, &nop).finish(1);
+        assert_eq!((buf[HEADER], buf[HEADER + 2], buf[HEADER + 7]), (AF_INET6, 0, FR_ACT_NOP));
+        let attrs: Vec<u16> = attributes(&buf[HEADER + 12..]).map(|(k, _)| k).collect();
+        assert_eq!(attrs, vec![FRA_PRIORITY], "nothing but the priority");
     }
 }

@@ -123,7 +123,7 @@ fn connect_latency() -> Result<(String, Value)> {
         // The target sits in the middle of the rule list: iptables scans linearly, so this is
         // its average case.
         let target = SocketAddr::from((vip(count / 2), 80)).to_string();
-        let mut dp = Datapath::load(DatapathConfig { cgroup: node1.cgroup.clone(), pin_dir: None })?;
+        let mut dp = Datapath::load(DatapathConfig { cgroup: node1.cgroup.clone(), netns: format!("/run/netns/{}", node1.netns).into(), pin_dir: None })?;
         let installing = Instant::now();
         for i in 0..count {
             let b = BackendSpec { addr: IpAddr::V4(server.ip), port: APP_PORT, weight: 1, healthy: true };
@@ -175,7 +175,7 @@ fn same_node() -> Result<(String, Value)> {
     let mut iperf = lab.spawn(&Spawn::new(&server.netns, &server.cgroup, "taskset", &["-c", "0", "iperf3", "-s", "-p", "5201", "--forceflush"]))?;
     iperf.wait_for_line("Server listening", Duration::from_secs(5))?;
     let node = lab.node(1).clone();
-    let mut dp = Datapath::load(DatapathConfig { cgroup: node.cgroup.clone(), pin_dir: None })?;
+    let mut dp = Datapath::load(DatapathConfig { cgroup: node.cgroup.clone(), netns: format!("/run/netns/{}", node.netns).into(), pin_dir: None })?;
     dp.attach()?;
     let local = |ip: Ipv4Addr| EndpointSpec { addr: IpAddr::V4(ip), identity: 0, meshed: false, strict: false, local: true };
     dp.sync_endpoints(&[local(lab.pod("n1p1").ip), local(server.ip)])?;
