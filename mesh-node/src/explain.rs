@@ -300,7 +300,11 @@ fn destination(state: &State, node: &str, q: &Query, steps: &mut Vec<Step>) -> b
         }
         (Mode::Strict, Some(id)) => steps.push(step("daemon", "peer-authentication", "allow", format!("mTLS from {id} (STRICT)"), pa("STRICT"))),
         (_, Some(id)) => steps.push(step("daemon", "peer-authentication", "allow", format!("mTLS from {id}"), pa("PERMISSIVE"))),
-        (_, None) => steps.push(step("daemon", "peer-authentication", "info", "plaintext accepted (PERMISSIVE); the caller has no identity", pa("PERMISSIVE"))),
+        (_, None) => {
+            let how = "plaintext for a meshed pod from outside this node is handed to the daemon's plaintext listener (routing rule 15011, sk_lookup); from a pod on the same bridge it reaches the pod directly";
+            steps.push(step("kernel", "steer", "info", how, None));
+            steps.push(step("daemon", "peer-authentication", "info", "plaintext accepted (PERMISSIVE); the caller has no identity", pa("PERMISSIVE")));
+        }
     }
     let app_http = state.app_protocol_at(q.dst).is_http();
     // On an HTTP port every request is authorized on its own: without one given, `GET /` (as the

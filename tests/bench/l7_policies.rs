@@ -22,6 +22,18 @@
 //! cargo xtask bench --only tracing
 //! ```
 //!
+//! A third, `plaintext_steering_vs_direct`, measures what bringing an unmeshed client's
+//! plaintext to the destination daemon costs (`MESH_PLAINTEXT_REDIRECT`, on by default): the
+//! unmeshed pod n1p3 → the pod n2p1's HTTP port (an address, not a Service: nothing at node 1
+//! touches it). Steered, node 2's routing and `sk_lookup` hand each connection to its daemon,
+//! which parses, authorizes and records each request and forwards it to the pod; direct, node
+//! 2's plaintext rule for n2p1 is deleted (`ip rule del`, which the daemon does not notice) and
+//! the requests reach the pod as with no mesh (results in `bench/results/plaintext.md`):
+//!
+//! ```sh
+//! cargo xtask bench --only plaintext
+//! ```
+//!
 //! Pinning as the node-l7 benchmark: both daemons on CPU 1 (their access log off: `MESH_LOG`
 //! warn), the load generators on CPU 0; the sample app is not pinned.
 //!
@@ -31,11 +43,11 @@
 //! drift hits both equally; the report gives medians, spread and the policy/none ratio.
 //! Any failed request fails the run. Results are in `bench/results/l7-policies.md`.
 
-use std::{fmt::Write as _, path::Path, time::Duration};
+use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use mesh_tests::{
     LabSpec,
-    cluster::{Binaries, Cluster, VIP_V2},
+    cluster::{Binaries, Cluster, HTTP_PORT, VIP_V2},
     whoami::load::Report,
 };
 
@@ -134,11 +146,15 @@ fn cpu_ticks(pid: u32) -> u64 {
 /// The lab, pinned as the node-l7 benchmark, and its two load generators.
 struct Bench {
     c: Cluster,
+    /// The pod the load generators run in, and what they ask.
+    client: &'static str,
     url: String,
     whoami: String,
     wrk: String,
     /// Request headers both load generators send (`NAME: VALUE`), per arm.
     headers: std::cell::RefCell<Vec<String>>,
+    /// Run with each arm's name before its config is applied (what a config cannot switch).
+    on_arm: Box<dyn Fn(&str)>,
 }
 
 impl Bench {
@@ -155,11 +171,11 @@ impl Bench {
             c.stop_node(i);
             c.start_node(i).expect("restart the daemon");
             let pid = c.daemons[usize::from(i - 1)].as_ref().expect("daemon").child.id().to_string();
-            let out = std::process::Command::new("taskset").args(["-a", "-p", "-c", "1", &pid]).output().expect("taskset");
+            let out = Command::new("taskset").args(["-a", "-p", "-c", "1", &pid]).output().expect("taskset");
             assert!(out.status.success(), "taskset: {}", String::from_utf8_lossy(&out.stderr));
         }
         let whoami = c.bins.whoami.display().to_string();
-        Self { c, url: format!("http://{VIP_V2}/"), whoami, wrk, headers: std::cell::RefCell::default() }
+        Self { c, client: "n1p1", url: format!("http://{VIP_V2}/"), whoami, wrk, headers: std::cell::RefCell::default(), on_arm: Box::new(|_| {}) }
     }
 
     /// `mesh-whoami http-load` at 1,000 req/s for `secs`; every request must succeed.
@@ -167,7 +183,7 @@ impl Bench {
         let out = self
             .c
             .lab
-            .run_in_pod("n1p1", "taskset", &strs(&self.with_headers("--header", &["-c", "0", &self.whoami, "http-load", "--url", &self.url, "--rate", "1000", "--duration", secs, "--connections", "16"])))
+            .run_in_pod(self.client, "taskset", &strs(&self.with_headers("--header", &["-c", "0", &self.whoami, "http-load", "--url", &self.url, "--rate", "1000", "--duration", secs, "--connections", "16"])))
             .expect("http-load");
         let text = String::from_utf8_lossy(&out.stdout);
         let r: Report = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("http-load output ({e}): {text}"));
@@ -180,7 +196,7 @@ impl Bench {
     fn max_rps(&self) -> (f64, f64) {
         let pids: Vec<u32> = self.c.daemons.iter().flatten().map(|d| d.child.id()).collect();
         let before: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
-        let out = self.c.lab.run_in_pod("n1p1", "taskset", &strs(&self.with_headers("-H", &["-c", "0", &self.wrk, "-t1", "-c32", "-d5s", &self.url]))).expect("wrk");
+        let out = self.c.lab.run_in_pod(self.client, "taskset", &strs(&self.with_headers("-H", &["-c", "0", &self.wrk, "-t1", "-c32", "-d5s", &self.url]))).expect("wrk");
         let ticks = pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>() - before;
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(!text.contains("Non-2xx") && !text.contains("Socket errors"), "wrk saw failures: {text}");
@@ -233,6 +249,7 @@ impl Bench {
             for i in order {
                 let (name, yaml, headers) = &arms[i];
                 self.headers.replace(headers.clone());
+                (self.on_arm)(name);
                 self.set(yaml.as_deref());
                 let r = self.fixed(&fixed_secs);
                 let (rps, cpu_us) = self.max_rps();
@@ -291,7 +308,7 @@ fn tracing_at_1_and_100_percent_vs_none() {
     let whoami = bench.whoami.clone();
     let (collector, _) = bench.c.spawn_in_pod_logged("n1p3", "zipkin", &whoami, &["zipkin", "--listen", "0.0.0.0:9411"]).expect("start the collector");
     // With the load generators, off the daemons' CPU: its JSON parsing is not the mesh's cost.
-    let out = std::process::Command::new("taskset").args(["-a", "-p", "-c", "0", &collector.child.id().to_string()]).output().expect("taskset");
+    let out = Command::new("taskset").args(["-a", "-p", "-c", "0", &collector.child.id().to_string()]).output().expect("taskset");
     assert!(out.status.success(), "taskset: {}", String::from_utf8_lossy(&out.stderr));
     let ip = bench.c.lab.pod("n1p3").ip.to_string();
     let tracing = |percent: &str| TRACING.replace("COLLECTOR", &ip).replace("PERCENT", percent);
@@ -321,6 +338,55 @@ fn tracing_at_1_and_100_percent_vs_none() {
         println!("node {node}: {}", metrics.lines().filter(|l| l.starts_with("mesh_trace_spans")).collect::<Vec<_>>().join("; "));
     }
     drop(collector);
+}
+
+/// Requests node 2's daemon reported for plaintext clients (`connection_security_policy`
+/// `unknown`), all response codes.
+fn plaintext_requests(c: &Cluster) -> f64 {
+    let metrics = c.curl_on_node(2, "http://127.0.0.1:15020/metrics").unwrap_or_default();
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"destination\"") && l.contains("connection_security_policy=\"unknown\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+#[ignore = "benchmark: run explicitly with --ignored (see the module doc)"]
+fn plaintext_steering_vs_direct() {
+    let mut bench = Bench::start();
+    let pod = bench.c.lab.pod("n2p1").ip.to_string();
+    bench.client = "n1p3";
+    bench.url = format!("http://{pod}:{HTTP_PORT}/");
+    let netns = bench.c.lab.node(2).netns.clone();
+    // Node 2's plaintext rule for the pod, as `mesh_node::routing` installs it.
+    let shown = Command::new("ip").args(["-n", &netns, "rule", "show"]).output().expect("ip rule");
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains(&format!("to {pod} ipproto tcp lookup 15008")), "node 2 steers n2p1's plaintext:\n{shown}");
+    let rule = move |op: &str| Command::new("ip").args(["-n", &netns, "rule", op, "priority", "15011", "to", &pod, "ipproto", "tcp", "lookup", "15008"]).output().expect("ip rule");
+    let steered = std::rc::Rc::new(std::cell::Cell::new(true));
+    let state = steered.clone();
+    bench.on_arm = Box::new(move |arm| {
+        let want = arm == "steered";
+        if state.get() != want {
+            let out = rule(if want { "add" } else { "del" });
+            assert!(out.status.success(), "ip rule: {}", String::from_utf8_lossy(&out.stderr));
+            state.set(want);
+        }
+    });
+    let before = plaintext_requests(&bench.c);
+    let arms: [Arm<'_>; 2] = [("direct", None, vec![]), ("steered", None, vec![])];
+    let samples = bench.rounds(&arms);
+    report(&arms.map(|a| a.0), &samples);
+    // The steered arm's requests, and only they, went through node 2's daemon: at least every
+    // fixed-rate request of its rounds.
+    let reported = plaintext_requests(&bench.c) - before;
+    let fixed = env_num("MESH_BENCH_ROUNDS", 6) * env_num("MESH_BENCH_FIXED_SECS", 10) * 1000;
+    println!("node 2 reported {reported:.0} plaintext requests (the steered arm's fixed-rate runs alone sent {fixed})");
+    #[expect(clippy::cast_precision_loss, reason = "small counts")]
+    let fixed = fixed as f64;
+    assert!(reported >= fixed, "the steered arm went through the daemon: {reported} < {fixed}");
+    drop(steered);
 }
 
 fn strs(v: &[String]) -> Vec<&str> {

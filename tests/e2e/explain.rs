@@ -64,9 +64,14 @@ fn explain_gives_the_verdict_the_traffic_got_and_names_the_rule() {
     let (_, dst) = both(&c, "n1p1", &vip, "&method=GET&path=%2Fadmin%2Fusers");
     assert_eq!(dst.expect("destination")["verdict"], "allowed", "GET was answered 200");
 
+    // PERMISSIVE: the unmeshed pod's plaintext is handed to the destination daemon.
+    let tcp = std::net::SocketAddr::from((VIP, TCP_SERVICE_PORT));
+    let (_, dst) = both(&c, "n1p3", &tcp.to_string(), "");
+    let dst = dst.expect("a destination to ask");
+    assert!(checks(&dst).contains(&"kernel/steer=info".to_owned()) && dst["verdict"] == "allowed", "{dst:#}");
+
     // STRICT: the unmeshed pod's plaintext connection is refused by the kernel guard.
     c.apply_policy("strict", STRICT).expect("apply");
-    let tcp = std::net::SocketAddr::from((VIP, TCP_SERVICE_PORT));
     eventually("STRICT refusing the unmeshed client", Duration::from_secs(10), || {
         c.dial("n1p3", tcp, &["--count", "3", "--timeout-ms", "300"]).map(|lines| lines.iter().all(|l| l.starts_with("error"))).unwrap_or(false)
     });

@@ -76,6 +76,17 @@ pub fn run(only: Option<&str>) -> Result<()> {
         ]))?;
         ran = true;
     }
+    if only.is_none_or(|o| o == "plaintext") {
+        // An unmeshed client's plaintext to a meshed pod, steered to the destination daemon vs
+        // straight to the pod. Runs are recorded in bench/results/plaintext.md.
+        step("bench: plaintext from an unmeshed client, steered to the destination daemon vs direct");
+        sh(Command::new("cargo").args(["build", "--release", "--locked", "-p", "mesh-node", "-p", "mesh-control", "--bins"]))?;
+        sh(Command::new("cargo").args([
+            "test", "--release", "--locked", "-p", "mesh-tests", "--features", "privileged", "--test", "bench-l7-policies", "--", "--ignored",
+            "--nocapture", "--test-threads=1", "plaintext_steering",
+        ]))?;
+        ran = true;
+    }
     if only.is_none_or(|o| o == "soak") {
         // 10,000 connections held through both daemons (RSS, CPU, open files before, during,
         // after), then slowloris and TLS-flood attacks, with a legitimate client's latency
@@ -89,7 +100,7 @@ pub fn run(only: Option<&str>) -> Result<()> {
         ran = true;
     }
     if !ran {
-        bail!("unknown benchmark {only:?}: expected one of: datapath, node, node-l7, l7-policies, tracing, soak");
+        bail!("unknown benchmark {only:?}: expected one of: datapath, node, node-l7, l7-policies, tracing, plaintext, soak");
     }
     Ok(())
 }
