@@ -85,20 +85,19 @@ pub enum Steer {
     Drop,
 }
 
-/// `ifindex` of the loopback device in every network namespace: what a connection this node
-/// makes to one of its own addresses arrives on.
-pub const LOOPBACK_IFINDEX: u32 = 1;
-
 /// The `sk_lookup` decision for a TCP (or other) connection to `dst_port` on an address whose
-/// endpoint entry is `ep`, arriving on `ingress_ifindex`. Only local meshed pods are steered, never
-/// their HBONE port (HBONE has its own listener), never a connection from this node itself
-/// (routing leaves those on their normal path; the check repeats it so that a pod sharing the
-/// node's address could never pull the node's own traffic in), and never the node's capture address.
+/// endpoint entry is `ep`. Only local meshed pods are steered, never their HBONE port (HBONE has
+/// its own listener) and never the node's capture address. The program only sees what routing
+/// delivered to the node, and the plaintext rule leaves the node's own connections (`iif lo`)
+/// on their normal path: the daemon forwarding to the pod and the kubelet probing it are never
+/// steered back. (`bpf_sk_lookup.ingress_ifindex` could check that again, but needs 5.17.)
+/// `mesh_tc_steer` asks the same for a packet a pod sends across its bridge: anything but
+/// [`Steer::Pass`] goes up to the node, to be decided here.
 #[inline(always)]
-pub fn steer_inbound(ep: Option<&EndpointInfo>, node: Option<&NodeConfig>, dst: &Addr, dst_port: u16, proto: u8, ingress_ifindex: u32) -> Steer {
+pub fn steer_inbound(ep: Option<&EndpointInfo>, node: Option<&NodeConfig>, dst: &Addr, dst_port: u16, proto: u8) -> Steer {
     let (Some(ep), Some(node)) = (ep, node) else { return Steer::Pass };
     let ours = ep.flags & (LOCAL | MESHED) == (LOCAL | MESHED);
-    if !ours || proto != PROTO_TCP || dst_port == node.hbone_port || ingress_ifindex == LOOPBACK_IFINDEX || dst.octets == node.capture_addr.octets {
+    if !ours || proto != PROTO_TCP || dst_port == node.hbone_port || dst.octets == node.capture_addr.octets {
         return Steer::Pass;
     }
     if ep.flags & STRICT != 0 { Steer::Drop } else { Steer::Daemon }
@@ -153,21 +152,19 @@ mod tests {
     const MARK: u32 = crate::DEFAULT_DAEMON_MARK;
 
     #[test]
-    fn only_plaintext_from_outside_for_local_meshed_pods_is_steered() {
+    fn only_plaintext_for_local_meshed_pods_is_steered() {
         let n = node();
         let ep = |flags| Some(EndpointInfo { identity: 7, flags });
-        let eth0 = 2;
-        let steer = |flags, port, proto, ifindex| steer_inbound(ep(flags).as_ref(), Some(&n), &DST, port, proto, ifindex);
-        assert_eq!(steer(LOCAL | MESHED, 8080, PROTO_TCP, eth0), Steer::Daemon);
-        assert_eq!(steer(LOCAL | MESHED | STRICT, 8080, PROTO_TCP, eth0), Steer::Drop, "STRICT: plaintext is refused in the kernel");
-        assert_eq!(steer(MESHED, 8080, PROTO_TCP, eth0), Steer::Pass, "a pod of another node");
-        assert_eq!(steer(LOCAL, 8080, PROTO_TCP, eth0), Steer::Pass, "an unmeshed local pod");
-        assert_eq!(steer(LOCAL | MESHED, 15008, PROTO_TCP, eth0), Steer::Pass, "HBONE has its own listener");
-        assert_eq!(steer(LOCAL | MESHED, 53, PROTO_UDP, eth0), Steer::Pass, "UDP");
-        assert_eq!(steer(LOCAL | MESHED, 8080, PROTO_TCP, LOOPBACK_IFINDEX), Steer::Pass, "this node's own connection");
-        assert_eq!(steer_inbound(None, Some(&n), &DST, 8080, PROTO_TCP, eth0), Steer::Pass, "no endpoint entry");
-        assert_eq!(steer_inbound(ep(LOCAL | MESHED).as_ref(), None, &DST, 8080, PROTO_TCP, eth0), Steer::Pass, "no node config");
-        let at_capture = steer_inbound(ep(LOCAL | MESHED).as_ref(), Some(&n), &n.capture_addr, 8080, PROTO_TCP, eth0);
+        let steer = |flags, port, proto| steer_inbound(ep(flags).as_ref(), Some(&n), &DST, port, proto);
+        assert_eq!(steer(LOCAL | MESHED, 8080, PROTO_TCP), Steer::Daemon);
+        assert_eq!(steer(LOCAL | MESHED | STRICT, 8080, PROTO_TCP), Steer::Drop, "STRICT: plaintext is refused in the kernel");
+        assert_eq!(steer(MESHED, 8080, PROTO_TCP), Steer::Pass, "a pod of another node");
+        assert_eq!(steer(LOCAL, 8080, PROTO_TCP), Steer::Pass, "an unmeshed local pod");
+        assert_eq!(steer(LOCAL | MESHED, 15008, PROTO_TCP), Steer::Pass, "HBONE has its own listener");
+        assert_eq!(steer(LOCAL | MESHED, 53, PROTO_UDP), Steer::Pass, "UDP");
+        assert_eq!(steer_inbound(None, Some(&n), &DST, 8080, PROTO_TCP), Steer::Pass, "no endpoint entry");
+        assert_eq!(steer_inbound(ep(LOCAL | MESHED).as_ref(), None, &DST, 8080, PROTO_TCP), Steer::Pass, "no node config");
+        let at_capture = steer_inbound(ep(LOCAL | MESHED).as_ref(), Some(&n), &n.capture_addr, 8080, PROTO_TCP);
         assert_eq!(at_capture, Steer::Pass, "never the node's own address");
     }
 

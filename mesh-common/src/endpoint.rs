@@ -32,6 +32,16 @@ pub struct EndpointInfo {
 }
 const _: () = assert!(size_of::<EndpointInfo>() == 8);
 
+/// Value of the bridge-port map, keyed by a pod interface's index (`u32`): the MAC address of
+/// the bridge the interface is a port of.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BridgePort {
+    pub bridge_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<BridgePort>() == 8);
+
 /// The node's settings (single entry at index 0 of the node map).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,4 +89,5 @@ mod pod {
     unsafe impl aya::Pod for super::EndpointInfo {}
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::TrustedSender {}
+    unsafe impl aya::Pod for super::BridgePort {}
 }

@@ -18,5 +18,5 @@ pub mod service;
 pub use addr::Addr;
 pub use conn::{AffinityKey, AffinityValue, PolicyKey, PolicyValue, RevNatKey, SockAddr, SockKey};
 pub use drop::{DropReason, Stat};
-pub use endpoint::{DEFAULT_DAEMON_MARK, EndpointInfo, NodeConfig, PodInfo, TrustedSender};
+pub use endpoint::{BridgePort, DEFAULT_DAEMON_MARK, EndpointInfo, NodeConfig, PodInfo, TrustedSender};
 pub use service::{Backend, BackendId, ServiceFlags, ServiceKey, ServiceValue, SlotKey};

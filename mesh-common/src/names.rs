@@ -33,6 +33,10 @@ pub const PROG_TC_TO_POD: &str = "mesh_tc_to_pod";
 /// `sk_lookup` on the node's network namespace: plaintext TCP arriving for a local meshed pod
 /// is handed to the daemon's plaintext listener (15006), whatever its port.
 pub const PROG_SK_LOOKUP: &str = "mesh_sk_lookup";
+/// tc ingress on a pod's host-side interface that is a bridge port: plaintext from that pod to
+/// a local meshed pod is addressed to the bridge instead, so that it goes up through the
+/// node's routing (and [`PROG_SK_LOOKUP`]) rather than across the bridge.
+pub const PROG_TC_STEER: &str = "mesh_tc_steer";
 
 // === maps ===
 
@@ -71,6 +75,8 @@ pub const MAP_TRUSTED: &str = "MESH_TRUST_V1";
 /// [`PROG_SK_LOOKUP`] hands plaintext for local meshed pods. A listener that closes (the daemon
 /// died) leaves the map by itself.
 pub const MAP_LISTENERS: &str = "MESH_LSN_V1";
+/// Interface index of a pod's bridge port → [`crate::BridgePort`] (its bridge's MAC).
+pub const MAP_PORTS: &str = "MESH_PORT_V1";
 /// Index of the plaintext listener in [`MAP_LISTENERS`].
 pub const LISTENER_PLAINTEXT: u32 = 0;
 
@@ -92,6 +98,7 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_SOCKETS,
     MAP_TRUSTED,
     MAP_LISTENERS,
+    MAP_PORTS,
 ];
 /// Every program the object defines.
 pub const ALL_PROGRAMS: &[&str] = &[
@@ -108,8 +115,11 @@ pub const ALL_PROGRAMS: &[&str] = &[
     PROG_GETSOCKOPT,
     PROG_TC_TO_POD,
     PROG_SK_LOOKUP,
+    PROG_TC_STEER,
 ];
 
+/// Capacity of the bridge-port map (pod interfaces of one node).
+pub const MAX_PORTS: u32 = 4096;
 /// Capacity of the trusted-sender map (kubelets; two only while one restarts).
 pub const MAX_TRUSTED: u32 = 64;
 /// Capacity of the service map (VIP:port/proto entries).

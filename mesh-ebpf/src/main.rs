@@ -94,6 +94,12 @@ pub fn mesh_tc_to_pod(ctx: TcContext) -> i32 {
     tc::to_pod(&ctx)
 }
 
+/// tc ingress on a pod's host-side bridge port: plaintext to local meshed pods up to the node.
+#[classifier]
+pub fn mesh_tc_steer(ctx: TcContext) -> i32 {
+    tc::from_pod(&ctx)
+}
+
 /// `sk_lookup` on the node's network namespace: plaintext for local meshed pods to the daemon.
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {

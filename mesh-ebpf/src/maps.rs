@@ -8,10 +8,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use mesh_common::{
-    AffinityKey, AffinityValue, Backend, BackendId, DropReason, EndpointInfo, NodeConfig, PodInfo,
+    AffinityKey, AffinityValue, Backend, BackendId, BridgePort, DropReason, EndpointInfo, NodeConfig, PodInfo,
     PolicyKey, PolicyValue, RevNatKey, ServiceKey, ServiceValue, SlotKey, SockAddr, SockKey, Stat,
     TrustedSender,
-    names::{MAX_BACKENDS, MAX_ENDPOINTS, MAX_POLICY, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_TRACKED, MAX_TRUSTED},
+    names::{MAX_BACKENDS, MAX_ENDPOINTS, MAX_POLICY, MAX_PORTS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_TRACKED, MAX_TRUSTED},
     Addr,
 };
 
@@ -68,6 +68,10 @@ pub static TRUSTED: HashMap<u64, TrustedSender, { MAX_TRUSTED as usize }> = Hash
 /// The daemon's plaintext listener at `names::LISTENER_PLAINTEXT` (set from userspace).
 #[btf_map(name = "MESH_LSN_V1")]
 pub static LISTENERS: SockMap<1> = SockMap::new();
+
+/// Keyed by a pod interface's index: the MAC of the bridge it is a port of.
+#[btf_map(name = "MESH_PORT_V1")]
+pub static PORTS: HashMap<u32, BridgePort, { MAX_PORTS as usize }> = HashMap::new();
 
 /// Count one drop for `reason`.
 #[inline(always)]

@@ -27,12 +27,11 @@ const AF_INET6: u32 = 10;
 pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
     let sk = ctx.lookup;
     // SAFETY: fixed-offset loads of the program's own context.
-    let (family, protocol, port, ifindex) = unsafe {
+    let (family, protocol, port) = unsafe {
         (
             load_u32::<{ offset_of!(bpf_sk_lookup, family) }, _>(sk),
             load_u32::<{ offset_of!(bpf_sk_lookup, protocol) }, _>(sk),
             load_u32::<{ offset_of!(bpf_sk_lookup, local_port) }, _>(sk),
-            load_u32::<{ offset_of!(bpf_sk_lookup, ingress_ifindex) }, _>(sk),
         )
     };
     let dst = match family {
@@ -47,7 +46,7 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
     let (port, protocol) = (port as u16, protocol as u8);
     // SAFETY: value copied out at once.
     let ep = unsafe { ENDPOINTS.get(&dst) };
-    match steer_inbound(ep, node_config(), &dst, port, protocol, ifindex) {
+    match steer_inbound(ep, node_config(), &dst, port, protocol) {
         Steer::Pass => SK_PASS,
         Steer::Drop => {
             count_drop(DropReason::StrictPlaintext);

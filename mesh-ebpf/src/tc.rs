@@ -1,17 +1,25 @@
-//! tc egress on a pod's host-side interface: PeerAuthentication STRICT in the kernel.
+//! tc on a pod's host-side interface. Egress: PeerAuthentication STRICT in the kernel.
 //! A TCP SYN toward a STRICT pod is let through only from the daemon delivering mesh traffic (a
 //! local socket with the daemon's mark) or the kubelet probing (a local socket in a trusted
 //! cgroup); anything else — another host, another pod, another process of the node — is
 //! plaintext from outside the mesh: dropped, counted.
+//!
+//! Ingress, on an interface that is a bridge port: TCP from the pod to a local meshed pod would
+//! cross the bridge at layer 2, never meeting the node's routing. Addressed to the bridge
+//! instead (its MAC, from `MESH_PORT_V1`), it goes up to the node, whose plaintext rule and
+//! `sk_lookup` (`steer.rs`) hand it to the daemon like plaintext from another node. IPv4 only,
+//! as the plaintext rules with the default listener.
 
-use aya_ebpf::{helpers::generated::bpf_skb_cgroup_id, programs::TcContext};
+use aya_ebpf::{bindings::__sk_buff, helpers::generated::bpf_skb_cgroup_id, programs::TcContext};
 use mesh_common::{
-    decide::{strict_refuses, Sender},
+    decide::{steer_inbound, strict_refuses, Sender, Steer},
     endpoint::flags::STRICT,
+    service::PROTO_TCP,
     Addr, DropReason,
 };
 
-use crate::maps::{count_drop, node_config, ENDPOINTS, TRUSTED};
+use crate::ctx::load_u32;
+use crate::maps::{count_drop, node_config, ENDPOINTS, PORTS, TRUSTED};
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
@@ -80,4 +88,32 @@ fn try_to_pod(ctx: &TcContext) -> Option<bool> {
     let trusted_cgroup = local_socket && unsafe { TRUSTED.get(&cgroup) }.is_some();
     let daemon_mark = node_config().map_or(0, |n| n.daemon_mark);
     Some(strict_refuses(ep.flags, is_syn, Sender { local_socket, mark, trusted_cgroup }, daemon_mark))
+}
+
+/// tc ingress: re-addresses a pod's TCP for a local meshed pod to the bridge. Never drops.
+pub fn from_pod(ctx: &TcContext) -> i32 {
+    let _ = try_from_pod(ctx);
+    TC_ACT_OK
+}
+
+fn try_from_pod(ctx: &TcContext) -> Option<()> {
+    if u16::from_be(ctx.load::<u16>(12).ok()?) != ETH_P_IP || ctx.load::<u8>(ETH_HLEN + 9).ok()? != IPPROTO_TCP {
+        return None;
+    }
+    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    let dst: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
+    let dst = Addr::from_v4(dst);
+    let l4 = ETH_HLEN + usize::from(vihl & 0x0f) * 4;
+    let port = u16::from_be(ctx.load::<u16>(l4 + 2).ok()?);
+    // SAFETY: value copied out at once.
+    let ep = unsafe { ENDPOINTS.get(&dst) };
+    if steer_inbound(ep, node_config(), &dst, port, PROTO_TCP) == Steer::Pass {
+        return None;
+    }
+    // SAFETY: a fixed-offset load of the program's own __sk_buff (the device it runs on).
+    let ifindex = unsafe { load_u32::<{ core::mem::offset_of!(__sk_buff, ifindex) }, _>(ctx.skb.skb) };
+    // SAFETY: value copied out at once.
+    let bridge = unsafe { PORTS.get(&ifindex) }?;
+    let mac = bridge.bridge_mac;
+    ctx.store(0, &mac, 0).ok()
 }

@@ -8,6 +8,7 @@ mod endpoints;
 mod error;
 mod loader;
 mod pins;
+mod ports;
 mod services;
 mod steering;
 mod sys;

@@ -117,14 +117,12 @@ impl KernelSync {
     /// Takes a datapath whose node settings (capture target, bypass, daemon mark) were written
     /// before its programs attached; guards the fixed pod interfaces; state follows in `run`.
     pub fn new(config: Config, mut datapath: Datapath, metrics: Metrics) -> Result<Self, datapath::Error> {
+        let netlink = Netlink::open().map_err(|source| datapath::Error::Syscall { what: "open a netlink socket to find pod interfaces", source })?;
         for ifname in &config.pod_interfaces {
-            datapath.attach_pod_interface(ifname)?;
+            let bridge = netlink.bridge_mac(ifname).map_err(|source| datapath::Error::Syscall { what: "read a pod interface's bridge", source })?;
+            datapath.attach_pod_interface(ifname, bridge)?;
         }
-        let discovery = if config.pod_interfaces.is_empty() {
-            Some(Netlink::open().map_err(|source| datapath::Error::Syscall { what: "open a netlink socket to find pod interfaces", source })?)
-        } else {
-            None
-        };
+        let discovery = config.pod_interfaces.is_empty().then_some(netlink);
         let guarded = config.pod_interfaces.iter().cloned().collect();
         let cgroup2 = std::fs::read_to_string("/proc/self/mounts").ok().and_then(|m| crate::kubepods::cgroup2_mount(&m));
         let mut sync = Self { config, datapath, metrics, discovery, guarded, clusters: None, cgroup2, kubelets: Vec::new() };
@@ -159,9 +157,12 @@ impl KernelSync {
             }
         };
         let nsids: BTreeSet<i32> = found.values().filter_map(|f| netlink.netnsid_of_pid(f.pid).ok().flatten()).collect();
-        let want: BTreeSet<String> = links.into_iter().filter(|l| nsids.contains(&l.peer_netnsid)).map(|l| l.name).collect();
-        for ifname in want.difference(&self.guarded.clone()) {
-            match self.datapath.attach_pod_interface(ifname) {
+        let pods: Vec<_> = links.into_iter().filter(|l| nsids.contains(&l.peer_netnsid)).collect();
+        let want: BTreeSet<String> = pods.iter().map(|l| l.name.clone()).collect();
+        let new: Vec<_> = pods.iter().filter(|l| !self.guarded.contains(&l.name)).collect();
+        for link in new {
+            let ifname = &link.name;
+            match self.datapath.attach_pod_interface(ifname, link.bridge_mac) {
                 Ok(()) => {
                     tracing::info!(interface = %ifname, "STRICT guard attached to a new pod interface");
                     self.guarded.insert(ifname.clone());

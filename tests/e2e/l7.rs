@@ -180,23 +180,26 @@ fn l7_policy_grpc_websocket_and_a_100_mb_upload() {
     let denied: f64 = [1, 2].iter().map(|n| sample(&metrics(&c, *n), &["mesh_authz_denials_total{", "reason=\"deny_policy\""])).sum();
     assert!(denied >= 11.0, "denials counted: {denied}");
 
-    // The unmeshed pod's plaintext to a meshed pod on the other node meets the same policy:
-    // node 2's routing and kernel (`sk_lookup`) hand it to its daemon's plaintext listener.
-    let pod = format!("http://{}:{HTTP_PORT}", c.lab.pod("n2p1").ip);
-    let legacy = |method: &str, path: &str| {
-        let out = c.lab.run_in_pod("n1p3", &curl_bin(), &["-sS", "--max-time", "5", "-o", "/dev/stderr", "-w", "%{http_code}", "-X", method, &format!("{pod}{path}")]).expect("curl");
-        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-    };
-    for _ in 0..5 {
-        assert_eq!(legacy("POST", "/admin/users"), ("403".to_owned(), "RBAC: access denied".to_owned()), "plaintext is authorized too");
-        assert_eq!(legacy("GET", "/admin/users").0, "200", "and let through when allowed");
+    // The unmeshed pod's plaintext to a meshed pod meets the same policy, on the other node
+    // (node 2's routing and `sk_lookup` hand it to its daemon's plaintext listener) and on its
+    // own node's bridge (addressed to the bridge by `mesh_tc_steer`, then the same way).
+    for (pod, node, workload) in [("n2p1", 2, "whoami-2"), ("n1p2", 1, "whoami-1")] {
+        let url = format!("http://{}:{HTTP_PORT}", c.lab.pod(pod).ip);
+        let legacy = |method: &str, path: &str| {
+            let out = c.lab.run_in_pod("n1p3", &curl_bin(), &["-sS", "--max-time", "5", "-o", "/dev/stderr", "-w", "%{http_code}", "-X", method, &format!("{url}{path}")]).expect("curl");
+            (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        for _ in 0..5 {
+            assert_eq!(legacy("POST", "/admin/users"), ("403".to_owned(), "RBAC: access denied".to_owned()), "plaintext to {pod} is authorized too");
+            assert_eq!(legacy("GET", "/admin/users").0, "200", "and let through when allowed ({pod})");
+        }
+        // (A node knows meshed workloads and its own pods: the unmeshed client is named only
+        // by its own node; elsewhere its source is `unknown`, as for any client not known.)
+        let m = metrics(&c, node);
+        let plain = |code: &str| sample(&m, &["istio_requests_total{", "reporter=\"destination\"", &format!("destination_workload=\"{workload}\""), "connection_security_policy=\"unknown\"", &format!("response_code=\"{code}\"")]);
+        let shown: Vec<&str> = m.lines().filter(|l| l.starts_with("istio_requests_total{") && l.contains("connection_security_policy=\"unknown\"")).collect();
+        assert!(plain("403") >= 5.0 && plain("200") >= 5.0, "node {node} reports the plaintext requests to {pod}: {shown:#?}");
     }
-    let m2 = metrics(&c, 2);
-    // (Node 2 knows meshed workloads and its own pods, not the unmeshed client: its source is
-    // `unknown`, as for any client the node cannot name.)
-    let plain = |code: &str| sample(&m2, &["istio_requests_total{", "reporter=\"destination\"", "destination_workload=\"whoami-2\"", "connection_security_policy=\"unknown\"", &format!("response_code=\"{code}\"")]);
-    let shown: Vec<&str> = m2.lines().filter(|l| l.starts_with("istio_requests_total{") && l.contains("connection_security_policy=\"unknown\"")).collect();
-    assert!(plain("403") >= 5.0 && plain("200") >= 5.0, "the destination reports the plaintext requests: {shown:#?}");
 
     // gRPC unary and server streaming with grpcurl, through both daemons (server reflection).
     let grpcurl = tools::grpcurl().expect("grpcurl").display().to_string();

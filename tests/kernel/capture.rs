@@ -80,7 +80,7 @@ fn strict_pods_refuse_plaintext_from_outside_the_mesh_in_the_kernel() {
     let host_if = f.lab.pod("n1p2").host_if.clone();
     let netns = f.lab.node(1).netns.clone();
     let dp = f.datapath.as_mut().expect("loaded");
-    f.lab.in_netns(&netns, || dp.attach_pod_interface(&host_if)).expect("enter node netns").expect("attach tc");
+    f.lab.in_netns(&netns, || dp.attach_pod_interface(&host_if, None)).expect("enter node netns").expect("attach tc");
 
     let target = app(&f, "n1p2");
     for from in ["n2p1", "n1p3"] {

@@ -1,6 +1,7 @@
-//! Plaintext for a local meshed pod, from outside the node, meets the daemon: the plaintext
-//! rules of `mesh_node::routing` deliver it to node 1 and `mesh_sk_lookup` hands it to the
-//! plaintext listener whatever its port, with the pod's address and port as the accepted
+//! Plaintext for a local meshed pod, from another node or from a pod on the same bridge, meets
+//! the daemon: the plaintext rules of `mesh_node::routing` deliver it to node 1 (a same-node
+//! pod's after `mesh_tc_steer` addressed it to the bridge) and `mesh_sk_lookup` hands it to
+//! the plaintext listener whatever its port, with the pod's address and port as the accepted
 //! socket's local address. STRICT pods drop it in the kernel; the node's own connections keep
 //! their path; with no listener nothing answers, and nothing reaches the pod.
 
@@ -15,7 +16,7 @@ use std::{
 use mesh_common::DropReason;
 use mesh_node::{
     datapath::{EndpointSpec, NodeSpec},
-    routing::{self, Routes, Want},
+    routing::{self, Netlink, Routes, Want},
 };
 use mesh_tests::Spawn;
 
@@ -46,11 +47,12 @@ fn routes(f: &Fixture, listener: SocketAddr) -> Routes {
 
 #[test]
 fn plaintext_for_a_meshed_pod_meets_the_daemon_listener_and_strict_drops_it() {
-    let mut f = Fixture::new(&[1, 1], &["n1p1"]);
-    let (pod, client) = (f.lab.pod("n1p1").clone(), f.lab.pod("n2p1").clone());
+    let mut f = Fixture::new(&[2, 1], &["n1p1"]);
+    let (pod, client, neighbour) = (f.lab.pod("n1p1").clone(), f.lab.pod("n2p1").clone(), f.lab.pod("n1p2").clone());
     let app = SocketAddr::from((pod.ip, APP_PORT));
-    // Before anything: the pod answers itself.
+    // Before anything: the pod answers itself, to another node's pod and to its bridge neighbour.
     assert_eq!(answered_by(&f.dial_one("n2p1", app)), Some("n1p1"));
+    assert_eq!(answered_by(&f.dial_one("n1p2", app)), Some("n1p1"));
 
     let listener = plaintext_listener(&f, 1);
     let endpoint = |strict| EndpointSpec { addr: IpAddr::V4(pod.ip), identity: 1, meshed: true, strict, local: true };
@@ -61,6 +63,19 @@ fn plaintext_for_a_meshed_pod_meets_the_daemon_listener_and_strict_drops_it() {
     steering.serve(listener.as_fd()).expect("a listening socket of the node's namespace");
     let mut rules = routes(&f, listener.local_addr().expect("addr"));
     assert_eq!(rules.sync(&BTreeSet::from([Want::Plaintext(IpAddr::V4(pod.ip))])), 1);
+    // The pods' bridge ports, as the daemon attaches them.
+    let node = f.lab.node(1).clone();
+    for p in [&pod, &neighbour] {
+        let dp = f.datapath.as_mut().expect("loaded");
+        f.lab
+            .in_netns(&node.netns, || {
+                let mac = Netlink::open().and_then(|n| n.bridge_mac(&p.host_if)).expect("netlink");
+                assert!(mac.is_some(), "{} is a port of the node's pod bridge", p.host_if);
+                dp.attach_pod_interface(&p.host_if, mac)
+            })
+            .expect("netns")
+            .expect("tc attached");
+    }
 
     // From another node: the listener answers, for every port, and sees the real client and
     // the original destination.
@@ -71,10 +86,13 @@ fn plaintext_for_a_meshed_pod_meets_the_daemon_listener_and_strict_drops_it() {
         assert!(line.contains(&format!("local={dst}")), "the original destination is the local address: {line}");
         assert!(line.contains(&format!("peer={}:", client.ip)), "the real client: {line}");
     }
-    assert_eq!(f.accepted("n1p1"), 1, "only the first, unsteered connection reached the pod");
+    // From the pod's bridge neighbour: up to the node (the bridge's MAC), then the same way.
+    let line = f.dial_one("n1p2", app);
+    assert_eq!(answered_by(&line), Some("plaintext-listener"), "same node: {line}");
+    assert!(line.contains(&format!("local={app}")) && line.contains(&format!("peer={}:", neighbour.ip)), "{line}");
+    assert_eq!(f.accepted("n1p1"), 2, "only the two unsteered connections reached the pod");
 
     // The node's own connections (the daemon forwarding, the kubelet probing) keep their path.
-    let node = f.lab.node(1).clone();
     let target = app.to_string();
     let mut own = f.lab.spawn(&Spawn::new(&node.netns, &node.system_cgroup, WHOAMI, &["connect", &target])).expect("spawn");
     let line = own.wait_for_line("", Duration::from_secs(5)).expect("an answer");
@@ -86,9 +104,11 @@ fn plaintext_for_a_meshed_pod_meets_the_daemon_listener_and_strict_drops_it() {
     // STRICT: plaintext is dropped in the kernel (the client times out) and counted.
     let before = f.stats().drop(DropReason::StrictPlaintext);
     f.dp().sync_endpoints(&[endpoint(true)]).expect("endpoints");
-    let out = f.dial("n2p1", app, &["--timeout-ms", "700"]);
-    assert!(out.iter().all(|l| l.contains("ETIMEDOUT")), "{out:?}");
-    assert!(f.stats().drop(DropReason::StrictPlaintext) > before, "the drop is counted");
+    for from in ["n2p1", "n1p2"] {
+        let out = f.dial(from, app, &["--timeout-ms", "700"]);
+        assert!(out.iter().all(|l| l.contains("ETIMEDOUT")), "{from}: {out:?}");
+    }
+    assert!(f.stats().drop(DropReason::StrictPlaintext) >= before + 2, "the drops are counted");
 
     // The listener closes (the daemon died with no successor): not let through to the pod.
     f.dp().sync_endpoints(&[endpoint(false)]).expect("endpoints");
@@ -99,6 +119,6 @@ fn plaintext_for_a_meshed_pod_meets_the_daemon_listener_and_strict_drops_it() {
     // pod's address: unanswered, the client times out.
     let out = f.dial("n2p1", app, &["--timeout-ms", "700"]);
     assert!(out.iter().all(|l| l.contains("ETIMEDOUT")), "no listener: nothing answers: {out:?}");
-    assert_eq!(f.accepted("n1p1"), 3, "the pod saw only the connections before steering, the node's own and IPv6");
+    assert_eq!(f.accepted("n1p1"), 4, "the pod saw only the connections before steering, the node's own and IPv6");
     drop(rules);
 }

@@ -71,6 +71,8 @@ pub struct Datapath {
     tc_links: Vec<FdLink>,
     /// sk_msg attached to the sockhash by this process (detached on `detach` when unpinned).
     sk_msg_attached: bool,
+    /// Pod interfaces that are bridge ports, by name, with their index (`MESH_PORT_V1`'s keys).
+    pub(super) bridge_ports: std::collections::BTreeMap<String, u32>,
     pub(super) services: ServiceTable,
     pub(super) endpoints: EndpointTable,
 }
@@ -145,6 +147,7 @@ impl Datapath {
             links: Vec::new(),
             tc_links: Vec::new(),
             sk_msg_attached: false,
+            bridge_ports: std::collections::BTreeMap::new(),
             services: ServiceTable::default(),
             endpoints: EndpointTable::default(),
         };
@@ -152,6 +155,7 @@ impl Datapath {
         // the first sync only touches what changed.
         datapath.adopt_services()?;
         datapath.adopt_endpoints()?;
+        datapath.drop_stale_bridge_ports()?;
         Ok(datapath)
     }
 
@@ -167,7 +171,7 @@ impl Datapath {
         // The verifier sees every program before any link moves: a program it refuses leaves
         // every pinned link on the previous daemon's programs, never half of them on ours.
         let every = CGROUP_PROGRAMS.iter().map(|&(name, _)| name);
-        for name in every.chain([names::PROG_SK_LOOKUP, names::PROG_SK_MSG, names::PROG_TC_TO_POD]) {
+        for name in every.chain([names::PROG_SK_LOOKUP, names::PROG_SK_MSG, names::PROG_TC_TO_POD, names::PROG_TC_STEER]) {
             load_program(&mut self.ebpf, name)?;
         }
         let cgroup_path = self.config.cgroup.clone();
@@ -223,13 +227,25 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches the STRICT guard (tc egress) to a pod's host-side interface. Must run in the
-    /// network namespace that owns `ifname`.
-    pub fn attach_pod_interface(&mut self, ifname: &str) -> Result<(), Error> {
-        let name = names::PROG_TC_TO_POD;
-        let pin = self.link_pin(&format!("{name}@{ifname}"));
+    /// Attaches the STRICT guard (tc egress) to a pod's host-side interface and, when that
+    /// interface is a port of a bridge whose MAC is `bridge_mac`, the steering of the pod's
+    /// plaintext to local meshed pods (tc ingress, `mesh_tc_steer`). Must run in the network
+    /// namespace that owns `ifname`.
+    pub fn attach_pod_interface(&mut self, ifname: &str, bridge_mac: Option<[u8; 6]>) -> Result<(), Error> {
         // TCX (kernel >= 6.6) needs no qdisc; older kernels need clsact (already-present is fine).
         let _ = tc::qdisc_add_clsact(ifname);
+        self.attach_tc(names::PROG_TC_TO_POD, ifname, TcAttachType::Egress)?;
+        if let Some(mac) = bridge_mac {
+            self.set_bridge_port(ifname, mac)?;
+            self.attach_tc(names::PROG_TC_STEER, ifname, TcAttachType::Ingress)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches tc program `name` to `ifname` (pinned as `<name>@<ifname>`), or switches the link
+    /// an earlier run pinned there to this run's program.
+    fn attach_tc(&mut self, name: &'static str, ifname: &str, direction: TcAttachType) -> Result<(), Error> {
+        let pin = self.link_pin(&format!("{name}@{ifname}"));
         let prog_fd = load_program(&mut self.ebpf, name)?;
         if let Some(path) = pin.as_deref().filter(|p| p.exists())
             && adopt_pinned(path, prog_fd)?
@@ -239,7 +255,7 @@ impl Datapath {
         let Some(Program::SchedClassifier(prog)) = self.ebpf.program_mut(name) else {
             return Err(Error::MissingProgram { name });
         };
-        let id = prog.attach(ifname, TcAttachType::Egress).map_err(program_error(name))?;
+        let id = prog.attach(ifname, direction).map_err(program_error(name))?;
         let link = prog.take_link(id).map_err(program_error(name))?;
         let link = FdLink::try_from(link).map_err(|source| Error::Link { name, source })?;
         match pin {
@@ -251,22 +267,25 @@ impl Datapath {
         Ok(())
     }
 
-    /// Removes the STRICT guard of every pod interface not in `keep` (pods that went away: their
-    /// interface is gone and its link with it, but the pin would stay). Returns the interfaces
-    /// whose guard was removed.
+    /// Removes the tc programs of every pod interface not in `keep` (pods that went away: their
+    /// interface is gone and its links with it, but the pins would stay). Returns the interfaces
+    /// whose STRICT guard was removed.
     pub fn prune_pod_interfaces(&mut self, keep: &std::collections::BTreeSet<String>) -> Vec<String> {
-        let prefix = format!("{}@", names::PROG_TC_TO_POD);
         let mut removed = Vec::new();
         if let Some(dir) = self.link_pin("") {
             for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(ifname) = name.strip_prefix(&prefix)
-                    && !keep.contains(ifname)
-                    && fs::remove_file(e.path()).is_ok()
-                {
+                let Some((program, ifname)) = name.split_once('@') else { continue };
+                let ours = program == names::PROG_TC_TO_POD || program == names::PROG_TC_STEER;
+                if ours && !keep.contains(ifname) && fs::remove_file(e.path()).is_ok() && program == names::PROG_TC_TO_POD {
+                    // Named once per interface, by the guard every pod interface has.
                     removed.push(ifname.to_owned());
                 }
             }
+        }
+        let gone: Vec<String> = self.bridge_ports.keys().filter(|i| !keep.contains(*i)).cloned().collect();
+        for ifname in gone {
+            self.forget_bridge_port(&ifname);
         }
         removed
     }

@@ -53,7 +53,11 @@ const RTN_LOCAL: u8 = 2;
 const RT_SCOPE_HOST: u8 = 254;
 const RT_SCOPE_UNIVERSE: u8 = 0;
 const RTPROT_STATIC: u8 = 4;
+const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
+const IFLA_MASTER: u16 = 10;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
 const IFLA_LINK_NETNSID: u16 = 37;
 // net_namespace.h: RTM_GETNSID by process, answered with the namespace's id as seen from ours.
 const NETNSA_NSID: u16 = 1;
@@ -234,11 +238,31 @@ fn rule_msg(kind: u16, flags: u16, rule: &Rule) -> Msg {
 }
 
 /// An interface of this namespace whose peer lives in another one (a pod's host-side veth):
-/// `peer_netnsid` is that namespace's id as this namespace knows it.
+/// `peer_netnsid` is that namespace's id as this namespace knows it; `bridge_mac` the MAC of
+/// the bridge it is a port of, if it is one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerLink {
     pub name: String,
     pub peer_netnsid: i32,
+    pub bridge_mac: Option<[u8; 6]>,
+}
+
+/// The MAC of the bridge `link` is a port of (a master of another kind, a VRF or a bond, is
+/// not one).
+fn bridge_of(links: &[Link], link: &Link) -> Option<[u8; 6]> {
+    let master = links.iter().find(|l| Some(l.index) == link.master)?;
+    master.kind.as_deref().filter(|k| *k == "bridge").and(master.mac)
+}
+
+/// One interface of a link dump.
+struct Link {
+    index: u32,
+    name: String,
+    mac: Option<[u8; 6]>,
+    master: Option<u32>,
+    peer_netnsid: Option<i32>,
+    /// `IFLA_INFO_KIND`: "bridge", "veth", ...
+    kind: Option<String>,
 }
 
 /// A `NETLINK_ROUTE` socket of the daemon's network namespace.
@@ -313,6 +337,20 @@ impl Netlink {
     /// Every interface whose peer is in another network namespace (`ip -d link` shows it as
     /// `link-netnsid N`). Dumping links also makes the kernel assign those ids.
     pub fn peer_links(&self) -> io::Result<Vec<PeerLink>> {
+        let links = self.links()?;
+        Ok(links
+            .iter()
+            .filter_map(|l| Some(PeerLink { name: l.name.clone(), peer_netnsid: l.peer_netnsid?, bridge_mac: bridge_of(&links, l) }))
+            .collect())
+    }
+
+    /// The MAC of the bridge `ifname` is a port of, if it is one.
+    pub fn bridge_mac(&self, ifname: &str) -> io::Result<Option<[u8; 6]>> {
+        let links = self.links()?;
+        Ok(links.iter().find(|l| l.name == ifname).and_then(|l| bridge_of(&links, l)))
+    }
+
+    fn links(&self) -> io::Result<Vec<Link>> {
         let mut m = Msg::new(RTM_GETLINK, NLM_F_DUMP, &[0u8; 16]);
         m.0[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
         let replies = self.request(m)?;
@@ -320,16 +358,23 @@ impl Netlink {
             .iter()
             .filter(|(kind, _)| *kind == RTM_NEWLINK)
             .filter_map(|(_, body)| {
-                let mut name = None;
-                let mut nsid = None;
+                // struct ifinfomsg: family, pad, type (u16), index (i32), flags, change.
+                let index = u32::from_ne_bytes(body.get(4..8)?.try_into().ok()?);
+                let mut link = Link { index, name: String::new(), mac: None, master: None, peer_netnsid: None, kind: None };
                 for (k, v) in attributes(body.get(16..)?) {
                     match k {
-                        IFLA_IFNAME => name = Some(String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned()),
-                        IFLA_LINK_NETNSID => nsid = Some(i32::from_ne_bytes(v.get(..4)?.try_into().ok()?)),
+                        IFLA_IFNAME => link.name = String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned(),
+                        IFLA_ADDRESS => link.mac = v.try_into().ok(),
+                        IFLA_MASTER => link.master = Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?)),
+                        IFLA_LINK_NETNSID => link.peer_netnsid = Some(i32::from_ne_bytes(v.get(..4)?.try_into().ok()?)),
+                        IFLA_LINKINFO => {
+                            let kind = attributes(v).find(|(k, _)| *k == IFLA_INFO_KIND);
+                            link.kind = kind.map(|(_, v)| String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned());
+                        }
                         _ => {}
                     }
                 }
-                Some(PeerLink { name: name?, peer_netnsid: nsid? })
+                Some(link)
             })
             .collect())
     }
