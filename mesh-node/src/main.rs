@@ -253,7 +253,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
                 },
                 routing::Metrics::new(&mut registry),
             )?;
-            writers.push(tokio::spawn(routes.run(state_rx.clone())));
+            writers.push(tokio::spawn(routes.run(state_rx.clone(), placeholder)));
         }
         // A running daemon's sockets first; else the service manager's (socket activation).
         let mut inherited = match successor.as_mut() {

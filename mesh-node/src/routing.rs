@@ -41,9 +41,10 @@
 //! to the pod, the kubelet probing it) come from `lo` and skip the rule.
 //!
 //! Rules are a pure function of the state ([`wanted`]); [`Routes::run`] keeps the kernel equal
-//! to it. At start, rules left by an earlier run (same priorities and table) are flushed. They
-//! are left in place at exit, like the pinned datapath, so a restarting daemon is found at the
-//! same address; `ip rule del priority 15008` (and 15009 to 15012) until none is left removes them.
+//! to it. At start, rules left by an earlier run are adopted and kept until the first state (the
+//! control plane's first update, or the saved config) says which to keep. They are left in place
+//! at exit, like the pinned datapath, so a restarting daemon is found at the same address;
+//! `ip rule del priority 15008` (and 15009 to 15012) until none is left removes them.
 
 pub mod netlink;
 
@@ -79,7 +80,7 @@ pub const PRIORITY_PLAINTEXT: u32 = 15011;
 /// The `nop` rule [`PRIORITY_FROM_NODE`] jumps to.
 pub const PRIORITY_PLAINTEXT_END: u32 = 15012;
 
-/// Every kind of rule this module installs, by priority, for flushing and uninstalling.
+/// Every kind of rule this module installs, by priority, for adopting and uninstalling.
 const ALL_RULES: [(u32, Action); 5] = [
     (PRIORITY_HBONE, Action::Lookup(TABLE)),
     (PRIORITY_TRANSPARENT, Action::Lookup(TABLE)),
@@ -96,6 +97,8 @@ const RESYNC: Duration = Duration::from_secs(5);
 pub enum Error {
     #[error("opening a NETLINK_ROUTE socket: {0}")]
     Open(std::io::Error),
+    #[error("listing the routing rules (needs CAP_NET_ADMIN): {0}")]
+    List(std::io::Error),
     #[error("removing rules left by an earlier run (priority {priority}): {source}")]
     Flush { priority: u32, source: std::io::Error },
     #[error("installing the local route of table {TABLE} (needs CAP_NET_ADMIN): {0}")]
@@ -110,9 +113,9 @@ pub struct Config {
     pub hbone_port: u16,
     /// Also install the reply rules of `MESH_INBOUND_TRANSPARENT`.
     pub transparent: bool,
-    /// Keep the rules an earlier daemon left instead of flushing them: a successor taking over
+    /// Keep the rules an earlier daemon left instead of adopting them: a successor taking over
     /// (`crate::handoff`) while its predecessor still serves connections that need them.
-    /// Rules of pods that went away meanwhile stay until the next flushing start.
+    /// Rules of pods that went away meanwhile stay until the next start without a predecessor.
     pub keep_existing: bool,
     /// Bring plaintext for local meshed pods to the daemon's plaintext listener, bound at this
     /// address (its family says which pods' addresses it can take); `None`: leave it to the pods.
@@ -153,6 +156,21 @@ pub fn wanted(state: &State, cfg: &Config) -> BTreeSet<Want> {
         .collect()
 }
 
+/// What an earlier run's rule is to this configuration: `Some(Some(want))` a per-pod rule it
+/// would write itself (adopted: kept until a state says otherwise), `Some(None)` a node-wide
+/// rule it keeps, `None` a rule it would not write (removed).
+fn adoptable(cfg: &Config, rule: &Rule, plaintext: bool) -> Option<Option<Want>> {
+    let hbone = Some((cfg.hbone_port, cfg.hbone_port));
+    let replies = Some((*TRANSPARENT_PORTS.start(), *TRANSPARENT_PORTS.end()));
+    match (rule.priority, rule.to, rule.from) {
+        (PRIORITY_HBONE, Some(ip), None) if rule.tcp_dport == hbone && rule.iif.is_none() => Some(Some(Want::Hbone(ip))),
+        (PRIORITY_TRANSPARENT, None, Some(ip)) if cfg.transparent && rule.tcp_dport == replies && rule.iif.is_some() => Some(Some(Want::Replies(ip))),
+        (PRIORITY_PLAINTEXT, Some(ip), None) if plaintext && rule.tcp && rule.tcp_dport.is_none() && rule.iif.is_none() => Some(Some(Want::Plaintext(ip))),
+        (PRIORITY_FROM_NODE | PRIORITY_PLAINTEXT_END, None, None) if plaintext => Some(None),
+        _ => None,
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct Metrics {
     rules: Gauge,
@@ -176,30 +194,40 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// Opens netlink, removes rules of an earlier run (unless `keep_existing`) and installs the
-    /// local routes (both families) and, for plaintext, the node-wide rules. Fails without
+    /// Opens netlink, adopts the rules an earlier run left (unless `keep_existing`), installs
+    /// the local routes (both families) and, for plaintext, the node-wide rules. Fails without
     /// `CAP_NET_ADMIN`.
+    ///
+    /// Adopted, not flushed: a restarting daemon's pods keep their rules (HBONE reaches the
+    /// node, plaintext meets the daemon) until its first state says otherwise, so there is no
+    /// moment without them; rules that this configuration would not write (another HBONE port,
+    /// plaintext steering turned off) go at once.
     pub fn new(cfg: Config, metrics: Metrics) -> Result<Self, Error> {
         let netlink = Netlink::open().map_err(Error::Open)?;
+        let mut installed = BTreeMap::new();
         let families = [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)];
         for family in families {
-            for (priority, action) in ALL_RULES.into_iter().filter(|_| !cfg.keep_existing) {
-                let n = match netlink.flush_rules(family, priority, action) {
-                    Ok(n) => n,
-                    Err(e) if family.is_ipv6() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => 0,
-                    Err(source) => return Err(Error::Flush { priority, source }),
-                };
-                if n > 0 {
-                    tracing::info!(n, priority, "removed routing rules of an earlier run");
-                }
-            }
             match netlink.local_default_route(family, TABLE) {
                 Ok(()) => {}
                 // A node without IPv6 has no IPv6 pods to route.
                 Err(e) if family.is_ipv6() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => continue,
                 Err(e) => return Err(Error::LocalRoute(e)),
             }
-            if cfg.plaintext.is_some_and(|l| serves(l, family)) {
+            let plaintext = cfg.plaintext.is_some_and(|l| serves(l, family));
+            if !cfg.keep_existing {
+                let found = netlink.rules(family).map_err(Error::List)?;
+                for rule in found.into_iter().filter(|r| ALL_RULES.iter().any(|(p, a)| *p == r.priority && *a == r.action)) {
+                    match adoptable(&cfg, &rule, plaintext) {
+                        Some(Some(want)) => drop(installed.insert(want, rule)),
+                        Some(None) => {}
+                        None => {
+                            tracing::info!(%rule, "removing a routing rule of an earlier run this configuration does not write");
+                            netlink.del_rule(&rule).map_err(|source| Error::Flush { priority: rule.priority, source })?;
+                        }
+                    }
+                }
+            }
+            if plaintext {
                 // The jump's target first: a goto to a missing rule does nothing.
                 for rule in [
                     Rule::any(family, PRIORITY_PLAINTEXT_END, Action::Nop),
@@ -213,7 +241,10 @@ impl Routes {
                 }
             }
         }
-        Ok(Self { cfg, netlink, installed: BTreeMap::new(), metrics })
+        if !installed.is_empty() {
+            tracing::info!(n = installed.len(), "kept the routing rules of an earlier run until the first state");
+        }
+        Ok(Self { cfg, netlink, installed, metrics })
     }
 
     /// `mesh-node --uninstall`: removes every rule this module installs and the table's local
@@ -304,8 +335,13 @@ impl Routes {
         })
     }
 
-    /// Keeps the rules equal to the state until the state channel closes.
-    pub async fn run(mut self, mut state: StateRx) {
+    /// Keeps the rules equal to the state until the state channel closes. With `hold` (the
+    /// state is a placeholder until the control plane's first update) the rules stay as found
+    /// until then.
+    pub async fn run(mut self, mut state: StateRx, hold: bool) {
+        if hold && state.changed().await.is_err() {
+            return;
+        }
         loop {
             let want = wanted(&state.borrow_and_update(), &self.cfg);
             self.sync(&want);

@@ -79,15 +79,22 @@ fn hbone_to_a_local_pod_address_reaches_the_node_listener_only_while_the_rule_is
     let other = SocketAddr::from((pod.ip, APP_PORT));
     assert!(f.dial_one("n1p1", other).contains("ECONNREFUSED"));
 
-    // A restarted daemon flushes what the previous one left, then installs its own.
+    // A restarted daemon adopts what the previous one left: HBONE keeps reaching the node
+    // before its first state (no gap), and the first state decides what stays.
     drop(r);
     let mut r = routes(&f, 2, false);
-    assert!(!ip_rules(&f, 2).contains("lookup 15008"), "stale rules flushed: {}", ip_rules(&f, 2));
-    r.sync(&want);
-    assert!(f.dial_one("n1p1", v4).contains("name=node-listener"));
+    assert!(f.dial_one("n1p1", v4).contains("name=node-listener"), "kept across the restart: {}", ip_rules(&f, 2));
+    assert_eq!(r.sync(&want), 2, "adopted, not installed twice");
     // A pod that leaves the node loses its rule.
     assert_eq!(r.sync(&BTreeSet::new()), 0);
     assert!(f.dial_one("n1p1", v4).contains("ECONNREFUSED"));
+    // A rule the new configuration would not write (another HBONE port) goes at start.
+    r.sync(&want);
+    drop(r);
+    let cfg = routing::Config { node_name: "n2".into(), hbone_port: HBONE + 1000, transparent: false, keep_existing: false, plaintext: None };
+    let r = f.lab.in_netns(&f.lab.node(2).netns, || Routes::new(cfg, routing::Metrics::default())).expect("netns").expect("routing");
+    assert!(!ip_rules(&f, 2).contains("dport 15008 lookup 15008"), "a rule for the old port: {}", ip_rules(&f, 2));
+    drop(r);
 }
 
 /// Connects from node 2 to n2p1's app port with n1p1's address as the source (as the inbound

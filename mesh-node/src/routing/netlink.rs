@@ -20,6 +20,7 @@ const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
 const RTM_NEWRULE: u16 = 32;
 const RTM_DELRULE: u16 = 33;
+const RTM_GETRULE: u16 = 34;
 const RTM_DELROUTE: u16 = 25;
 const RTM_NEWNSID: u16 = 88;
 const RTM_GETNSID: u16 = 90;
@@ -237,6 +238,57 @@ fn rule_msg(kind: u16, flags: u16, rule: &Rule) -> Msg {
     m
 }
 
+/// The rule a `RTM_NEWRULE` message body (as a dump answers) describes, if it is one this module
+/// can write: an action of [`Action`], host-route addresses, TCP or no protocol match.
+fn parse_rule(body: &[u8]) -> Option<Rule> {
+    let h = body.get(..12)?;
+    let v6 = match h[0] {
+        AF_INET => false,
+        AF_INET6 => true,
+        _ => return None,
+    };
+    let (dst_len, src_len, header_table, action) = (h[1], h[2], h[4], h[7]);
+    let (mut priority, mut table, mut goto) = (0, u32::from(header_table), None);
+    let mut rule = Rule { priority: 0, action: Action::Nop, from: None, to: None, iif: None, tcp_dport: None, tcp: false, v6 };
+    let addr = |v: &[u8]| -> Option<IpAddr> {
+        match v.len() {
+            4 => Some(IpAddr::from(<[u8; 4]>::try_from(v).ok()?)),
+            16 => Some(IpAddr::from(<[u8; 16]>::try_from(v).ok()?)),
+            _ => None,
+        }
+    };
+    for (k, v) in attributes(body.get(12..)?) {
+        let u32_of = |v: &[u8]| v.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_ne_bytes);
+        match k {
+            FRA_PRIORITY => priority = u32_of(v)?,
+            FRA_TABLE => table = u32_of(v)?,
+            FRA_GOTO => goto = Some(u32_of(v)?),
+            FRA_DST => rule.to = Some(addr(v)?),
+            FRA_SRC => rule.from = Some(addr(v)?),
+            FRA_IIFNAME => rule.iif = Some(String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned()),
+            FRA_IP_PROTO => rule.tcp = *v.first()? == IPPROTO_TCP,
+            FRA_DPORT_RANGE => {
+                let port = |i: usize| v.get(i..i + 2).and_then(|b| b.try_into().ok()).map(u16::from_ne_bytes);
+                rule.tcp_dport = Some((port(0)?, port(2)?));
+            }
+            _ => {}
+        }
+    }
+    // Only host routes: a rule matching a prefix is not one of ours.
+    let host = |a: Option<IpAddr>, len: u8| a.is_none_or(|a| prefix_len(a) == len);
+    if !host(rule.to, dst_len) || !host(rule.from, src_len) {
+        return None;
+    }
+    rule.priority = priority;
+    rule.action = match action {
+        FR_ACT_TO_TBL => Action::Lookup(table),
+        FR_ACT_GOTO => Action::Goto(goto?),
+        FR_ACT_NOP => Action::Nop,
+        _ => return None,
+    };
+    Some(rule)
+}
+
 /// An interface of this namespace whose peer lives in another one (a pod's host-side veth):
 /// `peer_netnsid` is that namespace's id as this namespace knows it; `bridge_mac` the MAC of
 /// the bridge it is a port of, if it is one.
@@ -283,6 +335,16 @@ impl Netlink {
 
     pub fn del_rule(&self, rule: &Rule) -> io::Result<()> {
         self.request(rule_msg(RTM_DELRULE, 0, rule)).map(drop)
+    }
+
+    /// Every rule of `of`'s family that [`parse_rule`] understands (`ip rule show`).
+    pub fn rules(&self, of: IpAddr) -> io::Result<Vec<Rule>> {
+        let mut header = [0u8; 12];
+        header[0] = family(of);
+        let mut m = Msg::new(RTM_GETRULE, NLM_F_DUMP, &header);
+        m.0[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        let replies = self.request(m)?;
+        Ok(replies.iter().filter(|(kind, _)| *kind == RTM_NEWRULE).filter_map(|(_, body)| parse_rule(body)).collect())
     }
 
     /// Deletes every rule of `of`'s family with this priority and action (e.g. left by an earlier
@@ -529,6 +591,26 @@ mod tests {
         assert!(attrs.contains(&(FRA_IIFNAME, b"br0\0".to_vec())));
         assert!(attrs.contains(&(FRA_DPORT_RANGE, [61000u16.to_ne_bytes(), 65534u16.to_ne_bytes()].concat())));
         assert_eq!(rule.to_string(), "15009: from fd6d:6573:6800:2::b iif br0 ipproto tcp dport 61000-65534 lookup 15008");
+    }
+
+    #[test]
+    fn rules_read_back_as_they_were_written() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let rules = [
+            Rule { priority: 15008, action: Action::Lookup(15008), from: None, to: Some(ip("198.18.2.11")), iif: None, tcp_dport: Some((15008, 15008)), tcp: true, v6: false },
+            Rule { priority: 15009, action: Action::Lookup(15008), from: Some(ip("fd6d:6573:6800:2::b")), to: None, iif: Some("p1".into()), tcp_dport: Some((61000, 65534)), tcp: true, v6: true },
+            Rule { to: Some(ip("198.18.2.11")), tcp: true, ..Rule::any(ip("0.0.0.0"), 15011, Action::Lookup(15008)) },
+            Rule { iif: Some("lo".into()), ..Rule::any(ip("::"), 15010, Action::Goto(15012)) },
+            Rule::any(ip("0.0.0.0"), 15012, Action::Nop),
+        ];
+        for rule in rules {
+            let buf = rule_msg(RTM_NEWRULE, 0, &rule).finish(1);
+            assert_eq!(parse_rule(&buf[HEADER..]), Some(rule.clone()), "{rule}");
+        }
+        // A prefix rule is not one of ours.
+        let mut buf = rule_msg(RTM_NEWRULE, 0, &Rule { to: Some(ip("198.18.2.0")), ..Rule::any(ip("0.0.0.0"), 15011, Action::Lookup(15008)) }).finish(1);
+        buf[HEADER + 1] = 24;
+        assert_eq!(parse_rule(&buf[HEADER..]), None);
     }
 
     #[test]
