@@ -156,18 +156,25 @@ pub fn wanted(state: &State, cfg: &Config) -> BTreeSet<Want> {
         .collect()
 }
 
-/// What an earlier run's rule is to this configuration: `Some(Some(want))` a per-pod rule it
-/// would write itself (adopted: kept until a state says otherwise), `Some(None)` a node-wide
-/// rule it keeps, `None` a rule it would not write (removed).
-fn adoptable(cfg: &Config, rule: &Rule, plaintext: bool) -> Option<Option<Want>> {
+/// What an earlier run's rule is to this configuration.
+enum Found {
+    /// A per-pod rule it would write itself: adopted, kept until a state says otherwise.
+    Pod(Want),
+    /// A node-wide rule it keeps.
+    Node,
+    /// A rule it would not write: removed.
+    Stale,
+}
+
+fn adoptable(cfg: &Config, rule: &Rule, plaintext: bool) -> Found {
     let hbone = Some((cfg.hbone_port, cfg.hbone_port));
     let replies = Some((*TRANSPARENT_PORTS.start(), *TRANSPARENT_PORTS.end()));
     match (rule.priority, rule.to, rule.from) {
-        (PRIORITY_HBONE, Some(ip), None) if rule.tcp_dport == hbone && rule.iif.is_none() => Some(Some(Want::Hbone(ip))),
-        (PRIORITY_TRANSPARENT, None, Some(ip)) if cfg.transparent && rule.tcp_dport == replies && rule.iif.is_some() => Some(Some(Want::Replies(ip))),
-        (PRIORITY_PLAINTEXT, Some(ip), None) if plaintext && rule.tcp && rule.tcp_dport.is_none() && rule.iif.is_none() => Some(Some(Want::Plaintext(ip))),
-        (PRIORITY_FROM_NODE | PRIORITY_PLAINTEXT_END, None, None) if plaintext => Some(None),
-        _ => None,
+        (PRIORITY_HBONE, Some(ip), None) if rule.tcp_dport == hbone && rule.iif.is_none() => Found::Pod(Want::Hbone(ip)),
+        (PRIORITY_TRANSPARENT, None, Some(ip)) if cfg.transparent && rule.tcp_dport == replies && rule.iif.is_some() => Found::Pod(Want::Replies(ip)),
+        (PRIORITY_PLAINTEXT, Some(ip), None) if plaintext && rule.tcp && rule.tcp_dport.is_none() && rule.iif.is_none() => Found::Pod(Want::Plaintext(ip)),
+        (PRIORITY_FROM_NODE | PRIORITY_PLAINTEXT_END, None, None) if plaintext => Found::Node,
+        _ => Found::Stale,
     }
 }
 
@@ -218,9 +225,9 @@ impl Routes {
                 let found = netlink.rules(family).map_err(Error::List)?;
                 for rule in found.into_iter().filter(|r| ALL_RULES.iter().any(|(p, a)| *p == r.priority && *a == r.action)) {
                     match adoptable(&cfg, &rule, plaintext) {
-                        Some(Some(want)) => drop(installed.insert(want, rule)),
-                        Some(None) => {}
-                        None => {
+                        Found::Pod(want) => drop(installed.insert(want, rule)),
+                        Found::Node => {}
+                        Found::Stale => {
                             tracing::info!(%rule, "removing a routing rule of an earlier run this configuration does not write");
                             netlink.del_rule(&rule).map_err(|source| Error::Flush { priority: rule.priority, source })?;
                         }
@@ -244,6 +251,7 @@ impl Routes {
         if !installed.is_empty() {
             tracing::info!(n = installed.len(), "kept the routing rules of an earlier run until the first state");
         }
+        metrics.rules.set(i64::try_from(installed.len()).unwrap_or(i64::MAX));
         Ok(Self { cfg, netlink, installed, metrics })
     }
 

@@ -18,7 +18,8 @@ pub fn free_port() -> u16 {
         .unwrap_or(32768);
     let (low, high) = (10_000u16, ephemeral_low.max(10_001));
     for _ in 0..1000 {
-        let pick = low + (RandomState::new().hash_one(std::process::id()) % u64::from(high - low)) as u16;
+        let offset = RandomState::new().hash_one(std::process::id()) % u64::from(high - low);
+        let pick = low + u16::try_from(offset).expect("below high - low");
         if TcpListener::bind(("127.0.0.1", pick)).is_ok() {
             return pick;
         }
