@@ -10,7 +10,8 @@
 //!    link), Service load balancing over pods on both nodes;
 //! 3. an AuthorizationPolicy applied with kubectl denies within a second and says `Accepted`;
 //!    PeerAuthentication STRICT refuses the unmeshed client and a process of the node while the
-//!    kubelet's readiness probes keep every pod Ready;
+//!    kubelet's readiness probes keep every pod Ready; the leading controller replica deleted,
+//!    the other takes the Lease, and a new policy is enforced and gets its status;
 //! 4. a pod added to a Deployment is meshed within seconds of becoming Ready;
 //! 5. a rolling update of the DaemonSet under traffic (failed requests are reported, not hidden);
 //! 6. `kubectl delete` of everything leaves each node as it was found.
@@ -181,6 +182,46 @@ fn the_mesh_installed_with_kubectl_meshes_real_pods_on_two_nodes_and_uninstalls_
     assert!(took < Duration::from_secs(1) + Duration::from_millis(1500), "denies within a second (plus the exec's own time): {took:?}");
     kubectl(&c, &["delete", "authorizationpolicy", &name, "-n", "demo"]);
     eventually("the DENY to go", Duration::from_secs(5), || tally(&dial(&c, &client, &vip, 3, 2000)).get("FAILED").is_none());
+
+    // 3b. The leading controller replica goes away (a rolling update, a drained node): the other
+    // one takes the Lease, and policies keep reaching the nodes and getting their status.
+    let holder = || get(&c, &["lease", "mesh-control-leader", "-n", "mesh-system"], "{.spec.holderIdentity}");
+    let leader = holder();
+    let replicas = get(&c, &["pods", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-control"], "{.items[*].metadata.name}");
+    assert!(replicas.split_whitespace().any(|p| p == leader), "the Lease is held by a replica: {leader:?} of {replicas}");
+    kubectl(&c, &["delete", "pod", &leader, "-n", "mesh-system", "--wait=false"]);
+    // The Deployment starts a replacement at once, which may win the released Lease as well
+    // as the remaining replica: either is a new leader.
+    let deleted = Instant::now();
+    let mut seen = Vec::new();
+    let current = || get(&c, &["pods", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-control", "--field-selector=status.phase=Running"], "{.items[*].metadata.name}");
+    while deleted.elapsed() < Duration::from_secs(30) {
+        let h = holder();
+        if seen.last() != Some(&h) {
+            seen.push(h.clone());
+        }
+        if !h.is_empty() && h != leader && current().split_whitespace().any(|p| p == h) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took_over = deleted.elapsed();
+    let new_leader = seen.last().cloned().unwrap_or_default();
+    assert!(
+        !new_leader.is_empty() && new_leader != leader,
+        "the Lease went {seen:?} in {took_over:.1?} (replicas before: {replicas}); mesh-system pods:\n{}",
+        kubectl(&c, &["get", "pods", "-n", "mesh-system", "-o", "wide"])
+    );
+    c.apply(&deny).expect("policy applies");
+    let denying = eventually("the DENY through the remaining replica", Duration::from_secs(10), || dial(&c, &client, &vip, 1, 2000).iter().all(|l| !l.starts_with("connected") || support::who(l).is_none()));
+    let status = eventually("status Accepted=True from the new leader", Duration::from_secs(10), || {
+        get(&c, &["authorizationpolicy", &name, "-n", "demo"], "{.status.conditions[?(@.type==\"Accepted\")].status}") == "True"
+    });
+    kubectl(&c, &["delete", "authorizationpolicy", &name, "-n", "demo"]);
+    eventually("the DENY to go", Duration::from_secs(5), || tally(&dial(&c, &client, &vip, 3, 2000)).get("FAILED").is_none());
+    kubectl(&c, &["-n", "mesh-system", "rollout", "status", "deployment/mesh-control", "--timeout=120s"]);
+    let kind = if replicas.split_whitespace().any(|p| p == new_leader) { "the other replica" } else { "the replacement pod" };
+    println!("leader {leader} deleted: {kind} {new_leader} held the Lease after {took_over:.1?} (holders seen: {seen:?}); a new DENY enforced {denying:.1?} and Accepted {status:.1?} later");
     strict_admits_the_mesh_and_the_kubelets_probes_only(&c, &client, &legacy, &vip);
 
     // 4. A pod added to a Deployment: meshed (known to its node's datapath) how long after Ready?
