@@ -8,6 +8,7 @@
 //! 1. the DaemonSet and both controller replicas become Ready;
 //! 2. pods are meshed: mutual TLS between nodes (identities in the metrics, only TLS on the node
 //!    link), Service load balancing over pods on both nodes;
+//!    `meshctl status` through the cluster's kubeconfig shows both nodes current;
 //! 3. an AuthorizationPolicy applied with kubectl denies within a second and says `Accepted`;
 //!    PeerAuthentication STRICT refuses the unmeshed client and a process of the node while the
 //!    kubelet's readiness probes keep every pod Ready; the leading controller replica deleted,
@@ -115,6 +116,43 @@ spec: {mtls: {mode: STRICT}}
     eventually("STRICT to go", Duration::from_secs(10), || tally(&dial(c, legacy, vip, 2, 2000)).get("FAILED").is_none());
 }
 
+/// `meshctl status` through the test cluster's kubeconfig (from the underlay namespace, as
+/// kubectl): both nodes Ready, each having acked
+/// the controller's current config version (acks may trail a change by a moment).
+fn meshctl_status_on_the_cluster(c: &KubeCluster) {
+    let meshctl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/meshctl");
+    let status = || {
+        // In the underlay namespace, where the API server listens (as kubectl runs): never from
+        // the host's namespace, whose routes lead off the machine.
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", c.underlay_ns()))
+            .arg(&meshctl)
+            .arg("--kubeconfig")
+            .arg(&c.kubeconfig)
+            .args(["-o", "json", "status"])
+            .output()
+            .expect("run meshctl (built by cargo xtask test)");
+        assert!(out.status.success(), "meshctl status on the cluster: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("meshctl -o json")
+    };
+    let started = std::time::Instant::now();
+    let current = |v: &serde_json::Value| {
+        let version = v["control"]["version"].as_u64().unwrap_or(0);
+        let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+        version > 0 && nodes.len() == 2 && nodes.iter().all(|n| n["ready"] == true && n["ack"]["ackedVersion"].as_u64() == Some(version))
+    };
+    let mut last = status();
+    while !current(&last) && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(300));
+        last = status();
+    }
+    let took = started.elapsed();
+    assert!(current(&last), "meshctl status after {took:.1?}: {last:#}");
+    let names: Vec<&str> = last["nodes"].as_array().expect("nodes").iter().filter_map(|n| n["name"].as_str()).collect();
+    assert_eq!(names, ["n1", "n2"], "{last:#}");
+    println!("meshctl status through kubeconfig: both nodes Ready and current at version {} ({took:.1?})", last["control"]["version"]);
+}
+
 #[test]
 fn the_mesh_installed_with_kubectl_meshes_real_pods_on_two_nodes_and_uninstalls_cleanly() {
     let c = start();
@@ -167,6 +205,9 @@ fn the_mesh_installed_with_kubectl_meshes_real_pods_on_two_nodes_and_uninstalls_
     let plain = tally(&dial(&c, &legacy, &vip, 12, 3000));
     assert!(!plain.contains_key("FAILED"), "the unmeshed client is balanced too: {plain:?}");
     println!("unmeshed client -> {vip}: {plain:?}; identities seen on n2: {mtls} mTLS connections client -> whoami");
+
+    // meshctl as a user runs it against a cluster: kubeconfig, the apiserver's pod proxy.
+    meshctl_status_on_the_cluster(&c);
 
     // 3. A policy applied with kubectl.
     let deny = std::fs::read_to_string(deploy.join("examples/policies/deny-client-to-whoami.yaml")).expect("example policy");
