@@ -106,6 +106,10 @@ pub struct NodeAck {
     pub acked_version: u64,
     #[serde(default)]
     pub last_nack: Option<Nack>,
+    /// The config version of the replica serving this node, when that is not the replica
+    /// whose status is shown (each replica numbers its own versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_version: Option<u64>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -116,6 +120,27 @@ pub struct Nack {
 
 pub fn parse(body: &str) -> Result<ControlStatus, Error> {
     Ok(serde_json::from_str(body)?)
+}
+
+/// One status from several controller replicas: `shown` (the leader's), with the nodes that
+/// another replica serves taken from that replica. A node streams its config from one replica
+/// (whichever the Service picked), and only that one knows what it acked.
+pub fn merge(mut shown: ControlStatus, others: Vec<ControlStatus>) -> ControlStatus {
+    for other in others {
+        for (name, ack) in other.nodes {
+            let served_here = shown.nodes.get(&name).is_some_and(|a| a.connected);
+            if ack.connected && !served_here {
+                shown.nodes.insert(
+                    name,
+                    NodeAck {
+                        replica_version: Some(other.version),
+                        ..ack
+                    },
+                );
+            }
+        }
+    }
+    shown
 }
 
 /// What `meshctl status` shows of one node.
@@ -144,7 +169,7 @@ impl NodeReport {
         let ack = control.nodes.get(name).cloned();
         let current = ack
             .as_ref()
-            .is_some_and(|a| a.acked_version == control.version);
+            .is_some_and(|a| a.acked_version == a.replica_version.unwrap_or(control.version));
         Self {
             name: name.to_owned(),
             ack,
@@ -246,6 +271,31 @@ mod tests {
     use super::*;
 
     const STATUS: &str = include_str!("../testdata/status.json");
+
+    #[test]
+    fn nodes_served_by_another_replica_come_from_it_and_are_current_by_its_version() {
+        let status = |version: u64, nodes: &str| {
+            parse(&format!(r#"{{"version":{version},"nodes":{{{nodes}}}}}"#)).expect("status")
+        };
+        let leader = status(13, r#""n3":{"connected":true,"ackedVersion":13}"#);
+        let other = status(
+            9,
+            r#""n1":{"connected":true,"ackedVersion":9},"n2":{"connected":true,"ackedVersion":8},"n3":{"connected":true,"ackedVersion":9}"#,
+        );
+        let merged = merge(leader, vec![other]);
+        let report = |n: &str| NodeReport::new(n, &merged);
+        assert!(
+            report("n1").current,
+            "current by the version of the replica serving it"
+        );
+        assert!(!report("n2").current, "behind its replica");
+        assert_eq!(
+            merged.nodes["n3"].replica_version, None,
+            "served by the shown replica: its own entry"
+        );
+        assert!(report("n3").current);
+        assert_eq!(merged.version, 13);
+    }
 
     #[test]
     fn a_real_status_parses() {

@@ -126,6 +126,14 @@ impl Target {
         }
     }
 
+    /// `GET path` on every mesh-control replica, the leader's answer first.
+    pub fn control_get_all(&self, path: &str) -> Result<Vec<Response>, Error> {
+        match self {
+            Self::Lab(l) => Ok(vec![l.control_get(path)?]),
+            Self::Cluster(c) => Ok(c.control_get_all(path)?),
+        }
+    }
+
     /// `GET path` on a node daemon's admin or metrics port.
     pub fn node_get(&self, node: &str, port: Port, path: &str) -> Result<Response, Error> {
         match self {

@@ -46,14 +46,19 @@ fn ok_body(answer: meshctl::http::Response, what: &str) -> Result<String> {
     Ok(answer.body)
 }
 
+/// mesh-control's status: the leader's, with each node's ack from the replica serving it.
 fn control_status(target: &Target) -> Result<status::ControlStatus> {
-    let body = ok_body(
-        target
-            .control_get("/status")
-            .context("mesh-control's /status")?,
-        "mesh-control's /status",
-    )?;
-    Ok(status::parse(&body)?)
+    let mut all = Vec::new();
+    for answer in target
+        .control_get_all("/status")
+        .context("mesh-control's /status")?
+    {
+        all.push(status::parse(&ok_body(answer, "mesh-control's /status")?)?);
+    }
+    // The leader's first (`control_get_all`'s order); with none answering, an error above.
+    let mut all = all.into_iter();
+    let shown = all.next().context("no mesh-control replica answered")?;
+    Ok(status::merge(shown, all.collect()))
 }
 
 fn config_dump(target: &Target, node: &str) -> Result<dump::ConfigDump> {

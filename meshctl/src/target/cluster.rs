@@ -166,6 +166,28 @@ impl Cluster {
         })
     }
 
+    /// Every replica's answer, the leader's first: what only the replica serving a node knows
+    /// (the node's acks) is spread over them.
+    pub fn control_get_all(&self, path: &str) -> Result<Vec<Response>, Error> {
+        let pods = self.pods(CONTROL_APP)?;
+        let mut answers = Vec::new();
+        for pod in pods.keys() {
+            answers.push(self.proxy_get(pod, CONTROL_STATUS_PORT, path)?);
+        }
+        let leads = |a: &Response| {
+            serde_json::from_str::<serde_json::Value>(&a.body)
+                .is_ok_and(|v| v["leader"] == serde_json::Value::Bool(true))
+        };
+        answers.sort_by_key(|a| !leads(a));
+        if answers.is_empty() {
+            return Err(Error::NoPod {
+                app: CONTROL_APP,
+                namespace: self.namespace.clone(),
+            });
+        }
+        Ok(answers)
+    }
+
     pub fn node_get(&self, node: &str, port: Port, path: &str) -> Result<Response, Error> {
         let pod = self.node_pod(node)?;
         // The admin port's /ready is the metrics port's /healthz/ready, which the proxy reaches.
