@@ -97,7 +97,7 @@ pub fn mesh_tc_to_pod(ctx: TcContext) -> i32 {
 /// tc ingress on a pod's host-side bridge port: plaintext to local meshed pods up to the node.
 #[classifier]
 pub fn mesh_tc_steer(ctx: TcContext) -> i32 {
-    tc::from_pod(&ctx)
+    tc::steer(&ctx)
 }
 
 /// `sk_lookup` on the node's network namespace: plaintext for local meshed pods to the daemon.

@@ -40,28 +40,32 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
     }
 }
 
-/// `Some(true)` when the packet must be dropped; `None` when it is not a parsable TCP packet.
-fn try_to_pod(ctx: &TcContext) -> Option<bool> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
-    let (dst, l4) = match ethertype {
+/// A TCP packet's destination address and the offset of its TCP header; `None` for anything
+/// else (and for IPv6 with extension headers: a SYN with them is passed, a documented limitation).
+fn tcp_destination(ctx: &TcContext) -> Option<(Addr, usize)> {
+    match u16::from_be(ctx.load::<u16>(12).ok()?) {
         ETH_P_IP => {
             let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
             if ctx.load::<u8>(ETH_HLEN + 9).ok()? != IPPROTO_TCP {
                 return None;
             }
             let dst: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
-            (Addr::from_v4(dst), ETH_HLEN + usize::from(vihl & 0x0f) * 4)
+            Some((Addr::from_v4(dst), ETH_HLEN + usize::from(vihl & 0x0f) * 4))
         }
         ETH_P_IPV6 => {
-            // No extension headers: a SYN with them is passed (documented limitation).
             if ctx.load::<u8>(ETH_HLEN + 6).ok()? != IPPROTO_TCP {
                 return None;
             }
             let dst: [u8; 16] = ctx.load(ETH_HLEN + 24).ok()?;
-            (Addr::from_v6(dst), ETH_HLEN + 40)
+            Some((Addr::from_v6(dst), ETH_HLEN + 40))
         }
-        _ => return None,
-    };
+        _ => None,
+    }
+}
+
+/// `Some(true)` when the packet must be dropped; `None` when it is not a parsable TCP packet.
+fn try_to_pod(ctx: &TcContext) -> Option<bool> {
+    let (dst, l4) = tcp_destination(ctx)?;
     let tcp_flags: u8 = ctx.load(l4 + 13).ok()?;
     let is_syn = tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0;
     if !is_syn {
@@ -91,19 +95,13 @@ fn try_to_pod(ctx: &TcContext) -> Option<bool> {
 }
 
 /// tc ingress: re-addresses a pod's TCP for a local meshed pod to the bridge. Never drops.
-pub fn from_pod(ctx: &TcContext) -> i32 {
-    let _ = try_from_pod(ctx);
+pub fn steer(ctx: &TcContext) -> i32 {
+    let _ = try_steer(ctx);
     TC_ACT_OK
 }
 
-fn try_from_pod(ctx: &TcContext) -> Option<()> {
-    if u16::from_be(ctx.load::<u16>(12).ok()?) != ETH_P_IP || ctx.load::<u8>(ETH_HLEN + 9).ok()? != IPPROTO_TCP {
-        return None;
-    }
-    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
-    let dst: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
-    let dst = Addr::from_v4(dst);
-    let l4 = ETH_HLEN + usize::from(vihl & 0x0f) * 4;
+fn try_steer(ctx: &TcContext) -> Option<()> {
+    let (dst, l4) = tcp_destination(ctx).filter(|(dst, _)| dst.is_v4())?;
     let port = u16::from_be(ctx.load::<u16>(l4 + 2).ok()?);
     // SAFETY: value copied out at once.
     let ep = unsafe { ENDPOINTS.get(&dst) };

@@ -118,9 +118,13 @@ impl KernelSync {
     /// before its programs attached; guards the fixed pod interfaces; state follows in `run`.
     pub fn new(config: Config, mut datapath: Datapath, metrics: Metrics) -> Result<Self, datapath::Error> {
         let netlink = Netlink::open().map_err(|source| datapath::Error::Syscall { what: "open a netlink socket to find pod interfaces", source })?;
-        for ifname in &config.pod_interfaces {
-            let bridge = netlink.bridge_mac(ifname).map_err(|source| datapath::Error::Syscall { what: "read a pod interface's bridge", source })?;
-            datapath.attach_pod_interface(ifname, bridge)?;
+        if !config.pod_interfaces.is_empty() {
+            // One dump for all of them: which ones are bridge ports, and of which bridge.
+            let links = netlink.peer_links().map_err(|source| datapath::Error::Syscall { what: "list the pod interfaces", source })?;
+            for ifname in &config.pod_interfaces {
+                let bridge = links.iter().find(|l| &l.name == ifname).and_then(|l| l.bridge_mac);
+                datapath.attach_pod_interface(ifname, bridge)?;
+            }
         }
         let discovery = config.pod_interfaces.is_empty().then_some(netlink);
         let guarded = config.pod_interfaces.iter().cloned().collect();

@@ -183,12 +183,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
     if let Some(a) = &activated {
         tracing::info!(listeners = ?a.names(), "socket activation: serving the listeners the service manager passed (it keeps them open across restarts)");
     }
-    let (datapath, mut steering) = if config.app.datapath {
-        let (datapath, steering) = load_datapath(config)?;
-        (Some(datapath), Some(steering))
-    } else {
-        (None, None)
-    };
+    let (datapath, mut steering) = config.app.datapath.then(|| load_datapath(config)).transpose()?.unzip();
     // Plaintext for local meshed pods is brought to the daemon by routing rules and handed to
     // its plaintext listener by the kernel: both halves or neither.
     let plaintext = (config.app.plaintext_redirect && config.app.hbone_redirect && steering.is_some()).then_some(config.app.inbound_plain_addr);

@@ -318,27 +318,20 @@ impl Routes {
     fn rule_for(&self, want: Want) -> std::io::Result<Rule> {
         Ok(match want {
             Want::Hbone(ip) => Rule {
-                priority: PRIORITY_HBONE,
-                action: Action::Lookup(TABLE),
-                from: None,
                 to: Some(ip),
-                iif: None,
                 tcp_dport: Some((self.cfg.hbone_port, self.cfg.hbone_port)),
                 tcp: true,
-                v6: ip.is_ipv6(),
+                ..Rule::any(ip, PRIORITY_HBONE, Action::Lookup(TABLE))
             },
             Want::Plaintext(ip) => Rule { to: Some(ip), tcp: true, ..Rule::any(ip, PRIORITY_PLAINTEXT, Action::Lookup(TABLE)) },
             Want::Replies(ip) => Rule {
-                priority: PRIORITY_TRANSPARENT,
-                action: Action::Lookup(TABLE),
                 from: Some(ip),
-                to: None,
                 // Only what arrives from the pod: the daemon's own packets from that address
                 // (replies of HBONE accepted for the pod) must keep their normal route.
                 iif: Some(self.netlink.route_interface(ip)?),
                 tcp_dport: Some((*TRANSPARENT_PORTS.start(), *TRANSPARENT_PORTS.end())),
                 tcp: true,
-                v6: ip.is_ipv6(),
+                ..Rule::any(ip, PRIORITY_TRANSPARENT, Action::Lookup(TABLE))
             },
         })
     }

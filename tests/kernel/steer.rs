@@ -69,7 +69,8 @@ fn plaintext_for_a_meshed_pod_meets_the_daemon_listener_and_strict_drops_it() {
         let dp = f.datapath.as_mut().expect("loaded");
         f.lab
             .in_netns(&node.netns, || {
-                let mac = Netlink::open().and_then(|n| n.bridge_mac(&p.host_if)).expect("netlink");
+                let links = Netlink::open().and_then(|n| n.peer_links()).expect("netlink");
+                let mac = links.iter().find(|l| l.name == p.host_if).and_then(|l| l.bridge_mac);
                 assert!(mac.is_some(), "{} is a port of the node's pod bridge", p.host_if);
                 dp.attach_pod_interface(&p.host_if, mac)
             })

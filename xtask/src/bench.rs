@@ -58,33 +58,21 @@ pub fn run(only: Option<&str>) -> Result<()> {
         // controller, both daemons, eBPF): fixed-rate latency and wrk's maximum rate. Runs are
         // recorded in bench/results/l7-policies.md (it writes no file itself).
         step("bench: L7 policies configured but idle vs none (whole mesh)");
-        sh(Command::new("cargo").args(["build", "--release", "--locked", "-p", "mesh-node", "-p", "mesh-control", "--bins"]))?;
-        sh(Command::new("cargo").args([
-            "test", "--release", "--locked", "-p", "mesh-tests", "--features", "privileged", "--test", "bench-l7-policies", "--", "--ignored",
-            "--nocapture", "--test-threads=1", "l7_policies",
-        ]))?;
+        whole_mesh_bench("l7_policies")?;
         ran = true;
     }
     if only.is_none_or(|o| o == "tracing") {
         // Tracing at 1 % and 100 % sampling vs none, through the whole mesh, spans exported to
         // a Zipkin collector in the lab. Runs are recorded in bench/results/tracing.md.
         step("bench: tracing at 1 % and 100 % vs none (whole mesh)");
-        sh(Command::new("cargo").args(["build", "--release", "--locked", "-p", "mesh-node", "-p", "mesh-control", "--bins"]))?;
-        sh(Command::new("cargo").args([
-            "test", "--release", "--locked", "-p", "mesh-tests", "--features", "privileged", "--test", "bench-l7-policies", "--", "--ignored",
-            "--nocapture", "--test-threads=1", "tracing_at",
-        ]))?;
+        whole_mesh_bench("tracing_at")?;
         ran = true;
     }
     if only.is_none_or(|o| o == "plaintext") {
         // An unmeshed client's plaintext to a meshed pod, steered to the destination daemon vs
         // straight to the pod. Runs are recorded in bench/results/plaintext.md.
         step("bench: plaintext from an unmeshed client, steered to the destination daemon vs direct");
-        sh(Command::new("cargo").args(["build", "--release", "--locked", "-p", "mesh-node", "-p", "mesh-control", "--bins"]))?;
-        sh(Command::new("cargo").args([
-            "test", "--release", "--locked", "-p", "mesh-tests", "--features", "privileged", "--test", "bench-l7-policies", "--", "--ignored",
-            "--nocapture", "--test-threads=1", "plaintext_steering",
-        ]))?;
+        whole_mesh_bench("plaintext_steering")?;
         ran = true;
     }
     if only.is_none_or(|o| o == "soak") {
@@ -103,6 +91,16 @@ pub fn run(only: Option<&str>) -> Result<()> {
         bail!("unknown benchmark {only:?}: expected one of: datapath, node, node-l7, l7-policies, tracing, plaintext, soak");
     }
     Ok(())
+}
+
+/// A benchmark of `tests/bench/l7_policies.rs` (the whole mesh in the lab, release build): the
+/// tests whose names contain `filter`.
+fn whole_mesh_bench(filter: &str) -> Result<()> {
+    sh(Command::new("cargo").args(["build", "--release", "--locked", "-p", "mesh-node", "-p", "mesh-control", "--bins"]))?;
+    sh(Command::new("cargo").args([
+        "test", "--release", "--locked", "-p", "mesh-tests", "--features", "privileged", "--test", "bench-l7-policies", "--", "--ignored",
+        "--nocapture", "--test-threads=1", filter,
+    ]))
 }
 
 pub fn whoami() -> String {

@@ -277,8 +277,11 @@ impl Datapath {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let Some((program, ifname)) = name.split_once('@') else { continue };
                 let ours = program == names::PROG_TC_TO_POD || program == names::PROG_TC_STEER;
-                if ours && !keep.contains(ifname) && fs::remove_file(e.path()).is_ok() && program == names::PROG_TC_TO_POD {
-                    // Named once per interface, by the guard every pod interface has.
+                if !ours || keep.contains(ifname) || fs::remove_file(e.path()).is_err() {
+                    continue;
+                }
+                // Named once per interface, by the guard every pod interface has.
+                if program == names::PROG_TC_TO_POD {
                     removed.push(ifname.to_owned());
                 }
             }

@@ -212,6 +212,7 @@ fn rule_msg(kind: u16, flags: u16, rule: &Rule) -> Msg {
     m.attr(FRA_PRIORITY, &rule.priority.to_ne_bytes());
     match rule.action {
         Action::Lookup(table) => drop(m.attr(FRA_TABLE, &table.to_ne_bytes())),
+        // The kernel refuses a goto without its target, even to delete one.
         Action::Goto(priority) => drop(m.attr(FRA_GOTO, &priority.to_ne_bytes())),
         Action::Nop => {}
     }
@@ -248,7 +249,7 @@ fn parse_rule(body: &[u8]) -> Option<Rule> {
         _ => return None,
     };
     let (dst_len, src_len, header_table, action) = (h[1], h[2], h[4], h[7]);
-    let (mut priority, mut table, mut goto) = (0, u32::from(header_table), None);
+    let (mut table, mut goto) = (u32::from(header_table), None);
     let mut rule = Rule { priority: 0, action: Action::Nop, from: None, to: None, iif: None, tcp_dport: None, tcp: false, v6 };
     let addr = |v: &[u8]| -> Option<IpAddr> {
         match v.len() {
@@ -258,14 +259,13 @@ fn parse_rule(body: &[u8]) -> Option<Rule> {
         }
     };
     for (k, v) in attributes(body.get(12..)?) {
-        let u32_of = |v: &[u8]| v.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_ne_bytes);
         match k {
-            FRA_PRIORITY => priority = u32_of(v)?,
-            FRA_TABLE => table = u32_of(v)?,
-            FRA_GOTO => goto = Some(u32_of(v)?),
+            FRA_PRIORITY => rule.priority = ne_u32(v)?,
+            FRA_TABLE => table = ne_u32(v)?,
+            FRA_GOTO => goto = Some(ne_u32(v)?),
             FRA_DST => rule.to = Some(addr(v)?),
             FRA_SRC => rule.from = Some(addr(v)?),
-            FRA_IIFNAME => rule.iif = Some(String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned()),
+            FRA_IIFNAME => rule.iif = Some(c_string(v)),
             FRA_IP_PROTO => rule.tcp = *v.first()? == IPPROTO_TCP,
             FRA_DPORT_RANGE => {
                 let port = |i: usize| v.get(i..i + 2).and_then(|b| b.try_into().ok()).map(u16::from_ne_bytes);
@@ -279,7 +279,6 @@ fn parse_rule(body: &[u8]) -> Option<Rule> {
     if !host(rule.to, dst_len) || !host(rule.from, src_len) {
         return None;
     }
-    rule.priority = priority;
     rule.action = match action {
         FR_ACT_TO_TBL => Action::Lookup(table),
         FR_ACT_GOTO => Action::Goto(goto?),
@@ -350,18 +349,9 @@ impl Netlink {
     /// Deletes every rule of `of`'s family with this priority and action (e.g. left by an earlier
     /// run); returns how many there were.
     pub fn flush_rules(&self, of: IpAddr, priority: u32, action: Action) -> io::Result<usize> {
-        let header = rule_header(&Rule::any(of, priority, action));
         let mut n = 0;
         loop {
-            let mut m = Msg::new(RTM_DELRULE, 0, &header);
-            m.attr(FRA_PRIORITY, &priority.to_ne_bytes());
-            match action {
-                Action::Lookup(table) => drop(m.attr(FRA_TABLE, &table.to_ne_bytes())),
-                // The kernel refuses a goto without its target, even to delete one.
-                Action::Goto(target) => drop(m.attr(FRA_GOTO, &target.to_ne_bytes())),
-                Action::Nop => {}
-            }
-            match self.request(m) {
+            match self.request(rule_msg(RTM_DELRULE, 0, &Rule::any(of, priority, action))) {
                 Ok(_) => n += 1,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
                 Err(e) => return Err(e),
@@ -406,12 +396,6 @@ impl Netlink {
             .collect())
     }
 
-    /// The MAC of the bridge `ifname` is a port of, if it is one.
-    pub fn bridge_mac(&self, ifname: &str) -> io::Result<Option<[u8; 6]>> {
-        let links = self.links()?;
-        Ok(links.iter().find(|l| l.name == ifname).and_then(|l| bridge_of(&links, l)))
-    }
-
     fn links(&self) -> io::Result<Vec<Link>> {
         let mut m = Msg::new(RTM_GETLINK, NLM_F_DUMP, &[0u8; 16]);
         m.0[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
@@ -421,18 +405,15 @@ impl Netlink {
             .filter(|(kind, _)| *kind == RTM_NEWLINK)
             .filter_map(|(_, body)| {
                 // struct ifinfomsg: family, pad, type (u16), index (i32), flags, change.
-                let index = u32::from_ne_bytes(body.get(4..8)?.try_into().ok()?);
+                let index = ne_u32(body.get(4..8)?)?;
                 let mut link = Link { index, name: String::new(), mac: None, master: None, peer_netnsid: None, kind: None };
                 for (k, v) in attributes(body.get(16..)?) {
                     match k {
-                        IFLA_IFNAME => link.name = String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned(),
+                        IFLA_IFNAME => link.name = c_string(v),
                         IFLA_ADDRESS => link.mac = v.try_into().ok(),
-                        IFLA_MASTER => link.master = Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?)),
-                        IFLA_LINK_NETNSID => link.peer_netnsid = Some(i32::from_ne_bytes(v.get(..4)?.try_into().ok()?)),
-                        IFLA_LINKINFO => {
-                            let kind = attributes(v).find(|(k, _)| *k == IFLA_INFO_KIND);
-                            link.kind = kind.map(|(_, v)| String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned());
-                        }
+                        IFLA_MASTER => link.master = Some(ne_u32(v)?),
+                        IFLA_LINK_NETNSID => link.peer_netnsid = Some(ne_u32(v)?.cast_signed()),
+                        IFLA_LINKINFO => link.kind = attributes(v).find(|(k, _)| *k == IFLA_INFO_KIND).map(|(_, v)| c_string(v)),
                         _ => {}
                     }
                 }
@@ -452,7 +433,7 @@ impl Netlink {
         Ok(replies
             .iter()
             .filter(|(kind, _)| *kind == RTM_NEWNSID)
-            .find_map(|(_, body)| attributes(body.get(4..)?).find(|(k, _)| *k == NETNSA_NSID).and_then(|(_, v)| Some(i32::from_ne_bytes(v.get(..4)?.try_into().ok()?))))
+            .find_map(|(_, body)| attributes(body.get(4..)?).find(|(k, _)| *k == NETNSA_NSID).and_then(|(_, v)| ne_u32(v)).map(u32::cast_signed))
             .filter(|id| *id >= 0))
     }
 
@@ -469,7 +450,7 @@ impl Netlink {
             .iter()
             .filter(|(kind, _)| *kind == RTM_NEWROUTE)
             .find_map(|(_, body)| attributes(body.get(12..)?).find(|(k, _)| *k == RTA_OIF).map(|(_, v)| v.to_vec()))
-            .and_then(|v| Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?)))
+            .and_then(|v| ne_u32(&v))
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no route to {addr}")))?;
         self.interface_name(oif)
     }
@@ -485,7 +466,7 @@ impl Netlink {
             .iter()
             .filter(|(kind, _)| *kind == RTM_NEWLINK)
             .find_map(|(_, body)| attributes(body.get(16..)?).find(|(k, _)| *k == IFLA_IFNAME).map(|(_, v)| v.to_vec()))
-            .map(|v| String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned())
+            .map(|v| c_string(&v))
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface with index {index}")))
     }
 
@@ -523,6 +504,16 @@ impl Netlink {
             }
         }
     }
+}
+
+/// A 4-byte attribute (u32 or i32 on the wire) in host order.
+fn ne_u32(v: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?))
+}
+
+/// A NUL-terminated string attribute (interface names, kinds).
+fn c_string(v: &[u8]) -> String {
+    String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
 }
 
 /// Attributes (type, value) of a message body after its family header.

@@ -149,21 +149,7 @@ impl Cluster {
 
     /// mesh-control's status port; with several replicas, the leader's answer.
     pub fn control_get(&self, path: &str) -> Result<Response, Error> {
-        let pods = self.pods(CONTROL_APP)?;
-        let mut first = None;
-        for pod in pods.keys() {
-            let answer = self.proxy_get(pod, CONTROL_STATUS_PORT, path)?;
-            let leads = serde_json::from_str::<serde_json::Value>(&answer.body)
-                .is_ok_and(|v| v["leader"] == serde_json::Value::Bool(true));
-            if leads || pods.len() == 1 {
-                return Ok(answer);
-            }
-            first.get_or_insert(answer);
-        }
-        first.ok_or_else(|| Error::NoPod {
-            app: CONTROL_APP,
-            namespace: self.namespace.clone(),
-        })
+        Ok(self.control_get_all(path)?.swap_remove(0))
     }
 
     /// Every replica's answer, the leader's first: what only the replica serving a node knows
@@ -174,17 +160,17 @@ impl Cluster {
         for pod in pods.keys() {
             answers.push(self.proxy_get(pod, CONTROL_STATUS_PORT, path)?);
         }
-        let leads = |a: &Response| {
-            serde_json::from_str::<serde_json::Value>(&a.body)
-                .is_ok_and(|v| v["leader"] == serde_json::Value::Bool(true))
-        };
-        answers.sort_by_key(|a| !leads(a));
         if answers.is_empty() {
             return Err(Error::NoPod {
                 app: CONTROL_APP,
                 namespace: self.namespace.clone(),
             });
         }
+        let leads = |a: &Response| {
+            serde_json::from_str::<serde_json::Value>(&a.body)
+                .is_ok_and(|v| v["leader"] == serde_json::Value::Bool(true))
+        };
+        answers.sort_by_key(|a| !leads(a));
         Ok(answers)
     }
 
