@@ -156,7 +156,7 @@ fn workload_name(w: &Workload) -> String {
 fn source(state: &State, node: &str, q: &Query, steps: &mut Vec<Step>) -> (bool, Option<Next>) {
     let src = state.workload(q.src);
     let captured = match src {
-        Some(w) if w.node != node => {
+        Some(w) if *w.node != *node => {
             steps.push(step("kernel", "capture", "info", format!("{} runs on node {}: ask that node", workload_name(w), w.node), None));
             return (true, None);
         }
@@ -216,7 +216,7 @@ fn source(state: &State, node: &str, q: &Query, steps: &mut Vec<Step>) -> (bool,
         "plaintext TCP from the pod".to_owned()
     };
     steps.push(step("daemon", "transport", "info", transport, None));
-    let node_of = state.workload(first.address).map(|w| w.node.clone()).or_else(|| (!first.node.is_empty()).then(|| first.node.to_string()));
+    let node_of = state.workload(first.address).map(|w| w.node.to_string()).or_else(|| (!first.node.is_empty()).then(|| first.node.to_string()));
     let next = node_of.map(|n| Next { node: n, dst, identity: identity.filter(|_| first.meshed) });
     (true, next)
 }
@@ -233,7 +233,7 @@ fn route<'s>(state: &'s State, svc: &Service, port: &'s ServicePort, src: Option
         query,
         headers: &http.headers,
         port: port.port,
-        client: Client { namespace: src.map(|w| w.namespace.as_str()), labels: src.map(|w| &w.labels) },
+        client: Client { namespace: src.map(|w| &*w.namespace), labels: src.map(|w| &*w.labels) },
     };
     let Some(selected) = Selected::find(&table, &view) else {
         steps.push(step("daemon", "route", "deny", format!("no route of {}/{} matches: 404 (NR)", svc.namespace, svc.name), None));
@@ -275,7 +275,7 @@ fn direct(state: &State, q: &Query, captured: bool, identity: Option<String>, st
             };
             steps.push(step("kernel", "service", "info", format!("{} is pod {} (not a Service VIP: no routing, no balancing)", q.dst, workload_name(w)), None));
             steps.push(step("daemon", "transport", "info", how, None));
-            (true, Some(Next { node: w.node.clone(), dst: q.dst, identity: identity.filter(|_| meshed) }))
+            (true, Some(Next { node: w.node.to_string(), dst: q.dst, identity: identity.filter(|_| meshed) }))
         }
         None => {
             steps.push(step("kernel", "service", "info", format!("{} is neither a Service VIP nor a workload: passed through as addressed", q.dst), None));
@@ -286,7 +286,7 @@ fn direct(state: &State, q: &Query, captured: bool, identity: Option<String>, st
 
 /// The destination side, for the local workload at `q.dst`.
 fn destination(state: &State, node: &str, q: &Query, steps: &mut Vec<Step>) -> bool {
-    let Some(w) = state.workload(q.dst.ip()).filter(|w| w.node == node) else {
+    let Some(w) = state.workload(q.dst.ip()).filter(|w| *w.node == *node) else {
         steps.push(step("daemon", "destination", "info", format!("{} is not a workload of node {node}", q.dst.ip()), None));
         return true;
     };

@@ -147,7 +147,7 @@ pub fn wanted(state: &State, cfg: &Config) -> BTreeSet<Want> {
     state
         .workloads
         .values()
-        .filter(|w| w.node == cfg.node_name && w.protocol == Protocol::Hbone)
+        .filter(|w| *w.node == *cfg.node_name && w.protocol == Protocol::Hbone)
         .flat_map(|w| {
             let plaintext = cfg.plaintext.is_some_and(|l| serves(l, w.ip));
             [Some(Want::Hbone(w.ip)), cfg.transparent.then_some(Want::Replies(w.ip)), plaintext.then_some(Want::Plaintext(w.ip))]
@@ -361,14 +361,14 @@ mod tests {
 
     fn workload(ip: &str, node: &str, protocol: Protocol) -> Workload {
         Workload {
-            name: format!("w-{ip}"),
+            name: format!("w-{ip}").into(),
             namespace: "demo".into(),
             service_account: "sa".into(),
             workload_name: None,
             ip: ip.parse().expect("ip"),
             node: node.into(),
             node_ip: "198.18.0.1".parse().expect("ip"),
-            labels: BTreeMap::new(),
+            labels: BTreeMap::new().into(),
             protocol,
             locality: None,
         }

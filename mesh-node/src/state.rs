@@ -17,7 +17,7 @@ use mesh_l7::route::RouteTable;
 use tokio::sync::watch;
 
 pub use service::{Endpoint, Service, ServicePort, ServiceProtocol};
-pub use workload::{Protocol, Workload};
+pub use workload::{Protocol, Workload, Workloads};
 
 use crate::{
     authz::{PeerAuthentication, Policy},
@@ -65,7 +65,7 @@ pub struct State {
     pub trust_domain: String,
     /// Istio's root namespace: policies there apply mesh-wide.
     pub root_namespace: String,
-    pub workloads: HashMap<IpAddr, Workload>,
+    pub workloads: Workloads,
     pub policies: Vec<Policy>,
     pub peer_authentications: Vec<PeerAuthentication>,
     /// End-user JWT providers (`crate::authn`).
@@ -90,15 +90,10 @@ impl State {
         snap.services.shrink_to_fit();
         // An address two workloads claim belongs to neither (the controller already takes it
         // from both; a file or an older controller may not): the rest of the update applies.
-        let mut workloads = HashMap::new();
-        let mut shared = std::collections::HashSet::new();
-        for w in snap.workloads {
-            if let Some(old) = workloads.insert(w.ip, w) {
-                tracing::warn!(address = %old.ip, workload = %format!("{}/{}", old.namespace, old.name), "two workloads claim one address: it is taken from both");
-                shared.insert(old.ip);
-            }
+        let (workloads, claimed_twice) = Workloads::new(snap.workloads.into_iter().map(Arc::new));
+        for (a, b) in claimed_twice {
+            tracing::warn!(address = %a.ip, workloads = %format!("{}/{}, {}/{}", a.namespace, a.name, b.namespace, b.name), "two workloads claim one address: it is taken from both");
         }
-        workloads.retain(|ip, _| !shared.contains(ip));
         let mut routes: HashMap<String, HashMap<String, Arc<RouteTable>>> = HashMap::new();
         for t in snap.routes {
             routes.entry(t.namespace.clone()).or_default().insert(t.name.clone(), Arc::new(t));
@@ -190,14 +185,13 @@ impl State {
     pub fn local_identities(&self, node: &str) -> BTreeSet<Identity> {
         self.workloads
             .values()
-            .filter(|w| w.node == node && w.protocol == Protocol::Hbone)
+            .filter(|w| *w.node == *node && w.protocol == Protocol::Hbone)
             .map(|w| self.identity(w))
             .collect()
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let mut workloads: Vec<Workload> = self.workloads.values().cloned().collect();
-        workloads.sort_by_key(|w| w.ip);
+        let workloads: Vec<Workload> = self.workloads.values().cloned().collect();
         Snapshot {
             workloads,
             policies: self.policies.clone(),
@@ -236,6 +230,6 @@ mod tests {
         let snap: Snapshot = serde_json::from_str(&json).expect("snapshot");
         let state = State::build("cluster.local", "mesh-system", snap).expect("the update applies");
         assert!(state.workload("198.18.1.10".parse().expect("ip")).is_none(), "nobody's identity at the shared address");
-        assert_eq!(state.workload("198.18.1.11".parse().expect("ip")).map(|w| w.name.as_str()), Some("b"));
+        assert_eq!(state.workload("198.18.1.11".parse().expect("ip")).map(|w| &*w.name), Some("b"));
     }
 }

@@ -161,10 +161,10 @@ async fn node_receives_its_view_live_and_certificates_from_the_controller_ca() {
     assert!(version >= 1);
     assert_eq!(restored.services.len(), state.services.len(), "the saved config holds the Services");
     let client_w = state.workload(IpAddr::from([198, 18, 1, 11])).expect("own workload");
-    assert_eq!((client_w.protocol, client_w.node.as_str()), (Protocol::Hbone, "n1"));
+    assert_eq!((client_w.protocol, &*client_w.node), (Protocol::Hbone, "n1"));
     // A remote pod arrives only as a Service endpoint, and still tells where to tunnel.
     let remote = state.workload(IpAddr::from([198, 18, 2, 11])).expect("remote meshed endpoint");
-    assert_eq!((remote.node_ip, remote.service_account.as_str()), (IpAddr::from([198, 18, 0, 2]), "whoami"));
+    assert_eq!((remote.node_ip, &*remote.service_account), (IpAddr::from([198, 18, 0, 2]), "whoami"));
     let svc = &state.services[0];
     assert_eq!((svc.vips[0], svc.ports[0].port, svc.ports[0].target_port), (IpAddr::from([198, 19, 0, 10]), 80, 8080));
 

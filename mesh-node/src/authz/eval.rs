@@ -85,7 +85,7 @@ pub(crate) fn applies(p: &Policy, root_namespace: &str, dst: &Workload) -> bool 
 /// Istio's selection of a policy in `namespace` with `selector`: one in the root namespace
 /// applies mesh-wide, another to its own namespace; the selector (if any) narrows by labels.
 pub(crate) fn selects(namespace: &str, selector: Option<&BTreeMap<String, String>>, root_namespace: &str, dst: &Workload) -> bool {
-    let ns_ok = namespace == root_namespace || namespace == dst.namespace;
+    let ns_ok = namespace == root_namespace || namespace == &*dst.namespace;
     ns_ok && selector.is_none_or(|sel| sel.iter().all(|(k, v)| dst.labels.get(k) == Some(v)))
 }
 

@@ -31,7 +31,7 @@ pub fn mode_for(pas: &[PeerAuthentication], root_namespace: &str, w: &Workload) 
     let selected = |p: &&PeerAuthentication| {
         p.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
     };
-    let own = || pas.iter().filter(|p| p.namespace == w.namespace);
+    let own = || pas.iter().filter(|p| *p.namespace == *w.namespace);
     own()
         .find(selected)
         .or_else(|| own().find(|p| p.selector.is_none()))

@@ -13,14 +13,14 @@ const ROOT: &str = "istio-system";
 
 fn wl(ns: &str, app: &str) -> Workload {
     Workload {
-        name: format!("{app}-0"),
+        name: format!("{app}-0").into(),
         namespace: ns.into(),
         service_account: app.into(),
         workload_name: None,
         ip: "198.18.2.11".parse().expect("ip"),
         node: "n2".into(),
         node_ip: "198.18.0.2".parse().expect("ip"),
-        labels: BTreeMap::from([("app".into(), app.into())]),
+        labels: BTreeMap::from([("app".into(), app.into())]).into(),
         protocol: Protocol::Hbone,
         locality: None,
     }

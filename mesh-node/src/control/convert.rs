@@ -17,6 +17,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     net::{IpAddr, Ipv4Addr},
     str::FromStr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -26,7 +27,7 @@ use super::Error;
 use crate::{
     authn::RequestAuthentication,
     authz::{Action, Condition, Destination, Mode, PeerAuthentication, Policy, Rule, Source},
-    state::{Endpoint, Protocol, Service, ServicePort, ServiceProtocol, Snapshot, Workload, service},
+    state::{Endpoint, Protocol, Service, ServicePort, ServiceProtocol, Snapshot, Workload, service, workload::Interner},
     telemetry::policy,
 };
 
@@ -58,9 +59,10 @@ fn ns_sa(identity: &str) -> Option<(String, String)> {
 /// a local workload's node address when the controller sends none.
 pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, node: &str, own_address: IpAddr) -> Result<Snapshot, Error> {
     let mut snap = Snapshot::default();
+    let mut shared = Shared::default();
     for r in resources {
         match r.kind {
-            Some(pb::resource::Kind::Workload(w)) => snap.workloads.extend(workloads(&w, node, own_address)?),
+            Some(pb::resource::Kind::Workload(w)) => workloads(&w, node, own_address, &mut shared, &mut snap.workloads)?,
             Some(pb::resource::Kind::Service(s)) => snap.services.push(service(&s)?),
             Some(pb::resource::Kind::AuthorizationPolicy(p)) => snap.policies.push(policy(&p)?),
             Some(pb::resource::Kind::PeerAuthentication(p)) => snap.peer_authentications.extend(peer_authentication(&p)?),
@@ -81,44 +83,62 @@ pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, node: &str, o
             continue;
         }
         workloads.push(Workload {
-            name: e.address.to_string(),
-            namespace,
-            service_account,
+            name: e.address.to_string().into(),
+            namespace: shared.name(&namespace),
+            service_account: shared.name(&service_account),
             workload_name: None,
             ip: e.address,
-            node: e.node.to_string(),
+            node: e.node.clone(),
             node_ip,
-            labels: BTreeMap::new(),
+            labels: shared.labels(BTreeMap::new()),
             protocol: Protocol::Hbone,
-            locality: e.locality.clone(),
+            locality: e.locality.as_deref().map(|l| shared.name(l)),
         });
     }
     Ok(snap)
 }
 
-fn workloads(w: &pb::Workload, node: &str, own_address: IpAddr) -> Result<Vec<Workload>, Error> {
+/// One copy of each name and label set the workloads of an update repeat: the pods of a
+/// Deployment share a namespace, a service account, a node's name and (per ReplicaSet) their
+/// labels. A copy per pod was most of a node's memory at 100,000 workloads.
+#[derive(Default)]
+struct Shared {
+    names: Interner<str>,
+    labels: Interner<BTreeMap<String, String>>,
+}
+
+impl Shared {
+    fn name(&mut self, name: &str) -> Arc<str> {
+        self.names.get(name, |n| Arc::from(n))
+    }
+
+    fn labels(&mut self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
+        self.labels.get(&labels, |l| Arc::new(l.clone()))
+    }
+}
+
+fn workloads(w: &pb::Workload, node: &str, own_address: IpAddr, shared: &mut Shared, into: &mut Vec<Workload>) -> Result<(), Error> {
     let known = if w.node_address.is_empty() { None } else { Some(ip(&w.node_address, &w.uid)?) };
-    w.addresses
-        .iter()
-        .map(|a| {
-            let addr = ip(a, &format!("workload {}", w.uid))?;
-            // Without a node address: our own for local workloads; for another node's, the pod's
-            // address, where that node's policy routing brings HBONE to its daemon (never ours).
-            let node_ip = known.unwrap_or(if w.node == node { own_address } else { addr });
-            Ok(Workload {
-                name: w.name.clone(),
-                namespace: w.namespace.clone(),
-                service_account: w.service_account.clone(),
-                workload_name: None,
-                ip: addr,
-                node: w.node.clone(),
-                node_ip,
-                labels: w.labels.clone().into_iter().collect(),
-                protocol: if w.meshed { Protocol::Hbone } else { Protocol::Tcp },
-                locality: (!w.locality.is_empty()).then(|| w.locality.clone()),
-            })
-        })
-        .collect()
+    let labels = shared.labels(w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    for a in &w.addresses {
+        let addr = ip(a, &format!("workload {}", w.uid))?;
+        // Without a node address: our own for local workloads; for another node's, the pod's
+        // address, where that node's policy routing brings HBONE to its daemon (never ours).
+        let node_ip = known.unwrap_or(if w.node == node { own_address } else { addr });
+        into.push(Workload {
+            name: Arc::from(w.name.as_str()),
+            namespace: shared.name(&w.namespace),
+            service_account: shared.name(&w.service_account),
+            workload_name: None,
+            ip: addr,
+            node: shared.name(&w.node),
+            node_ip,
+            labels: labels.clone(),
+            protocol: if w.meshed { Protocol::Hbone } else { Protocol::Tcp },
+            locality: (!w.locality.is_empty()).then(|| shared.name(&w.locality)),
+        });
+    }
+    Ok(())
 }
 
 fn service(s: &pb::Service) -> Result<Service, Error> {
@@ -237,7 +257,7 @@ fn request_authentication(r: &pb::RequestAuthentication) -> Result<RequestAuthen
         .map(|j| {
             let jwks = match (j.jwks_uri.is_empty(), j.jwks.is_empty()) {
                 (false, true) => Jwks::Uri(j.jwks_uri.clone()),
-                (true, false) => Jwks::Inline(std::sync::Arc::new(KeySet::parse(&j.jwks).map_err(|e| invalid(format!("{what}: issuer {}: {e}", j.issuer)))?)),
+                (true, false) => Jwks::Inline(Arc::new(KeySet::parse(&j.jwks).map_err(|e| invalid(format!("{what}: issuer {}: {e}", j.issuer)))?)),
                 _ => return Err(invalid(format!("{what}: issuer {}: exactly one of jwks_uri and jwks", j.issuer))),
             };
             Ok(Provider {
@@ -350,7 +370,7 @@ mod tests {
             workload("known", "n2", "198.18.2.12", "198.18.0.2"),
         ];
         let snap = snapshot(resources, "n1", own).expect("snapshot");
-        let node_ip = |name: &str| snap.workloads.iter().find(|w| w.name == name).expect(name).node_ip.to_string();
+        let node_ip = |name: &str| snap.workloads.iter().find(|w| *w.name == *name).expect(name).node_ip.to_string();
         assert_eq!(node_ip("local"), "198.18.0.1");
         assert_eq!(node_ip("remote"), "198.18.2.11", "never this node's address for another node's pod");
         assert_eq!(node_ip("known"), "198.18.0.2");

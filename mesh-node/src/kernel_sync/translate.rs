@@ -55,7 +55,7 @@ pub fn identities(state: &State) -> Vec<String> {
 pub fn translate_with(state: &State, node: &str, cgroups: &BTreeMap<PathBuf, Vec<IpAddr>>, ejected: Ejected<'_>) -> Desired {
     let identity_of = |w: &Workload| state.identity(w).to_string();
     let ids = Ids(identities(state).into_iter().zip(1..).collect());
-    let local: Vec<&Workload> = state.workloads.values().filter(|w| w.node == node).collect();
+    let local: Vec<&Workload> = state.workloads.values().filter(|w| *w.node == *node).collect();
 
     // This node's pods: every cgroup whose network namespace holds a local workload's address.
     let mut pods = Vec::new();
@@ -234,7 +234,7 @@ mod tests {
             ip: IpAddr::from(ip),
             node: node.into(),
             node_ip: IpAddr::from([198, 18, 0, 1]),
-            labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+            labels: BTreeMap::from([("app".to_owned(), name.to_owned())]).into(),
             protocol: if meshed { WorkloadProtocol::Hbone } else { WorkloadProtocol::Tcp },
             locality: None,
         }
@@ -340,7 +340,7 @@ mod tests {
         let mut snap = state(vec![], vec![]).snapshot();
         // A second workload as `server`, with other labels, on another node.
         let mut twin = workload("twin", "n2", [198, 18, 2, 13], "server", true);
-        twin.labels = BTreeMap::from([("app".to_owned(), "twin".to_owned())]);
+        twin.labels = BTreeMap::from([("app".to_owned(), "twin".to_owned())]).into();
         snap.workloads.push(twin);
         let build = |policies: Vec<Policy>, snap: &Snapshot| {
             let mut snap = snap.clone();
@@ -353,7 +353,7 @@ mod tests {
         both.selector = None;
         assert_eq!(translate(&build(vec![both.clone()], &snap), "n1", &cgroups()).deny.len(), 2, "client and server: every meshed workload of both identities is selected; plain is unmeshed");
         let mut unmeshed = snap.clone();
-        unmeshed.workloads.iter_mut().find(|w| w.name == "twin").expect("twin").protocol = WorkloadProtocol::Tcp;
+        unmeshed.workloads.iter_mut().find(|w| &*w.name == "twin").expect("twin").protocol = WorkloadProtocol::Tcp;
         let d = translate(&build(vec![both], &unmeshed), "n1", &cgroups());
         let server_id = d.endpoints.iter().find(|e| e.addr == IpAddr::from([198, 18, 1, 13])).expect("server").identity;
         assert!(d.deny.iter().all(|r| r.dst_identity != server_id), "no daemon authorizes the unmeshed twin: nothing may deny it in the kernel");

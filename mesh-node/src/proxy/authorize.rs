@@ -55,6 +55,6 @@ pub async fn connect_pod(inputs: &Inputs, state: &State, src_ip: IpAddr, dst: So
 /// client's own in transparent mode (not for clients on this node, see [`connect_pod`]), else
 /// the node's (`None`).
 pub fn pod_source(inputs: &Inputs, state: &State, src_ip: IpAddr) -> Option<IpAddr> {
-    let neighbour = state.workload(src_ip).is_some_and(|w| w.node == inputs.cfg.node_name);
+    let neighbour = state.workload(src_ip).is_some_and(|w| *w.node == *inputs.cfg.node_name);
     (inputs.cfg.transparent && !neighbour).then_some(src_ip)
 }

@@ -85,7 +85,7 @@ impl Inbound {
 /// The local identity whose certificate to present: named by SNI (our clients send it), or, for
 /// clients that dial the pod address (ztunnel does), the workload the connection was addressed to.
 fn server_identity(state: &State, node: &str, sni: Option<&str>, local: SocketAddr) -> Option<Identity> {
-    let local_meshed = |w: &&Workload| w.node == node && w.protocol == Protocol::Hbone;
+    let local_meshed = |w: &&Workload| *w.node == *node && w.protocol == Protocol::Hbone;
     if let Some(sni) = sni
         && let Some(w) = state.workloads.values().filter(local_meshed).find(|w| state.identity(w).sni() == sni)
     {
@@ -228,7 +228,7 @@ pub fn check_connect(state: &State, conn: &HboneConn<'_>, req: &http::request::P
         return Err(StatusCode::METHOD_NOT_ALLOWED);
     }
     let dst = req.uri.authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()).ok_or(StatusCode::BAD_REQUEST)?;
-    let dst_w = state.workload(dst.ip()).filter(|w| w.node == conn.node && w.protocol == Protocol::Hbone).ok_or(StatusCode::BAD_REQUEST)?;
+    let dst_w = state.workload(dst.ip()).filter(|w| *w.node == *conn.node && w.protocol == Protocol::Hbone).ok_or(StatusCode::BAD_REQUEST)?;
     // The stream must target the workload whose certificate the client verified.
     if state.identity(dst_w) != *conn.served {
         return Err(StatusCode::MISDIRECTED_REQUEST);

@@ -77,7 +77,7 @@ pub async fn handle(inputs: &Inputs, http: &Arc<l7::Shared>, mut client: TcpStre
     let node = &inputs.cfg.node_name;
     let dst_w = state
         .workload(dst.ip())
-        .filter(|w| &w.node == node && w.protocol == Protocol::Hbone)
+        .filter(|w| *w.node == **node && w.protocol == Protocol::Hbone)
         .ok_or(Error::NoServerIdentity { sni: None, addr: dst })?;
     if authz::mode_for(&state.peer_authentications, &state.root_namespace, dst_w) == Mode::Strict {
         inputs.metrics.deny("strict_mtls");

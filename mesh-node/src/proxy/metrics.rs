@@ -56,7 +56,7 @@ pub struct Peer<'a> {
 pub fn peer_labels(reporter: Reporter, src: Peer<'_>, dst: Peer<'_>, policy: SecurityPolicy, cluster: &str) -> PeerLabels {
     let unknown = || Arc::from(UNKNOWN);
     let name = |p: Peer<'_>| p.workload.map_or_else(unknown, |w| Arc::from(w.workload_name()));
-    let ns = |p: Peer<'_>| p.workload.map_or_else(unknown, |w| Arc::from(w.namespace.as_str()));
+    let ns = |p: Peer<'_>| p.workload.map_or_else(unknown, |w| w.namespace.clone());
     let principal = |p: Peer<'_>| p.identity.map_or_else(unknown, |i| Arc::from(i.to_string()));
     // Workload-less peers are `unknown` for both (Istio's value when nothing is known).
     let service = |p: Peer<'_>| p.workload.map_or_else(unknown, |w| canonical(w).0);
@@ -242,7 +242,7 @@ pub struct Pruner {
 impl Pruner {
     /// One pass at `now`; returns how many label sets went.
     pub fn sweep(&mut self, metrics: &Metrics, state: &State, now: Instant) -> usize {
-        let live: HashSet<(&str, &str)> = state.workloads.values().map(|w| (w.namespace.as_str(), w.workload_name())).collect();
+        let live: HashSet<(&str, &str)> = state.workloads.values().map(|w| (&*w.namespace, w.workload_name())).collect();
         let mut still_missing = HashSet::new();
         let missing_since = &mut self.missing_since;
         let mut keep = |p: &PeerLabels| {
@@ -301,14 +301,14 @@ mod tests {
 
     fn workload(name: &str, ip: &str) -> Workload {
         Workload {
-            name: format!("{name}-pod"),
+            name: format!("{name}-pod").into(),
             namespace: "demo".into(),
             service_account: name.into(),
             workload_name: Some(name.into()),
             ip: ip.parse().expect("ip"),
             node: "n1".into(),
             node_ip: "198.18.0.1".parse().expect("ip"),
-            labels: BTreeMap::new(),
+            labels: BTreeMap::new().into(),
             protocol: Protocol::Hbone,
             locality: None,
         }

@@ -95,7 +95,7 @@ impl Handler {
         // Only this node's meshed pods are captured; anything else here would make us an open relay.
         let src_w = state
             .workload(peer.ip())
-            .filter(|w| &w.node == node && w.protocol == Protocol::Hbone)
+            .filter(|w| *w.node == **node && w.protocol == Protocol::Hbone)
             .ok_or(Error::UnknownSource(peer.ip()))?;
         // A captured connection to a Service VIP: meshed clients are captured before the
         // kernel's socket LB would have balanced them, so it happens here.
@@ -130,7 +130,7 @@ impl Handler {
             return Err(Error::SelfCall(dst));
         }
         match state.workload(dst.ip()).filter(|w| w.protocol == Protocol::Hbone) {
-            Some(dst_w) if &dst_w.node == node => self.same_node(client, peer, dst, &state, src_w, dst_w).await,
+            Some(dst_w) if *dst_w.node == **node => self.same_node(client, peer, dst, &state, src_w, dst_w).await,
             Some(dst_w) => self.hbone(client, peer, dst, &state, src_w, dst_w).await,
             None => self.passthrough(client, peer, dst, &state, src_w).await,
         }

@@ -97,7 +97,7 @@ impl Service {
 /// Serde for shared names as plain strings, without serde's `rc` feature (enabling it would
 /// rebuild every crate that uses serde). Parsing interns ([`intern`]): no string is allocated
 /// per endpoint.
-mod shared_name {
+pub(crate) mod shared_name {
     use std::{fmt, sync::Arc};
 
     use serde::{Deserializer, Serializer, de::Visitor};

@@ -101,8 +101,8 @@ pub struct Resolved {
 fn levels<'a>(all: &'a [Telemetry], root_namespace: &'a str, w: &'a Workload) -> impl Iterator<Item = &'a Telemetry> {
     let selects = |t: &Telemetry| t.selector.as_ref().is_some_and(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)));
     let mesh = all.iter().filter(move |t| t.namespace == root_namespace && t.selector.is_none());
-    let namespace = all.iter().filter(move |t| t.namespace == w.namespace && t.namespace != root_namespace && t.selector.is_none());
-    let workload = all.iter().filter(move |t| (t.namespace == w.namespace || t.namespace == root_namespace) && selects(t));
+    let namespace = all.iter().filter(move |t| *t.namespace == *w.namespace && t.namespace != root_namespace && t.selector.is_none());
+    let workload = all.iter().filter(move |t| (*t.namespace == *w.namespace || t.namespace == root_namespace) && selects(t));
     mesh.chain(namespace).chain(workload)
 }
 
@@ -150,14 +150,14 @@ mod tests {
 
     fn workload(ns: &str, app: &str) -> Workload {
         Workload {
-            name: format!("{app}-1"),
+            name: format!("{app}-1").into(),
             namespace: ns.into(),
             service_account: "default".into(),
             workload_name: None,
             ip: "198.18.1.10".parse().expect("ip"),
             node: "n1".into(),
             node_ip: "198.18.0.1".parse().expect("ip"),
-            labels: [("app".to_owned(), app.to_owned())].into(),
+            labels: BTreeMap::from([("app".to_owned(), app.to_owned())]).into(),
             protocol: crate::state::Protocol::Hbone,
             locality: None,
         }

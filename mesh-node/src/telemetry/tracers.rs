@@ -92,7 +92,7 @@ impl Tracers {
                 mesh_id: Arc::from(state.trust_domain.as_str()),
                 canonical_service,
                 canonical_revision,
-                namespace: Arc::from(w.namespace.as_str()),
+                namespace: w.namespace.clone(),
                 service,
 
                 ip: Some(w.ip),

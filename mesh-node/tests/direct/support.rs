@@ -42,14 +42,14 @@ pub fn ip(s: &str) -> IpAddr {
 
 pub fn workload(name: &str, addr: &str, node: &str, node_ip: &str) -> Workload {
     Workload {
-        name: format!("{name}-0"),
+        name: format!("{name}-0").into(),
         namespace: "default".into(),
         service_account: name.into(),
         workload_name: Some(name.into()),
         ip: ip(addr),
         node: node.into(),
         node_ip: ip(node_ip),
-        labels: BTreeMap::from([("app".into(), name.into())]),
+        labels: BTreeMap::from([("app".into(), name.into())]).into(),
         protocol: Protocol::Hbone,
         locality: None,
     }

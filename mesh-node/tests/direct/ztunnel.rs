@@ -274,7 +274,7 @@ async fn a_ztunnel_client_dialing_the_pod_address_is_served_with_that_pods_ident
     snap.workloads.push(workload("d", "127.0.0.6", "n2", N2));
     let mesh = Mesh::start(snap.clone(), Opts::default()).await;
     let (pod_b, pod_d) = (echo_pod(B).await, echo_pod("127.0.0.6").await);
-    let who = |name: &str| identity(snap.workloads.iter().find(|w| w.service_account == name).expect("workload"));
+    let who = |name: &str| identity(snap.workloads.iter().find(|w| *w.service_account == *name).expect("workload"));
     let hbone = SocketAddr::new(ip(B), mesh.n2.bound.inbound.port());
     let ca = mesh.ca.clone();
     let results = ztunnel_connect(&ca, ip(A), hbone, &who("a"), &who("b"), &[pod_b.addr, pod_d.addr]).await;

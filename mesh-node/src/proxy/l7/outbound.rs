@@ -216,7 +216,7 @@ impl Upstream {
             &cfg.cluster_id,
         );
         set_service(&mut peers, Some(service), &cfg.cluster_domain);
-        let local = dst_w.filter(|w| endpoint.meshed && w.node == cfg.node_name && w.protocol == Protocol::Hbone);
+        let local = dst_w.filter(|w| endpoint.meshed && *w.node == *cfg.node_name && w.protocol == Protocol::Hbone);
         let path = if let Some(w) = local {
             let caller = inbound::Caller { identity: Some(self.client_identity.clone()), workload: Some((*self.client).clone()), ip: self.client.ip };
             Path::Local(inbound::local_stack(&self.inputs, &self.shared, state, caller, w, addr, "same-node"))
@@ -385,7 +385,7 @@ where
         let rx = inputs.state.clone();
         move || rx.borrow().route_table(&namespace, &name)
     };
-    let info = ClientInfo { namespace: Some(Arc::from(src_w.namespace.as_str())), labels: Some(Arc::new(src_w.labels.clone())) };
+    let info = ClientInfo { namespace: Some(src_w.namespace.clone()), labels: Some(src_w.labels.clone()) };
     let mut base = peer_labels(
         Reporter::source,
         Peer { workload: Some(src_w), identity: Some(&client_identity) },
