@@ -13,6 +13,7 @@ mod ca;
 pub mod convert;
 pub mod last_config;
 mod node_cert;
+mod store;
 mod stream;
 
 use std::{path::PathBuf, time::Duration};

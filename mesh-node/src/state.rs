@@ -59,6 +59,51 @@ pub struct Snapshot {
     pub mesh_tracing: crate::telemetry::policy::MeshTracing,
 }
 
+/// What a [`State`] is built from: a [`Snapshot`]'s contents, with the workloads and Services
+/// shared.
+#[derive(Debug, Default)]
+pub struct Parts {
+    pub workloads: Vec<Arc<Workload>>,
+    pub services: Vec<Arc<Service>>,
+    pub policies: Vec<Policy>,
+    pub peer_authentications: Vec<PeerAuthentication>,
+    pub routes: Vec<RouteTable>,
+    pub request_authentications: Vec<crate::authn::RequestAuthentication>,
+    pub telemetry: Vec<crate::telemetry::policy::Telemetry>,
+    pub mesh_tracing: crate::telemetry::policy::MeshTracing,
+}
+
+impl From<Snapshot> for Parts {
+    fn from(snap: Snapshot) -> Self {
+        Self {
+            workloads: snap.workloads.into_iter().map(Arc::new).collect(),
+            services: snap.services.into_iter().map(Arc::new).collect(),
+            policies: snap.policies,
+            peer_authentications: snap.peer_authentications,
+            routes: snap.routes,
+            request_authentications: snap.request_authentications,
+            telemetry: snap.telemetry,
+            mesh_tracing: snap.mesh_tracing,
+        }
+    }
+}
+
+impl From<Parts> for Snapshot {
+    /// Copies what is still shared.
+    fn from(parts: Parts) -> Self {
+        Self {
+            workloads: parts.workloads.into_iter().map(Arc::unwrap_or_clone).collect(),
+            services: parts.services.into_iter().map(Arc::unwrap_or_clone).collect(),
+            policies: parts.policies,
+            peer_authentications: parts.peer_authentications,
+            routes: parts.routes,
+            request_authentications: parts.request_authentications,
+            telemetry: parts.telemetry,
+            mesh_tracing: parts.mesh_tracing,
+        }
+    }
+}
+
 /// One consistent view, indexed for the per-connection lookups.
 #[derive(Debug, Default)]
 pub struct State {
@@ -73,7 +118,7 @@ pub struct State {
     /// Tracing and access-log settings (`crate::telemetry::policy`).
     pub telemetry: Vec<crate::telemetry::policy::Telemetry>,
     pub mesh_tracing: crate::telemetry::policy::MeshTracing,
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     /// Route tables by Service namespace, then name (nested: a per-request lookup borrows).
     pub routes: HashMap<String, HashMap<String, Arc<RouteTable>>>,
     /// VIP and serving-Service lookups over `services`, built with them.
@@ -84,22 +129,29 @@ pub struct State {
 }
 
 impl State {
-    pub fn build(trust_domain: &str, root_namespace: &str, mut snap: Snapshot) -> Result<Self, Error> {
+    pub fn build(trust_domain: &str, root_namespace: &str, snap: Snapshot) -> Result<Self, Error> {
         // The state lives until the next update: it keeps only the Services it holds (the
         // parsers already size each endpoint list exactly and share the names in it).
-        snap.services.shrink_to_fit();
+        let parts = Parts::from(snap);
+        Ok(Self::from_parts(trust_domain, root_namespace, parts))
+    }
+
+    /// The state of `parts`, sharing their workloads and Services (the control plane's store
+    /// keeps them between updates, `crate::control::store`).
+    pub fn from_parts(trust_domain: &str, root_namespace: &str, mut parts: Parts) -> Self {
+        parts.services.shrink_to_fit();
         // An address two workloads claim belongs to neither (the controller already takes it
         // from both; a file or an older controller may not): the rest of the update applies.
-        let (workloads, claimed_twice) = Workloads::new(snap.workloads.into_iter().map(Arc::new));
+        let (workloads, claimed_twice) = Workloads::new(parts.workloads);
         for (a, b) in claimed_twice {
             tracing::warn!(address = %a.ip, workloads = %format!("{}/{}, {}/{}", a.namespace, a.name, b.namespace, b.name), "two workloads claim one address: it is taken from both");
         }
         let mut routes: HashMap<String, HashMap<String, Arc<RouteTable>>> = HashMap::new();
-        for t in snap.routes {
+        for t in parts.routes {
             routes.entry(t.namespace.clone()).or_default().insert(t.name.clone(), Arc::new(t));
         }
         // Services without routes get their implicit one once here, not per request.
-        for s in snap.services.iter().filter(|s| s.ports.iter().any(|p| p.app_protocol().is_http())) {
+        for s in parts.services.iter().filter(|s| s.ports.iter().any(|p| p.app_protocol().is_http())) {
             routes
                 .entry(s.namespace.clone())
                 .or_default()
@@ -107,26 +159,26 @@ impl State {
                 .or_insert_with(|| Arc::new(RouteTable::default_for(&s.namespace, &s.name)));
         }
         let mut rate_limits = HashMap::new();
-        for s in &snap.services {
+        for s in &parts.services {
             let Some(limit) = routes.get(&s.namespace).and_then(|n| n.get(&s.name)).and_then(|t| t.rate_limit.clone()) else { continue };
             for e in &s.endpoints {
                 rate_limits.entry(e.address).or_insert_with(|| (Arc::from(format!("{}/{}@{}", s.namespace, s.name, e.address)), limit.clone()));
             }
         }
-        Ok(Self {
+        Self {
             rate_limits,
             trust_domain: trust_domain.to_owned(),
             root_namespace: root_namespace.to_owned(),
             workloads,
-            policies: snap.policies,
-            peer_authentications: snap.peer_authentications,
-            request_authn: snap.request_authentications,
-            telemetry: snap.telemetry,
-            mesh_tracing: snap.mesh_tracing,
-            service_index: service::Index::build(&snap.services),
-            services: snap.services,
+            policies: parts.policies,
+            peer_authentications: parts.peer_authentications,
+            request_authn: parts.request_authentications,
+            telemetry: parts.telemetry,
+            mesh_tracing: parts.mesh_tracing,
+            service_index: service::Index::build(&parts.services),
+            services: parts.services,
             routes,
-        })
+        }
     }
 
     pub fn workload(&self, ip: IpAddr) -> Option<&Workload> {
@@ -196,7 +248,7 @@ impl State {
             workloads,
             policies: self.policies.clone(),
             peer_authentications: self.peer_authentications.clone(),
-            services: self.services.clone(),
+            services: self.services.iter().map(|s| Service::clone(s)).collect(),
             routes: {
                 // Explicit tables only: the implicit ones are implied by the Services.
                 let mut r: Vec<RouteTable> = self.routes.values().flat_map(HashMap::values).filter(|t| !t.is_implicit()).map(|t| RouteTable::clone(t)).collect();

@@ -21,13 +21,14 @@ use std::{
 };
 
 use ipnet::IpNet;
+use mesh_l7::route::RouteTable;
 use mesh_proto::config::v1 as pb;
 
 use super::Error;
 use crate::{
     authn::RequestAuthentication,
     authz::{Action, Condition, Destination, Mode, PeerAuthentication, Policy, Rule, Source},
-    state::{Endpoint, Protocol, Service, ServicePort, ServiceProtocol, Snapshot, Workload, service, workload::Interner},
+    state::{Endpoint, Parts, Protocol, Service, ServicePort, ServiceProtocol, Snapshot, Workload, service, workload::Interner},
     telemetry::policy,
 };
 
@@ -53,36 +54,72 @@ fn ns_sa(identity: &str) -> Option<(String, String)> {
     }
 }
 
-/// Converts a complete set of resources into a snapshot for `own_address` (this node's HBONE
-/// address, used when a local workload's node address is not given).
-/// `node` and `own_address` are this node's name and HBONE address: the address stands in for
-/// a local workload's node address when the controller sends none.
-pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, node: &str, own_address: IpAddr) -> Result<Snapshot, Error> {
-    let mut snap = Snapshot::default();
-    let mut shared = Shared::default();
-    for r in resources {
-        match r.kind {
-            Some(pb::resource::Kind::Workload(w)) => workloads(&w, node, own_address, &mut shared, &mut snap.workloads)?,
-            Some(pb::resource::Kind::Service(s)) => snap.services.push(service(&s)?),
-            Some(pb::resource::Kind::AuthorizationPolicy(p)) => snap.policies.push(policy(&p)?),
-            Some(pb::resource::Kind::PeerAuthentication(p)) => snap.peer_authentications.extend(peer_authentication(&p)?),
-            Some(pb::resource::Kind::RouteTable(t)) => snap.routes.push(routes::route_table(&t)?),
-            Some(pb::resource::Kind::RequestAuthentication(r)) => snap.request_authentications.push(request_authentication(&r)?),
-            Some(pb::resource::Kind::Telemetry(t)) => snap.telemetry.push(telemetry(&t)),
-            Some(pb::resource::Kind::MeshConfig(m)) => snap.mesh_tracing = mesh_tracing(&m)?,
-            None => return Err(invalid("resource without a kind")),
+/// One resource, converted. Workloads and Services are shared with the states built from them
+/// (`crate::state::Parts`), so a node holds each once however many updates keep it. Small (16
+/// bytes): the store holds one per resource, and an inline policy or route table made every
+/// entry of its map as large (~950 bytes a workload instead of ~340).
+#[derive(Clone, Debug)]
+pub enum Converted {
+    /// A workload with one address, the usual case.
+    Workload(Arc<Workload>),
+    /// One per address of the workload.
+    Workloads(Box<[Arc<Workload>]>),
+    Service(Arc<Service>),
+    Policy(Box<Policy>),
+    /// `None`: mode UNSET, which inherits.
+    PeerAuthentication(Option<Box<PeerAuthentication>>),
+    Routes(Box<RouteTable>),
+    RequestAuthentication(Box<RequestAuthentication>),
+    Telemetry(Box<policy::Telemetry>),
+    MeshTracing(Box<policy::MeshTracing>),
+}
+
+/// Converts one resource for this node. `node` and `own_address` are this node's name and HBONE
+/// address: the address stands in for a local workload's node address when the controller
+/// sends none.
+pub fn resource(r: &pb::Resource, node: &str, own_address: IpAddr, shared: &mut Shared) -> Result<Converted, Error> {
+    Ok(match &r.kind {
+        Some(pb::resource::Kind::Workload(w)) => {
+            let mut all = workloads(w, node, own_address, shared)?;
+            if all.len() == 1 { Converted::Workload(all.remove(0)) } else { Converted::Workloads(all.into_boxed_slice()) }
+        }
+        Some(pb::resource::Kind::Service(s)) => Converted::Service(Arc::new(service(s)?)),
+        Some(pb::resource::Kind::AuthorizationPolicy(p)) => Converted::Policy(Box::new(policy(p)?)),
+        Some(pb::resource::Kind::PeerAuthentication(p)) => Converted::PeerAuthentication(peer_authentication(p)?.map(Box::new)),
+        Some(pb::resource::Kind::RouteTable(t)) => Converted::Routes(Box::new(routes::route_table(t)?)),
+        Some(pb::resource::Kind::RequestAuthentication(r)) => Converted::RequestAuthentication(Box::new(request_authentication(r)?)),
+        Some(pb::resource::Kind::Telemetry(t)) => Converted::Telemetry(Box::new(telemetry(t))),
+        Some(pb::resource::Kind::MeshConfig(m)) => Converted::MeshTracing(Box::new(mesh_tracing(m)?)),
+        None => return Err(invalid("resource without a kind")),
+    })
+}
+
+/// The parts of a state from every resource of a config, converted: meshed Service endpoints
+/// the controller did not send as workloads become workloads too (see the module's comment).
+pub fn parts<'a>(all: impl IntoIterator<Item = &'a Converted>, shared: &mut Shared) -> Parts {
+    let mut parts = Parts::default();
+    for c in all {
+        match c {
+            Converted::Workload(w) => parts.workloads.push(w.clone()),
+            Converted::Workloads(w) => parts.workloads.extend(w.iter().cloned()),
+            Converted::Service(s) => parts.services.push(s.clone()),
+            Converted::Policy(p) => parts.policies.push(Policy::clone(p)),
+            Converted::PeerAuthentication(p) => parts.peer_authentications.extend(p.as_deref().cloned()),
+            Converted::Routes(t) => parts.routes.push(RouteTable::clone(t)),
+            Converted::RequestAuthentication(r) => parts.request_authentications.push(RequestAuthentication::clone(r)),
+            Converted::Telemetry(t) => parts.telemetry.push(policy::Telemetry::clone(t)),
+            Converted::MeshTracing(m) => parts.mesh_tracing = policy::MeshTracing::clone(m),
         }
     }
-    let mut known: HashSet<IpAddr> = snap.workloads.iter().map(|w| w.ip).collect();
-    // Read in place: a copy of every endpoint was the largest transient of an update.
-    let Snapshot { services, workloads, .. } = &mut snap;
+    let mut known: HashSet<IpAddr> = parts.workloads.iter().map(|w| w.ip).collect();
+    let Parts { services, workloads, .. } = &mut parts;
     for e in services.iter().flat_map(|s| &s.endpoints) {
         let (Some(identity), Some(node_ip)) = (e.identity.as_deref(), e.node_address) else { continue };
         let Some((namespace, service_account)) = ns_sa(identity) else { continue };
         if !e.meshed || !known.insert(e.address) {
             continue;
         }
-        workloads.push(Workload {
+        workloads.push(Arc::new(Workload {
             name: e.address.to_string().into(),
             namespace: shared.name(&namespace),
             service_account: shared.name(&service_account),
@@ -90,19 +127,29 @@ pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, node: &str, o
             ip: e.address,
             node: e.node.clone(),
             node_ip,
-            labels: shared.labels(BTreeMap::new()),
+            labels: shared.labels(&BTreeMap::new()),
             protocol: Protocol::Hbone,
             locality: e.locality.as_deref().map(|l| shared.name(l)),
-        });
+        }));
     }
-    Ok(snap)
+    parts
 }
 
-/// One copy of each name and label set the workloads of an update repeat: the pods of a
-/// Deployment share a namespace, a service account, a node's name and (per ReplicaSet) their
-/// labels. A copy per pod was most of a node's memory at 100,000 workloads.
+/// Converts a complete set of resources into a snapshot (the saved last config, tests).
+pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, node: &str, own_address: IpAddr) -> Result<Snapshot, Error> {
+    let mut shared = Shared::default();
+    let converted = resources.into_iter().map(|r| resource(&r, node, own_address, &mut shared)).collect::<Result<Vec<_>, Error>>()?;
+    let parts = parts(&converted, &mut shared);
+    drop(converted);
+    Ok(Snapshot::from(parts))
+}
+
+/// One copy of each name and label set the workloads repeat: the pods of a Deployment share a
+/// namespace, a service account, a node's name and (per ReplicaSet) their labels. A copy per pod
+/// was most of a node's memory at 100,000 workloads. Kept across updates by the store, and
+/// pruned of what no workload holds any more.
 #[derive(Default)]
-struct Shared {
+pub struct Shared {
     names: Interner<str>,
     labels: Interner<BTreeMap<String, String>>,
 }
@@ -112,21 +159,29 @@ impl Shared {
         self.names.get(name, |n| Arc::from(n))
     }
 
-    fn labels(&mut self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
-        self.labels.get(&labels, |l| Arc::new(l.clone()))
+    fn labels(&mut self, labels: &BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
+        self.labels.get(labels, |l| Arc::new(l.clone()))
+    }
+
+    /// Forgets what only this holds.
+    pub fn prune(&mut self) {
+        self.names.prune();
+        self.labels.prune();
     }
 }
 
-fn workloads(w: &pb::Workload, node: &str, own_address: IpAddr, shared: &mut Shared, into: &mut Vec<Workload>) -> Result<(), Error> {
+fn workloads(w: &pb::Workload, node: &str, own_address: IpAddr, shared: &mut Shared) -> Result<Vec<Arc<Workload>>, Error> {
     let known = if w.node_address.is_empty() { None } else { Some(ip(&w.node_address, &w.uid)?) };
-    let labels = shared.labels(w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    let labels = shared.labels(&w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    let name: Arc<str> = Arc::from(w.name.as_str());
+    let mut all = Vec::with_capacity(w.addresses.len());
     for a in &w.addresses {
         let addr = ip(a, &format!("workload {}", w.uid))?;
         // Without a node address: our own for local workloads; for another node's, the pod's
         // address, where that node's policy routing brings HBONE to its daemon (never ours).
         let node_ip = known.unwrap_or(if w.node == node { own_address } else { addr });
-        into.push(Workload {
-            name: Arc::from(w.name.as_str()),
+        all.push(Arc::new(Workload {
+            name: name.clone(),
             namespace: shared.name(&w.namespace),
             service_account: shared.name(&w.service_account),
             workload_name: None,
@@ -136,9 +191,9 @@ fn workloads(w: &pb::Workload, node: &str, own_address: IpAddr, shared: &mut Sha
             labels: labels.clone(),
             protocol: if w.meshed { Protocol::Hbone } else { Protocol::Tcp },
             locality: (!w.locality.is_empty()).then(|| shared.name(&w.locality)),
-        });
+        }));
     }
-    Ok(())
+    Ok(all)
 }
 
 fn service(s: &pb::Service) -> Result<Service, Error> {

@@ -5,7 +5,8 @@
 //! protobuf `ConfigUpdate` with `full = true`, replaced atomically after every applied update.
 
 use std::{
-    io::Write as _,
+    collections::HashSet,
+    io::Write,
     path::{Path, PathBuf},
 };
 
@@ -34,28 +35,94 @@ pub enum Error {
     },
 }
 
-/// Writes `resources` (each an encoded `Resource`) at `version` to `path` (a temporary file
-/// renamed over it, so a crash leaves the old or the new file, never half of one). The
-/// `ConfigUpdate` is written field by field around the encoded resources (each an `upserts`
-/// element), so nothing is decoded or copied whole to save it.
-pub fn save<'a>(path: &Path, version: u64, resources: impl IntoIterator<Item = &'a [u8]>) -> Result<(), Error> {
-    use prost::encoding::{WireType, encode_key, encode_varint};
-    let head = pb::ConfigUpdate { version, full: true, more: false, upserts: Vec::new(), removals: Vec::new() };
-    let mut bytes = head.encode_to_vec();
-    for r in resources {
-        encode_key(UPSERTS, WireType::LengthDelimited, &mut bytes);
-        encode_varint(r.len() as u64, &mut bytes);
-        bytes.extend_from_slice(r);
-    }
+/// Saves an applied update at `version`: a `full` one replaces the file; an incremental one
+/// rewrites it with the resources whose keys it replaced or removed (`changed`) left out and
+/// its own `upserts` (each an encoded `Resource`) added. The old file is read back one resource
+/// at a time: the node keeps no encoded copy of its config (`super::store`). The file is
+/// written beside and renamed over the old one, so a crash leaves the old or the new one.
+///
+/// After a failed save the file no longer follows the updates: the caller removes it and
+/// saves again from the next full update.
+pub fn save(path: &Path, version: u64, full: bool, upserts: &[Vec<u8>], changed: &HashSet<Key>) -> Result<(), Error> {
     let io = |source| Error::Io { path: path.to_owned(), source };
     let tmp = path.with_extension("tmp");
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(&bytes).map_err(io)?;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+    let head = pb::ConfigUpdate { version, full: true, more: false, upserts: Vec::new(), removals: Vec::new() };
+    out.write_all(&head.encode_to_vec()).map_err(io)?;
+    if !full {
+        let old = std::fs::File::open(path).map_err(io)?;
+        let mut kept = 0usize;
+        for_each_resource(std::io::BufReader::new(old), |bytes| {
+            let r = pb::Resource::decode(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            if super::store::key_of(&r).is_ok_and(|k| changed.contains(&k)) {
+                return Ok(());
+            }
+            kept += 1;
+            write_resource(&mut out, bytes)
+        })
+        .map_err(io)?;
+        tracing::trace!(kept, "saved config rewritten");
+    }
+    for r in upserts {
+        write_resource(&mut out, r).map_err(io)?;
+    }
+    let f = out.into_inner().map_err(|e| io(e.into_error()))?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// A resource's kind and key (`super::store::Key`).
+type Key = super::store::Key;
+
+fn write_resource(out: &mut impl Write, r: &[u8]) -> std::io::Result<()> {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    let mut head = Vec::with_capacity(12);
+    encode_key(UPSERTS, WireType::LengthDelimited, &mut head);
+    encode_varint(r.len() as u64, &mut head);
+    out.write_all(&head)?;
+    out.write_all(r)
+}
+
+/// Calls `f` with each encoded resource of a saved `ConfigUpdate` read from `input`, one at a
+/// time; the other fields are skipped.
+fn for_each_resource(mut input: impl std::io::BufRead, mut f: impl FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("saved config: {what}"));
+    let mut buf = Vec::new();
+    while !input.fill_buf()?.is_empty() {
+        let tag = read_varint(&mut input)?;
+        let (field, wire) = (tag >> 3, tag & 7);
+        match wire {
+            // varint (version, full, more)
+            0 => drop(read_varint(&mut input)?),
+            // length-delimited (upserts, removals)
+            2 => {
+                let len = usize::try_from(read_varint(&mut input)?).map_err(|_| invalid("length"))?;
+                buf.resize(len, 0);
+                input.read_exact(&mut buf)?;
+                if field == u64::from(UPSERTS) {
+                    f(&buf)?;
+                }
+            }
+            _ => return Err(invalid("unexpected wire type")),
+        }
+    }
+    Ok(())
+}
+
+fn read_varint(input: &mut impl std::io::Read) -> std::io::Result<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let mut byte = [0u8];
+        input.read_exact(&mut byte)?;
+        value |= u64::from(byte[0] & 0x7f) << shift;
+        if byte[0] & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "saved config: varint too long"))
 }
 
 /// The field number of `ConfigUpdate.upserts` (`mesh/config/v1/config.proto`).
@@ -92,9 +159,19 @@ mod tests {
         let policy = pb::Resource {
             kind: Some(pb::resource::Kind::AuthorizationPolicy(pb::AuthorizationPolicy { name: "deny".into(), namespace: "demo".into(), ..Default::default() })),
         };
-        save(&path, 7, [policy.encode_to_vec().as_slice()]).expect("save");
+        save(&path, 7, true, &[policy.encode_to_vec()], &HashSet::new()).expect("save");
         let (version, resources) = load(&path).expect("load").expect("a file");
-        assert_eq!((version, resources), (7, vec![policy]));
+        assert_eq!((version, resources), (7, vec![policy.clone()]));
+        // An incremental update: the policy replaced, a workload added, then the workload removed.
+        let changed = pb::Resource {
+            kind: Some(pb::resource::Kind::AuthorizationPolicy(pb::AuthorizationPolicy { name: "deny".into(), namespace: "demo".into(), dry_run: true, ..Default::default() })),
+        };
+        let workload = pb::Resource { kind: Some(pb::resource::Kind::Workload(pb::Workload { uid: "w".into(), ..Default::default() })) };
+        let keys = |rs: &[&pb::Resource]| rs.iter().map(|r| crate::control::store::key_of(r).expect("key")).collect::<HashSet<_>>();
+        save(&path, 8, false, &[changed.encode_to_vec(), workload.encode_to_vec()], &keys(&[&changed, &workload])).expect("save");
+        assert_eq!(load(&path).expect("load").expect("a file"), (8, vec![changed.clone(), workload.clone()]));
+        save(&path, 9, false, &[], &keys(&[&workload])).expect("save");
+        assert_eq!(load(&path).expect("load").expect("a file"), (9, vec![changed]), "the removed resource is gone, the rest kept");
         std::fs::write(&path, b"\xff\xff not protobuf").expect("corrupt it");
         assert!(matches!(load(&path), Err(Error::Decode { .. })));
     }

@@ -3,9 +3,8 @@
 //! When the node certificate is renewed, move to the new channel at once (the controller would
 //! end a stream opened with the old certificate when that expires).
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
 
-use bytes::Bytes;
 use prost::Message as _;
 
 use mesh_proto::config::v1::{self as pb, config_distribution_client::ConfigDistributionClient, node_message::Kind};
@@ -15,8 +14,11 @@ use prometheus_client::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Connection, Error, convert, last_config};
-use crate::state::{State, StateTx};
+use super::{
+    Connection, Error, last_config,
+    store::{Key, Store, key_of},
+};
+use crate::state::StateTx;
 
 /// Parts of one split update (`more`) a node holds before the last arrives: far above any
 /// real view (the controller sends 1 MiB parts), low enough that a broken controller cannot
@@ -67,72 +69,6 @@ pub struct ConfigClient {
     metrics: Metrics,
     /// Where each applied config is saved (`last_config`).
     last_config: Option<std::path::PathBuf>,
-}
-
-/// The resources of the last applied update, each as the protobuf bytes it came in: decoded,
-/// a config held ~530 bytes an endpoint (a string per field), encoded ~134, and every update
-/// converts all of them anyway (`convert::snapshot`).
-type Resources = BTreeMap<(i32, String), Bytes>;
-
-/// The resources, decoded one at a time as the conversion takes them.
-fn decoded(resources: &Resources) -> impl Iterator<Item = pb::Resource> + '_ {
-    // These are bytes this node encoded from a message it decoded: decoding cannot fail. Were it
-    // to, a resource without a kind makes the conversion refuse the update, with that reason.
-    resources.values().map(|b| pb::Resource::decode(b.as_ref()).unwrap_or_default())
-}
-
-/// The protocol's key (`mesh_proto::resource_key`), as a map key.
-fn key_of(r: &pb::Resource) -> Result<(i32, String), Error> {
-    let key = mesh_proto::resource_key(r.kind.as_ref().ok_or_else(|| Error::Invalid("resource without a kind".into()))?);
-    Ok((key.kind, key.key))
-}
-
-/// Applies `update` to `resources` in place and returns how to take it back (the node keeps its
-/// last good config when the result is refused). Copying every resource to apply an update to
-/// the copy held the whole config twice at every update (~300 bytes an endpoint).
-fn apply(resources: &mut Resources, update: pb::ConfigUpdate) -> Result<Undo, Error> {
-    let upserts = update.upserts.into_iter().map(|r| Ok((key_of(&r)?, Bytes::from(r.encode_to_vec())))).collect::<Result<Vec<_>, Error>>()?;
-    let removals = update.removals.into_iter().map(|k| (k.kind, k.key));
-    if update.full {
-        let whole = std::mem::take(resources);
-        resources.extend(upserts);
-        removals.for_each(|key| drop(resources.remove(&key)));
-        return Ok(Undo { whole: Some(whole), replaced: Vec::new() });
-    }
-    let mut replaced = Vec::new();
-    for (key, r) in upserts {
-        let old = resources.insert(key.clone(), r);
-        replaced.push((key, old));
-    }
-    for key in removals {
-        if let Some(old) = resources.remove(&key) {
-            replaced.push((key, Some(old)));
-        }
-    }
-    Ok(Undo { whole: None, replaced })
-}
-
-/// What [`apply`] changed: the whole previous set for a full update, else each key's previous
-/// value (`None`: it was not there).
-struct Undo {
-    whole: Option<Resources>,
-    replaced: Vec<((i32, String), Option<Bytes>)>,
-}
-
-impl Undo {
-    fn undo(self, resources: &mut Resources) {
-        if let Some(whole) = self.whole {
-            *resources = whole;
-            return;
-        }
-        // Backwards: a key upserted then removed in one update gets its first value back.
-        for (key, old) in self.replaced.into_iter().rev() {
-            match old {
-                Some(r) => resources.insert(key, r),
-                None => resources.remove(&key),
-            };
-        }
-    }
 }
 
 /// The parts of an update the controller split (`more`), joined as they come.
@@ -244,7 +180,10 @@ impl ConfigClient {
         tx.send(send(subscribe)).await.map_err(|_| Error::Invalid("stream closed".into()))?;
         let mut updates = ConfigDistributionClient::new(channel).stream_config(ReceiverStream::new(rx)).await?.into_inner();
         self.metrics.connected.set(1);
-        let mut resources = Resources::new();
+        let mut store = Store::new(&self.node, self.own_address);
+        // A save that failed leaves the file behind the updates: it is removed, and saving
+        // starts again from the next full update.
+        let mut saving = self.last_config.is_some();
         let mut pending = Pending::new(MAX_PENDING_BYTES);
         loop {
             let part = tokio::select! {
@@ -261,19 +200,32 @@ impl ConfigClient {
             };
             let Some(update) = pending.join(part)? else { continue };
             let (number, full) = (update.version, update.full);
-            let undo = apply(&mut resources, update)?;
-            let applied = convert::snapshot(decoded(&resources), &self.node, self.own_address)
-                .and_then(|snap| State::build(&self.trust_domain, &self.root_namespace, snap).map_err(|e| Error::Invalid(e.to_string())));
-            let reply = match applied {
-                Ok(state) => {
-                    drop(undo);
-                    state_tx.send_replace(Arc::new(state));
+            saving |= full && self.last_config.is_some();
+            // What the saved file needs of this update, taken before the store consumes it.
+            let save = saving.then(|| {
+                let upserts: Vec<Vec<u8>> = update.upserts.iter().map(pb::Resource::encode_to_vec).collect();
+                let changed: HashSet<Key> = update.upserts.iter().filter_map(|r| key_of(r).ok()).chain(update.removals.iter().map(|k| (k.kind, k.key.clone()))).collect();
+                (upserts, changed)
+            });
+            let reply = match store.apply(update) {
+                Ok(()) => {
+                    let state = store.state(&self.trust_domain, &self.root_namespace);
+                    drop(state_tx.send_replace(Arc::new(state)));
+                    store.settle();
                     *version = number;
                     self.metrics.applied.inc();
                     self.metrics.version.set(i64::try_from(number).unwrap_or(i64::MAX));
-                    tracing::info!(version = number, full, resources = resources.len(), "config applied");
-                    if let Some(Err(e)) = self.last_config.as_ref().map(|path| last_config::save(path, number, resources.values().map(AsRef::as_ref))) {
-                        tracing::warn!(error = %e, "saving the applied config failed: a restart without the control plane would start from an older one");
+                    tracing::info!(version = number, full, resources = store.len(), "config applied");
+                    if let (Some(path), Some((upserts, changed))) = (&self.last_config, save)
+                        && let Err(e) = last_config::save(path, number, full, &upserts, &changed)
+                    {
+                        tracing::warn!(error = %e, "saving the applied config failed: removed; saving again from the next full update (a restart without the control plane meanwhile starts empty)");
+                        saving = false;
+                        if let Err(e) = std::fs::remove_file(path)
+                            && e.kind() != std::io::ErrorKind::NotFound
+                        {
+                            tracing::warn!(error = %e, path = %path.display(), "removing the saved config failed: a restart without the control plane would start from an older one");
+                        }
                     }
                     if let Some(f) = on_first_sync.take() {
                         f();
@@ -281,7 +233,6 @@ impl ConfigClient {
                     Kind::Ack(pb::Ack { version: number })
                 }
                 Err(e) => {
-                    undo.undo(&mut resources);
                     self.metrics.rejected.inc();
                     tracing::warn!(version = number, error = %e, "config rejected; keeping the last good one");
                     Kind::Nack(pb::Nack { version: number, error: e.to_string() })
@@ -331,34 +282,6 @@ mod tests {
         let mut pending = Pending::new(MAX_PENDING_BYTES);
         pending.join(part(4, true, true, &["a"])).expect("ok");
         assert!(pending.join(part(4, false, false, &["b"])).is_err(), "full changed");
-    }
-
-    fn workload(uid: &str, name: &str) -> pb::Resource {
-        let w = pb::Workload { uid: uid.into(), name: name.into(), ..Default::default() };
-        pb::Resource { kind: Some(pb::resource::Kind::Workload(w)) }
-    }
-
-    #[test]
-    fn a_refused_update_is_taken_back_exactly() {
-        let mut resources = Resources::new();
-        let first = pb::ConfigUpdate { version: 1, full: true, upserts: vec![workload("a", "a1"), workload("b", "b1")], ..Default::default() };
-        apply(&mut resources, first).expect("apply");
-        let before = resources.clone();
-        // Changes a, removes b, adds c and removes it again in the same update.
-        let key = |uid: &str| pb::ResourceKey { kind: pb::ResourceKind::Workload.into(), key: uid.into() };
-        let second = pb::ConfigUpdate { version: 2, upserts: vec![workload("a", "a2"), workload("c", "c1")], removals: vec![key("b"), key("c")], ..Default::default() };
-        let undo = apply(&mut resources, second).expect("apply");
-        assert_eq!(resources.keys().map(|k| k.1.as_str()).collect::<Vec<_>>(), ["a"]);
-        undo.undo(&mut resources);
-        assert_eq!(resources, before);
-        let whole = pb::ConfigUpdate { version: 3, full: true, upserts: vec![workload("z", "z")], ..Default::default() };
-        let undo = apply(&mut resources, whole).expect("apply");
-        assert_eq!(resources.len(), 1);
-        undo.undo(&mut resources);
-        assert_eq!(resources, before, "a refused full update leaves the previous set whole");
-        let nameless = pb::ConfigUpdate { version: 4, upserts: vec![workload("d", "d"), pb::Resource { kind: None }], ..Default::default() };
-        assert!(apply(&mut resources, nameless).is_err());
-        assert_eq!(resources, before, "an update with a resource without a kind changes nothing");
     }
 
     /// What a node fed by mesh-control holds at 10,000 Services × 10 endpoints, as the
@@ -420,22 +343,33 @@ mod tests {
         };
         for with_workloads in [true, false] {
             let start = heap();
-            let mut resources = Resources::new();
             let mut upserts: Vec<pb::Resource> = (0..10_000).map(service).collect();
             if with_workloads {
                 upserts.extend((0..100_000).map(workload));
             }
-            apply(&mut resources, pb::ConfigUpdate { version: 1, full: true, upserts, ..Default::default() }).expect("apply");
-            let held = heap() - start;
             let converting = std::time::Instant::now();
-            let snap = convert::snapshot(decoded(&resources), "node-0", std::net::Ipv4Addr::LOCALHOST.into()).expect("convert");
-            let state = State::build("cluster.local", "mesh-system", snap).expect("state");
+            let mut store = Store::new("node-0", std::net::Ipv4Addr::LOCALHOST.into());
+            store.apply(pb::ConfigUpdate { version: 1, full: true, upserts, ..Default::default() }).expect("apply");
+            let held = heap() - start;
+            let state = store.state("cluster.local", "mesh-system");
+            store.settle();
             let took = converting.elapsed();
             let both = heap() - start;
             assert_eq!(state.workloads.len(), 100_000, "every meshed endpoint is a workload either way");
+            // A second state shares the store's workloads and Services: only its indexes are new.
+            let again = std::time::Instant::now();
+            let second = store.state("cluster.local", "mesh-system");
+            let rebuilt = again.elapsed();
+            let with_second = heap() - start;
+            drop(second);
             let what = if with_workloads { "100,000 workloads and 10,000 Services" } else { "10,000 Services, no workloads" };
-            println!("{what}: held {held} bytes ({} per endpoint); the State built from it: {} bytes, in {took:?}", held / 100_000, both - held);
-            drop((state, resources));
+            println!(
+                "{what}: the store {held} bytes ({} per endpoint); the State built from it adds {} bytes (converted and built in {took:?}); a second State adds {} bytes (built in {rebuilt:?})",
+                held / 100_000,
+                both - held,
+                with_second - both
+            );
+            drop((state, store));
         }
     }
 

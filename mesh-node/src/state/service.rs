@@ -235,8 +235,8 @@ struct Serving {
 }
 
 impl Serving {
-    fn of<'a>(&self, services: &'a [Service]) -> (&'a Service, &'a ServicePort) {
-        let s = &services[self.service as usize];
+    fn of<'a>(&self, services: &'a [Arc<Service>]) -> (&'a Service, &'a ServicePort) {
+        let s = &*services[self.service as usize];
         (s, &s.ports[self.port as usize])
     }
 }
@@ -244,7 +244,7 @@ impl Serving {
 impl Index {
     /// # Panics
     /// With 2^32 Services, or a Service with 2^32 ports, or more.
-    pub fn build(services: &[Service]) -> Self {
+    pub fn build(services: &[Arc<Service>]) -> Self {
         let mut index = Self::default();
         let position = |i: usize| u32::try_from(i).expect("fewer than 2^32 Services and ports");
         for (i, s) in services.iter().enumerate() {
@@ -281,24 +281,24 @@ impl Index {
     }
 
     /// The Service and port a VIP:port (TCP) belongs to.
-    pub fn vip<'a>(&self, services: &'a [Service], dst: SocketAddr) -> Option<(&'a Service, &'a ServicePort)> {
+    pub fn vip<'a>(&self, services: &'a [Arc<Service>], dst: SocketAddr) -> Option<(&'a Service, &'a ServicePort)> {
         let &(i, j) = self.vips.get(&dst)?;
-        Some((&services[i], &services[i].ports[j]))
+        Some((&*services[i], &services[i].ports[j]))
     }
 
-    pub fn by_name<'a>(&self, services: &'a [Service], namespace: &str, name: &str) -> Option<&'a Service> {
-        self.by_name.get(namespace).and_then(|n| n.get(name)).map(|&i| &services[i])
+    pub fn by_name<'a>(&self, services: &'a [Arc<Service>], namespace: &str, name: &str) -> Option<&'a Service> {
+        self.by_name.get(namespace).and_then(|n| n.get(name)).map(|&i| &*services[i])
     }
 
     /// The Service a connection to a pod's `dst` (ip:port) is reaching: one with an endpoint at
     /// that address whose target port is `dst`'s port; when several qualify, the first by
     /// namespace and name, so every daemon reports the same one.
-    pub fn serving<'a>(&self, services: &'a [Service], dst: SocketAddr) -> Option<(&'a Service, &'a ServicePort)> {
+    pub fn serving<'a>(&self, services: &'a [Arc<Service>], dst: SocketAddr) -> Option<(&'a Service, &'a ServicePort)> {
         self.serving_at(dst).first().map(|e| e.of(services))
     }
 
     /// Every Service serving `dst`, by namespace and name (see [`Index::serving`]).
-    pub fn serving_all<'a>(&'a self, services: &'a [Service], dst: SocketAddr) -> impl Iterator<Item = (&'a Service, &'a ServicePort)> {
+    pub fn serving_all<'a>(&'a self, services: &'a [Arc<Service>], dst: SocketAddr) -> impl Iterator<Item = (&'a Service, &'a ServicePort)> {
         self.serving_at(dst).iter().map(|e| e.of(services))
     }
 }
@@ -358,7 +358,7 @@ mod tests {
 
     #[test]
     fn vips_and_names_find_their_service_port() {
-        let services = [svc()];
+        let services = [Arc::new(svc())];
         let index = Index::build(&services);
         let vip = SocketAddr::from(([198, 19, 0, 10], 80));
         assert_eq!(index.vip(&services, vip).map(|(s, p)| (s.name.as_str(), p.port)), Some(("whoami", 80)));
@@ -372,7 +372,7 @@ mod tests {
     fn the_serving_service_is_found_by_endpoint_address_and_target_port() {
         let mut other = svc();
         other.name = "another".into();
-        let services = [svc(), other];
+        let services = [Arc::new(svc()), Arc::new(other)];
         let index = Index::build(&services);
         let serving = |services, dst| index.serving(services, dst);
         let at = |last: u8, port: u16| SocketAddr::from(([198, 18, 2, last], port));

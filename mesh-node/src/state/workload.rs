@@ -55,9 +55,9 @@ impl Workload {
     }
 }
 
-/// One shared copy of each value seen (label sets here; names go through
-/// [`super::service::intern`]), for a whole conversion: the workloads of one ReplicaSet then
-/// hold one label set. Dropped with the conversion, so nothing outlives the workloads using it.
+/// One shared copy of each value seen (names, label sets): the workloads of one ReplicaSet then
+/// hold one label set.
+/// [`Interner::prune`] forgets what no one else holds any more.
 pub struct Interner<T: ?Sized>(HashSet<Arc<T>>);
 
 impl<T: ?Sized + Hash + Eq> Default for Interner<T> {
@@ -80,7 +80,15 @@ impl<T: ?Sized + Hash + Eq> Interner<T> {
         self.0.insert(shared.clone());
         shared
     }
+
+    /// Forgets the values only this holds.
+    pub fn prune(&mut self) {
+        self.0.retain(|v| Arc::strong_count(v) > 1);
+    }
 }
+
+/// Two workloads that claim one address.
+pub type ClaimedTwice = (Arc<Workload>, Arc<Workload>);
 
 /// The workloads of a state by address: one sorted list, looked up by binary search. A hash map
 /// of 100,000 workloads allocated 131,072 slots of the whole struct (~22 MB); this is 8 bytes
@@ -91,7 +99,7 @@ pub struct Workloads(Vec<Arc<Workload>>);
 impl Workloads {
     /// Indexes `all`; an address two workloads claim belongs to neither (returned, for the
     /// caller to say so).
-    pub fn new(all: impl IntoIterator<Item = Arc<Workload>>) -> (Self, Vec<(Arc<Workload>, Arc<Workload>)>) {
+    pub fn new(all: impl IntoIterator<Item = Arc<Workload>>) -> (Self, Vec<ClaimedTwice>) {
         let mut list: Vec<Arc<Workload>> = all.into_iter().collect();
         list.sort_by_key(|w| w.ip);
         let mut claimed_twice = Vec::new();
