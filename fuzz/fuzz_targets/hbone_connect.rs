@@ -27,7 +27,7 @@ fn workload(name: &str, node: &str, ip: [u8; 4], sa: &str, protocol: Protocol) -
         ip: ip.into(),
         node: node.into(),
         node_ip: [198, 18, 0, if node == NODE { 1 } else { 2 }].into(),
-        labels: BTreeMap::new(),
+        labels: BTreeMap::new().into(),
         protocol,
         locality: None,
     }
@@ -74,7 +74,7 @@ fuzz_target!(|data: &[u8]| {
         let Ok(t) = check_connect(&STATE, &conn, &parts) else { continue };
         assert_eq!(parts.method, http::Method::CONNECT, "a {} stream was opened", parts.method);
         assert_eq!(parts.uri.authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()), Some(t.dst), "the stream goes where the authority says");
-        assert!(t.dst_w.node == NODE && t.dst_w.protocol == Protocol::Hbone, "opened to {:?}", t.dst_w);
+        assert!(*t.dst_w.node == *NODE && t.dst_w.protocol == Protocol::Hbone, "opened to {:?}", t.dst_w);
         assert_eq!(t.dst_w.ip, t.dst.ip());
         assert_eq!(STATE.identity(&t.dst_w), served, "a stream to a workload whose certificate was not presented");
         match &t.src_w {
