@@ -35,43 +35,66 @@ pub enum Error {
     },
 }
 
-/// Saves an applied update at `version`: a `full` one replaces the file; an incremental one
-/// rewrites it with the resources whose keys it replaced or removed (`changed`) left out and
-/// its own `upserts` (each an encoded `Resource`) added. The old file is read back one resource
-/// at a time: the node keeps no encoded copy of its config (`super::store`). The file is
-/// written beside and renamed over the old one, so a crash leaves the old or the new one.
-///
-/// After a failed save the file no longer follows the updates: the caller removes it and
-/// saves again from the next full update.
-pub fn save(path: &Path, version: u64, full: bool, upserts: &[Vec<u8>], changed: &HashSet<Key>) -> Result<(), Error> {
-    let io = |source| Error::Io { path: path.to_owned(), source };
-    let tmp = path.with_extension("tmp");
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
+/// The saving of one update: its resources are written to `<path>.parts` as its parts arrive
+/// ([`Staging::add`]), and [`Staging::finish`] composes the new file once it is applied. The
+/// node holds neither an encoded copy of its config nor of a whole update (`super::store`).
+pub struct Staging {
+    path: PathBuf,
+    parts: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+}
+
+impl Staging {
+    /// Starts saving an update to `path`.
+    pub fn new(path: &Path) -> Result<Self, Error> {
+        let io = |source| Error::Io { path: path.to_owned(), source };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let parts = path.with_extension("parts");
+        let out = std::io::BufWriter::new(std::fs::File::create(&parts).map_err(|source| Error::Io { path: parts.clone(), source })?);
+        Ok(Self { path: path.to_owned(), parts, out })
     }
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-    let head = pb::ConfigUpdate { version, full: true, more: false, upserts: Vec::new(), removals: Vec::new() };
-    out.write_all(&head.encode_to_vec()).map_err(io)?;
-    if !full {
-        let old = std::fs::File::open(path).map_err(io)?;
-        let mut kept = 0usize;
-        for_each_resource(std::io::BufReader::new(old), |bytes| {
-            let r = pb::Resource::decode(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-            if super::store::key_of(&r).is_ok_and(|k| changed.contains(&k)) {
-                return Ok(());
-            }
-            kept += 1;
-            write_resource(&mut out, bytes)
-        })
-        .map_err(io)?;
-        tracing::trace!(kept, "saved config rewritten");
+
+    /// Adds one resource of the update.
+    pub fn add(&mut self, r: &pb::Resource) -> Result<(), Error> {
+        write_resource(&mut self.out, &r.encode_to_vec()).map_err(|source| Error::Io { path: self.parts.clone(), source })
     }
-    for r in upserts {
-        write_resource(&mut out, r).map_err(io)?;
+
+    /// Writes the file for the update as applied at `version`: a `full` one is its resources
+    /// alone; an incremental one keeps the old file's resources whose keys it did not replace
+    /// or remove (`changed`), read back one at a time, and adds its own. Written beside and
+    /// renamed over the old file, so a crash leaves the old or the new one.
+    ///
+    /// After a failed save the file no longer follows the updates: the caller removes it and
+    /// saves again from the next full update.
+    pub fn finish(self, version: u64, full: bool, changed: &HashSet<Key>) -> Result<(), Error> {
+        let Self { path, parts, out } = self;
+        let io = |source| Error::Io { path: path.clone(), source };
+        out.into_inner().map_err(|e| Error::Io { path: parts.clone(), source: e.into_error() })?;
+        let tmp = path.with_extension("tmp");
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+        let head = pb::ConfigUpdate { version, full: true, more: false, upserts: Vec::new(), removals: Vec::new() };
+        file.write_all(&head.encode_to_vec()).map_err(io)?;
+        if !full {
+            let old = std::fs::File::open(&path).map_err(io)?;
+            for_each_resource(std::io::BufReader::new(old), |bytes| {
+                let r = pb::Resource::decode(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                if super::store::key_of(&r).is_ok_and(|k| changed.contains(&k)) {
+                    return Ok(());
+                }
+                write_resource(&mut file, bytes)
+            })
+            .map_err(io)?;
+        }
+        let mut added = std::fs::File::open(&parts).map_err(|source| Error::Io { path: parts.clone(), source })?;
+        std::io::copy(&mut added, &mut file).map_err(io)?;
+        drop(added);
+        let file = file.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::remove_file(&parts).map_err(|source| Error::Io { path: parts, source })
     }
-    let f = out.into_inner().map_err(|e| io(e.into_error()))?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
 }
 
 /// A resource's kind and key (`super::store::Key`).
@@ -159,7 +182,14 @@ mod tests {
         let policy = pb::Resource {
             kind: Some(pb::resource::Kind::AuthorizationPolicy(pb::AuthorizationPolicy { name: "deny".into(), namespace: "demo".into(), ..Default::default() })),
         };
-        save(&path, 7, true, &[policy.encode_to_vec()], &HashSet::new()).expect("save");
+        let save = |version, full, upserts: &[&pb::Resource], changed: &HashSet<Key>| {
+            let mut staging = Staging::new(&path).expect("staging");
+            for r in upserts {
+                staging.add(r).expect("add");
+            }
+            staging.finish(version, full, changed).expect("save");
+        };
+        save(7, true, &[&policy], &HashSet::new());
         let (version, resources) = load(&path).expect("load").expect("a file");
         assert_eq!((version, resources), (7, vec![policy.clone()]));
         // An incremental update: the policy replaced, a workload added, then the workload removed.
@@ -168,10 +198,11 @@ mod tests {
         };
         let workload = pb::Resource { kind: Some(pb::resource::Kind::Workload(pb::Workload { uid: "w".into(), ..Default::default() })) };
         let keys = |rs: &[&pb::Resource]| rs.iter().map(|r| crate::control::store::key_of(r).expect("key")).collect::<HashSet<_>>();
-        save(&path, 8, false, &[changed.encode_to_vec(), workload.encode_to_vec()], &keys(&[&changed, &workload])).expect("save");
+        save(8, false, &[&changed, &workload], &keys(&[&changed, &workload]));
         assert_eq!(load(&path).expect("load").expect("a file"), (8, vec![changed.clone(), workload.clone()]));
-        save(&path, 9, false, &[], &keys(&[&workload])).expect("save");
+        save(9, false, &[], &keys(&[&workload]));
         assert_eq!(load(&path).expect("load").expect("a file"), (9, vec![changed]), "the removed resource is gone, the rest kept");
+        assert!(!path.with_extension("parts").exists(), "the staging file is removed");
         std::fs::write(&path, b"\xff\xff not protobuf").expect("corrupt it");
         assert!(matches!(load(&path), Err(Error::Decode { .. })));
     }

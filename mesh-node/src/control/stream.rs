@@ -3,7 +3,7 @@
 //! When the node certificate is renewed, move to the new channel at once (the controller would
 //! end a stream opened with the old certificate when that expires).
 
-use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use prost::Message as _;
 
@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
     Connection, Error, last_config,
-    store::{Key, Store, key_of},
+    store::{Incoming, Store},
 };
 use crate::state::StateTx;
 
@@ -71,9 +71,20 @@ pub struct ConfigClient {
     last_config: Option<std::path::PathBuf>,
 }
 
-/// The parts of an update the controller split (`more`), joined as they come.
+/// Where a part stands in the update the controller split (`more`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PartOf {
+    /// It begins an update.
+    first: bool,
+    /// It ends one: the update applies.
+    last: bool,
+}
+
+/// Keeps the parts of a split update in step: each continues the update before it, and their
+/// size stays bounded.
 struct Pending {
-    update: Option<pb::ConfigUpdate>,
+    /// Version and `full` of the update under way, if a part of it came.
+    update: Option<(u64, bool)>,
     bytes: usize,
     limit: usize,
 }
@@ -83,39 +94,32 @@ impl Pending {
         Self { update: None, bytes: 0, limit }
     }
 
-    /// Adds a part: the whole update once its last part is in, `None` before. A part that does
-    /// not continue the update before it (another version, or `full` changed), or parts beyond
-    /// the limit ([`MAX_PENDING_BYTES`]), are a broken stream: the caller reconnects and gets a snapshot.
-    fn join(&mut self, part: pb::ConfigUpdate) -> Result<Option<pb::ConfigUpdate>, Error> {
+    /// Takes a part in. A part that does not continue the update before it (another version,
+    /// or `full` changed), or parts beyond the limit ([`MAX_PENDING_BYTES`]), are a broken
+    /// stream: the caller reconnects and gets a snapshot.
+    fn accept(&mut self, part: &pb::ConfigUpdate) -> Result<PartOf, Error> {
         // Only parts held for a later one count (and cost a walk of the message): an update
-        // sent whole, the usual case, is returned without one.
+        // sent whole, the usual case, is taken without one.
         if part.more {
             self.bytes += part.encoded_len();
         }
-        let whole = match self.update.take() {
-            None => part,
-            Some(mut so_far) => {
-                if (so_far.version, so_far.full) != (part.version, part.full) {
-                    return Err(Error::Invalid(format!(
-                        "update {} (full: {}) was continued by update {} (full: {})",
-                        so_far.version, so_far.full, part.version, part.full
-                    )));
-                }
-                so_far.upserts.extend(part.upserts);
-                so_far.removals.extend(part.removals);
-                so_far.more = part.more;
-                so_far
+        let first = match self.update {
+            None => true,
+            Some((version, full)) if (version, full) == (part.version, part.full) => false,
+            Some((version, full)) => {
+                return Err(Error::Invalid(format!("update {version} (full: {full}) was continued by update {} (full: {})", part.version, part.full)));
             }
         };
-        if !whole.more {
+        if !part.more {
+            self.update = None;
             self.bytes = 0;
-            return Ok(Some(whole));
+            return Ok(PartOf { first, last: true });
         }
         if self.bytes > self.limit {
-            return Err(Error::Invalid(format!("update {} in parts exceeds {} bytes", whole.version, self.limit)));
+            return Err(Error::Invalid(format!("update {} in parts exceeds {} bytes", part.version, self.limit)));
         }
-        self.update = Some(whole);
-        Ok(None)
+        self.update = Some((part.version, part.full));
+        Ok(PartOf { first, last: false })
     }
 }
 
@@ -144,6 +148,21 @@ impl ConfigClient {
     pub fn saving_to(mut self, path: Option<std::path::PathBuf>) -> Self {
         self.last_config = path;
         self
+    }
+
+    /// Says that saving the applied config to `path` failed, and removes the file: it would no
+    /// longer follow the updates. Saving starts again from the next full update (returns the
+    /// new `saving`: false).
+    fn save_failed(&self, path: &std::path::Path, e: &last_config::Error) -> bool {
+        tracing::warn!(error = %e, "saving the applied config failed: removed; saving again from the next full update (a restart without the control plane meanwhile starts empty)");
+        for f in [path.to_owned(), path.with_extension("parts")] {
+            if let Err(e) = std::fs::remove_file(&f)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(error = %e, path = %f.display(), "removing the saved config failed: a restart without the control plane would start from an older one");
+            }
+        }
+        false
     }
 
     /// Runs forever: every applied update replaces the state in `state_tx`; `on_first_sync` is
@@ -185,6 +204,8 @@ impl ConfigClient {
         // starts again from the next full update.
         let mut saving = self.last_config.is_some();
         let mut pending = Pending::new(MAX_PENDING_BYTES);
+        let mut incoming: Option<Incoming> = None;
+        let mut staging: Option<last_config::Staging> = None;
         loop {
             let part = tokio::select! {
                 message = updates.message() => match message? {
@@ -198,16 +219,33 @@ impl ConfigClient {
                     return Ok(Ended::Renewed);
                 }
             };
-            let Some(update) = pending.join(part)? else { continue };
+            let at = pending.accept(&part)?;
+            if at.first {
+                incoming = Some(Incoming::new(part.version, part.full));
+                saving |= part.full;
+                staging = None;
+                if let Some(path) = self.last_config.as_deref().filter(|_| saving) {
+                    match last_config::Staging::new(path) {
+                        Ok(s) => staging = Some(s),
+                        Err(e) => saving = self.save_failed(path, &e),
+                    }
+                }
+            }
+            if let (Some(s), Some(path)) = (&mut staging, self.last_config.as_deref())
+                && let Err(e) = part.upserts.iter().try_for_each(|r| s.add(r))
+            {
+                staging = None;
+                saving = self.save_failed(path, &e);
+            }
+            let Some(update) = incoming.as_mut() else { return Err(Error::Invalid("a part without its update".into())) };
+            store.stage(update, part);
+            if !at.last {
+                continue;
+            }
+            let Some(update) = incoming.take() else { continue };
             let (number, full) = (update.version, update.full);
-            saving |= full && self.last_config.is_some();
-            // What the saved file needs of this update, taken before the store consumes it.
-            let save = saving.then(|| {
-                let upserts: Vec<Vec<u8>> = update.upserts.iter().map(pb::Resource::encode_to_vec).collect();
-                let changed: HashSet<Key> = update.upserts.iter().filter_map(|r| key_of(r).ok()).chain(update.removals.iter().map(|k| (k.kind, k.key.clone()))).collect();
-                (upserts, changed)
-            });
-            let reply = match store.apply(update) {
+            let changed = staging.as_ref().map(|_| update.changed());
+            let reply = match store.commit(update) {
                 Ok(()) => {
                     let state = store.state(&self.trust_domain, &self.root_namespace);
                     drop(state_tx.send_replace(Arc::new(state)));
@@ -216,16 +254,10 @@ impl ConfigClient {
                     self.metrics.applied.inc();
                     self.metrics.version.set(i64::try_from(number).unwrap_or(i64::MAX));
                     tracing::info!(version = number, full, resources = store.len(), "config applied");
-                    if let (Some(path), Some((upserts, changed))) = (&self.last_config, save)
-                        && let Err(e) = last_config::save(path, number, full, &upserts, &changed)
+                    if let (Some(s), Some(changed), Some(path)) = (staging.take(), changed, self.last_config.as_deref())
+                        && let Err(e) = s.finish(number, full, &changed)
                     {
-                        tracing::warn!(error = %e, "saving the applied config failed: removed; saving again from the next full update (a restart without the control plane meanwhile starts empty)");
-                        saving = false;
-                        if let Err(e) = std::fs::remove_file(path)
-                            && e.kind() != std::io::ErrorKind::NotFound
-                        {
-                            tracing::warn!(error = %e, path = %path.display(), "removing the saved config failed: a restart without the control plane would start from an older one");
-                        }
+                        saving = self.save_failed(path, &e);
                     }
                     if let Some(f) = on_first_sync.take() {
                         f();
@@ -233,6 +265,7 @@ impl ConfigClient {
                     Kind::Ack(pb::Ack { version: number })
                 }
                 Err(e) => {
+                    staging = None;
                     self.metrics.rejected.inc();
                     tracing::warn!(version = number, error = %e, "config rejected; keeping the last good one");
                     Kind::Nack(pb::Nack { version: number, error: e.to_string() })
@@ -263,25 +296,25 @@ mod tests {
     }
 
     #[test]
-    fn parts_join_into_one_update_applied_at_the_last() {
+    fn parts_are_taken_in_step_and_an_update_ends_at_its_last() {
         let mut pending = Pending::new(MAX_PENDING_BYTES);
-        assert_eq!(pending.join(part(3, false, false, &["a"])).expect("ok"), Some(part(3, false, false, &["a"])), "a whole update as before");
-        assert_eq!(pending.join(part(4, true, true, &["a", "b"])).expect("ok"), None);
-        assert_eq!(pending.join(part(4, true, true, &["c"])).expect("ok"), None);
-        let whole = pending.join(part(4, true, false, &["d"])).expect("ok").expect("the last part");
-        assert_eq!(whole, part(4, true, false, &["a", "b", "c", "d"]));
-        assert_eq!(pending.join(part(5, false, false, &[])).expect("ok"), Some(part(5, false, false, &[])), "nothing left over");
+        let at = |first, last| PartOf { first, last };
+        assert_eq!(pending.accept(&part(3, false, false, &["a"])).expect("ok"), at(true, true), "a whole update");
+        assert_eq!(pending.accept(&part(4, true, true, &["a", "b"])).expect("ok"), at(true, false));
+        assert_eq!(pending.accept(&part(4, true, true, &["c"])).expect("ok"), at(false, false));
+        assert_eq!(pending.accept(&part(4, true, false, &["d"])).expect("ok"), at(false, true));
+        assert_eq!(pending.accept(&part(5, false, false, &[])).expect("ok"), at(true, true), "nothing left over");
     }
 
     #[test]
     fn a_part_of_another_update_breaks_the_stream() {
         let mut pending = Pending::new(MAX_PENDING_BYTES);
-        pending.join(part(4, true, true, &["a"])).expect("ok");
-        let e = pending.join(part(5, false, false, &["b"])).expect_err("another version");
+        pending.accept(&part(4, true, true, &["a"])).expect("ok");
+        let e = pending.accept(&part(5, false, false, &["b"])).expect_err("another version");
         assert!(e.to_string().contains("update 4 (full: true) was continued by update 5"), "{e}");
         let mut pending = Pending::new(MAX_PENDING_BYTES);
-        pending.join(part(4, true, true, &["a"])).expect("ok");
-        assert!(pending.join(part(4, false, false, &["b"])).is_err(), "full changed");
+        pending.accept(&part(4, true, true, &["a"])).expect("ok");
+        assert!(pending.accept(&part(4, false, false, &["b"])).is_err(), "full changed");
     }
 
     /// What a node fed by mesh-control holds at 10,000 Services × 10 endpoints, as the
@@ -379,9 +412,9 @@ mod tests {
         let keys: Vec<String> = (0..10).map(|i| format!("{i:0>300}")).collect();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         for _ in 0..3 {
-            assert_eq!(pending.join(part(9, true, true, &keys)).expect("under the bound"), None);
+            assert!(!pending.accept(&part(9, true, true, &keys)).expect("under the bound").last);
         }
-        let e = pending.join(part(9, true, true, &keys)).expect_err("past the bound");
+        let e = pending.accept(&part(9, true, true, &keys)).expect_err("past the bound");
         assert!(e.to_string().contains("exceeds 10000 bytes"), "{e}");
     }
 }
