@@ -53,7 +53,7 @@ pub const MAP_STATS: &str = "MESH_STAT_V1";
 /// cgroup id of a pod → [`crate::PodInfo`].
 pub const MAP_PODS: &str = "MESH_POD_V1";
 /// Endpoint address → [`crate::EndpointInfo`] (identity, meshed/strict).
-pub const MAP_ENDPOINTS: &str = "MESH_EP_V1";
+pub const MAP_ENDPOINTS: &str = "MESH_EP_V2";
 /// Node settings (one entry): [`crate::NodeConfig`].
 pub const MAP_NODE: &str = "MESH_NODE_V2";
 /// Socket cookie → [`crate::OrigDst`] while a captured connection is being set up.
@@ -128,8 +128,12 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_SLOTS: u32 = 1_048_576;
 /// Capacity of the backend map.
 pub const MAX_BACKENDS: u32 = 262_144;
-/// Capacity of the pod and endpoint maps.
-pub const MAX_ENDPOINTS: u32 = 65_536;
+/// Capacity of the pod map (the pods of one node).
+pub const MAX_PODS: u32 = 65_536;
+/// Capacity of the endpoint map: every workload of the mesh a node talks to (a node receives
+/// every meshed workload, as ztunnel does), so the size of the mesh, not of a node. 65,536
+/// (`MESH_EP_V1`) refused a mesh of 100,000 pods; ~20 MB of kernel memory at this size.
+pub const MAX_ENDPOINTS: u32 = 262_144;
 /// Capacity of the LRU maps that track connections (original destination, reverse NAT, affinity).
 pub const MAX_TRACKED: u32 = 262_144;
 /// Capacity of the policy map.

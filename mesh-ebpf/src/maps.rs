@@ -11,7 +11,7 @@ use mesh_common::{
     AffinityKey, AffinityValue, Backend, BackendId, BridgePort, DropReason, EndpointInfo, NodeConfig, PodInfo,
     PolicyKey, PolicyValue, RevNatKey, ServiceKey, ServiceValue, SlotKey, SockAddr, SockKey, Stat,
     TrustedSender,
-    names::{MAX_BACKENDS, MAX_ENDPOINTS, MAX_POLICY, MAX_PORTS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_TRACKED, MAX_TRUSTED},
+    names::{MAX_BACKENDS, MAX_ENDPOINTS, MAX_PODS, MAX_POLICY, MAX_PORTS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_TRACKED, MAX_TRUSTED},
     Addr,
 };
 
@@ -34,9 +34,9 @@ pub static STATS: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new(
 
 /// Keyed by cgroup id.
 #[btf_map(name = "MESH_POD_V1")]
-pub static PODS: HashMap<u64, PodInfo, { MAX_ENDPOINTS as usize }> = HashMap::new();
+pub static PODS: HashMap<u64, PodInfo, { MAX_PODS as usize }> = HashMap::new();
 
-#[btf_map(name = "MESH_EP_V1")]
+#[btf_map(name = "MESH_EP_V2")]
 pub static ENDPOINTS: HashMap<Addr, EndpointInfo, { MAX_ENDPOINTS as usize }> = HashMap::new();
 
 #[btf_map(name = "MESH_NODE_V2")]

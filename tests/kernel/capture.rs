@@ -168,6 +168,7 @@ fn pod_cgroups_are_discovered_by_their_network_namespace_addresses() {
 
 #[test]
 fn an_oversized_update_is_refused_whole_with_a_clear_error() {
+    use mesh_common::names::MAP_ENDPOINTS;
     let mut f = Fixture::new(&[1, 1], &[]);
     let before = [endpoint(&f, "n2p1", 2, false)];
     f.load().sync_endpoints(&before).expect("endpoints");
@@ -175,9 +176,10 @@ fn an_oversized_update_is_refused_whole_with_a_clear_error() {
         .map(|i| EndpointSpec { addr: IpAddr::V6(std::net::Ipv6Addr::from(0xfd00_u128 << 112 | u128::from(i))), identity: i, meshed: true, strict: false, local: false })
         .collect();
     let err = f.dp().sync_endpoints(&too_many).expect_err("over capacity");
-    assert_eq!(err.to_string(), "map MESH_EP_V1 is full (capacity 65536) while writing 65537 entries requested");
+    let max = mesh_common::names::MAX_ENDPOINTS;
+    assert_eq!(err.to_string(), format!("map {MAP_ENDPOINTS} is full (capacity {max}) while writing {} entries requested", max + 1));
     // Nothing was written: the pinned map still holds exactly the previous entry.
-    let map = f.pin_dir().join("MESH_EP_V1");
+    let map = f.pin_dir().join(MAP_ENDPOINTS);
     let dump = std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&map).output().expect("bpftool");
     let text = String::from_utf8_lossy(&dump.stdout);
     assert_eq!(text.matches("\"formatted\"").count(), 1, "partial write after a refused update: {}", &text[..text.len().min(400)]);

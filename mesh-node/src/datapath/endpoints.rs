@@ -13,7 +13,7 @@ use mesh_common::{
         flags::{LOCAL, MESHED, STRICT},
         node_flags::BYPASS,
     },
-    names::{MAP_DROPS, MAP_ENDPOINTS, MAP_NODE, MAP_PODS, MAP_POLICY, MAP_STATS, MAP_TRUSTED, MAX_ENDPOINTS, MAX_POLICY, MAX_TRUSTED},
+    names::{MAP_DROPS, MAP_ENDPOINTS, MAP_NODE, MAP_PODS, MAP_POLICY, MAP_STATS, MAP_TRUSTED, MAX_ENDPOINTS, MAX_PODS, MAX_POLICY, MAX_TRUSTED},
 };
 
 use super::{
@@ -172,7 +172,7 @@ impl Datapath {
             desired.insert(id, PodInfo { identity: p.identity, flags, addr: addr_of(p.addr) });
         }
         let mut map: BpfHashMap<_, u64, PodInfo> = hash_map!(self, MAP_PODS);
-        apply_diff(&mut map, &mut self.endpoints.pods, desired, MAP_PODS, MAX_ENDPOINTS)
+        apply_diff(&mut map, &mut self.endpoints.pods, desired, MAP_PODS, MAX_PODS)
     }
 
     /// Makes the trusted-sender map equal to `senders`: cgroup directory → the process found in

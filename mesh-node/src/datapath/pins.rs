@@ -3,7 +3,7 @@
 //! aya re-opens a map pinned under its name without looking at it. A map whose layout differs
 //! from this binary's (a build that changed a map but not its name, or an object that is not
 //! ours) would then either fail in the verifier with a message naming no map, or, worse, load
-//! and be read with the wrong layout. Map names carry a layout version (`MESH_EP_V1`) so that a
+//! and be read with the wrong layout. Map names carry a layout version (`MESH_EP_V2`) so that a
 //! changed map gets a new pin; this check turns a breach of that rule into an error that names
 //! the map, both layouts and the way out, before any program is loaded or any link touched: the
 //! kernel keeps running the programs and maps it has (the last good state).
