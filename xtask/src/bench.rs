@@ -58,21 +58,29 @@ pub fn run(only: Option<&str>) -> Result<()> {
         // controller, both daemons, eBPF): fixed-rate latency and wrk's maximum rate. Runs are
         // recorded in bench/results/l7-policies.md (it writes no file itself).
         step("bench: L7 policies configured but idle vs none (whole mesh)");
-        whole_mesh_bench("l7_policies")?;
+        whole_mesh_bench("bench-l7-policies", "l7_policies")?;
         ran = true;
     }
     if only.is_none_or(|o| o == "tracing") {
         // Tracing at 1 % and 100 % sampling vs none, through the whole mesh, spans exported to
         // a Zipkin collector in the lab. Runs are recorded in bench/results/tracing.md.
         step("bench: tracing at 1 % and 100 % vs none (whole mesh)");
-        whole_mesh_bench("tracing_at")?;
+        whole_mesh_bench("bench-l7-policies", "tracing_at")?;
         ran = true;
     }
     if only.is_none_or(|o| o == "plaintext") {
         // An unmeshed client's plaintext to a meshed pod, steered to the destination daemon vs
         // straight to the pod. Runs are recorded in bench/results/plaintext.md.
         step("bench: plaintext from an unmeshed client, steered to the destination daemon vs direct");
-        whole_mesh_bench("plaintext_steering")?;
+        whole_mesh_bench("bench-l7-policies", "plaintext_steering")?;
+        ran = true;
+    }
+    if only.is_none_or(|o| o == "memory") {
+        // The node daemons' RSS fed by mesh-control with 10,000 Services and 100,000 meshed
+        // workloads, and after one more update at that scale. Runs are recorded in
+        // bench/results/ztunnel.md ("Memory at scale").
+        step("bench: node daemon memory fed by mesh-control at 10,000 Services / 100,000 workloads (whole mesh)");
+        whole_mesh_bench("bench-memory", "controller_fed")?;
         ran = true;
     }
     if only.is_none_or(|o| o == "soak") {
@@ -88,17 +96,17 @@ pub fn run(only: Option<&str>) -> Result<()> {
         ran = true;
     }
     if !ran {
-        bail!("unknown benchmark {only:?}: expected one of: datapath, node, node-l7, l7-policies, tracing, plaintext, soak");
+        bail!("unknown benchmark {only:?}: expected one of: datapath, node, node-l7, l7-policies, tracing, plaintext, memory, soak");
     }
     Ok(())
 }
 
-/// A benchmark of `tests/bench/l7_policies.rs` (the whole mesh in the lab, release build): the
-/// tests whose names contain `filter`.
-fn whole_mesh_bench(filter: &str) -> Result<()> {
+/// A benchmark on the whole mesh in the lab (release build): the tests of the test target
+/// `target` (`tests/bench/l7_policies.rs`, `tests/bench/memory.rs`) whose names contain `filter`.
+fn whole_mesh_bench(target: &str, filter: &str) -> Result<()> {
     sh(Command::new("cargo").args(["build", "--release", "--locked", "-p", "mesh-node", "-p", "mesh-control", "--bins"]))?;
     sh(Command::new("cargo").args([
-        "test", "--release", "--locked", "-p", "mesh-tests", "--features", "privileged", "--test", "bench-l7-policies", "--", "--ignored",
+        "test", "--release", "--locked", "-p", "mesh-tests", "--features", "privileged", "--test", target, "--", "--ignored",
         "--nocapture", "--test-threads=1", filter,
     ]))
 }

@@ -43,7 +43,8 @@ enum Task {
     },
     /// Benchmarks against the no-mesh baseline in the same run; results in bench/results/.
     Bench {
-        /// Run one benchmark group only (datapath, node, node-l7, l7-policies, tracing, soak).
+        /// Run one benchmark group only (datapath, node, node-l7, l7-policies, tracing, plaintext,
+        /// memory, soak).
         #[arg(long)]
         only: Option<String>,
     },

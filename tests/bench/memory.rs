@@ -1,0 +1,188 @@
+//! Benchmark: the node daemon's memory with a large mesh, fed by mesh-control as in a cluster.
+//! The whole mesh in the lab (`mesh_tests::cluster`: mesh-control in file mode, both daemons
+//! with the eBPF datapath, release binaries), then 10,000 more Services of 10 meshed pods each,
+//! the pods spread over 100 more nodes: each daemon receives the 100,000 workloads and the
+//! 10,000 Services with their endpoints, as mesh-control sends a node every meshed workload of
+//! the mesh (`mesh-control/src/view.rs`). Root only, ignored by default:
+//!
+//! ```sh
+//! cargo xtask bench --only memory
+//! ```
+//!
+//! `MESH_BENCH_PAUSE_SECS=<n>` pauses before the large config, with the daemons' pids printed,
+//! to attach a profiler (`heaptrack -p <pid>`).
+//!
+//! Reported: each daemon's RSS idle (the lab's own config), with the large config, and after
+//! one small update at that scale (a policy), with the time each took from the file's write to
+//! the daemon's "config applied"; mesh-control's RSS beside. The extra pods are config only:
+//! their addresses (100.64.0.0/14) and nodes' (100.68.0.0/24) are never dialled, and no lab
+//! namespace routes them. Results are in `bench/results/ztunnel.md` ("Memory at scale").
+
+use std::{
+    fmt::Write as _,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    LabSpec,
+    cluster::{Binaries, Cluster, write_atomic},
+};
+
+const SERVICES: u32 = 10_000;
+const PODS_PER_SERVICE: u32 = 10;
+const NODES: u32 = 100;
+
+/// 100 nodes, 10,000 Services and their 100,000 meshed pods (three labels each, as a
+/// Deployment's pods have), in mesh-control's file-mode YAML: files of at most 1,000 documents
+/// (mesh-control's YAML parser refuses more in one file), by name.
+fn scale_yaml() -> Vec<(String, String)> {
+    const SERVICES_PER_FILE: u32 = 90; // 11 documents each
+    let mut files = Vec::new();
+    let mut y = String::new();
+    for n in 0..NODES {
+        let _ = write!(y, "apiVersion: lab.mesh.dev/v1alpha1\nkind: Node\nmetadata: {{name: scale-{n}}}\nspec: {{address: 100.68.0.{}}}\n---\n", n + 1);
+    }
+    y.push_str("apiVersion: lab.mesh.dev/v1alpha1\nkind: Namespace\nmetadata: {name: scale, labels: {mesh.dev/dataplane-mode: ambient}}\n");
+    files.push(("scale-nodes.yaml".to_owned(), std::mem::take(&mut y)));
+    for s in 0..SERVICES {
+        for p in 0..PODS_PER_SERVICE {
+            let i = s * PODS_PER_SERVICE + p;
+            let ip = std::net::Ipv4Addr::from(0x6440_0000 + i);
+            let _ = write!(
+                y,
+                "apiVersion: lab.mesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: svc-{s}-7d9f8b6c4-{p:05}, namespace: scale, labels: {{app: svc-{s}, version: v1, pod-template-hash: 7d9f8b6c4}}}}\nspec: {{node: scale-{}, serviceAccount: svc-{s}, addresses: [{ip}]}}\n---\n",
+                i % NODES
+            );
+        }
+        let _ = write!(
+            y,
+            "apiVersion: lab.mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: svc-{s}, namespace: scale}}\nspec:\n  vips: [198.19.{}.{}]\n  selector: {{app: svc-{s}}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n---\n",
+            100 + s / 256,
+            s % 256
+        );
+        if (s + 1) % SERVICES_PER_FILE == 0 || s + 1 == SERVICES {
+            files.push((format!("scale-{:03}.yaml", s / SERVICES_PER_FILE), std::mem::take(&mut y)));
+        }
+    }
+    files
+}
+
+/// Node `i`'s latest "config applied" once it counts at least `at_least` resources: how long
+/// after `since` the test saw it, the resources, and how long the daemon took from
+/// mesh-control's sending of that version (or, for an update in one part, its reading of the
+/// config) to applying it (both logs' timestamps).
+fn applied(c: &Cluster, i: u8, at_least: usize, since: Instant) -> (Duration, usize, f64) {
+    let log = c.node_log(i);
+    let deadline = Instant::now() + Duration::from_mins(5);
+    let field = |line: &str, key: &str| line.split(&format!(" {key}=")).nth(1)?.split_whitespace().next().map(str::to_owned);
+    loop {
+        let text = strip_colours(&std::fs::read_to_string(&log).unwrap_or_default());
+        let last = text.lines().rfind(|l| l.contains("config applied")).map(str::to_owned);
+        let count = last.as_deref().and_then(|l| field(l, "resources")?.parse::<usize>().ok());
+        if let (Some(line), Some(n)) = (&last, count.filter(|n| *n >= at_least)) {
+            let seen = since.elapsed();
+            let version = field(line, "version").expect("a version");
+            let node = format!("node=\"n{i}\"");
+            let control = strip_colours(&std::fs::read_to_string(c.logs.join("mesh-control.log")).unwrap_or_default());
+            // Updates in parts are logged as sent; a small one only as its version's config.
+            let of_version = |l: &&str| field(l, "version").as_deref() == Some(&version);
+            let sent = control
+                .lines()
+                .rfind(|l| l.contains("config update sent") && l.contains(&node) && of_version(l))
+                .or_else(|| control.lines().rfind(|l| l.contains("config folder changed") && of_version(l)))
+                .expect("mesh-control logged the version");
+            let mut took = seconds_of_day(line) - seconds_of_day(sent);
+            if took < 0.0 {
+                took += 86_400.0;
+            }
+            return (seen, n, took);
+        }
+        assert!(Instant::now() < deadline, "node {i} did not apply {at_least} resources in 5 min (last: {count:?}); see {}", log.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The time of day of a log line (`2026-12-01T07:17:07.656926Z ...`), in seconds.
+fn seconds_of_day(line: &str) -> f64 {
+    let time = line.get(11..26).unwrap_or_else(|| panic!("no timestamp: {line}"));
+    let mut parts = time.split(':').map(|p| p.parse::<f64>().unwrap_or_else(|e| panic!("{time}: {e}")));
+    let (h, m, s) = (parts.next().expect("hours"), parts.next().expect("minutes"), parts.next().expect("seconds"));
+    h * 3600.0 + m * 60.0 + s
+}
+
+/// The log without its terminal colour codes (`ESC [ ... m`), which split `key=value`.
+fn strip_colours(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+#[ignore = "benchmark: run explicitly with --ignored (see the module doc)"]
+fn controller_fed_node_memory_at_scale() {
+    mesh_tests::require_root();
+    let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
+    let spec = LabSpec::for_test(&[3, 2]);
+    let base = std::env::temp_dir().join(format!("mesh-{}-bench", spec.run));
+    let c = Cluster::start(spec, Binaries::in_dir(&release), &base).expect("start the mesh");
+    #[expect(clippy::cast_precision_loss, reason = "memory sizes")]
+    let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
+    let daemons = || [0, 1].map(|i| mib(c.daemon_rss_kib(i))).join(" / ");
+    let control = || c.control.as_ref().map_or(0, |p| rss_kib(p.pid()));
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = (daemons(), mib(control()));
+    println!("idle: daemons {} MiB, mesh-control {} MiB", idle.0, idle.1);
+
+    // MESH_BENCH_PAUSE_SECS: time to attach a profiler to the idle daemons (`heaptrack -p`).
+    if let Some(secs) = std::env::var("MESH_BENCH_PAUSE_SECS").ok().and_then(|s| s.parse().ok()) {
+        let pids: Vec<u32> = c.daemons.iter().flatten().map(mesh_tests::PodProcess::pid).collect();
+        println!("pausing {secs} s: daemons' pids {pids:?}");
+        std::thread::sleep(Duration::from_secs(secs));
+    }
+    let files = scale_yaml();
+    println!("scale config: {} MiB of YAML in {} files", files.iter().map(|(_, y)| y.len()).sum::<usize>() >> 20, files.len());
+    // Written into a folder outside the config, then moved in at once: mesh-control sees all
+    // of it in one read.
+    let staged = base.join("scale");
+    std::fs::create_dir_all(&staged).expect("mkdir");
+    for (name, yaml) in &files {
+        std::fs::write(staged.join(name), yaml).expect("write the scale config");
+    }
+    drop(files);
+    let written = Instant::now();
+    std::fs::rename(&staged, c.config_dir.join("scale")).expect("move the scale config in");
+    let resources = (SERVICES * (PODS_PER_SERVICE + 1)) as usize;
+    let scaled_at = [1, 2].map(|i| applied(&c, i, resources, written));
+    std::thread::sleep(Duration::from_secs(3));
+    let scaled = (daemons(), mib(control()));
+    println!("scaled: daemons {} MiB, mesh-control {} MiB, applied {scaled_at:.1?}", scaled.0, scaled.1);
+
+    // One small change at that scale, which every node receives: one more Service.
+    let written = Instant::now();
+    let extra = "apiVersion: lab.mesh.dev/v1alpha1\nkind: Service\nmetadata: {name: svc-extra, namespace: scale}\nspec:\n  vips: [198.19.200.1]\n  selector: {app: svc-0}\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n";
+    write_atomic(&c.config_dir.join("scale-extra.yaml"), extra).expect("write one more Service");
+    let updated = [0u8, 1].map(|i| applied(&c, i + 1, scaled_at[usize::from(i)].1 + 1, written));
+    std::thread::sleep(Duration::from_secs(3));
+    let after = (daemons(), mib(control()));
+    println!("after one more update: daemons {} MiB, applied {updated:.1?}", after.0);
+
+    let times = |a: &[(Duration, usize, f64); 2]| format!("{:.2} / {:.2} s to apply; {:.0} s after the file's write", a[0].2, a[1].2, a[0].0.as_secs_f64().max(a[1].0.as_secs_f64()));
+    println!(
+        "\n| RSS, MiB (node 1 / node 2) | idle, the lab's config | {SERVICES} more Services × {PODS_PER_SERVICE} meshed pods (100,000 workloads) | after one more update at that scale |\n|---|---|---|---|"
+    );
+    println!("| mesh-node, fed by mesh-control | {} | {} ({}) | {} ({}) |", idle.0, scaled.0, times(&scaled_at), after.0, times(&updated));
+    println!("| mesh-control (beside) | {} | {} | {} |", idle.1, scaled.1, after.1);
+}
