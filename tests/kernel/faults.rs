@@ -1,5 +1,6 @@
-//! Kernel faults: a pinned map the daemon cannot use, an attach the kernel refuses. (A full map
-//! is `capture::an_oversized_update_is_refused_whole_with_a_clear_error`.)
+//! Kernel faults: a pinned map the daemon cannot use, an attach the kernel refuses; the pin of
+//! a map an earlier version used. (A full map is
+//! `capture::an_oversized_update_is_refused_whole_with_a_clear_error`.)
 
 use std::{
     collections::BTreeSet,
@@ -63,6 +64,26 @@ fn a_pinned_map_of_another_layout_stops_the_start_and_the_kernel_keeps_serving()
     std::fs::remove_file(&pin).expect("remove the foreign pin");
     assert_eq!(f.load().service_count(), 1, "the restarted datapath adopts the installed Service");
     assert_eq!(answering(&f), both);
+}
+
+#[test]
+fn the_pin_of_a_map_an_earlier_version_used_is_removed_at_start() {
+    let mut f = Fixture::new(&[1, 1], &[]);
+    f.load();
+    f.datapath = None;
+    // The endpoint map as a daemon before MESH_EP_V2 pinned it (65,536 entries).
+    let old = f.pin_dir().join("MESH_EP_V1");
+    let made = Command::new("bpftool")
+        .arg("map")
+        .arg("create")
+        .arg(&old)
+        .args(["type", "hash", "key", "16", "value", "8", "entries", "65536", "name", "MESH_EP_V1"])
+        .status()
+        .expect("run bpftool");
+    assert!(made.success(), "bpftool map create");
+    f.load();
+    assert!(!old.exists(), "the retired map's pin is removed");
+    assert!(f.pin_dir().join(names::MAP_ENDPOINTS).exists(), "the current one stays");
 }
 
 #[test]

@@ -156,6 +156,9 @@ impl Datapath {
         datapath.adopt_services()?;
         datapath.adopt_endpoints()?;
         datapath.drop_stale_bridge_ports()?;
+        if let Some(dir) = &datapath.config.pin_dir {
+            pins::remove_retired(dir, names::ALL_MAPS);
+        }
         Ok(datapath)
     }
 

@@ -84,9 +84,46 @@ pub fn check(object: &[u8], dir: &Path, names: &[&'static str]) -> Result<(), Er
     Ok(())
 }
 
+/// Whether a file in the pin directory is a map an earlier version of the daemon pinned and
+/// this one no longer uses: our naming (`MESH_<NAME>_V<n>`) but not one of `current`. A map
+/// gets a new versioned name when its layout changes (`MESH_EP_V1` became `MESH_EP_V2` with a
+/// larger capacity), so after an upgrade the old pin would hold its kernel memory until
+/// uninstall.
+pub fn retired(name: &str, current: &[&str]) -> bool {
+    let versioned = name.starts_with("MESH_") && name.rsplit_once("_V").is_some_and(|(_, v)| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
+    versioned && !current.contains(&name)
+}
+
+/// Removes the pins in `dir` that [`retired`] names (programs still using such a map keep it;
+/// the kernel frees it with them).
+pub fn remove_retired(dir: &Path, current: &[&str]) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !retired(&name, current) || e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        match std::fs::remove_file(e.path()) {
+            Ok(()) => tracing::info!(map = name, "removed the pin of a map this version no longer uses"),
+            Err(e) => tracing::warn!(map = name, error = %e, "could not remove the pin of a map this version no longer uses"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_our_maps_of_another_version_are_retired() {
+        let current = ["MESH_EP_V2", "MESH_SVC_V1"];
+        assert!(retired("MESH_EP_V1", &current));
+        assert!(!retired("MESH_EP_V2", &current));
+        assert!(!retired("MESH_SVC_V1", &current));
+        assert!(!retired("links", &current), "the links directory");
+        assert!(!retired("MESH_NOTES", &current), "not versioned");
+        assert!(!retired("MESH_X_V", &current));
+        assert!(!retired("OTHER_EP_V1", &current), "not ours");
+    }
 
     #[test]
     fn a_layout_reads_as_the_kernel_names_its_type() {
