@@ -62,6 +62,16 @@ fn run_suites(everything: bool, suite: Option<&str>, filter: Option<&str>) -> Re
         Some(s) => cmd.args(["--test", s]),
         None => cmd.arg("--tests"),
     };
+    if let Some(f) = filter {
+        // A filter that matches nothing would run nothing and report a pass.
+        let mut list = Command::new(cmd.get_program());
+        list.args(cmd.get_args()).args(["--", "--list", f]);
+        let listed = list.output()?;
+        let found = String::from_utf8_lossy(&listed.stdout).lines().filter(|l| l.ends_with(": test")).count();
+        if !listed.status.success() || found == 0 {
+            bail!("no privileged test matches {f:?}{}", suite.map_or(String::new(), |s| format!(" in suite {s}")));
+        }
+    }
     cmd.args(["--", "--test-threads=1"]);
     if let Some(f) = filter {
         cmd.arg(f);
