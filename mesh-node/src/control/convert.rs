@@ -28,7 +28,7 @@ use super::Error;
 use crate::{
     authn::RequestAuthentication,
     authz::{Action, Condition, Destination, Mode, PeerAuthentication, Policy, Rule, Source},
-    state::{Endpoint, Parts, Protocol, Service, ServicePort, ServiceProtocol, Snapshot, Workload, service, workload::Interner},
+    state::{Endpoint, Parts, Protocol, Service, ServicePort, ServiceProtocol, Snapshot, Workload, workload::Interner},
     telemetry::policy,
 };
 
@@ -83,7 +83,7 @@ pub fn resource(r: &pb::Resource, node: &str, own_address: IpAddr, shared: &mut 
             let mut all = workloads(w, node, own_address, shared)?;
             if all.len() == 1 { Converted::Workload(all.remove(0)) } else { Converted::Workloads(all.into_boxed_slice()) }
         }
-        Some(pb::resource::Kind::Service(s)) => Converted::Service(Arc::new(service(s)?)),
+        Some(pb::resource::Kind::Service(s)) => Converted::Service(Arc::new(service(s, shared)?)),
         Some(pb::resource::Kind::AuthorizationPolicy(p)) => Converted::Policy(Box::new(policy(p)?)),
         Some(pb::resource::Kind::PeerAuthentication(p)) => Converted::PeerAuthentication(peer_authentication(p)?.map(Box::new)),
         Some(pb::resource::Kind::RouteTable(t)) => Converted::Routes(Box::new(routes::route_table(t)?)),
@@ -144,8 +144,9 @@ pub fn snapshot(resources: impl IntoIterator<Item = pb::Resource>, node: &str, o
     Ok(Snapshot::from(parts))
 }
 
-/// One copy of each name and label set the workloads repeat: the pods of a Deployment share a
-/// namespace, a service account, a node's name and (per ReplicaSet) their labels. A copy per pod
+/// One copy of each name and label set the workloads and Service endpoints repeat: the pods of
+/// a Deployment share a namespace, a service account, an identity, a node's name and (per
+/// ReplicaSet) their labels. A copy per pod
 /// was most of a node's memory at 100,000 workloads. Kept across updates by the store, and
 /// pruned of what no workload holds any more.
 #[derive(Default)]
@@ -196,7 +197,7 @@ fn workloads(w: &pb::Workload, node: &str, own_address: IpAddr, shared: &mut Sha
     Ok(all)
 }
 
-fn service(s: &pb::Service) -> Result<Service, Error> {
+fn service(s: &pb::Service, shared: &mut Shared) -> Result<Service, Error> {
     let what = format!("service {}/{}", s.namespace, s.name);
     let mut ports = Vec::new();
     for p in &s.ports {
@@ -222,10 +223,10 @@ fn service(s: &pb::Service) -> Result<Service, Error> {
             address: ip(&e.address, &what)?,
             ports: e.ports.iter().map(|(k, v)| Ok((port(*k, &what)?, port(*v, &what)?))).collect::<Result<_, Error>>()?,
             healthy: e.healthy,
-            node: service::intern(&e.node),
+            node: shared.name(&e.node),
             node_address: if e.node_address.is_empty() { None } else { Some(ip(&e.node_address, &what)?) },
             meshed: e.meshed,
-            identity: (!e.identity.is_empty()).then(|| service::intern(&e.identity)),
+            identity: (!e.identity.is_empty()).then(|| shared.name(&e.identity)),
             subsets: e.subsets.clone(),
             locality: (!e.locality.is_empty()).then(|| e.locality.clone()),
         });

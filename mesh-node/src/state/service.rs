@@ -94,9 +94,8 @@ impl Service {
     }
 }
 
-/// Serde for shared names as plain strings, without serde's `rc` feature (enabling it would
-/// rebuild every crate that uses serde). Parsing interns ([`intern`]): no string is allocated
-/// per endpoint.
+/// Serde for shared names as plain strings. Parsing interns ([`intern`]), which serde's `rc`
+/// feature does not: no string is allocated per endpoint or workload.
 pub(crate) mod shared_name {
     use std::{fmt, sync::Arc};
 
@@ -157,9 +156,9 @@ pub(crate) mod shared_name {
     }
 }
 
-/// The shared copy of a name endpoints repeat (a node, an identity), for every parser of
-/// endpoints (the config file, the control plane's updates): one string per name, not one per
-/// endpoint. A string per endpoint, freed again once shared, left holes between the endpoint lists that glibc could not return (~8 MB of RSS
+/// The shared copy of a name endpoints repeat (a node, an identity), for the config file's
+/// parser (the control plane's conversion shares through its own, pruned `Interner`): one
+/// string per name, not one per endpoint. A string per endpoint, freed again once shared, left holes between the endpoint lists that glibc could not return (~8 MB of RSS
 /// at 100,000 endpoints). The cache forgets everything at 4,096 names, so names of nodes and
 /// identities that went away do not stay.
 pub fn intern(name: &str) -> Arc<str> {

@@ -3,7 +3,8 @@
 //! A node holds every meshed workload of the mesh (`mesh-control/src/view.rs`), so this struct
 //! is the largest part of its memory at scale: the names pods share (namespace, service
 //! account, node, locality) and the label sets of one ReplicaSet are one allocation for all of
-//! them ([`super::service::intern`], [`Interner`]); only the pod's own name is its own.
+//! them (the control plane's conversion shares them through an [`Interner`], the config file's
+//! parser through [`super::service::intern`]); only the pod's own name is its own.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -56,8 +57,7 @@ impl Workload {
 }
 
 /// One shared copy of each value seen (names, label sets): the workloads of one ReplicaSet then
-/// hold one label set.
-/// [`Interner::prune`] forgets what no one else holds any more.
+/// hold one label set. [`Interner::prune`] forgets what no one else holds any more.
 pub struct Interner<T: ?Sized>(HashSet<Arc<T>>);
 
 impl<T: ?Sized + Hash + Eq> Default for Interner<T> {
@@ -104,15 +104,12 @@ impl Workloads {
         list.sort_by_key(|w| w.ip);
         let mut claimed_twice = Vec::new();
         let mut kept: Vec<Arc<Workload>> = Vec::with_capacity(list.len());
-        let mut i = 0;
-        while i < list.len() {
-            let same = list[i..].iter().take_while(|w| w.ip == list[i].ip).count();
-            if same == 1 {
-                kept.push(list[i].clone());
-            } else {
-                claimed_twice.push((list[i].clone(), list[i + 1].clone()));
+        for same_ip in list.chunk_by(|a, b| a.ip == b.ip) {
+            match same_ip {
+                [one] => kept.push(one.clone()),
+                [a, b, ..] => claimed_twice.push((a.clone(), b.clone())),
+                [] => {}
             }
-            i += same;
         }
         kept.shrink_to_fit();
         (Self(kept), claimed_twice)
