@@ -23,3 +23,8 @@ pub use steering::Steering;
 
 /// The kernel object, embedded at build time (empty when `cargo xtask build-ebpf` was not run).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
+
+/// The kernel object this binary loads (empty when it was built without one).
+pub fn embedded_object() -> &'static [u8] {
+    OBJECT
+}

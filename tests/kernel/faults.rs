@@ -1,9 +1,9 @@
-//! Kernel faults: a pinned map the daemon cannot use, an attach the kernel refuses; the pin of
-//! a map an earlier version used. (A full map is
+//! Kernel faults: a pinned map the daemon cannot use, a program the verifier refuses, an attach
+//! the kernel refuses; the pin of a map an earlier version used. (A full map is
 //! `capture::an_oversized_update_is_refused_whole_with_a_clear_error`.)
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
     process::Command,
 };
@@ -21,14 +21,21 @@ fn answering(f: &Fixture) -> BTreeSet<String> {
     f.dial("n1p1", vip(), &["--count", "20"]).iter().map(|l| answered_by(l).unwrap_or(l).to_owned()).collect()
 }
 
-#[test]
-fn a_pinned_map_of_another_layout_stops_the_start_and_the_kernel_keeps_serving() {
+/// The datapath of node 1 balancing a Service over n2p1 and n2p2, then its daemon stopped: the
+/// pinned links and maps keep serving. Returns the fixture and the pods that answer.
+fn a_stopped_daemons_kernel_serving_a_service() -> (Fixture, BTreeSet<String>) {
     let mut f = Fixture::new(&[1, 2], &["n2p1", "n2p2"]);
     let spec = ServiceSpec::tcp(vip().ip(), 80, vec![f.backend("n2p1"), f.backend("n2p2")]);
     f.load().upsert_service(&spec).expect("install service");
     let both: BTreeSet<String> = ["n2p1", "n2p2"].map(String::from).into();
     assert_eq!(answering(&f), both);
-    f.datapath = None; // the daemon stops: pinned links and maps keep serving
+    f.datapath = None;
+    (f, both)
+}
+
+#[test]
+fn a_pinned_map_of_another_layout_stops_the_start_and_the_kernel_keeps_serving() {
+    let (mut f, both) = a_stopped_daemons_kernel_serving_a_service();
     let programs = mesh_programs_loaded();
 
     // Another build's map under our name (same name, other sizes), as an upgrade that changed a
@@ -101,4 +108,70 @@ fn an_attach_the_kernel_refuses_names_the_program_and_the_cgroup() {
     let links: Vec<_> = std::fs::read_dir(f.pin_dir().join("links")).expect("links dir").collect();
     assert!(links.is_empty(), "no link pinned by a failed attach: {links:?}");
     assert_eq!(mesh_programs_loaded(), 0, "the refused datapath holds no program once dropped");
+}
+
+/// The embedded object with `program`'s first instruction replaced by a read above the stack
+/// (`r0 = *(u64 *)(r10 + 0)`; the stack grows down from r10): the verifier refuses it, as it
+/// would a program using a feature the kernel lacks.
+fn object_with_refused_program(program: &str) -> Vec<u8> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    let mut bytes = mesh_node::datapath::embedded_object().to_vec();
+    let offset = {
+        let elf = object::File::parse(&*bytes).expect("parse the embedded object");
+        let symbol = elf.symbols().find(|s| s.name() == Ok(program)).unwrap_or_else(|| panic!("no symbol {program} in the object"));
+        let section = elf.section_by_index(symbol.section_index().expect("a program's symbol is in a section")).expect("its section");
+        let (start, _) = section.file_range().expect("a program's section has bytes");
+        // In a relocatable object a symbol's value is its offset in its section.
+        usize::try_from(start + symbol.address()).expect("an offset in the file")
+    };
+    // A 16-byte load (BPF_LD | BPF_IMM | BPF_DW, 0x18) there would carry a relocation that
+    // the loader, not the verifier, would refuse once overwritten.
+    assert_ne!(bytes[offset], 0x18, "{program} starts with a 64-bit load: pick another instruction to break");
+    // BPF_LDX | BPF_MEM | BPF_DW (0x79), dst r0, src r10 (0xa0), offset 0, no immediate. (An
+    // `exit` there instead leaves the rest unreachable, refused before any register is read.)
+    bytes[offset..offset + 8].copy_from_slice(&[0x79, 0xa0, 0, 0, 0, 0, 0, 0]);
+    bytes
+}
+
+/// Program id each pinned link runs, by pin name (`bpftool link show pinned`).
+fn pinned_links(f: &Fixture) -> BTreeMap<String, u64> {
+    let dir = f.pin_dir().join("links");
+    let mut links = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).expect("links dir") {
+        let path = entry.expect("a link pin").path();
+        let out = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(&path).output().expect("run bpftool");
+        assert!(out.status.success(), "bpftool link show pinned {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        let link: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+        let prog = link["prog_id"].as_u64().unwrap_or_else(|| panic!("no prog_id in {link}"));
+        links.insert(path.file_name().expect("a name").to_string_lossy().into_owned(), prog);
+    }
+    links
+}
+
+#[test]
+fn a_program_the_verifier_refuses_stops_the_start_and_no_link_moves() {
+    let (mut f, both) = a_stopped_daemons_kernel_serving_a_service();
+    let programs = mesh_programs_loaded();
+    let links = pinned_links(&f);
+    assert!(links.contains_key(names::PROG_CONNECT4), "connect4's link is pinned: {links:?}");
+
+    // The program verified last: every other one of the new object loads first, so a refusal
+    // that moved links as it went would have moved them all by then.
+    let refused = names::PROG_TC_STEER;
+    let object = object_with_refused_program(refused);
+    let config = DatapathConfig { cgroup: f.lab.node(1).cgroup.clone(), netns: crate::node_netns(&f.lab, 1), pin_dir: Some(f.pin_dir()) };
+    let mut datapath = Datapath::load_object(config, &object).expect("the object's maps load (the verifier sees programs at attach)");
+    let err = datapath.attach().expect_err("the verifier refuses the broken program");
+    drop(datapath);
+    assert!(matches!(err, Error::Program { name, .. } if name == refused), "{err:?}");
+    let text = err.to_string();
+    assert!(text.starts_with(&format!("program {refused}: the BPF_PROG_LOAD syscall returned ")), "{text}");
+    assert!(text.contains("invalid read from stack R10 off=0 size=8"), "the verifier's own words are in the error: {text}");
+
+    assert_eq!(pinned_links(&f), links, "every pinned link still runs the previous programs");
+    assert_eq!(mesh_programs_loaded(), programs, "the refused start holds no program once dropped");
+    assert_eq!(answering(&f), both, "the kernel keeps balancing with the previous programs");
+    // The next good start adopts it all.
+    assert_eq!(f.load().service_count(), 1, "a good start adopts the installed Service");
+    assert_eq!(answering(&f), both);
 }

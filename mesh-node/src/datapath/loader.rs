@@ -131,16 +131,24 @@ impl Datapath {
         if OBJECT.is_empty() {
             return Err(Error::ObjectNotBuilt);
         }
+        Self::load_object(config, OBJECT)
+    }
+
+    /// [`Datapath::load`] of another object than the embedded one ([`embedded_object`]): the
+    /// kernel suite loads a copy with a program the verifier refuses.
+    ///
+    /// [`embedded_object`]: super::embedded_object
+    pub fn load_object(config: DatapathConfig, object: &[u8]) -> Result<Self, Error> {
         let mut loader = EbpfLoader::new();
         if let Some(dir) = &config.pin_dir {
             let links = dir.join("links");
             fs::create_dir_all(&links).map_err(|source| Error::PinDir { path: links, source })?;
-            pins::check(OBJECT, dir, names::ALL_MAPS)?;
+            pins::check(object, dir, names::ALL_MAPS)?;
             for name in names::ALL_MAPS {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let ebpf = loader.load(OBJECT).map_err(Error::Load)?;
+        let ebpf = loader.load(object).map_err(Error::Load)?;
         let mut datapath = Self {
             config,
             ebpf,
