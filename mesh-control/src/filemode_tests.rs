@@ -154,3 +154,63 @@ fn an_address_two_workloads_claim_is_taken_from_both_and_the_rest_still_applies(
     let svc = &inv.services[&model::NamespacedName::new("demo", "whoami")];
     assert!(svc.endpoints.iter().all(|e| e.address.to_string() != "198.18.1.10"), "no endpoint at the shared address");
 }
+
+#[test]
+fn an_unchanged_file_is_not_parsed_again_and_its_refused_documents_are_still_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let deny = "apiVersion: security.mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: demo}\nspec: {action: DENY}\n---\nkind: Nonsense\n";
+    let path = dir.path().join("p.yaml");
+    std::fs::write(&path, deny).expect("write");
+    let mut last_good = LastGood::new();
+    let (first, errors) = load_keeping(dir.path(), "mesh-system", &mut last_good);
+    assert_eq!(errors.iter().map(|e| e.document).collect::<Vec<_>>(), [Some(1)], "{errors:?}");
+    assert_eq!(first.policies.authorization.len(), 1);
+
+    // Other text of the same length under the same mtime: what an unchanged file looks like
+    // to the folder's watcher, so it is taken from the last parse (the policy stays DENY).
+    let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).expect("mtime");
+    let allow = deny.replace("action: DENY}", "action: ALLOW");
+    assert_eq!(allow.len(), deny.len());
+    std::fs::write(&path, &allow).expect("write");
+    std::fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(mtime)).expect("set mtime");
+    let (again, errors) = load_keeping(dir.path(), "mesh-system", &mut last_good);
+    assert_eq!(again, first, "not parsed again");
+    assert_eq!(errors.iter().map(|e| e.document).collect::<Vec<_>>(), [Some(1)], "the refused document is reported again: {errors:?}");
+
+    // A new mtime: parsed again (and now not valid YAML: `{action: ALLOW` never closes).
+    std::fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(mtime + Duration::from_secs(1))).expect("set mtime");
+    let (changed, errors) = load_keeping(dir.path(), "mesh-system", &mut last_good);
+    assert_eq!(errors.iter().map(|e| e.document).collect::<Vec<_>>(), [None], "read again, and refused whole: {errors:?}");
+    assert_eq!(changed, first, "the last good documents stay in force");
+}
+
+#[test]
+fn a_selector_picks_the_workloads_of_its_namespace_with_all_of_its_labels() {
+    let workload = |ns: &str, name: &str, labels: &[(&str, &str)], last: u8| {
+        format!(
+            "apiVersion: lab.mesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{}}}}}\nspec: {{node: n1, serviceAccount: sa, addresses: [10.0.0.{last}]}}\n---\n",
+            labels.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+        )
+    };
+    let service = |name: &str, selector: &str| {
+        format!("apiVersion: lab.mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: a}}\nspec:\n  vips: [198.19.0.1]\n  selector: {{{selector}}}\n  ports: [{{port: 80, targetPort: 8080}}]\n---\n")
+    };
+    let mut yaml = String::new();
+    yaml += &workload("a", "v1-x", &[("app", "web"), ("version", "v1")], 1);
+    yaml += &workload("a", "v2-x", &[("app", "web"), ("version", "v2")], 2);
+    yaml += &workload("a", "v1-y", &[("app", "web"), ("version", "v1"), ("extra", "label")], 3);
+    yaml += &workload("b", "v1-z", &[("app", "web"), ("version", "v1")], 4);
+    yaml += &service("web", "app: web");
+    yaml += &service("v1", "app: web, version: v1");
+    yaml += &service("none", "app: web, version: v3");
+    yaml += &service("empty", "");
+    let docs = manifest::parse(&yaml).expect("YAML").into_iter().collect::<Result<Vec<_>, _>>().expect("documents");
+    let s = build(docs, "mesh-system");
+    let selected = |name: &str| -> Vec<String> {
+        s.inventory.services[&model::NamespacedName::new("a", name)].endpoints.iter().map(|e| e.workload_uid.clone().expect("a workload's")).collect()
+    };
+    assert_eq!(selected("web"), ["a/v1-x", "a/v1-y", "a/v2-x"], "not namespace b's");
+    assert_eq!(selected("v1"), ["a/v1-x", "a/v1-y"], "every label of the selector, extra labels allowed");
+    assert!(selected("none").is_empty());
+    assert!(selected("empty").is_empty(), "a Service without a selector selects nothing");
+}

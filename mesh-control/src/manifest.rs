@@ -4,7 +4,10 @@
 //! (`lab.mesh.dev/v1alpha1` kinds `Node`, `Namespace`, `Workload`, `Service`). See
 //! `deploy/examples/` and the README for the format.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use serde::Deserialize;
 
@@ -243,15 +246,41 @@ fn named(kind: &'static str, name: String) -> Result<String, Error> {
     Ok(name)
 }
 
-/// Endpoints of a file-mode Service: every address of every workload its selector matches.
-pub fn endpoints(svc: &ServiceDoc, workloads: &BTreeMap<String, model::Workload>) -> Vec<model::Endpoint> {
-    if svc.selector.is_empty() {
-        return Vec::new();
+/// The workloads of file mode by namespace and label, so each Service's selector is answered
+/// from the workloads carrying one of its labels instead of a scan of them all (10,000 Services
+/// over 100,000 workloads were 10^9 comparisons: most of a minute for each change).
+pub struct WorkloadIndex<'a> {
+    /// (namespace, label key, label value) → the workloads with it, in uid order.
+    by_label: HashMap<(&'a str, &'a str, &'a str), Vec<&'a model::Workload>>,
+}
+
+impl<'a> WorkloadIndex<'a> {
+    pub fn new(workloads: &'a BTreeMap<String, model::Workload>) -> Self {
+        let mut by_label: HashMap<_, Vec<_>> = HashMap::new();
+        for w in workloads.values() {
+            for (k, v) in &w.labels {
+                by_label.entry((w.namespace.as_str(), k.as_str(), v.as_str())).or_default().push(w);
+            }
+        }
+        Self { by_label }
     }
+
+    /// The workloads of `namespace` whose labels include all of `selector` (none for an empty
+    /// selector, as a Service without one selects nothing), in uid order.
+    fn selected<'s>(&'s self, namespace: &'s str, selector: &'s Labels) -> impl Iterator<Item = &'a model::Workload> + 's {
+        // The rarest of the selector's labels, then the others checked on its workloads.
+        let mut lists = selector.iter().map(|(k, v)| self.by_label.get(&(namespace, k.as_str(), v.as_str())).map_or(&[][..], Vec::as_slice));
+        let first = lists.next().unwrap_or_default();
+        let rarest = lists.fold(first, |a, b| if b.len() < a.len() { b } else { a });
+        rarest.iter().copied().filter(move |w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+    }
+}
+
+/// Endpoints of a file-mode Service: every address of every workload its selector matches.
+pub fn endpoints(svc: &ServiceDoc, workloads: &WorkloadIndex<'_>) -> Vec<model::Endpoint> {
     let ports: BTreeMap<u16, u16> = svc.ports.iter().map(|p| (p.port, p.target_port)).collect();
     workloads
-        .values()
-        .filter(|w| w.namespace == svc.key.namespace && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .selected(&svc.key.namespace, &svc.selector)
         .flat_map(|w| {
             w.addresses.iter().map(|a| model::Endpoint {
                 workload_uid: Some(w.uid.clone()),
