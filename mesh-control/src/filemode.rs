@@ -26,9 +26,9 @@ pub fn load(dir: &Path, root_namespace: &str) -> (State, Vec<FileError>) {
 }
 
 /// Each file's documents from its last successful parse, with the file's length and mtime then.
-/// A file whose length and mtime have not changed since is not parsed again (at 100,000
-/// workloads in 113 files, parsing the whole folder for each change of one took ~20 s); a file
-/// that stops parsing (say, caught half-written) keeps its documents.
+/// A file whose length and mtime have not changed since is not parsed again (a folder of
+/// 100,000 workloads, 26 MiB in 113 files, takes seconds to parse: not for each change of one
+/// file); a file that stops parsing (say, caught half-written) keeps its documents.
 #[derive(Default)]
 pub struct LastGood(BTreeMap<PathBuf, Parsed>);
 

@@ -10,11 +10,14 @@
 //! ```
 //!
 //! `MESH_BENCH_PAUSE_SECS=<n>` pauses before the large config, with the daemons' pids printed,
-//! to attach a profiler (`heaptrack -p <pid>`).
+//! to attach a profiler; `MESH_BENCH_NODE_BIN=<program>` runs the daemons as another program
+//! (a script that `exec`s `target/release/mesh-node` under heaptrack's preload library, say).
 //!
-//! Reported: each daemon's RSS idle (the lab's own config), with the large config, and after
-//! one small update at that scale (a policy), with the time each took from the file's write to
-//! the daemon's "config applied"; mesh-control's RSS beside. The extra pods are config only:
+//! Reported: each daemon's RSS idle (the lab's own config), with the large config, after one
+//! small update at that scale (one more Service), and a minute later (after the daemon's
+//! `malloc_trim`), with the time each took from the file's write to the daemon's "config
+//! applied", and where the RSS is (glibc's main heap, anonymous mappings, files); mesh-control's
+//! RSS beside. The extra pods are config only:
 //! their addresses (100.64.0.0/14) and nodes' (100.68.0.0/24) are never dialled, and no lab
 //! namespace routes them. Results are in `bench/results/ztunnel.md` ("Memory at scale").
 
@@ -125,6 +128,30 @@ fn strip_colours(log: &str) -> String {
     out
 }
 
+/// Where a process's resident memory is, KiB by kind of mapping (`/proc/<pid>/smaps`): glibc's
+/// main heap, anonymous mappings (its other arenas, blocks of 1 MiB and more, thread stacks),
+/// and files (the binary and libraries).
+fn rss_by_mapping(pid: u32) -> String {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut heap, mut anon, mut files, mut other) = (0u64, 0u64, 0u64, 0u64);
+    let mut kind = 0;
+    for line in smaps.lines() {
+        if let Some(kib) = line.strip_prefix("Rss:") {
+            let kib: u64 = kib.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            *[&mut heap, &mut anon, &mut files, &mut other][kind] += kib;
+        } else if line.split_whitespace().next().is_some_and(|range| range.contains('-') && !range.ends_with(':')) {
+            // A mapping's header: `start-end perms offset dev inode [path]`.
+            kind = match line.split_whitespace().nth(5) {
+                Some("[heap]") => 0,
+                None => 1,
+                Some(path) if path.starts_with('/') => 2,
+                Some(_) => 3,
+            };
+        }
+    }
+    format!("heap {} MiB, anonymous {} MiB, files {} MiB, other {} MiB", heap >> 10, anon >> 10, files >> 10, other >> 10)
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
@@ -137,7 +164,13 @@ fn controller_fed_node_memory_at_scale() {
     let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
     let spec = LabSpec::for_test(&[3, 2]);
     let base = std::env::temp_dir().join(format!("mesh-{}-bench", spec.run));
-    let c = Cluster::start(spec, Binaries::in_dir(&release), &base).expect("start the mesh");
+    let mut bins = Binaries::in_dir(&release);
+    // MESH_BENCH_NODE_BIN: the daemons run as another program, e.g. a script that `exec`s
+    // mesh-node under a heap profiler (bench/results/ztunnel.md, "Memory at scale").
+    if let Some(node) = std::env::var_os("MESH_BENCH_NODE_BIN") {
+        bins.mesh_node = node.into();
+    }
+    let c = Cluster::start(spec, bins, &base).expect("start the mesh");
     #[expect(clippy::cast_precision_loss, reason = "memory sizes")]
     let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
     let daemons = || [0, 1].map(|i| mib(c.daemon_rss_kib(i))).join(" / ");
@@ -169,6 +202,10 @@ fn controller_fed_node_memory_at_scale() {
     std::thread::sleep(Duration::from_secs(3));
     let scaled = (daemons(), mib(control()));
     println!("scaled: daemons {} MiB, mesh-control {} MiB, applied {scaled_at:.1?}", scaled.0, scaled.1);
+    let pids: Vec<u32> = c.daemons.iter().flatten().map(mesh_tests::PodProcess::pid).collect();
+    for pid in &pids {
+        println!("  daemon {pid}: {}", rss_by_mapping(*pid));
+    }
 
     // One small change at that scale, which every node receives: one more Service.
     let written = Instant::now();
@@ -178,11 +215,22 @@ fn controller_fed_node_memory_at_scale() {
     std::thread::sleep(Duration::from_secs(3));
     let after = (daemons(), mib(control()));
     println!("after one more update: daemons {} MiB, applied {updated:.1?}", after.0);
+    for pid in &pids {
+        println!("  daemon {pid}: {}", rss_by_mapping(*pid));
+    }
+    // The daemon hands freed pages back once a minute (`malloc_trim`, mesh-node's main.rs): what
+    // a node holds between changes, as Prometheus would sample it.
+    std::thread::sleep(Duration::from_secs(65));
+    let settled = daemons();
+    println!("a minute later: daemons {settled} MiB");
+    for pid in &pids {
+        println!("  daemon {pid}: {}", rss_by_mapping(*pid));
+    }
 
     let times = |a: &[(Duration, usize, f64); 2]| format!("{:.2} / {:.2} s to apply; {:.0} s after the file's write", a[0].2, a[1].2, a[0].0.as_secs_f64().max(a[1].0.as_secs_f64()));
     println!(
-        "\n| RSS, MiB (node 1 / node 2) | idle, the lab's config | {SERVICES} more Services × {PODS_PER_SERVICE} meshed pods (100,000 workloads) | after one more update at that scale |\n|---|---|---|---|"
+        "\n| RSS, MiB (node 1 / node 2) | idle, the lab's config | {SERVICES} more Services × {PODS_PER_SERVICE} meshed pods (100,000 workloads) | after one more update at that scale | a minute later |\n|---|---|---|---|---|"
     );
-    println!("| mesh-node, fed by mesh-control | {} | {} ({}) | {} ({}) |", idle.0, scaled.0, times(&scaled_at), after.0, times(&updated));
-    println!("| mesh-control (beside) | {} | {} | {} |", idle.1, scaled.1, after.1);
+    println!("| mesh-node, fed by mesh-control | {} | {} ({}) | {} ({}) | {settled} |", idle.0, scaled.0, times(&scaled_at), after.0, times(&updated));
+    println!("| mesh-control (beside) | {} | {} | {} | {} |", idle.1, scaled.1, after.1, mib(control()));
 }

@@ -74,7 +74,16 @@ impl Store {
         if update.full {
             self.items.clear();
         }
-        self.items.extend(update.upserts);
+        if update.upserts.len() > self.items.len() / 8 {
+            // A large update rebuilds the map from one sorted list, whose nodes are full: filled
+            // one insert at a time, a B-tree splits each node in half as it grows, and at 110,000
+            // resources the map took 11.8 MB (~108 B an entry, for 48 B of key and value). In the
+            // list an upsert comes after the entry it replaces, and `collect` keeps the last.
+            let all: Vec<_> = std::mem::take(&mut self.items).into_iter().chain(update.upserts).collect();
+            self.items = all.into_iter().collect();
+        } else {
+            self.items.extend(update.upserts);
+        }
         for key in update.removals {
             self.items.remove(&key);
         }
@@ -195,6 +204,21 @@ mod tests {
         store.stage(&mut update, pb::ConfigUpdate { version: 3, upserts: vec![workload("d", "d1")], ..Default::default() });
         assert!(store.commit(update).is_err(), "a part that did not convert refuses the whole update");
         assert_eq!(names(&store), before);
+    }
+
+    #[test]
+    fn small_and_large_updates_replace_what_they_upsert() {
+        let mut store = Store::new("n1", IpAddr::from([198, 18, 0, 1]));
+        let all = |name: &str| (0..100).map(|i| workload(&format!("w{i:03}"), &format!("{name}{i}"))).collect::<Vec<_>>();
+        store.apply(pb::ConfigUpdate { version: 1, full: true, upserts: all("a"), ..Default::default() }).expect("apply");
+        // One of 100: inserted into the map as it is.
+        store.apply(pb::ConfigUpdate { version: 2, upserts: vec![workload("w005", "b5")], ..Default::default() }).expect("apply");
+        // Half of them: the map is rebuilt from one sorted list.
+        let half = all("c").into_iter().step_by(2).collect();
+        store.apply(pb::ConfigUpdate { version: 3, upserts: half, ..Default::default() }).expect("apply");
+        let names = names(&store);
+        assert_eq!(names.len(), 100);
+        assert_eq!([&names[1].1, &names[4].1, &names[5].1], ["a1", "c4", "b5"]);
     }
 
     #[test]
