@@ -127,14 +127,21 @@ impl Cluster {
             if self.kubectl(&["get", "--raw", "/readyz"]).status.success() {
                 return;
             }
-            for (name, child) in &mut self.children {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("{name} exited ({status}); log: {}", self.dir.path().join(format!("{name}.log")).display());
-                }
+            let exited = self.children.iter_mut().find_map(|(name, child)| Some((*name, child.try_wait().ok()??)));
+            if let Some((name, status)) = exited {
+                panic!("{name} exited ({status}); the end of its log:\n{}", self.log_tail(name));
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        panic!("kube-apiserver not ready after 60 s; logs in {}", self.dir.path().display());
+        panic!("kube-apiserver not ready after 60 s; the end of its log:\n{}", self.log_tail("kube-apiserver"));
+    }
+
+    /// The last lines of a child's log, for a panic: the temporary directory holding the log
+    /// is removed when the test fails.
+    fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_else(|e| format!("(log unreadable: {e})"));
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
     pub fn kubectl(&self, args: &[&str]) -> Output {
