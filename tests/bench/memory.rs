@@ -11,7 +11,8 @@
 //!
 //! `MESH_BENCH_PAUSE_SECS=<n>` pauses before the large config, with the daemons' pids printed,
 //! to attach a profiler; `MESH_BENCH_NODE_BIN=<program>` runs the daemons as another program
-//! (a script that `exec`s `target/release/mesh-node` under heaptrack's preload library, say).
+//! (a script that `exec`s `target/release/mesh-node` under heaptrack's preload library, say),
+//! `MESH_BENCH_CONTROL_BIN=<program>` mesh-control.
 //!
 //! Reported: each daemon's RSS idle (the lab's own config), with the large config, after one
 //! small update at that scale (one more Service), and a minute later (after the daemon's
@@ -165,10 +166,14 @@ fn controller_fed_node_memory_at_scale() {
     let spec = LabSpec::for_test(&[3, 2]);
     let base = std::env::temp_dir().join(format!("mesh-{}-bench", spec.run));
     let mut bins = Binaries::in_dir(&release);
-    // MESH_BENCH_NODE_BIN: the daemons run as another program, e.g. a script that `exec`s
-    // mesh-node under a heap profiler (bench/results/ztunnel.md, "Memory at scale").
+    // MESH_BENCH_NODE_BIN / MESH_BENCH_CONTROL_BIN: the daemons or the controller run as another
+    // program, e.g. a script that `exec`s it under a heap profiler (bench/results/ztunnel.md,
+    // "Memory at scale").
     if let Some(node) = std::env::var_os("MESH_BENCH_NODE_BIN") {
         bins.mesh_node = node.into();
+    }
+    if let Some(control) = std::env::var_os("MESH_BENCH_CONTROL_BIN") {
+        bins.mesh_control = control.into();
     }
     let c = Cluster::start(spec, bins, &base).expect("start the mesh");
     #[expect(clippy::cast_precision_loss, reason = "memory sizes")]
