@@ -45,7 +45,12 @@ pub enum Error {
 pub struct NodeStatus {
     pub connected: bool,
     pub sent_version: u64,
+    /// The newest version the node holds: the last it acked, or a later one that left its view
+    /// as the one it acked (no push needed, so no ack comes).
     pub acked_version: u64,
+    /// The newest version whose view for this node is the one last sent.
+    #[serde(skip)]
+    pub view_version: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_nack: Option<Nack>,
     /// Where its config stream comes from: the node's own address (the lab's underlay, or the
@@ -229,7 +234,17 @@ async fn serve_node(
                     }
                 }
                 shared.metrics.pushes.get_or_create(&PushLabels { kind }).inc();
-                conn.update(|s| s.sent_version = snap.version);
+                conn.update(|s| (s.sent_version, s.view_version) = (snap.version, snap.version));
+            } else {
+                // Nothing of this version concerns the node: once it holds what it was last sent,
+                // it holds this version too (else `meshctl status` showed it behind until a
+                // change that concerns it).
+                conn.update(|s| {
+                    s.view_version = snap.version;
+                    if s.acked_version >= s.sent_version {
+                        s.acked_version = snap.version;
+                    }
+                });
             }
             last = Some(new);
         }
@@ -257,7 +272,12 @@ fn handle_reply(shared: &Shared, conn: &Connected, msg: pb::NodeMessage) {
     match msg.kind {
         Some(pb::node_message::Kind::Ack(a)) => {
             shared.metrics.acks.inc();
-            conn.update(|s| s.acked_version = s.acked_version.max(a.version));
+            conn.update(|s| {
+                s.acked_version = s.acked_version.max(a.version);
+                if a.version >= s.sent_version {
+                    s.acked_version = s.acked_version.max(s.view_version);
+                }
+            });
         }
         Some(pb::node_message::Kind::Nack(n)) => {
             shared.metrics.nacks.inc();

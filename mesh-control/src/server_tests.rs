@@ -298,3 +298,21 @@ async fn during_a_root_rotation_both_roots_are_trusted_and_a_third_is_not() {
         ConfigDistributionClient::new(ch).stream_config(tokio_stream::iter([subscribe("n1")])).await.expect_err("untrusted root");
     }
 }
+
+#[tokio::test]
+async fn a_version_that_leaves_a_nodes_view_unchanged_counts_as_held_once_it_acked_the_last() {
+    let h = start(lab_state("")).await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(subscribe("n1")).await.expect("send");
+    let mut client = ConfigDistributionClient::new(channel(&h, "n1").await);
+    let mut updates = client.stream_config(ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    assert_eq!(updates.message().await.expect("recv").expect("snapshot").version, 1);
+    // Version 2 does not touch n1's view (an unmeshed workload on n2): nothing is sent, and
+    // before n1 acks version 1 it is not counted as holding 2.
+    assert_eq!(h.shared.publisher.publish(lab_state(UNMESHED_ON_N2), vec![]), Some(2));
+    eventually("version 2 seen", || h.shared.nodes.lock().expect("lock").get("n1").is_some_and(|s| s.view_version == 2)).await;
+    assert_eq!(h.shared.nodes.lock().expect("lock")["n1"].acked_version, 0);
+    tx.send(pb::NodeMessage { kind: Some(pb::node_message::Kind::Ack(pb::Ack { version: 1 })) }).await.expect("ack");
+    eventually("n1 holds version 2", || h.shared.nodes.lock().expect("lock").get("n1").is_some_and(|s| s.acked_version == 2)).await;
+    assert_eq!(h.shared.nodes.lock().expect("lock")["n1"].sent_version, 1, "and nothing more was sent");
+}
