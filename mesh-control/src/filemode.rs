@@ -45,6 +45,14 @@ struct Parsed {
     refused: Vec<(usize, String)>,
 }
 
+impl Parsed {
+    /// Adds the file's documents and its refused ones' errors to a load's.
+    fn report(&self, file: &Path, docs: &mut Vec<Document>, errors: &mut Vec<FileError>) {
+        docs.extend(self.docs.iter().cloned());
+        errors.extend(self.refused.iter().map(|(i, message)| FileError { file: file.to_path_buf(), document: Some(*i), message: message.clone() }));
+    }
+}
+
 /// What tells a file changed: its length and mtime (as the watcher's [`fingerprint`]).
 type Stamp = (u64, Option<SystemTime>);
 
@@ -66,8 +74,7 @@ pub fn load_keeping(dir: &Path, root_namespace: &str, last_good: &mut LastGood) 
         // Taken before the read: a write in between makes the next poll read it again.
         let stamp = stamp(&file);
         if let Some(seen) = last_good.0.get(&file).filter(|p| stamp.is_some_and(|s| s == p.stamp)) {
-            docs.extend(seen.docs.iter().cloned());
-            errors.extend(seen.refused.iter().map(|(i, message)| FileError { file: file.clone(), document: Some(*i), message: message.clone() }));
+            seen.report(&file, &mut docs, &mut errors);
             continue;
         }
         let text = match std::fs::read_to_string(&file) {
@@ -90,16 +97,12 @@ pub fn load_keeping(dir: &Path, root_namespace: &str, last_good: &mut LastGood) 
                         Err(e) => refused.push((i, e.to_string())),
                     }
                 }
-                docs.extend(good.iter().cloned());
-                errors.extend(refused.iter().map(|(i, message)| FileError { file: file.clone(), document: Some(*i), message: message.clone() }));
+                let parsed = Parsed { stamp: stamp.unwrap_or_default(), docs: good, refused };
+                parsed.report(&file, &mut docs, &mut errors);
                 match stamp {
-                    Some(stamp) => {
-                        last_good.0.insert(file, Parsed { stamp, docs: good, refused });
-                    }
-                    None => {
-                        last_good.0.remove(&file);
-                    }
-                }
+                    Some(_) => last_good.0.insert(file, parsed),
+                    None => last_good.0.remove(&file),
+                };
             }
         }
     }
@@ -195,16 +198,11 @@ fn yaml_files(dir: &Path, errors: &mut Vec<FileError>) -> Vec<PathBuf> {
 }
 
 /// What the watcher compares between polls: every YAML file's path, length and mtime.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    yaml_files(dir, &mut Vec::new())
-        .into_iter()
-        .map(|f| {
-            let m = std::fs::metadata(&f).ok();
-            let len = m.as_ref().map_or(0, std::fs::Metadata::len);
-            let mtime = m.and_then(|m| m.modified().ok());
-            (f, len, mtime)
-        })
-        .collect()
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<Stamp>)> {
+    yaml_files(dir, &mut Vec::new()).into_iter().map(|f| {
+        let stamp = stamp(&f);
+        (f, stamp)
+    }).collect()
 }
 
 /// Loads the folder, publishes, and republishes on every change until the task is dropped.

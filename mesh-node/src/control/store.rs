@@ -79,8 +79,7 @@ impl Store {
             // one insert at a time, a B-tree splits each node in half as it grows, and at 110,000
             // resources the map took 11.8 MB (~108 B an entry, for 48 B of key and value). In the
             // list an upsert comes after the entry it replaces, and `collect` keeps the last.
-            let all: Vec<_> = std::mem::take(&mut self.items).into_iter().chain(update.upserts).collect();
-            self.items = all.into_iter().collect();
+            self.items = std::mem::take(&mut self.items).into_iter().chain(update.upserts).collect();
         } else {
             self.items.extend(update.upserts);
         }
