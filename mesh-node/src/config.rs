@@ -17,6 +17,9 @@ pub const ENV_CONTROL_ROOT_CERT: &str = "MESH_CONTROL_ROOT_CERT";
 pub const ENV_CONTROL_TOKEN_FILE: &str = "MESH_CONTROL_TOKEN_FILE";
 pub const ENV_LAST_CONFIG_FILE: &str = "MESH_LAST_CONFIG_FILE";
 pub const ENV_CONTROL_NODE_CERT_TTL_SECS: &str = "MESH_CONTROL_NODE_CERT_TTL_SECS";
+pub const ENV_CONTROL_CALL_TIMEOUT_SECS: &str = "MESH_CONTROL_CALL_TIMEOUT_SECS";
+pub const ENV_CONTROL_KEEPALIVE_SECS: &str = "MESH_CONTROL_KEEPALIVE_SECS";
+pub const ENV_CONTROL_KEEPALIVE_TIMEOUT_SECS: &str = "MESH_CONTROL_KEEPALIVE_TIMEOUT_SECS";
 pub const ENV_NODE_ADDRESS: &str = "MESH_NODE_ADDRESS";
 pub const ENV_CAPTURE_ADDR: &str = "MESH_CAPTURE_ADDR";
 pub const ENV_BYPASS: &str = "MESH_BYPASS";
@@ -112,6 +115,12 @@ impl Config {
                     });
                 }
                 let required = |var: &'static str, hint: &'static str| absolute(src, var)?.ok_or(Error::Missing { var, hint });
+                let d = crate::control::Deadlines::default();
+                let deadlines = crate::control::Deadlines {
+                    call: positive_secs(src, ENV_CONTROL_CALL_TIMEOUT_SECS)?.unwrap_or(d.call),
+                    keepalive_interval: positive_secs(src, ENV_CONTROL_KEEPALIVE_SECS)?.unwrap_or(d.keepalive_interval),
+                    keepalive_timeout: positive_secs(src, ENV_CONTROL_KEEPALIVE_TIMEOUT_SECS)?.unwrap_or(d.keepalive_timeout),
+                };
                 Some(crate::control::Config {
                     server_name: src.get(ENV_CONTROL_SERVER_NAME).unwrap_or_else(|| "mesh-control".into()),
                     root_cert: required(ENV_CONTROL_ROOT_CERT, "the mesh root certificate (PEM) that signed mesh-control's")?,
@@ -119,6 +128,7 @@ impl Config {
                     node_cert_ttl: std::time::Duration::from_secs(parsed(src, ENV_CONTROL_NODE_CERT_TTL_SECS, "a number of seconds (0: the controller's default)")?.unwrap_or(0)),
                     node_name: node_name.clone(),
                     last_config: absolute(src, ENV_LAST_CONFIG_FILE)?,
+                    deadlines,
                     address,
                 })
             }
@@ -161,6 +171,14 @@ fn parsed<T: std::str::FromStr>(src: &impl Source, var: &'static str, what: &str
     src.get(var)
         .map(|v| v.parse().map_err(|_| Error::Invalid { var, value: v.clone(), reason: format!("must be {what}") }))
         .transpose()
+}
+
+/// A whole number of seconds, at least 1 (0 would turn a bound off or make it fire at once).
+fn positive_secs(src: &impl Source, var: &'static str) -> Result<Option<std::time::Duration>, Error> {
+    match parsed::<u64>(src, var, "a whole number of seconds, at least 1")? {
+        Some(0) => Err(Error::Invalid { var, value: "0".into(), reason: "must be at least 1 second".into() }),
+        s => Ok(s.map(std::time::Duration::from_secs)),
+    }
 }
 
 fn absolute(src: &impl Source, var: &'static str) -> Result<Option<PathBuf>, Error> {
@@ -210,5 +228,26 @@ mod tests {
         let removal = Config::from_source(&src).unwrap().removal.expect("checked at exit");
         assert_eq!(removal.token_file, PathBuf::from("/var/run/mesh/token/kube-token"));
         assert_eq!(removal.api, "10.96.0.1:443");
+    }
+
+    /// The control channel's deadlines: defaults, overridden in whole seconds, and 0 refused
+    /// (it would turn a bound off).
+    #[test]
+    fn control_deadlines_default_and_override() {
+        let mut src = HashMap::from([
+            (ENV_NODE_NAME, "n1"),
+            (ENV_CONTROL_ADDR, "https://mesh-control:15012"),
+            (ENV_CONTROL_ROOT_CERT, "/etc/mesh/root.pem"),
+            (ENV_CONTROL_TOKEN_FILE, "/etc/mesh/token"),
+        ]);
+        let control = Config::from_source(&src).unwrap().control.expect("control plane configured");
+        assert_eq!(control.deadlines, crate::control::Deadlines::default());
+        src.insert(ENV_CONTROL_KEEPALIVE_SECS, "3");
+        src.insert(ENV_CONTROL_CALL_TIMEOUT_SECS, "7");
+        let d = Config::from_source(&src).unwrap().control.expect("control plane configured").deadlines;
+        assert_eq!((d.keepalive_interval.as_secs(), d.call.as_secs(), d.keepalive_timeout), (3, 7, crate::control::Deadlines::default().keepalive_timeout));
+        src.insert(ENV_CONTROL_KEEPALIVE_TIMEOUT_SECS, "0");
+        let err = Config::from_source(&src).unwrap_err();
+        assert_eq!(err.to_string(), "MESH_CONTROL_KEEPALIVE_TIMEOUT_SECS=\"0\": must be at least 1 second");
     }
 }

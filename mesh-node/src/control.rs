@@ -8,6 +8,11 @@
 //! CSRs then run over mutual TLS with that certificate, as `mesh.ca.v1` documents. The
 //! certificate is renewed at half-life; each renewal publishes a new channel, and the stream
 //! moves to it (one reconnect).
+//!
+//! Every call has a deadline and the connection is probed with HTTP/2 PINGs ([`Deadlines`]): a
+//! controller whose host crashed or was cut off sends no FIN, and without them a node would wait
+//! on it for the kernel's retransmission timeout (~15 min with data in flight) or, on an idle
+//! config stream, forever — keeping an old config while the other replica has a newer one.
 
 mod ca;
 pub mod convert;
@@ -16,7 +21,7 @@ mod node_cert;
 mod store;
 mod stream;
 
-use std::{path::PathBuf, time::Duration};
+use std::{future::Future, path::PathBuf, time::Duration};
 
 use tokio::sync::watch;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -75,6 +80,38 @@ pub struct Config {
     /// Where the last applied config is kept (`last_config`), to enforce it at once after a
     /// restart, before (or without) the control plane.
     pub last_config: Option<PathBuf>,
+    pub deadlines: Deadlines,
+}
+
+/// How long the node waits on the controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Deadlines {
+    /// One call: a node certificate, a workload certificate, opening the config stream
+    /// (`MESH_CONTROL_CALL_TIMEOUT_SECS`). An abandoned call is retried with backoff.
+    pub call: Duration,
+    /// An HTTP/2 PING this often on the connection, idle or not
+    /// (`MESH_CONTROL_KEEPALIVE_SECS`)...
+    pub keepalive_interval: Duration,
+    /// ...and the connection is given up when one is not answered within this
+    /// (`MESH_CONTROL_KEEPALIVE_TIMEOUT_SECS`): the stream reconnects, to another replica
+    /// behind the Service if this one is gone.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Deadlines {
+    /// A lost controller is noticed within 15 s; a certificate request waits 15 s at most.
+    fn default() -> Self {
+        Self { call: Duration::from_secs(15), keepalive_interval: Duration::from_secs(10), keepalive_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// `call` bounded by `limit`; an abandoned call is counted in `timeouts` and answered with
+/// `DEADLINE_EXCEEDED` naming the setting.
+async fn within<T>(limit: Duration, timeouts: &prometheus_client::metrics::counter::Counter, call: impl Future<Output = Result<T, tonic::Status>>) -> Result<T, tonic::Status> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        timeouts.inc();
+        Err(tonic::Status::deadline_exceeded(format!("no answer from the control plane within {limit:?} (MESH_CONTROL_CALL_TIMEOUT_SECS)")))
+    })
 }
 
 impl Config {
@@ -95,6 +132,9 @@ impl Config {
             .tls_config(tls)
             .map_err(address_error)?
             .connect_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(self.deadlines.keepalive_interval)
+            .keep_alive_timeout(self.deadlines.keepalive_timeout)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             .connect_lazy())
     }
@@ -105,6 +145,8 @@ impl Config {
 #[derive(Clone)]
 pub struct Connection {
     channel: watch::Receiver<Option<Channel>>,
+    deadlines: Deadlines,
+    metrics: Metrics,
 }
 
 impl Connection {
@@ -114,7 +156,12 @@ impl Connection {
         config.endpoint(None)?;
         Config::read(&config.token_file)?;
         let (tx, rx) = watch::channel(None);
-        Ok((Self { channel: rx }, Renewer::new(config.clone(), tx, metrics.clone())))
+        Ok((Self { channel: rx, deadlines: config.deadlines, metrics: metrics.clone() }, Renewer::new(config.clone(), tx, metrics.clone())))
+    }
+
+    /// `call` under the call deadline ([`Deadlines::call`]).
+    async fn bounded<T>(&self, call: impl Future<Output = Result<T, tonic::Status>>) -> Result<T, tonic::Status> {
+        within(self.deadlines.call, &self.metrics.call_timeouts, call).await
     }
 
     /// The current channel, waiting up to `wait` for the first one.

@@ -1,11 +1,15 @@
 //! The node's control-plane client against the real mesh-control server, in process: file-mode
 //! state in, the node's `State` out over mutual TLS with a node certificate bootstrapped from the
 //! node token; live changes; NACK-free apply; certificates from the controller's CA over gRPC;
-//! node certificate renewal under a live stream. Unprivileged (loopback, port 0).
+//! node certificate renewal under a live stream; a controller that goes silent (deadlines and
+//! keepalive). Unprivileged (loopback, port 0).
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -18,7 +22,7 @@ use mesh_control::{
     snapshot::Publisher,
 };
 use mesh_node::{
-    control::{Config, ConfigClient, Connection, GrpcCa, Metrics},
+    control::{Config, ConfigClient, Connection, Deadlines, GrpcCa, Metrics},
     identity::{CaClient, CertMetrics, CertStore, Identity},
     state::{Protocol, State},
 };
@@ -113,6 +117,7 @@ fn config(c: &Controller, token: &str) -> Config {
         node_name: "n1".into(),
         node_cert_ttl: Duration::ZERO,
         last_config: None,
+        deadlines: Deadlines::default(),
     }
 }
 
@@ -126,7 +131,11 @@ fn metric(registry: &Registry, name: &str) -> u64 {
 }
 
 async fn wait_for(rx: &mut tokio::sync::watch::Receiver<Arc<State>>, what: &str, f: impl Fn(&State) -> bool) -> Arc<State> {
-    tokio::time::timeout(Duration::from_secs(5), async {
+    wait_within(rx, what, Duration::from_secs(5), f).await
+}
+
+async fn wait_within(rx: &mut tokio::sync::watch::Receiver<Arc<State>>, what: &str, limit: Duration, f: impl Fn(&State) -> bool) -> Arc<State> {
+    tokio::time::timeout(limit, async {
         loop {
             let s = rx.borrow_and_update().clone();
             if f(&s) {
@@ -289,4 +298,119 @@ async fn a_view_larger_than_one_grpc_message_arrives_in_parts_and_applies_whole(
     let big = state.services.iter().find(|s| s.name == "big-5999").expect("the last Service");
     assert_eq!(big.ports.len(), 2);
     assert_eq!(c.metrics.nacks.get(), 0);
+}
+
+/// A TCP proxy to a controller that can go silent: [`Silent::freeze`] stops moving bytes on
+/// every connection open at that moment, both ways, without closing them — what a node sees
+/// when the controller's host dies or is cut off (no FIN, no RST). Later connections pass.
+struct Silent {
+    addr: SocketAddr,
+    /// Connections accepted so far (numbered from 1).
+    accepted: Arc<AtomicU64>,
+    /// Connections numbered up to this are frozen.
+    frozen: tokio::sync::watch::Sender<u64>,
+}
+
+impl Silent {
+    async fn to(upstream: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let frozen = tokio::sync::watch::Sender::new(0u64);
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (count, freezes) = (accepted.clone(), frozen.clone());
+        tokio::spawn(async move {
+            loop {
+                let (down, _) = listener.accept().await.expect("accept");
+                let id = count.fetch_add(1, Ordering::SeqCst) + 1;
+                let up = tokio::net::TcpStream::connect(upstream).await.expect("connect to the controller");
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::spawn(Self::pump(id, dr, uw, freezes.subscribe()));
+                tokio::spawn(Self::pump(id, ur, dw, freezes.subscribe()));
+            }
+        });
+        Self { addr, accepted, frozen }
+    }
+
+    /// Copies until the connection ends or is frozen; a frozen one is held open, silent.
+    async fn pump(id: u64, mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, mut frozen: tokio::sync::watch::Receiver<u64>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            tokio::select! {
+                n = r.read(&mut buf) => match n {
+                    Ok(n) if n > 0 => if w.write_all(&buf[..n]).await.is_err() { return },
+                    _ => return,
+                },
+                now = async { frozen.wait_for(|&f| f >= id).await.is_ok() } => if now { break },
+            }
+        }
+        // Both halves stay owned here: no FIN, no RST.
+        std::future::pending::<()>().await;
+        drop((r, w));
+    }
+
+    /// Every connection open now goes silent.
+    fn freeze(&self) {
+        self.frozen.send_replace(self.accepted.load(Ordering::SeqCst));
+    }
+}
+
+/// A node whose controller connection goes silent (the controller's host gone without a FIN)
+/// notices within its keepalive bound, reconnects, and gets the changes made meanwhile. Without
+/// PINGs an idle config stream would wait on the dead connection forever.
+#[tokio::test]
+async fn a_silent_controller_connection_is_left_at_the_keepalive_bound_and_the_stream_reconnects() {
+    let c = controller().await;
+    let proxy = Silent::to(c.addr).await;
+    let deadlines = Deadlines { call: Duration::from_secs(15), keepalive_interval: Duration::from_secs(1), keepalive_timeout: Duration::from_secs(1) };
+    let cfg = Config { address: format!("https://{}", proxy.addr), deadlines, ..config(&c, "secret-n1") };
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let (connection, renewer) = Connection::new(&cfg, &metrics).expect("connection");
+    tokio::spawn(renewer.run());
+    let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(State::default()));
+    let client = ConfigClient::new(connection, "n1", IpAddr::from([198, 18, 0, 1]), "cluster.local", "mesh-system", metrics);
+    tokio::spawn(client.run(tx, || {}));
+    wait_for(&mut rx, "the snapshot", |s| !s.services.is_empty()).await;
+
+    proxy.freeze();
+    let frozen = std::time::Instant::now();
+    std::fs::write(c.dir.path().join("deny.yaml"), DENY).expect("write policy");
+    let (state, errors) = filemode::load(c.dir.path(), "mesh-system");
+    c.publisher.publish(state, errors);
+    // One PING interval, its timeout, the reconnect's backoff (200 ms, jittered), a new stream.
+    wait_within(&mut rx, "the policy over a new connection", Duration::from_secs(8), |s| !s.policies.is_empty()).await;
+    let took = frozen.elapsed();
+    assert!(metric(&registry, "mesh_control_stream_breaks_total") >= 1, "the break is counted");
+    assert!(proxy.accepted.load(Ordering::SeqCst) >= 2, "a new connection carried the update");
+    println!("silent connection left and the update received {took:?} after the freeze");
+}
+
+/// A call the controller never answers fails at the call deadline, counted, instead of holding
+/// the certificate request until the connection is found dead.
+#[tokio::test]
+async fn a_certificate_request_the_controller_never_answers_fails_at_the_call_deadline() {
+    let c = controller().await;
+    let proxy = Silent::to(c.addr).await;
+    // A keepalive far beyond the test: only the call deadline can end the call.
+    let deadlines = Deadlines { call: Duration::from_secs(1), keepalive_interval: Duration::from_mins(10), keepalive_timeout: Duration::from_mins(10) };
+    let cfg = Config { address: format!("https://{}", proxy.addr), deadlines, ..config(&c, "secret-n1") };
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let (connection, renewer) = Connection::new(&cfg, &metrics).expect("connection");
+    tokio::spawn(renewer.run());
+    let ca = GrpcCa::new(connection, Duration::from_mins(10));
+    let client = Identity::new("cluster.local", "demo", "client");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let csr = rcgen::CertificateParams::default().serialize_request(&key).expect("csr").der().clone();
+    ca.sign(&client, csr.clone()).await.expect("answered while the connection lives");
+
+    proxy.freeze();
+    let asked = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(5), ca.sign(&client, csr)).await.expect("the call ends by itself").expect_err("no answer");
+    let took = asked.elapsed();
+    assert!(err.to_string().contains("MESH_CONTROL_CALL_TIMEOUT_SECS"), "the error names the setting: {err}");
+    assert!((Duration::from_secs(1)..Duration::from_secs(3)).contains(&took), "at the deadline: {took:?}");
+    assert_eq!(metric(&registry, "mesh_control_call_timeouts_total"), 1);
 }

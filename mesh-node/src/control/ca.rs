@@ -33,8 +33,10 @@ impl GrpcCa {
             ttl_seconds: i64::try_from(self.ttl.as_secs()).unwrap_or(0),
         };
         let channel = self.connection.current(FIRST_CERT_WAIT).await.map_err(|e| refused(e.to_string()))?;
-        let response = CertificatesClient::new(channel)
-            .create_certificate(message)
+        let mut client = CertificatesClient::new(channel);
+        let response = self
+            .connection
+            .bounded(client.create_certificate(message))
             .await
             .map_err(|s| refused(format!("{}: {}", s.code(), s.message())))?
             .into_inner();

@@ -11,7 +11,7 @@ use mesh_proto::ca::v1::{CreateNodeCertificateRequest, certificates_client::Cert
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use super::{Config, Error, Metrics};
+use super::{Config, Error, Metrics, within};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -66,7 +66,8 @@ impl Renewer {
         let mut request = tonic::Request::new(CreateNodeCertificateRequest { csr_pem, ttl_seconds });
         mesh_proto::authenticate_node(&mut request, &self.config.node_name, &token).map_err(|_| Error::Credential)?;
         // A fresh server-TLS channel each time: it also picks up a changed root file.
-        let response = CertificatesClient::new(self.config.endpoint(None)?).create_node_certificate(request).await?.into_inner();
+        let mut client = CertificatesClient::new(self.config.endpoint(None)?);
+        let response = within(self.config.deadlines.call, &self.metrics.call_timeouts, client.create_node_certificate(request)).await?.into_inner();
         let leaf = response.cert_chain_pem.first().ok_or_else(|| Error::Invalid("empty node certificate chain".into()))?;
         let identity = tonic::transport::Identity::from_pem(leaf, key.serialize_pem());
         let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(response.not_after_unix).unwrap_or(0));

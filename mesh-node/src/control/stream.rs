@@ -38,6 +38,10 @@ pub struct Metrics {
     pub(super) node_cert_expiry: Gauge,
     /// Node certificate requests that failed (`node_cert`).
     pub(super) node_cert_errors: Counter,
+    /// Calls abandoned at the call deadline (`Deadlines::call`).
+    pub(super) call_timeouts: Counter,
+    /// Config streams that ended (closed by the controller, failed, or a PING unanswered).
+    stream_breaks: Counter,
 }
 
 impl Metrics {
@@ -49,6 +53,8 @@ impl Metrics {
             version: Gauge::default(),
             node_cert_expiry: Gauge::default(),
             node_cert_errors: Counter::default(),
+            call_timeouts: Counter::default(),
+            stream_breaks: Counter::default(),
         };
         registry.register("mesh_control_updates_applied", "Config updates applied and acknowledged", m.applied.clone());
         registry.register("mesh_control_updates_rejected", "Config updates rejected (NACK); the last good config stays", m.rejected.clone());
@@ -56,6 +62,12 @@ impl Metrics {
         registry.register("mesh_control_config_version", "Version of the config this node runs", m.version.clone());
         registry.register("mesh_control_node_cert_expiry_timestamp_seconds", "Expiry of this node's certificate for the control channel", m.node_cert_expiry.clone());
         registry.register("mesh_control_node_cert_errors", "Node certificate requests that failed (retried with backoff)", m.node_cert_errors.clone());
+        registry.register("mesh_control_call_timeouts", "Calls to the control plane abandoned at MESH_CONTROL_CALL_TIMEOUT_SECS (retried)", m.call_timeouts.clone());
+        registry.register(
+            "mesh_control_stream_breaks",
+            "Config streams that ended: closed by the control plane, failed, or left when a keepalive PING went unanswered (reconnected with backoff)",
+            m.stream_breaks.clone(),
+        );
         m
     }
 }
@@ -184,6 +196,7 @@ impl ConfigClient {
                 Err(e) => tracing::warn!(error = %e, "config stream failed; serving the last good config"),
             }
             self.metrics.connected.set(0);
+            self.metrics.stream_breaks.inc();
             backoff = if version != before { BACKOFF_MIN } else { (backoff * 2).min(BACKOFF_MAX) };
             tokio::time::sleep(jittered(backoff)).await;
         }
@@ -197,7 +210,8 @@ impl ConfigClient {
         let send = |kind| pb::NodeMessage { kind: Some(kind) };
         let subscribe = Kind::Subscribe(pb::Subscribe { node_name: self.node.clone(), last_applied_version: *version });
         tx.send(send(subscribe)).await.map_err(|_| Error::Invalid("stream closed".into()))?;
-        let mut updates = ConfigDistributionClient::new(channel).stream_config(ReceiverStream::new(rx)).await?.into_inner();
+        let mut client = ConfigDistributionClient::new(channel);
+        let mut updates = self.connection.bounded(client.stream_config(ReceiverStream::new(rx))).await?.into_inner();
         self.metrics.connected.set(1);
         let mut store = Store::new(&self.node, self.own_address);
         // A save that failed leaves the file behind the updates: it is removed, and saving
