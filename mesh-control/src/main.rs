@@ -166,6 +166,7 @@ async fn run(config: Args) -> Result<()> {
             burst: config.bootstrap_burst,
             per_minute: config.bootstrap_per_minute,
         })),
+        views: Default::default(),
     };
     let grpc = Server::new(config.grpc_addr, &config.tls_sans, shared).await?;
     let graph = graph::Store::new(graph::Config { metrics_port: config.graph_metrics_port, interval: Duration::from_secs(config.graph_interval_seconds) });

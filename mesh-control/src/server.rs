@@ -83,6 +83,8 @@ pub struct Shared {
     pub node_ttl: Duration,
     /// Node bootstraps per source address (`mesh_l7::per_source`).
     pub bootstrap_limit: Arc<mesh_l7::per_source::PerSource>,
+    /// What every node's view shares, for the latest state (`view::Cache`).
+    pub views: Arc<view::Cache>,
 }
 
 impl Shared {
@@ -213,25 +215,28 @@ async fn serve_node(
     'stream: loop {
         let snap = snapshots.borrow_and_update().clone();
         if snap.version > 0 {
-            let new = view::node_view(&snap.state, &node, &trust_domain);
+            let common = shared.views.get(snap.version, |previous| view::reuse(view::common(&snap.state, &trust_domain), previous));
+            let new = view::node_view_with(common, &snap.state, &node, &trust_domain);
             let update = match &last {
-                None => Some((pb::ConfigUpdate { version: snap.version, full: true, more: false, upserts: new.values().cloned().collect(), removals: vec![] }, "full")),
+                None => Some((new.full(snap.version), "full")),
                 Some(old) => {
                     let (upserts, removals) = view::diff(old, &new);
-                    (!upserts.is_empty() || !removals.is_empty())
-                        .then_some((pb::ConfigUpdate { version: snap.version, full: false, more: false, upserts, removals }, "incremental"))
+                    let update = view::Outgoing { version: snap.version, full: false, upserts, removals };
+                    (!update.is_empty()).then_some((update, "incremental"))
                 }
             };
             if let Some((update, kind)) = update {
                 tracing::debug!(node, version = update.version, kind, upserts = update.upserts.len(), removals = update.removals.len(), "pushing config");
-                let parts = view::split(update, view::MAX_MESSAGE_BYTES);
-                if parts.len() > 1 {
-                    tracing::info!(node, version = snap.version, kind, parts = parts.len(), "config update sent in parts");
-                }
-                for part in parts {
+                // Each part is built as the node takes the previous one (the channel holds 4).
+                let mut parts = 0;
+                for part in update.parts(view::MAX_MESSAGE_BYTES) {
                     if tx.send(Ok(part)).await.is_err() {
                         break 'stream;
                     }
+                    parts += 1;
+                }
+                if parts > 1 {
+                    tracing::info!(node, version = snap.version, kind, parts, "config update sent in parts");
                 }
                 shared.metrics.pushes.get_or_create(&PushLabels { kind }).inc();
                 conn.update(|s| (s.sent_version, s.view_version) = (snap.version, snap.version));

@@ -62,6 +62,7 @@ async fn start_limited(state: State, ca: Ca, bootstrap: mesh_l7::per_source::Rat
         node_ids: NodeIds::new("cluster.local", "mesh-system", "mesh-node"),
         node_ttl: Duration::from_mins(10),
         bootstrap_limit: Arc::new(mesh_l7::per_source::PerSource::new(bootstrap)),
+        views: Default::default(),
     };
     let server = Server::new(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0).into(), &["localhost".into()], shared.clone()).await.expect("bind");
     let addr = server.local_addr();

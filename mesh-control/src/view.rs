@@ -8,9 +8,11 @@
 //! the policies that apply to at least one of its meshed workloads, with those workloads' uids
 //! precomputed, and every route table (with each endpoint's DestinationRule subsets).
 //!
+//! What every node receives alike is built once per state and shared by the views (`shared`).
+//!
 //! This module is the proto boundary of the controller: domain types in, `mesh_proto` out.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use mesh_proto::config::v1 as pb;
 
@@ -21,6 +23,9 @@ use crate::{
 };
 
 mod routes;
+mod shared;
+
+pub use shared::{Cache, Key, Outgoing, Parts, Resources, View, diff, reuse, split};
 
 /// Everything the controller knows, after validation.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -30,23 +35,43 @@ pub struct State {
     pub routes: Routes,
 }
 
-/// (kind, key) → resource.
-pub type View = BTreeMap<(i32, String), pb::Resource>;
-
-pub fn node_view(state: &State, node: &str, trust_domain: &str) -> View {
+/// What every node receives alike, from `state`: the meshed workloads of the whole mesh, the
+/// Services with their endpoints, every route table (a client on any node may call the Service)
+/// and the mesh config. Shared by every node's view ([`node_view_with`]).
+pub fn common(state: &State, trust_domain: &str) -> Resources {
     let inv = &state.inventory;
-    let mut view = View::new();
-    let local: Vec<&Workload> = inv.workloads.values().filter(|w| w.node == node).collect();
-    for w in inv.workloads.values().filter(|w| w.node == node || w.meshed) {
-        insert(&mut view, pb::resource::Kind::Workload(workload(w, inv, trust_domain)));
+    let mut out = Resources::new();
+    for w in inv.workloads.values().filter(|w| w.meshed) {
+        insert(&mut out, pb::resource::Kind::Workload(workload(w, inv, trust_domain)));
     }
     for s in inv.services.values() {
         let subsets = state.routes.subsets.get(&s.key()).map_or(&[][..], Vec::as_slice);
-        insert(&mut view, pb::resource::Kind::Service(service(s, subsets, inv, trust_domain)));
+        insert(&mut out, pb::resource::Kind::Service(service(s, subsets, inv, trust_domain)));
     }
-    // Every node gets every route table: a client on any node may call the Service.
     for t in state.routes.tables.values() {
-        insert(&mut view, pb::resource::Kind::RouteTable(routes::route_table(t)));
+        insert(&mut out, pb::resource::Kind::RouteTable(routes::route_table(t)));
+    }
+    let mesh = &state.policies.mesh_config;
+    if !mesh.tracing_providers.is_empty() {
+        insert(&mut out, pb::resource::Kind::MeshConfig(mesh_config(mesh)));
+    }
+    out
+}
+
+/// `node`'s view, on its own (tests, tools); the server shares the common part between nodes.
+pub fn node_view(state: &State, node: &str, trust_domain: &str) -> View {
+    node_view_with(Arc::new(common(state, trust_domain)), state, node, trust_domain)
+}
+
+/// `node`'s view: `common` (built from the same `state` by [`common`]) and the node's own
+/// resources: its unmeshed workloads (it must know which ones not to capture) and the policies
+/// that apply to at least one of its meshed workloads, with those workloads' uids.
+pub fn node_view_with(common: Arc<Resources>, state: &State, node: &str, trust_domain: &str) -> View {
+    let inv = &state.inventory;
+    let mut own = Resources::new();
+    let local: Vec<&Workload> = inv.workloads.values().filter(|w| w.node == node).collect();
+    for w in local.iter().filter(|w| !w.meshed) {
+        insert(&mut own, pb::resource::Kind::Workload(workload(w, inv, trust_domain)));
     }
     let applied = |scope, ns: &str, sel| -> Vec<String> {
         local.iter().filter(|w| w.meshed && model::applies_to(scope, ns, sel, w)).map(|w| w.uid.clone()).collect()
@@ -54,32 +79,28 @@ pub fn node_view(state: &State, node: &str, trust_domain: &str) -> View {
     for p in state.policies.authorization.values() {
         let uids = applied(p.scope, &p.namespace, &p.selector);
         if !uids.is_empty() {
-            insert(&mut view, pb::resource::Kind::AuthorizationPolicy(authorization_policy(p, uids)));
+            insert(&mut own, pb::resource::Kind::AuthorizationPolicy(authorization_policy(p, uids)));
         }
     }
     for p in state.policies.peer_authentication.values() {
         let uids = applied(p.scope, &p.namespace, &p.selector);
         if !uids.is_empty() {
-            insert(&mut view, pb::resource::Kind::PeerAuthentication(peer_authentication(p, uids)));
+            insert(&mut own, pb::resource::Kind::PeerAuthentication(peer_authentication(p, uids)));
         }
     }
     for p in state.policies.request_authentication.values() {
         let uids = applied(p.scope, &p.namespace, &p.selector);
         if !uids.is_empty() {
-            insert(&mut view, pb::resource::Kind::RequestAuthentication(request_authentication(p, uids)));
+            insert(&mut own, pb::resource::Kind::RequestAuthentication(request_authentication(p, uids)));
         }
     }
     for t in state.policies.telemetry.values() {
         let uids = applied(t.scope, &t.namespace, &t.selector);
         if !uids.is_empty() {
-            insert(&mut view, pb::resource::Kind::Telemetry(telemetry(t, uids)));
+            insert(&mut own, pb::resource::Kind::Telemetry(telemetry(t, uids)));
         }
     }
-    let mesh = &state.policies.mesh_config;
-    if !mesh.tracing_providers.is_empty() {
-        insert(&mut view, pb::resource::Kind::MeshConfig(mesh_config(mesh)));
-    }
-    view
+    View::new(common, own)
 }
 
 fn telemetry(t: &model::Telemetry, workload_uids: Vec<String>) -> pb::Telemetry {
@@ -141,9 +162,9 @@ fn mesh_config(m: &model::MeshConfig) -> pb::MeshConfig {
     }
 }
 
-fn insert(view: &mut View, kind: pb::resource::Kind) {
+fn insert(resources: &mut Resources, kind: pb::resource::Kind) {
     let key = key_of(&kind);
-    view.insert((key.kind, key.key), pb::Resource { kind: Some(kind) });
+    resources.insert((key.kind, key.key), Arc::new(pb::Resource { kind: Some(kind) }));
 }
 
 /// The key of a resource (the protocol's rule, shared with the nodes).
@@ -151,53 +172,9 @@ pub fn key_of(kind: &pb::resource::Kind) -> pb::ResourceKey {
     mesh_proto::resource_key(kind)
 }
 
-/// Upserts (new or changed) and removals that turn `old` into `new`.
-pub fn diff(old: &View, new: &View) -> (Vec<pb::Resource>, Vec<pb::ResourceKey>) {
-    let upserts = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(_, v)| v.clone()).collect();
-    let removals = old
-        .keys()
-        .filter(|k| !new.contains_key(*k))
-        .map(|(kind, key)| pb::ResourceKey { kind: *kind, key: key.clone() })
-        .collect();
-    (upserts, removals)
-}
-
 /// Largest config message the controller sends: a quarter of gRPC's default 4 MiB receive
 /// limit, so a node with default limits takes any part.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
-
-/// Splits an update whose encoding exceeds `max_bytes` into parts in order, all but the last
-/// marked `more`, each at most `max_bytes` (a single resource larger than that goes alone).
-/// An update that fits is returned as it is, without `more`.
-pub fn split(update: pb::ConfigUpdate, max_bytes: usize) -> Vec<pb::ConfigUpdate> {
-    use prost::{Message as _, encoding::message::encoded_len};
-    // Room for version, full and more in every part.
-    const HEADER: usize = 16;
-    if update.encoded_len() <= max_bytes {
-        return vec![update];
-    }
-    let pb::ConfigUpdate { version, full, upserts, removals, .. } = update;
-    let part = || pb::ConfigUpdate { version, full, more: true, upserts: Vec::new(), removals: Vec::new() };
-    let (mut parts, mut size) = (vec![part()], HEADER);
-    let mut room_for = |n: usize, parts: &mut Vec<pb::ConfigUpdate>| {
-        // A part holding nothing yet takes even an item larger than the limit.
-        if size + n > max_bytes && size > HEADER {
-            parts.push(part());
-            size = HEADER;
-        }
-        size += n;
-    };
-    for r in upserts {
-        room_for(encoded_len(3, &r), &mut parts);
-        parts.last_mut().expect("a part").upserts.push(r);
-    }
-    for k in removals {
-        room_for(encoded_len(4, &k), &mut parts);
-        parts.last_mut().expect("a part").removals.push(k);
-    }
-    parts.last_mut().expect("a part").more = false;
-    parts
-}
 
 fn node_address(inv: &Inventory, node: &str) -> String {
     inv.nodes.get(node).copied().flatten().map(|a| a.to_string()).unwrap_or_default()

@@ -80,7 +80,7 @@ fn each_node_gets_its_own_workloads_every_service_and_its_policies() {
 fn unknown_node_gets_services_and_meshed_workloads_only() {
     let v = node_view(&lab_state(POLICIES), "n9", TD);
     let kinds = [i32::from(pb::ResourceKind::Service), i32::from(pb::ResourceKind::Workload)];
-    assert!(v.keys().all(|(k, _)| kinds.contains(k)), "no policies: {:?}", v.keys());
+    assert!(v.keys().all(|(k, _)| kinds.contains(k)), "no policies: {:?}", v.keys().collect::<Vec<_>>());
     assert_eq!(workloads(&v).iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["whoami-1", "whoami-2"]);
     assert_eq!(v.len(), 3);
 }
@@ -180,7 +180,40 @@ spec:
         assert!(t.routes[1].backends.is_empty() && t.routes[1].direct_response.is_none());
     }
     let v = node_view(&state, "n1", TD);
-    let Some(pb::resource::Kind::Service(svc)) = &v[&(pb::ResourceKind::Service.into(), "demo/whoami".into())].kind else { panic!("service") };
+    let Some(pb::resource::Kind::Service(svc)) = &v.get(&(pb::ResourceKind::Service.into(), "demo/whoami".into())).expect("the Service").kind else { panic!("service") };
     let subsets: Vec<(&str, Vec<&str>)> = svc.endpoints.iter().map(|e| (e.address.as_str(), e.subsets.iter().map(String::as_str).collect())).collect();
     assert_eq!(subsets, [("198.18.1.10", vec!["all"]), ("198.18.2.10", vec!["all"]), ("198.18.2.30", vec!["v1", "all"])]);
+}
+
+/// Every node's view shares one copy of what all nodes receive (meshed workloads, Services), and
+/// the next state reuses each resource that did not change: a diff finds the one change without
+/// comparing the rest, and nothing is converted again per node.
+#[test]
+fn views_share_what_every_node_receives_and_states_share_what_did_not_change() {
+    let cache = Cache::default();
+    let build = |state: &State, version| cache.get(version, |previous| reuse(common(state, TD), previous));
+    let first = lab_state(POLICIES);
+    let (n1, n2) = (node_view_with(build(&first, 1), &first, "n1", TD), node_view_with(build(&first, 1), &first, "n2", TD));
+    let whoami = (pb::ResourceKind::Workload.into(), "demo/whoami-2".to_owned());
+    let service = (pb::ResourceKind::Service.into(), "demo/whoami".to_owned());
+    for key in [&whoami, &service] {
+        assert!(std::ptr::eq(n1.get(key).expect("n1 has it"), n2.get(key).expect("n2 has it")), "one copy of {key:?}");
+    }
+    // The unmeshed client is n1's own; n2 does not get it.
+    let client = (pb::ResourceKind::Workload.into(), "demo/client".to_owned());
+    assert!(n1.contains_key(&client) && !n2.contains_key(&client));
+    assert_eq!(n1, node_view(&first, "n1", TD), "the same view as one built alone");
+
+    // A new state with one more Service: everything else is the same allocation.
+    let second = lab_state(&format!("{POLICIES}\n---\napiVersion: lab.mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: other, namespace: demo}}\nspec: {{vips: [198.19.0.11], selector: {{app: whoami}}, ports: [{{port: 81, targetPort: 8081}}]}}\n"));
+    let next = node_view_with(build(&second, 2), &second, "n1", TD);
+    assert!(std::ptr::eq(n1.get(&whoami).expect("before"), next.get(&whoami).expect("after")), "an unchanged workload is reused");
+    let (upserts, removals) = diff(&n1, &next);
+    assert!(removals.is_empty());
+    let keys: Vec<String> = upserts.iter().map(|r| key_of(r.kind.as_ref().expect("kind")).key).collect();
+    assert_eq!(keys, ["demo/other"]);
+    // A stream still on the first state gets its own copy; the cache keeps the newer one.
+    let late = node_view_with(build(&first, 1), &first, "n2", TD);
+    assert!(!std::ptr::eq(late.get(&whoami).expect("late"), n2.get(&whoami).expect("n2")));
+    assert!(std::ptr::eq(next.get(&whoami).expect("next"), node_view_with(build(&second, 2), &second, "n2", TD).get(&whoami).expect("n2 on 2")));
 }

@@ -99,6 +99,7 @@ async fn controller() -> Controller {
         node_ttl: Duration::from_secs(3600),
         // Generous: the renewal test bootstraps every second from 127.0.0.1.
         bootstrap_limit: Arc::new(mesh_l7::per_source::PerSource::new(mesh_l7::per_source::Rate { burst: 100, per_minute: 600 })),
+        views: Default::default(),
     };
     let server = Server::new(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &["localhost".into()], shared).await.expect("bind");
     let addr = server.local_addr();
