@@ -3,6 +3,10 @@
 //! connection is shut down gracefully: HTTP/1.1 responses say `connection: close` from then
 //! on, so a busy client moves to a new connection between two requests of its own; after
 //! [`DRAIN_GRACE`], idle HTTP/1.1 connections are closed and HTTP/2 ones get GOAWAY.
+//! HTTP/1.1 request headers have their own deadline from their first byte ([`header_timeout`]),
+//! apart from the idle timeout between requests.
+
+pub mod header_timeout;
 
 use std::{
     sync::{
@@ -29,6 +33,10 @@ pub struct Config {
     /// idle, so it is the idle timeout too. `None` leaves idle closes to the client (the mesh's
     /// own pools do their closing themselves).
     pub header_read_timeout: Option<Duration>,
+    /// An HTTP/1.1 request's headers must be complete within this of their first byte
+    /// ([`header_timeout`]): a client that trickles them (a slowloris) is closed. `None`: only
+    /// `header_read_timeout` bounds them.
+    pub request_header_timeout: Option<Duration>,
     /// Concurrent streams per HTTP/2 connection.
     pub max_concurrent_streams: u32,
     pub stream_window: u32,
@@ -41,6 +49,9 @@ impl Default for Config {
         // idle connections far longer than hyper's 30 s default would allow it to.
         Self {
             header_read_timeout: Some(Duration::from_hours(1)),
+            // Go's servers are usually given a few seconds; Envoy has no default. A client sends
+            // its headers at once: 10 s is far beyond any real one, as for TLS handshakes.
+            request_header_timeout: Some(Duration::from_secs(10)),
             max_concurrent_streams: 1000,
             stream_window: 1 << 20,
             connection_window: 4 << 20,
@@ -70,6 +81,10 @@ fn builder(cfg: &Config) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// The connection as served (with or without the header deadline).
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 /// Serves `io` until the client is done or `drain` resolves (then gracefully).
 pub async fn serve<I, S>(
     io: I,
@@ -83,23 +98,38 @@ where
 {
     let draining = Arc::new(AtomicBool::new(false));
     let closing = draining.clone();
+    let requests = Arc::new(header_timeout::Requests::default());
+    let timed = cfg.request_header_timeout.map(|_| requests.clone());
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let http1 = req.version() < Version::HTTP_2;
+        // In flight until its response body is written: the header deadline waits for it.
+        let in_flight = timed.as_ref().map(header_timeout::Requests::begin);
+        let connect = req.method() == http::Method::CONNECT;
         let answer = tower::ServiceExt::oneshot(svc.clone(), req.map(body::boxed));
-        let closing = closing.clone();
+        let (closing, timed) = (closing.clone(), timed.clone());
         async move {
             let Ok(mut resp) = answer.await;
-            if http1
-                && closing.load(Ordering::Relaxed)
-                && resp.status() != StatusCode::SWITCHING_PROTOCOLS
-            {
+            let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                || (connect && resp.status().is_success());
+            if upgraded && let Some(requests) = &timed {
+                requests.pass_through();
+            }
+            if http1 && closing.load(Ordering::Relaxed) && !upgraded {
                 resp.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            let resp = match in_flight {
+                Some(guard) => resp.map(|b| body::holding(b, guard)),
+                None => resp,
+            };
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
     let b = builder(cfg);
+    let io: Box<dyn Io> = match cfg.request_header_timeout {
+        Some(limit) => Box::new(header_timeout::HeaderDeadline::new(io, limit, requests)),
+        None => Box::new(io),
+    };
     let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     tokio::select! {

@@ -122,6 +122,9 @@ pub struct Config {
     /// A relayed TCP connection (not HTTP) that moves no byte either way for this long is
     /// closed, both ends; `None`: never.
     pub tcp_idle_timeout: Option<Duration>,
+    /// An HTTP/1.1 request's headers (HTTP ports) must be complete within this of their first
+    /// byte, or the connection is closed (`mesh_l7::server::header_timeout`); `None`: never.
+    pub http_header_timeout: Option<Duration>,
     /// Connections each proxy listener serves at once, in all and from one source address.
     pub connection_limits: accept::Limits,
     /// New HBONE connections (TLS handshakes) one source address may open: `None`, no bound.
@@ -188,6 +191,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             tcp_idle_timeout: Some(Duration::from_hours(1)),
+            http_header_timeout: mesh_l7::server::Config::default().request_header_timeout,
             connection_limits: accept::Limits { max: 50_000, per_source: 10_000, rate: None },
             hbone_handshake_rate: Some(handshake_rate(200)),
             transparent: false,

@@ -38,6 +38,7 @@ pub const ENV_SOCKET_MARK: &str = "MESH_SOCKET_MARK";
 pub const ENV_JWKS_REFRESH_SECS: &str = "MESH_JWKS_REFRESH_SECS";
 pub const ENV_HANDSHAKE_TIMEOUT_SECS: &str = "MESH_HANDSHAKE_TIMEOUT_SECS";
 pub const ENV_TCP_IDLE_TIMEOUT_SECS: &str = "MESH_TCP_IDLE_TIMEOUT_SECS";
+pub const ENV_HTTP_HEADER_TIMEOUT_SECS: &str = "MESH_HTTP_HEADER_TIMEOUT_SECS";
 pub const ENV_HBONE_HANDSHAKES_PER_SOURCE: &str = "MESH_HBONE_HANDSHAKES_PER_SOURCE";
 pub const ENV_MAX_CONNECTIONS: &str = "MESH_MAX_CONNECTIONS";
 pub const ENV_MAX_CONNECTIONS_PER_SOURCE: &str = "MESH_MAX_CONNECTIONS_PER_SOURCE";
@@ -169,6 +170,10 @@ impl Config {
                     0 => None,
                     s => Some(Duration::from_secs(s)),
                 },
+                http_header_timeout: match parse(src, ENV_HTTP_HEADER_TIMEOUT_SECS, d.http_header_timeout.map_or(0, |t| t.as_secs()))? {
+                    0 => None,
+                    s => Some(Duration::from_secs(s)),
+                },
                 connection_limits: proxy::accept::Limits {
                     max: at_least_one(src, ENV_MAX_CONNECTIONS, d.connection_limits.max)?,
                     per_source: at_least_one(src, ENV_MAX_CONNECTIONS_PER_SOURCE, d.connection_limits.per_source)?,
@@ -225,6 +230,9 @@ mod tests {
         assert_eq!(cfg.proxy.tcp_idle_timeout, Some(Duration::from_hours(1)), "Envoy's TCP idle timeout");
         let off = Config::from_source(&HashMap::from([(ENV_TCP_IDLE_TIMEOUT_SECS, "0")]), "n1").expect("0 turns it off");
         assert_eq!(off.proxy.tcp_idle_timeout, None);
+        assert_eq!(cfg.proxy.http_header_timeout, Some(Duration::from_secs(10)));
+        let off = Config::from_source(&HashMap::from([(ENV_HTTP_HEADER_TIMEOUT_SECS, "0")]), "n1").expect("0 turns it off");
+        assert_eq!(off.proxy.http_header_timeout, None);
         assert_eq!(cfg.proxy.hbone_handshake_rate, Some(proxy::handshake_rate(200)));
         let off = Config::from_source(&HashMap::from([(ENV_HBONE_HANDSHAKES_PER_SOURCE, "0")]), "n1").expect("0 turns it off");
         assert_eq!(off.proxy.hbone_handshake_rate, None);

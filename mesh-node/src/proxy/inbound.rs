@@ -263,7 +263,7 @@ impl StreamCtx {
             let stack = l7::inbound::local_stack(&self.inputs, &self.http, &state, caller, &target.dst_w, target.dst, "inbound");
             let record = Record::open("inbound", self.conn_labels(&state, &target), SocketAddr::new(target.src_ip, 0), target.dst, &self.inputs.metrics);
             let counts = l7::Counts::default();
-            l7::inbound::serve(l7::Counted { io: TunnelIo::new(send, recv, None), counts: counts.clone() }, stack, &self.http.tunnel_server, drain).await;
+            l7::inbound::serve(l7::Counted { io: TunnelIo::new(send, recv, None), counts: counts.clone() }, stack, &self.http.tunnel_server, drain, &self.inputs.metrics, "inbound").await;
             let (received, sent) = counts.get();
             return record.close(received, sent, None);
         }

@@ -89,7 +89,7 @@ pub async fn handle(inputs: &Inputs, http: &Arc<l7::Shared>, mut client: TcpStre
         let stack = l7::inbound::local_stack(inputs, http, &state, caller, dst_w, dst, "inbound-plaintext");
         let record = Record::open("inbound-plaintext", plain_labels(inputs, &state, peer, dst_w, dst), peer, dst, &inputs.metrics);
         let counts = l7::Counts::default();
-        l7::inbound::serve(l7::Counted { io: client, counts: counts.clone() }, stack, &http.server, drain).await;
+        l7::inbound::serve(l7::Counted { io: client, counts: counts.clone() }, stack, &http.server, drain, &inputs.metrics, "inbound-plaintext").await;
         let (received, sent) = counts.get();
         record.close(received, sent, None);
         return Ok(());

@@ -55,8 +55,8 @@ impl Shared {
     pub fn new(inputs: &Inputs, hbone: Arc<HbonePool>, clusters: Arc<Clusters>, jwks: Arc<crate::authn::JwksCache>, tracers: Arc<crate::telemetry::tracers::Tracers>) -> Arc<Self> {
         let client = mesh_l7::client::Config::default();
         Arc::new(Self {
-            server: mesh_l7::server::Config::default(),
-            tunnel_server: mesh_l7::server::Config { header_read_timeout: None, ..mesh_l7::server::Config::default() },
+            server: mesh_l7::server::Config { request_header_timeout: inputs.cfg.http_header_timeout, ..mesh_l7::server::Config::default() },
+            tunnel_server: mesh_l7::server::Config { header_read_timeout: None, request_header_timeout: inputs.cfg.http_header_timeout, ..mesh_l7::server::Config::default() },
             upstreams: mesh_l7::client::Pool::new(outbound::Connector::new(inputs.clone(), hbone), client.clone()),
             pods: mesh_l7::client::Pool::new(inbound::PodConnector { connect_timeout: inputs.cfg.connect_timeout, mark: inputs.cfg.socket_mark }, client),
             retry_budgets: Arc::default(),

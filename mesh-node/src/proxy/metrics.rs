@@ -143,6 +143,9 @@ pub struct Metrics {
     pub handshake_timeouts: Family<DirectionLabel, Counter>,
     /// Relayed TCP connections closed after `tcp_idle_timeout` without a byte.
     pub idle_timeouts: Family<KindLabel, Counter>,
+    /// HTTP/1.1 connections closed because a request's headers took longer than
+    /// `MESH_HTTP_HEADER_TIMEOUT_SECS` from their first byte.
+    pub header_timeouts: Family<DirectionLabel, Counter>,
     /// Connections closed at accept by a listener's connection limits (`accept::Limits`).
     pub connections_refused: super::accept::Refused,
     pub denials: Family<ReasonLabel, Counter>,
@@ -167,6 +170,7 @@ impl Metrics {
             tls_errors: Family::default(),
             handshake_timeouts: Family::default(),
             idle_timeouts: Family::default(),
+            header_timeouts: Family::default(),
             connections_refused: Family::default(),
             denials: Family::default(),
             dry_run_denials: Counter::default(),
@@ -197,6 +201,11 @@ impl Metrics {
             m.idle_timeouts.clone(),
         );
         registry.register(
+            "mesh_http_header_timeouts",
+            "HTTP/1.1 connections closed because a request's headers were not complete within MESH_HTTP_HEADER_TIMEOUT_SECS of their first byte, by direction",
+            m.header_timeouts.clone(),
+        );
+        registry.register(
             "mesh_connections_refused",
             "Connections closed at accept because a listener's limit (in all, or per source address) was reached",
             m.connections_refused.clone(),
@@ -213,6 +222,13 @@ impl Metrics {
 
     pub fn deny(&self, reason: &'static str) {
         self.denials.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Counts an L7 connection that ended at the request-header deadline.
+    pub fn http_connection_ended(&self, direction: &'static str, error: &mesh_l7::body::BoxError) {
+        if mesh_l7::server::header_timeout::is_header_timeout(&**error) {
+            self.header_timeouts.get_or_create(&DirectionLabel { direction }).inc();
+        }
     }
 
     pub fn handshake_timeout(&self, direction: &'static str) {

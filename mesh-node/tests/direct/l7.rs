@@ -445,3 +445,45 @@ async fn h2_clients_reach_http1_backends() {
     assert_eq!(seen.len(), 20);
     assert!(seen.iter().all(|s| s.version == http::Version::HTTP_11 && s.host == "web.default"), "HTTP/1.1 upstream with the authority as Host: {seen:?}");
 }
+
+/// A client that trickles a request's headers (a slowloris: a header line every 200 ms) is
+/// closed at the header timeout from their first byte, and counted; a kept-alive connection idle
+/// for three times that long still serves its next request (idle is not slow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_request_headers_are_cut_at_their_timeout_while_idle_keepalive_connections_live() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (snap, _b, _c) = topology("http").await;
+    let limit = Duration::from_secs(1);
+    let mesh = Mesh::start(snap, Opts { http_header_timeout: Some(limit), ..Opts::default() }).await;
+    let mut client = h1_client(&mesh).await;
+    client.ready().await.expect("ready");
+    assert_eq!(text(client.send_request(get("/first")).await.expect("response")).await.0, StatusCode::OK);
+    tokio::time::sleep(limit * 3).await;
+    client.ready().await.expect("still open after idling");
+    assert_eq!(text(client.send_request(get("/after-idle")).await.expect("response")).await.0, StatusCode::OK);
+
+    let slow = dial_via(&mesh.n1, A, SocketAddr::new(ip(VIP), 80)).await;
+    let (mut r, mut w) = slow.into_split();
+    let started = std::time::Instant::now();
+    let trickle = tokio::spawn(async move {
+        w.write_all(b"GET / HTTP/1.1\r\nhost: web.default\r\n").await.expect("first bytes");
+        for i in 0.. {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if w.write_all(format!("x-slow-{i}: 1\r\n").as_bytes()).await.is_err() {
+                return i;
+            }
+        }
+        unreachable!()
+    });
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), r.read(&mut buf)).await.expect("the daemon ends the connection");
+    let took = started.elapsed();
+    assert!(matches!(read, Ok(0) | Err(_)), "closed without an answer: {read:?}");
+    assert!((limit - Duration::from_millis(100)..limit * 3).contains(&took), "at the header timeout: {took:?}");
+    trickle.abort();
+    eventually("the cut counted", async || {
+        let (_, m1) = http_get(mesh.n1.bound.metrics, "/metrics").await;
+        sample(&m1, &["mesh_http_header_timeouts_total{", "direction=\"outbound\""]) == Some(1.0)
+    })
+    .await;
+}

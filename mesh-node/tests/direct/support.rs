@@ -118,6 +118,7 @@ pub struct Opts {
     pub handshake_timeout: Duration,
     pub connection_limits: mesh_node::proxy::accept::Limits,
     pub tcp_idle: Option<Duration>,
+    pub http_header_timeout: Option<Duration>,
     pub admin_token_file: Option<std::path::PathBuf>,
     pub hbone_rate: Option<mesh_l7::per_source::Rate>,
 }
@@ -133,6 +134,7 @@ impl Default for Opts {
             handshake_timeout: Duration::from_secs(10),
             connection_limits: mesh_node::proxy::Config::default().connection_limits,
             tcp_idle: mesh_node::proxy::Config::default().tcp_idle_timeout,
+            http_header_timeout: mesh_node::proxy::Config::default().http_header_timeout,
             admin_token_file: None,
             hbone_rate: mesh_node::proxy::Config::default().hbone_handshake_rate,
         }
@@ -159,6 +161,7 @@ pub async fn node(name: &str, node_ip: &str, hbone_port: u16, ca: &Arc<TestCa>, 
     cfg.proxy.handshake_timeout = o.handshake_timeout;
     cfg.proxy.connection_limits = o.connection_limits;
     cfg.proxy.tcp_idle_timeout = o.tcp_idle;
+    cfg.proxy.http_header_timeout = o.http_header_timeout;
     cfg.admin_token_file.clone_from(&o.admin_token_file);
     cfg.proxy.hbone_handshake_rate = o.hbone_rate;
     cfg.trust_domain = TD.into();

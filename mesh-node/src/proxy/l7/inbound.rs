@@ -225,12 +225,14 @@ pub fn local_stack(inputs: &Inputs, shared: &Arc<Shared>, state: &State, caller:
     BoxHttp::new(Record::new(Trace::new(ByHost::new(AuthenticateLayer::new(authorized, Arc::new(authn)), by_host), tracer), recorder))
 }
 
-/// Serves the requests of one connection (an HBONE stream or plaintext) to a local pod.
-pub async fn serve<I>(io: I, stack: BoxHttp, cfg: &mesh_l7::server::Config, drain: &drain::Watcher)
+/// Serves the requests of one connection (an HBONE stream or plaintext) to a local pod;
+/// `direction` names it in metrics.
+pub async fn serve<I>(io: I, stack: BoxHttp, cfg: &mesh_l7::server::Config, drain: &drain::Watcher, metrics: &crate::proxy::metrics::Metrics, direction: &'static str)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if let Err(e) = mesh_l7::server::serve(io, stack, cfg, drain.signaled()).await {
+        metrics.http_connection_ended(direction, &e);
         tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
     }
 }

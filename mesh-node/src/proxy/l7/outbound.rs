@@ -409,6 +409,7 @@ where
     let tracer = shared.tracers.live(src_w, Side::Client, peer, target.port);
     let stack = Record::new(Trace::new(routed, tracer), recorder);
     if let Err(e) = mesh_l7::server::serve(client, stack, &shared.server, drain.signaled()).await {
+        inputs.metrics.http_connection_ended("outbound", &e);
         tracing::debug!(%peer, error = %e, "outbound HTTP connection ended with an error");
     }
 }
