@@ -194,13 +194,17 @@ impl KernelSync {
         let ejected = move |s: &crate::state::Service| clusters.as_ref().and_then(|c| c.ejected(&s.namespace, &s.name));
         let mut desired = translate_with(state, &self.config.node_name, &cgroups, &ejected);
         desired.services.extend(self.config.static_services.iter().cloned());
-        let result = (|| {
-            self.datapath.sync_services(&desired.services)?;
-            self.datapath.sync_pods(&desired.pods)?;
-            self.datapath.sync_endpoints(&desired.endpoints)?;
-            self.datapath.sync_policy(&desired.deny)
-        })();
-        if let Err(e) = &result {
+        // Each map on its own: a Service the kernel refuses must not keep a new STRICT pod or
+        // deny rule (the endpoint and policy maps) out of the kernel.
+        let results = [
+            ("services", self.datapath.sync_services(&desired.services)),
+            ("pods", self.datapath.sync_pods(&desired.pods)),
+            ("endpoints", self.datapath.sync_endpoints(&desired.endpoints)),
+            ("policy", self.datapath.sync_policy(&desired.deny)),
+        ];
+        let mut result = Ok(());
+        for (what, r) in results {
+            let Err(e) = r else { continue };
             let kind = match e {
                 datapath::Error::MapFull { .. } => "map_full",
                 datapath::Error::InvalidService { .. } => "invalid_service",
@@ -208,7 +212,10 @@ impl KernelSync {
                 _ => "kernel",
             };
             self.metrics.sync_errors.get_or_create(&ErrorLabel { kind: kind.into() }).inc();
-            tracing::warn!(error = %e, "datapath sync failed; the kernel keeps its last applied state");
+            tracing::warn!(error = %e, maps = what, "datapath sync failed; these maps keep their last applied state, the others were updated");
+            if result.is_ok() {
+                result = Err(e);
+            }
         }
         self.metrics.services.set(i64::try_from(self.datapath.service_count()).unwrap_or(i64::MAX));
         self.metrics.pods.set(i64::try_from(desired.pods.len()).unwrap_or(i64::MAX));
