@@ -14,11 +14,11 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use mesh_common::{
     Addr, Backend, BackendId, DropReason, EndpointInfo, PodInfo, PolicyKey, PolicyValue,
-    ServiceFlags, ServiceKey, ServiceValue, SlotKey, Stat,
+    ServiceFlags, ServiceKey, ServiceValue, SlotKey, Stat, TrustedSender,
     endpoint::flags,
     names::{
         MAP_BACKENDS, MAP_DROPS, MAP_ENDPOINTS, MAP_PODS, MAP_POLICY, MAP_SERVICES, MAP_SLOTS,
-        MAP_STATS,
+        MAP_STATS, MAP_TRUSTED,
     },
     service::{PROTO_TCP, PROTO_UDP},
 };
@@ -46,6 +46,8 @@ pub struct Maps {
     pub pods: Vec<PodEntry>,
     pub endpoints: Vec<EndpointEntry>,
     pub policy: Vec<PolicyEntry>,
+    /// Processes of the node whose connections STRICT pods admit (the kubelets' probes).
+    pub trusted: Vec<TrustedEntry>,
     pub drops: Vec<Counter>,
     pub events: Vec<Counter>,
     /// `bpftool map dump pinned ...` for each map shown.
@@ -105,6 +107,15 @@ pub struct PolicyEntry {
     pub port: u16,
     pub protocol: String,
     pub verdict: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrustedEntry {
+    pub cgroup_id: u64,
+    pub pid: u32,
+    /// `/proc/<pid>/comm` where this process can see it (`?` otherwise).
+    pub process: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -242,6 +253,21 @@ fn counters(
 }
 
 /// Reads and decodes the maps pinned in `dir`.
+/// The trusted-sender map, each entry with the name of its process where this one can see it.
+fn trusted_senders(dir: &Path) -> Result<Vec<TrustedEntry>, Error> {
+    let mut trusted: Vec<TrustedEntry> = hash_entries::<u64, TrustedSender>(dir, MAP_TRUSTED)?
+        .into_iter()
+        .map(|(cgroup_id, t)| TrustedEntry {
+            cgroup_id,
+            pid: t.pid,
+            process: std::fs::read_to_string(format!("/proc/{}/comm", t.pid))
+                .map_or_else(|_| "?".into(), |c| c.trim_end().to_owned()),
+        })
+        .collect();
+    trusted.sort_by_key(|t| t.cgroup_id);
+    Ok(trusted)
+}
+
 pub fn read(dir: &Path) -> Result<Maps, Error> {
     if !dir.join(MAP_SERVICES).exists() {
         return Err(Error::NoPinDir {
@@ -291,6 +317,7 @@ pub fn read(dir: &Path) -> Result<Maps, Error> {
         })
         .collect();
     policy.sort_by_key(|p| (p.src_identity, p.dst_identity, p.port));
+    let trusted = trusted_senders(dir)?;
     let drops = counters(
         dir,
         MAP_DROPS,
@@ -308,6 +335,7 @@ pub fn read(dir: &Path) -> Result<Maps, Error> {
         MAP_PODS,
         MAP_ENDPOINTS,
         MAP_POLICY,
+        MAP_TRUSTED,
         MAP_DROPS,
         MAP_STATS,
     ];
@@ -329,6 +357,7 @@ pub fn read(dir: &Path) -> Result<Maps, Error> {
         pods,
         endpoints,
         policy,
+        trusted,
         drops,
         events,
         commands,

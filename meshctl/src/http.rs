@@ -50,14 +50,42 @@ pub fn get(mut stream: TcpStream, host: &str, path_and_query: &str) -> Result<Re
     };
     stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
-    let request = format!(
-        "GET {path_and_query} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: meshctl/{}\r\nAccept: */*\r\nConnection: close\r\n\r\n",
-        env!("CARGO_PKG_VERSION")
-    );
-    stream.write_all(request.as_bytes()).map_err(io)?;
+    stream
+        .write_all(request(host, path_and_query).as_bytes())
+        .map_err(io)?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).map_err(io)?;
     parse(&raw).map_err(|detail| Error::Malformed { peer, detail })
+}
+
+/// The request [`get`] sends.
+pub fn request(host: &str, path_and_query: &str) -> String {
+    format!(
+        "GET {path_and_query} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: meshctl/{}\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Whether `raw` holds a whole response: its headers, then `Content-Length` bytes or the last
+/// chunk. For streams whose end the peer's close may not reach (a port-forward).
+pub fn complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let body = &raw[split + 4..];
+    let header = |name: &str| {
+        head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == name).then(|| v.trim().to_owned())
+        })
+    };
+    if header("transfer-encoding").is_some_and(|v| v == "chunked") {
+        return dechunk(body).is_ok();
+    }
+    header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|len| body.len() >= len)
 }
 
 /// Parses a whole HTTP/1.1 response (status line, headers, body).
@@ -154,6 +182,29 @@ mod tests {
         assert!(!r.is_success());
         let until_eof = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{\"a\":1}";
         assert_eq!(parse(until_eof).expect("parse").body, "{\"a\":1}");
+    }
+
+    /// A response is whole once its declared length or last chunk arrived (a port-forward's
+    /// stream may not end when the server closes).
+    #[test]
+    fn a_response_is_complete_at_its_length_or_last_chunk() {
+        assert!(!complete(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n"));
+        assert!(!complete(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nrea"
+        ));
+        assert!(complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nready"
+        ));
+        assert!(!complete(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nnot \r\n"
+        ));
+        assert!(complete(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nnot \r\n0\r\n\r\n"
+        ));
+        assert!(
+            !complete(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{}"),
+            "until EOF: only the end says"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `meshctl status` and `meshctl version`: mesh-control's `/status` (config version, leader,
 //! verdicts, file errors, nodes' acks), and each node daemon's readiness and certificates.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -44,6 +44,10 @@ pub struct ControlStatus {
     pub file_errors: Vec<FileError>,
     #[serde(default)]
     pub nodes: BTreeMap<String, NodeAck>,
+    /// Replicas that did not answer (meshctl's, not the controller's): the nodes they serve
+    /// show no ack.
+    #[serde(default, skip_deserializing)]
+    pub unreached_replicas: Vec<String>,
 }
 
 /// A policy's or routing object's verdict. Routes carry conditions instead of reason/message.
@@ -196,6 +200,9 @@ pub fn render(r: &Report, now_unix: u64) -> String {
         c.services,
         c.route_tables,
     );
+    for replica in &c.unreached_replicas {
+        let _ = writeln!(out, "a mesh-control replica did not answer: {replica}\n");
+    }
     let mut refused = Table::new(&["KIND", "NAME", "REASON", "MESSAGE"]);
     for v in c.policies.iter().chain(&c.routes).filter(|v| !v.accepted) {
         let (reason, message) = v.why();
@@ -337,6 +344,9 @@ mod tests {
             document: Some(1),
             message: "bad YAML".into(),
         });
+        s.unreached_replicas.push(
+            "mesh-control's /status answered 500: dial tcp 198.18.1.20:15014: i/o timeout".into(),
+        );
         let mut n1 = NodeReport::new("n1", &s);
         n1.ready = true;
         n1.certificates.push(Certificate {
@@ -361,6 +371,7 @@ mod tests {
             "HTTPRoute            demo/whoami-split  BackendNotFound   no Service demo/nope",
             "policies/x.yaml  1         bad YAML",
             "v6: bad route",
+            "a mesh-control replica did not answer: mesh-control's /status answered 500",
             "NOT READY: not ready: control synced",
             "spiffe://cluster.local/ns/demo/sa/client  ff      1970-01-01T02:00:00Z (in 2h0m)",
         ] {

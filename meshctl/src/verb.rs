@@ -49,16 +49,25 @@ fn ok_body(answer: meshctl::http::Response, what: &str) -> Result<String> {
 /// mesh-control's status: the leader's, with each node's ack from the replica serving it.
 fn control_status(target: &Target) -> Result<status::ControlStatus> {
     let mut all = Vec::new();
+    let mut unreached = Vec::new();
     for answer in target
         .control_get_all("/status")
         .context("mesh-control's /status")?
     {
-        all.push(status::parse(&ok_body(answer, "mesh-control's /status")?)?);
+        // A replica going away (a rolling update) may not answer: the others still do.
+        match ok_body(answer, "mesh-control's /status") {
+            Ok(body) => all.push(status::parse(&body)?),
+            Err(e) => unreached.push(format!("{e:#}")),
+        }
     }
-    // The leader's first (`control_get_all`'s order); with none answering, an error above.
+    // The leader's first (`control_get_all`'s order).
     let mut all = all.into_iter();
-    let shown = all.next().context("no mesh-control replica answered")?;
-    Ok(status::merge(shown, all.collect()))
+    let Some(shown) = all.next() else {
+        bail!("no mesh-control replica answered: {}", unreached.join("; "));
+    };
+    let mut merged = status::merge(shown, all.collect());
+    merged.unreached_replicas = unreached;
+    Ok(merged)
 }
 
 fn config_dump(target: &Target, node: &str) -> Result<dump::ConfigDump> {
@@ -248,6 +257,14 @@ fn render_maps(m: &bpf::Maps) -> String {
             p.verdict.into(),
         ]);
     }
+    let mut trusted = Table::new(&["TRUSTED SENDER (cgroup id)", "PID", "PROCESS"]);
+    for t in &m.trusted {
+        trusted.row(vec![
+            t.cgroup_id.to_string(),
+            t.pid.to_string(),
+            t.process.clone(),
+        ]);
+    }
     let counters = |cs: &[bpf::Counter], title: &str| {
         let mut t = Table::new(&[title, "CODE", "COUNT"]);
         for c in cs {
@@ -261,6 +278,10 @@ fn render_maps(m: &bpf::Maps) -> String {
         section("PODS (captured by this node's datapath)", &pods),
         section("ENDPOINTS", &endpoints),
         section("POLICY (the kernel's L4 deny fast path)", &policy),
+        section(
+            "TRUSTED (node processes STRICT pods admit: the kubelets' probes)",
+            &trusted,
+        ),
         section("DROPS (by reason, all CPUs)", &counters(&m.drops, "REASON")),
         section("EVENTS", &counters(&m.events, "EVENT")),
         format!("RAW\n{}\n", m.commands.join("\n")),

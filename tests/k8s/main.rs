@@ -8,7 +8,8 @@
 //! 1. the DaemonSet and both controller replicas become Ready;
 //! 2. pods are meshed: mutual TLS between nodes (identities in the metrics, only TLS on the node
 //!    link), Service load balancing over pods on both nodes;
-//!    `meshctl status` through the cluster's kubeconfig shows both nodes current;
+//!    `meshctl status` through the cluster's kubeconfig shows both nodes current, and `config`
+//!    and `explain` read the daemons' loopback-only admin port through a port-forward;
 //! 3. an AuthorizationPolicy applied with kubectl denies within a second and says `Accepted`;
 //!    PeerAuthentication STRICT refuses the unmeshed client and a process of the node while the
 //!    kubelet's readiness probes keep every pod Ready; the leading controller replica deleted,
@@ -51,8 +52,8 @@ fn diagnose(c: &KubeCluster) -> String {
     let mut out = String::new();
     for args in [
         &["get", "pods", "-A", "-o", "wide"][..],
-        &["logs", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-node", "--tail=60", "--prefix"],
-        &["logs", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-control", "--tail=15", "--prefix"],
+        &["logs", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-node", "--tail=60", "--prefix", "--timestamps"],
+        &["logs", "-n", "mesh-system", "-l", "app.kubernetes.io/name=mesh-control", "--tail=15", "--prefix", "--timestamps"],
         &["get", "events", "-A", "--field-selector=type=Warning"],
         // A namespace stuck in Terminating says why in its conditions.
         &["get", "namespaces", "-o", "custom-columns=NAME:.metadata.name,PHASE:.status.phase,CONDITIONS:.status.conditions[*].message"],
@@ -83,6 +84,32 @@ fn namespace_diagnosis(c: &KubeCluster, ns: &str) -> String {
     out
 }
 
+/// `meshctl bpf n<i> maps` (with `extra` arguments, e.g. `-o json`) on the host, where the
+/// DaemonSet pins the node's maps: its output, or why it failed.
+fn meshctl_bpf(c: &KubeCluster, i: u8, extra: &[&str]) -> String {
+    let meshctl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/meshctl");
+    let node = c.lab.node(i);
+    std::process::Command::new(&meshctl)
+        .arg("-q")
+        .args(extra)
+        .args(["bpf", &node.name, "maps", "--bpffs", &format!("/sys/fs/bpf/mesh/{}", node.name)])
+        .output()
+        .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+        .unwrap_or_else(|e| format!("meshctl: {e}"))
+}
+
+/// Why node `i` let plaintext into a STRICT pod: the config version it runs against the
+/// controller's, its kernel maps (endpoint flags, drop counters), its kubelet trust and stream
+/// metrics, this test's own cgroup (a trusted one would be admitted), and the usual diagnosis.
+fn strict_diagnosis(c: &KubeCluster, i: u8) -> String {
+    let bpf = meshctl_bpf(c, i, &[]);
+    let wanted = ["mesh_control_", "mesh_datapath_", "mesh_kernel_", "mesh_sync_errors", "drops"];
+    let m = metrics(c, i);
+    let lines: Vec<&str> = m.lines().filter(|l| !l.starts_with('#') && wanted.iter().any(|w| l.contains(w))).collect();
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    format!("node n{i}'s metrics:\n{}\nmeshctl bpf:\n{bpf}\nthis test's cgroup: {own}\n{}", lines.join("\n"), diagnose(c))
+}
+
 /// Phase 3b: STRICT for namespace demo. The whoami pods' readiness probes (the kubelet's TCP
 /// connections every second, three failures make a pod NotReady) must keep passing while the
 /// unmeshed client and a plain process in a node's namespace are refused.
@@ -96,6 +123,9 @@ spec: {mtls: {mode: STRICT}}
     let took = eventually("STRICT to refuse the unmeshed client", Duration::from_secs(10), || tally(&dial(c, legacy, vip, 2, 1000)).keys().eq(["FAILED"]));
     let meshed = tally(&dial(c, client, vip, 6, 3000));
     assert!(!meshed.contains_key("FAILED"), "meshed connections pass under STRICT: {meshed:?}\n{}", diagnose(c));
+    // Both nodes hold the policy (each applies it when its own config stream delivers it; the
+    // stream of one may just have moved to another controller replica).
+    let (propagated, _) = both_nodes_current(c);
     // A process in node 1's network namespace that is neither the daemon nor the kubelet.
     let pod_ip = get(c, &["pods", "-n", "demo", "-l", "app=whoami", "--field-selector=spec.nodeName=n1"], "{.items[0].status.podIP}");
     let whoami = support::target_dir().join("mesh-whoami");
@@ -108,44 +138,81 @@ spec: {mtls: {mode: STRICT}}
             .expect("run mesh-whoami");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    // Each node applies the policy when its own config stream delivers it: the unmeshed client
-    // above may have been refused by node 2 while node 1 (whose stream may just have moved to
-    // another controller replica) applies it a moment later. Seen once: connected.
+    // The replica serving node 1 may see the PeerAuthentication a moment after it says node 1 is
+    // current: retried for a few seconds.
     let mut host = from_node();
     let started = Instant::now();
     while !host.contains("ETIMEDOUT") && started.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(200));
         host = from_node();
     }
-    assert!(host.contains("ETIMEDOUT"), "a node process's plaintext to a STRICT pod is refused: {host}");
+    assert!(host.contains("ETIMEDOUT"), "a node process's plaintext to a STRICT pod is refused: {host}\n{}", strict_diagnosis(c, 1));
+    // What let the probes in: the kubelet's cgroup in the trusted-sender map, as meshctl shows it.
+    let maps = meshctl_bpf(c, 1, &["-o", "json"]);
+    let trusted = serde_json::from_str::<serde_json::Value>(&maps).map(|m| m["trusted"].clone()).unwrap_or_else(|e| panic!("meshctl bpf -o json: {e}: {maps}"));
+    assert!(
+        trusted.as_array().is_some_and(|t| t.iter().any(|e| e["process"] == "kubelet")),
+        "meshctl bpf shows the kubelet as a trusted sender: {trusted}"
+    );
     // Probes every second, NotReady after three failures: 6 s of Ready pods is 6 passed probes each.
     std::thread::sleep(Duration::from_secs(6));
     let ready = get(c, &["pods", "-n", "demo", "-l", "app=whoami"], "{.items[*].status.conditions[?(@.type==\"Ready\")].status}");
     assert!(!ready.is_empty() && ready.split_whitespace().all(|s| s == "True"), "the kubelet's probes pass under STRICT: Ready={ready}\n{}", diagnose(c));
-    println!("STRICT: unmeshed client refused {took:.1?} after kubectl apply, meshed {meshed:?}, a node process refused, whoami pods Ready throughout 6 s of probes ({ready})");
+    println!("STRICT: unmeshed client refused {took:.1?} after kubectl apply, both nodes current {propagated:.1?} later, meshed {meshed:?}, a node process refused, whoami pods Ready throughout 6 s of probes ({ready})");
     kubectl(c, &["delete", "peerauthentication", "strict", "-n", "demo"]);
     eventually("STRICT to go", Duration::from_secs(10), || tally(&dial(c, legacy, vip, 2, 2000)).get("FAILED").is_none());
+}
+
+/// `meshctl -o json <args>` through the test cluster's kubeconfig, in the underlay namespace
+/// where the API server listens (as kubectl runs): never from the host's namespace, whose routes
+/// lead off the machine. Its JSON; a failure panics with meshctl's error.
+fn meshctl_json(c: &KubeCluster, args: &[&str]) -> serde_json::Value {
+    let meshctl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/meshctl");
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", c.underlay_ns()))
+        .arg(&meshctl)
+        .arg("--kubeconfig")
+        .arg(&c.kubeconfig)
+        .args(["-o", "json"])
+        .args(args)
+        .output()
+        .expect("run meshctl (built by cargo xtask test)");
+    assert!(out.status.success(), "meshctl {} on the cluster: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("meshctl {} -o json: {e}: {}", args.join(" "), String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `meshctl config` and `explain` through kubeconfig: they read the daemons' admin port, which
+/// listens on each node's 127.0.0.1 only, through a port-forward (the kubelet dials it inside
+/// the node's namespace). `explain` asks the client's node, then the destination's.
+fn meshctl_config_and_explain_on_the_cluster(c: &KubeCluster, client: &str) {
+    let started = Instant::now();
+    let config = meshctl_json(c, &["config", "n1", "services"]);
+    let services = config["services"].as_array().cloned().unwrap_or_default();
+    assert!(services.iter().any(|s| s["namespace"] == "demo" && s["name"] == "whoami"), "n1's config has Service demo/whoami: {config:#}");
+    let took_config = started.elapsed();
+    let explained = meshctl_json(c, &["explain", &format!("demo/{client}"), "whoami.demo:80"]);
+    assert_eq!(explained["source"]["verdict"], "allowed", "{explained:#}");
+    assert_eq!(explained["destination"]["verdict"], "allowed", "{explained:#}");
+    println!(
+        "meshctl config and explain through kubeconfig (port-forward to the admin port): config {took_config:.1?}, explain from {} via {} ({:.1?})",
+        explained["source"]["node"],
+        explained["destination"]["node"],
+        started.elapsed() - took_config
+    );
 }
 
 /// `meshctl status` through the test cluster's kubeconfig (from the underlay namespace, as
 /// kubectl): both nodes Ready, each having acked the current config version of the controller
 /// replica serving it (acks may trail a change by a moment).
 fn meshctl_status_on_the_cluster(c: &KubeCluster) {
-    let meshctl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/meshctl");
-    let status = || {
-        // In the underlay namespace, where the API server listens (as kubectl runs): never from
-        // the host's namespace, whose routes lead off the machine.
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", c.underlay_ns()))
-            .arg(&meshctl)
-            .arg("--kubeconfig")
-            .arg(&c.kubeconfig)
-            .args(["-o", "json", "status"])
-            .output()
-            .expect("run meshctl (built by cargo xtask test)");
-        assert!(out.status.success(), "meshctl status on the cluster: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("meshctl -o json")
-    };
+    let (took, last) = both_nodes_current(c);
+    println!("meshctl status through kubeconfig: both nodes Ready and current at version {} ({took:.1?})", last["control"]["version"]);
+}
+
+/// Polls `meshctl status` (up to 30 s) until both nodes are Ready and current; the time it took
+/// and the last status.
+fn both_nodes_current(c: &KubeCluster) -> (Duration, serde_json::Value) {
+    let status = || meshctl_json(c, &["status"]);
     let started = Instant::now();
     let current = |v: &serde_json::Value| {
         let version = v["control"]["version"].as_u64().unwrap_or(0);
@@ -160,10 +227,10 @@ fn meshctl_status_on_the_cluster(c: &KubeCluster) {
         last = status();
     }
     let took = started.elapsed();
-    assert!(current(&last), "meshctl status after {took:.1?}: {last:#}");
+    assert!(current(&last), "meshctl status after {took:.1?}: {last:#}\n{}", diagnose(c));
     let names: Vec<&str> = last["nodes"].as_array().expect("nodes").iter().filter_map(|n| n["name"].as_str()).collect();
     assert_eq!(names, ["n1", "n2"], "{last:#}");
-    println!("meshctl status through kubeconfig: both nodes Ready and current at version {} ({took:.1?})", last["control"]["version"]);
+    (took, last)
 }
 
 #[test]
@@ -221,6 +288,7 @@ fn the_mesh_installed_with_kubectl_meshes_real_pods_on_two_nodes_and_uninstalls_
 
     // meshctl as a user runs it against a cluster: kubeconfig, the apiserver's pod proxy.
     meshctl_status_on_the_cluster(&c);
+    meshctl_config_and_explain_on_the_cluster(&c, &client);
 
     // 3. A policy applied with kubectl.
     let deny = std::fs::read_to_string(deploy.join("examples/policies/deny-client-to-whoami.yaml")).expect("example policy");
@@ -296,7 +364,7 @@ fn the_mesh_installed_with_kubectl_meshes_real_pods_on_two_nodes_and_uninstalls_
     });
     let (ready_at, meshed_at) = (ready_at.expect("ready"), meshed_at.expect("meshed"));
     println!("scaled whoami to 4: Ready after {ready_at:.1?}, in its node's datapath after {meshed_at:.1?}");
-    assert!(meshed_at < ready_at + Duration::from_secs(5), "meshed within seconds of Ready");
+    assert!(meshed_at < ready_at + Duration::from_secs(5), "meshed within seconds of Ready: Ready after {ready_at:?}, meshed after {meshed_at:?}\n{}", diagnose(&c));
     let after = tally(&dial(&c, &client, &vip, 40, 3000));
     assert_eq!(after.len(), 4, "the new pod gets connections through the mesh: {after:?}");
 

@@ -314,6 +314,22 @@ fn remove_dir(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+impl KubeCluster {
+    /// The mesh's own pods' logs (with timestamps) into `dir`, their last lines to stderr: the
+    /// kubelet's container logs go with the cluster, and a failed run's output is all CI keeps.
+    fn keep_mesh_logs(&self, dir: &Path) {
+        let _ = sys::mkdir(dir);
+        let listed = self.kubectl(&["get", "pods", "-n", "mesh-system", "-o", "jsonpath={.items[*].metadata.name}"]);
+        for pod in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
+            let out = self.kubectl(&["logs", "-n", "mesh-system", pod, "--all-containers", "--timestamps"]);
+            let log = String::from_utf8_lossy(&out.stdout).into_owned();
+            let _ = std::fs::write(dir.join(format!("{pod}.log")), &log);
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("--- last lines of mesh-system/{pod} ---\n{}", lines[lines.len().saturating_sub(40)..].join("\n"));
+        }
+    }
+}
+
 impl Drop for KubeCluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -325,6 +341,7 @@ impl Drop for KubeCluster {
             for n in &self.nodes {
                 let _ = Command::new("cp").arg("-r").arg(n.dir.join("logs")).arg(kept.join(&n.name)).status();
             }
+            self.keep_mesh_logs(&kept.join("pods"));
             eprintln!("cluster logs kept in {}", kept.display());
         }
         self.teardown();

@@ -6,10 +6,13 @@
 //!   node, named after `spec.nodeName`;
 //! - mesh-control: its pods (`app.kubernetes.io/name=mesh-control`), the leader preferred.
 //!
-//! The node daemon's admin port listens on 127.0.0.1 (the DaemonSet does not set
-//! `MESH_ADMIN_ADDR`), which the pod proxy cannot reach: `config`, `explain` and `version` need
-//! `MESH_ADMIN_ADDR=0.0.0.0:15000` on a cluster. Readiness uses the metrics port's
-//! `/healthz/ready`, which the proxy reaches.
+//! The node daemon's admin port listens on 127.0.0.1 of the node (the DaemonSet does not set
+//! `MESH_ADMIN_ADDR`), which the pod proxy cannot reach: `config`, `explain` and `version` read
+//! it through a port-forward instead, as `kubectl port-forward` and `istioctl` do (the kubelet
+//! dials the port inside the pod's network namespace, the node's for the DaemonSet), so the port
+//! stays closed to the node network. That needs RBAC `create` on `pods/portforward`, as
+//! `kubectl port-forward` does. Readiness uses the metrics port's `/healthz/ready`, which the
+//! proxy reaches.
 
 use std::collections::BTreeMap;
 
@@ -35,6 +38,12 @@ pub enum Error {
     Api(#[from] kube::Error),
     #[error("building the request for {path}: {source}")]
     Request { path: String, source: http::Error },
+    #[error("port-forward to {pod}:{port}: {detail}")]
+    Forward {
+        pod: String,
+        port: u16,
+        detail: String,
+    },
     #[error("no running {app} pod in namespace {namespace}")]
     NoPod {
         app: &'static str,
@@ -95,7 +104,7 @@ impl Cluster {
         format!("{}, namespace {}", self.context, self.namespace)
     }
 
-    /// Running pods of `app`, by pod name, with their node.
+    /// Running pods of `app` that are not terminating, by pod name, with their node.
     fn pods(&self, app: &'static str) -> Result<BTreeMap<String, String>, Error> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let params = ListParams::default().labels(&format!("app.kubernetes.io/name={app}"));
@@ -104,6 +113,8 @@ impl Cluster {
             .items
             .into_iter()
             .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            // Terminating (a rolling update, a drain): still `Running`, but going away.
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
             .filter_map(|p| Some((p.metadata.name?, p.spec?.node_name.unwrap_or_default())))
             .collect())
     }
@@ -147,6 +158,57 @@ impl Cluster {
         })
     }
 
+    /// `GET path` on `pod`'s `port` through a port-forward: for ports bound to the loopback
+    /// address of the pod's network namespace, which the pod proxy cannot reach.
+    fn forward_get(&self, pod: &str, port: u16, path: &str) -> Result<Response, Error> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let failed = |detail: String| Error::Forward {
+            pod: pod.to_owned(),
+            port,
+            detail,
+        };
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        self.runtime.block_on(async {
+            let mut forward = api.portforward(pod, &[port]).await?;
+            let mut stream = forward
+                .take_stream(port)
+                .ok_or_else(|| failed("no stream for the port".into()))?;
+            let exchange = async {
+                stream
+                    .write_all(crate::http::request("127.0.0.1", path).as_bytes())
+                    .await?;
+                let mut raw = Vec::new();
+                let mut buf = vec![0u8; 64 << 10];
+                // The server closes after one answer; the forwarded stream may not say so.
+                while !crate::http::complete(&raw) {
+                    let n = stream.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    raw.extend_from_slice(&buf[..n]);
+                }
+                Ok::<_, std::io::Error>(raw)
+            };
+            // The kubelet says on the error channel why it could not connect to the port.
+            let refused = forward.take_error(port);
+            let refused = async {
+                match refused {
+                    Some(error) => error.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let raw = tokio::select! {
+                raw = tokio::time::timeout(crate::http::TIMEOUT, exchange) => raw
+                    .map_err(|_| failed(format!("no answer within {:?}", crate::http::TIMEOUT)))?
+                    .map_err(|e| failed(e.to_string()))?,
+                Some(error) = refused => return Err(failed(error)),
+            };
+            drop(stream);
+            forward.abort();
+            crate::http::parse(&raw).map_err(failed)
+        })
+    }
+
     /// mesh-control's status port; with several replicas, the leader's answer.
     pub fn control_get(&self, path: &str) -> Result<Response, Error> {
         Ok(self.control_get_all(path)?.swap_remove(0))
@@ -176,12 +238,15 @@ impl Cluster {
 
     pub fn node_get(&self, node: &str, port: Port, path: &str) -> Result<Response, Error> {
         let pod = self.node_pod(node)?;
-        // The admin port's /ready is the metrics port's /healthz/ready, which the proxy reaches.
-        let (port, path) = match (port, path) {
-            (Port::Admin, "/ready") => (Port::Metrics, "/healthz/ready"),
-            other => other,
-        };
-        self.proxy_get(&pod, port.number(), path)
+        match (port, path) {
+            // The admin port's /ready is the metrics port's /healthz/ready, which the proxy
+            // reaches.
+            (Port::Admin, "/ready") => {
+                self.proxy_get(&pod, Port::Metrics.number(), "/healthz/ready")
+            }
+            (Port::Admin, path) => self.forward_get(&pod, Port::Admin.number(), path),
+            (Port::Metrics, path) => self.proxy_get(&pod, Port::Metrics.number(), path),
+        }
     }
 }
 
