@@ -1,5 +1,6 @@
 //! Kernel faults: a pinned map the daemon cannot use, a program the verifier refuses, an attach
-//! the kernel refuses; the pin of a map an earlier version used. (A full map is
+//! the kernel refuses; the pin of a map an earlier version used; a Service the kernel refuses
+//! next to a STRICT pod. (A full map is
 //! `capture::an_oversized_update_is_refused_whole_with_a_clear_error`.)
 
 use std::{
@@ -174,4 +175,32 @@ fn a_program_the_verifier_refuses_stops_the_start_and_no_link_moves() {
     // The next good start adopts it all.
     assert_eq!(f.load().service_count(), 1, "a good start adopts the installed Service");
     assert_eq!(answering(&f), both);
+}
+
+/// The daemon's kernel sync applies each map on its own: a Service the kernel refuses (port 0)
+/// does not keep a STRICT pod's flag out of the endpoint map. Before, the Service's refusal
+/// ended the sync before the endpoint and policy maps were written.
+#[test]
+fn a_service_the_kernel_refuses_does_not_hold_back_a_strict_pod() {
+    use mesh_node::kernel_sync::{Config, KernelSync, Metrics};
+    let mut f = Fixture::new(&[1, 1], &[]);
+    f.load();
+    let datapath = f.datapath.take().expect("loaded");
+    let pod = f.lab.pod("n1p1").clone();
+    let refused = ServiceSpec::tcp("198.19.0.99".parse().expect("ip"), 0, vec![f.backend("n1p1")]);
+    let config = Config { node_name: "n1".into(), cgroup: f.lab.node(1).cgroup.clone(), static_services: vec![refused], pod_interfaces: Vec::new() };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let mut sync = KernelSync::new(config, datapath, Metrics::new(&mut registry)).expect("kernel sync");
+    let snapshot = serde_json::json!({
+        "workloads": [{"name": "n1p1", "namespace": "demo", "serviceAccount": "n1p1", "ip": pod.ip.to_string(), "node": "n1", "nodeIp": "198.18.0.1", "protocol": "HBONE"}],
+        "peerAuthentications": [{"name": "strict", "namespace": "demo", "mode": "STRICT"}],
+    });
+    let state = mesh_node::state::State::build("cluster.local", "mesh-system", serde_json::from_value(snapshot).expect("snapshot")).expect("state");
+    let err = sync.apply(&state).expect_err("the Service is refused");
+    assert!(err.to_string().contains("port 0"), "{err}");
+    let map = f.pin_dir().join(names::MAP_ENDPOINTS);
+    let dump = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&map).output().expect("bpftool");
+    let entries: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap_or_else(|e| panic!("bpftool JSON: {e}: {}", String::from_utf8_lossy(&dump.stdout)));
+    let strict = entries.as_array().expect("entries").iter().filter(|e| e["formatted"]["value"]["flags"].as_u64().is_some_and(|f| f & u64::from(mesh_common::endpoint::flags::STRICT) != 0)).count();
+    assert_eq!(strict, 1, "the STRICT pod is in the endpoint map although the Service was refused: {entries}");
 }
