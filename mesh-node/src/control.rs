@@ -30,6 +30,9 @@ pub use ca::GrpcCa;
 pub use node_cert::Renewer;
 pub use stream::{ConfigClient, Metrics};
 
+/// A TCP connect to the controller (see `Config::endpoint`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long a workload certificate request waits for the first node certificate before it fails
 /// (and the certificate store retries with backoff).
 const FIRST_CERT_WAIT: Duration = Duration::from_secs(10);
@@ -131,7 +134,12 @@ impl Config {
             .map_err(address_error)?
             .tls_config(tls)
             .map_err(address_error)?
-            .connect_timeout(Duration::from_secs(3))
+            // TCP only (TLS is not included). Short: a controller replica that just went away
+            // may still be behind the Service for some seconds (kube-proxy's rules trail the
+            // EndpointSlice), and a SYN to its address is never answered; each attempt picks a
+            // replica again. With 3 s, a node took 9 s to reach the other replica in the k8s
+            // suite.
+            .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(self.deadlines.keepalive_interval)
             .keep_alive_timeout(self.deadlines.keepalive_timeout)
             .keep_alive_while_idle(true)
