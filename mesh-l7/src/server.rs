@@ -98,8 +98,11 @@ where
 {
     let draining = Arc::new(AtomicBool::new(false));
     let closing = draining.clone();
-    let requests = Arc::new(header_timeout::Requests::default());
-    let timed = cfg.request_header_timeout.map(|_| requests.clone());
+    // What the header deadline learns from the service; nothing without one.
+    let timed = cfg
+        .request_header_timeout
+        .map(|_| Arc::new(header_timeout::Requests::default()));
+    let requests = timed.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let http1 = req.version() < Version::HTTP_2;
         // In flight until its response body is written: the header deadline waits for it.
@@ -126,9 +129,11 @@ where
         }
     });
     let b = builder(cfg);
-    let io: Box<dyn Io> = match cfg.request_header_timeout {
-        Some(limit) => Box::new(header_timeout::HeaderDeadline::new(io, limit, requests)),
-        None => Box::new(io),
+    let io: Box<dyn Io> = match (cfg.request_header_timeout, requests) {
+        (Some(limit), Some(requests)) => {
+            Box::new(header_timeout::HeaderDeadline::new(io, limit, requests))
+        }
+        _ => Box::new(io),
     };
     let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);

@@ -163,8 +163,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeaderDeadline<I> {
             return Poll::Ready(Ok(()));
         }
         if !this.decided {
-            let read = read.to_vec();
-            this.classify(&read);
+            this.classify(read);
         }
         let idle = this.requests.in_flight.load(Ordering::Relaxed) == 0;
         if this.armed.is_none() && idle && !this.requests.passthrough.load(Ordering::Relaxed) {
