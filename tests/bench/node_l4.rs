@@ -8,7 +8,9 @@
 //!
 //! Pinning (2 cores): load generators (iperf3 client and server, the latency/connection client)
 //! on CPU 0, both daemons on CPU 1. "direct" removes the capture rules, nothing else.
-//! Results are in `bench/results/node-l4.md`.
+//! Results are in `bench/results/node-l4.md`. `MESH_BENCH_SYSCALLS=1` counts each daemon's
+//! system calls and context switches (`perf stat`) per GB of the first meshed bulk run and per
+//! round trip of the first meshed request/response run.
 //!
 //! With `MESH_BENCH_ZTUNNEL=<ztunnel binary>` a second lab runs a real ztunnel pair (see
 //! `mesh_tests::ztunnel`: dedicated mode, ztunnel's fake CA, in the nodes' namespaces with the
@@ -181,17 +183,8 @@ fn measure(m: &MeshLab, meshed: bool, round: usize, s: &mut Samples, name: &str)
     });
     // MESH_BENCH_SYSCALLS=1: count each proxy's system calls and context switches over the
     // first meshed bulk run (needs perf; `apt-get install linux-perf`).
-    let counting = (std::env::var_os("MESH_BENCH_SYSCALLS").is_some_and(|v| v == "1") && meshed && round == 0).then(|| {
-        let pids = m.daemon_pids();
-        [pids.0, pids.1].map(|pid| {
-            Command::new("perf")
-                .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches", "-p", &pid.to_string()])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("perf stat")
-        })
-    });
+    let count_syscalls = std::env::var_os("MESH_BENCH_SYSCALLS").is_some_and(|v| v == "1") && meshed && round == 0;
+    let counting = count_syscalls.then(|| start_perf_stat(m));
     let (gbps, bytes) = iperf3(m, &server.to_string());
     if let Some(mut p) = perf {
         let _ = p.wait();
@@ -208,8 +201,17 @@ fn measure(m: &MeshLab, meshed: bool, round: usize, s: &mut Samples, name: &str)
         let gb = bytes / 1e9;
         s.cpu_per_gb.push(((cpu1.0 - cpu0.0) / gb, (cpu1.1 - cpu0.1) / gb));
     }
-    let (p50, p99) = m.in_pod_pinned("n1p1", move || request_response(SocketAddr::new(server.into(), 8080), Some(RR_RATE)));
-    let (pp50, _) = m.in_pod_pinned("n1p1", move || request_response(SocketAddr::new(server.into(), 8080), None));
+    // With MESH_BENCH_SYSCALLS=1, the same counts over the first meshed request/response run,
+    // per round trip: what each daemon does per message, where latency regressions show first.
+    let counting = count_syscalls.then(|| start_perf_stat(m));
+    let (p50, p99, trips) = m.in_pod_pinned("n1p1", move || request_response(SocketAddr::new(server.into(), 8080), Some(RR_RATE)));
+    if let Some(counters) = counting {
+        for (side, p) in ["client-side", "server-side"].iter().zip(counters) {
+            let (syscalls, switches) = stop_perf_stat(p);
+            println!("{name} {side} proxy: {:.1} system calls and {:.1} context switches per round trip (64 B at {RR_RATE}/s, round 0)", syscalls / trips, switches / trips);
+        }
+    }
+    let (pp50, _, _) = m.in_pod_pinned("n1p1", move || request_response(SocketAddr::new(server.into(), 8080), None));
     s.pp_p50_us.push(pp50);
     s.p50_us.push(p50);
     s.p99_us.push(p99);
@@ -247,6 +249,19 @@ fn side_by_side(ours: &Arm, zt: &Arm) {
         println!("| {what} | {z:.2} | {o:.2} | {:.2}× |", o / z);
     }
     println!("\n(ours vs ztunnel: above 1 is better for throughput and connections/s, below 1 is better for the rest)");
+}
+
+/// Starts counting each daemon's system calls and context switches (`perf stat`).
+fn start_perf_stat(m: &MeshLab) -> [std::process::Child; 2] {
+    let pids = m.daemon_pids();
+    [pids.0, pids.1].map(|pid| {
+        Command::new("perf")
+            .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches", "-p", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("perf stat")
+    })
 }
 
 /// Stops a `perf stat -x ,` run (SIGINT: it prints its counts) and returns (system calls,
@@ -314,8 +329,9 @@ fn read_greeting(s: &TcpStream) {
 }
 
 /// 64-byte ping-pong on one connection, at `rate` per second or back to back; (p50, p99) round
-/// trip in µs.
-fn request_response(addr: SocketAddr, rate: Option<u32>) -> (f64, f64) {
+/// trip in µs and the number of round trips.
+#[expect(clippy::cast_precision_loss, reason = "a count of round trips in seconds fits an f64")]
+fn request_response(addr: SocketAddr, rate: Option<u32>) -> (f64, f64, f64) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_nodelay(true).expect("nodelay");
     read_greeting(&s);
@@ -337,7 +353,7 @@ fn request_response(addr: SocketAddr, rate: Option<u32>) -> (f64, f64) {
         }
     }
     rtts.sort_by(f64::total_cmp);
-    (rtts[rtts.len() / 2], rtts[rtts.len() * 99 / 100])
+    (rtts[rtts.len() / 2], rtts[rtts.len() * 99 / 100], rtts.len() as f64)
 }
 
 #[expect(clippy::cast_precision_loss, reason = "a count of connections in seconds fits an f64")]

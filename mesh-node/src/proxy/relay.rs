@@ -17,7 +17,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::{
         TcpStream,
         tcp::{ReadHalf, WriteHalf},
@@ -198,24 +198,29 @@ fn h2_io(e: h2::Error) -> io::Error {
 /// allocation, so a stream that keeps coming allocates nothing. A connection with nothing to
 /// read waits without a buffer: 10,000 idle connections held 10,000 of them
 /// (bench/results/soak.md).
+///
+/// The read goes through `read_buf` (tokio's `poll_read`), not `try_read_buf`: a read shorter
+/// than the buffer tells tokio the socket is drained (epoll is edge-triggered), so the wait that
+/// follows sleeps at once. `try_read_buf` keeps the readiness, which cost one more `recvfrom`
+/// returning `EAGAIN` per message and direction on an interactive connection.
 async fn tcp_to_tunnel(rd: &mut ReadHalf<'_>, mut send: SendStream<Bytes>, count: &AtomicU64) -> io::Result<()> {
     let mut buf = BytesMut::new();
     loop {
+        if buf.capacity() == 0 {
+            rd.readable().await?;
+        }
         buf.reserve(read_size(count.load(Relaxed)));
-        let n = match rd.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                buf = BytesMut::new();
-                rd.readable().await?;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let room = buf.capacity() - buf.len();
+        let n = rd.read_buf(&mut buf).await?;
         if n == 0 {
             return send.send_data(Bytes::new(), true).map_err(h2_io);
         }
-        count.fetch_add(buf.len() as u64, Relaxed);
+        count.fetch_add(n as u64, Relaxed);
         let mut chunk = buf.split().freeze();
+        if n < room {
+            // Drained: wait for the next bytes without holding the rest of the buffer.
+            buf = BytesMut::new();
+        }
         while !chunk.is_empty() {
             let n = send_capacity(&mut send, chunk.len()).await?;
             send.send_data(chunk.split_to(n.min(chunk.len())), false).map_err(h2_io)?;
