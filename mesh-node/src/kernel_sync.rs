@@ -6,6 +6,10 @@
 //! [`KernelSync::run`] re-applies it whenever the state changes and every few seconds (pods come
 //! and go without a state change), counting failures; the datapath writes only differences.
 //!
+//! [`KernelSync::spawn`] runs it on a thread of its own, not on the proxy's event loop (one
+//! thread by default): an application walks the pod cgroups, every Service and endpoint of the
+//! mesh and the maps' mirrors, which at 100,000 endpoints is time no request should wait for.
+//!
 //! The STRICT guard goes on each pod's host-side interface. With `MESH_POD_INTERFACES` the list
 //! is fixed (the lab); without it (a cluster) every rescan finds them: the interfaces of this
 //! namespace whose peer is in the network namespace of a pod cgroup's process (netlink's
@@ -13,13 +17,24 @@
 
 mod translate;
 
-use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
+use tokio::sync::oneshot;
 
 pub use translate::{Desired, identities, translate, translate_with};
 
@@ -53,6 +68,11 @@ struct ErrorLabel {
     kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: Outcome,
+}
+
 /// Datapath metrics: kernel drop/event counters (read from the per-CPU maps at each sync) and
 /// sync failures.
 #[derive(Clone)]
@@ -64,6 +84,9 @@ pub struct Metrics {
     services: Gauge,
     pods: Gauge,
     interfaces: Gauge,
+    /// How long one application of the state takes (discovery, translation, map writes), by
+    /// what it did.
+    duration: Family<OutcomeLabel, Histogram, fn() -> Histogram>,
 }
 
 impl Metrics {
@@ -75,6 +98,8 @@ impl Metrics {
             services: Gauge::default(),
             pods: Gauge::default(),
             interfaces: Gauge::default(),
+            // 100 µs to ~3.3 s.
+            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(1e-4, 2.0, 16))),
         };
         registry.register("mesh_datapath_drops", "Operations the kernel datapath refused, by stable reason (cumulative)", m.drops.clone());
         registry.register("mesh_datapath_events", "Kernel datapath events: LB decisions, captures, bypass (cumulative)", m.events.clone());
@@ -82,6 +107,11 @@ impl Metrics {
         registry.register("mesh_datapath_services", "Service VIP:port entries installed in the kernel", m.services.clone());
         registry.register("mesh_datapath_pods", "Pod cgroups of this node known to the kernel", m.pods.clone());
         registry.register("mesh_datapath_pod_interfaces", "Pod interfaces carrying the STRICT guard", m.interfaces.clone());
+        registry.register(
+            "mesh_datapath_sync_duration_seconds",
+            "Time one application of the node's state to the kernel took (pod discovery, translation, map writes), by outcome: applied, unchanged (nothing to translate or write), failed",
+            m.duration.clone(),
+        );
         m
     }
 }
@@ -111,6 +141,30 @@ pub struct KernelSync {
     cgroup2: Option<PathBuf>,
     /// Kubelets trusted at the last rescan (logged when it changes).
     kubelets: Vec<(u32, PathBuf)>,
+    /// What the last successful application was made from.
+    applied: Option<Applied>,
+}
+
+/// Pod cgroups of this node and their addresses, as discovered at a rescan.
+type Cgroups = std::collections::BTreeMap<PathBuf, Vec<std::net::IpAddr>>;
+
+/// The inputs of a successful application (see [`KernelSync::apply_shared`]).
+struct Applied {
+    state: Arc<State>,
+    cgroups: Cgroups,
+    ejections: u64,
+}
+
+/// What one application did: `mesh_datapath_sync_duration_seconds{outcome}`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types, reason = "the label values users see")]
+enum Outcome {
+    /// Translated and written (only the differences reach the kernel).
+    applied,
+    /// Nothing changed since the last success: not translated, nothing written.
+    unchanged,
+    /// A map refused its update (retried at the next rescan).
+    failed,
 }
 
 impl KernelSync {
@@ -129,7 +183,7 @@ impl KernelSync {
         let discovery = config.pod_interfaces.is_empty().then_some(netlink);
         let guarded = config.pod_interfaces.iter().cloned().collect();
         let cgroup2 = std::fs::read_to_string("/proc/self/mounts").ok().and_then(|m| crate::kubepods::cgroup2_mount(&m));
-        let mut sync = Self { config, datapath, metrics, discovery, guarded, clusters: None, cgroup2, kubelets: Vec::new() };
+        let mut sync = Self { config, datapath, metrics, discovery, guarded, clusters: None, cgroup2, kubelets: Vec::new(), applied: None };
         sync.trust_kubelets();
         Ok(sync)
     }
@@ -186,10 +240,42 @@ impl KernelSync {
 
     /// Applies the current state once; errors are logged, counted and returned.
     pub fn apply(&mut self, state: &State) -> Result<(), datapath::Error> {
+        self.timed(|sync| sync.apply_inner(state, None))
+    }
+
+    /// As [`Self::apply`], but a rescan that finds what the last successful application had
+    /// (this very state, the same pod cgroups and addresses, the same outlier ejections) leaves
+    /// the maps alone: at 100,000 endpoints, translating and comparing the whole mesh every
+    /// [`RESCAN`] cost a core's time and a transient copy of the kernel's tables for nothing.
+    /// The maps are written only by this writer (diffed against its mirrors), so nothing is
+    /// lost by not writing the same entries again.
+    fn apply_shared(&mut self, state: &Arc<State>) -> Result<(), datapath::Error> {
+        self.timed(|sync| sync.apply_inner(state, Some(state)))
+    }
+
+    fn timed(&mut self, apply: impl FnOnce(&mut Self) -> Result<Outcome, datapath::Error>) -> Result<(), datapath::Error> {
+        let started = Instant::now();
+        let result = apply(self);
+        let outcome = match &result {
+            Ok(o) => *o,
+            Err(_) => Outcome::failed,
+        };
+        self.metrics.duration.get_or_create(&OutcomeLabel { outcome }).observe(started.elapsed().as_secs_f64());
+        result.map(drop)
+    }
+
+    fn apply_inner(&mut self, state: &State, shared: Option<&Arc<State>>) -> Result<Outcome, datapath::Error> {
         let found = discover::pod_processes(&self.config.cgroup).unwrap_or_default();
         self.guard_pod_interfaces(&found);
         self.trust_kubelets();
-        let cgroups = found.into_iter().map(|(dir, f)| (dir, f.addresses)).collect();
+        let cgroups: Cgroups = found.into_iter().map(|(dir, f)| (dir, f.addresses)).collect();
+        let ejections = self.clusters.as_ref().map_or(0, |c| c.version());
+        let unchanged = shared.zip(self.applied.as_ref()).is_some_and(|(s, a)| Arc::ptr_eq(s, &a.state) && a.cgroups == cgroups && a.ejections == ejections);
+        if unchanged {
+            self.read_counters();
+            return Ok(Outcome::unchanged);
+        }
+        self.applied = None;
         let clusters = self.clusters.clone();
         let ejected = move |s: &crate::state::Service| clusters.as_ref().and_then(|c| c.ejected(&s.namespace, &s.name));
         let mut desired = translate_with(state, &self.config.node_name, &cgroups, &ejected);
@@ -202,7 +288,7 @@ impl KernelSync {
             ("endpoints", self.datapath.sync_endpoints(&desired.endpoints)),
             ("policy", self.datapath.sync_policy(&desired.deny)),
         ];
-        let mut result = Ok(());
+        let mut result = Ok(Outcome::applied);
         for (what, r) in results {
             let Err(e) = r else { continue };
             let kind = match e {
@@ -217,8 +303,20 @@ impl KernelSync {
                 result = Err(e);
             }
         }
+        if result.is_ok()
+            && let Some(state) = shared
+        {
+            // A failed map is retried at every rescan: only a success is remembered.
+            self.applied = Some(Applied { state: state.clone(), cgroups, ejections });
+        }
         self.metrics.services.set(i64::try_from(self.datapath.service_count()).unwrap_or(i64::MAX));
         self.metrics.pods.set(i64::try_from(desired.pods.len()).unwrap_or(i64::MAX));
+        self.read_counters();
+        result
+    }
+
+    /// The kernel's drop and event counters, into the metrics.
+    fn read_counters(&self) {
         if let Ok(stats) = self.datapath.stats() {
             for (reason, n) in stats.drops {
                 follow(&self.metrics.drops.get_or_create(&ReasonLabel { reason: reason.into() }), n);
@@ -227,7 +325,6 @@ impl KernelSync {
                 follow(&self.metrics.events.get_or_create(&ReasonLabel { reason: event.into() }), n);
             }
         }
-        result
     }
 
     /// Re-applies on every state change and every [`RESCAN`], until the state sender is gone.
@@ -236,6 +333,24 @@ impl KernelSync {
     pub fn with_ejections(mut self, clusters: Arc<crate::balance::cluster::Clusters>) -> Self {
         self.clusters = Some(clusters);
         self
+    }
+
+    /// Runs [`Self::run`] on a thread of its own (see the module doc) until [`Running::stop`].
+    pub fn spawn(self, state_rx: StateRx, hold: bool) -> std::io::Result<Running> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (done_tx, done) = oneshot::channel();
+        std::thread::Builder::new().name("kernel-sync".into()).spawn(move || {
+            rt.block_on(async {
+                // An application is synchronous: a stop lands between two, never inside one.
+                tokio::select! {
+                    () = self.run(state_rx, hold) => {}
+                    _ = stopped => {}
+                }
+            });
+            let _ = done_tx.send(());
+        })?;
+        Ok(Running { stop, done })
     }
 
     /// `hold`: the current state is a placeholder (no config yet): leave the kernel's pinned
@@ -250,7 +365,7 @@ impl KernelSync {
         let mut ejections = self.clusters.as_ref().map(|c| c.subscribe());
         loop {
             let state: Arc<State> = state_rx.borrow_and_update().clone();
-            let _ = self.apply(&state);
+            let _ = self.apply_shared(&state);
             let ejections_changed = async {
                 match ejections.as_mut() {
                     Some(rx) => rx.changed().await.is_ok(),
@@ -263,6 +378,21 @@ impl KernelSync {
                 () = tokio::time::sleep(RESCAN) => {}
             }
         }
+    }
+}
+
+/// A [`KernelSync`] running on its own thread.
+pub struct Running {
+    stop: oneshot::Sender<()>,
+    done: oneshot::Receiver<()>,
+}
+
+impl Running {
+    /// Stops it; returns once it has stopped, so nothing of this process writes the kernel's
+    /// maps any more (a successor daemon is then their only writer).
+    pub async fn stop(self) {
+        drop(self.stop);
+        let _ = self.done.await;
     }
 }
 

@@ -224,6 +224,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
         // Tasks that write the node's kernel state (maps, routing rules): stopped when drain
         // starts, so that a successor is the only writer once it has taken over.
         let mut writers = Vec::new();
+        let mut kernel_writer = None;
         if let Some(datapath) = datapath {
             let sync_config = kernel_sync::Config {
                 node_name: config.node_name.clone(),
@@ -235,7 +236,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
                 },
             };
             let sync = KernelSync::new(sync_config, datapath, kernel_sync::Metrics::new(&mut registry))?.with_ejections(clusters.clone());
-            writers.push(tokio::spawn(sync.run(state_rx.clone(), placeholder)));
+            kernel_writer = Some(sync.spawn(state_rx.clone(), placeholder)?);
         }
         if config.app.hbone_redirect {
             let routes = routing::Routes::new(
@@ -270,7 +271,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
             }
             None => (Arc::default(), None),
         };
-        tokio::spawn(stop_on_drain(bound.shutdown_handle().subscribe(), writers, offer));
+        tokio::spawn(stop_on_drain(bound.shutdown_handle().subscribe(), writers, kernel_writer, offer));
         tokio::spawn(return_free_memory_every_minute());
         println!(
             "mesh-node ready node={} outbound={} inbound={} metrics={} admin={}",
@@ -324,10 +325,14 @@ fn initial_snapshot(config: &Config, own: IpAddr) -> anyhow::Result<(state::Snap
     Ok((snapshot, placeholder))
 }
 
-/// Once drain begins: stops `tasks` and withdraws the listeners on offer.
-async fn stop_on_drain(mut draining: tokio::sync::watch::Receiver<bool>, tasks: Vec<tokio::task::JoinHandle<()>>, offer: Option<handoff::Offer>) {
+/// Once drain begins: stops `tasks` and the kernel's writer (waiting for an application in
+/// flight) and withdraws the listeners on offer.
+async fn stop_on_drain(mut draining: tokio::sync::watch::Receiver<bool>, tasks: Vec<tokio::task::JoinHandle<()>>, kernel: Option<kernel_sync::Running>, offer: Option<handoff::Offer>) {
     let _ = draining.wait_for(|d| *d).await;
     tasks.iter().for_each(tokio::task::JoinHandle::abort);
+    if let Some(kernel) = kernel {
+        kernel.stop().await;
+    }
     if let Some(offer) = offer {
         offer.withdraw();
     }

@@ -30,7 +30,7 @@ use std::{
 
 use mesh_tests::{
     LabSpec,
-    cluster::{Binaries, Cluster, write_atomic},
+    cluster::{Binaries, Cluster, METRICS_PORT, write_atomic},
 };
 
 const SERVICES: u32 = 10_000;
@@ -153,6 +153,29 @@ fn rss_by_mapping(pid: u32) -> String {
     format!("heap {} MiB, anonymous {} MiB, files {} MiB, other {} MiB", heap >> 10, anon >> 10, files >> 10, other >> 10)
 }
 
+/// The kernel writer's applications from a daemon's metrics
+/// (`mesh_datapath_sync_duration_seconds{outcome}`): how many, their mean time, and the
+/// smallest bucket bound that holds them all.
+fn kernel_syncs(metrics: &str) -> String {
+    let sample = |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok()).unwrap_or(0.0);
+    let of = |outcome: &str| {
+        let label = format!("{{outcome=\"{outcome}\"}}");
+        let (count, sum) = (sample(&format!("mesh_datapath_sync_duration_seconds_count{label}")), sample(&format!("mesh_datapath_sync_duration_seconds_sum{label}")));
+        let slowest = metrics
+            .lines()
+            .filter(|l| l.starts_with("mesh_datapath_sync_duration_seconds_bucket{") && l.contains(&label[1..label.len() - 1]))
+            .filter_map(|l| {
+                let le = l.split("le=\"").nth(1)?.split('"').next()?;
+                Some((le.to_owned(), l.rsplit(' ').next()?.parse::<f64>().ok()?))
+            })
+            .find(|(_, n)| *n >= count)
+            .map_or_else(|| "-".to_owned(), |(le, _)| format!("≤ {le} s"));
+        let mean = if count > 0.0 { sum / count * 1e3 } else { 0.0 };
+        format!("{outcome} {count} (mean {mean:.1} ms, all {slowest})")
+    };
+    format!("kernel syncs: {}", ["applied", "unchanged", "failed"].map(of).join(", "))
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
@@ -230,6 +253,13 @@ fn controller_fed_node_memory_at_scale() {
     println!("a minute later: daemons {settled} MiB");
     for pid in &pids {
         println!("  daemon {pid}: {}", rss_by_mapping(*pid));
+    }
+
+    // The kernel's writer at this scale (`mesh_datapath_sync_*`): how long an application takes,
+    // and how many of the rescans found nothing to write.
+    for i in [1, 2] {
+        let text = c.curl_on_node(i, &format!("http://127.0.0.1:{METRICS_PORT}/metrics")).expect("metrics");
+        println!("  daemon n{i}: {}", kernel_syncs(&text));
     }
 
     let times = |a: &[(Duration, usize, f64); 2]| format!("{:.2} / {:.2} s to apply; {:.0} s after the file's write", a[0].2, a[1].2, a[0].0.as_secs_f64().max(a[1].0.as_secs_f64()));

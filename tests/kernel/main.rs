@@ -10,6 +10,7 @@ mod faults;
 mod lb;
 mod routing;
 mod steer;
+mod writer;
 
 use std::{
     net::{IpAddr, SocketAddr},

@@ -114,6 +114,11 @@ impl Clusters {
         self.changes.subscribe()
     }
 
+    /// How many times [`Clusters::ejected`] has changed.
+    pub fn version(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
     /// Recomputes the ejected sets and tells subscribers (after an ejection or a return).
     pub fn ejections_changed(&self) {
         let mut by_service: HashMap<String, HashMap<String, HashSet<IpAddr>>> = HashMap::new();
