@@ -98,11 +98,11 @@ where
 {
     let draining = Arc::new(AtomicBool::new(false));
     let closing = draining.clone();
-    // What the header deadline learns from the service; nothing without one.
-    let timed = cfg
+    // The header deadline and what it learns from the service; nothing without one.
+    let deadline = cfg
         .request_header_timeout
-        .map(|_| Arc::new(header_timeout::Requests::default()));
-    let requests = timed.clone();
+        .map(|limit| (limit, Arc::new(header_timeout::Requests::default())));
+    let timed = deadline.as_ref().map(|(_, requests)| requests.clone());
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let http1 = req.version() < Version::HTTP_2;
         // In flight until its response body is written: the header deadline waits for it.
@@ -129,11 +129,11 @@ where
         }
     });
     let b = builder(cfg);
-    let io: Box<dyn Io> = match (cfg.request_header_timeout, requests) {
-        (Some(limit), Some(requests)) => {
+    let io: Box<dyn Io> = match deadline {
+        Some((limit, requests)) => {
             Box::new(header_timeout::HeaderDeadline::new(io, limit, requests))
         }
-        _ => Box::new(io),
+        None => Box::new(io),
     };
     let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);

@@ -36,7 +36,7 @@ use prometheus_client::{
 };
 use tokio::sync::oneshot;
 
-pub use translate::{Desired, identities, translate, translate_with};
+pub use translate::{Cgroups, Desired, identities, translate, translate_with};
 
 use crate::{
     datapath::{self, Datapath, discover},
@@ -144,9 +144,6 @@ pub struct KernelSync {
     /// What the last successful application was made from.
     applied: Option<Applied>,
 }
-
-/// Pod cgroups of this node and their addresses, as discovered at a rescan.
-type Cgroups = std::collections::BTreeMap<PathBuf, Vec<std::net::IpAddr>>;
 
 /// The inputs of a successful application (see [`KernelSync::apply_shared`]).
 struct Applied {

@@ -157,23 +157,21 @@ fn rss_by_mapping(pid: u32) -> String {
 /// (`mesh_datapath_sync_duration_seconds{outcome}`): how many, their mean time, and the
 /// smallest bucket bound that holds them all.
 fn kernel_syncs(metrics: &str) -> String {
-    let sample = |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok()).unwrap_or(0.0);
+    let samples = mesh_graph::metrics::parse(metrics);
     let of = |outcome: &str| {
-        let label = format!("{{outcome=\"{outcome}\"}}");
-        let (count, sum) = (sample(&format!("mesh_datapath_sync_duration_seconds_count{label}")), sample(&format!("mesh_datapath_sync_duration_seconds_sum{label}")));
-        let slowest = metrics
-            .lines()
-            .filter(|l| l.starts_with("mesh_datapath_sync_duration_seconds_bucket{") && l.contains(&label[1..label.len() - 1]))
-            .filter_map(|l| {
-                let le = l.split("le=\"").nth(1)?.split('"').next()?;
-                Some((le.to_owned(), l.rsplit(' ').next()?.parse::<f64>().ok()?))
-            })
-            .find(|(_, n)| *n >= count)
-            .map_or_else(|| "-".to_owned(), |(le, _)| format!("≤ {le} s"));
+        let value = |suffix| sync_series(&samples, suffix, outcome).next().map_or(0.0, |s| s.value);
+        let (count, sum) = (value("count"), value("sum"));
+        // Cumulative buckets, in order of their bounds.
+        let slowest = sync_series(&samples, "bucket", outcome).find(|b| b.value >= count).map_or_else(|| "-".to_owned(), |b| format!("≤ {} s", b.label("le")));
         let mean = if count > 0.0 { sum / count * 1e3 } else { 0.0 };
         format!("{outcome} {count} (mean {mean:.1} ms, all {slowest})")
     };
     format!("kernel syncs: {}", ["applied", "unchanged", "failed"].map(of).join(", "))
+}
+
+/// The samples of `mesh_datapath_sync_duration_seconds_<suffix>{outcome}`.
+fn sync_series<'a>(samples: &'a [mesh_graph::metrics::Sample], suffix: &'a str, outcome: &'a str) -> impl Iterator<Item = &'a mesh_graph::metrics::Sample> {
+    samples.iter().filter(move |s| s.name.strip_prefix("mesh_datapath_sync_duration_seconds_") == Some(suffix) && s.label("outcome") == outcome)
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -190,10 +190,7 @@ fn measure(m: &MeshLab, meshed: bool, round: usize, s: &mut Samples, name: &str)
         let _ = p.wait();
     }
     if let Some(counters) = counting {
-        for (side, p) in ["client-side", "server-side"].iter().zip(counters) {
-            let (syscalls, switches) = stop_perf_stat(p);
-            println!("{name} {side} proxy: {:.1}k system calls and {:.1}k context switches per GB (bulk, round 0)", syscalls / (bytes / 1e9) / 1e3, switches / (bytes / 1e9) / 1e3);
-        }
+        print_perf_stat(name, counters, bytes / 1e9 / 1e3, "k", "per GB (bulk, round 0)");
     }
     let cpu1 = m.daemon_cpu_secs();
     s.gbps.push(gbps);
@@ -206,10 +203,7 @@ fn measure(m: &MeshLab, meshed: bool, round: usize, s: &mut Samples, name: &str)
     let counting = count_syscalls.then(|| start_perf_stat(m));
     let (p50, p99, trips) = m.in_pod_pinned("n1p1", move || request_response(SocketAddr::new(server.into(), 8080), Some(RR_RATE)));
     if let Some(counters) = counting {
-        for (side, p) in ["client-side", "server-side"].iter().zip(counters) {
-            let (syscalls, switches) = stop_perf_stat(p);
-            println!("{name} {side} proxy: {:.1} system calls and {:.1} context switches per round trip (64 B at {RR_RATE}/s, round 0)", syscalls / trips, switches / trips);
-        }
+        print_perf_stat(name, counters, trips, "", &format!("per round trip (64 B at {RR_RATE}/s, round 0)"));
     }
     let (pp50, _, _) = m.in_pod_pinned("n1p1", move || request_response(SocketAddr::new(server.into(), 8080), None));
     s.pp_p50_us.push(pp50);
@@ -262,6 +256,15 @@ fn start_perf_stat(m: &MeshLab) -> [std::process::Child; 2] {
             .spawn()
             .expect("perf stat")
     })
+}
+
+/// Stops both daemons' `perf stat` and prints their counts divided by `per` (`unit` names the
+/// scale the division leaves, e.g. "k" for per-GB counts in thousands).
+fn print_perf_stat(name: &str, counters: [std::process::Child; 2], per: f64, unit: &str, what: &str) {
+    for (side, p) in ["client-side", "server-side"].iter().zip(counters) {
+        let (syscalls, switches) = stop_perf_stat(p);
+        println!("{name} {side} proxy: {:.1}{unit} system calls and {:.1}{unit} context switches {what}", syscalls / per, switches / per);
+    }
 }
 
 /// Stops a `perf stat -x ,` run (SIGINT: it prints its counts) and returns (system calls,

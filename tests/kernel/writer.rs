@@ -45,17 +45,15 @@ fn threads_named(name: &str) -> usize {
         .count()
 }
 
-/// A sample of the registry's text exposition by its name and labels as written there.
-fn metric(registry: &prometheus_client::registry::Registry, sample: &str) -> f64 {
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
-    text.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
-}
-
 /// Applications by outcome (`mesh_datapath_sync_duration_seconds_count{outcome}`).
 #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a counter's whole value")]
 fn syncs(registry: &prometheus_client::registry::Registry, outcome: &str) -> u64 {
-    metric(registry, &format!("mesh_datapath_sync_duration_seconds_count{{outcome=\"{outcome}\"}}")) as u64
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+    mesh_graph::metrics::parse(&text)
+        .iter()
+        .find(|s| s.name == "mesh_datapath_sync_duration_seconds_count" && s.label("outcome") == outcome)
+        .map_or(0, |s| s.value as u64)
 }
 
 fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {

@@ -37,7 +37,10 @@ impl Ids {
 /// Addresses a Service's endpoints are ejected at (outlier detection), by the Service.
 pub type Ejected<'a> = &'a dyn Fn(&Service) -> Option<Arc<HashSet<IpAddr>>>;
 
-pub fn translate(state: &State, node: &str, cgroups: &BTreeMap<PathBuf, Vec<IpAddr>>) -> Desired {
+/// This node's pod cgroups and their addresses, as discovered at a rescan.
+pub type Cgroups = BTreeMap<PathBuf, Vec<IpAddr>>;
+
+pub fn translate(state: &State, node: &str, cgroups: &Cgroups) -> Desired {
     translate_with(state, node, cgroups, &|_| None)
 }
 
@@ -52,7 +55,7 @@ pub fn identities(state: &State) -> Vec<String> {
     all.into_iter().collect()
 }
 
-pub fn translate_with(state: &State, node: &str, cgroups: &BTreeMap<PathBuf, Vec<IpAddr>>, ejected: Ejected<'_>) -> Desired {
+pub fn translate_with(state: &State, node: &str, cgroups: &Cgroups, ejected: Ejected<'_>) -> Desired {
     let identity_of = |w: &Workload| state.identity(w).to_string();
     let ids = Ids(identities(state).into_iter().zip(1..).collect());
     let local: Vec<&Workload> = state.workloads.values().filter(|w| *w.node == *node).collect();
