@@ -75,7 +75,8 @@ fn the_kernel_writer_runs_on_its_own_thread_follows_the_state_and_stops_for_good
     let (tx, rx) = tokio::sync::watch::channel(state(&f, false));
     let before = threads_named("kernel-sync");
     let running = sync.spawn(rx, false).expect("spawn the kernel writer");
-    assert_eq!(threads_named("kernel-sync"), before + 1, "the writer has a thread of its own");
+    // The new thread names itself once it runs, not before `spawn` returns.
+    wait_for("the writer has a thread of its own", Duration::from_secs(2), || threads_named("kernel-sync") == before + 1);
 
     // Applied at start; a rescan that finds nothing new writes nothing; a new state is applied.
     wait_for("the first state applied", Duration::from_secs(5), || syncs(&registry, "applied") == 1);
