@@ -25,8 +25,9 @@
 //!   (`POST /api/v2/spans`, `GET /api/v2/traces`, `GET /api/v2/trace/<id>`; `whoami/zipkin.rs`).
 //!
 //! Clients:
-//! - `connect ADDR [--count N] [--bind-port P] [--echo BYTES] [--timeout-ms MS]`: N connections
-//!   (from source ports P, P+1, ... when given), one result line each: `connected peer=<getpeername>
+//! - `connect ADDR [--count N | --duration S] [--concurrency C] [--bind-port P] [--echo BYTES]
+//!   [--timeout-ms MS]`: N connections, or as many as S seconds allow, C at a time (from source
+//!   ports P, P+1, ... when given), one result line each: `connected peer=<getpeername>
 //!   <server line>` or `error: connect ADDR: <ERRNO> (<message>)`; with --echo, sends BYTES
 //!   pseudo-random bytes and checks the echo byte for byte. Exit 0 only if all succeeded.
 //! - `udp ADDR [--count N]`: N datagrams from one unconnected socket, one line per reply:
@@ -54,7 +55,7 @@ fn usage() -> ExitCode {
        mesh-whoami origdst --listen ADDR
        mesh-whoami zipkin --listen ADDR
        mesh-whoami bind-listeners UNIX_PATH PORT...
-       mesh-whoami connect ADDR [--count N] [--bind-port P] [--echo BYTES] [--timeout-ms MS]
+       mesh-whoami connect ADDR [--count N | --duration S] [--concurrency C] [--bind-port P] [--echo BYTES] [--timeout-ms MS]
        mesh-whoami udp ADDR [--count N]
        mesh-whoami bench-connect ADDR --count N | rr ADDR --count N [--size BYTES]
        mesh-whoami http-load --url URL --rate R --duration S [--connections C] [--h2] [--streams N] [--body-size N] [--header 'NAME: VALUE']... [--timeout-ms MS]
@@ -148,6 +149,11 @@ fn run(args: &Args) -> Result<ExitCode, ExitCode> {
         Some("connect") => {
             let opts = l4::ConnectOpts {
                 count: args.num("--count", 1)?,
+                duration: match args.flag("--duration") {
+                    None => None,
+                    Some(_) => Some(Duration::try_from_secs_f64(args.num("--duration", 0.0)?).map_err(|_| usage())?),
+                },
+                concurrency: args.num("--concurrency", 1)?,
                 bind_port: args.num("--bind-port", 0)?,
                 echo: args.num("--echo", 0)?,
                 timeout: Duration::from_millis(args.num("--timeout-ms", 5000)?),

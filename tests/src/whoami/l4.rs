@@ -97,24 +97,49 @@ fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
 
 pub struct ConnectOpts {
     pub count: u64,
+    /// Keep connecting until this much time has passed (then `count` is not a limit).
+    pub duration: Option<Duration>,
+    /// Connections in flight at once, each worker dialling back to back.
+    pub concurrency: u64,
     pub bind_port: u16,
     pub echo: usize,
     pub timeout: Duration,
 }
 
+/// Dials `opts.count` connections (or as many as fit in `opts.duration`) from
+/// `opts.concurrency` threads and prints one line per connection. A load generator for new
+/// connections needs several in flight: one at a time, the rate is bounded by the round trip.
 pub fn connect_all(addr: SocketAddr, opts: &ConnectOpts) -> ExitCode {
-    let mut ok = true;
-    for i in 0..opts.count {
-        let port = if opts.bind_port == 0 { 0 } else { opts.bind_port.wrapping_add(u16::try_from(i).unwrap_or(0)) };
-        match connect_one(addr, port, opts) {
-            Ok(line) => println!("{line}"),
-            Err(line) => {
-                println!("{line}");
-                ok = false;
-            }
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let next = AtomicU64::new(0);
+    let ok = AtomicBool::new(true);
+    let deadline = opts.duration.map(|d| std::time::Instant::now() + d);
+    thread::scope(|scope| {
+        for _ in 0..opts.concurrency.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let more = match deadline {
+                        Some(at) => std::time::Instant::now() < at,
+                        None => i < opts.count,
+                    };
+                    if !more {
+                        break;
+                    }
+                    let port = if opts.bind_port == 0 { 0 } else { opts.bind_port.wrapping_add(u16::try_from(i).unwrap_or(0)) };
+                    // One println per line: the stdout lock keeps lines whole across threads.
+                    match connect_one(addr, port, opts) {
+                        Ok(line) => println!("{line}"),
+                        Err(line) => {
+                            println!("{line}");
+                            ok.store(false, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
         }
-    }
-    if ok { ExitCode::SUCCESS } else { ExitCode::from(2) }
+    });
+    if ok.into_inner() { ExitCode::SUCCESS } else { ExitCode::from(2) }
 }
 
 /// Binds a TCP listener on 0.0.0.0 for each of `ports`, here (this process's network namespace
@@ -159,6 +184,10 @@ fn errno_name(e: &std::io::Error) -> String {
     }
 }
 
+/// Echo payloads up to this size are written before reading the echo back (the kernel's
+/// socket buffers hold them); larger ones are written from a second thread.
+const SMALL_ECHO: usize = 16 * 1024;
+
 fn connect_one(addr: SocketAddr, bind_port: u16, opts: &ConnectOpts) -> Result<String, String> {
     let err = |what: &str, e: &std::io::Error| format!("error: {what} {addr}: {} ({e})", errno_name(e));
     let stream = if bind_port == 0 {
@@ -184,13 +213,20 @@ fn connect_one(addr: SocketAddr, bind_port: u16, opts: &ConnectOpts) -> Result<S
         // Pseudo-random but reproducible payload; a mismatch names the first differing offset.
         let payload = payload(0, opts.echo);
         let mut writer = stream;
-        let sender = {
-            let payload = payload.clone();
-            thread::spawn(move || writer.write_all(&payload))
-        };
         let mut back = vec![0u8; opts.echo];
-        reader.read_exact(&mut back).map_err(|e| err("echo read from", &e))?;
-        let _ = sender.join();
+        if opts.echo <= SMALL_ECHO {
+            // Fits in the socket buffers both ways: no writer thread needed, so a load of new
+            // connections measures the mesh, not thread creation.
+            writer.write_all(&payload).map_err(|e| err("echo write to", &e))?;
+            reader.read_exact(&mut back).map_err(|e| err("echo read from", &e))?;
+        } else {
+            let sender = {
+                let payload = payload.clone();
+                thread::spawn(move || writer.write_all(&payload))
+            };
+            reader.read_exact(&mut back).map_err(|e| err("echo read from", &e))?;
+            let _ = sender.join();
+        }
         if let Some(at) = back.iter().zip(&payload).position(|(a, b)| a != b) {
             return Err(format!("error: echo mismatch at byte {at} of {}", opts.echo));
         }
