@@ -6,8 +6,8 @@
 //! [`KernelSync::run`] re-applies it whenever the state changes and every few seconds (pods come
 //! and go without a state change), counting failures; the datapath writes only differences.
 //!
-//! [`KernelSync::spawn`] runs it on a thread of its own, not on the proxy's event loop (one
-//! thread by default): an application walks the pod cgroups, every Service and endpoint of the
+//! The daemon runs it on a thread of its own (`writers::Writers::spawn_thread`), not on the
+//! proxy's event loop (one thread by default): an application walks the pod cgroups, every Service and endpoint of the
 //! mesh and the maps' mirrors, which at 100,000 endpoints is time no request should wait for.
 //!
 //! The STRICT guard goes on each pod's host-side interface. With `MESH_POD_INTERFACES` the list
@@ -34,7 +34,6 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::sync::oneshot;
 
 pub use translate::{Cgroups, Desired, identities, translate, translate_with};
 
@@ -332,24 +331,6 @@ impl KernelSync {
         self
     }
 
-    /// Runs [`Self::run`] on a thread of its own (see the module doc) until [`Running::stop`].
-    pub fn spawn(self, state_rx: StateRx, hold: bool) -> std::io::Result<Running> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (done_tx, done) = oneshot::channel();
-        std::thread::Builder::new().name("kernel-sync".into()).spawn(move || {
-            rt.block_on(async {
-                // An application is synchronous: a stop lands between two, never inside one.
-                tokio::select! {
-                    () = self.run(state_rx, hold) => {}
-                    _ = stopped => {}
-                }
-            });
-            let _ = done_tx.send(());
-        })?;
-        Ok(Running { stop, done })
-    }
-
     /// `hold`: the current state is a placeholder (no config yet): leave the kernel's pinned
     /// state as the previous daemon left it until the first real one arrives.
     pub async fn run(mut self, mut state_rx: StateRx, hold: bool) {
@@ -375,21 +356,6 @@ impl KernelSync {
                 () = tokio::time::sleep(RESCAN) => {}
             }
         }
-    }
-}
-
-/// A [`KernelSync`] running on its own thread.
-pub struct Running {
-    stop: oneshot::Sender<()>,
-    done: oneshot::Receiver<()>,
-}
-
-impl Running {
-    /// Stops it; returns once it has stopped, so nothing of this process writes the kernel's
-    /// maps any more (a successor daemon is then their only writer).
-    pub async fn stop(self) {
-        drop(self.stop);
-        let _ = self.done.await;
     }
 }
 

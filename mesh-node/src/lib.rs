@@ -27,3 +27,4 @@ pub mod services_file;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub mod writers;

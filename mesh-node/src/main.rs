@@ -21,6 +21,7 @@ use mesh_node::{
     readiness::Ready,
     removal, routing,
     services_file, state,
+    writers::{self, Writers},
 };
 use prometheus_client::registry::Registry;
 use rustls_pki_types::CertificateDer;
@@ -223,8 +224,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
         let clusters = Arc::new(mesh_node::balance::cluster::Clusters::new(&mut registry));
         // Tasks that write the node's kernel state (maps, routing rules): stopped when drain
         // starts, so that a successor is the only writer once it has taken over.
-        let mut writers = Vec::new();
-        let mut kernel_writer = None;
+        let mut writers = Writers::default();
         if let Some(datapath) = datapath {
             let sync_config = kernel_sync::Config {
                 node_name: config.node_name.clone(),
@@ -236,7 +236,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
                 },
             };
             let sync = KernelSync::new(sync_config, datapath, kernel_sync::Metrics::new(&mut registry))?.with_ejections(clusters.clone());
-            kernel_writer = Some(sync.spawn(state_rx.clone(), placeholder)?);
+            writers.spawn_thread("kernel-sync", sync.run(state_rx.clone(), placeholder))?;
         }
         if config.app.hbone_redirect {
             let routes = routing::Routes::new(
@@ -249,7 +249,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
                 },
                 routing::Metrics::new(&mut registry),
             )?;
-            writers.push(tokio::spawn(routes.run(state_rx.clone(), placeholder)));
+            writers.spawn_task("routing", routes.run(state_rx.clone(), placeholder));
         }
         // A running daemon's sockets first; else the service manager's (socket activation).
         let mut inherited = match successor.as_mut() {
@@ -271,7 +271,7 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
             }
             None => (Arc::default(), None),
         };
-        tokio::spawn(stop_on_drain(bound.shutdown_handle().subscribe(), writers, kernel_writer, offer));
+        let supervised = tokio::spawn(stop_on_drain(bound.shutdown_handle(), writers, ready.clone(), offer));
         tokio::spawn(return_free_memory_every_minute());
         println!(
             "mesh-node ready node={} outbound={} inbound={} metrics={} admin={}",
@@ -279,6 +279,8 @@ fn run(config: &Config, log: LogControl) -> anyhow::Result<()> {
         );
         let removal = config.removal.as_ref().map(|cfg| Removal::start(cfg.clone())).transpose()?;
         let (drained, handed_over) = stop_and_drain(bound, removal.as_ref(), &taken_over).await?;
+        // A writer that ended early stopped the daemon: exit with its error, for a restart.
+        supervised.await??;
         if handed_over {
             return anyhow::Ok((drained, false));
         }
@@ -325,17 +327,15 @@ fn initial_snapshot(config: &Config, own: IpAddr) -> anyhow::Result<(state::Snap
     Ok((snapshot, placeholder))
 }
 
-/// Once drain begins: stops `tasks` and the kernel's writer (waiting for an application in
-/// flight) and withdraws the listeners on offer.
-async fn stop_on_drain(mut draining: tokio::sync::watch::Receiver<bool>, tasks: Vec<tokio::task::JoinHandle<()>>, kernel: Option<kernel_sync::Running>, offer: Option<handoff::Offer>) {
-    let _ = draining.wait_for(|d| *d).await;
-    tasks.iter().for_each(tokio::task::JoinHandle::abort);
-    if let Some(kernel) = kernel {
-        kernel.stop().await;
-    }
+/// Once drain begins: stops the kernel's writers (waiting for an application in flight) and
+/// withdraws the listeners on offer. A writer that ends before that stops the daemon (see
+/// `writers`).
+async fn stop_on_drain(shutdown: tokio::sync::watch::Sender<bool>, writers: Writers, ready: Ready, offer: Option<handoff::Offer>) -> Result<(), writers::Ended> {
+    let supervised = writers.supervise(shutdown, &ready).await;
     if let Some(offer) = offer {
         offer.withdraw();
     }
+    supervised
 }
 
 /// Waits until the daemon is told to stop, then drains; returns whether the drain finished in

@@ -1,6 +1,6 @@
-//! The daemon's kernel writer (`KernelSync::spawn`): it runs on a thread of its own, not on the
-//! proxy's event loop, applies each new state, and once stopped (a successor daemon took over)
-//! writes nothing more.
+//! The daemon's kernel writer (`KernelSync::run` on a thread of its own through
+//! `writers::Writers`, as `main.rs` runs it): not on the proxy's event loop, it applies each new
+//! state, and once drain begins (a successor daemon took over) it stops and writes nothing more.
 
 use std::{
     process::Command,
@@ -11,7 +11,9 @@ use std::{
 use mesh_common::names;
 use mesh_node::{
     kernel_sync::{Config, KernelSync, Metrics, RESCAN},
+    readiness::Ready,
     state::State,
+    writers::Writers,
 };
 
 use super::Fixture;
@@ -74,8 +76,15 @@ fn the_kernel_writer_runs_on_its_own_thread_follows_the_state_and_stops_for_good
     let sync = KernelSync::new(config, datapath, Metrics::new(&mut registry)).expect("kernel sync");
     let (tx, rx) = tokio::sync::watch::channel(state(&f, false));
     let before = threads_named("kernel-sync");
-    let running = sync.spawn(rx, false).expect("spawn the kernel writer");
-    // The new thread names itself once it runs, not before `spawn` returns.
+    let mut writers = Writers::default();
+    writers.spawn_thread("kernel-sync", sync.run(rx, false)).expect("spawn the kernel writer");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (shutdown, _) = tokio::sync::watch::channel(false);
+    let supervising = rt.spawn({
+        let shutdown = shutdown.clone();
+        async move { writers.supervise(shutdown, &Ready::default()).await }
+    });
+    // The new thread names itself once it runs, not before `spawn_thread` returns.
     wait_for("the writer has a thread of its own", Duration::from_secs(2), || threads_named("kernel-sync") == before + 1);
 
     // Applied at start; a rescan that finds nothing new writes nothing; a new state is applied.
@@ -88,9 +97,10 @@ fn the_kernel_writer_runs_on_its_own_thread_follows_the_state_and_stops_for_good
     assert_eq!(syncs(&registry, "applied"), 2);
     assert_eq!(syncs(&registry, "failed"), 0);
 
-    // Stopped: the thread ends, and neither a new state nor a rescan writes the maps again.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(running.stop());
+    // Drain begins: the writer stops (the supervisor returns once its thread has), and neither a
+    // new state nor a rescan writes the maps again.
+    shutdown.send_replace(true);
+    assert_eq!(rt.block_on(supervising).expect("supervisor"), Ok(()), "a writer stopped by drain is no failure");
     wait_for("the writer's thread to end", Duration::from_secs(2), || threads_named("kernel-sync") == before);
     let _ = tx.send(state(&f, false));
     std::thread::sleep(RESCAN + Duration::from_millis(500));
