@@ -30,7 +30,7 @@ use std::{
 
 use mesh_tests::{image, k8s::KubeCluster, require_root};
 use support::{
-    NodeState, VERSION, capture, contains, demo_app, deploy, dial, eventually, get, has_port, images, metric, metrics, node_state,
+    NodeState, VERSION, capture, contains, demo_app, deploy, dial, eventually, eventually_or, get, has_port, images, metric, metrics, node_state,
     pod_of, tally,
 };
 
@@ -160,7 +160,20 @@ spec: {mtls: {mode: STRICT}}
     assert!(!ready.is_empty() && ready.split_whitespace().all(|s| s == "True"), "the kubelet's probes pass under STRICT: Ready={ready}\n{}", diagnose(c));
     println!("STRICT: unmeshed client refused {took:.1?} after kubectl apply, both nodes current {propagated:.1?} later, meshed {meshed:?}, a node process refused, whoami pods Ready throughout 6 s of probes ({ready})");
     kubectl(c, &["delete", "peerauthentication", "strict", "-n", "demo"]);
-    eventually("STRICT to go", Duration::from_secs(10), || tally(&dial(c, legacy, vip, 2, 2000)).get("FAILED").is_none());
+    // Seen once (2026-12-02): node n1's two whoami pods kept refusing the unmeshed client (on n1)
+    // for the whole 10 s after both nodes applied the deletion, while n2's pod admitted it; its
+    // access log showed no plaintext connection, so the kernel dropped them. What each node's
+    // kernel and daemon held then is printed if it recurs.
+    let last = std::cell::RefCell::new(Vec::new());
+    eventually_or(
+        "STRICT to go",
+        Duration::from_secs(10),
+        || {
+            *last.borrow_mut() = dial(c, legacy, vip, 2, 2000);
+            !tally(&last.borrow()).contains_key("FAILED")
+        },
+        || format!("the unmeshed client's last tries: {:?}\n{}\n{}", last.borrow(), strict_diagnosis(c, 1), strict_diagnosis(c, 2)),
+    );
 }
 
 /// `meshctl -o json <args>` through the test cluster's kubeconfig, in the underlay namespace

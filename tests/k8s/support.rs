@@ -201,10 +201,18 @@ pub fn node_state(c: &KubeCluster, i: u8) -> NodeState {
 }
 
 /// Polls `f` every 50 ms until true or `limit`; returns the time it took.
-pub fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+pub fn eventually(what: &str, limit: Duration, f: impl FnMut() -> bool) -> Duration {
+    eventually_or(what, limit, f, String::new)
+}
+
+/// [`eventually`], and on a time-out the panic carries `diagnose()` (read only then: the state
+/// of the nodes when it failed, for a failure seen once that needs its cause).
+pub fn eventually_or(what: &str, limit: Duration, mut f: impl FnMut() -> bool, diagnose: impl FnOnce() -> String) -> Duration {
     let started = Instant::now();
     while !f() {
-        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        if started.elapsed() >= limit {
+            panic!("timed out after {limit:?} waiting for {what}\n{}", diagnose());
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     started.elapsed()
