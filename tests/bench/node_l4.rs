@@ -190,7 +190,8 @@ fn measure(m: &MeshLab, meshed: bool, round: usize, s: &mut Samples, name: &str)
         let _ = p.wait();
     }
     if let Some(counters) = counting {
-        print_perf_stat(name, counters, bytes / 1e9 / 1e3, "k", "per GB (bulk, round 0)");
+        // Thousands per GB: divide by (bytes / 1e9) GB, then by 1e3.
+        print_perf_stat(name, counters, bytes / 1e9 * 1e3, "k", "per GB (bulk, round 0)");
     }
     let cpu1 = m.daemon_cpu_secs();
     s.gbps.push(gbps);
