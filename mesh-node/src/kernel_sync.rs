@@ -7,8 +7,9 @@
 //! and go without a state change), counting failures; the datapath writes only differences.
 //!
 //! The daemon runs it on a thread of its own (`writers::Writers::spawn_thread`), not on the
-//! proxy's event loop (one thread by default): an application walks the pod cgroups, every Service and endpoint of the
-//! mesh and the maps' mirrors, which at 100,000 endpoints is time no request should wait for.
+//! proxy's event loop (one thread by default): an application walks the pod cgroups, every
+//! Service and endpoint of the mesh and the maps' mirrors, which at 100,000 endpoints is time no
+//! request should wait for.
 //!
 //! The STRICT guard goes on each pod's host-side interface. With `MESH_POD_INTERFACES` the list
 //! is fixed (the lab); without it (a cluster) every rescan finds them: the interfaces of this

@@ -50,8 +50,10 @@ struct Load {
 struct Seen {
     h1: Report,
     h2: Report,
-    rr_lines: Vec<String>,
-    connected: Vec<String>,
+    /// Long-lived streams that completed, each with its bytes intact.
+    streams: usize,
+    /// New connections made, all of them successful.
+    connections: usize,
     /// New connections per second over the whole run.
     connect_rate: f64,
 }
@@ -93,12 +95,13 @@ impl Load {
         let rr_status = rr.wait_exit(Duration::from_mins(1)).expect("rr ends");
         let rr_lines = lines(&rr_log);
         assert!(rr_status.success() && !rr_lines.iter().any(|l| l.starts_with("error")), "every long-lived stream kept its bytes: {rr_lines:?}");
-        assert!(rr_lines.iter().filter(|l| l.contains("\"kind\":\"rr\"")).count() >= 1, "streams ran: {rr_lines:?}");
+        let streams = rr_lines.iter().filter(|l| l.contains("\"kind\":\"rr\"")).count();
+        assert!(streams >= 1, "streams ran: {rr_lines:?}");
         let failed: Vec<&String> = connected.iter().filter(|l| !l.starts_with("connected ")).collect();
         assert!(failed.is_empty(), "no new connection failed: {failed:?}");
         #[expect(clippy::cast_precision_loss, reason = "small counts")]
         let connect_rate = connected.len() as f64 / connecting.as_secs_f64();
-        Seen { h1, h2, rr_lines, connected, connect_rate }
+        Seen { h1, h2, streams, connections: connected.len(), connect_rate }
     }
 }
 
@@ -157,7 +160,7 @@ fn daemons_upgraded_under_load_lose_no_request_and_no_connection() {
     let during = load.finish();
 
     assert!(upgrades_took < Duration::from_secs(u64::from(secs)), "the upgrades ran while the load did: {upgrades_took:?}");
-    assert!(during.rr_lines.iter().filter(|l| l.contains("\"kind\":\"rr\"")).count() >= 2, "streams ran throughout: {:?}", during.rr_lines);
+    assert!(during.streams >= 2, "streams ran throughout: {} completed", during.streams);
     assert!(
         during.connect_rate >= MIN_RATE_RATIO * before.connect_rate,
         "new connections kept their rate across the upgrades: {:.0}/s, {:.0}/s with no upgrade (at least {MIN_RATE_RATIO} of it)",
@@ -177,11 +180,11 @@ fn daemons_upgraded_under_load_lose_no_request_and_no_connection() {
         h2.scheduled,
         h2.p99_us,
         before.h2.p99_us,
-        during.connected.len(),
+        during.connections,
         during.connect_rate,
         before.connect_rate,
         if during.connect_rate >= ISSUE_RATE { ": reached" } else { ": NOT reached on this machine" },
-        during.rr_lines.iter().filter(|l| l.contains("\"kind\":\"rr\"")).count(),
+        during.streams,
         took,
         drained,
     );
